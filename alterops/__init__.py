@@ -1,0 +1,21 @@
+"""alterops: fused kernels for local attention, spatial smoothing and feature statistics.
+
+Ops (all take ``backend=None`` or one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``)::
+
+    import alterops as ao
+    y = ao.neighborhood_attention2d(q, k, v, kernel_size=7)
+    y = ao.window_attention2d(q, k, v, window_size=7, shift=3, rel_pos_bias=table)
+    y = ao.box_blur2d(x)                    # the paper's AvgPool2d(2, 1, 1)
+    y = ao.tanh_blur2d(x, tau=10.0)         # TanhBlurBlock in one pass
+    d = ao.delta_log_amplitude(feature_map) # Δ log amplitude per frequency
+
+See the README and ``shared/SPEC.md`` for the exact semantics.
+"""
+from ._version import __version__
+from ._dispatch import BackendUnavailableError, get_backend, set_backend
+from . import _ext
+
+__all__ = ["__version__", "BackendUnavailableError", "get_backend", "set_backend"]
+
+# --- op families: one import line each, plus their names in __all__ ---
+

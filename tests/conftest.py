@@ -1,0 +1,17 @@
+import os
+import sys
+
+# Before anything imports Triton or alterops: Triton kernels run under the interpreter on a
+# machine without a GPU, and kernel outputs are NaN-poisoned so unwritten elements show.
+if os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and os.path.exists("/dev/nvidia0"):
+    pass
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("ALTEROPS_POISON_OUTPUTS", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+torch.manual_seed(0)

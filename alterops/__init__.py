@@ -18,4 +18,8 @@ from . import _ext
 __all__ = ["__version__", "BackendUnavailableError", "get_backend", "set_backend"]
 
 # --- op families: one import line each, plus their names in __all__ ---
+from .window_attention import window_attention2d  # noqa: E402
+__all__ += ["window_attention2d"]
+from .neighborhood_attention import neighborhood_attention2d  # noqa: E402
+__all__ += ["neighborhood_attention2d"]
 

@@ -1,0 +1,425 @@
+"""window_attention2d: every backend against an independent float64 brute force, gradients,
+Hugging Face Swin parity, opcheck, torch.compile, bad inputs, empty batch."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import alterops as ao
+from alterops import window_attention as wa
+from helpers import assert_close, skip_unless
+
+OP = "window_attention2d"
+
+
+# ---------------------------------------------------------------------------------------
+# Independent brute force: for every query, enumerate its window's keys with explicit loops.
+# ---------------------------------------------------------------------------------------
+def _region(r, length, w, s):
+    if r < length - w:
+        return 0
+    if r < length - s:
+        return 1
+    return 2
+
+
+def brute_force(q, k, v, window, shift, bias, scale=None):
+    """float64, differentiable. q/k/v (B, H, W, nh, d); bias (nh|1, 2wh-1, 2ww-1) or None."""
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, W, nh, d = q.shape
+    wh, ww = window
+    sh, sw = shift
+    scale = d ** -0.5 if scale is None else scale
+    Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
+    rows = []
+    for y in range(H):
+        row = []
+        for x in range(W):
+            r, c = (y - sh) % Hp, (x - sw) % Wp  # rolled coordinates
+            wy, wx = r // wh, c // ww
+            iq, jq = r - wy * wh, c - wx * ww
+            keys, bidx = [], []
+            for i in range(wh):
+                for j in range(ww):
+                    rr, cc = wy * wh + i, wx * ww + j
+                    yy, xx = (rr + sh) % Hp, (cc + sw) % Wp
+                    if yy >= H or xx >= W:
+                        continue  # absent padding token
+                    if _region(rr, Hp, wh, sh) != _region(r, Hp, wh, sh):
+                        continue
+                    if _region(cc, Wp, ww, sw) != _region(c, Wp, ww, sw):
+                        continue
+                    keys.append((yy, xx))
+                    bidx.append((i - iq + wh - 1, j - jq + ww - 1))
+            ky = torch.tensor([p[0] for p in keys])
+            kx = torch.tensor([p[1] for p in keys])
+            kk, vv = k[:, ky, kx], v[:, ky, kx]  # (B, K, nh, d)
+            logits = torch.einsum("bhd,bkhd->bhk", q[:, y, x], kk) * scale
+            if bias is not None:
+                by = torch.tensor([p[0] for p in bidx])
+                bx = torch.tensor([p[1] for p in bidx])
+                logits = logits + bias.double()[:, by, bx][None]  # (1, nh|1, K)
+            p = torch.softmax(logits, dim=-1)
+            row.append(torch.einsum("bhk,bkhd->bhd", p, vv))
+        rows.append(torch.stack(row, dim=1))
+    return torch.stack(rows, dim=1)
+
+
+def make_inputs(B, H, W, nh, d, window, bias_heads, dtype, device, seed=0, fused=False):
+    g = torch.Generator().manual_seed(seed)
+    wh, ww = window
+    if fused:  # views into one (B, H, W, 3, nh, d) tensor, as a fused qkv projection gives
+        qkv = torch.randn(B, H, W, 3, nh, d, generator=g).to(dtype).to(device)
+        q, k, v = qkv.unbind(3)
+    else:
+        q, k, v = (torch.randn(B, H, W, nh, d, generator=g).to(dtype).to(device) for _ in range(3))
+    bias = None
+    if bias_heads:
+        bias = (torch.randn(bias_heads, 2 * wh - 1, 2 * ww - 1, generator=g) * 0.5).to(dtype).to(device)
+    return q, k, v, bias
+
+
+def pair(x):
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+# (B, H, W, nh, d, window, shift, bias heads: 0 none, 1 shared, nh per head)
+CONFIGS = [
+    (2, 8, 8, 2, 8, 4, 0, 2),
+    (1, 8, 8, 2, 8, 4, 1, 1),
+    (1, 8, 8, 2, 8, 4, 2, 2),
+    (1, 8, 8, 2, 8, 4, 3, 0),
+    (2, 7, 9, 2, 4, 3, 1, 2),  # H != W, not multiples of the window
+    (1, 6, 10, 1, 8, (2, 5), (1, 2), 1),  # rectangular window
+    (1, 5, 4, 2, 8, 7, 3, 2),  # map smaller than one window
+    (1, 9, 7, 2, 4, (3, 2), (2, 1), 2),
+    (1, 12, 13, 1, 4, 6, 5, 1),
+    (1, 16, 16, 1, 8, 8, 4, 1),
+    (1, 14, 14, 2, 8, 7, 3, 2),
+    (1, 10, 10, 2, 4, 5, 0, 0),
+]
+IDS = [f"B{c[0]}_{c[1]}x{c[2]}_h{c[3]}d{c[4]}_w{c[5]}_s{c[6]}_b{c[7]}" for c in CONFIGS]
+# Every shift in (0, window) for a small window (and both axes independently).
+SHIFTS_W4 = [(s, t) for s in range(4) for t in range(4) if s or t]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_reference_matches_brute_force(cfg):
+    B, H, W, nh, d, window, shift, bh = cfg
+    window, shift = pair(window), pair(shift)
+    q, k, v, bias = make_inputs(B, H, W, nh, d, window, bh, torch.float64, "cpu")
+    out = ao.window_attention2d(q, k, v, window, shift=shift, rel_pos_bias=bias, backend="reference")
+    ref = brute_force(q, k, v, window, shift, bias)
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("shift", SHIFTS_W4)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_every_shift_small_window(backend, shift):
+    skip_unless(OP, backend, torch.float64)
+    q, k, v, bias = make_inputs(1, 8, 11, 1, 4, (4, 4), 1, torch.float64, "cpu", seed=3)
+    for t in (q, k, v, bias):
+        t.requires_grad_(True)
+    out = ao.window_attention2d(q, k, v, 4, shift=shift, rel_pos_bias=bias, backend=backend)
+    ref = brute_force(q, k, v, (4, 4), shift, bias)
+    assert_close(out, ref)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v, bias), g)
+    grads_ref = torch.autograd.grad(ref, (q, k, v, bias), g)
+    for name, a, b in zip("qkvb", grads, grads_ref):
+        assert_close(a, b, name=f"d{name}")
+
+
+def _check_backend(backend, dtype, cfg, fused=False, seed=0):
+    device = skip_unless(OP, backend, dtype)
+    B, H, W, nh, d, window, shift, bh = cfg
+    window, shift = pair(window), pair(shift)
+    q, k, v, bias = make_inputs(B, H, W, nh, d, window, bh, dtype, device, seed=seed, fused=fused)
+    q64, k64, v64 = (t.detach().double().cpu().requires_grad_(True) for t in (q, k, v))
+    b64 = bias.detach().double().cpu().requires_grad_(True) if bias is not None else None
+    ref = brute_force(q64, k64, v64, window, shift, b64)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    grads_ref = torch.autograd.grad(ref, [t for t in (q64, k64, v64, b64) if t is not None], g)
+
+    # naive: the same math done plainly in the input dtype (reference backend)
+    qn, kn, vn = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    bn = bias.detach().clone().requires_grad_(True) if bias is not None else None
+    naive = wa.window_attention2d_reference(qn, kn, vn, window, shift, bn)
+    naive_grads = torch.autograd.grad(naive, [t for t in (qn, kn, vn, bn) if t is not None], g.to(dtype).to(device))
+
+    if fused:
+        base = q._base  # the (B, H, W, 3, nh, d) tensor
+        base.requires_grad_(True)
+        q, k, v = base.unbind(3)
+        leaves = [base]
+    else:
+        leaves = [t.requires_grad_(True) for t in (q, k, v)]
+    if bias is not None:
+        leaves.append(bias.requires_grad_(True))
+    out = ao.window_attention2d(q, k, v, window, shift=shift, rel_pos_bias=bias, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close(out, ref, naive)
+    grads = torch.autograd.grad(out, leaves, g.to(dtype).to(device))
+    if fused:
+        dqkv = grads[0]
+        grads = list(dqkv.unbind(3)) + list(grads[1:])
+    names = ["dq", "dk", "dv", "dbias"]
+    for name, a, r, n in zip(names, grads, grads_ref, naive_grads):
+        assert a.dtype == (bias.dtype if name == "dbias" else dtype)
+        assert_close(a, r, n, name=name)
+
+
+CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_cpu_forward_backward(cfg, dtype):
+    _check_backend("cpu", dtype, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_fused_qkv_view(dtype):
+    _check_backend("cpu", dtype, (2, 7, 9, 2, 8, 3, 1, 2), fused=True)
+
+
+TRITON_CONFIGS = [CONFIGS[i] for i in (0, 2, 4, 5, 6, 10)]
+TRITON_IDS = [IDS[i] for i in (0, 2, 4, 5, 6, 10)]
+
+
+@pytest.mark.parametrize("cfg", TRITON_CONFIGS, ids=TRITON_IDS)
+def test_triton_forward_backward_fp32(cfg):
+    _check_backend("triton", torch.float32, cfg)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_half(dtype):
+    _check_backend("triton", dtype, CONFIGS[2])
+
+
+def test_triton_fused_qkv_view():
+    _check_backend("triton", torch.float32, (1, 7, 9, 2, 8, 3, 1, 2), fused=True)
+
+
+def test_triton_large_head_dim():
+    _check_backend("triton", torch.float32, (1, 4, 4, 1, 256, 2, 1, 1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_float64(backend):
+    skip_unless(OP, backend, torch.float64)
+    q, k, v, bias = make_inputs(1, 5, 6, 2, 3, (3, 4), 2, torch.float64, "cpu", seed=5)
+    inputs = tuple(t.requires_grad_(True) for t in (q, k, v, bias))
+    fn = lambda q, k, v, b: ao.window_attention2d(q, k, v, (3, 4), shift=(1, 2), rel_pos_bias=b, backend=backend)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_bias_gradient_is_deterministic(backend):
+    device = skip_unless(OP, backend, torch.float32)
+    q, k, v, bias = make_inputs(2, 8, 8, 2, 8, (4, 4), 1, torch.float32, device, seed=7)
+    bias.requires_grad_(True)
+    runs = []
+    for _ in range(2):
+        out = ao.window_attention2d(q, k, v, 4, shift=2, rel_pos_bias=bias, backend=backend)
+        runs.append(torch.autograd.grad(out.square().sum(), bias)[0])
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_bias_without_grad_and_inputs_untouched():
+    skip_unless(OP, "cpu", torch.float32)
+    q, k, v, bias = make_inputs(1, 8, 8, 2, 8, (4, 4), 2, torch.float32, "cpu")
+    copies = [t.clone() for t in (q, k, v, bias)]
+    q.requires_grad_(True)
+    out = ao.window_attention2d(q, k, v, 4, shift=1, rel_pos_bias=bias, backend="cpu")
+    out.sum().backward()
+    assert q.grad is not None and bias.grad is None
+    for a, b in zip((q, k, v, bias), copies):
+        assert torch.equal(a.detach(), b)
+
+
+# ---------------------------------------------------------------------------------------
+# Parity with Hugging Face transformers' Swin (SwinLayer: pad, roll, partition, its mask,
+# its attention with the query-minus-key bias table, reverse, roll back).
+# ---------------------------------------------------------------------------------------
+class _Zero(nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
+
+
+def _selector(rows: int, cols: int, block: int, out_first: bool) -> nn.Linear:
+    lin = nn.Linear(cols, rows, bias=not out_first)
+    with torch.no_grad():
+        lin.weight.zero_()
+        if out_first:  # rows = C, cols = 3C: pick block `block`
+            lin.weight[:, block * rows:(block + 1) * rows] = torch.eye(rows)
+        else:  # rows = 3C, cols = C: write into the first block
+            lin.weight[:cols, :] = torch.eye(cols)
+            lin.bias.zero_()
+    return lin.double()
+
+
+def hf_swin_attention(q, k, v, window, shift, hf_table):
+    """Swin attention of q/k/v through transformers' SwinLayer (identity projections, no
+    norms, no MLP), float64. ``hf_table`` is HF's ((2w-1)^2, heads) query-minus-key table."""
+    from transformers import SwinConfig
+    from transformers.models.swin.modeling_swin import SwinLayer
+
+    B, H, W, nh, d = q.shape
+    C = nh * d
+    config = SwinConfig(window_size=window, embed_dim=3 * C, depths=[1], num_heads=[nh], qkv_bias=False,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    config._attn_implementation = "sdpa"  # the eager path runs its softmax in float32
+    layer = SwinLayer(config, dim=3 * C, input_resolution=(H, W), num_heads=nh, shift_size=shift).double().eval()
+    attn = layer.attention
+    attn.head_dim, attn.scaling = d, d ** -0.5
+    attn.q_proj, attn.k_proj, attn.v_proj = (_selector(C, 3 * C, i, True) for i in range(3))
+    attn.o_proj = _selector(3 * C, C, 0, False)
+    layer.layernorm_before = nn.Identity()
+    layer.layernorm_after = nn.Identity()
+    layer.mlp = _Zero()
+    attn.relative_position_bias.relative_position_bias_table = hf_table
+    x = torch.cat([t.reshape(B, H * W, C) for t in (q, k, v)], dim=-1)
+    y = layer(x, (H, W))[0]
+    return (y - x)[..., :C].reshape(B, H, W, nh, d)
+
+
+def hf_table_to_ours(hf_table, window):
+    """HF ((2w-1)^2, heads) query-minus-key -> ours (heads, 2w-1, 2w-1) key-minus-query."""
+    n = 2 * window - 1
+    return hf_table.reshape(n, n, -1).flip(0, 1).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("H,W,nh,d,window,shift", [(8, 8, 2, 4, 4, 0), (8, 12, 2, 4, 4, 2), (14, 14, 1, 8, 7, 3)])
+def test_parity_with_transformers_swin(backend, H, W, nh, d, window, shift):
+    pytest.importorskip("transformers")
+    if backend == "triton" and window == 7:
+        pytest.skip("kept short under the Triton interpreter")
+    device = skip_unless(OP, backend, torch.float64 if backend != "triton" else torch.float32)
+    dtype = torch.float64 if backend != "triton" else torch.float32
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, H, W, nh, d, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(3))
+    hf_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, nh, generator=g, dtype=torch.float64))
+    out_hf = hf_swin_attention(q, k, v, window, shift, hf_table)
+    gout = torch.randn(out_hf.shape, generator=g, dtype=torch.float64)
+    grads_hf = torch.autograd.grad(out_hf, (q, k, v, hf_table), gout)
+
+    ours_table = hf_table_to_ours(hf_table.detach(), window).to(dtype).to(device).requires_grad_(True)
+    qo, ko, vo = (t.detach().to(dtype).to(device).requires_grad_(True) for t in (q, k, v))
+    out = ao.window_attention2d(qo, ko, vo, window, shift=shift, rel_pos_bias=ours_table, backend=backend)
+    grads = torch.autograd.grad(out, (qo, ko, vo, ours_table), gout.to(dtype).to(device))
+    tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-4, rtol=2e-4)
+    # HF adds -100 to cross-region logits (weight e^-100 ~ 4e-44), we exclude them exactly.
+    torch.testing.assert_close(out.double().cpu(), out_hf.detach(), **tol)
+    for name, a, b in zip(("q", "k", "v"), grads[:3], grads_hf[:3]):
+        torch.testing.assert_close(a.double().cpu(), b, **tol, msg=lambda m: f"d{name}: {m}")
+    db = grads[3].double().cpu()
+    torch.testing.assert_close(db, hf_table_to_ours(grads_hf[3], window), **tol)
+
+
+# ---------------------------------------------------------------------------------------
+# opcheck, torch.compile
+# ---------------------------------------------------------------------------------------
+def _op_args(device, dtype, with_bias=True):
+    q, k, v, bias = make_inputs(1, 5, 7, 2, 8, (4, 4), 2 if with_bias else 0, dtype, device, seed=2)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    table = bias.to(ct) if bias is not None else None
+    return q, k, v, table
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_opcheck(backend, with_bias):
+    dtype = torch.float32
+    device = skip_unless(OP, backend, dtype)
+    suffix = "" if backend == "cpu" else "_triton"
+    fwd = getattr(torch.ops.alterops, f"window_attention2d_fwd{suffix}")
+    bwd = getattr(torch.ops.alterops, f"window_attention2d_bwd{suffix}")
+    q, k, v, table = _op_args(device, dtype, with_bias)
+    args = (q, k, v, table, [4, 4], [1, 2], 0.3)
+    torch.library.opcheck(fwd, args, test_utils=("test_schema", "test_faketensor"))
+    out, lse = fwd(*args)
+    gout = torch.randn_like(out)
+    bargs = (gout, q, k, v, out, lse, table, [4, 4], [1, 2], 0.3, with_bias)
+    torch.library.opcheck(bwd, bargs, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_torch_compile_fullgraph(backend):
+    device = skip_unless(OP, backend, torch.float32)
+    q, k, v, bias = make_inputs(1, 6, 7, 2, 8, (4, 4), 2, torch.float32, device, seed=4)
+    for t in (q, k, v, bias):
+        t.requires_grad_(True)
+
+    def f(q, k, v, b):
+        return ao.window_attention2d(q, k, v, 4, shift=2, rel_pos_bias=b, backend=backend)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="eager" if backend == "triton" else "inductor")
+    out_c = compiled(q, k, v, bias)
+    out_e = f(q, k, v, bias)
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    g_c = torch.autograd.grad(out_c.sum(), (q, k, v, bias))
+    g_e = torch.autograd.grad(out_e.sum(), (q, k, v, bias))
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad inputs, empty batch, backend selection
+# ---------------------------------------------------------------------------------------
+def test_bad_inputs():
+    q = torch.randn(1, 8, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"shift must be in \[0, window_size\)"):
+        ao.window_attention2d(q, q, q, 4, shift=4)
+    with pytest.raises(ValueError, match=r"shift must be in \[0, window_size\)"):
+        ao.window_attention2d(q, q, q, (4, 2), shift=(1, 2))
+    with pytest.raises(ValueError, match="shift must be >= 0"):
+        ao.window_attention2d(q, q, q, 4, shift=-1)
+    with pytest.raises(ValueError, match="window_size must be >= 1"):
+        ao.window_attention2d(q, q, q, 0)
+    with pytest.raises(TypeError, match="window_size must be an int or a pair"):
+        ao.window_attention2d(q, q, q, 2.5)
+    with pytest.raises(ValueError, match=r"rel_pos_bias must have shape \(2 or 1, 7, 7\)"):
+        ao.window_attention2d(q, q, q, 4, rel_pos_bias=torch.zeros(3, 7, 7))
+    with pytest.raises(ValueError, match=r"rel_pos_bias must have shape \(2 or 1, 7, 7\)"):
+        ao.window_attention2d(q, q, q, 4, rel_pos_bias=torch.zeros(2, 4, 4))
+    with pytest.raises(ValueError, match="rel_pos_bias must have 3 dimensions"):
+        ao.window_attention2d(q, q, q, 4, rel_pos_bias=torch.zeros(49, 2))
+    with pytest.raises(ValueError, match="k has shape"):
+        ao.window_attention2d(q, torch.randn(1, 8, 7, 2, 4), q, 4)
+    with pytest.raises(TypeError, match="v has dtype"):
+        ao.window_attention2d(q, q, q.double(), 4)
+    with pytest.raises(ValueError, match="q must have 5 dimensions"):
+        ao.window_attention2d(q[0], q[0], q[0], 4)
+    with pytest.raises(TypeError, match="q must have a floating-point dtype"):
+        qi = torch.zeros(1, 8, 8, 2, 4, dtype=torch.int32)
+        ao.window_attention2d(qi, qi, qi, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ao.window_attention2d(q, q, q, 4, backend="nope")
+    with pytest.raises(ao.BackendUnavailableError, match="supports"):
+        ao.window_attention2d(q.half(), q.half(), q.half(), 4, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_empty_batch(backend):
+    device = skip_unless(OP, backend, torch.float32)
+    q, k, v, bias = make_inputs(0, 6, 7, 2, 8, (4, 4), 2, torch.float32, device)
+    for t in (q, k, v, bias):
+        t.requires_grad_(True)
+    out = ao.window_attention2d(q, k, v, 4, shift=1, rel_pos_bias=bias, backend=backend)
+    assert out.shape == (0, 6, 7, 2, 8)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, bias), allow_unused=True)
+    for t, gr in zip((q, k, v), grads[:3]):
+        assert gr is None or (gr.shape == t.shape)
+    assert grads[3] is None or torch.equal(grads[3], torch.zeros_like(bias))
+
+
+def test_auto_backend_on_cpu_is_cpu_kernel():
+    skip_unless(OP, "cpu", torch.float32)
+    assert wa._TABLE.select(None, torch.device("cpu"), torch.float32) == "cpu"
+    assert wa._TABLE.select(None, torch.device("cpu"), torch.float16) == "reference"

@@ -1,0 +1,438 @@
+// Spatial smoothing on the CPU: box_blur2d and tanh_blur2d (forward and backward).
+//
+// One op pair serves both public ops:
+//   blur2d_forward(x, kernel_size, stride, padding, pad_mode, act, tau)
+//   blur2d_backward(grad_out, x?, input_hw, kernel_size, stride, padding, pad_mode, act, tau)
+// with act = 0 (identity: box_blur2d), 1 (tau*tanh(x/tau)), 2 (relu(tau*tanh(x/tau))) applied
+// before padding, and padding = (top, bottom, left, right) >= 0 filled per pad_mode
+// (0 zeros, 1 replicate, 2 reflect). The mean always divides by kh*kw (count_include_pad).
+//
+// Work is split over the B*C planes (at::parallel_for, OpenMP). Each plane is read once and
+// written once: the pointwise op runs on one padded row in a small buffer, the horizontal
+// window sums of every source row go to an L1/L2-resident (H+1) x Wo buffer (the extra row is
+// all zeros, used for zero padding), and the vertical sums are formed from those rows. Padded
+// rows are never materialised: a padded row index is mapped to its source row. Half types are
+// accumulated in float, float64 in double. Inputs are made contiguous first (a channels-last
+// or strided input costs one copy); outputs are contiguous NCHW.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace alterops {
+namespace blur_cpu {
+
+enum PadMode : int64_t { kZeros = 0, kReplicate = 1, kReflect = 2 };
+enum Act : int64_t { kIdentity = 0, kTanh = 1, kTanhRelu = 2 };
+
+struct Geometry {
+  int64_t H, W, Ho, Wo, kh, kw, sh, sw, pt, pb, pl, pr, mode;
+};
+
+// Source index of padded-relative position p (p < 0 or p >= n lies in the padding);
+// -1 means "zero" (zeros mode). Reflect padding is < n, checked by the caller.
+static inline int64_t map_index(int64_t p, int64_t n, int64_t mode) {
+  if (p >= 0 && p < n) return p;
+  if (mode == kZeros) return -1;
+  if (mode == kReplicate) return p < 0 ? 0 : n - 1;
+  return p < 0 ? -p : 2 * (n - 1) - p;
+}
+
+// tanh for float: rational minimax approximation (max abs error ~3.5e-7 on all of R; the
+// coefficients are those of Eigen's float tanh). Branch-free so the loops vectorise.
+static inline float tanh_approx(float x) {
+  const float c = 7.90531110763549805f;
+  float xc = x > c ? c : (x < -c ? -c : x);
+  float x2 = xc * xc;
+  float p = -2.76076847742355e-16f;
+  p = p * x2 + 2.00018790482477e-13f;
+  p = p * x2 + -8.60467152213735e-11f;
+  p = p * x2 + 5.12229709037114e-08f;
+  p = p * x2 + 1.48572235717979e-05f;
+  p = p * x2 + 6.37261928875436e-04f;
+  p = p * x2 + 4.89352455891786e-03f;
+  p = p * xc;
+  float q = 1.19825839466702e-06f;
+  q = q * x2 + 1.18534705686654e-04f;
+  q = q * x2 + 2.26843463243900e-03f;
+  q = q * x2 + 4.89352518554385e-03f;
+  float ax = x < 0.f ? -x : x;
+  return ax < 0.0004f ? x : p / q;
+}
+static inline double tanh_acc(double x) { return std::tanh(x); }
+static inline float tanh_acc(float x) { return tanh_approx(x); }
+
+template <int ACT, typename acc_t>
+static inline acc_t pointwise(acc_t v, acc_t tau, acc_t inv_tau) {
+  if constexpr (ACT == kIdentity) {
+    return v;
+  } else {
+    acc_t t = tau * tanh_acc(v * inv_tau);
+    if constexpr (ACT == kTanhRelu) t = t > acc_t(0) ? t : acc_t(0);
+    return t;
+  }
+}
+
+// d pointwise / dv
+template <int ACT, typename acc_t>
+static inline acc_t pointwise_grad(acc_t v, acc_t inv_tau) {
+  if constexpr (ACT == kIdentity) {
+    return acc_t(1);
+  } else {
+    acc_t t = tanh_acc(v * inv_tau);
+    acc_t d = acc_t(1) - t * t;
+    if constexpr (ACT == kTanhRelu) d = t > acc_t(0) ? d : acc_t(0);
+    return d;
+  }
+}
+
+static bool poison_outputs() {
+  static const bool poison = [] {
+    const char* v = std::getenv("ALTEROPS_POISON_OUTPUTS");
+    return v != nullptr && (std::string(v) == "1" || std::string(v) == "true");
+  }();
+  return poison;
+}
+
+// Fresh outputs of tens of MB are mmap-ed by the allocator, and the first write into each 4 KiB
+// page faults; on these workloads the faults cost more than the kernel. Asking for transparent
+// huge pages on the 2 MiB-aligned interior of the buffer (what torch does under
+// THP_MEM_ALLOC_ENABLE=1) cuts the faults by 512x. A hint only: ignored where THP is off.
+static void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t nbytes = t.nbytes();
+  if (nbytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + nbytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
+static at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  if (poison_outputs()) return at::full(shape, std::numeric_limits<double>::quiet_NaN(), opts);
+  at::Tensor out = at::empty(shape, opts);
+  advise_huge_pages(out);
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward, one plane.
+//   prow: Wp = pl + W + pr accumulators; hs: (H + 1) * Wo; vrow: Wo.
+// ------------------------------------------------------------------------------------------
+template <int ACT, typename scalar_t, typename acc_t>
+static void forward_plane(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const Geometry& g,
+                          acc_t tau, acc_t inv_tau, acc_t scale, acc_t* __restrict__ prow,
+                          acc_t* __restrict__ hs, acc_t* __restrict__ vrow) {
+  const int64_t H = g.H, W = g.W, Wo = g.Wo, kw = g.kw, sw = g.sw, pl = g.pl, pr = g.pr;
+  acc_t* __restrict__ mid = prow + pl;
+  for (int64_t h = 0; h < H; ++h) {
+    const scalar_t* __restrict__ xr = x + h * W;
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) mid[w] = pointwise<ACT, acc_t>(static_cast<acc_t>(xr[w]), tau, inv_tau);
+    for (int64_t t = 0; t < pl; ++t) {
+      int64_t s = map_index(t - pl, W, g.mode);
+      prow[t] = s < 0 ? acc_t(0) : mid[s];
+    }
+    for (int64_t t = 0; t < pr; ++t) {
+      int64_t s = map_index(W + t, W, g.mode);
+      mid[W + t] = s < 0 ? acc_t(0) : mid[s];
+    }
+    acc_t* __restrict__ hr = hs + h * Wo;
+    if (sw == 1) {
+      switch (kw) {  // the common widths get one fused pass
+        case 1:
+#pragma omp simd
+          for (int64_t o = 0; o < Wo; ++o) hr[o] = prow[o];
+          break;
+        case 2:
+#pragma omp simd
+          for (int64_t o = 0; o < Wo; ++o) hr[o] = prow[o] + prow[o + 1];
+          break;
+        case 3:
+#pragma omp simd
+          for (int64_t o = 0; o < Wo; ++o) hr[o] = prow[o] + prow[o + 1] + prow[o + 2];
+          break;
+        default:
+#pragma omp simd
+          for (int64_t o = 0; o < Wo; ++o) hr[o] = prow[o];
+          for (int64_t j = 1; j < kw; ++j) {
+            const acc_t* __restrict__ pj = prow + j;
+#pragma omp simd
+            for (int64_t o = 0; o < Wo; ++o) hr[o] += pj[o];
+          }
+      }
+    } else {
+      for (int64_t o = 0; o < Wo; ++o) {
+        acc_t s = 0;
+        for (int64_t j = 0; j < kw; ++j) s += prow[o * sw + j];
+        hr[o] = s;
+      }
+    }
+  }
+  acc_t* __restrict__ zero_row = hs + H * Wo;
+  for (int64_t o = 0; o < Wo; ++o) zero_row[o] = acc_t(0);
+
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    scalar_t* __restrict__ orow = out + oh * Wo;
+    if (g.kh > 8) {  // tall kernels: plain accumulation
+      std::fill(vrow, vrow + Wo, acc_t(0));
+      for (int64_t i = 0; i < g.kh; ++i) {
+        int64_t s = map_index(oh * g.sh + i - g.pt, H, g.mode);
+        if (s < 0) continue;
+        const acc_t* __restrict__ ri = hs + s * Wo;
+#pragma omp simd
+        for (int64_t o = 0; o < Wo; ++o) vrow[o] += ri[o];
+      }
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) orow[o] = static_cast<scalar_t>(scale * vrow[o]);
+      continue;
+    }
+    const acc_t* rows[8];
+    int64_t n = 0;
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t s = map_index(oh * g.sh + i - g.pt, H, g.mode);
+      if (s >= 0) rows[n++] = hs + s * Wo;
+    }
+    if (n == 0) {
+      for (int64_t o = 0; o < Wo; ++o) orow[o] = scalar_t(0);
+      continue;
+    }
+    if (n == 1) {
+      const acc_t* __restrict__ r0 = rows[0];
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) orow[o] = static_cast<scalar_t>(scale * r0[o]);
+    } else if (n == 2) {
+      const acc_t* __restrict__ r0 = rows[0];
+      const acc_t* __restrict__ r1 = rows[1];
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) orow[o] = static_cast<scalar_t>(scale * (r0[o] + r1[o]));
+    } else if (n == 3) {
+      const acc_t* __restrict__ r0 = rows[0];
+      const acc_t* __restrict__ r1 = rows[1];
+      const acc_t* __restrict__ r2 = rows[2];
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) orow[o] = static_cast<scalar_t>(scale * (r0[o] + r1[o] + r2[o]));
+    } else {
+      const acc_t* __restrict__ r0 = rows[0];
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) vrow[o] = r0[o];
+      for (int64_t i = 1; i < n; ++i) {
+        const acc_t* __restrict__ ri = rows[i];
+#pragma omp simd
+        for (int64_t o = 0; o < Wo; ++o) vrow[o] += ri[o];
+      }
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) orow[o] = static_cast<scalar_t>(scale * vrow[o]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward, one plane (the transpose of the forward).
+//   gvs: H * Wo (vertical scatter of grad_out onto source rows); grow: Wo; gp: Wp; gx: W.
+// ------------------------------------------------------------------------------------------
+template <int ACT, typename scalar_t, typename acc_t>
+static void backward_plane(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ x,
+                           scalar_t* __restrict__ gin, const Geometry& g, acc_t inv_tau, acc_t scale,
+                           acc_t* __restrict__ gvs, acc_t* __restrict__ grow, acc_t* __restrict__ gp,
+                           acc_t* __restrict__ gx) {
+  const int64_t H = g.H, W = g.W, Wo = g.Wo, kw = g.kw, sw = g.sw, pl = g.pl, pr = g.pr;
+  const int64_t Wp = pl + W + pr;
+  std::fill(gvs, gvs + H * Wo, acc_t(0));
+  for (int64_t oh = 0; oh < g.Ho; ++oh) {
+    const scalar_t* __restrict__ go = gout + oh * Wo;
+#pragma omp simd
+    for (int64_t o = 0; o < Wo; ++o) grow[o] = static_cast<acc_t>(go[o]);
+    for (int64_t i = 0; i < g.kh; ++i) {
+      int64_t s = map_index(oh * g.sh + i - g.pt, H, g.mode);
+      if (s < 0) continue;
+      acc_t* __restrict__ dst = gvs + s * Wo;
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) dst[o] += grow[o];
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const acc_t* __restrict__ gv = gvs + h * Wo;
+    std::fill(gp, gp + Wp, acc_t(0));
+    if (sw == 1) {
+      for (int64_t j = 0; j < kw; ++j) {
+        acc_t* __restrict__ dst = gp + j;
+#pragma omp simd
+        for (int64_t o = 0; o < Wo; ++o) dst[o] += gv[o];
+      }
+    } else {
+      for (int64_t o = 0; o < Wo; ++o)
+        for (int64_t j = 0; j < kw; ++j) gp[o * sw + j] += gv[o];
+    }
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) gx[w] = gp[pl + w];
+    if (g.mode != kZeros) {
+      for (int64_t t = 0; t < pl; ++t) gx[map_index(t - pl, W, g.mode)] += gp[t];
+      for (int64_t t = 0; t < pr; ++t) gx[map_index(W + t, W, g.mode)] += gp[pl + W + t];
+    }
+    scalar_t* __restrict__ gr = gin + h * W;
+    if constexpr (ACT == kIdentity) {
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w) gr[w] = static_cast<scalar_t>(scale * gx[w]);
+    } else {
+      const scalar_t* __restrict__ xr = x + h * W;
+#pragma omp simd
+      for (int64_t w = 0; w < W; ++w)
+        gr[w] = static_cast<scalar_t>(scale * gx[w] * pointwise_grad<ACT, acc_t>(static_cast<acc_t>(xr[w]), inv_tau));
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Argument checks shared by both ops (the Python layer checks first, with friendlier text).
+// ------------------------------------------------------------------------------------------
+static Geometry make_geometry(int64_t H, int64_t W, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                              at::IntArrayRef padding, int64_t pad_mode) {
+  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 4,
+              "blur2d: kernel_size and stride must have 2 entries, padding 4 (top, bottom, left, right)");
+  TORCH_CHECK(pad_mode >= 0 && pad_mode <= 2, "blur2d: pad_mode must be 0 (zeros), 1 (replicate) or 2 (reflect)");
+  Geometry g;
+  g.H = H;
+  g.W = W;
+  g.kh = kernel_size[0];
+  g.kw = kernel_size[1];
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.pt = padding[0];
+  g.pb = padding[1];
+  g.pl = padding[2];
+  g.pr = padding[3];
+  g.mode = pad_mode;
+  TORCH_CHECK(H >= 1 && W >= 1, "blur2d: the spatial size must be at least 1x1");
+  TORCH_CHECK(g.kh >= 1 && g.kw >= 1, "blur2d: kernel_size must be >= 1");
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "blur2d: stride must be >= 1");
+  TORCH_CHECK(g.pt >= 0 && g.pb >= 0 && g.pl >= 0 && g.pr >= 0, "blur2d: padding must be >= 0");
+  if (pad_mode == kReflect)
+    TORCH_CHECK(g.pt < H && g.pb < H && g.pl < W && g.pr < W, "blur2d: reflect padding must be < the input size");
+  TORCH_CHECK(H + g.pt + g.pb >= g.kh && W + g.pl + g.pr >= g.kw, "blur2d: kernel_size larger than the padded input");
+  g.Ho = (H + g.pt + g.pb - g.kh) / g.sh + 1;
+  g.Wo = (W + g.pl + g.pr - g.kw) / g.sw + 1;
+  return g;
+}
+
+template <typename F>
+static void dispatch_act(int64_t act, F&& f) {
+  TORCH_CHECK(act >= 0 && act <= 2, "blur2d: act must be 0, 1 or 2");
+  if (act == kIdentity) f(std::integral_constant<int, kIdentity>{});
+  else if (act == kTanh) f(std::integral_constant<int, kTanh>{});
+  else f(std::integral_constant<int, kTanhRelu>{});
+}
+
+at::Tensor blur2d_forward_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                              at::IntArrayRef padding, int64_t pad_mode, int64_t act, double tau) {
+  TORCH_CHECK(x_in.dim() == 4, "blur2d_forward: x must be (B, C, H, W), got ", x_in.sizes());
+  TORCH_CHECK(x_in.device().is_cpu(), "blur2d_forward: x must be a CPU tensor");
+  TORCH_CHECK(tau > 0, "blur2d_forward: tau must be > 0");
+  const Geometry g = make_geometry(x_in.size(2), x_in.size(3), kernel_size, stride, padding, pad_mode);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t planes = x.size(0) * x.size(1);
+  at::Tensor out = new_output({x.size(0), x.size(1), g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (planes == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "blur2d_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t tau_a = static_cast<acc_t>(tau), inv_tau = static_cast<acc_t>(1.0 / tau);
+    const acc_t scale = static_cast<acc_t>(1.0 / double(g.kh * g.kw));
+    const int64_t Wp = g.pl + g.W + g.pr;
+    dispatch_act(act, [&](auto act_c) {
+      constexpr int ACT = decltype(act_c)::value;
+      at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf(Wp + (g.H + 1) * g.Wo + g.Wo + 16);
+        acc_t* prow = buf.data();
+        acc_t* hs = prow + Wp;
+        acc_t* vrow = hs + (g.H + 1) * g.Wo;
+        for (int64_t p = begin; p < end; ++p)
+          forward_plane<ACT, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
+                                              prow, hs, vrow);
+      });
+    });
+  });
+  return out;
+}
+
+at::Tensor blur2d_backward_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& x_opt,
+                               at::IntArrayRef input_hw, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                               at::IntArrayRef padding, int64_t pad_mode, int64_t act, double tau) {
+  TORCH_CHECK(grad_out_in.dim() == 4, "blur2d_backward: grad_out must be (B, C, Ho, Wo)");
+  TORCH_CHECK(input_hw.size() == 2, "blur2d_backward: input_hw must have 2 entries");
+  TORCH_CHECK(tau > 0, "blur2d_backward: tau must be > 0");
+  const Geometry g = make_geometry(input_hw[0], input_hw[1], kernel_size, stride, padding, pad_mode);
+  TORCH_CHECK(grad_out_in.size(2) == g.Ho && grad_out_in.size(3) == g.Wo,
+              "blur2d_backward: grad_out has spatial size ", grad_out_in.sizes(), " but the geometry gives ", g.Ho,
+              "x", g.Wo);
+  const int64_t B = grad_out_in.size(0), C = grad_out_in.size(1);
+  at::Tensor x;
+  if (act != kIdentity) {
+    TORCH_CHECK(x_opt.has_value() && x_opt->defined(), "blur2d_backward: x is needed when act != 0");
+    x = x_opt->contiguous();
+    TORCH_CHECK(x.sizes() == at::IntArrayRef({B, C, g.H, g.W}), "blur2d_backward: x has the wrong shape");
+    TORCH_CHECK(x.scalar_type() == grad_out_in.scalar_type(), "blur2d_backward: x and grad_out dtypes differ");
+  }
+  const at::Tensor gout = grad_out_in.contiguous();
+  at::Tensor gin = new_output({B, C, g.H, g.W}, gout.options().memory_format(at::MemoryFormat::Contiguous));
+  const int64_t planes = B * C;
+  if (planes == 0) return gin;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gout.scalar_type(), "blur2d_backward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* gp_ = gout.const_data_ptr<scalar_t>();
+    const scalar_t* xp = act != kIdentity ? x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* ip = gin.mutable_data_ptr<scalar_t>();
+    const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
+    const acc_t scale = static_cast<acc_t>(1.0 / double(g.kh * g.kw));
+    const int64_t Wp = g.pl + g.W + g.pr;
+    dispatch_act(act, [&](auto act_c) {
+      constexpr int ACT = decltype(act_c)::value;
+      at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> buf(g.H * g.Wo + g.Wo + Wp + g.W + 16);
+        acc_t* gvs = buf.data();
+        acc_t* grow = gvs + g.H * g.Wo;
+        acc_t* gpad = grow + g.Wo;
+        acc_t* gx = gpad + Wp;
+        for (int64_t p = begin; p < end; ++p)
+          backward_plane<ACT, scalar_t, acc_t>(gp_ + p * g.Ho * g.Wo, xp ? xp + p * g.H * g.W : nullptr,
+                                               ip + p * g.H * g.W, g, inv_tau, scale, gvs, grow, gpad, gx);
+      });
+    });
+  });
+  return gin;
+}
+
+}  // namespace blur_cpu
+}  // namespace alterops
+
+TORCH_LIBRARY_FRAGMENT(alterops, m) {
+  m.def(
+      "blur2d_forward(Tensor x, int[2] kernel_size, int[2] stride, int[4] padding, int pad_mode, int act, "
+      "float tau) -> Tensor");
+  m.def(
+      "blur2d_backward(Tensor grad_out, Tensor? x, int[2] input_hw, int[2] kernel_size, int[2] stride, "
+      "int[4] padding, int pad_mode, int act, float tau) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(alterops, CPU, m) {
+  m.impl("blur2d_forward", &alterops::blur_cpu::blur2d_forward_cpu);
+  m.impl("blur2d_backward", &alterops::blur_cpu::blur2d_backward_cpu);
+}

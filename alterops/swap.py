@@ -1,0 +1,610 @@
+"""Swap the fused ops into existing models, in place: ``alterops.swap(model)``.
+
+What is recognised (by structure: the attributes and children each family's forward uses):
+
+=====================================  ==========================================================
+family                                 fused as
+=====================================  ==========================================================
+Hugging Face ``SwinLayer``              LayerNorm → zero-pad to window multiples (as Swin) → one
+(transformers 4.x and 5.x)              fused q/k/v projection → ``window_attention2d`` with the
+                                        layer's shift (cyclic shift + mask fused) and its bias
+                                        table → crop → output projection; the rest unchanged
+Hugging Face ``Swinv2Layer``            the same with cosine attention: ``normalize(q)·τ_h`` and
+                                        ``normalize(k)`` (``τ_h = exp(min(logit_scale, log 100))``),
+                                        ``scale=1`` and the continuous position bias
+                                        ``16·sigmoid(cpb_mlp(coords))`` as ``rel_pos_bias``
+timm ``SwinTransformerBlock`` (>= 0.9)  its ``_attn`` (roll, pad, partition, attention, merge) as
+                                        one ``window_attention2d`` call
+paper's ``LocalAttention``              ``window_attention2d`` with the shared table
+paper's ``ConvAttention2d``             ``neighborhood_attention2d(border="zero")`` (same padding,
+                                        stride 1 only)
+paper's ``TanhBlurBlock``               ``tanh_blur2d`` (its blur must be an ``AvgPool2d``)
+``nn.AvgPool2d`` with stride 1          ``box_blur2d`` (the blur paper's ``AvgPool2d(2, 1, 1)``)
+=====================================  ==========================================================
+
+How. Each matched module keeps its identity, children, parameters, buffers, hooks and state-dict
+keys: only its class is switched to a generated subclass (``Fused<Name>``) whose ``forward`` calls
+the fused op. ``isinstance`` checks against the original class still hold, ``copy.deepcopy`` and
+pickling work, and :func:`unswap` switches the classes back. The bias tables are read from the
+original parameters on every call (Hugging Face / timm tables are indexed query-minus-key; they are
+viewed and flipped into the op's key-minus-query layout), so gradients reach the original
+parameters and an optimizer built before the swap keeps working.
+
+When the fused path cannot reproduce a call, the original forward runs for that call: attention
+dropout active in training, the paper modules' external ``mask``, Hugging Face
+``output_attentions`` / ``head_mask``, a layer whose runtime window no longer matches its bias
+table. The fused forwards return ``None`` where the originals return attention probabilities.
+Numerics: Swin adds -100 to the logits of cross-region pairs of shifted windows; the op excludes
+them exactly, a difference below ``exp(-100)`` relative.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["swap", "unswap", "SwapReport"]
+
+_OPS = ("attention", "blur")
+
+
+def _ops():
+    import alterops
+
+    return alterops
+
+
+# =========================================================================================
+# Report
+# =========================================================================================
+@dataclass
+class SwapReport:
+    """What :func:`swap` did: ``replaced`` and ``skipped`` as ``(module name, family, detail)``."""
+
+    replaced: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"alterops.swap: {len(self.replaced)} replaced, {len(self.skipped)} skipped"]
+        lines += [f"  replaced {name or '<root>'} ({fam}): {detail}" for name, fam, detail in self.replaced]
+        lines += [f"  skipped  {name or '<root>'} ({fam}): {detail}" for name, fam, detail in self.skipped]
+        return "\n".join(lines)
+
+    def count(self, family: str | None = None) -> int:
+        return sum(1 for _, fam, _ in self.replaced if family is None or fam == family)
+
+
+# =========================================================================================
+# Generated subclasses (class switching keeps everything about the instance)
+# =========================================================================================
+_FUSED_CLASSES: dict = {}
+
+
+def _fused_class(base: type, kind: str) -> type:
+    key = (base, kind)
+    cls = _FUSED_CLASSES.get(key)
+    if cls is None:
+        import inspect
+
+        mixin = _MIXINS[kind]
+        try:
+            params = inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        attrs = {"__module__": __name__, "_alterops_kind": kind, "_alterops_base": base,
+                 "_alterops_has_head_mask": "head_mask" in params}
+        cls = type(f"Fused{base.__name__}", (mixin, base), attrs)
+        _FUSED_CLASSES[key] = cls
+    return cls
+
+
+def _rebuild(base: type, kind: str):
+    cls = _fused_class(base, kind)
+    return cls.__new__(cls)
+
+
+class _Fused:
+    """Common behaviour of the generated classes: pickling / deepcopy by (original class, kind)."""
+
+    _alterops_kind = ""
+    _alterops_base = object
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild, (self._alterops_base, self._alterops_kind), self.__dict__.copy())
+
+    def _alterops_backend_name(self):
+        return self.__dict__.get("alterops_backend")
+
+
+def _qkv_proj(x, lq, lk, lv, heads):
+    """One GEMM for three Linear layers: ``(..., C)`` → q, k, v views ``(..., heads, d)``."""
+    w = torch.cat([lq.weight, lk.weight, lv.weight], 0)
+    if lq.bias is None and lk.bias is None and lv.bias is None:
+        b = None
+    else:
+        b = torch.cat([l.bias if l.bias is not None else l.weight.new_zeros(l.weight.shape[0]) for l in (lq, lk, lv)])
+    y = F.linear(x, w, b)
+    y = y.view(*x.shape[:-1], 3, heads, y.shape[-1] // (3 * heads))
+    return y.unbind(-3)
+
+
+def _qk_flip_table(table, wh, ww, heads):
+    """``((2wh-1)(2ww-1), heads)`` indexed query-minus-key → ``(heads, 2wh-1, 2ww-1)`` key-minus-query."""
+    return table.view(2 * wh - 1, 2 * ww - 1, heads).flip(0, 1).permute(2, 0, 1)
+
+
+def _collecting_attentions() -> bool:
+    """transformers 5.x records attention weights through a context variable, not an argument."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except Exception:
+        return False
+    try:
+        collected = _active_collector.get()
+    except LookupError:
+        return False
+    return bool(collected) and "attentions" in collected
+
+
+# -----------------------------------------------------------------------------------------
+# Hugging Face Swin (v1)
+# -----------------------------------------------------------------------------------------
+def _hf_swin_attention_parts(layer):
+    """(q, k, v, out Linear, out dropout or None, attention-dropout p, table, heads, head_dim, scale)."""
+    a = layer.attention
+    if hasattr(a, "q_proj"):  # transformers 5.x
+        rpb = a.relative_position_bias
+        return (a.q_proj, a.k_proj, a.v_proj, a.o_proj, None, float(a.attention_dropout),
+                rpb.relative_position_bias_table, tuple(rpb.window_size), a.num_attention_heads, a.head_dim,
+                a.scaling)
+    s = a.self  # transformers 4.x
+    return (s.query, s.key, s.value, a.output.dense, a.output.dropout, float(s.dropout.p),
+            s.relative_position_bias_table, tuple(s.window_size), s.num_attention_heads,
+            s.attention_head_size, s.attention_head_size ** -0.5)
+
+
+def _hf_swin_attend(layer, x, H, W):
+    """``x``: the normed ``(B, H, W, C)`` map → attention output ``(B, H*W, C)`` (before drop_path)."""
+    q_l, k_l, v_l, o_l, o_drop, _, table, _, heads, _, scale = _hf_swin_attention_parts(layer)
+    B, C = x.shape[0], x.shape[-1]
+    x, _ = layer.maybe_pad(x, H, W)  # zero features, as Swin: they take part in the attention
+    ws, shift = int(layer.window_size), int(layer.shift_size)
+    q, k, v = _qkv_proj(x, q_l, k_l, v_l, heads)
+    out = _ops().window_attention2d(
+        q, k, v, ws, shift=shift, rel_pos_bias=_qk_flip_table(table, ws, ws, heads), scale=scale,
+        backend=layer.__dict__.get("alterops_backend"),
+    )
+    out = o_l(out[:, :H, :W].reshape(B, H * W, C))
+    return o_drop(out) if o_drop is not None else out
+
+
+class _FusedHFSwinLayer(_Fused):
+    def _alterops_can_fuse(self) -> bool:
+        parts = _hf_swin_attention_parts(self)
+        if self.training and parts[5] > 0:
+            return False
+        ws = self.window_size
+        if not isinstance(ws, int) or parts[7] != (ws, ws):
+            return False
+        return not _collecting_attentions()
+
+    def forward(self, hidden_states, input_dimensions, *args, **kwargs):
+        new_api = hasattr(self.attention, "q_proj")
+        if new_api:
+            always_partition = kwargs.get("always_partition", args[0] if args else False)
+            unsupported = False
+        else:  # 4.x: (hidden_states, input_dimensions, head_mask=None, output_attentions=False, always_partition=False)
+            names = ("head_mask", "output_attentions", "always_partition")
+            opts = dict(zip(names, args))
+            opts.update({n: kwargs[n] for n in names if n in kwargs})
+            always_partition = opts.get("always_partition", False)
+            unsupported = opts.get("head_mask") is not None or bool(opts.get("output_attentions"))
+        if not always_partition:
+            self.set_shift_and_window_size(input_dimensions)
+        if unsupported or not self._alterops_can_fuse():
+            return super().forward(hidden_states, input_dimensions, *args, **kwargs)
+        H, W = input_dimensions
+        B, _, C = hidden_states.shape
+        shortcut = hidden_states
+        x = self.layernorm_before(hidden_states).view(B, H, W, C)
+        attn = _hf_swin_attend(self, x, H, W)
+        if new_api:
+            attn = self.dropout(attn)
+            hidden_states = shortcut + self.drop_path(attn)
+            residual = hidden_states
+            hidden_states = self.dropout(self.mlp(self.layernorm_after(hidden_states))) + residual
+            return hidden_states, None
+        hidden_states = shortcut + self.drop_path(attn)
+        layer_output = self.intermediate(self.layernorm_after(hidden_states))
+        return (hidden_states + self.output(layer_output),)
+
+
+def _match_hf_swin(m):
+    if not type(m).__name__.endswith("SwinLayer") or not type(m).__module__.startswith("transformers."):
+        return None
+    need = ("layernorm_before", "layernorm_after", "attention", "drop_path", "maybe_pad",
+            "set_shift_and_window_size", "window_size", "shift_size")
+    if not all(hasattr(m, n) for n in need):
+        return ("skip", "a Swin layer without the attributes of transformers' SwinLayer")
+    a = m.attention
+    if hasattr(a, "q_proj"):
+        ok = all(hasattr(a, n) for n in ("k_proj", "v_proj", "o_proj", "relative_position_bias", "scaling"))
+        ok = ok and hasattr(m, "mlp") and hasattr(m, "dropout")
+    else:
+        s = getattr(a, "self", None)
+        ok = s is not None and all(hasattr(s, n) for n in ("query", "key", "value", "relative_position_bias_table"))
+        ok = ok and hasattr(a, "output") and hasattr(m, "intermediate") and hasattr(m, "output")
+        ok = ok and not hasattr(s, "logit_scale")
+    if not ok:
+        return ("skip", "unrecognised attention layout inside a SwinLayer")
+    return ("fuse", "hf_swin", f"window {m.window_size}, shift {m.shift_size}")
+
+
+# -----------------------------------------------------------------------------------------
+# Hugging Face Swin V2
+# -----------------------------------------------------------------------------------------
+class _FusedHFSwinV2Layer(_Fused):
+    def forward(self, hidden_states, input_dimensions, *args, **kwargs):
+        # 4.x: (…, head_mask=None, output_attentions=False); 5.x: (…, output_attentions=False)
+        names = ("head_mask", "output_attentions") if self._alterops_has_head_mask else ("output_attentions",)
+        opts = dict(zip(names, args))
+        opts.update({n: kwargs[n] for n in names if n in kwargs})
+        sa = self.attention.self
+        ws = int(self.window_size)
+        if (opts.get("head_mask") is not None or opts.get("output_attentions")
+                or (self.training and sa.dropout.p > 0) or tuple(sa.window_size) != (ws, ws)):
+            return super().forward(hidden_states, input_dimensions, *args, **kwargs)
+        H, W = input_dimensions
+        B, _, C = hidden_states.shape
+        shortcut = hidden_states
+        x = hidden_states.view(B, H, W, C)
+        x, _ = self.maybe_pad(x, H, W)
+        heads = sa.num_attention_heads
+        q, k, v = _qkv_proj(x, sa.query, sa.key, sa.value, heads)
+        tau = torch.clamp(sa.logit_scale, max=math.log(1.0 / 0.01)).exp().view(heads, 1)
+        q = F.normalize(q, dim=-1) * tau.to(q.dtype)
+        k = F.normalize(k, dim=-1)
+        table = sa.continuous_position_bias_mlp(sa.relative_coords_table)
+        table = 16 * torch.sigmoid(_qk_flip_table(table.reshape(-1, heads), ws, ws, heads))
+        out = _ops().window_attention2d(
+            q, k, v, ws, shift=int(self.shift_size), rel_pos_bias=table, scale=1.0,
+            backend=self.__dict__.get("alterops_backend"),
+        )
+        out = self.attention.output.dense(out[:, :H, :W].reshape(B, H * W, C))
+        out = self.attention.output.dropout(out)
+        hidden_states = shortcut + self.drop_path(self.layernorm_before(out))
+        layer_output = self.output(self.intermediate(hidden_states))
+        layer_output = hidden_states + self.drop_path(self.layernorm_after(layer_output))
+        return (layer_output,)
+
+
+def _match_hf_swinv2(m):
+    if not type(m).__name__.endswith("Swinv2Layer") or not type(m).__module__.startswith("transformers."):
+        return None
+    s = getattr(getattr(m, "attention", None), "self", None)
+    need = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp", "relative_coords_table",
+            "window_size", "num_attention_heads", "dropout")
+    if s is None or not all(hasattr(s, n) for n in need):
+        return ("skip", "a Swin V2 layer without the cosine-attention / CPB layout of transformers' Swinv2Layer")
+    if not all(hasattr(m, n) for n in ("layernorm_before", "layernorm_after", "intermediate", "output",
+                                        "drop_path", "maybe_pad", "window_size", "shift_size")):
+        return ("skip", "unrecognised Swinv2Layer layout")
+    ws = tuple(s.window_size)
+    if ws[0] != ws[1] or ws[0] != m.window_size:
+        return ("skip", f"window {ws} of the attention differs from the layer's {m.window_size}")
+    return ("fuse", "hf_swinv2", f"window {m.window_size}, shift {m.shift_size}, cosine attention + CPB bias")
+
+
+# -----------------------------------------------------------------------------------------
+# timm SwinTransformerBlock (timm >= 0.9: the block has `_attn(x)` on (B, H, W, C) maps)
+# -----------------------------------------------------------------------------------------
+class _FusedTimmSwinBlock(_Fused):
+    def _attn(self, x):
+        a = self.attn
+        wh, ww = self.window_size
+        sh, sw = self.shift_size
+        if (self.training and a.attn_drop.p > 0) or tuple(a.window_size) != (wh, ww):
+            return super()._attn(x)
+        B, H, W, C = x.shape
+        Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+        shifted = sh > 0 or sw > 0
+        padded = (Hp, Wp) != (H, W)
+        # timm rolls the unpadded map and pads afterwards (zero features that take part); the op
+        # rolls the padded map. z = roll_Hp(pad(roll_H(x, -s)), +s) makes the two agree.
+        if padded and shifted:
+            z = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+            z = torch.roll(F.pad(z, (0, 0, 0, Wp - W, 0, Hp - H)), shifts=(sh, sw), dims=(1, 2))
+        elif padded:
+            z = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+        else:
+            z = x
+        heads = a.num_heads
+        qkv = a.qkv(z)
+        qkv = qkv.view(B, Hp, Wp, 3, heads, qkv.shape[-1] // (3 * heads))
+        q, k, v = qkv.unbind(3)
+        out = _ops().window_attention2d(
+            q, k, v, (wh, ww), shift=(sh, sw) if shifted else 0,
+            rel_pos_bias=_qk_flip_table(a.relative_position_bias_table, wh, ww, heads), scale=a.scale,
+            backend=self.__dict__.get("alterops_backend"),
+        )
+        if padded and shifted:
+            out = torch.roll(out, shifts=(-sh, -sw), dims=(1, 2))[:, :H, :W]
+            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+        elif padded:
+            out = out[:, :H, :W]
+        out = a.proj(out.reshape(B, H, W, -1))
+        return a.proj_drop(out)
+
+
+def _match_timm_swin(m):
+    if type(m).__name__ != "SwinTransformerBlock" or not hasattr(m, "attn"):
+        return None
+    a = m.attn
+    need = ("qkv", "proj", "proj_drop", "attn_drop", "relative_position_bias_table", "num_heads", "scale",
+            "window_size")
+    if not all(hasattr(a, n) for n in need):
+        return ("skip", "attention module without timm WindowAttention's attributes")
+    if not callable(getattr(m, "_attn", None)):
+        return ("skip", "timm older than 0.9 (no SwinTransformerBlock._attn); upgrade timm to swap it")
+    if not (isinstance(m.window_size, tuple) and isinstance(m.shift_size, tuple)):
+        return ("skip", "window_size / shift_size are not pairs as in timm >= 0.9")
+    return ("fuse", "timm_swin", f"window {m.window_size}, shift {m.shift_size}")
+
+
+# -----------------------------------------------------------------------------------------
+# The papers' modules (matched by structure)
+# -----------------------------------------------------------------------------------------
+def _is_1x1(conv) -> bool:
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.groups == 1 and conv.dilation == (1, 1))
+
+
+def _paper_projection_check(a):
+    """Checks Attention2d / ConvAttention2d projections; returns a skip reason or None."""
+    if not all(hasattr(a, n) for n in ("to_q", "to_kv", "to_out", "heads", "scale")):
+        return "missing to_q / to_kv / to_out / heads / scale"
+    if not (_is_1x1(a.to_q) and a.to_q.bias is None):
+        return "to_q is not a bias-free 1x1 conv"
+    if not (isinstance(a.to_kv, nn.Conv2d) and a.to_kv.bias is None and a.to_kv.groups == 1):
+        return "to_kv is not a bias-free conv"
+    if not _is_1x1(a.to_kv):
+        return f"to_kv has kernel {a.to_kv.kernel_size} (spatially reduced keys/values): no fused equivalent"
+    to_out = a.to_out
+    if not (isinstance(to_out, nn.Sequential) and len(to_out) >= 1 and _is_1x1(to_out[0])
+            and all(isinstance(t, (nn.Dropout, nn.Identity)) for t in list(to_out)[1:])):
+        return "to_out is not Sequential(1x1 conv, [Dropout])"
+    inner = a.to_q.out_channels
+    if a.to_kv.out_channels != 2 * inner or inner % a.heads or to_out[0].in_channels != inner:
+        return "projection widths do not match heads"
+    return None
+
+
+def _paper_qkv(a, x):
+    B, C, H, W = x.shape
+    w = torch.cat([a.to_q.weight, a.to_kv.weight], 0).flatten(1)
+    qkv = F.linear(x.permute(0, 2, 3, 1), w)
+    return qkv.view(B, H, W, 3, a.heads, w.shape[0] // (3 * a.heads)).unbind(3)
+
+
+def _paper_out(a, out):
+    B, H, W = out.shape[:3]
+    conv = a.to_out[0]
+    y = F.linear(out.reshape(B, H, W, -1), conv.weight.flatten(1), conv.bias).permute(0, 3, 1, 2)
+    for extra in list(a.to_out)[1:]:
+        y = extra(y)
+    return y.contiguous()
+
+
+class _FusedLocalAttention(_Fused):
+    def forward(self, x, mask=None):
+        if mask is not None:
+            return super().forward(x, mask)
+        a = self.attn
+        q, k, v = _paper_qkv(a, x)
+        p = self.window_size
+        out = _ops().window_attention2d(
+            q, k, v, p, rel_pos_bias=self.pos_embedding.view(1, 2 * p - 1, 2 * p - 1), scale=a.scale,
+            backend=self.__dict__.get("alterops_backend"),
+        )
+        return _paper_out(a, out), None
+
+
+def _match_local_attention(m):
+    if not (hasattr(m, "attn") and hasattr(m, "pos_embedding") and hasattr(m, "window_size")):
+        return None
+    if not isinstance(m.pos_embedding, torch.Tensor) or m.pos_embedding.dim() != 2:
+        return None
+    p = m.window_size
+    if not isinstance(p, int) or tuple(m.pos_embedding.shape) != (2 * p - 1, 2 * p - 1):
+        return ("skip", "pos_embedding is not a (2p-1, 2p-1) table for window_size p")
+    why = _paper_projection_check(m.attn)
+    if why:
+        return ("skip", why)
+    return ("fuse", "local_attention", f"window {p}, heads {m.attn.heads}")
+
+
+class _FusedConvAttention2d(_Fused):
+    def forward(self, x, mask=None):
+        if mask is not None:
+            return super().forward(x, mask)
+        q, k, v = _paper_qkv(self, x)
+        args = self.conv_args
+        out = _ops().neighborhood_attention2d(
+            q, k, v, args["kernel_size"], args.get("dilation", 1), border="zero", scale=self.scale,
+            backend=self.__dict__.get("alterops_backend"),
+        )
+        return _paper_out(self, out), None
+
+
+def _match_conv_attention(m):
+    args = getattr(m, "conv_args", None)
+    if not isinstance(args, dict) or not hasattr(m, "to_q"):
+        return None
+    why = _paper_projection_check(m)
+    if why:
+        return ("skip", why)
+    k, d = args.get("kernel_size", 1), args.get("dilation", 1)
+    pad, stride = args.get("padding", 0), args.get("stride", 1)
+    if not all(isinstance(t, int) for t in (k, d, pad, stride)):
+        return ("skip", "conv_args with per-axis values")
+    if stride != 1:
+        return ("skip", f"stride {stride}: only stride-1 neighbourhood attention is fused")
+    if k % 2 == 0:
+        return ("skip", f"even kernel {k}: neighbourhoods are centred, kernels must be odd")
+    if pad != d * (k - 1) // 2:
+        return ("skip", f"padding {pad} != dilation*(k-1)/2 = {d * (k - 1) // 2}: the output would not match the map")
+    return ("fuse", "conv_attention", f"kernel {k}, dilation {d}, zero border")
+
+
+def _box_pool_args(pool):
+    """``(k, s, p)`` if ``pool`` is an ``nn.AvgPool2d`` that ``box_blur2d`` reproduces, else a reason."""
+    if type(pool) is not nn.AvgPool2d:
+        return f"{type(pool).__name__} is not an nn.AvgPool2d box filter"
+    if pool.ceil_mode or not pool.count_include_pad or pool.divisor_override is not None:
+        return "AvgPool2d with ceil_mode, count_include_pad=False or divisor_override"
+    return (pool.kernel_size, pool.stride if pool.stride is not None else pool.kernel_size, pool.padding)
+
+
+def _stride_one(s) -> bool:
+    return s == 1 or (isinstance(s, (tuple, list)) and all(v == 1 for v in s))
+
+
+class _FusedTanhBlur(_Fused):
+    def forward(self, x):
+        if "bn" in self._modules:
+            x = self.bn(x)
+        k, s, p = _box_pool_args(self.blur)
+        return _ops().tanh_blur2d(x, float(self.temp), k, s, p, relu=True,
+                                  backend=self.__dict__.get("alterops_backend"))
+
+
+def _match_tanh_blur(m):
+    names = set(m._modules)
+    if names not in ({"relu", "tanh", "blur"}, {"bn", "relu", "tanh", "blur"}) or not hasattr(m, "temp"):
+        return None
+    if not (isinstance(m.relu, nn.ReLU) and isinstance(m.tanh, nn.Tanh)):
+        return ("skip", "relu / tanh children are not nn.ReLU / nn.Tanh")
+    if "bn" in names and not isinstance(m.bn, nn.modules.batchnorm._BatchNorm):
+        return ("skip", "bn child is not a batch norm")
+    args = _box_pool_args(m.blur)
+    if isinstance(args, str):
+        return ("skip", f"its blur is not a box filter ({args}); only AvgPool2d blurs are fused")
+    if not isinstance(m.temp, (int, float)) or m.temp <= 0:
+        return ("skip", "temp is not a positive number")
+    return ("fuse", "tanh_blur", f"tau {float(m.temp):g}, kernel {args[0]}, stride {args[1]}, padding {args[2]}")
+
+
+class _FusedAvgPool(_Fused):
+    def forward(self, x):
+        return _ops().box_blur2d(x, self.kernel_size, self.stride, self.padding,
+                                 backend=self.__dict__.get("alterops_backend"))
+
+
+def _match_avgpool(m):
+    if type(m) is not nn.AvgPool2d:
+        return None
+    args = _box_pool_args(m)
+    if isinstance(args, str):
+        return ("skip", args)
+    if not _stride_one(args[1]):
+        return ("skip", f"stride {args[1]}: a downsampling pool, not a blur; left as is")
+    return ("fuse", "box_blur", f"kernel {args[0]}, padding {args[2]}")
+
+
+_MIXINS = {
+    "hf_swin": _FusedHFSwinLayer,
+    "hf_swinv2": _FusedHFSwinV2Layer,
+    "timm_swin": _FusedTimmSwinBlock,
+    "local_attention": _FusedLocalAttention,
+    "conv_attention": _FusedConvAttention2d,
+    "tanh_blur": _FusedTanhBlur,
+    "box_blur": _FusedAvgPool,
+}
+
+# (op group, matcher), tried in order; the first that recognises a module decides.
+_MATCHERS = (
+    ("attention", _match_hf_swin),
+    ("attention", _match_hf_swinv2),
+    ("attention", _match_timm_swin),
+    ("attention", _match_local_attention),
+    ("attention", _match_conv_attention),
+    ("blur", _match_tanh_blur),
+    ("blur", _match_avgpool),
+)
+
+
+# =========================================================================================
+# Public functions
+# =========================================================================================
+def swap(model: nn.Module, ops=("attention", "blur"), backend: str | None = None) -> SwapReport:
+    """Replace, in place, the attention and blur modules of ``model`` by fused ones.
+
+    Args:
+        model: any ``nn.Module`` (Hugging Face Swin / Swin V2, timm Swin, the papers' modules, or
+            a model containing them). It is modified in place; the same object is kept.
+        ops: which groups to swap: ``"attention"`` and/or ``"blur"``.
+        backend: passed to the ops on every call (``None``: automatic selection per call). A
+            module swapped before gets the new backend.
+
+    Returns:
+        A :class:`SwapReport` listing each replaced module (name, family, detail) and each
+        candidate left alone with the reason. Modules inside a replaced one are not visited.
+
+    The swapped model computes the same function (up to the dtype's rounding; see the module
+    docstring for the cases that run the original forward) with the same parameters (the same
+    tensor objects), buffers and state-dict keys, and gradients reach the same parameters.
+    """
+    if isinstance(ops, str):
+        ops = (ops,)
+    ops = tuple(ops)
+    bad = [o for o in ops if o not in _OPS]
+    if bad:
+        raise ValueError(f"ops must be a subset of {_OPS}, got {ops!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if backend is not None:
+        from ._dispatch import _check_name
+
+        _check_name(backend, "backend")
+    report = SwapReport()
+
+    def visit(name: str, m: nn.Module) -> None:
+        if isinstance(m, _Fused):
+            m.__dict__["alterops_backend"] = backend
+            report.replaced.append((name, m._alterops_kind, "already swapped (backend updated)"))
+            return
+        for group, matcher in _MATCHERS:
+            result = matcher(m)
+            if result is None:
+                continue
+            if group not in ops:
+                break
+            if result[0] == "skip":
+                report.skipped.append((name, matcher.__name__[len("_match_"):], result[1]))
+                break
+            _, kind, detail = result
+            m.__class__ = _fused_class(type(m), kind)
+            m.__dict__["alterops_backend"] = backend
+            report.replaced.append((name, kind, detail))
+            return
+        for child_name, child in m.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", model)
+    return report
+
+
+def unswap(model: nn.Module) -> int:
+    """Switch every module swapped by :func:`swap` back to its original class; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, _Fused):
+            m.__class__ = m._alterops_base
+            m.__dict__.pop("alterops_backend", None)
+            n += 1
+    return n

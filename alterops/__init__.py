@@ -22,6 +22,9 @@ from .window_attention import window_attention2d  # noqa: E402
 __all__ += ["window_attention2d"]
 from .neighborhood_attention import neighborhood_attention2d  # noqa: E402
 __all__ += ["neighborhood_attention2d"]
+
+from .blur import box_blur2d, tanh_blur2d  # noqa: E402
+__all__ += ["box_blur2d", "tanh_blur2d"]
 from . import nn, models  # noqa: E402
 from .swap import swap  # noqa: E402
 __all__ += ["nn", "models", "swap"]

@@ -1,0 +1,698 @@
+// Neighborhood attention 2D on the CPU: forward and backward, fused (no attention matrix in
+// memory beyond one k*k x 16-query block per thread).
+//
+//   neighborhood_attention2d_fwd(q, k, v, kh, kw, dh, dw, border, bias?, scale) -> (out, lse)
+//   neighborhood_attention2d_bwd(dout, q, k, v, out, lse, kh, kw, dh, dw, border, bias?, scale,
+//                                bias_grad) -> (dq, dk, dv, dbias)
+//
+// q, k, v: (B, H, W, heads, D), any strides; out contiguous; lse (B, heads, H, W) per query
+// (natural log, float32; float64 for float64 inputs). bias: (heads|1, 2kh-1, 2kw-1) in the
+// accumulation dtype. border: "clamp" | "mask" | "zero" (see alterops/neighborhood_attention.py).
+//
+// Layout trick. The keys of query (y, x) lie on kh key rows that depend only on y, and in
+// each row at columns that depend only on x. For the "interior" columns x (whose window is
+// centred and inside the image) the column of neighbour j is x + (j - r) * dw: a fixed shift.
+// So per (batch, head) the keys and values are packed transposed, K[y][c][x] (head-dim major,
+// columns contiguous, plus one all-zero "sink" column at x = W), and the queries of one row are
+// packed Q[c][slot] with the interior columns first, then the border columns. For a block of
+// 16 interior slots, logits for 8 neighbours j at once are plain vector FMAs
+//   S[j][0:16] += Q[c][0:16] * K[c][x0 + off_j : x0 + off_j + 16]
+// over c (register-blocked, no horizontal sums). Blocks holding border columns gather the key
+// columns with an index vector (out-of-image columns point to the sink, so "zero" keys cost
+// nothing extra and "mask" keys get -inf from an additive column mask). The softmax runs on
+// 16 queries at a time; P·V is the same pattern with 8 head-dim channels per block.
+// Work is split over (batch, head, row) in the forward; the backward splits over (batch, head,
+// row-chunk), each with private dK/dV/dbias accumulators reduced afterwards in a fixed order
+// (deterministic). Half types are computed in float, float64 in double.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace alterops {
+namespace na_cpu {
+
+template <typename T>
+struct VecOf {
+  static constexpr int N = 64 / sizeof(T);
+  typedef T type __attribute__((vector_size(64)));
+};
+
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+template <typename T>
+static inline Vec<T> loadu(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+static inline void storeu(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+static inline Vec<T> splat(T x) {
+  Vec<T> v;
+  for (int l = 0; l < VecOf<T>::N; ++l) v[l] = x;
+  return v;
+}
+
+template <typename T>
+static inline Vec<T> gather(const T* base, const int32_t* idx) {
+  Vec<T> v;
+  for (int l = 0; l < VecOf<T>::N; ++l) v[l] = base[idx[l]];
+  return v;
+}
+#if defined(__AVX512F__)
+template <>
+inline Vec<float> gather<float>(const float* base, const int32_t* idx) {
+  __m512i vi = _mm512_loadu_si512(reinterpret_cast<const void*>(idx));
+  __m512 r = _mm512_i32gather_ps(vi, base, 4);
+  Vec<float> v;
+  std::memcpy(&v, &r, sizeof(v));
+  return v;
+}
+#endif
+
+// exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
+// exactly 0 below -87.
+static inline Vec<float> vexp(Vec<float> x) {
+  typedef int32_t VI __attribute__((vector_size(64)));
+  const Vec<float> lo = splat<float>(-87.0f);
+  Vec<float> xc = x < lo ? lo : x;
+  Vec<float> t = xc * 1.44269504088896341f;
+  VI n = __builtin_convertvector(t + 128.5f, VI) - 128;  // round to nearest
+  Vec<float> f = (t - __builtin_convertvector(n, Vec<float>)) * 0.693147180559945309f;
+  Vec<float> p = splat<float>(1.0f / 720.0f);
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  VI bits = (n + 127) << 23;
+  Vec<float> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  Vec<float> r = p * scale;
+  return x < lo ? splat<float>(0.0f) : r;
+}
+static inline Vec<double> vexp(Vec<double> x) {
+  Vec<double> r;
+  for (int l = 0; l < VecOf<double>::N; ++l) r[l] = std::exp(x[l]);
+  return r;
+}
+template <typename T>
+static inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
+  return a > b ? a : b;
+}
+
+enum Border { kClamp = 0, kMask = 1, kZero = 2 };
+
+static int border_code(const std::string& b) {
+  if (b == "clamp") return kClamp;
+  if (b == "mask") return kMask;
+  if (b == "zero") return kZero;
+  TORCH_CHECK(false, "neighborhood_attention2d: border must be 'clamp', 'mask' or 'zero', got '", b, "'");
+  return 0;
+}
+
+// Key position of neighbour i of query y on one axis (may lie outside [0, L) unless clamp).
+static inline int64_t key_pos(int64_t y, int64_t i, int64_t L, int64_t k, int64_t d, int border) {
+  int64_t r = (k - 1) / 2;
+  if (border == kClamp) {
+    int64_t res = y % d;
+    int64_t ng = (L - res + d - 1) / d;
+    int64_t s = std::min(std::max<int64_t>(y / d - r, 0), ng - k);
+    return res + d * (s + i);
+  }
+  return y + d * (i - r);
+}
+
+// Everything that depends only on the shapes, shared by all rows.
+template <typename T>
+struct Plan {
+  int64_t B, H, W, NH, D, kh, kw, dh, dw;
+  int border;
+  int64_t V;        // lanes per vector
+  int64_t Ws;       // query slots per row (W rounded up to V)
+  int64_t Wk;       // packed key row width (W + sink, rounded up)
+  int64_t xlo, n_int;  // interior columns [xlo, xlo + n_int) are slots [0, n_int)
+  std::vector<int32_t> slotx;    // slot -> column (W for dummy slots)
+  std::vector<int32_t> kidx;     // [kw][Ws] key column (W = sink when outside)
+  std::vector<int32_t> off;      // [kw] interior column shift (j - r) * dw
+  std::vector<int32_t> bx;       // [kw][Ws] bias column index
+  std::vector<int64_t> rowpos;   // [H][kh]
+  std::vector<uint8_t> rowvalid; // [H][kh]
+  std::vector<int32_t> by;       // [H][kh]
+  int64_t nht;                   // bias tables (heads or 1)
+  std::vector<T> biascol;        // [nht][2kh-1][kw][Ws]: table value (+ -inf column mask)
+
+  Plan(int64_t B_, int64_t H_, int64_t W_, int64_t NH_, int64_t D_, int64_t kh_, int64_t kw_,
+       int64_t dh_, int64_t dw_, int border_, const T* table, int64_t nht_)
+      : B(B_), H(H_), W(W_), NH(NH_), D(D_), kh(kh_), kw(kw_), dh(dh_), dw(dw_), border(border_) {
+    V = VecOf<T>::N;
+    Ws = (W + V - 1) / V * V;
+    Wk = (W + 1 + V - 1) / V * V;
+    int64_t rw = (kw - 1) / 2, rh = (kh - 1) / 2;
+    xlo = std::min<int64_t>(rw * dw, W);
+    int64_t xhi = std::max<int64_t>(W - rw * dw, xlo);
+    n_int = xhi - xlo;
+    slotx.assign(Ws, (int32_t)W);
+    int64_t s = 0;
+    for (int64_t x = xlo; x < xhi; ++x) slotx[s++] = (int32_t)x;
+    for (int64_t x = 0; x < W; ++x)
+      if (x < xlo || x >= xhi) slotx[s++] = (int32_t)x;
+    off.resize(kw);
+    for (int64_t j = 0; j < kw; ++j) off[j] = (int32_t)((j - rw) * dw);
+    kidx.assign(kw * Ws, (int32_t)W);
+    bx.assign(kw * Ws, 0);
+    std::vector<uint8_t> colvalid(kw * Ws, 0);
+    for (int64_t j = 0; j < kw; ++j)
+      for (int64_t sl = 0; sl < Ws; ++sl) {
+        int64_t x = slotx[sl];
+        if (x >= W) continue;  // dummy slot: sink column, zero bias
+        int64_t p = key_pos(x, j, W, kw, dw, border);
+        bool ok = p >= 0 && p < W;
+        kidx[j * Ws + sl] = ok ? (int32_t)p : (int32_t)W;
+        colvalid[j * Ws + sl] = ok;
+        bx[j * Ws + sl] = (int32_t)((p - x) / dw + kw - 1);
+      }
+    rowpos.resize(H * kh);
+    rowvalid.resize(H * kh);
+    by.resize(H * kh);
+    for (int64_t y = 0; y < H; ++y)
+      for (int64_t i = 0; i < kh; ++i) {
+        int64_t p = key_pos(y, i, H, kh, dh, border);
+        rowpos[y * kh + i] = p;
+        rowvalid[y * kh + i] = p >= 0 && p < H;
+        by[y * kh + i] = (int32_t)((p - y) / dh + kh - 1);
+      }
+    (void)rh;
+    nht = table ? nht_ : 1;
+    int64_t tr = 2 * kh - 1, tc = 2 * kw - 1;
+    biascol.assign(nht * tr * kw * Ws, T(0));
+    const T ninf = -std::numeric_limits<T>::infinity();
+    for (int64_t h = 0; h < nht; ++h)
+      for (int64_t a = 0; a < tr; ++a)
+        for (int64_t j = 0; j < kw; ++j)
+          for (int64_t sl = 0; sl < Ws; ++sl) {
+            T val = T(0);
+            if (slotx[sl] < W) {
+              if (table) val = table[(h * tr + a) * tc + bx[j * Ws + sl]];
+              if (border == kMask && !colvalid[j * Ws + sl]) val = ninf;
+            }
+            biascol[((h * tr + a) * kw + j) * Ws + sl] = val;
+          }
+  }
+  const T* bias_row(int64_t ht, int64_t y, int64_t i) const {
+    return biascol.data() + ((ht * (2 * kh - 1) + by[y * kh + i]) * kw) * Ws;
+  }
+};
+
+// S[j][0:V] = sum_c A[c*Ws + 0:V] * Krow[c*Wk + col_j(lanes)] for NJ neighbours j.
+template <typename T, int NJ>
+static inline void dot_block(const T* A, int64_t Ws, const T* Krow, int64_t Wk, int64_t D, bool contiguous,
+                             int64_t xbase, const int32_t* off, const int32_t* kidx, int64_t kidx_stride, T* S) {
+  Vec<T> acc[NJ];
+  for (int jj = 0; jj < NJ; ++jj) acc[jj] = splat<T>(T(0));
+  if (contiguous) {
+    for (int64_t c = 0; c < D; ++c) {
+      Vec<T> a = loadu(A + c * Ws);
+      const T* kc = Krow + c * Wk + xbase;
+      for (int jj = 0; jj < NJ; ++jj) acc[jj] += a * loadu(kc + off[jj]);
+    }
+  } else {
+    for (int64_t c = 0; c < D; ++c) {
+      Vec<T> a = loadu(A + c * Ws);
+      const T* kc = Krow + c * Wk;
+      for (int jj = 0; jj < NJ; ++jj) acc[jj] += a * gather(kc, kidx + jj * kidx_stride);
+    }
+  }
+  for (int jj = 0; jj < NJ; ++jj) storeu(S + jj * VecOf<T>::N, acc[jj]);
+}
+
+template <typename T>
+static void dot_row(const T* A, int64_t Ws, const T* Krow, int64_t Wk, int64_t D, bool contiguous, int64_t xbase,
+                    const int32_t* off, const int32_t* kidx, int64_t kidx_stride, int64_t kw, T* S) {
+  for (int64_t j0 = 0; j0 < kw; j0 += 8) {
+    int64_t nj = std::min<int64_t>(8, kw - j0);
+    const int32_t* o = off + j0;
+    const int32_t* ki = kidx + j0 * kidx_stride;
+    T* s = S + j0 * VecOf<T>::N;
+    switch (nj) {
+      case 8: dot_block<T, 8>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+      case 7: dot_block<T, 7>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+      case 6: dot_block<T, 6>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+      case 5: dot_block<T, 5>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+      case 4: dot_block<T, 4>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+      case 3: dot_block<T, 3>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+      case 2: dot_block<T, 2>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+      default: dot_block<T, 1>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+    }
+  }
+}
+
+// Out[c][0:V] (+)= sum_{i valid, j} P[i][j][0:V] * Vrow_i[c*Wk + col_j(lanes)] for NC channels.
+template <typename T, int NC>
+static inline void mix_block(const T* P, const T* const* Vrows, int64_t nrows, const int64_t* row_i, int64_t kw,
+                             int64_t Wk, int64_t c0, bool contiguous, int64_t xbase, const int32_t* off,
+                             const int32_t* kidx, int64_t kidx_stride, T* Out, int64_t out_stride) {
+  constexpr int N = VecOf<T>::N;
+  Vec<T> acc[NC];
+  for (int cc = 0; cc < NC; ++cc) acc[cc] = splat<T>(T(0));
+  for (int64_t r = 0; r < nrows; ++r) {
+    const T* Vr = Vrows[r] + c0 * Wk;
+    const T* Pr = P + row_i[r] * kw * N;
+    for (int64_t j = 0; j < kw; ++j) {
+      Vec<T> p = loadu(Pr + j * N);
+      if (contiguous) {
+        const T* vc = Vr + xbase + off[j];
+        for (int cc = 0; cc < NC; ++cc) acc[cc] += p * loadu(vc + cc * Wk);
+      } else {
+        const int32_t* ki = kidx + j * kidx_stride;
+        for (int cc = 0; cc < NC; ++cc) acc[cc] += p * gather(Vr + cc * Wk, ki);
+      }
+    }
+  }
+  for (int cc = 0; cc < NC; ++cc) storeu(Out + (c0 + cc) * out_stride, acc[cc]);
+}
+
+template <typename T>
+static void mix_row(const T* P, const T* const* Vrows, int64_t nrows, const int64_t* row_i, int64_t kw, int64_t Wk,
+                    int64_t D, bool contiguous, int64_t xbase, const int32_t* off, const int32_t* kidx,
+                    int64_t kidx_stride, T* Out, int64_t out_stride) {
+  for (int64_t c0 = 0; c0 < D; c0 += 8) {
+    int64_t nc = std::min<int64_t>(8, D - c0);
+#define NA_MIX(NCV) mix_block<T, NCV>(P, Vrows, nrows, row_i, kw, Wk, c0, contiguous, xbase, off, kidx, kidx_stride, Out, out_stride)
+    switch (nc) {
+      case 8: NA_MIX(8); break;
+      case 7: NA_MIX(7); break;
+      case 6: NA_MIX(6); break;
+      case 5: NA_MIX(5); break;
+      case 4: NA_MIX(4); break;
+      case 3: NA_MIX(3); break;
+      case 2: NA_MIX(2); break;
+      default: NA_MIX(1); break;
+    }
+#undef NA_MIX
+  }
+}
+
+// Pack t[b, :, :, h, :] (any strides) into dst[y][c][x] (width Wk, zero sink columns).
+template <typename scalar_t, typename T>
+static void pack_kv(const at::Tensor& t, int64_t b, int64_t h, const Plan<T>& pl, T* dst) {
+  const scalar_t* base = t.data_ptr<scalar_t>();
+  auto st = t.strides();
+  for (int64_t y = 0; y < pl.H; ++y) {
+    T* row = dst + y * pl.D * pl.Wk;
+    for (int64_t c = 0; c < pl.D; ++c) {
+      const scalar_t* src = base + b * st[0] + y * st[1] + h * st[3] + c * st[4];
+      T* d = row + c * pl.Wk;
+      for (int64_t x = 0; x < pl.W; ++x) d[x] = static_cast<T>(src[x * st[2]]);
+      for (int64_t x = pl.W; x < pl.Wk; ++x) d[x] = T(0);
+    }
+  }
+}
+
+// Pack row y of t[b, y, :, h, :] into dst[c][slot] (slot order, dummy slots zero), times mul.
+template <typename scalar_t, typename T>
+static void pack_row(const at::Tensor& t, int64_t b, int64_t y, int64_t h, const Plan<T>& pl, T mul, T* dst) {
+  const scalar_t* base = t.data_ptr<scalar_t>();
+  auto st = t.strides();
+  for (int64_t c = 0; c < pl.D; ++c) {
+    const scalar_t* src = base + b * st[0] + y * st[1] + h * st[3] + c * st[4];
+    T* d = dst + c * pl.Ws;
+    for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+      int64_t x = pl.slotx[sl];
+      d[sl] = x < pl.W ? static_cast<T>(src[x * st[2]]) * mul : T(0);
+    }
+  }
+}
+
+// Logits of one slot block (V queries of row y) against all neighbours -> S[kh*kw][V].
+template <typename T>
+static void block_logits(const Plan<T>& pl, const T* Qp, const T* Kbh, int64_t ht, int64_t y, int64_t s0, T* S) {
+  constexpr int N = VecOf<T>::N;
+  const bool contiguous = s0 + N <= pl.n_int;
+  const int64_t xbase = pl.xlo + s0;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < pl.kh; ++i) {
+    const T* brow = pl.bias_row(ht, y, i);
+    T* Si = S + i * pl.kw * N;
+    if (!pl.rowvalid[y * pl.kh + i]) {
+      for (int64_t j = 0; j < pl.kw; ++j) {
+        Vec<T> b = pl.border == kMask ? splat<T>(ninf) : loadu(brow + j * pl.Ws + s0);
+        storeu(Si + j * N, b);
+      }
+      continue;
+    }
+    const T* Krow = Kbh + pl.rowpos[y * pl.kh + i] * pl.D * pl.Wk;
+    dot_row<T>(Qp + s0, pl.Ws, Krow, pl.Wk, pl.D, contiguous, xbase, pl.off.data(), pl.kidx.data() + s0, pl.Ws,
+               pl.kw, Si);
+    for (int64_t j = 0; j < pl.kw; ++j) storeu(Si + j * N, loadu(Si + j * N) + loadu(brow + j * pl.Ws + s0));
+  }
+}
+
+template <typename scalar_t, typename T>
+static void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                         at::Tensor& lse, const Plan<T>& pl, T scale) {
+  constexpr int N = VecOf<T>::N;
+  const int64_t BH = pl.B * pl.NH;
+  const int64_t plane = pl.H * pl.D * pl.Wk;
+  std::unique_ptr<T[]> Kp(new T[BH * plane]), Vp(new T[BH * plane]);  // fully written by pack_kv
+  at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bh = b0; bh < b1; ++bh) {
+      pack_kv<scalar_t, T>(k, bh / pl.NH, bh % pl.NH, pl, Kp.get() + bh * plane);
+      pack_kv<scalar_t, T>(v, bh / pl.NH, bh % pl.NH, pl, Vp.get() + bh * plane);
+    }
+  });
+  scalar_t* O = out.data_ptr<scalar_t>();
+  T* L = lse.data_ptr<T>();
+  const int64_t K2 = pl.kh * pl.kw;
+  at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> Qp(pl.D * pl.Ws), S(K2 * N), Ob(pl.D * pl.Ws);
+    std::vector<const T*> Vrows(pl.kh);
+    std::vector<int64_t> row_i(pl.kh);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
+      const int64_t ht = pl.nht == 1 ? 0 : h;
+      pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data());
+      const T* Kbh = Kp.get() + bh * plane;
+      const T* Vbh = Vp.get() + bh * plane;
+      int64_t nrows = 0;
+      for (int64_t i = 0; i < pl.kh; ++i)
+        if (pl.rowvalid[y * pl.kh + i]) {
+          Vrows[nrows] = Vbh + pl.rowpos[y * pl.kh + i] * pl.D * pl.Wk;
+          row_i[nrows++] = i;
+        }
+      T* Lrow = L + (bh * pl.H + y) * pl.W;
+      for (int64_t s0 = 0; s0 < pl.Ws; s0 += N) {
+        block_logits<T>(pl, Qp.data(), Kbh, ht, y, s0, S.data());
+        Vec<T> m = loadu(S.data());
+        for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S.data() + n * N));
+        Vec<T> l = splat<T>(T(0));
+        for (int64_t n = 0; n < K2; ++n) {
+          Vec<T> p = vexp(loadu(S.data() + n * N) - m);
+          storeu(S.data() + n * N, p);
+          l += p;
+        }
+        const bool contiguous = s0 + N <= pl.n_int;
+        mix_row<T>(S.data(), Vrows.data(), nrows, row_i.data(), pl.kw, pl.Wk, pl.D, contiguous, pl.xlo + s0,
+                   pl.off.data(), pl.kidx.data() + s0, pl.Ws, Ob.data() + s0, pl.Ws);
+        Vec<T> inv = T(1) / l;
+        for (int64_t c = 0; c < pl.D; ++c) storeu(Ob.data() + c * pl.Ws + s0, loadu(Ob.data() + c * pl.Ws + s0) * inv);
+        for (int lane = 0; lane < N; ++lane) {
+          int64_t x = pl.slotx[s0 + lane];
+          if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
+        }
+      }
+      // out is contiguous (B, H, W, NH, D)
+      for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+        int64_t x = pl.slotx[sl];
+        if (x >= pl.W) continue;
+        scalar_t* o = O + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
+        for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(Ob[c * pl.Ws + sl]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename T>
+static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
+                          at::Tensor& dv, T* dbias, const Plan<T>& pl, T scale) {
+  constexpr int N = VecOf<T>::N;
+  const int64_t BH = pl.B * pl.NH;
+  const int64_t plane = pl.H * pl.D * pl.Wk;
+  std::unique_ptr<T[]> Kp(new T[BH * plane]), Vp(new T[BH * plane]);  // fully written by pack_kv
+  at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t bh = b0; bh < b1; ++bh) {
+      pack_kv<scalar_t, T>(k, bh / pl.NH, bh % pl.NH, pl, Kp.get() + bh * plane);
+      pack_kv<scalar_t, T>(v, bh / pl.NH, bh % pl.NH, pl, Vp.get() + bh * plane);
+    }
+  });
+  // Row chunks per (batch, head) so that small B*heads still fills the threads.
+  const int64_t nthreads = at::get_num_threads();
+  int64_t nchunks = BH >= 2 * nthreads ? 1 : std::min<int64_t>(pl.H, (2 * nthreads + BH - 1) / BH);
+  const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
+  nchunks = (pl.H + rows_per - 1) / rows_per;
+  const int64_t ntasks = BH * nchunks;
+  std::vector<T> dKp(ntasks * plane, T(0)), dVp(ntasks * plane, T(0));
+  const int64_t tsize = (2 * pl.kh - 1) * (2 * pl.kw - 1);
+  std::vector<T> dB(dbias ? ntasks * pl.nht * tsize : 0, T(0));
+  const int64_t K2 = pl.kh * pl.kw;
+  const T* L = lse.data_ptr<T>();
+  const scalar_t* Oin = out.data_ptr<scalar_t>();
+  auto ost = out.strides();
+  scalar_t* DQ = dq.data_ptr<scalar_t>();
+
+  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> Qp(pl.D * pl.Ws), Gp(pl.D * pl.Ws), S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
+    std::vector<T> lse_s(pl.Ws), delta_s(pl.Ws);
+    std::vector<const T*> Krows(pl.kh), Vrows(pl.kh);
+    std::vector<T*> dKrows(pl.kh), dVrows(pl.kh);
+    std::vector<int64_t> row_i(pl.kh);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
+      const int64_t ht = pl.nht == 1 ? 0 : h;
+      const T* Kbh = Kp.get() + bh * plane;
+      const T* Vbh = Vp.get() + bh * plane;
+      T* dKt = dKp.data() + t * plane;
+      T* dVt = dVp.data() + t * plane;
+      T* dBt = dbias ? dB.data() + t * pl.nht * tsize : nullptr;
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+      for (int64_t y = y0; y < y1; ++y) {
+        pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data());
+        pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp.data());
+        for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+          int64_t x = pl.slotx[sl];
+          if (x >= pl.W) { lse_s[sl] = T(0); delta_s[sl] = T(0); continue; }
+          lse_s[sl] = L[(bh * pl.H + y) * pl.W + x];
+          const scalar_t* o = Oin + b * ost[0] + y * ost[1] + x * ost[2] + h * ost[3];
+          T acc = 0;
+          for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[4]]) * Gp[c * pl.Ws + sl];
+          delta_s[sl] = acc;
+        }
+        int64_t nrows = 0;
+        for (int64_t i = 0; i < pl.kh; ++i)
+          if (pl.rowvalid[y * pl.kh + i]) {
+            int64_t off_row = pl.rowpos[y * pl.kh + i] * pl.D * pl.Wk;
+            Krows[nrows] = Kbh + off_row;
+            Vrows[nrows] = Vbh + off_row;
+            dKrows[nrows] = dKt + off_row;
+            dVrows[nrows] = dVt + off_row;
+            row_i[nrows++] = i;
+          }
+        for (int64_t s0 = 0; s0 < pl.Ws; s0 += N) {
+          const bool contiguous = s0 + N <= pl.n_int;
+          const int64_t xbase = pl.xlo + s0;
+          block_logits<T>(pl, Qp.data(), Kbh, ht, y, s0, S.data());
+          Vec<T> lv = loadu(lse_s.data() + s0), dl = loadu(delta_s.data() + s0);
+          for (int64_t n = 0; n < K2; ++n) storeu(S.data() + n * N, vexp(loadu(S.data() + n * N) - lv));
+          // dP = dO . V over valid rows (invalid rows: zero values, dP = 0)
+          std::fill(dS.begin(), dS.end(), T(0));
+          for (int64_t r = 0; r < nrows; ++r)
+            dot_row<T>(Gp.data() + s0, pl.Ws, Vrows[r], pl.Wk, pl.D, contiguous, xbase, pl.off.data(),
+                       pl.kidx.data() + s0, pl.Ws, pl.kw, dS.data() + row_i[r] * pl.kw * N);
+          for (int64_t n = 0; n < K2; ++n) {
+            Vec<T> p = loadu(S.data() + n * N);
+            storeu(dS.data() + n * N, p * (loadu(dS.data() + n * N) - dl));
+          }
+          // dQ (before the scale) = dS . K
+          mix_row<T>(dS.data(), Krows.data(), nrows, row_i.data(), pl.kw, pl.Wk, pl.D, contiguous, xbase,
+                     pl.off.data(), pl.kidx.data() + s0, pl.Ws, dQb.data() + s0, pl.Ws);
+          // dK += dS^T . Qscaled, dV += P^T . dO (scatter to the key columns)
+          for (int64_t r = 0; r < nrows; ++r) {
+            const int64_t i = row_i[r];
+            T* dKr = dKrows[r];
+            T* dVr = dVrows[r];
+            for (int64_t j = 0; j < pl.kw; ++j) {
+              const T* dsv = dS.data() + (i * pl.kw + j) * N;
+              const T* pv = S.data() + (i * pl.kw + j) * N;
+              if (contiguous) {
+                Vec<T> ds = loadu(dsv), p = loadu(pv);
+                const int64_t col = xbase + pl.off[j];
+                for (int64_t c = 0; c < pl.D; ++c) {
+                  T* dkc = dKr + c * pl.Wk + col;
+                  T* dvc = dVr + c * pl.Wk + col;
+                  storeu(dkc, loadu(dkc) + ds * loadu(Qp.data() + c * pl.Ws + s0));
+                  storeu(dvc, loadu(dvc) + p * loadu(Gp.data() + c * pl.Ws + s0));
+                }
+              } else {
+                const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+                for (int lane = 0; lane < N; ++lane) {
+                  if (pl.slotx[s0 + lane] >= pl.W) continue;
+                  const int64_t col = ki[lane];
+                  const T ds = dsv[lane], p = pv[lane];
+                  for (int64_t c = 0; c < pl.D; ++c) {
+                    dKr[c * pl.Wk + col] += ds * Qp[c * pl.Ws + s0 + lane];
+                    dVr[c * pl.Wk + col] += p * Gp[c * pl.Ws + s0 + lane];
+                  }
+                }
+              }
+            }
+          }
+          if (dBt) {  // every offset, valid rows or not ("zero" keys have a logit too)
+            const int64_t tc = 2 * pl.kw - 1;
+            for (int64_t i = 0; i < pl.kh; ++i) {
+              T* trow = dBt + ht * tsize + pl.by[y * pl.kh + i] * tc;
+              for (int64_t j = 0; j < pl.kw; ++j) {
+                const T* dsv = dS.data() + (i * pl.kw + j) * N;
+                const int32_t* bxj = pl.bx.data() + j * pl.Ws + s0;
+                // invalid rows too: "zero" keys have dP = 0, so dS = -P * delta there
+                for (int lane = 0; lane < N; ++lane)
+                  if (pl.slotx[s0 + lane] < pl.W) trow[bxj[lane]] += dsv[lane];
+              }
+            }
+          }
+        }
+        for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+          int64_t x = pl.slotx[sl];
+          if (x >= pl.W) continue;
+          scalar_t* o = DQ + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
+          for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(dQb[c * pl.Ws + sl] * scale);
+        }
+      }
+    }
+  });
+  // Reduce the row-chunk partials (fixed order) and unpack into (B, H, W, NH, D).
+  scalar_t* DK = dk.data_ptr<scalar_t>();
+  scalar_t* DV = dv.data_ptr<scalar_t>();
+  at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
+      for (int64_t x = 0; x < pl.W; ++x) {
+        scalar_t* okk = DK + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
+        scalar_t* ovv = DV + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
+        for (int64_t c = 0; c < pl.D; ++c) {
+          T sk = 0, sv = 0;
+          for (int64_t ch = 0; ch < nchunks; ++ch) {
+            int64_t idx = (bh * nchunks + ch) * plane + (y * pl.D + c) * pl.Wk + x;
+            sk += dKp[idx];
+            sv += dVp[idx];
+          }
+          okk[c] = static_cast<scalar_t>(sk);
+          ovv[c] = static_cast<scalar_t>(sv);
+        }
+      }
+    }
+  });
+  if (dbias) {
+    const int64_t n = pl.nht * tsize;
+    for (int64_t e = 0; e < n; ++e) dbias[e] = T(0);
+    for (int64_t t = 0; t < ntasks; ++t)
+      for (int64_t e = 0; e < n; ++e) dbias[e] += dB[t * n + e];
+  }
+}
+
+static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kh, int64_t kw,
+                         int64_t dh, int64_t dw, int border, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(q.dim() == 5, "neighborhood_attention2d: q must be (B, H, W, heads, head_dim), got ", q.sizes());
+  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "neighborhood_attention2d: q, k, v shapes differ");
+  TORCH_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(), "neighborhood_attention2d: q, k, v dtypes differ");
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "neighborhood_attention2d (cpu): tensors must be on the CPU");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1, "neighborhood_attention2d: kernel sizes must be odd");
+  TORCH_CHECK(dh >= 1 && dw >= 1, "neighborhood_attention2d: dilation must be >= 1");
+  if (border == kClamp)
+    TORCH_CHECK(kh * dh <= q.size(1) && kw * dw <= q.size(2),
+                "neighborhood_attention2d: border 'clamp' needs kernel_size * dilation <= map size");
+  if (bias.has_value()) {
+    const auto& t = *bias;
+    TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == q.size(3)) && t.size(1) == 2 * kh - 1 &&
+                    t.size(2) == 2 * kw - 1,
+                "neighborhood_attention2d: bias must be (heads|1, 2kh-1, 2kw-1), got ", t.sizes());
+  }
+}
+
+static at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> na2d_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            int64_t kh, int64_t kw, int64_t dh, int64_t dw, c10::string_view border_s,
+                                            const c10::optional<at::Tensor>& bias, double scale) {
+  const int border = border_code(std::string(border_s));
+  check_inputs(q, k, v, kh, kw, dh, dw, border, bias);
+  const int64_t B = q.size(0), H = q.size(1), W = q.size(2), NH = q.size(3), D = q.size(4);
+  auto acc = acc_type(q.scalar_type());
+  auto out = at::empty({B, H, W, NH, D}, q.options());
+  auto lse = at::empty({B, NH, H, W}, q.options().dtype(acc));
+  if (out.numel() == 0) return {out, lse};
+  at::Tensor table;
+  if (bias.has_value()) table = bias->to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "neighborhood_attention2d_fwd", [&] {
+    using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    Plan<T> pl(B, H, W, NH, D, kh, kw, dh, dw, border, table.defined() ? table.data_ptr<T>() : nullptr,
+               table.defined() ? table.size(0) : 1);
+    forward_impl<scalar_t, T>(q, k, v, out, lse, pl, static_cast<T>(scale));
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd(
+    const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse_in, int64_t kh, int64_t kw, int64_t dh, int64_t dw, c10::string_view border_s,
+    const c10::optional<at::Tensor>& bias, double scale, bool bias_grad) {
+  const int border = border_code(std::string(border_s));
+  check_inputs(q, k, v, kh, kw, dh, dw, border, bias);
+  TORCH_CHECK(dout_in.sizes() == q.sizes() && out.sizes() == q.sizes(), "neighborhood_attention2d: dout/out shape");
+  const int64_t B = q.size(0), H = q.size(1), W = q.size(2), NH = q.size(3), D = q.size(4);
+  auto acc = acc_type(q.scalar_type());
+  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, NH, H, W}), "neighborhood_attention2d: lse must be (B, heads, H, W)");
+  auto dout = dout_in.to(q.scalar_type());
+  auto lse = lse_in.to(acc).contiguous();
+  auto dq = at::empty({B, H, W, NH, D}, q.options());
+  auto dk = at::empty({B, H, W, NH, D}, q.options());
+  auto dv = at::empty({B, H, W, NH, D}, q.options());
+  const bool want_db = bias_grad && bias.has_value();
+  at::Tensor table, dbias;
+  if (bias.has_value()) table = bias->to(acc).contiguous();
+  dbias = want_db ? at::zeros(table.sizes(), q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc));
+  if (q.numel() == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv, dbias};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "neighborhood_attention2d_bwd", [&] {
+    using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    Plan<T> pl(B, H, W, NH, D, kh, kw, dh, dw, border, table.defined() ? table.data_ptr<T>() : nullptr,
+               table.defined() ? table.size(0) : 1);
+    backward_impl<scalar_t, T>(dout, q, k, v, out, lse, dq, dk, dv, want_db ? dbias.data_ptr<T>() : nullptr, pl,
+                               static_cast<T>(scale));
+  });
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace na_cpu
+}  // namespace alterops
+
+TORCH_LIBRARY_FRAGMENT(alterops, m) {
+  m.def(
+      "neighborhood_attention2d_fwd(Tensor q, Tensor k, Tensor v, int kh, int kw, int dh, int dw, str border, "
+      "Tensor? bias, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "neighborhood_attention2d_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int kh, "
+      "int kw, int dh, int dw, str border, Tensor? bias, float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, "
+      "Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(alterops, CPU, m) {
+  m.impl("neighborhood_attention2d_fwd", &alterops::na_cpu::na2d_fwd);
+  m.impl("neighborhood_attention2d_bwd", &alterops::na_cpu::na2d_bwd);
+}

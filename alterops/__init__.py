@@ -25,6 +25,10 @@ __all__ += ["neighborhood_attention2d"]
 
 from .blur import box_blur2d, tanh_blur2d  # noqa: E402
 __all__ += ["box_blur2d", "tanh_blur2d"]
+from .statistics import (delta_log_amplitude, feature_statistics, feature_variance, frequency_noise,  # noqa: E402
+                         log_amplitude_spectrum, radial_log_amplitude)
+__all__ += ["delta_log_amplitude", "log_amplitude_spectrum", "radial_log_amplitude", "feature_variance",
+            "frequency_noise", "feature_statistics"]
 from . import nn, models  # noqa: E402
 from .swap import swap  # noqa: E402
 __all__ += ["nn", "models", "swap"]

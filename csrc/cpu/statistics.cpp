@@ -1,0 +1,495 @@
+// Feature-map statistics on the CPU: the paper's Δ log amplitude (diagonal DFT bins only) and
+// the mean unbiased spatial variance, for a LIST of (B, C, H, W) maps in one op call (one
+// parallel region over the planes of every map: the batched entry point of the analysis
+// toolkit runs every layer of a model in one launch).
+//
+//   delta_log_amplitude_fwd(Tensor[] xs, float eps) -> Tensor[]   each (H - H//2,)
+//   feature_variance_fwd(Tensor[] xs) -> Tensor[]                 each a 0-dim tensor
+//
+// Δ log amplitude. For a square N x N plane, DFT bin (k, k) is
+//   F[k, k] = sum_{y,x} x[y, x] exp(-2πi k (y + x) / N) = sum_s a_s exp(-2πi k s / N),
+// with the anti-diagonal sums a_s = sum_{(y + x) mod N = s} x[y, x]. Each plane is read once:
+// its N anti-diagonal sums are formed (unrolled for N <= 32), the K = N - N//2 bins are a
+// small (N x 2K) product with a cos/sin table, and log(|F| + eps) is taken with a vectorised
+// log over a chunk of planes. Δ_k = mean_planes(L_k) - mean_planes(L_0).
+//
+// Variance. Each plane is read once, in blocks of at most 4096 elements: a two-pass (mean,
+// then squared deviations) over a block that sits in L1, blocks merged with Chan's formula.
+// var = M2 / (n - 1); the op returns the mean over planes.
+//
+// Determinism: planes are processed in fixed chunks of 64 (independent of the thread count);
+// every chunk writes its own partial sums, which are reduced in chunk order in double.
+// Accumulation: float for float/half/bfloat16 inputs, double for float64. Results are float32
+// (float64 for float64 input). Inputs are made contiguous first (a channels-last or strided
+// input costs one copy). No planes (B*C == 0) gives NaN, as a mean over nothing.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace alterops {
+namespace statistics_cpu {
+
+constexpr int64_t kChunk = 64;       // planes per work item
+constexpr int64_t kVarBlock = 4096;  // elements per two-pass block of the variance
+
+// log for float, vectorisable (Cephes' logf polynomial on [sqrt(1/2), sqrt(2)), about 1 ulp).
+// Valid for normal positive finite x; callers fix up other values afterwards.
+static inline float log_approx(float x) {
+  int32_t ix;
+  std::memcpy(&ix, &x, 4);
+  // Split x = 2^e * m with m in [sqrt(1/2), sqrt(2)).
+  int32_t t = ix - 0x3f3504f3;
+  int32_t e = t >> 23;
+  int32_t im = (t & 0x007fffff) + 0x3f3504f3;
+  float m;
+  std::memcpy(&m, &im, 4);
+  float f = m - 1.0f;
+  float z = f * f;
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
+  float y = f * z * p;
+  float fe = static_cast<float>(e);
+  y += fe * -2.12194440e-4f;
+  y += -0.5f * z;
+  return f + y + fe * 0.693359375f;
+}
+
+// ---------------------------------------------------------------------------------------
+// Anti-diagonal sums a_s = sum_{(y+x) mod n = s} p[y*n + x] of one contiguous n x n plane.
+// ---------------------------------------------------------------------------------------
+// Fixed small n: a_s = sum_y p[y, (s - y) mod n], a gather per output (no store-to-load
+// dependency chains, which make the "add each row at offset y" form slow for small n).
+template <int N, typename T>
+static inline void antidiag_fixed(const T* __restrict p, T* __restrict a) {
+  for (int s = 0; s < N; ++s) {
+    T acc = T(0);
+    for (int y = 0; y < N; ++y) acc += p[y * N + (s - y + N) % N];
+    a[s] = acc;
+  }
+}
+
+#if defined(__AVX512F__)
+// n <= 32 with AVX-512: each row is loaded (masked) and rotated in registers by y lanes with
+// one permute, then added: lane s of the rotated row holds p[y, (s - y) mod n]. The rotation
+// indices (s - y) mod n (two registers per row: lanes s and s + 16) come from a table built
+// once per map.
+static void build_rotations(int n, std::vector<int32_t>& rot) {
+  rot.assign(static_cast<size_t>(n) * 32, 0);
+  for (int y = 0; y < n; ++y) {
+    for (int s = 0; s < 32; ++s) rot[y * 32 + s] = s < n ? ((s - y) % n + n) % n : 0;
+  }
+}
+
+static inline void antidiag_avx512(const float* __restrict p, float* __restrict a, int n, const int32_t* __restrict rot) {
+  if (n <= 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+    const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    int y = 0;
+    for (; y + 1 < n; y += 2) {
+      const __m512i i0 = _mm512_loadu_si512(rot + y * 32), i1 = _mm512_loadu_si512(rot + (y + 1) * 32);
+      acc0 = _mm512_add_ps(acc0, _mm512_maskz_permutexvar_ps(all, i0, _mm512_maskz_loadu_ps(m, p + y * n)));
+      acc1 = _mm512_add_ps(acc1, _mm512_maskz_permutexvar_ps(all, i1, _mm512_maskz_loadu_ps(m, p + (y + 1) * n)));
+    }
+    if (y < n) {
+      const __m512i i0 = _mm512_loadu_si512(rot + y * 32);
+      acc0 = _mm512_add_ps(acc0, _mm512_maskz_permutexvar_ps(all, i0, _mm512_maskz_loadu_ps(m, p + y * n)));
+    }
+    _mm512_store_ps(a, _mm512_add_ps(acc0, acc1));
+    return;
+  }
+  // 16 < n <= 32: rows span two registers; permutex2var picks from both (index bit 4).
+  const __mmask16 mhi = static_cast<__mmask16>((1u << (n - 16)) - 1u);
+  __m512 acc_lo = _mm512_setzero_ps(), acc_hi = _mm512_setzero_ps();
+  for (int y = 0; y < n; ++y) {
+    const float* row = p + y * n;
+    const __m512 lo = _mm512_loadu_ps(row);
+    const __m512 hi = _mm512_maskz_loadu_ps(mhi, row + 16);
+    acc_lo = _mm512_add_ps(acc_lo, _mm512_permutex2var_ps(lo, _mm512_loadu_si512(rot + y * 32), hi));
+    acc_hi = _mm512_add_ps(acc_hi, _mm512_permutex2var_ps(lo, _mm512_loadu_si512(rot + y * 32 + 16), hi));
+  }
+  _mm512_store_ps(a, acc_lo);
+  _mm512_store_ps(a + 16, acc_hi);
+}
+
+// |F[k, k]|^2 for k < K of one float plane with n <= 32, all in registers: anti-diagonal sums,
+// then the (n x cols) table product (cols = 16 or 32 lanes: [re_0..re_{K-1}, im_0..im_{K-1}]),
+// then re^2 + im^2 with one permute.
+static inline void plane_power_avx512(const float* __restrict p, int n, int K, const float* __restrict table,
+                                      const int32_t* __restrict rot, float* __restrict out) {
+  alignas(64) float a[32];
+  antidiag_avx512(p, a, n, rot);
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i pair = _mm512_add_epi32(lane, _mm512_set1_epi32(K));  // lane k -> k + K
+  const __mmask16 mk = static_cast<__mmask16>((1u << K) - 1u);
+  if (2 * K <= 16) {
+    __m512 f0 = _mm512_setzero_ps(), f1 = _mm512_setzero_ps();
+    int s = 0;
+    for (; s + 1 < n; s += 2) {
+      f0 = _mm512_fmadd_ps(_mm512_set1_ps(a[s]), _mm512_loadu_ps(table + s * 16), f0);
+      f1 = _mm512_fmadd_ps(_mm512_set1_ps(a[s + 1]), _mm512_loadu_ps(table + (s + 1) * 16), f1);
+    }
+    if (s < n) f0 = _mm512_fmadd_ps(_mm512_set1_ps(a[s]), _mm512_loadu_ps(table + s * 16), f0);
+    const __m512 f = _mm512_add_ps(f0, f1);
+    const __m512 sq = _mm512_mul_ps(f, f);
+    const __m512 other = _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(0xFFFF), pair, sq);
+    _mm512_mask_storeu_ps(out, mk, _mm512_add_ps(sq, other));
+    return;
+  }
+  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  for (int s = 0; s < n; ++s) {
+    const __m512 as = _mm512_set1_ps(a[s]);
+    lo = _mm512_fmadd_ps(as, _mm512_loadu_ps(table + s * 32), lo);
+    hi = _mm512_fmadd_ps(as, _mm512_loadu_ps(table + s * 32 + 16), hi);
+  }
+  const __m512 sq_lo = _mm512_mul_ps(lo, lo), sq_hi = _mm512_mul_ps(hi, hi);
+  const __m512 other = _mm512_permutex2var_ps(sq_lo, pair, sq_hi);
+  _mm512_mask_storeu_ps(out, mk, _mm512_add_ps(sq_lo, other));
+}
+#endif
+
+template <typename T>
+static inline void antidiag_generic(const T* __restrict p, T* __restrict a, T* __restrict d, int64_t n) {
+  for (int64_t i = 0; i < 2 * n; ++i) d[i] = T(0);
+  for (int64_t y = 0; y < n; ++y) {
+    const T* row = p + y * n;
+    T* dy = d + y;
+#pragma omp simd
+    for (int64_t x = 0; x < n; ++x) dy[x] += row[x];
+  }
+  for (int64_t s = 0; s < n; ++s) a[s] = d[s] + d[s + n];
+}
+
+template <typename T>
+using AntidiagFn = void (*)(const T*, T*);
+
+template <typename T, int N>
+static void antidiag_entry(const T* p, T* a) {
+  antidiag_fixed<N, T>(p, a);
+}
+
+template <typename T>
+static AntidiagFn<T> antidiag_for(int64_t n) {
+  switch (n) {
+#define ALTEROPS_AD_CASE(NN) \
+  case NN:                   \
+    return &antidiag_entry<T, NN>;
+    ALTEROPS_AD_CASE(1) ALTEROPS_AD_CASE(2) ALTEROPS_AD_CASE(3) ALTEROPS_AD_CASE(4)
+    ALTEROPS_AD_CASE(5) ALTEROPS_AD_CASE(6) ALTEROPS_AD_CASE(7) ALTEROPS_AD_CASE(8)
+    ALTEROPS_AD_CASE(9) ALTEROPS_AD_CASE(10) ALTEROPS_AD_CASE(11) ALTEROPS_AD_CASE(12)
+    ALTEROPS_AD_CASE(13) ALTEROPS_AD_CASE(14) ALTEROPS_AD_CASE(15) ALTEROPS_AD_CASE(16)
+    ALTEROPS_AD_CASE(17) ALTEROPS_AD_CASE(18) ALTEROPS_AD_CASE(19) ALTEROPS_AD_CASE(20)
+    ALTEROPS_AD_CASE(21) ALTEROPS_AD_CASE(22) ALTEROPS_AD_CASE(23) ALTEROPS_AD_CASE(24)
+    ALTEROPS_AD_CASE(25) ALTEROPS_AD_CASE(26) ALTEROPS_AD_CASE(27) ALTEROPS_AD_CASE(28)
+    ALTEROPS_AD_CASE(29) ALTEROPS_AD_CASE(30) ALTEROPS_AD_CASE(31) ALTEROPS_AD_CASE(32)
+#undef ALTEROPS_AD_CASE
+    default:
+      return nullptr;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// One map of the list: its planes, geometry and DFT table.
+// ---------------------------------------------------------------------------------------
+struct MapJob {
+  const void* data = nullptr;
+  int64_t planes = 0, n = 0, hw = 0, k = 0, cols = 0;  // cols: 2K rounded up to a multiple of 16
+  int64_t first_chunk = 0, chunks = 0;
+  std::vector<double> table_d;  // n x cols: [cos(2πks/n), k < K | -sin(2πks/n), k < K | 0...]
+  std::vector<float> table_f;
+  std::vector<int32_t> rot;  // AVX-512 rotation indices (n <= 32)
+};
+
+static void build_table(MapJob& job) {
+  const int64_t n = job.n, cols = job.cols;
+  job.table_d.assign(n * cols, 0.0);
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t k = 0; k < job.k; ++k) {
+      // Reduce k*s mod n exactly before the trigonometric call.
+      const double angle = 2.0 * M_PI * static_cast<double>((k * s) % n) / static_cast<double>(n);
+      job.table_d[s * cols + k] = std::cos(angle);
+      job.table_d[s * cols + job.k + k] = -std::sin(angle);
+    }
+  }
+  job.table_f.assign(job.table_d.begin(), job.table_d.end());
+#if defined(__AVX512F__)
+  if (n <= 32) build_rotations(static_cast<int>(n), job.rot);
+#endif
+}
+
+// Per chunk of planes of one map: sum over the chunk's planes of log(|F[k,k]| + eps).
+template <typename scalar_t>
+static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, double* out_partial) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n = job.n, hw = job.hw, K = job.k, cols = job.cols, np = p1 - p0;
+  const acc_t* table = nullptr;
+  if constexpr (std::is_same<acc_t, double>::value) {
+    table = job.table_d.data();
+  } else {
+    table = job.table_f.data();
+  }
+  std::vector<acc_t> plane_buf(std::is_same<scalar_t, acc_t>::value ? 0 : hw);
+  std::vector<acc_t> a(std::max<int64_t>(n, 32)), d(2 * n), f(cols), logs(np * K);
+  AntidiagFn<acc_t> fixed = antidiag_for<acc_t>(n);
+  const scalar_t* base = static_cast<const scalar_t*>(job.data);
+
+  for (int64_t j = 0; j < np; ++j) {
+    const scalar_t* src = base + (p0 + j) * hw;
+    const acc_t* plane;
+    if constexpr (std::is_same<scalar_t, acc_t>::value) {
+      plane = src;
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < hw; ++i) plane_buf[i] = static_cast<acc_t>(src[i]);
+      plane = plane_buf.data();
+    }
+    bool done = false;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same<acc_t, float>::value) {
+      if (n <= 32) {
+        plane_power_avx512(plane, static_cast<int>(n), static_cast<int>(K), table, job.rot.data(), logs.data() + j * K);
+        continue;
+      }
+    }
+#endif
+    if (!done) {
+      if (fixed != nullptr) {
+        fixed(plane, a.data());
+      } else {
+        antidiag_generic<acc_t>(plane, a.data(), d.data(), n);
+      }
+    }
+    acc_t* fr = f.data();
+    for (int64_t c = 0; c < cols; ++c) fr[c] = acc_t(0);
+    for (int64_t s = 0; s < n; ++s) {
+      const acc_t as = a[s];
+      const acc_t* row = table + s * cols;
+#pragma omp simd
+      for (int64_t c = 0; c < cols; ++c) fr[c] += as * row[c];
+    }
+    acc_t* lj = logs.data() + j * K;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) lj[k] = fr[k] * fr[k] + fr[K + k] * fr[K + k];
+  }
+
+  // log(|F| + eps) over the whole chunk at once.
+  const int64_t total = np * K;
+  acc_t* L = logs.data();
+  const acc_t e = static_cast<acc_t>(eps);
+  if constexpr (std::is_same<acc_t, float>::value) {
+    std::vector<float> amp(total);
+    float* A = amp.data();
+#pragma omp simd
+    for (int64_t i = 0; i < total; ++i) A[i] = std::sqrt(L[i]) + e;
+#pragma omp simd
+    for (int64_t i = 0; i < total; ++i) L[i] = log_approx(A[i]);
+    // Values the approximation does not cover (0 when eps = 0, inf, nan, denormals).
+    for (int64_t i = 0; i < total; ++i) {
+      if (!(A[i] >= std::numeric_limits<float>::min() && A[i] <= std::numeric_limits<float>::max())) {
+        L[i] = std::log(A[i]);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < total; ++i) L[i] = std::log(std::sqrt(L[i]) + e);
+  }
+  for (int64_t k = 0; k < K; ++k) out_partial[k] = 0.0;
+  for (int64_t j = 0; j < np; ++j) {
+    for (int64_t k = 0; k < K; ++k) out_partial[k] += static_cast<double>(L[j * K + k]);
+  }
+}
+
+// Per chunk of planes: sum over the chunk's planes of the unbiased variance.
+template <typename scalar_t>
+static double variance_chunk(const void* data, int64_t hw, int64_t p0, int64_t p1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* base = static_cast<const scalar_t*>(data);
+  std::vector<acc_t> buf(std::is_same<scalar_t, acc_t>::value ? 0 : std::min(hw, kVarBlock));
+  double total = 0.0;
+  for (int64_t p = p0; p < p1; ++p) {
+    const scalar_t* src = base + p * hw;
+    acc_t mean = acc_t(0), m2 = acc_t(0);
+    int64_t count = 0;
+    for (int64_t b0 = 0; b0 < hw; b0 += kVarBlock) {
+      const int64_t nb = std::min(kVarBlock, hw - b0);
+      const acc_t* blk;
+      if constexpr (std::is_same<scalar_t, acc_t>::value) {
+        blk = src + b0;
+      } else {
+        acc_t* bb = buf.data();
+#pragma omp simd
+        for (int64_t i = 0; i < nb; ++i) bb[i] = static_cast<acc_t>(src[b0 + i]);
+        blk = bb;
+      }
+      acc_t sum = acc_t(0);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t i = 0; i < nb; ++i) sum += blk[i];
+      const acc_t bmean = sum / static_cast<acc_t>(nb);
+      acc_t bm2 = acc_t(0);
+#pragma omp simd reduction(+ : bm2)
+      for (int64_t i = 0; i < nb; ++i) {
+        const acc_t dv = blk[i] - bmean;
+        bm2 += dv * dv;
+      }
+      if (count == 0) {
+        mean = bmean;
+        m2 = bm2;
+      } else {  // Chan et al.: merge (count, mean, m2) with (nb, bmean, bm2)
+        const acc_t nt = static_cast<acc_t>(count + nb);
+        const acc_t delta = bmean - mean;
+        mean += delta * static_cast<acc_t>(nb) / nt;
+        m2 += bm2 + delta * delta * static_cast<acc_t>(count) * static_cast<acc_t>(nb) / nt;
+      }
+      count += nb;
+    }
+    total += static_cast<double>(m2 / static_cast<acc_t>(hw - 1));
+  }
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------
+// Tensor entry points
+// ---------------------------------------------------------------------------------------
+static void check_map(const at::Tensor& x, const char* op, bool square) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, op, ": every map must be (B, C, H, W), got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ", x.scalar_type());
+  if (square) {
+    TORCH_CHECK(x.size(2) == x.size(3), op, ": maps must be square (H == W), got ", x.sizes());
+  } else {
+    TORCH_CHECK(x.size(2) * x.size(3) >= 2, op, ": needs H * W >= 2, got ", x.sizes());
+  }
+}
+
+static at::ScalarType result_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::vector<at::Tensor> delta_log_amplitude_fwd(at::TensorList xs, double eps) {
+  std::vector<at::Tensor> inputs;
+  std::vector<MapJob> jobs(xs.size());
+  int64_t chunks = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    check_map(xs[i], "delta_log_amplitude_fwd", true);
+    inputs.push_back(xs[i].contiguous());
+    MapJob& job = jobs[i];
+    job.data = inputs.back().data_ptr();
+    job.n = xs[i].size(2);
+    job.hw = job.n * job.n;
+    job.planes = xs[i].size(0) * xs[i].size(1);
+    job.k = job.n - job.n / 2;
+    job.cols = (2 * job.k + 15) / 16 * 16;
+    job.first_chunk = chunks;
+    job.chunks = (job.planes + kChunk - 1) / kChunk;
+    chunks += job.chunks;
+    build_table(job);
+  }
+  // Chunk partials, each a K-vector at a fixed offset.
+  std::vector<int64_t> chunk_map(chunks), part_off(chunks);
+  int64_t off = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    for (int64_t c = 0; c < jobs[i].chunks; ++c) {
+      chunk_map[jobs[i].first_chunk + c] = static_cast<int64_t>(i);
+      part_off[jobs[i].first_chunk + c] = off;
+      off += jobs[i].k;
+    }
+  }
+  std::vector<double> partials(off);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const MapJob& job = jobs[chunk_map[c]];
+      const int64_t local = c - job.first_chunk;
+      const int64_t p0 = local * kChunk, p1 = std::min(job.planes, p0 + kChunk);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[chunk_map[c]].scalar_type(),
+                                      "delta_log_amplitude_fwd", [&] {
+                                        delta_chunk<scalar_t>(job, p0, p1, eps, partials.data() + part_off[c]);
+                                      });
+    }
+  });
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    const MapJob& job = jobs[i];
+    std::vector<double> sums(job.k, 0.0);
+    for (int64_t c = 0; c < job.chunks; ++c) {
+      const double* part = partials.data() + part_off[job.first_chunk + c];
+      for (int64_t k = 0; k < job.k; ++k) sums[k] += part[k];
+    }
+    at::Tensor out = at::empty({job.k}, xs[i].options().dtype(at::kDouble));
+    double* o = out.data_ptr<double>();
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    for (int64_t k = 0; k < job.k; ++k) {
+      o[k] = job.planes > 0 ? (sums[k] - sums[0]) / static_cast<double>(job.planes) : nan;
+    }
+    outs.push_back(out.to(result_type(xs[i].scalar_type())));
+  }
+  return outs;
+}
+
+std::vector<at::Tensor> feature_variance_fwd(at::TensorList xs) {
+  std::vector<at::Tensor> inputs;
+  std::vector<int64_t> first(xs.size()), nchunks(xs.size()), planes(xs.size()), hws(xs.size());
+  int64_t chunks = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    check_map(xs[i], "feature_variance_fwd", false);
+    inputs.push_back(xs[i].contiguous());
+    planes[i] = xs[i].size(0) * xs[i].size(1);
+    hws[i] = xs[i].size(2) * xs[i].size(3);
+    first[i] = chunks;
+    nchunks[i] = (planes[i] + kChunk - 1) / kChunk;
+    chunks += nchunks[i];
+  }
+  std::vector<int64_t> chunk_map(chunks);
+  for (size_t i = 0; i < xs.size(); ++i) {
+    for (int64_t c = 0; c < nchunks[i]; ++c) chunk_map[first[i] + c] = static_cast<int64_t>(i);
+  }
+  std::vector<double> partials(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i = chunk_map[c];
+      const int64_t p0 = (c - first[i]) * kChunk, p1 = std::min(planes[i], p0 + kChunk);
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[i].scalar_type(), "feature_variance_fwd", [&] {
+        partials[c] = variance_chunk<scalar_t>(inputs[i].data_ptr(), hws[i], p0, p1);
+      });
+    }
+  });
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    double sum = 0.0;
+    for (int64_t c = 0; c < nchunks[i]; ++c) sum += partials[first[i] + c];
+    const double value = planes[i] > 0 ? sum / static_cast<double>(planes[i]) : std::numeric_limits<double>::quiet_NaN();
+    outs.push_back(at::scalar_tensor(value, xs[i].options().dtype(result_type(xs[i].scalar_type()))));
+  }
+  return outs;
+}
+
+}  // namespace statistics_cpu
+}  // namespace alterops
+
+TORCH_LIBRARY_FRAGMENT(alterops, m) {
+  m.def("delta_log_amplitude_fwd(Tensor[] xs, float eps) -> Tensor[]");
+  m.def("feature_variance_fwd(Tensor[] xs) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(alterops, CPU, m) {
+  m.impl("delta_log_amplitude_fwd", &alterops::statistics_cpu::delta_log_amplitude_fwd);
+  m.impl("feature_variance_fwd", &alterops::statistics_cpu::feature_variance_fwd);
+}

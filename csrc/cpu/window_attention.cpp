@@ -133,32 +133,69 @@ inline void gather_row(acc_t* dst, const scalar_t* src, int64_t sd, int64_t d, a
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Per-thread scratch of one task.
+// C[m][n] (+)= sum_k A[m*lda + k] * B[k*ldb + n] for m < rows (a multiple of 4), n < cols,
+// k < K: a register-blocked micro-GEMM (4 rows x one SIMD width of columns in registers).
+template <typename T>
+inline void gemm_nn(const T* A, int64_t lda, const T* B, int64_t ldb, T* C, int64_t ldc, int64_t rows,
+                    int64_t cols, int64_t K) {
+  constexpr int R = 4;
+  constexpr int V = 64 / sizeof(T);
+  int64_t n0 = 0;
+  for (; n0 + V <= cols; n0 += V) {
+    for (int64_t m0 = 0; m0 < rows; m0 += R) {
+      T acc[R][V];
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < V; ++c) acc[r][c] = T(0);
+      const T* a = A + m0 * lda;
+      for (int64_t k = 0; k < K; ++k) {
+        const T* b = B + k * ldb + n0;
+        for (int r = 0; r < R; ++r) {
+          const T ar = a[r * lda + k];
+#pragma omp simd
+          for (int c = 0; c < V; ++c) acc[r][c] += ar * b[c];
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < V; ++c) C[(m0 + r) * ldc + n0 + c] = acc[r][c];
+    }
+  }
+  if (n0 < cols) {
+    for (int64_t m = 0; m < rows; ++m) {
+      T* crow = C + m * ldc;
+      for (int64_t n = n0; n < cols; ++n) crow[n] = T(0);
+      for (int64_t k = 0; k < K; ++k) {
+        const T a = A[m * lda + k];
+        const T* b = B + k * ldb;
+        for (int64_t n = n0; n < cols; ++n) crow[n] += a * b[n];
+      }
+    }
+  }
+}
+
+template <typename T>
+inline void transpose(const T* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) dst[j * n + i] = src[i * n + j];
+}
+
+// Per-thread scratch of one task: Np = tokens per window rounded up to 16 (zero padding).
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> Q, Kt, K, V, Vt, S, O, dO, dQ, dK, dV, D, lse;
-  void resize(int64_t N, int64_t Np, int64_t d, bool backward) {
-    Q.assign(N * d, 0); Kt.assign(d * Np, 0); V.assign(N * d, 0); S.assign(N * Np, 0);
+  std::vector<acc_t> Q, Kt, K, V, Vt, S, T, U, O, dO, dQ, dK, dV, D, lse;
+  void resize(int64_t Np, int64_t d, bool backward) {
+    Q.assign(Np * d, 0); Kt.assign(d * Np, 0); V.assign(Np * d, 0); S.assign(Np * Np, 0); O.assign(Np * d, 0);
     if (backward) {
-      K.assign(N * d, 0); Vt.assign(d * Np, 0); O.assign(N * d, 0); dO.assign(N * d, 0);
-      dQ.assign(N * d, 0); dK.assign(N * d, 0); dV.assign(N * d, 0); D.assign(N, 0); lse.assign(N, 0);
+      K.assign(Np * d, 0); Vt.assign(d * Np, 0); T.assign(Np * Np, 0); U.assign(Np * Np, 0);
+      dO.assign(Np * d, 0); dQ.assign(Np * d, 0); dK.assign(Np * d, 0); dV.assign(Np * d, 0);
+      D.assign(Np, 0); lse.assign(Np, 0);
     }
   }
 };
 
-// logits of row m into s[0..M): scale*q.k (Q pre-scaled) + bias + region mask (-inf).
+// bias + region mask (-inf) on the logits row s[0..M) of query m.
 template <typename acc_t>
-inline void logits_row(acc_t* s, const acc_t* qrow, const acc_t* Kt, int64_t Np, int64_t d, int64_t M,
-                       const acc_t* table_h, const int32_t* keyofs, int32_t qofs, const int32_t* region,
-                       bool mixed, int32_t reg_m) {
-#pragma omp simd
-  for (int64_t n = 0; n < Np; ++n) s[n] = 0;
-  for (int64_t e = 0; e < d; ++e) {
-    const acc_t qe = qrow[e];
-    const acc_t* kt = Kt + e * Np;
-#pragma omp simd
-    for (int64_t n = 0; n < Np; ++n) s[n] += qe * kt[n];
-  }
+inline void bias_mask_row(acc_t* s, int64_t M, const acc_t* table_h, const int32_t* keyofs, int32_t qofs,
+                          const int32_t* region, bool mixed, int32_t reg_m) {
   if (table_h != nullptr) {
     const acc_t* tq = table_h + qofs;
     for (int64_t n = 0; n < M; ++n) s[n] += tq[keyofs[n]];
@@ -185,31 +222,43 @@ void forward_kernel(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
   const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Scratch<acc_t> sc;
-    sc.resize(N, Np, d, false);
-    std::vector<acc_t> orow(d);
+    sc.resize(Np, d, false);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % nh;
       const int64_t win = (task / nh) % g.nWin;
       const int64_t b = task / (nh * g.nWin);
       const int64_t M = g.count[win];
       if (M == 0) continue;
+      const int64_t Mp = round_up(M, 16);
       const int32_t* pos = g.pos.data() + win * N;
       const int32_t* keyofs = g.keyofs.data() + win * N;
       const int32_t* qryofs = g.qryofs.data() + win * N;
       const int32_t* region = g.region.data() + win * N;
       const bool mixed = g.mixed[win] != 0;
       const acc_t* table_h = table ? table + (table_heads == 1 ? 0 : h) * tsize : nullptr;
-      std::fill(sc.Kt.begin(), sc.Kt.end(), acc_t(0));
-      for (int64_t m = 0; m < M; ++m) {
-        gather_row(sc.Q.data() + m * d, qp + vq.row(b, pos[m], g.W, h), vq.sd, d, scale);
-        gather_row(sc.V.data() + m * d, vp + vv.row(b, pos[m], g.W, h), vv.sd, d, acc_t(1));
-        const scalar_t* kr = kp + vk.row(b, pos[m], g.W, h);
-        for (int64_t e = 0; e < d; ++e) sc.Kt[e * Np + m] = to_acc(kr[e * vk.sd]);
+      // Gather the window's present rows once (zero padding up to Mp).
+      for (int64_t m = 0; m < Mp; ++m) {
+        acc_t* qd = sc.Q.data() + m * d;
+        acc_t* vd = sc.V.data() + m * d;
+        if (m < M) {
+          gather_row(qd, qp + vq.row(b, pos[m], g.W, h), vq.sd, d, scale);
+          gather_row(vd, vp + vv.row(b, pos[m], g.W, h), vv.sd, d, acc_t(1));
+          const scalar_t* kr = kp + vk.row(b, pos[m], g.W, h);
+          for (int64_t e = 0; e < d; ++e) sc.Kt[e * Mp + m] = to_acc(kr[e * vk.sd]);
+        } else {
+          for (int64_t e = 0; e < d; ++e) { qd[e] = 0; vd[e] = 0; sc.Kt[e * Mp + m] = 0; }
+        }
       }
-      for (int64_t m = 0; m < M; ++m) {
-        acc_t* s = sc.S.data() + m * Np;
-        logits_row(s, sc.Q.data() + m * d, sc.Kt.data(), Np, d, M, table_h, keyofs, qryofs[m], region, mixed,
-                   region[m]);
+      // S = (scale Q) K^T   (Mp x Mp, leading dimension Mp)
+      acc_t* S = sc.S.data();
+      gemm_nn(sc.Q.data(), d, sc.Kt.data(), Mp, S, Mp, Mp, Mp, d);
+      for (int64_t m = 0; m < Mp; ++m) {
+        acc_t* s = S + m * Mp;
+        if (m >= M) {
+          for (int64_t n = 0; n < Mp; ++n) s[n] = 0;
+          continue;
+        }
+        bias_mask_row(s, M, table_h, keyofs, qryofs[m], region, mixed, region[m]);
         acc_t mx = ninf;
         for (int64_t n = 0; n < M; ++n) mx = std::max(mx, s[n]);
         acc_t sum = 0;
@@ -220,19 +269,19 @@ void forward_kernel(const Geometry& g, const at::Tensor& q, const at::Tensor& k,
           s[n] = p;
           sum += p;
         }
-        std::fill(orow.begin(), orow.end(), acc_t(0));
-        for (int64_t n = 0; n < M; ++n) {
-          const acc_t p = s[n];
-          const acc_t* vr = sc.V.data() + n * d;
-#pragma omp simd
-          for (int64_t e = 0; e < d; ++e) orow[e] += p * vr[e];
-        }
         const acc_t inv = acc_t(1) / sum;
-        const int64_t o = ((b * g.H * g.W + pos[m]) * nh + h);
-        scalar_t* dst = out + o * d;
 #pragma omp simd
-        for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(orow[e] * inv);
-        lse[o] = mx + std::log(sum);
+        for (int64_t n = 0; n < M; ++n) s[n] *= inv;
+        for (int64_t n = M; n < Mp; ++n) s[n] = 0;
+        lse[(b * g.H * g.W + pos[m]) * nh + h] = mx + std::log(sum);
+      }
+      // O = P V
+      gemm_nn(S, Mp, sc.V.data(), d, sc.O.data(), d, round_up(M, 4), d, Mp);
+      for (int64_t m = 0; m < M; ++m) {
+        scalar_t* dst = out + ((b * g.H * g.W + pos[m]) * nh + h) * d;
+        const acc_t* o = sc.O.data() + m * d;
+#pragma omp simd
+        for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(o[e]);
       }
     }
   });
@@ -264,8 +313,7 @@ void backward_kernel(const Geometry& g, const at::Tensor& gout, const at::Tensor
 
   at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
     Scratch<acc_t> sc;
-    sc.resize(N, Np, d, true);
-    std::vector<acc_t> dprow(Np);
+    sc.resize(Np, d, true);
     for (int64_t c = cbegin; c < cend; ++c) {
       acc_t* part = dtable ? partial.data() + c * table_heads * tsize : nullptr;
       for (int64_t task = c * chunk; task < std::min(tasks, (c + 1) * chunk); ++task) {
@@ -274,6 +322,8 @@ void backward_kernel(const Geometry& g, const at::Tensor& gout, const at::Tensor
         const int64_t b = task / (nh * g.nWin);
         const int64_t M = g.count[win];
         if (M == 0) continue;
+        const int64_t Mp = round_up(M, 16);
+        const int64_t Mr = round_up(M, 4);
         const int32_t* pos = g.pos.data() + win * N;
         const int32_t* keyofs = g.keyofs.data() + win * N;
         const int32_t* qryofs = g.qryofs.data() + win * N;
@@ -282,76 +332,67 @@ void backward_kernel(const Geometry& g, const at::Tensor& gout, const at::Tensor
         const int64_t th = table_heads == 1 ? 0 : h;
         const acc_t* table_h = table ? table + th * tsize : nullptr;
         acc_t* part_h = part ? part + th * tsize : nullptr;
-        std::fill(sc.Kt.begin(), sc.Kt.end(), acc_t(0));
-        std::fill(sc.Vt.begin(), sc.Vt.end(), acc_t(0));
-        std::fill(sc.dK.begin(), sc.dK.begin() + M * d, acc_t(0));
-        std::fill(sc.dV.begin(), sc.dV.begin() + M * d, acc_t(0));
-        for (int64_t m = 0; m < M; ++m) {
-          const int64_t p = pos[m];
-          gather_row(sc.Q.data() + m * d, qp + vq.row(b, p, g.W, h), vq.sd, d, scale);
-          gather_row(sc.K.data() + m * d, kp + vk.row(b, p, g.W, h), vk.sd, d, acc_t(1));
-          gather_row(sc.V.data() + m * d, vp + vv.row(b, p, g.W, h), vv.sd, d, acc_t(1));
-          gather_row(sc.O.data() + m * d, op + vo.row(b, p, g.W, h), vo.sd, d, acc_t(1));
-          gather_row(sc.dO.data() + m * d, gp + vg.row(b, p, g.W, h), vg.sd, d, acc_t(1));
-          for (int64_t e = 0; e < d; ++e) {
-            sc.Kt[e * Np + m] = sc.K[m * d + e];
-            sc.Vt[e * Np + m] = sc.V[m * d + e];
+        for (int64_t m = 0; m < Mp; ++m) {
+          acc_t* qd = sc.Q.data() + m * d;
+          acc_t* kd = sc.K.data() + m * d;
+          acc_t* vd = sc.V.data() + m * d;
+          acc_t* od = sc.O.data() + m * d;
+          acc_t* gd = sc.dO.data() + m * d;
+          if (m < M) {
+            const int64_t p = pos[m];
+            gather_row(qd, qp + vq.row(b, p, g.W, h), vq.sd, d, scale);
+            gather_row(kd, kp + vk.row(b, p, g.W, h), vk.sd, d, acc_t(1));
+            gather_row(vd, vp + vv.row(b, p, g.W, h), vv.sd, d, acc_t(1));
+            gather_row(od, op + vo.row(b, p, g.W, h), vo.sd, d, acc_t(1));
+            gather_row(gd, gp + vg.row(b, p, g.W, h), vg.sd, d, acc_t(1));
+            acc_t D = 0;
+            for (int64_t e = 0; e < d; ++e) D += gd[e] * od[e];
+            sc.D[m] = D;
+            sc.lse[m] = lse_p[b * ls_b + (p / g.W) * ls_y + (p % g.W) * ls_x + h * ls_h];
+          } else {
+            for (int64_t e = 0; e < d; ++e) { qd[e] = 0; kd[e] = 0; vd[e] = 0; od[e] = 0; gd[e] = 0; }
+            sc.D[m] = 0;
+            sc.lse[m] = 0;
           }
-          acc_t D = 0;
-          for (int64_t e = 0; e < d; ++e) D += sc.dO[m * d + e] * sc.O[m * d + e];
-          sc.D[m] = D;
-          sc.lse[m] = lse_p[b * ls_b + (p / g.W) * ls_y + (p % g.W) * ls_x + h * ls_h];
+          for (int64_t e = 0; e < d; ++e) {
+            sc.Kt[e * Mp + m] = kd[e];
+            sc.Vt[e * Mp + m] = vd[e];
+          }
         }
-        for (int64_t m = 0; m < M; ++m) {
-          acc_t* s = sc.S.data() + m * Np;
-          logits_row(s, sc.Q.data() + m * d, sc.Kt.data(), Np, d, M, table_h, keyofs, qryofs[m], region, mixed,
-                     region[m]);
+        acc_t* S = sc.S.data();  // logits, then P
+        acc_t* T = sc.T.data();  // dP, then dS
+        acc_t* U = sc.U.data();  // transposes
+        gemm_nn(sc.Q.data(), d, sc.Kt.data(), Mp, S, Mp, Mp, Mp, d);
+        gemm_nn(sc.dO.data(), d, sc.Vt.data(), Mp, T, Mp, Mp, Mp, d);  // dP = dO V^T
+        for (int64_t m = 0; m < Mp; ++m) {
+          acc_t* s = S + m * Mp;
+          acc_t* t = T + m * Mp;
+          if (m >= M) {
+            for (int64_t n = 0; n < Mp; ++n) { s[n] = 0; t[n] = 0; }
+            continue;
+          }
+          bias_mask_row(s, M, table_h, keyofs, qryofs[m], region, mixed, region[m]);
           const acc_t l = sc.lse[m];
+          const acc_t Dm = sc.D[m];
 #pragma omp simd
           for (int64_t n = 0; n < M; ++n) {
             const acc_t e = exp_approx(s[n] - l);
-            s[n] = s[n] == ninf ? acc_t(0) : e;  // P
+            const acc_t p = s[n] == ninf ? acc_t(0) : e;
+            s[n] = p;
+            t[n] = p * (t[n] - Dm);  // dS
           }
-          // dP = dO V^T
-          const acc_t* dorow = sc.dO.data() + m * d;
-#pragma omp simd
-          for (int64_t n = 0; n < Np; ++n) dprow[n] = 0;
-          for (int64_t e = 0; e < d; ++e) {
-            const acc_t ge = dorow[e];
-            const acc_t* vt = sc.Vt.data() + e * Np;
-#pragma omp simd
-            for (int64_t n = 0; n < Np; ++n) dprow[n] += ge * vt[n];
-          }
-          // dV += P^T dO ; dS = P (dP - D)
-          const acc_t Dm = sc.D[m];
-          for (int64_t n = 0; n < M; ++n) {
-            const acc_t pn = s[n];
-            acc_t* dvr = sc.dV.data() + n * d;
-#pragma omp simd
-            for (int64_t e = 0; e < d; ++e) dvr[e] += pn * dorow[e];
-          }
-#pragma omp simd
-          for (int64_t n = 0; n < M; ++n) s[n] = s[n] * (dprow[n] - Dm);  // dS (logit gradient)
+          for (int64_t n = M; n < Mp; ++n) { s[n] = 0; t[n] = 0; }
           if (part_h != nullptr) {
             acc_t* pq = part_h + qryofs[m];
-            for (int64_t n = 0; n < M; ++n) pq[keyofs[n]] += s[n];
-          }
-          // dQ = scale * dS K ; dK += scale * dS^T Q   (Q is pre-scaled)
-          acc_t* dqr = sc.dQ.data() + m * d;
-#pragma omp simd
-          for (int64_t e = 0; e < d; ++e) dqr[e] = 0;
-          const acc_t* qr = sc.Q.data() + m * d;
-          for (int64_t n = 0; n < M; ++n) {
-            const acc_t ds = s[n];
-            const acc_t* kr = sc.K.data() + n * d;
-            acc_t* dkr = sc.dK.data() + n * d;
-#pragma omp simd
-            for (int64_t e = 0; e < d; ++e) {
-              dqr[e] += ds * kr[e];
-              dkr[e] += ds * qr[e];
-            }
+            for (int64_t n = 0; n < M; ++n) pq[keyofs[n]] += t[n];
           }
         }
+        // dQ = dS K (scale applied at the write); dV = P^T dO; dK = dS^T (scale Q)
+        gemm_nn(T, Mp, sc.K.data(), d, sc.dQ.data(), d, Mr, d, Mp);
+        transpose(S, U, Mp);
+        gemm_nn(U, Mp, sc.dO.data(), d, sc.dV.data(), d, Mr, d, Mp);
+        transpose(T, U, Mp);
+        gemm_nn(U, Mp, sc.Q.data(), d, sc.dK.data(), d, Mr, d, Mp);
         for (int64_t m = 0; m < M; ++m) {
           const int64_t o = ((b * g.H * g.W + pos[m]) * nh + h) * d;
           const acc_t* dqr = sc.dQ.data() + m * d;

@@ -80,22 +80,27 @@ class MSABlock(nn.Module):
 
 
 class AlterNet(nn.Module):
-    """Alternating pre-activation ResNet / MSA network; see the module docstring."""
+    """Alternating pre-activation ResNet / MSA network; see the module docstring.
+
+    The defaults are the CIFAR Alter-ResNet-50; ``widths`` (bottleneck widths per stage, outputs ×4)
+    and the per-stage tuples allow smaller nets of the same design (e.g. for tests).
+    """
 
     def __init__(self, num_blocks=(3, 4, 6, 4), num_msa=(0, 1, 1, 2), heads=(3, 6, 12, 24), *,
                  num_classes: int = 100, pool_stem: bool = False, window_size: int = 4,
                  attention: str = "window", kernel_size: int = 3, dim_head: int = 64,
-                 drop_path: float = 0.0, smoothing: bool = False, backend: str | None = None) -> None:
+                 drop_path: float = 0.0, smoothing: bool = False, widths=(64, 128, 256, 512),
+                 backend: str | None = None) -> None:
         super().__init__()
-        if len(num_blocks) != 4 or len(num_msa) != 4 or len(heads) != 4:
-            raise ValueError("num_blocks, num_msa and heads need one entry per stage (4)")
+        if len(num_blocks) != 4 or len(num_msa) != 4 or len(heads) != 4 or len(widths) != 4:
+            raise ValueError("num_blocks, num_msa, heads and widths need one entry per stage (4)")
         for n, m in zip(num_blocks, num_msa):
             if n < 2 * m or (m > 0 and n - 2 * m < 0):
                 raise ValueError(f"a stage of {n} blocks cannot hold {m} [conv, MSA] pairs")
         sds = stage_rates(num_blocks, drop_path)
-        self.layer0 = Stem(3, 64, pool=pool_stem)
-        channels, stages = 64, []
-        for i, width in enumerate((64, 128, 256, 512)):
+        self.layer0 = Stem(3, widths[0], pool=pool_stem)
+        channels, stages = widths[0], []
+        for i, width in enumerate(widths):
             kinds = ["conv"] * (num_blocks[i] - 2 * num_msa[i]) + ["conv", "msa"] * num_msa[i]
             blocks = []
             for j, kind in enumerate(kinds):

@@ -147,12 +147,6 @@ def _bias_grad_from_offsets(ds_offsets, H, W, kh, kw, dh, dw, border, table_head
     return grad
 
 
-def _triton_config(head_dim: int, dtype: torch.dtype):
-    from .kernels import neighborhood_attention as kern
-
-    return kern.pick_config(head_dim, dtype)
-
-
 def _na_triton_fwd(q, k, v, kh, kw, dh, dw, border, bias, scale):
     from .kernels import neighborhood_attention as kern
 
@@ -171,7 +165,7 @@ def _na_triton_fwd(q, k, v, kh, kw, dh, dw, border, bias, scale):
         scale * kern.LOG2E,
         BORDER=_BORDER_CODE[border], HAS_BIAS=has_bias,
         TM_H=cfg["TM_H"], TM_W=cfg["TM_W"], TN_H=cfg["TN_H"], TN_W=cfg["TN_W"],
-        BLOCK_D=cfg["BLOCK_D"], FP32_DOT=q.dtype == torch.float32,
+        BLOCK_D=cfg["BLOCK_D"], FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse
@@ -199,7 +193,7 @@ def _na_triton_bwd(dout, q, k, v, out, lse, kh, kw, dh, dw, border, bias, scale,
     common = dict(
         BORDER=_BORDER_CODE[border], HAS_BIAS=has_bias,
         TM_H=cfg["TM_H"], TM_W=cfg["TM_W"], TN_H=cfg["TN_H"], TN_W=cfg["TN_W"],
-        BLOCK_D=cfg["BLOCK_D"], FP32_DOT=q.dtype == torch.float32,
+        BLOCK_D=cfg["BLOCK_D"], FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     grid_q = (triton_cdiv(H, cfg["TM_H"]) * triton_cdiv(W, cfg["TM_W"]), B * heads)

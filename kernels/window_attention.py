@@ -1,0 +1,353 @@
+"""Triton kernels of ``window_attention2d`` (Swin shifted-window MSA), forward and backward.
+
+One program handles ``WPP`` whole windows of one head: its ``BLOCK_M`` rows are the tokens of
+those windows (``NP = wh*ww`` rows per window, packed back to back; windows of 16 tokens go 4
+to a 64-row tile, 49-token windows are padded within a 64-row tile). Row coordinates come from
+index arithmetic: window -> rolled padded coordinate -> original coordinate
+``((r + shift) mod Hp, (c + shift) mod Wp)``, so q/k/v are read straight from
+``(B, H, W, heads, d)`` with their own strides (views into a fused qkv tensor work) and the
+output is written to its final place. The block-diagonal window mask, the shift-region mask
+and the padding mask (absent tokens) are computed from those coordinates; the bias is
+gathered from the ``(heads|1, 2wh-1, 2ww-1)`` table in the kernel. All of a window's keys sit
+in the tile, so the softmax is exact in one pass (no online rescaling) and the forward saves
+the logsumexp for the backward.
+
+The backward recomputes P from the logsumexp and produces dq, dk, dv for its windows. The bias
+gradient is deterministic: each program sums its dS tiles over the window groups it owns
+(a fixed assignment) into its own partial, and the partials are reduced afterwards in a fixed
+order (sum over programs, the diagonal window blocks, then the relative offsets).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from alterops import _checks, _config
+
+
+@triton.jit
+def _rows(pid_group, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
+          WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, WPP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Per tile row: (batch, original y, x, present, window slot, in-window i, j, region)."""
+    t = tl.arange(0, BLOCK_M)
+    slot = t // NP
+    loc = t % NP
+    win = pid_group * WPP + slot
+    valid = (slot < WPP) & (win < n_windows)
+    b = win // nWin
+    wrem = win % nWin
+    wy = wrem // nWx
+    wx = wrem % nWx
+    i = loc // WW
+    j = loc % WW
+    r = wy * WH + i
+    c = wx * WW + j
+    y = (r + sh) % Hp
+    x = (c + sw) % Wp
+    present = valid & (y < H) & (x < W)
+    ry = (r >= Hp - WH).to(tl.int32) + (r >= Hp - sh).to(tl.int32)
+    rx = (c >= Wp - WW).to(tl.int32) + (c >= Wp - sw).to(tl.int32)
+    region = ry * 3 + rx
+    return b, y, x, present, slot, i, j, region
+
+
+@triton.jit
+def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b with float32 accumulation. IEEE: exact float32 products (float32 inputs, no TF32).
+    UPCAST: multiply bfloat16 operands as float32 (the same values: bf16 products are exact in
+    float32); used only under Triton's CPU interpreter, whose bfloat16 dot is wrong."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q, k, scale, bias_ptr, bias_hstride, h, slot, i, j, region, present, t,
+            WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+            UPCAST: tl.constexpr):
+    s = _mm(q, tl.trans(k), IEEE, UPCAST) * scale
+    allowed = (slot[:, None] == slot[None, :]) & (region[:, None] == region[None, :]) & present[None, :]
+    allowed = allowed | (t[:, None] == t[None, :])  # a padded row keeps itself: finite softmax
+    if HAS_BIAS:
+        idx = (i[None, :] - i[:, None] + (WH - 1)) * (2 * WW - 1) + (j[None, :] - j[:, None] + (WW - 1))
+        bias = tl.load(bias_ptr + h * bias_hstride + idx, mask=allowed, other=0.0)
+        s = s + bias
+    s = tl.where(allowed, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def window_attention2d_fwd_kernel(
+    Q, K, V, Bias, Out, Lse,
+    sqb, sqy, sqx, sqh, sqd,
+    skb, sky, skx, skh, skd,
+    svb, svy, svx, svh, svd,
+    H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, bias_hstride,
+    scale,
+    HEAD_DIM: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, WPP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid_group = tl.program_id(0)
+    h = tl.program_id(1)
+    b, y, x, present, slot, i, j, region = _rows(pid_group, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
+                                                 WH, WW, NP, WPP, BLOCK_M)
+    t = tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    b64 = b.to(tl.int64)
+    y64 = y.to(tl.int64)
+    x64 = x.to(tl.int64)
+    lmask = present[:, None] & (dd[None, :] < HEAD_DIM)
+    q = tl.load(Q + (b64 * sqb + y64 * sqy + x64 * sqx + h * sqh)[:, None] + dd[None, :] * sqd, mask=lmask, other=0.0)
+    k = tl.load(K + (b64 * skb + y64 * sky + x64 * skx + h * skh)[:, None] + dd[None, :] * skd, mask=lmask, other=0.0)
+    v = tl.load(V + (b64 * svb + y64 * svy + x64 * svx + h * svh)[:, None] + dd[None, :] * svd, mask=lmask, other=0.0)
+
+    s = _scores(q, k, scale, Bias, bias_hstride, h, slot, i, j, region, present, t, WH, WW, HAS_BIAS, IEEE, UPCAST)
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    o = _mm(p.to(v.dtype), v, IEEE, UPCAST)
+    o = o / l[:, None]
+
+    row = ((b64 * H + y64) * W + x64) * NH + h
+    tl.store(Out + row[:, None] * HEAD_DIM + dd[None, :], o.to(Out.dtype.element_ty), mask=lmask)
+    tl.store(Lse + row, m + tl.log(l), mask=present)
+
+
+@triton.jit
+def window_attention2d_bwd_kernel(
+    Q, K, V, O, DO, Lse, Bias, DQ, DK, DV, DBiasPartial,
+    sqb, sqy, sqx, sqh, sqd,
+    skb, sky, skx, skh, skd,
+    svb, svy, svx, svh, svd,
+    sgb, sgy, sgx, sgh, sgd,
+    H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, bias_hstride,
+    n_groups, groups_per_prog, n_progs,
+    scale,
+    HEAD_DIM: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, WPP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    t = tl.arange(0, BLOCK_M)
+    dd = tl.arange(0, BLOCK_D)
+    dbias_acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    for it in range(0, groups_per_prog):
+        grp = pid * groups_per_prog + it
+        b, y, x, present, slot, i, j, region = _rows(grp, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
+                                                     WH, WW, NP, WPP, BLOCK_M)
+        # grp >= n_groups gives windows >= n_windows: every row is invalid already.
+        b64 = b.to(tl.int64)
+        y64 = y.to(tl.int64)
+        x64 = x.to(tl.int64)
+        lmask = present[:, None] & (dd[None, :] < HEAD_DIM)
+        q = tl.load(Q + (b64 * sqb + y64 * sqy + x64 * sqx + h * sqh)[:, None] + dd[None, :] * sqd, mask=lmask, other=0.0)
+        k = tl.load(K + (b64 * skb + y64 * sky + x64 * skx + h * skh)[:, None] + dd[None, :] * skd, mask=lmask, other=0.0)
+        v = tl.load(V + (b64 * svb + y64 * svy + x64 * svx + h * svh)[:, None] + dd[None, :] * svd, mask=lmask, other=0.0)
+        do = tl.load(DO + (b64 * sgb + y64 * sgy + x64 * sgx + h * sgh)[:, None] + dd[None, :] * sgd, mask=lmask, other=0.0)
+        row = ((b64 * H + y64) * W + x64) * NH + h
+        o = tl.load(O + row[:, None] * HEAD_DIM + dd[None, :], mask=lmask, other=0.0)
+        lse = tl.load(Lse + row, mask=present, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+
+        s = _scores(q, k, scale, Bias, bias_hstride, h, slot, i, j, region, present, t, WH, WW, HAS_BIAS, IEEE, UPCAST)
+        p = tl.exp(s - lse[:, None])
+        p = tl.where(present[:, None], p, 0.0)
+        dv = _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+        dp = _mm(do, tl.trans(v), IEEE, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq = _mm(ds.to(k.dtype), k, IEEE, UPCAST) * scale
+        dk = _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST) * scale
+        optr = row[:, None] * HEAD_DIM + dd[None, :]
+        tl.store(DQ + optr, dq.to(DQ.dtype.element_ty), mask=lmask)
+        tl.store(DK + optr, dk.to(DK.dtype.element_ty), mask=lmask)
+        tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=lmask)
+        if BIAS_GRAD:
+            dbias_acc += ds
+    if BIAS_GRAD:
+        base = (h.to(tl.int64) * n_progs + pid) * BLOCK_M * BLOCK_M
+        tl.store(DBiasPartial + base + t[:, None] * BLOCK_M + t[None, :], dbias_acc)
+
+
+# =========================================================================================
+# Launch configuration
+# =========================================================================================
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def tile_config(N: int, head_dim: int, dtype: torch.dtype, backward: bool) -> dict:
+    """Rows per program, windows per program, head-dim block and warps for N-token windows."""
+    block_d = max(16, _next_pow2(head_dim))
+    if N <= 64:
+        block_m = 64
+        wpp = 64 // N
+        if block_d >= 256 or (backward and block_d >= 128 and dtype == torch.float32):
+            block_m = max(16, _next_pow2(N))
+            wpp = block_m // N
+    else:
+        block_m = _next_pow2(N)
+        wpp = 1
+    big = block_m * block_d
+    num_warps = 4 if big <= 64 * 64 else 8
+    return {"BLOCK_M": block_m, "WPP": wpp, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 1}
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and _config.triton_interpret()
+
+
+def _geometry(q, window_size, shift):
+    B, H, W, NH, D = q.shape
+    wh, ww = window_size
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    nWx = Wp // ww
+    nWin = (Hp // wh) * nWx
+    return B, H, W, NH, D, Hp, Wp, nWx, nWin
+
+
+def forward(q, k, v, bias, window_size, shift, scale):
+    B, H, W, NH, D, Hp, Wp, nWx, nWin = _geometry(q, window_size, shift)
+    wh, ww = window_size
+    sh, sw = shift
+    out = _checks.empty((B, H, W, NH, D), like=q)
+    lse = _checks.empty((B, H, W, NH), like=q, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    N = wh * ww
+    cfg = tile_config(N, D, q.dtype, backward=False)
+    n_windows = B * nWin
+    n_groups = triton.cdiv(n_windows, cfg["WPP"])
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else lse
+    bias_hstride = (0 if bias.shape[0] == 1 else bias.stride(0)) if has_bias else 0
+    window_attention2d_fwd_kernel[(n_groups, NH)](
+        q, k, v, bias_arg, out, lse,
+        *q.stride(), *k.stride(), *v.stride(),
+        H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, bias_hstride,
+        float(scale),
+        HEAD_DIM=D, WH=wh, WW=ww, NP=N, WPP=cfg["WPP"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+        HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out, lse
+
+
+def _bias_grad_from_blocks(ds_sum: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
+    """(NH, N, N) summed dS (query rows, key columns) -> (NH, 2wh-1, 2ww-1) table gradient,
+    ``table[dy + wh-1, dx + ww-1] = sum over queries of dS[q, q + (dy, dx)]``; gathers and
+    sums only (deterministic)."""
+    NH = ds_sum.shape[0]
+    dev = ds_sum.device
+    g = ds_sum.reshape(NH, wh, ww, wh, ww)  # (h, iq, jq, ik, jk)
+
+    def offsets(w):
+        a = torch.arange(2 * w - 1, device=dev)
+        iq = torch.arange(w, device=dev)
+        ik = iq[:, None] + a[None, :] - (w - 1)  # (iq, a)
+        valid = (ik >= 0) & (ik < w)
+        return ik.clamp(0, w - 1), valid
+
+    iky, vy = offsets(wh)
+    ikx, vx = offsets(ww)
+    # y: (h, jq, jk, iq, ik) gather ik -> (h, jq, jk, iq, a)
+    gy = g.permute(0, 2, 4, 1, 3)
+    gy = torch.gather(gy, 4, iky.expand(NH, ww, ww, wh, 2 * wh - 1))
+    gy = (gy * vy).sum(3)  # (h, jq, jk, ay)
+    gx = gy.permute(0, 3, 1, 2)  # (h, ay, jq, jk)
+    gx = torch.gather(gx, 3, ikx.expand(NH, 2 * wh - 1, ww, 2 * ww - 1))
+    return (gx * vx).sum(2)  # (h, ay, ax)
+
+
+def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_grad):
+    B, H, W, NH, D, Hp, Wp, nWx, nWin = _geometry(q, window_size, shift)
+    wh, ww = window_size
+    sh, sw = shift
+    dq = _checks.empty(q.shape, like=q)
+    dk = _checks.empty(q.shape, like=q)
+    dv = _checks.empty(q.shape, like=q)
+    want_db = bias is not None and bias_grad
+    if q.numel() == 0:
+        db = torch.zeros_like(bias) if want_db else q.new_empty((0,), dtype=torch.float32)
+        return dq, dk, dv, db
+    out = out.contiguous()
+    lse = lse.contiguous()
+    N = wh * ww
+    cfg = tile_config(N, D, q.dtype, backward=True)
+    BM = cfg["BLOCK_M"]
+    n_windows = B * nWin
+    n_groups = triton.cdiv(n_windows, cfg["WPP"])
+    if want_db:
+        n_progs = max(1, min(n_groups, 1024 // NH))
+    else:
+        n_progs = n_groups
+    groups_per_prog = triton.cdiv(n_groups, n_progs)
+    n_progs = triton.cdiv(n_groups, groups_per_prog)
+    partial = torch.empty((NH, n_progs, BM, BM) if want_db else (1,), device=q.device, dtype=torch.float32)
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else lse
+    bias_hstride = (0 if bias.shape[0] == 1 else bias.stride(0)) if has_bias else 0
+    window_attention2d_bwd_kernel[(n_progs, NH)](
+        q, k, v, out, grad_out, lse, bias_arg, dq, dk, dv, partial,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
+        H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, bias_hstride,
+        n_groups, groups_per_prog, n_progs,
+        float(scale),
+        HEAD_DIM=D, WH=wh, WW=ww, NP=N, WPP=cfg["WPP"], BLOCK_M=BM, BLOCK_D=cfg["BLOCK_D"],
+        HAS_BIAS=has_bias, BIAS_GRAD=want_db, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    if not want_db:
+        return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
+    tiles = partial.sum(1)  # (NH, BM, BM), fixed-order reduction
+    wpp = cfg["WPP"]
+    blocks = torch.stack([tiles[:, s * N:(s + 1) * N, s * N:(s + 1) * N] for s in range(wpp)]).sum(0)
+    db = _bias_grad_from_blocks(blocks, wh, ww)  # (NH, 2wh-1, 2ww-1)
+    if bias.shape[0] == 1:
+        db = db.sum(0, keepdim=True)
+    return dq, dk, dv, db.to(bias.dtype)
+
+
+# =========================================================================================
+# Ahead-of-time compile list: every (tile, dtype) the launchers pick for the shapes we ship
+# tuned (Swin window 7 -> 49 tokens, AlterNet window 4 -> 16 tokens; head_dim 32/64/128).
+# =========================================================================================
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+
+
+def _aot_entry(kind: str, dtype: torch.dtype, wh: int, ww: int, head_dim: int, has_bias: bool = True) -> dict:
+    N = wh * ww
+    cfg = tile_config(N, head_dim, dtype, backward=kind == "bwd")
+    p = _PTR[dtype]
+    strides = {f"s{a}{b}": "i32" for a in ("q", "k", "v") for b in ("b", "y", "x", "h", "d")}
+    geo = {n: "i32" for n in ("H", "W", "NH", "Hp", "Wp", "nWx", "nWin", "n_windows", "sh", "sw", "bias_hstride")}
+    consts = {"HEAD_DIM": head_dim, "WH": wh, "WW": ww, "NP": N, "WPP": cfg["WPP"], "BLOCK_M": cfg["BLOCK_M"],
+              "BLOCK_D": cfg["BLOCK_D"], "HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "UPCAST": False}
+    if kind == "fwd":
+        sig = {"Q": p, "K": p, "V": p, "Bias": "*fp32", "Out": p, "Lse": "*fp32", **strides, **geo, "scale": "fp32"}
+        kernel = window_attention2d_fwd_kernel
+    else:
+        strides.update({f"sg{b}": "i32" for b in ("b", "y", "x", "h", "d")})
+        sig = {"Q": p, "K": p, "V": p, "O": p, "DO": p, "Lse": "*fp32", "Bias": "*fp32", "DQ": p, "DK": p, "DV": p,
+               "DBiasPartial": "*fp32", **strides, **geo,
+               "n_groups": "i32", "groups_per_prog": "i32", "n_progs": "i32", "scale": "fp32"}
+        consts["BIAS_GRAD"] = has_bias
+        kernel = window_attention2d_bwd_kernel
+    sig.update({c: "constexpr" for c in consts})
+    name = f"{kind}_{str(dtype).replace('torch.', '')}_w{wh}x{ww}_d{head_dim}"
+    return {"name": name, "kernel": kernel, "signature": sig, "constexprs": consts,
+            "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
+            "tensor_cores": dtype != torch.float32}
+
+
+AOT_CONFIGS = [
+    _aot_entry(kind, dtype, w, w, d)
+    for kind in ("fwd", "bwd")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32)
+    for (w, d) in ((7, 32), (4, 64), (7, 64), (8, 128))
+]

@@ -73,22 +73,24 @@ def _blur2d_bwd_kernel(gout_ptr, x_ptr, gin_ptr, H, W, Ho, Wo, KH, KW, SH, SW, P
     w = offs % W
     g_base = gout_ptr + plane * Ho * Wo
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for tr in range(NR):
+    # (candidate row, kernel row) pairs flattened into one loop, likewise for columns:
+    # two loop levels instead of four keep ptxas from using a stack frame.
+    for q in range(NR * KH):
+        tr = q // KH
+        a = q - tr * KH
         # tr = 0: the direct row; then the PT top border rows; then the PB bottom border rows.
         r = tl.where(tr == 0, h + PT, tl.where(tr <= PT, tr - 1, H + tr - 1))
-        r_ok = mask & (_map_index(r - PT, H, MODE) == h)
-        for a in range(KH):
-            num_h = r - a
-            oh = num_h // SH
-            oh_ok = r_ok & (num_h >= 0) & (num_h % SH == 0) & (oh < Ho)
-            for tc in range(NC):
-                c = tl.where(tc == 0, w + PL, tl.where(tc <= PL, tc - 1, W + tc - 1))
-                c_ok = oh_ok & (_map_index(c - PL, W, MODE) == w)
-                for e in range(KW):
-                    num_w = c - e
-                    ow = num_w // SW
-                    ok = c_ok & (num_w >= 0) & (num_w % SW == 0) & (ow < Wo)
-                    acc += tl.load(g_base + oh * Wo + ow, mask=ok, other=0.0).to(tl.float32)
+        num_h = r - a
+        oh = num_h // SH
+        oh_ok = mask & (_map_index(r - PT, H, MODE) == h) & (num_h >= 0) & (num_h % SH == 0) & (oh < Ho)
+        for u in range(NC * KW):
+            tc = u // KW
+            e = u - tc * KW
+            c = tl.where(tc == 0, w + PL, tl.where(tc <= PL, tc - 1, W + tc - 1))
+            num_w = c - e
+            ow = num_w // SW
+            ok = oh_ok & (_map_index(c - PL, W, MODE) == w) & (num_w >= 0) & (num_w % SW == 0) & (ow < Wo)
+            acc += tl.load(g_base + oh * Wo + ow, mask=ok, other=0.0).to(tl.float32)
     acc = acc * scale
     if ACT:
         xv = tl.load(x_ptr + plane * H * W + offs, mask=mask, other=0.0).to(tl.float32)

@@ -63,13 +63,32 @@ def _query_range(k0, k1, L, K, DIL, BORDER: tl.constexpr):
 
 
 @triton.jit
-def _in_window(ky, kx, sy, sx, KH, KW, DH, DW):
-    """[M, N] mask: key (ky, kx)[N] in the window starting at (sy, sx)[M]."""
-    oy = ky[None, :] - sy[:, None]
-    ox = kx[None, :] - sx[:, None]
-    ok = (oy >= 0) & (oy <= (KH - 1) * DH) & (ox >= 0) & (ox <= (KW - 1) * DW)
-    ok = ok & ((oy % DH) == 0) & ((ox % DW) == 0)
-    return ok, oy, ox
+def _in_window(ky, kx, qy, qx, sy, sx, KH, KW, DH, DW):
+    """[M, N] mask: key (ky, kx)[N] in the window starting at (sy, sx)[M] (window positions are
+    congruent to the query modulo the dilation). Built from 1D pieces to keep registers low."""
+    ok = (ky[None, :] >= sy[:, None]) & (ky[None, :] <= (sy + (KH - 1) * DH)[:, None])
+    ok = ok & (kx[None, :] >= sx[:, None]) & (kx[None, :] <= (sx + (KW - 1) * DW)[:, None])
+    if DH > 1:
+        ok = ok & ((ky % DH)[None, :] == (qy % DH)[:, None])
+    if DW > 1:
+        ok = ok & ((kx % DW)[None, :] == (qx % DW)[:, None])
+    return ok
+
+
+@triton.jit
+def _bias_index(ky, kx, qy, qx, KH, KW, DH, DW):
+    """[M, N] flat bias-table index by * (2KW-1) + bx, by = (ky - qy) / DH + KH - 1, of in-window
+    pairs (key and query are congruent modulo the dilation and >= 0, so floor divisions split)."""
+    TW = 2 * KW - 1
+    key_part = (ky // DH) * TW + kx // DW
+    query_part = (KH - 1 - qy // DH) * TW + (KW - 1 - qx // DW)
+    return key_part[None, :] + query_part[:, None]
+
+
+@triton.jit
+def _offset_index(ky, kx, qy, qx, wy, wx, KW, DH, DW):
+    """[M, N] neighbour offset i * KW + j of in-window pairs, i = (ky - qy) / DH - wy."""
+    return ((ky // DH) * KW + kx // DW)[None, :] - ((qy // DH + wy) * KW + qx // DW + wx)[:, None]
 
 
 @triton.jit
@@ -136,12 +155,10 @@ def na2d_fwd_kernel(
                         mask=kv_mask, other=0.0)
             s = _mm(q, tl.trans(k), FP32_DOT, UPCAST_DOT)
             s = s * qk_scale
-            ok, oy, ox = _in_window(ky, kx, sy, sx, KH, KW, DH, DW)
+            ok = _in_window(ky, kx, qy, qx, sy, sx, KH, KW, DH, DW)
             ok = ok & n_ok[None, :] & m_ok[:, None]
             if HAS_BIAS:
-                by = oy // DH + wy[:, None] + KH - 1
-                bx = ox // DW + wx[:, None] + KW - 1
-                bias = tl.load(bias_base + by * TW + bx, mask=ok, other=0.0)
+                bias = tl.load(bias_base + _bias_index(ky, kx, qy, qx, KH, KW, DH, DW), mask=ok, other=0.0)
                 s = s + bias * 1.4426950408889634
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -253,18 +270,16 @@ def na2d_bwd_dq_kernel(
             s = _mm(q, tl.trans(k), FP32_DOT, UPCAST_DOT)
             dp = _mm(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
             s = s * qk_scale
-            ok, oy, ox = _in_window(ky, kx, sy, sx, KH, KW, DH, DW)
+            ok = _in_window(ky, kx, qy, qx, sy, sx, KH, KW, DH, DW)
             ok = ok & n_ok[None, :] & m_ok[:, None]
             if HAS_BIAS:
-                by = oy // DH + wy[:, None] + KH - 1
-                bx = ox // DW + wx[:, None] + KW - 1
-                bias = tl.load(bias_base + by * TW + bx, mask=ok, other=0.0)
+                bias = tl.load(bias_base + _bias_index(ky, kx, qy, qx, KH, KW, DH, DW), mask=ok, other=0.0)
                 s = s + bias * 1.4426950408889634
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
             dq += _mm(ds.to(k.dtype), k, FP32_DOT, UPCAST_DOT)
             if STORE_DS:
-                tl.store(ds_row[:, None] + (oy // DH) * KW + ox // DW, ds, mask=ok)
+                tl.store(ds_row[:, None] + _offset_index(ky, kx, qy, qx, wy, wx, KW, DH, DW), ds, mask=ok)
 
     if BORDER == 2:
         if STORE_DS:
@@ -345,12 +360,10 @@ def na2d_bwd_dkdv_kernel(
             s = _mm(q, tl.trans(k), FP32_DOT, UPCAST_DOT)
             dp = _mm(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
             s = s * qk_scale
-            ok, oy, ox = _in_window(ky, kx, sy, sx, KH, KW, DH, DW)
+            ok = _in_window(ky, kx, qy, qx, sy, sx, KH, KW, DH, DW)
             ok = ok & n_ok[None, :] & m_ok[:, None]
             if HAS_BIAS:
-                by = oy // DH + wy[:, None] + KH - 1
-                bx = ox // DW + wx[:, None] + KW - 1
-                bias = tl.load(bias_base + by * TW + bx, mask=ok, other=0.0)
+                bias = tl.load(bias_base + _bias_index(ky, kx, qy, qx, KH, KW, DH, DW), mask=ok, other=0.0)
                 s = s + bias * 1.4426950408889634
             p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
             ds = p * (dp - delta[:, None])
@@ -377,7 +390,7 @@ def pick_config(head_dim: int, dtype) -> dict:
     bd = _block_d(head_dim)
     fp32 = dtype == torch.float32
     if bd <= 64:
-        cfg = dict(TM_H=8, TM_W=8, TN_H=8, TN_W=8, num_warps=4, num_stages=1)
+        cfg = dict(TM_H=8, TM_W=8, TN_H=8, TN_W=8, num_warps=8 if fp32 else 4, num_stages=1)
     elif bd <= 128:
         cfg = dict(TM_H=8, TM_W=8, TN_H=4, TN_W=8, num_warps=4, num_stages=1) if not fp32 else \
             dict(TM_H=4, TM_W=8, TN_H=4, TN_W=8, num_warps=4, num_stages=1)
@@ -400,7 +413,7 @@ def _aot_configs():
         ("bwd_dkdv", na2d_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA", "BIAS")),
     )
     for dname in ("fp32", "bf16", "fp16"):
-        for hd in (64, 128, 256):
+        for hd in ((64, 128, 256) if dname != "fp16" else (64,)):  # fp16 tiles = bf16 tiles
             cfg = pick_config(hd, torch_dt[dname])
             for kname, kern, data_ptrs, f32_ptrs in kernels:
                 constexprs = {"BORDER": 0, "HAS_BIAS": True, "TM_H": cfg["TM_H"], "TM_W": cfg["TM_W"],

@@ -19,6 +19,8 @@ order (sum over programs, the diagonal window blocks, then the relative offsets)
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,8 @@ from alterops import _checks, _config
 @triton.jit
 def _rows(pid_group, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
           WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, WPP: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Per tile row: (batch, original y, x, present, window slot, in-window i, j, region)."""
+    """Per tile row: batch, original (y, x), present, key group (window slot and shift region,
+    -1 for absent tokens) and the query / key parts of the bias-table index."""
     t = tl.arange(0, BLOCK_M)
     slot = t // NP
     loc = t % NP
@@ -48,8 +51,11 @@ def _rows(pid_group, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
     present = valid & (y < H) & (x < W)
     ry = (r >= Hp - WH).to(tl.int32) + (r >= Hp - sh).to(tl.int32)
     rx = (c >= Wp - WW).to(tl.int32) + (c >= Wp - sw).to(tl.int32)
-    region = ry * 3 + rx
-    return b, y, x, present, slot, i, j, region
+    group = slot * 9 + ry * 3 + rx
+    kgroup = tl.where(present, group, -1)
+    kofs = i * (2 * WW - 1) + j
+    qofs = (WH - 1 - i) * (2 * WW - 1) + (WW - 1 - j)
+    return b, y, x, present, group, kgroup, qofs, kofs
 
 
 @triton.jit
@@ -66,18 +72,19 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, scale, bias_ptr, bias_hstride, h, slot, i, j, region, present, t,
-            WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-            UPCAST: tl.constexpr):
+def _scores(q, k, scale, bias_ptr, group, kgroup, qofs, kofs,
+            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Logits of the tile: scale q.k + bias, -inf where the key is in another window, another
+    shift region or absent (a padded row keeps itself, so every softmax row is finite). The
+    bias comes as this head's (BLOCK_M, BLOCK_M) tile of the table, expanded per call from
+    the (2wh-1)x(2ww-1) table (contiguous loads: a per-element gather here costs registers
+    that the backward cannot spare)."""
     s = _mm(q, tl.trans(k), IEEE, UPCAST) * scale
-    allowed = (slot[:, None] == slot[None, :]) & (region[:, None] == region[None, :]) & present[None, :]
-    allowed = allowed | (t[:, None] == t[None, :])  # a padded row keeps itself: finite softmax
+    t = tl.arange(0, BLOCK_M)
+    allowed = (group[:, None] == kgroup[None, :]) | (t[:, None] == t[None, :])
     if HAS_BIAS:
-        idx = (i[None, :] - i[:, None] + (WH - 1)) * (2 * WW - 1) + (j[None, :] - j[:, None] + (WW - 1))
-        bias = tl.load(bias_ptr + h * bias_hstride + idx, mask=allowed, other=0.0)
-        s = s + bias
-    s = tl.where(allowed, s, float("-inf"))
-    return s
+        s += tl.load(bias_ptr + (t[:, None] * BLOCK_M + t[None, :]))
+    return tl.where(allowed, s, float("-inf"))
 
 
 @triton.jit
@@ -94,9 +101,8 @@ def window_attention2d_fwd_kernel(
 ):
     pid_group = tl.program_id(0)
     h = tl.program_id(1)
-    b, y, x, present, slot, i, j, region = _rows(pid_group, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
-                                                 WH, WW, NP, WPP, BLOCK_M)
-    t = tl.arange(0, BLOCK_M)
+    b, y, x, present, group, kgroup, qofs, kofs = _rows(pid_group, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
+                                                        WH, WW, NP, WPP, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
     y64 = y.to(tl.int64)
@@ -106,7 +112,7 @@ def window_attention2d_fwd_kernel(
     k = tl.load(K + (b64 * skb + y64 * sky + x64 * skx + h * skh)[:, None] + dd[None, :] * skd, mask=lmask, other=0.0)
     v = tl.load(V + (b64 * svb + y64 * svy + x64 * svx + h * svh)[:, None] + dd[None, :] * svd, mask=lmask, other=0.0)
 
-    s = _scores(q, k, scale, Bias, bias_hstride, h, slot, i, j, region, present, t, WH, WW, HAS_BIAS, IEEE, UPCAST)
+    s = _scores(q, k, scale, Bias + h * bias_hstride, group, kgroup, qofs, kofs, HAS_BIAS, IEEE, UPCAST, BLOCK_M)
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, axis=1)
@@ -136,42 +142,45 @@ def window_attention2d_bwd_kernel(
     h = tl.program_id(1)
     t = tl.arange(0, BLOCK_M)
     dd = tl.arange(0, BLOCK_D)
-    dbias_acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    # This program's own partial of the bias gradient (no other program touches it): the dS
+    # tiles of its window groups are summed there in a fixed order (read-modify-write in
+    # global memory, which keeps the loop free of a loop-carried BLOCK_M^2 register tile).
+    part_ptr = DBiasPartial + (h.to(tl.int64) * n_progs + pid) * BLOCK_M * BLOCK_M + t[:, None] * BLOCK_M + t[None, :]
+    if BIAS_GRAD:
+        tl.store(part_ptr, tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32))
     for it in range(0, groups_per_prog):
         grp = pid * groups_per_prog + it
-        b, y, x, present, slot, i, j, region = _rows(grp, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
-                                                     WH, WW, NP, WPP, BLOCK_M)
+        b, y, x, present, group, kgroup, qofs, kofs = _rows(grp, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
+                                                            WH, WW, NP, WPP, BLOCK_M)
         # grp >= n_groups gives windows >= n_windows: every row is invalid already.
         b64 = b.to(tl.int64)
         y64 = y.to(tl.int64)
         x64 = x.to(tl.int64)
         lmask = present[:, None] & (dd[None, :] < HEAD_DIM)
+        row = ((b64 * H + y64) * W + x64) * NH + h
+        optr = row[:, None] * HEAD_DIM + dd[None, :]
+        # Ordered so that each tile dies early (keeps the kernel spill-free).
         q = tl.load(Q + (b64 * sqb + y64 * sqy + x64 * sqx + h * sqh)[:, None] + dd[None, :] * sqd, mask=lmask, other=0.0)
         k = tl.load(K + (b64 * skb + y64 * sky + x64 * skx + h * skh)[:, None] + dd[None, :] * skd, mask=lmask, other=0.0)
-        v = tl.load(V + (b64 * svb + y64 * svy + x64 * svx + h * svh)[:, None] + dd[None, :] * svd, mask=lmask, other=0.0)
-        do = tl.load(DO + (b64 * sgb + y64 * sgy + x64 * sgx + h * sgh)[:, None] + dd[None, :] * sgd, mask=lmask, other=0.0)
-        row = ((b64 * H + y64) * W + x64) * NH + h
-        o = tl.load(O + row[:, None] * HEAD_DIM + dd[None, :], mask=lmask, other=0.0)
-        lse = tl.load(Lse + row, mask=present, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-
-        s = _scores(q, k, scale, Bias, bias_hstride, h, slot, i, j, region, present, t, WH, WW, HAS_BIAS, IEEE, UPCAST)
+        lse = tl.load(Lse + row, mask=present, other=float("inf"))  # absent rows: P = 0
+        s = _scores(q, k, scale, Bias + h * bias_hstride, group, kgroup, qofs, kofs, HAS_BIAS, IEEE, UPCAST,
+                    BLOCK_M)
         p = tl.exp(s - lse[:, None])
-        p = tl.where(present[:, None], p, 0.0)
+        do = tl.load(DO + (b64 * sgb + y64 * sgy + x64 * sgx + h * sgh)[:, None] + dd[None, :] * sgd, mask=lmask, other=0.0)
         dv = _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
+        tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=lmask)
+        o = tl.load(O + optr, mask=lmask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        v = tl.load(V + (b64 * svb + y64 * svy + x64 * svx + h * svh)[:, None] + dd[None, :] * svd, mask=lmask, other=0.0)
         dp = _mm(do, tl.trans(v), IEEE, UPCAST)
         ds = p * (dp - delta[:, None])
         dq = _mm(ds.to(k.dtype), k, IEEE, UPCAST) * scale
-        dk = _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST) * scale
-        optr = row[:, None] * HEAD_DIM + dd[None, :]
         tl.store(DQ + optr, dq.to(DQ.dtype.element_ty), mask=lmask)
+        dk = _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST) * scale
         tl.store(DK + optr, dk.to(DK.dtype.element_ty), mask=lmask)
-        tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=lmask)
         if BIAS_GRAD:
-            dbias_acc += ds
-    if BIAS_GRAD:
-        base = (h.to(tl.int64) * n_progs + pid) * BLOCK_M * BLOCK_M
-        tl.store(DBiasPartial + base + t[:, None] * BLOCK_M + t[None, :], dbias_acc)
+            tl.store(part_ptr, tl.load(part_ptr) + ds)
+            tl.debug_barrier()
 
 
 # =========================================================================================
@@ -194,8 +203,29 @@ def tile_config(N: int, head_dim: int, dtype: torch.dtype, backward: bool) -> di
         block_m = _next_pow2(N)
         wpp = 1
     big = block_m * block_d
-    num_warps = 4 if big <= 64 * 64 else 8
+    num_warps = 8
     return {"BLOCK_M": block_m, "WPP": wpp, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 1}
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_index(wh: int, ww: int, wpp: int, block_m: int, device: torch.device) -> torch.Tensor:
+    """(BLOCK_M, BLOCK_M) flat index into the table plus one trailing zero entry: the
+    key-minus-query offsets on the diagonal window blocks, the zero entry elsewhere."""
+    N = wh * ww
+    T = (2 * wh - 1) * (2 * ww - 1)
+    ys = torch.arange(wh).repeat_interleave(ww)
+    xs = torch.arange(ww).repeat(wh)
+    rel = (ys[None, :] - ys[:, None] + wh - 1) * (2 * ww - 1) + (xs[None, :] - xs[:, None] + ww - 1)
+    idx = torch.full((block_m, block_m), T, dtype=torch.long)
+    for s in range(wpp):
+        idx[s * N:(s + 1) * N, s * N:(s + 1) * N] = rel
+    return idx.to(device)
+
+
+def _bias_tile(bias: torch.Tensor, wh: int, ww: int, wpp: int, block_m: int) -> torch.Tensor:
+    flat = bias.reshape(bias.shape[0], -1)
+    flat = torch.cat([flat, flat.new_zeros(flat.shape[0], 1)], dim=1)
+    return flat[:, _tile_index(wh, ww, wpp, block_m, bias.device)].contiguous()
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -224,8 +254,8 @@ def forward(q, k, v, bias, window_size, shift, scale):
     n_windows = B * nWin
     n_groups = triton.cdiv(n_windows, cfg["WPP"])
     has_bias = bias is not None
-    bias_arg = bias if has_bias else lse
-    bias_hstride = (0 if bias.shape[0] == 1 else bias.stride(0)) if has_bias else 0
+    bias_arg = _bias_tile(bias, wh, ww, cfg["WPP"], cfg["BLOCK_M"]) if has_bias else lse
+    bias_hstride = (0 if bias.shape[0] == 1 else cfg["BLOCK_M"] ** 2) if has_bias else 0
     window_attention2d_fwd_kernel[(n_groups, NH)](
         q, k, v, bias_arg, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
@@ -290,8 +320,8 @@ def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_
     n_progs = triton.cdiv(n_groups, groups_per_prog)
     partial = torch.empty((NH, n_progs, BM, BM) if want_db else (1,), device=q.device, dtype=torch.float32)
     has_bias = bias is not None
-    bias_arg = bias if has_bias else lse
-    bias_hstride = (0 if bias.shape[0] == 1 else bias.stride(0)) if has_bias else 0
+    bias_arg = _bias_tile(bias, wh, ww, cfg["WPP"], BM) if has_bias else lse
+    bias_hstride = (0 if bias.shape[0] == 1 else BM * BM) if has_bias else 0
     window_attention2d_bwd_kernel[(n_progs, NH)](
         q, k, v, out, grad_out, lse, bias_arg, dq, dk, dv, partial,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),

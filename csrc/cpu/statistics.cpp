@@ -135,10 +135,8 @@ static inline void antidiag_avx512(const float* __restrict p, float* __restrict 
 // |F[k, k]|^2 for k < K of one float plane with n <= 32, all in registers: anti-diagonal sums,
 // then the (n x cols) table product (cols = 16 or 32 lanes: [re_0..re_{K-1}, im_0..im_{K-1}]),
 // then re^2 + im^2 with one permute.
-static inline void plane_power_avx512(const float* __restrict p, int n, int K, const float* __restrict table,
-                                      const int32_t* __restrict rot, float* __restrict out) {
-  alignas(64) float a[32];
-  antidiag_avx512(p, a, n, rot);
+static inline void dft_power_avx512(const float* __restrict a, int n, int K, const float* __restrict table,
+                                    float* __restrict out) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i pair = _mm512_add_epi32(lane, _mm512_set1_epi32(K));  // lane k -> k + K
   const __mmask16 mk = static_cast<__mmask16>((1u << K) - 1u);
@@ -150,7 +148,7 @@ static inline void plane_power_avx512(const float* __restrict p, int n, int K, c
       f1 = _mm512_fmadd_ps(_mm512_set1_ps(a[s + 1]), _mm512_loadu_ps(table + (s + 1) * 16), f1);
     }
     if (s < n) f0 = _mm512_fmadd_ps(_mm512_set1_ps(a[s]), _mm512_loadu_ps(table + s * 16), f0);
-    const __m512 f = _mm512_add_ps(f0, f1);
+    const __m512 f = _mm512_add_ps(f0, f1);  // lanes: re_0..re_{K-1}, im_0..im_{K-1}, 0...
     const __m512 sq = _mm512_mul_ps(f, f);
     const __m512 other = _mm512_maskz_permutexvar_ps(static_cast<__mmask16>(0xFFFF), pair, sq);
     _mm512_mask_storeu_ps(out, mk, _mm512_add_ps(sq, other));
@@ -165,6 +163,13 @@ static inline void plane_power_avx512(const float* __restrict p, int n, int K, c
   const __m512 sq_lo = _mm512_mul_ps(lo, lo), sq_hi = _mm512_mul_ps(hi, hi);
   const __m512 other = _mm512_permutex2var_ps(sq_lo, pair, sq_hi);
   _mm512_mask_storeu_ps(out, mk, _mm512_add_ps(sq_lo, other));
+}
+
+static inline void plane_power_avx512(const float* __restrict p, int n, int K, const float* __restrict table,
+                                      const int32_t* __restrict rot, float* __restrict out) {
+  alignas(64) float a[32];
+  antidiag_avx512(p, a, n, rot);
+  dft_power_avx512(a, n, K, table, out);
 }
 #endif
 
@@ -253,7 +258,19 @@ static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, d
   AntidiagFn<acc_t> fixed = antidiag_for<acc_t>(n);
   const scalar_t* base = static_cast<const scalar_t*>(job.data);
 
-  for (int64_t j = 0; j < np; ++j) {
+  bool chunk_done = false;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (n <= 32) {
+      // Two phases over the chunk, so that consecutive planes' dependency chains overlap.
+      alignas(64) float sums[kChunk * 32];
+      for (int64_t j = 0; j < np; ++j) antidiag_avx512(base + (p0 + j) * hw, sums + j * 32, static_cast<int>(n), job.rot.data());
+      for (int64_t j = 0; j < np; ++j) dft_power_avx512(sums + j * 32, static_cast<int>(n), static_cast<int>(K), table, logs.data() + j * K);
+      chunk_done = true;
+    }
+  }
+#endif
+  for (int64_t j = 0; j < (chunk_done ? 0 : np); ++j) {
     const scalar_t* src = base + (p0 + j) * hw;
     const acc_t* plane;
     if constexpr (std::is_same<scalar_t, acc_t>::value) {
@@ -318,6 +335,60 @@ static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, d
   }
 }
 
+#if defined(__AVX512F__)
+// Horizontal sum in a fixed order (512 -> 256 -> 128 -> scalar).
+static inline float hsum512(__m512 v) {
+  const __m256 lo = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(static_cast<__mmask8>(0xFF), _mm512_castps_pd(v), 0));
+  const __m256 hi = _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(static_cast<__mmask8>(0xFF), _mm512_castps_pd(v), 1));
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  const __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 0x55));
+  return _mm_cvtss_f32(s1);
+}
+
+// Sum and sum of squared deviations from the block's own mean (two passes over an L1-resident
+// block), float, fixed accumulation order.
+static inline void block_moments_avx512(const float* __restrict p, int64_t n, float* mean_out, float* m2_out) {
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    s0 = _mm512_add_ps(s0, _mm512_loadu_ps(p + i));
+    s1 = _mm512_add_ps(s1, _mm512_loadu_ps(p + i + 16));
+    s2 = _mm512_add_ps(s2, _mm512_loadu_ps(p + i + 32));
+    s3 = _mm512_add_ps(s3, _mm512_loadu_ps(p + i + 48));
+  }
+  for (; i + 16 <= n; i += 16) s0 = _mm512_add_ps(s0, _mm512_loadu_ps(p + i));
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n - i)) - 1u);
+  if (i < n) s1 = _mm512_add_ps(s1, _mm512_maskz_loadu_ps(tail, p + i));
+  const float mean = hsum512(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3))) /
+                     static_cast<float>(n);
+  const __m512 vm = _mm512_set1_ps(mean);
+  __m512 q0 = _mm512_setzero_ps(), q1 = _mm512_setzero_ps(), q2 = _mm512_setzero_ps(), q3 = _mm512_setzero_ps();
+  i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512 d0 = _mm512_sub_ps(_mm512_loadu_ps(p + i), vm);
+    const __m512 d1 = _mm512_sub_ps(_mm512_loadu_ps(p + i + 16), vm);
+    const __m512 d2 = _mm512_sub_ps(_mm512_loadu_ps(p + i + 32), vm);
+    const __m512 d3 = _mm512_sub_ps(_mm512_loadu_ps(p + i + 48), vm);
+    q0 = _mm512_fmadd_ps(d0, d0, q0);
+    q1 = _mm512_fmadd_ps(d1, d1, q1);
+    q2 = _mm512_fmadd_ps(d2, d2, q2);
+    q3 = _mm512_fmadd_ps(d3, d3, q3);
+  }
+  for (; i + 16 <= n; i += 16) {
+    const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(p + i), vm);
+    q0 = _mm512_fmadd_ps(d, d, q0);
+  }
+  if (i < n) {
+    const __m512 d = _mm512_maskz_sub_ps(tail, _mm512_maskz_loadu_ps(tail, p + i), vm);
+    q1 = _mm512_fmadd_ps(d, d, q1);
+  }
+  *mean_out = mean;
+  *m2_out = hsum512(_mm512_add_ps(_mm512_add_ps(q0, q1), _mm512_add_ps(q2, q3)));
+}
+#endif
+
 // Per chunk of planes: sum over the chunk's planes of the unbiased variance.
 template <typename scalar_t>
 static double variance_chunk(const void* data, int64_t hw, int64_t p0, int64_t p1) {
@@ -340,15 +411,23 @@ static double variance_chunk(const void* data, int64_t hw, int64_t p0, int64_t p
         for (int64_t i = 0; i < nb; ++i) bb[i] = static_cast<acc_t>(src[b0 + i]);
         blk = bb;
       }
-      acc_t sum = acc_t(0);
+      acc_t bmean, bm2;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same<acc_t, float>::value) {
+        block_moments_avx512(blk, nb, &bmean, &bm2);
+      } else
+#endif
+      {
+        acc_t sum = acc_t(0);
 #pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < nb; ++i) sum += blk[i];
-      const acc_t bmean = sum / static_cast<acc_t>(nb);
-      acc_t bm2 = acc_t(0);
+        for (int64_t i = 0; i < nb; ++i) sum += blk[i];
+        bmean = sum / static_cast<acc_t>(nb);
+        bm2 = acc_t(0);
 #pragma omp simd reduction(+ : bm2)
-      for (int64_t i = 0; i < nb; ++i) {
-        const acc_t dv = blk[i] - bmean;
-        bm2 += dv * dv;
+        for (int64_t i = 0; i < nb; ++i) {
+          const acc_t dv = blk[i] - bmean;
+          bm2 += dv * dv;
+        }
       }
       if (count == 0) {
         mean = bmean;
@@ -414,8 +493,11 @@ std::vector<at::Tensor> delta_log_amplitude_fwd(at::TensorList xs, double eps) {
     }
   }
   std::vector<double> partials(off);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+  // Dynamic schedule: chunks write separate partials, so the result does not depend on which
+  // thread runs which chunk, and a preempted thread does not hold up the others.
+#pragma omp parallel for schedule(dynamic, 4) num_threads(std::max(1, at::get_num_threads()))
+  for (int64_t c = 0; c < chunks; ++c) {
+    {
       const MapJob& job = jobs[chunk_map[c]];
       const int64_t local = c - job.first_chunk;
       const int64_t p0 = local * kChunk, p1 = std::min(job.planes, p0 + kChunk);
@@ -424,7 +506,7 @@ std::vector<at::Tensor> delta_log_amplitude_fwd(at::TensorList xs, double eps) {
                                         delta_chunk<scalar_t>(job, p0, p1, eps, partials.data() + part_off[c]);
                                       });
     }
-  });
+  }
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < jobs.size(); ++i) {
     const MapJob& job = jobs[i];
@@ -462,15 +544,16 @@ std::vector<at::Tensor> feature_variance_fwd(at::TensorList xs) {
     for (int64_t c = 0; c < nchunks[i]; ++c) chunk_map[first[i] + c] = static_cast<int64_t>(i);
   }
   std::vector<double> partials(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
+#pragma omp parallel for schedule(dynamic, 4) num_threads(std::max(1, at::get_num_threads()))
+  for (int64_t c = 0; c < chunks; ++c) {
+    {
       const int64_t i = chunk_map[c];
       const int64_t p0 = (c - first[i]) * kChunk, p1 = std::min(planes[i], p0 + kChunk);
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[i].scalar_type(), "feature_variance_fwd", [&] {
         partials[c] = variance_chunk<scalar_t>(inputs[i].data_ptr(), hws[i], p0, p1);
       });
     }
-  });
+  }
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < xs.size(); ++i) {
     double sum = 0.0;

@@ -31,6 +31,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace alterops {
 namespace blur_cpu {
@@ -245,6 +248,247 @@ static void forward_plane(const scalar_t* __restrict__ x, scalar_t* __restrict__
 }
 
 // ------------------------------------------------------------------------------------------
+// Forward fast path: K x K window, stride 1 (the paper's 2x2 blur, 3x3 "same"). One pass per
+// padded row: (1) the pointwise op into the padded row buffer, (2) one loop forming the row's
+// horizontal sums, keeping them in a ring of K rows, and writing the output row from the ring.
+//   prow: Wp; ring: K * Wo; zero: Wo zeros.
+// ------------------------------------------------------------------------------------------
+template <int ACT, int K, typename scalar_t, typename acc_t>
+static void forward_plane_k(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, const Geometry& g,
+                            acc_t tau, acc_t inv_tau, acc_t scale, acc_t* __restrict__ prow,
+                            acc_t* __restrict__ ring, const acc_t* __restrict__ zero) {
+  const int64_t H = g.H, W = g.W, Wo = g.Wo, pl = g.pl, pr = g.pr;
+  const int64_t Hp = g.Ho + K - 1;  // padded rows that some output uses
+  acc_t* __restrict__ mid = prow + pl;
+  const acc_t* rows[K];  // horizontal sums of padded rows r-K+1 .. r (oldest first)
+  for (int i = 0; i < K; ++i) rows[i] = zero;
+  for (int64_t r = 0; r < Hp; ++r) {
+    for (int i = 0; i + 1 < K; ++i) rows[i] = rows[i + 1];
+    const int64_t s = map_index(r - g.pt, H, g.mode);
+    const bool emit = r >= K - 1;
+    scalar_t* __restrict__ orow = out + (r - (K - 1)) * Wo;
+    if (s < 0) {
+      rows[K - 1] = zero;
+      if (!emit) continue;
+      const acc_t* __restrict__ r0 = rows[0];
+      if constexpr (K == 2) {
+#pragma omp simd
+        for (int64_t o = 0; o < Wo; ++o) orow[o] = static_cast<scalar_t>(scale * r0[o]);
+      } else {
+        const acc_t* __restrict__ r1 = rows[1];
+#pragma omp simd
+        for (int64_t o = 0; o < Wo; ++o) orow[o] = static_cast<scalar_t>(scale * (r0[o] + r1[o]));
+      }
+      continue;
+    }
+    const scalar_t* __restrict__ xr = x + s * W;
+#pragma omp simd
+    for (int64_t w = 0; w < W; ++w) mid[w] = pointwise<ACT, acc_t>(static_cast<acc_t>(xr[w]), tau, inv_tau);
+    for (int64_t t = 0; t < pl; ++t) {
+      const int64_t m = map_index(t - pl, W, g.mode);
+      prow[t] = m < 0 ? acc_t(0) : mid[m];
+    }
+    for (int64_t t = 0; t < pr; ++t) {
+      const int64_t m = map_index(W + t, W, g.mode);
+      mid[W + t] = m < 0 ? acc_t(0) : mid[m];
+    }
+    acc_t* __restrict__ hc = ring + (r % K) * Wo;
+    rows[K - 1] = hc;
+    if (!emit) {
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) {
+        acc_t v = prow[o] + prow[o + 1];
+        if constexpr (K == 3) v += prow[o + 2];
+        hc[o] = v;
+      }
+      continue;
+    }
+    const acc_t* __restrict__ r0 = rows[0];
+    if constexpr (K == 2) {
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) {
+        const acc_t v = prow[o] + prow[o + 1];
+        hc[o] = v;
+        orow[o] = static_cast<scalar_t>(scale * (r0[o] + v));
+      }
+    } else {
+      const acc_t* __restrict__ r1 = rows[1];
+#pragma omp simd
+      for (int64_t o = 0; o < Wo; ++o) {
+        const acc_t v = prow[o] + prow[o + 1] + prow[o + 2];
+        hc[o] = v;
+        orow[o] = static_cast<scalar_t>(scale * (r0[o] + r1[o] + v));
+      }
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// ------------------------------------------------------------------------------------------
+// The same fast path for float32 with AVX-512: rows of 28-ish elements are one or two
+// 16-lane vectors, the ragged end is a lane mask (no scalar epilogue, which dominated the
+// auto-vectorised loops on small maps). Buffers carry 32 floats of zeroed slack so that
+// unmasked loads past a row end stay inside them; only loads of x and stores of out are masked.
+// ------------------------------------------------------------------------------------------
+// The plain forms of these intrinsics use an "undefined" source that GCC 12 flags with
+// -Wmaybe-uninitialized; the full-mask forms with a zero source compile to the same instruction.
+static inline __m512 max16(__m512 a, __m512 b) { return _mm512_mask_max_ps(_mm512_setzero_ps(), 0xFFFF, a, b); }
+static inline __m512 min16(__m512 a, __m512 b) { return _mm512_mask_min_ps(_mm512_setzero_ps(), 0xFFFF, a, b); }
+template <int N>
+static inline __m512 shift_in16(__m512 lo, __m512 hi) {  // lanes N..15 of lo, then lanes 0..N-1 of hi
+  return _mm512_castsi512_ps(_mm512_mask_alignr_epi32(_mm512_setzero_si512(), 0xFFFF, _mm512_castps_si512(hi),
+                                                      _mm512_castps_si512(lo), N));
+}
+
+static inline __m512 tanh_approx16(__m512 x) {
+  const __m512 c = _mm512_set1_ps(7.90531110763549805f);
+  const __m512 xc = max16(min16(x, c), _mm512_sub_ps(_mm512_setzero_ps(), c));
+  const __m512 x2 = _mm512_mul_ps(xc, xc);
+  __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.00018790482477e-13f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-8.60467152213735e-11f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(5.12229709037114e-08f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(1.48572235717979e-05f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(6.37261928875436e-04f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(4.89352455891786e-03f));
+  p = _mm512_mul_ps(p, xc);
+  __m512 q = _mm512_set1_ps(1.19825839466702e-06f);
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(1.18534705686654e-04f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(2.26843463243900e-03f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(4.89352518554385e-03f));
+  const __m512 t = _mm512_div_ps(p, q);
+  const __m512 ax = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+  const __mmask16 tiny = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.0004f), _CMP_LT_OQ);
+  return _mm512_mask_blend_ps(tiny, t, x);
+}
+
+template <int ACT>
+static inline __m512 pointwise16(__m512 v, __m512 tau, __m512 inv_tau) {
+  if constexpr (ACT == kIdentity) {
+    return v;
+  } else {
+    __m512 t = _mm512_mul_ps(tau, tanh_approx16(_mm512_mul_ps(v, inv_tau)));
+    if constexpr (ACT == kTanhRelu) t = max16(t, _mm512_setzero_ps());
+    return t;
+  }
+}
+
+static inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+}
+
+// f(x[start .. start+15]) with zeros outside [0, n) (masked lanes are never read).
+template <int ACT>
+static inline __m512 load_row16(const float* __restrict__ xr, int64_t start, int64_t n, __m512 tau, __m512 inv_tau) {
+  const int64_t lo = start < 0 ? -start : 0;
+  const int64_t hi = n - start < 16 ? n - start : 16;
+  if (hi <= lo) return _mm512_setzero_ps();
+  const uint32_t bits = ((hi >= 16 ? 0xFFFFu : ((1u << hi) - 1u)) & ~((1u << lo) - 1u)) & 0xFFFFu;
+  return pointwise16<ACT>(_mm512_maskz_loadu_ps(__mmask16(bits), xr + start), tau, inv_tau);
+}
+
+// Zero padding: the padded row never goes through memory. Each 16-lane chunk of the padded row
+// is formed in a register by a masked load of x (zeros in the padding); the shifted windows
+// P[o+1..], P[o+2..] come from valignd of two consecutive chunks. This avoids the
+// store-to-load forwarding stalls of writing a row and re-reading it at an offset.
+template <int ACT, int K>
+static void forward_plane_k_zeros_avx512(const float* __restrict__ x, float* __restrict__ out, const Geometry& g,
+                                         float tau_s, float inv_tau_s, float scale_s, float* __restrict__ ring,
+                                         int64_t ring_stride, const float* __restrict__ zero) {
+  const int64_t H = g.H, W = g.W, Wo = g.Wo, pl = g.pl;
+  const int64_t Hp = g.Ho + K - 1;
+  const __m512 tau = _mm512_set1_ps(tau_s), inv_tau = _mm512_set1_ps(inv_tau_s), scale = _mm512_set1_ps(scale_s);
+  const float* rows[K];
+  for (int i = 0; i < K; ++i) rows[i] = zero;
+  for (int64_t r = 0; r < Hp; ++r) {
+    for (int i = 0; i + 1 < K; ++i) rows[i] = rows[i + 1];
+    const int64_t s = r - g.pt;
+    const bool emit = r >= K - 1;
+    float* __restrict__ orow = out + (r - (K - 1)) * Wo;
+    if (s < 0 || s >= H) {
+      rows[K - 1] = zero;
+      if (!emit) continue;
+      for (int64_t o = 0; o < Wo; o += 16) {
+        __m512 v = _mm512_loadu_ps(rows[0] + o);
+        if constexpr (K == 3) v = _mm512_add_ps(v, _mm512_loadu_ps(rows[1] + o));
+        _mm512_mask_storeu_ps(orow + o, tail_mask(Wo - o), _mm512_mul_ps(scale, v));
+      }
+      continue;
+    }
+    const float* __restrict__ xr = x + s * W;
+    float* __restrict__ hc = ring + (r % K) * ring_stride;
+    rows[K - 1] = hc;
+    __m512 va = load_row16<ACT>(xr, -pl, W, tau, inv_tau);
+    for (int64_t o = 0; o < Wo; o += 16) {
+      const __m512 vb = load_row16<ACT>(xr, o + 16 - pl, W, tau, inv_tau);
+      __m512 v = _mm512_add_ps(va, shift_in16<1>(va, vb));
+      if constexpr (K == 3) v = _mm512_add_ps(v, shift_in16<2>(va, vb));
+      _mm512_storeu_ps(hc + o, v);
+      if (emit) {
+        __m512 sum = _mm512_add_ps(_mm512_loadu_ps(rows[0] + o), v);
+        if constexpr (K == 3) sum = _mm512_add_ps(sum, _mm512_loadu_ps(rows[1] + o));
+        _mm512_mask_storeu_ps(orow + o, tail_mask(Wo - o), _mm512_mul_ps(scale, sum));
+      }
+      va = vb;
+    }
+  }
+}
+
+template <int ACT, int K>
+static void forward_plane_k_avx512(const float* __restrict__ x, float* __restrict__ out, const Geometry& g,
+                                   float tau_s, float inv_tau_s, float scale_s, float* __restrict__ prow,
+                                   float* __restrict__ ring, int64_t ring_stride, const float* __restrict__ zero) {
+  const int64_t H = g.H, W = g.W, Wo = g.Wo, pl = g.pl, pr = g.pr;
+  const int64_t Hp = g.Ho + K - 1;
+  const __m512 tau = _mm512_set1_ps(tau_s), inv_tau = _mm512_set1_ps(inv_tau_s), scale = _mm512_set1_ps(scale_s);
+  float* __restrict__ mid = prow + pl;
+  const float* rows[K];
+  for (int i = 0; i < K; ++i) rows[i] = zero;
+  for (int64_t r = 0; r < Hp; ++r) {
+    for (int i = 0; i + 1 < K; ++i) rows[i] = rows[i + 1];
+    const int64_t s = map_index(r - g.pt, H, g.mode);
+    const bool emit = r >= K - 1;
+    float* __restrict__ orow = out + (r - (K - 1)) * Wo;
+    if (s < 0) {
+      rows[K - 1] = zero;
+      if (!emit) continue;
+      for (int64_t o = 0; o < Wo; o += 16) {
+        __m512 v = _mm512_loadu_ps(rows[0] + o);
+        if constexpr (K == 3) v = _mm512_add_ps(v, _mm512_loadu_ps(rows[1] + o));
+        _mm512_mask_storeu_ps(orow + o, tail_mask(Wo - o), _mm512_mul_ps(scale, v));
+      }
+      continue;
+    }
+    const float* __restrict__ xr = x + s * W;
+    for (int64_t w = 0; w < W; w += 16) {
+      const __mmask16 m = tail_mask(W - w);
+      _mm512_mask_storeu_ps(mid + w, m, pointwise16<ACT>(_mm512_maskz_loadu_ps(m, xr + w), tau, inv_tau));
+    }
+    for (int64_t t = 0; t < pl; ++t) {
+      const int64_t mi = map_index(t - pl, W, g.mode);
+      prow[t] = mi < 0 ? 0.f : mid[mi];
+    }
+    for (int64_t t = 0; t < pr; ++t) {
+      const int64_t mi = map_index(W + t, W, g.mode);
+      mid[W + t] = mi < 0 ? 0.f : mid[mi];
+    }
+    float* __restrict__ hc = ring + (r % K) * ring_stride;
+    rows[K - 1] = hc;
+    for (int64_t o = 0; o < Wo; o += 16) {
+      __m512 v = _mm512_add_ps(_mm512_loadu_ps(prow + o), _mm512_loadu_ps(prow + o + 1));
+      if constexpr (K == 3) v = _mm512_add_ps(v, _mm512_loadu_ps(prow + o + 2));
+      _mm512_storeu_ps(hc + o, v);
+      if (emit) {
+        __m512 sum = _mm512_add_ps(_mm512_loadu_ps(rows[0] + o), v);
+        if constexpr (K == 3) sum = _mm512_add_ps(sum, _mm512_loadu_ps(rows[1] + o));
+        _mm512_mask_storeu_ps(orow + o, tail_mask(Wo - o), _mm512_mul_ps(scale, sum));
+      }
+    }
+  }
+}
+#endif  // __AVX512F__
+
+// ------------------------------------------------------------------------------------------
 // Backward, one plane (the transpose of the forward).
 //   gvs: H * Wo (vertical scatter of grad_out onto source rows); grow: Wo; gp: Wp; gx: W.
 // ------------------------------------------------------------------------------------------
@@ -359,7 +603,55 @@ at::Tensor blur2d_forward_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_siz
     const int64_t Wp = g.pl + g.W + g.pr;
     dispatch_act(act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
+      const int fast_k = (g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) ? int(g.kh) : 0;
       at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (fast_k != 0) {
+            // prow (Wp + slack), zero row, K ring rows; every row padded to a multiple of 16 + 32
+            const int64_t stride = (g.Wo + 15) / 16 * 16 + 32;
+            std::vector<float> buf((Wp + 48) / 16 * 16 + 4 * stride + 16, 0.f);
+            float* prow = buf.data() + ((16 - (reinterpret_cast<uintptr_t>(buf.data()) / 4) % 16) % 16);  // 64 B
+            float* zero = prow + (Wp + 48) / 16 * 16;
+            float* ring = zero + stride;
+            if (g.mode == kZeros) {
+              for (int64_t p = begin; p < end; ++p) {
+                if (fast_k == 2)
+                  forward_plane_k_zeros_avx512<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
+                                                       scale, ring, stride, zero);
+                else
+                  forward_plane_k_zeros_avx512<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
+                                                       scale, ring, stride, zero);
+              }
+              return;
+            }
+            for (int64_t p = begin; p < end; ++p) {
+              if (fast_k == 2)
+                forward_plane_k_avx512<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
+                                               prow, ring, stride, zero);
+              else
+                forward_plane_k_avx512<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
+                                               prow, ring, stride, zero);
+            }
+            return;
+          }
+        }
+#endif
+        if (fast_k != 0) {
+          std::vector<acc_t> buf(Wp + 4 * g.Wo + 16, acc_t(0));
+          acc_t* prow = buf.data();
+          acc_t* zero = prow + Wp;
+          acc_t* ring = zero + g.Wo;
+          for (int64_t p = begin; p < end; ++p) {
+            if (fast_k == 2)
+              forward_plane_k<ACT, 2, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
+                                                       scale, prow, ring, zero);
+            else
+              forward_plane_k<ACT, 3, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
+                                                       scale, prow, ring, zero);
+          }
+          return;
+        }
         std::vector<acc_t> buf(Wp + (g.H + 1) * g.Wo + g.Wo + 16);
         acc_t* prow = buf.data();
         acc_t* hs = prow + Wp;

@@ -153,7 +153,9 @@ struct Plan {
   int64_t xlo, n_int;  // interior columns [xlo, xlo + n_int) are slots [0, n_int)
   std::vector<int32_t> slotx;    // slot -> column (W for dummy slots)
   std::vector<int32_t> kidx;     // [kw][Ws] key column (W = sink when outside)
-  std::vector<int32_t> off;      // [kw] interior column shift (j - r) * dw
+  std::vector<int64_t> off;      // [kw] interior column shift (j - r) * dw
+  std::vector<int64_t> goff;     // [kw] j * D * V (offsets in a gathered border block)
+  int64_t n_full, NG;            // contiguous (all-interior) slot blocks, border blocks
   std::vector<int32_t> bx;       // [kw][Ws] bias column index
   std::vector<int64_t> rowpos;   // [H][kh]
   std::vector<uint8_t> rowvalid; // [H][kh]
@@ -177,7 +179,11 @@ struct Plan {
     for (int64_t x = 0; x < W; ++x)
       if (x < xlo || x >= xhi) slotx[s++] = (int32_t)x;
     off.resize(kw);
-    for (int64_t j = 0; j < kw; ++j) off[j] = (int32_t)((j - rw) * dw);
+    for (int64_t j = 0; j < kw; ++j) off[j] = (j - rw) * dw;
+    goff.resize(kw);
+    for (int64_t j = 0; j < kw; ++j) goff[j] = j * D * V;
+    n_full = n_int / V;
+    NG = Ws / V - n_full;
     kidx.assign(kw * Ws, (int32_t)W);
     bx.assign(kw * Ws, 0);
     std::vector<uint8_t> colvalid(kw * Ws, 0);
@@ -223,81 +229,79 @@ struct Plan {
   }
 };
 
-// S[j][0:V] = sum_c A[c*Ws + 0:V] * Krow[c*Wk + col_j(lanes)] for NJ neighbours j.
+// A "key view" of one key row for one block of V query slots: the V-lane vector of neighbour j,
+// channel c is at base + joff[j] + c * cstride. Interior blocks read the transposed key row
+// directly (joff = column shift, cstride = row width); border blocks read a copy gathered once
+// per key row (joff = j * D * V, cstride = V), shared by the kh query rows that use the key row.
+template <typename T>
+struct KeyView {
+  const T* base;
+  int64_t cstride;
+  const int64_t* joff;
+};
+
+// S[j][0:V] = sum_c A[c*Ws + 0:V] * key(j, c) for NJ neighbours.
 template <typename T, int NJ>
-static inline void dot_block(const T* A, int64_t Ws, const T* Krow, int64_t Wk, int64_t D, bool contiguous,
-                             int64_t xbase, const int32_t* off, const int32_t* kidx, int64_t kidx_stride, T* S) {
+static inline void dot_block(const T* A, int64_t Ws, int64_t D, const T* base, int64_t cstride, const int64_t* joff,
+                             T* S) {
   Vec<T> acc[NJ];
-  for (int jj = 0; jj < NJ; ++jj) acc[jj] = splat<T>(T(0));
-  if (contiguous) {
-    for (int64_t c = 0; c < D; ++c) {
-      Vec<T> a = loadu(A + c * Ws);
-      const T* kc = Krow + c * Wk + xbase;
-      for (int jj = 0; jj < NJ; ++jj) acc[jj] += a * loadu(kc + off[jj]);
-    }
-  } else {
-    for (int64_t c = 0; c < D; ++c) {
-      Vec<T> a = loadu(A + c * Ws);
-      const T* kc = Krow + c * Wk;
-      for (int jj = 0; jj < NJ; ++jj) acc[jj] += a * gather(kc, kidx + jj * kidx_stride);
-    }
+  const T* kp[NJ];
+  for (int jj = 0; jj < NJ; ++jj) {
+    acc[jj] = splat<T>(T(0));
+    kp[jj] = base + joff[jj];
+  }
+  for (int64_t c = 0; c < D; ++c) {
+    Vec<T> a = loadu(A + c * Ws);
+    for (int jj = 0; jj < NJ; ++jj) acc[jj] += a * loadu(kp[jj] + c * cstride);
   }
   for (int jj = 0; jj < NJ; ++jj) storeu(S + jj * VecOf<T>::N, acc[jj]);
 }
 
 template <typename T>
-static void dot_row(const T* A, int64_t Ws, const T* Krow, int64_t Wk, int64_t D, bool contiguous, int64_t xbase,
-                    const int32_t* off, const int32_t* kidx, int64_t kidx_stride, int64_t kw, T* S) {
+static void dot_row(const T* A, int64_t Ws, int64_t D, const KeyView<T>& kv, int64_t kw, T* S) {
   for (int64_t j0 = 0; j0 < kw; j0 += 8) {
     int64_t nj = std::min<int64_t>(8, kw - j0);
-    const int32_t* o = off + j0;
-    const int32_t* ki = kidx + j0 * kidx_stride;
+    const int64_t* jo = kv.joff + j0;
     T* s = S + j0 * VecOf<T>::N;
     switch (nj) {
-      case 8: dot_block<T, 8>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
-      case 7: dot_block<T, 7>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
-      case 6: dot_block<T, 6>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
-      case 5: dot_block<T, 5>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
-      case 4: dot_block<T, 4>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
-      case 3: dot_block<T, 3>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
-      case 2: dot_block<T, 2>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
-      default: dot_block<T, 1>(A, Ws, Krow, Wk, D, contiguous, xbase, o, ki, kidx_stride, s); break;
+      case 8: dot_block<T, 8>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
+      case 7: dot_block<T, 7>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
+      case 6: dot_block<T, 6>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
+      case 5: dot_block<T, 5>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
+      case 4: dot_block<T, 4>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
+      case 3: dot_block<T, 3>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
+      case 2: dot_block<T, 2>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
+      default: dot_block<T, 1>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
     }
   }
 }
 
-// Out[c][0:V] (+)= sum_{i valid, j} P[i][j][0:V] * Vrow_i[c*Wk + col_j(lanes)] for NC channels.
+// Out[c][0:V] = sum_{r, j} P[row_i[r]][j][0:V] * view_r(j, c) for NC channels from c0.
 template <typename T, int NC>
-static inline void mix_block(const T* P, const T* const* Vrows, int64_t nrows, const int64_t* row_i, int64_t kw,
-                             int64_t Wk, int64_t c0, bool contiguous, int64_t xbase, const int32_t* off,
-                             const int32_t* kidx, int64_t kidx_stride, T* Out, int64_t out_stride) {
+static inline void mix_block(const T* P, const KeyView<T>* views, const int64_t* row_i, int64_t nrows, int64_t kw,
+                             int64_t c0, T* Out, int64_t out_stride) {
   constexpr int N = VecOf<T>::N;
   Vec<T> acc[NC];
   for (int cc = 0; cc < NC; ++cc) acc[cc] = splat<T>(T(0));
   for (int64_t r = 0; r < nrows; ++r) {
-    const T* Vr = Vrows[r] + c0 * Wk;
+    const KeyView<T>& kv = views[r];
     const T* Pr = P + row_i[r] * kw * N;
+    const T* b0 = kv.base + c0 * kv.cstride;
     for (int64_t j = 0; j < kw; ++j) {
       Vec<T> p = loadu(Pr + j * N);
-      if (contiguous) {
-        const T* vc = Vr + xbase + off[j];
-        for (int cc = 0; cc < NC; ++cc) acc[cc] += p * loadu(vc + cc * Wk);
-      } else {
-        const int32_t* ki = kidx + j * kidx_stride;
-        for (int cc = 0; cc < NC; ++cc) acc[cc] += p * gather(Vr + cc * Wk, ki);
-      }
+      const T* vc = b0 + kv.joff[j];
+      for (int cc = 0; cc < NC; ++cc) acc[cc] += p * loadu(vc + cc * kv.cstride);
     }
   }
   for (int cc = 0; cc < NC; ++cc) storeu(Out + (c0 + cc) * out_stride, acc[cc]);
 }
 
 template <typename T>
-static void mix_row(const T* P, const T* const* Vrows, int64_t nrows, const int64_t* row_i, int64_t kw, int64_t Wk,
-                    int64_t D, bool contiguous, int64_t xbase, const int32_t* off, const int32_t* kidx,
-                    int64_t kidx_stride, T* Out, int64_t out_stride) {
+static void mix_row(const T* P, const KeyView<T>* views, const int64_t* row_i, int64_t nrows, int64_t kw, int64_t D,
+                    T* Out, int64_t out_stride) {
   for (int64_t c0 = 0; c0 < D; c0 += 8) {
     int64_t nc = std::min<int64_t>(8, D - c0);
-#define NA_MIX(NCV) mix_block<T, NCV>(P, Vrows, nrows, row_i, kw, Wk, c0, contiguous, xbase, off, kidx, kidx_stride, Out, out_stride)
+#define NA_MIX(NCV) mix_block<T, NCV>(P, views, row_i, nrows, kw, c0, Out, out_stride)
     switch (nc) {
       case 8: NA_MIX(8); break;
       case 7: NA_MIX(7); break;
@@ -312,18 +316,56 @@ static void mix_row(const T* P, const T* const* Vrows, int64_t nrows, const int6
   }
 }
 
-// Pack t[b, :, :, h, :] (any strides) into dst[y][c][x] (width Wk, zero sink columns).
+// Per-task key storage: transposed rows Kt[y][c][Wk] (sink column W = 0) and the gathered
+// border blocks Kg[y][g][j][c][V].
+template <typename T>
+struct KeyPack {
+  std::vector<T> t, g;
+  void alloc(const Plan<T>& pl) {
+    t.resize(pl.H * pl.D * pl.Wk);
+    g.resize(std::max<int64_t>(1, pl.H * pl.NG * pl.kw * pl.D * VecOf<T>::N));
+  }
+  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + y * pl.D * pl.Wk; }
+  T* grow(const Plan<T>& pl, int64_t y, int64_t g_) {
+    return g.data() + ((y * pl.NG + g_) * pl.kw) * pl.D * VecOf<T>::N;
+  }
+};
+
 template <typename scalar_t, typename T>
-static void pack_kv(const at::Tensor& t, int64_t b, int64_t h, const Plan<T>& pl, T* dst) {
-  const scalar_t* base = t.data_ptr<scalar_t>();
-  auto st = t.strides();
-  for (int64_t y = 0; y < pl.H; ++y) {
-    T* row = dst + y * pl.D * pl.Wk;
+static void pack_keys(const at::Tensor& src, int64_t b, int64_t h, int64_t ylo, int64_t yhi, const Plan<T>& pl,
+                      KeyPack<T>& kp) {
+  constexpr int N = VecOf<T>::N;
+  const scalar_t* base = src.data_ptr<scalar_t>();
+  auto st = src.strides();
+  std::vector<T> tmp(pl.W * pl.D);
+  for (int64_t y = ylo; y <= yhi; ++y) {
+    // read the row in its natural (x, c) order, then transpose in cache
+    for (int64_t x = 0; x < pl.W; ++x) {
+      const scalar_t* s = base + b * st[0] + y * st[1] + x * st[2] + h * st[3];
+      T* d = tmp.data() + x * pl.D;
+      if (st[4] == 1) {
+        for (int64_t c = 0; c < pl.D; ++c) d[c] = static_cast<T>(s[c]);
+      } else {
+        for (int64_t c = 0; c < pl.D; ++c) d[c] = static_cast<T>(s[c * st[4]]);
+      }
+    }
+    T* row = kp.trow(pl, y);
     for (int64_t c = 0; c < pl.D; ++c) {
-      const scalar_t* src = base + b * st[0] + y * st[1] + h * st[3] + c * st[4];
       T* d = row + c * pl.Wk;
-      for (int64_t x = 0; x < pl.W; ++x) d[x] = static_cast<T>(src[x * st[2]]);
+      for (int64_t x = 0; x < pl.W; ++x) d[x] = tmp[x * pl.D + c];
       for (int64_t x = pl.W; x < pl.Wk; ++x) d[x] = T(0);
+    }
+    for (int64_t g = 0; g < pl.NG; ++g) {
+      const int64_t s0 = (pl.n_full + g) * N;
+      T* gb = kp.grow(pl, y, g);
+      for (int64_t j = 0; j < pl.kw; ++j) {
+        const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+        for (int64_t c = 0; c < pl.D; ++c) {
+          const T* rc = row + c * pl.Wk;
+          T* d = gb + (j * pl.D + c) * N;
+          for (int l = 0; l < N; ++l) d[l] = rc[ki[l]];
+        }
+      }
     }
   }
 }
@@ -333,22 +375,42 @@ template <typename scalar_t, typename T>
 static void pack_row(const at::Tensor& t, int64_t b, int64_t y, int64_t h, const Plan<T>& pl, T mul, T* dst) {
   const scalar_t* base = t.data_ptr<scalar_t>();
   auto st = t.strides();
-  for (int64_t c = 0; c < pl.D; ++c) {
-    const scalar_t* src = base + b * st[0] + y * st[1] + h * st[3] + c * st[4];
-    T* d = dst + c * pl.Ws;
-    for (int64_t sl = 0; sl < pl.Ws; ++sl) {
-      int64_t x = pl.slotx[sl];
-      d[sl] = x < pl.W ? static_cast<T>(src[x * st[2]]) * mul : T(0);
+  for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+    int64_t x = pl.slotx[sl];
+    if (x >= pl.W) {
+      for (int64_t c = 0; c < pl.D; ++c) dst[c * pl.Ws + sl] = T(0);
+      continue;
     }
+    const scalar_t* src = base + b * st[0] + y * st[1] + x * st[2] + h * st[3];
+    for (int64_t c = 0; c < pl.D; ++c) dst[c * pl.Ws + sl] = static_cast<T>(src[c * st[4]]) * mul;
   }
+}
+
+template <typename T>
+static KeyView<T> key_view(const Plan<T>& pl, KeyPack<T>& kp, int64_t ky, int64_t ci) {
+  constexpr int N = VecOf<T>::N;
+  if (ci < pl.n_full) return KeyView<T>{kp.trow(pl, ky) + pl.xlo + ci * N, pl.Wk, pl.off.data()};
+  return KeyView<T>{kp.grow(pl, ky, ci - pl.n_full), N, pl.goff.data()};
+}
+
+// Key rows that the query rows [y0, y1) read.
+template <typename T>
+static void key_rows(const Plan<T>& pl, int64_t y0, int64_t y1, int64_t& lo, int64_t& hi) {
+  lo = pl.H;
+  hi = -1;
+  for (int64_t y = y0; y < y1; ++y)
+    for (int64_t i = 0; i < pl.kh; ++i)
+      if (pl.rowvalid[y * pl.kh + i]) {
+        lo = std::min(lo, pl.rowpos[y * pl.kh + i]);
+        hi = std::max(hi, pl.rowpos[y * pl.kh + i]);
+      }
 }
 
 // Logits of one slot block (V queries of row y) against all neighbours -> S[kh*kw][V].
 template <typename T>
-static void block_logits(const Plan<T>& pl, const T* Qp, const T* Kbh, int64_t ht, int64_t y, int64_t s0, T* S) {
+static void block_logits(const Plan<T>& pl, const T* Qp, KeyPack<T>& kp, int64_t ht, int64_t y, int64_t ci, T* S) {
   constexpr int N = VecOf<T>::N;
-  const bool contiguous = s0 + N <= pl.n_int;
-  const int64_t xbase = pl.xlo + s0;
+  const int64_t s0 = ci * N;
   const T ninf = -std::numeric_limits<T>::infinity();
   for (int64_t i = 0; i < pl.kh; ++i) {
     const T* brow = pl.bias_row(ht, y, i);
@@ -360,11 +422,19 @@ static void block_logits(const Plan<T>& pl, const T* Qp, const T* Kbh, int64_t h
       }
       continue;
     }
-    const T* Krow = Kbh + pl.rowpos[y * pl.kh + i] * pl.D * pl.Wk;
-    dot_row<T>(Qp + s0, pl.Ws, Krow, pl.Wk, pl.D, contiguous, xbase, pl.off.data(), pl.kidx.data() + s0, pl.Ws,
-               pl.kw, Si);
+    KeyView<T> kv = key_view(pl, kp, pl.rowpos[y * pl.kh + i], ci);
+    dot_row<T>(Qp + s0, pl.Ws, pl.D, kv, pl.kw, Si);
     for (int64_t j = 0; j < pl.kw; ++j) storeu(Si + j * N, loadu(Si + j * N) + loadu(brow + j * pl.Ws + s0));
   }
+}
+
+// Split (batch, head) work into row chunks only when there are fewer (batch, head) pairs than
+// twice the threads.
+static int64_t row_chunks(int64_t BH, int64_t H) {
+  const int64_t nthreads = at::get_num_threads();
+  int64_t n = BH >= 2 * nthreads ? 1 : std::min<int64_t>(H, (2 * nthreads + BH - 1) / BH);
+  const int64_t per = (H + n - 1) / n;
+  return (H + per - 1) / per;
 }
 
 template <typename scalar_t, typename T>
@@ -372,60 +442,63 @@ static void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          at::Tensor& lse, const Plan<T>& pl, T scale) {
   constexpr int N = VecOf<T>::N;
   const int64_t BH = pl.B * pl.NH;
-  const int64_t plane = pl.H * pl.D * pl.Wk;
-  std::unique_ptr<T[]> Kp(new T[BH * plane]), Vp(new T[BH * plane]);  // fully written by pack_kv
-  at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bh = b0; bh < b1; ++bh) {
-      pack_kv<scalar_t, T>(k, bh / pl.NH, bh % pl.NH, pl, Kp.get() + bh * plane);
-      pack_kv<scalar_t, T>(v, bh / pl.NH, bh % pl.NH, pl, Vp.get() + bh * plane);
-    }
-  });
+  const int64_t nchunks = row_chunks(BH, pl.H);
+  const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
   scalar_t* O = out.data_ptr<scalar_t>();
   T* L = lse.data_ptr<T>();
   const int64_t K2 = pl.kh * pl.kw;
-  at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    KeyPack<T> Kp, Vp;
+    Kp.alloc(pl);
+    Vp.alloc(pl);
     std::vector<T> Qp(pl.D * pl.Ws), S(K2 * N), Ob(pl.D * pl.Ws);
-    std::vector<const T*> Vrows(pl.kh);
+    std::vector<KeyView<T>> views(pl.kh);
     std::vector<int64_t> row_i(pl.kh);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
+      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
-      pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data());
-      const T* Kbh = Kp.get() + bh * plane;
-      const T* Vbh = Vp.get() + bh * plane;
-      int64_t nrows = 0;
-      for (int64_t i = 0; i < pl.kh; ++i)
-        if (pl.rowvalid[y * pl.kh + i]) {
-          Vrows[nrows] = Vbh + pl.rowpos[y * pl.kh + i] * pl.D * pl.Wk;
-          row_i[nrows++] = i;
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+      if (y0 >= y1) continue;
+      int64_t klo, khi;
+      key_rows(pl, y0, y1, klo, khi);
+      pack_keys<scalar_t, T>(k, b, h, klo, khi, pl, Kp);
+      pack_keys<scalar_t, T>(v, b, h, klo, khi, pl, Vp);
+      for (int64_t y = y0; y < y1; ++y) {
+        pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data());
+        T* Lrow = L + (bh * pl.H + y) * pl.W;
+        for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
+          const int64_t s0 = ci * N;
+          block_logits<T>(pl, Qp.data(), Kp, ht, y, ci, S.data());
+          Vec<T> m = loadu(S.data());
+          for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S.data() + n * N));
+          Vec<T> l = splat<T>(T(0));
+          for (int64_t n = 0; n < K2; ++n) {
+            Vec<T> p = vexp(loadu(S.data() + n * N) - m);
+            storeu(S.data() + n * N, p);
+            l += p;
+          }
+          int64_t nrows = 0;
+          for (int64_t i = 0; i < pl.kh; ++i)
+            if (pl.rowvalid[y * pl.kh + i]) {
+              views[nrows] = key_view(pl, Vp, pl.rowpos[y * pl.kh + i], ci);
+              row_i[nrows++] = i;
+            }
+          mix_row<T>(S.data(), views.data(), row_i.data(), nrows, pl.kw, pl.D, Ob.data() + s0, pl.Ws);
+          Vec<T> inv = T(1) / l;
+          for (int64_t c = 0; c < pl.D; ++c)
+            storeu(Ob.data() + c * pl.Ws + s0, loadu(Ob.data() + c * pl.Ws + s0) * inv);
+          for (int lane = 0; lane < N; ++lane) {
+            int64_t x = pl.slotx[s0 + lane];
+            if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
+          }
         }
-      T* Lrow = L + (bh * pl.H + y) * pl.W;
-      for (int64_t s0 = 0; s0 < pl.Ws; s0 += N) {
-        block_logits<T>(pl, Qp.data(), Kbh, ht, y, s0, S.data());
-        Vec<T> m = loadu(S.data());
-        for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S.data() + n * N));
-        Vec<T> l = splat<T>(T(0));
-        for (int64_t n = 0; n < K2; ++n) {
-          Vec<T> p = vexp(loadu(S.data() + n * N) - m);
-          storeu(S.data() + n * N, p);
-          l += p;
+        // out is contiguous (B, H, W, NH, D)
+        for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+          int64_t x = pl.slotx[sl];
+          if (x >= pl.W) continue;
+          scalar_t* o = O + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
+          for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(Ob[c * pl.Ws + sl]);
         }
-        const bool contiguous = s0 + N <= pl.n_int;
-        mix_row<T>(S.data(), Vrows.data(), nrows, row_i.data(), pl.kw, pl.Wk, pl.D, contiguous, pl.xlo + s0,
-                   pl.off.data(), pl.kidx.data() + s0, pl.Ws, Ob.data() + s0, pl.Ws);
-        Vec<T> inv = T(1) / l;
-        for (int64_t c = 0; c < pl.D; ++c) storeu(Ob.data() + c * pl.Ws + s0, loadu(Ob.data() + c * pl.Ws + s0) * inv);
-        for (int lane = 0; lane < N; ++lane) {
-          int64_t x = pl.slotx[s0 + lane];
-          if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
-        }
-      }
-      // out is contiguous (B, H, W, NH, D)
-      for (int64_t sl = 0; sl < pl.Ws; ++sl) {
-        int64_t x = pl.slotx[sl];
-        if (x >= pl.W) continue;
-        scalar_t* o = O + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
-        for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(Ob[c * pl.Ws + sl]);
       }
     }
   });
@@ -438,19 +511,10 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
   constexpr int N = VecOf<T>::N;
   const int64_t BH = pl.B * pl.NH;
   const int64_t plane = pl.H * pl.D * pl.Wk;
-  std::unique_ptr<T[]> Kp(new T[BH * plane]), Vp(new T[BH * plane]);  // fully written by pack_kv
-  at::parallel_for(0, BH, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t bh = b0; bh < b1; ++bh) {
-      pack_kv<scalar_t, T>(k, bh / pl.NH, bh % pl.NH, pl, Kp.get() + bh * plane);
-      pack_kv<scalar_t, T>(v, bh / pl.NH, bh % pl.NH, pl, Vp.get() + bh * plane);
-    }
-  });
-  // Row chunks per (batch, head) so that small B*heads still fills the threads.
-  const int64_t nthreads = at::get_num_threads();
-  int64_t nchunks = BH >= 2 * nthreads ? 1 : std::min<int64_t>(pl.H, (2 * nthreads + BH - 1) / BH);
+  const int64_t nchunks = row_chunks(BH, pl.H);
   const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
-  nchunks = (pl.H + rows_per - 1) / rows_per;
   const int64_t ntasks = BH * nchunks;
+  // Private dK/dV per task (transposed rows), reduced in a fixed order afterwards.
   std::vector<T> dKp(ntasks * plane, T(0)), dVp(ntasks * plane, T(0));
   const int64_t tsize = (2 * pl.kh - 1) * (2 * pl.kw - 1);
   std::vector<T> dB(dbias ? ntasks * pl.nht * tsize : 0, T(0));
@@ -459,101 +523,111 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
   const scalar_t* Oin = out.data_ptr<scalar_t>();
   auto ost = out.strides();
   scalar_t* DQ = dq.data_ptr<scalar_t>();
+  const int64_t gsize = pl.kw * pl.D * N;
 
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+    KeyPack<T> Kp, Vp;
+    Kp.alloc(pl);
+    Vp.alloc(pl);
+    std::vector<T> dKg(std::max<int64_t>(1, pl.H * pl.NG * gsize)), dVg(dKg.size());
     std::vector<T> Qp(pl.D * pl.Ws), Gp(pl.D * pl.Ws), S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
     std::vector<T> lse_s(pl.Ws), delta_s(pl.Ws);
-    std::vector<const T*> Krows(pl.kh), Vrows(pl.kh);
-    std::vector<T*> dKrows(pl.kh), dVrows(pl.kh);
+    std::vector<KeyView<T>> kviews(pl.kh), vviews(pl.kh);
     std::vector<int64_t> row_i(pl.kh);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
-      const T* Kbh = Kp.get() + bh * plane;
-      const T* Vbh = Vp.get() + bh * plane;
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+      if (y0 >= y1) continue;
+      int64_t klo, khi;
+      key_rows(pl, y0, y1, klo, khi);
+      pack_keys<scalar_t, T>(k, b, h, klo, khi, pl, Kp);
+      pack_keys<scalar_t, T>(v, b, h, klo, khi, pl, Vp);
+      std::fill(dKg.begin(), dKg.end(), T(0));
+      std::fill(dVg.begin(), dVg.end(), T(0));
       T* dKt = dKp.data() + t * plane;
       T* dVt = dVp.data() + t * plane;
       T* dBt = dbias ? dB.data() + t * pl.nht * tsize : nullptr;
-      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.H, y0 + rows_per);
       for (int64_t y = y0; y < y1; ++y) {
         pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data());
         pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp.data());
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {
           int64_t x = pl.slotx[sl];
-          if (x >= pl.W) { lse_s[sl] = T(0); delta_s[sl] = T(0); continue; }
+          if (x >= pl.W) {
+            lse_s[sl] = T(0);
+            delta_s[sl] = T(0);
+            continue;
+          }
           lse_s[sl] = L[(bh * pl.H + y) * pl.W + x];
           const scalar_t* o = Oin + b * ost[0] + y * ost[1] + x * ost[2] + h * ost[3];
           T acc = 0;
           for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[4]]) * Gp[c * pl.Ws + sl];
           delta_s[sl] = acc;
         }
-        int64_t nrows = 0;
-        for (int64_t i = 0; i < pl.kh; ++i)
-          if (pl.rowvalid[y * pl.kh + i]) {
-            int64_t off_row = pl.rowpos[y * pl.kh + i] * pl.D * pl.Wk;
-            Krows[nrows] = Kbh + off_row;
-            Vrows[nrows] = Vbh + off_row;
-            dKrows[nrows] = dKt + off_row;
-            dVrows[nrows] = dVt + off_row;
-            row_i[nrows++] = i;
-          }
-        for (int64_t s0 = 0; s0 < pl.Ws; s0 += N) {
-          const bool contiguous = s0 + N <= pl.n_int;
-          const int64_t xbase = pl.xlo + s0;
-          block_logits<T>(pl, Qp.data(), Kbh, ht, y, s0, S.data());
+        for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
+          const int64_t s0 = ci * N;
+          const bool contiguous = ci < pl.n_full;
+          int64_t nrows = 0;
+          for (int64_t i = 0; i < pl.kh; ++i)
+            if (pl.rowvalid[y * pl.kh + i]) {
+              const int64_t ky = pl.rowpos[y * pl.kh + i];
+              kviews[nrows] = key_view(pl, Kp, ky, ci);
+              vviews[nrows] = key_view(pl, Vp, ky, ci);
+              row_i[nrows++] = i;
+            }
+          block_logits<T>(pl, Qp.data(), Kp, ht, y, ci, S.data());
           Vec<T> lv = loadu(lse_s.data() + s0), dl = loadu(delta_s.data() + s0);
           for (int64_t n = 0; n < K2; ++n) storeu(S.data() + n * N, vexp(loadu(S.data() + n * N) - lv));
           // dP = dO . V over valid rows (invalid rows: zero values, dP = 0)
           std::fill(dS.begin(), dS.end(), T(0));
           for (int64_t r = 0; r < nrows; ++r)
-            dot_row<T>(Gp.data() + s0, pl.Ws, Vrows[r], pl.Wk, pl.D, contiguous, xbase, pl.off.data(),
-                       pl.kidx.data() + s0, pl.Ws, pl.kw, dS.data() + row_i[r] * pl.kw * N);
+            dot_row<T>(Gp.data() + s0, pl.Ws, pl.D, vviews[r], pl.kw, dS.data() + row_i[r] * pl.kw * N);
           for (int64_t n = 0; n < K2; ++n) {
             Vec<T> p = loadu(S.data() + n * N);
             storeu(dS.data() + n * N, p * (loadu(dS.data() + n * N) - dl));
           }
           // dQ (before the scale) = dS . K
-          mix_row<T>(dS.data(), Krows.data(), nrows, row_i.data(), pl.kw, pl.Wk, pl.D, contiguous, xbase,
-                     pl.off.data(), pl.kidx.data() + s0, pl.Ws, dQb.data() + s0, pl.Ws);
-          // dK += dS^T . Qscaled, dV += P^T . dO (scatter to the key columns)
+          mix_row<T>(dS.data(), kviews.data(), row_i.data(), nrows, pl.kw, pl.D, dQb.data() + s0, pl.Ws);
+          // dK += dS^T . Qscaled, dV += P^T . dO, into the transposed rows (interior blocks) or
+          // the gathered border blocks (scattered back once per task below)
           for (int64_t r = 0; r < nrows; ++r) {
-            const int64_t i = row_i[r];
-            T* dKr = dKrows[r];
-            T* dVr = dVrows[r];
+            const int64_t i = row_i[r], ky = pl.rowpos[y * pl.kh + i];
+            T* kb;
+            T* vb;
+            int64_t cstride;
+            const int64_t* joff;
+            if (contiguous) {
+              kb = dKt + ky * pl.D * pl.Wk + pl.xlo + s0;
+              vb = dVt + ky * pl.D * pl.Wk + pl.xlo + s0;
+              cstride = pl.Wk;
+              joff = pl.off.data();
+            } else {
+              const int64_t g = ci - pl.n_full;
+              kb = dKg.data() + (ky * pl.NG + g) * gsize;
+              vb = dVg.data() + (ky * pl.NG + g) * gsize;
+              cstride = N;
+              joff = pl.goff.data();
+            }
             for (int64_t j = 0; j < pl.kw; ++j) {
-              const T* dsv = dS.data() + (i * pl.kw + j) * N;
-              const T* pv = S.data() + (i * pl.kw + j) * N;
-              if (contiguous) {
-                Vec<T> ds = loadu(dsv), p = loadu(pv);
-                const int64_t col = xbase + pl.off[j];
-                for (int64_t c = 0; c < pl.D; ++c) {
-                  T* dkc = dKr + c * pl.Wk + col;
-                  T* dvc = dVr + c * pl.Wk + col;
-                  storeu(dkc, loadu(dkc) + ds * loadu(Qp.data() + c * pl.Ws + s0));
-                  storeu(dvc, loadu(dvc) + p * loadu(Gp.data() + c * pl.Ws + s0));
-                }
-              } else {
-                const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-                for (int lane = 0; lane < N; ++lane) {
-                  if (pl.slotx[s0 + lane] >= pl.W) continue;
-                  const int64_t col = ki[lane];
-                  const T ds = dsv[lane], p = pv[lane];
-                  for (int64_t c = 0; c < pl.D; ++c) {
-                    dKr[c * pl.Wk + col] += ds * Qp[c * pl.Ws + s0 + lane];
-                    dVr[c * pl.Wk + col] += p * Gp[c * pl.Ws + s0 + lane];
-                  }
-                }
+              Vec<T> ds = loadu(dS.data() + (i * pl.kw + j) * N);
+              Vec<T> p = loadu(S.data() + (i * pl.kw + j) * N);
+              T* kj = kb + joff[j];
+              T* vj = vb + joff[j];
+              for (int64_t c = 0; c < pl.D; ++c) {
+                T* dkc = kj + c * cstride;
+                T* dvc = vj + c * cstride;
+                storeu(dkc, loadu(dkc) + ds * loadu(Qp.data() + c * pl.Ws + s0));
+                storeu(dvc, loadu(dvc) + p * loadu(Gp.data() + c * pl.Ws + s0));
               }
             }
           }
-          if (dBt) {  // every offset, valid rows or not ("zero" keys have a logit too)
+          if (dBt) {  // every offset, valid rows or not ("zero" keys: dP = 0, dS = -P * delta)
             const int64_t tc = 2 * pl.kw - 1;
             for (int64_t i = 0; i < pl.kh; ++i) {
               T* trow = dBt + ht * tsize + pl.by[y * pl.kh + i] * tc;
               for (int64_t j = 0; j < pl.kw; ++j) {
                 const T* dsv = dS.data() + (i * pl.kw + j) * N;
                 const int32_t* bxj = pl.bx.data() + j * pl.Ws + s0;
-                // invalid rows too: "zero" keys have dP = 0, so dS = -P * delta there
                 for (int lane = 0; lane < N; ++lane)
                   if (pl.slotx[s0 + lane] < pl.W) trow[bxj[lane]] += dsv[lane];
               }
@@ -567,6 +641,23 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
           for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(dQb[c * pl.Ws + sl] * scale);
         }
       }
+      // scatter the border blocks' dK/dV back to their key columns
+      for (int64_t ky = klo; ky <= khi; ++ky)
+        for (int64_t g = 0; g < pl.NG; ++g) {
+          const int64_t s0 = (pl.n_full + g) * N;
+          const T* kg = dKg.data() + (ky * pl.NG + g) * gsize;
+          const T* vg = dVg.data() + (ky * pl.NG + g) * gsize;
+          T* kr = dKt + ky * pl.D * pl.Wk;
+          T* vr = dVt + ky * pl.D * pl.Wk;
+          for (int64_t j = 0; j < pl.kw; ++j) {
+            const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+            for (int64_t c = 0; c < pl.D; ++c)
+              for (int l = 0; l < N; ++l) {
+                kr[c * pl.Wk + ki[l]] += kg[(j * pl.D + c) * N + l];
+                vr[c * pl.Wk + ki[l]] += vg[(j * pl.D + c) * N + l];
+              }
+          }
+        }
     }
   });
   // Reduce the row-chunk partials (fixed order) and unpack into (B, H, W, NH, D).

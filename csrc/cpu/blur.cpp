@@ -486,6 +486,60 @@ static void forward_plane_k_avx512(const float* __restrict__ x, float* __restric
     }
   }
 }
+
+// Backward of the zero-padded K x K stride-1 blur, registers only:
+//   gx[h, w] = scale * f'(x[h, w]) * sum_{b<K} V_h[w + pl - b],  V_h[o] = sum_{a<K} G[h + pt - a, o]
+// with G (grad_out) zero outside its Ho x Wo extent. A 16-lane chunk of V_h starting at column
+// q = w + pl - (K-1) and the next chunk give the K shifted windows by valignd.
+template <int ACT>
+static inline __m512 grad_factor16(__m512 xv, __m512 inv_tau) {
+  if constexpr (ACT == kIdentity) {
+    return _mm512_set1_ps(1.f);
+  } else {
+    const __m512 t = tanh_approx16(_mm512_mul_ps(xv, inv_tau));
+    __m512 d = _mm512_fnmadd_ps(t, t, _mm512_set1_ps(1.f));
+    if constexpr (ACT == kTanhRelu)
+      d = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, _mm512_setzero_ps(), _CMP_GT_OQ), d);
+    return d;
+  }
+}
+
+template <int K>
+static inline __m512 vsum16(const float* const* grows, int n, int64_t start, int64_t Wo) {
+  __m512 v = _mm512_setzero_ps();
+  for (int i = 0; i < n; ++i) v = _mm512_add_ps(v, load_row16<kIdentity>(grows[i], start, Wo, v, v));
+  return v;
+}
+
+template <int ACT, int K>
+static void backward_plane_k_zeros_avx512(const float* __restrict__ gout, const float* __restrict__ x,
+                                          float* __restrict__ gin, const Geometry& g, float inv_tau_s,
+                                          float scale_s) {
+  const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
+  const __m512 inv_tau = _mm512_set1_ps(inv_tau_s), scale = _mm512_set1_ps(scale_s);
+  for (int64_t h = 0; h < H; ++h) {
+    const float* grows[K];
+    int n = 0;
+    for (int a = 0; a < K; ++a) {
+      const int64_t oh = h + g.pt - a;
+      if (oh >= 0 && oh < Ho) grows[n++] = gout + oh * Wo;
+    }
+    float* __restrict__ gr = gin + h * W;
+    const float* __restrict__ xr = x != nullptr ? x + h * W : nullptr;
+    const int64_t q0 = g.pl - (K - 1);
+    __m512 lo = vsum16<K>(grows, n, q0, Wo);
+    for (int64_t w = 0; w < W; w += 16) {
+      const __m512 hi = vsum16<K>(grows, n, q0 + w + 16, Wo);
+      __m512 acc = _mm512_add_ps(lo, shift_in16<1>(lo, hi));
+      if constexpr (K == 3) acc = _mm512_add_ps(acc, shift_in16<2>(lo, hi));
+      acc = _mm512_mul_ps(acc, scale);
+      const __mmask16 m = tail_mask(W - w);
+      if constexpr (ACT != kIdentity) acc = _mm512_mul_ps(acc, grad_factor16<ACT>(_mm512_maskz_loadu_ps(m, xr + w), inv_tau));
+      _mm512_mask_storeu_ps(gr + w, m, acc);
+      lo = hi;
+    }
+  }
+}
 #endif  // __AVX512F__
 
 // ------------------------------------------------------------------------------------------
@@ -698,6 +752,20 @@ at::Tensor blur2d_backward_cpu(const at::Tensor& grad_out_in, const std::optiona
     dispatch_act(act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
       at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (g.mode == kZeros && g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) {
+            for (int64_t p = begin; p < end; ++p) {
+              const float* xq = xp ? xp + p * g.H * g.W : nullptr;
+              if (g.kh == 2)
+                backward_plane_k_zeros_avx512<ACT, 2>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale);
+              else
+                backward_plane_k_zeros_avx512<ACT, 3>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale);
+            }
+            return;
+          }
+        }
+#endif
         std::vector<acc_t> buf(g.H * g.Wo + g.Wo + Wp + g.W + 16);
         acc_t* gvs = buf.data();
         acc_t* grow = gvs + g.H * g.Wo;

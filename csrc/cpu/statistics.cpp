@@ -320,10 +320,27 @@ static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, d
     for (int64_t i = 0; i < total; ++i) A[i] = std::sqrt(L[i]) + e;
 #pragma omp simd
     for (int64_t i = 0; i < total; ++i) L[i] = log_approx(A[i]);
-    // Values the approximation does not cover (0 when eps = 0, inf, nan, denormals).
-    for (int64_t i = 0; i < total; ++i) {
-      if (!(A[i] >= std::numeric_limits<float>::min() && A[i] <= std::numeric_limits<float>::max())) {
-        L[i] = std::log(A[i]);
+    // Values the approximation does not cover (0 when eps = 0, inf, nan, denormals): checked
+    // with a vectorised test first, fixed up with the library log only when present.
+    int bad = 0;
+    const float lo = std::numeric_limits<float>::min(), hi = std::numeric_limits<float>::max();
+#if defined(__AVX512F__)
+    {
+      const __m512 vlo = _mm512_set1_ps(lo), vhi = _mm512_set1_ps(hi);
+      int64_t i = 0;
+      for (; i + 16 <= total; i += 16) {
+        const __m512 v = _mm512_loadu_ps(A + i);
+        const __mmask16 ok = _mm512_cmp_ps_mask(v, vlo, _CMP_GE_OQ) & _mm512_cmp_ps_mask(v, vhi, _CMP_LE_OQ);
+        bad |= static_cast<int>(ok != static_cast<__mmask16>(0xFFFF));
+      }
+      for (; i < total; ++i) bad |= static_cast<int>(!(A[i] >= lo && A[i] <= hi));
+    }
+#else
+    for (int64_t i = 0; i < total; ++i) bad |= static_cast<int>(!(A[i] >= lo && A[i] <= hi));
+#endif
+    if (bad) {
+      for (int64_t i = 0; i < total; ++i) {
+        if (!(A[i] >= lo && A[i] <= hi)) L[i] = std::log(A[i]);
       }
     }
   } else {

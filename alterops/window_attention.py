@@ -31,8 +31,11 @@ window (Swin instead shrinks the window; its module wrappers do that before call
 
 Backends: ``reference`` (plain PyTorch, autograd), ``cpu`` (C++/OpenMP,
 ``csrc/cpu/window_attention.cpp``: float32, float64, bfloat16), ``triton`` (CUDA, or the
-interpreter: float32, float16, bfloat16; windows up to 256 tokens, head_dim up to 256).
-Backward returns dq, dk, dv and a deterministic gradient of the bias table.
+interpreter: float32, float16, bfloat16; windows up to 256 tokens, head_dim up to 256; larger
+windows fall back to ``reference`` under automatic selection). Automatic order: ``cpu`` then
+``reference`` on CPU, ``triton`` then ``reference`` on CUDA. The fused backends save only
+q, k, v, the output and the float32 (float64) logsumexp per query for the backward, which
+returns dq, dk, dv and a deterministic gradient of the bias table (no float atomics).
 """
 from __future__ import annotations
 

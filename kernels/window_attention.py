@@ -2,20 +2,27 @@
 
 One program handles ``WPP`` whole windows of one head: its ``BLOCK_M`` rows are the tokens of
 those windows (``NP = wh*ww`` rows per window, packed back to back; windows of 16 tokens go 4
-to a 64-row tile, 49-token windows are padded within a 64-row tile). Row coordinates come from
-index arithmetic: window -> rolled padded coordinate -> original coordinate
-``((r + shift) mod Hp, (c + shift) mod Wp)``, so q/k/v are read straight from
-``(B, H, W, heads, d)`` with their own strides (views into a fused qkv tensor work) and the
-output is written to its final place. The block-diagonal window mask, the shift-region mask
-and the padding mask (absent tokens) are computed from those coordinates; the bias is
-gathered from the ``(heads|1, 2wh-1, 2ww-1)`` table in the kernel. All of a window's keys sit
-in the tile, so the softmax is exact in one pass (no online rescaling) and the forward saves
-the logsumexp for the backward.
+to a 64-row tile, 49-token windows are padded within a 64-row tile; windows of more than 64
+tokens get the next power of two, up to 256). Row coordinates come from index arithmetic:
+window -> rolled padded coordinate -> original coordinate ``((r + sh) mod Hp, (c + sw) mod
+Wp)``, so q/k/v are read straight from ``(B, H, W, heads, d)`` with their own strides (views
+into a fused qkv tensor are read in place) and the output is written to its final place. The
+block-diagonal window mask, the shift-region mask and the padding mask (absent tokens) are
+computed from those coordinates. All of a window's keys sit in the tile, so the softmax is
+exact in one pass (no online rescaling); the forward saves the logsumexp for the backward.
+
+The bias enters as a ``(heads|1, BLOCK_M, BLOCK_M)`` float32 tile expanded once per call from
+the ``(2wh-1, 2ww-1)`` table (a few KB): loading it contiguously instead of gathering each
+element from the table keeps the backward spill-free.
 
 The backward recomputes P from the logsumexp and produces dq, dk, dv for its windows. The bias
-gradient is deterministic: each program sums its dS tiles over the window groups it owns
-(a fixed assignment) into its own partial, and the partials are reduced afterwards in a fixed
-order (sum over programs, the diagonal window blocks, then the relative offsets).
+gradient is deterministic, without float atomics: each program owns a partial ``(BLOCK_M,
+BLOCK_M)`` tile in global memory where it sums the dS tiles of the window groups assigned to
+it (a fixed assignment, fixed order); the partials are then reduced in a fixed order (sum over
+programs, the diagonal window blocks, then gathers over the relative offsets).
+
+float32 runs its dots in IEEE float32 (no TF32); float16/bfloat16 use tensor cores with
+float32 accumulation.
 """
 from __future__ import annotations
 
@@ -312,8 +319,8 @@ def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_
     BM = cfg["BLOCK_M"]
     n_windows = B * nWin
     n_groups = triton.cdiv(n_windows, cfg["WPP"])
-    if want_db:
-        n_progs = max(1, min(n_groups, 1024 // NH))
+    if want_db:  # partials: at most 2**22 floats
+        n_progs = max(1, min(n_groups, (2 ** 22 // (BM * BM)) // NH))
     else:
         n_progs = n_groups
     groups_per_prog = triton.cdiv(n_groups, n_progs)
@@ -368,6 +375,10 @@ def _aot_entry(kind: str, dtype: torch.dtype, wh: int, ww: int, head_dim: int, h
                "n_groups": "i32", "groups_per_prog": "i32", "n_progs": "i32", "scale": "fp32"}
         consts["BIAS_GRAD"] = has_bias
         kernel = window_attention2d_bwd_kernel
+    # Triton specialises integer arguments equal to 1 at launch: the unit head_dim stride of
+    # the usual layouts (contiguous, or views into a fused qkv) is compiled as a constant.
+    for name in [n for n in sig if n.startswith("s") and n.endswith("d") and len(n) == 3]:
+        consts[name] = 1
     sig.update({c: "constexpr" for c in consts})
     name = f"{kind}_{str(dtype).replace('torch.', '')}_w{wh}x{ww}_d{head_dim}"
     return {"name": name, "kernel": kernel, "signature": sig, "constexprs": consts,

@@ -37,8 +37,9 @@ C++ call / one CUDA launch per op). Gradients: the reference is differentiated b
 the fused backends' backward is the closed form in plain PyTorch (recomputing the diagonal
 bins from the saved input). Decisions where the contract is silent: an empty batch
 (``B * C == 0``) gives NaN (a mean over nothing) and empty gradients; ``feature_variance``
-needs ``H * W >= 2``; the Triton kernels handle ``H <= 64`` for ``delta_log_amplitude`` (larger
-maps use the same closed form with torch ops on that backend).
+needs ``H * W >= 2``; the Triton kernel of ``delta_log_amplitude`` handles ``H <= 64`` and the
+CUDA kernel ``H <= 512`` (256 for float64); larger maps take the same closed form (anti-diagonal
+sums and a small DFT matrix) in torch ops on those backends.
 """
 from __future__ import annotations
 
@@ -250,9 +251,23 @@ def _(x):
     return x.new_empty((), dtype=_acc_dtype(x.dtype))
 
 
+CUDA_MAX_SIZE = {torch.float64: 256}  # delta on CUDA: per-warp shared buffers; 512 for other dtypes
+
+
 def _fused_delta(backend: str, xs: Sequence[torch.Tensor], eps: float) -> list:
-    if backend in ("cpu", "cuda"):
+    if backend == "cpu":
         return list(torch.ops.alterops.delta_log_amplitude_fwd(list(xs), eps))
+    if backend == "cuda":
+        # Maps beyond the kernel's size limit take the same closed form in torch ops.
+        small = [i for i, x in enumerate(xs) if x.shape[2] <= CUDA_MAX_SIZE.get(x.dtype, 512)]
+        outs: list = [None] * len(xs)
+        if small:
+            for i, o in zip(small, torch.ops.alterops.delta_log_amplitude_fwd([xs[i] for i in small], eps)):
+                outs[i] = o
+        for i, x in enumerate(xs):
+            if outs[i] is None:
+                outs[i] = _delta_closed_form(x, eps).to(_acc_dtype(x.dtype))
+        return outs
     return [torch.ops.alterops.delta_log_amplitude_triton(x, eps) for x in xs]
 
 

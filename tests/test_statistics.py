@@ -102,6 +102,9 @@ def test_delta_channels_last_and_strided(backend):
     assert_close(ao.delta_log_amplitude(view, backend=backend).cpu(), paper_delta(view.cpu()),
                  paper_delta(view.cpu().float()).float())
     assert torch.equal(big, make_input((2, 6, 12, 12), torch.float32, device)), "input was modified"
+    for t in (x, view):
+        assert_close(ao.feature_variance(t, backend=backend).cpu(), t.cpu().double().var(dim=(2, 3)).mean(),
+                     t.cpu().var(dim=(2, 3)).mean())
 
 
 def test_delta_float64_agrees_to_1e10():

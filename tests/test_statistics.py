@@ -447,3 +447,14 @@ def test_backend_table_and_auto_selection():
     b = ao.delta_log_amplitude(x)  # auto: the C++ kernel on the CPU
     assert_close(b, paper_delta(x), paper_delta(x.float()).float())
     assert_close(a, paper_delta(x), paper_delta(x.float()).float())
+
+
+@pytest.mark.parametrize("n", [9, 70])
+def test_closed_form_used_beyond_kernel_limits(n):
+    """Triton (H > 64) and CUDA (H > 512) hand large maps to this torch-ops closed form."""
+    from alterops.statistics import _delta_closed_form
+
+    x = make_input((2, 3, n, n), torch.float32, "cpu")
+    assert_close(_delta_closed_form(x, 1e-6), paper_delta(x), paper_delta(x.float()).float())
+    x64 = x.double()
+    torch.testing.assert_close(_delta_closed_form(x64, 1e-6), paper_delta(x64), rtol=0, atol=1e-10)

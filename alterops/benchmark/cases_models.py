@@ -1,0 +1,189 @@
+"""Model-level benchmark cases: whole training steps and forwards with the fused ops swapped in.
+
+* ``alternet50_cifar_train_step_b{B}``: one forward + backward (cross-entropy, gradients of every
+  parameter; no optimizer step) of the CIFAR Alter-ResNet-50 (``alternet50(100)``, train mode,
+  stochastic depth off so that every call does the same work), B×3×32×32. Ours: the fused
+  backend chosen automatically (``cpu`` on the CPU, ``triton`` on CUDA); peer ``reference ops``:
+  the same model and weights with every op on the ``reference`` backend (plain PyTorch, as the
+  paper's code). Throughput in images/s is ``B / median time``.
+* ``alternet50_cifar_msa_blocks_train_step_b{B}``: the same, restricted to the model's four MSA
+  blocks at their CIFAR input shapes (16×16×512, 8×8×1024, 4×4×2048 twice): the part of the step the
+  fused op changes (the 13 bottlenecks are identical on both sides).
+* ``hf_swin_t_fwd_b{B}`` / ``hf_swin_t_train_step_b{B}``: Hugging Face ``SwinModel(SwinConfig())``
+  (Swin-T: 224², window 7, embed 96, depths 2-2-6-2; random weights, eval mode) before
+  (peer ``HF Swin-T``, its default attention implementation) and after ``alterops.swap`` (ours).
+  The train step backpropagates ``mean(last_hidden_state²)``.
+
+``flops`` and ``bytes`` are 0 (these are throughput cases; the op-level cases report rates).
+CPU: float32; CUDA: float32 for the train steps, bfloat16 autocast off (same dtype both sides).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+import alterops
+from alterops.models import MSABlock, alternet50
+
+from .registry import Case, Workload, register
+
+TARGET = 1.3
+
+
+def _set_backend(model, backend):
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return model
+
+
+def _close_check(ours, peer, rtol=2e-3):
+    def check():
+        a, b = ours(), peer()
+        scale = b.abs().max().item()
+        err = (a - b).abs().max().item()
+        if err > rtol * scale + 1e-5:
+            raise AssertionError(f"outputs differ by {err:.3e} (max {scale:.3e})")
+
+    return check
+
+
+# ---------------------------------------------------------------------------------------------
+# AlterNet
+# ---------------------------------------------------------------------------------------------
+def _alternet_pair(device):
+    torch.manual_seed(0)
+    fused = alternet50(100, "cifar", drop_path=0.0).to(device)
+    reference = _set_backend(copy.deepcopy(fused), "reference")
+    return fused, reference
+
+
+def _make_alternet_step(batch):
+    def make(device, quick):
+        B = 2 if quick else batch
+        fused, reference = _alternet_pair(device)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(B, 3, 32, 32, generator=g).to(device)
+        y = torch.randint(0, 100, (B,), generator=g).to(device)
+
+        def step(model):
+            def run():
+                model.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            return run
+
+        def forward(model):
+            def run():
+                with torch.no_grad():
+                    return model.eval()(x)
+
+            return run
+
+        def check():
+            _close_check(forward(fused), forward(reference))()
+            fused.train(), reference.train()
+
+        return Workload(ours=step(fused), peers={"reference ops": step(reference)},
+                        targets={f"speedup:reference ops": TARGET}, check=check,
+                        note=f"CIFAR Alter-ResNet-50 fwd+bwd, B={B} 32x32; images/s = {B} / median s")
+
+    return make
+
+
+def _make_msa_blocks(batch):
+    def make(device, quick):
+        B = 2 if quick else batch
+        fused, reference = _alternet_pair(device)
+        blocks_f = [m for m in fused.modules() if isinstance(m, MSABlock)]
+        blocks_r = [m for m in reference.modules() if isinstance(m, MSABlock)]
+        g = torch.Generator().manual_seed(1)
+        shapes = [(512, 16), (1024, 8), (2048, 4), (2048, 4)]
+        xs = [torch.randn(B, c, s, s, generator=g).to(device) for c, s in shapes]
+
+        def step(blocks):
+            def run():
+                total = 0.0
+                for blk, x in zip(blocks, xs):
+                    blk.zero_grad(set_to_none=True)
+                    y = blk(x)
+                    y.square().mean().backward()
+                    total += float(y.detach().abs().mean())
+                return torch.tensor(total)
+
+            return run
+
+        return Workload(ours=step(blocks_f), peers={"reference ops": step(blocks_r)},
+                        targets={"speedup:reference ops": TARGET}, check=_close_check(step(blocks_f), step(blocks_r)),
+                        note=f"the 4 MSA blocks of CIFAR AlterNet-50, fwd+bwd, B={B}")
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Swin-T
+# ---------------------------------------------------------------------------------------------
+def _swin_pair(device):
+    from transformers import SwinConfig, SwinModel
+
+    torch.manual_seed(0)
+    peer = SwinModel(SwinConfig()).to(device).eval()
+    with torch.no_grad():
+        for name, p in peer.named_parameters():
+            if "relative_position_bias_table" in name:
+                p.normal_(0, 0.02)
+    ours = copy.deepcopy(peer)
+    report = alterops.swap(ours)
+    if report.count() == 0:
+        raise RuntimeError(f"alterops.swap replaced nothing in Swin-T:\n{report}")
+    return ours, peer
+
+
+def _make_swin(batch, train):
+    def make(device, quick):
+        B = 1 if quick else batch
+        size = 224
+        ours_m, peer_m = _swin_pair(device)
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(B, 3, size, size, generator=g).to(device)
+
+        def run(model):
+            if train:
+                def f():
+                    model.zero_grad(set_to_none=True)
+                    out = model(pixel_values=x).last_hidden_state
+                    out.square().mean().backward()
+                    return out.detach()
+            else:
+                def f():
+                    with torch.no_grad():
+                        return model(pixel_values=x).last_hidden_state
+            return f
+
+        what = "fwd+bwd" if train else "forward"
+        return Workload(ours=run(ours_m), peers={"HF Swin-T": run(peer_m)}, targets={"speedup:HF Swin-T": TARGET},
+                        check=_close_check(run(ours_m), run(peer_m)),
+                        note=f"HF SwinModel(SwinConfig()) {what}, B={B} {size}x{size}, swapped vs original")
+
+    return make
+
+
+def _have_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+register(Case("models", "alternet50_cifar_train_step_b8", _make_alternet_step(8), default=True, max_repeats=5))
+register(Case("models", "alternet50_cifar_msa_blocks_train_step_b16", _make_msa_blocks(16), default=True,
+              max_repeats=10))
+if _have_transformers():
+    register(Case("models", "hf_swin_t_fwd_b8", _make_swin(8, train=False), default=True, max_repeats=5))
+    register(Case("models", "hf_swin_t_train_step_b8", _make_swin(8, train=True), default=False, max_repeats=5))

@@ -316,6 +316,43 @@ static void mix_row(const T* P, const KeyView<T>* views, const int64_t* row_i, i
   }
 }
 
+// dst[c*dstride + 0:V] += sum_j Wt[j*ws - off[j] + 0:V] * A[c*ws - off[j] + 0:V], NC channels from c0.
+template <typename T, int NC>
+static inline void key_sum_block(const T* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw, int64_t c0,
+                                 T* dst, int64_t dstride) {
+  Vec<T> acc[NC];
+  for (int cc = 0; cc < NC; ++cc) acc[cc] = splat<T>(T(0));
+  for (int64_t j = 0; j < kw; ++j) {
+    Vec<T> w = loadu(Wt + j * ws - off[j]);
+    const T* a = A + c0 * ws - off[j];
+    for (int cc = 0; cc < NC; ++cc) acc[cc] += w * loadu(a + cc * ws);
+  }
+  for (int cc = 0; cc < NC; ++cc) {
+    T* d = dst + (c0 + cc) * dstride;
+    storeu(d, loadu(d) + acc[cc]);
+  }
+}
+
+template <typename T>
+static void key_sum_row(const T* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw, int64_t D, T* dst,
+                        int64_t dstride) {
+  for (int64_t c0 = 0; c0 < D; c0 += 8) {
+    int64_t nc = std::min<int64_t>(8, D - c0);
+#define NA_KS(NCV) key_sum_block<T, NCV>(Wt, A, ws, off, kw, c0, dst, dstride)
+    switch (nc) {
+      case 8: NA_KS(8); break;
+      case 7: NA_KS(7); break;
+      case 6: NA_KS(6); break;
+      case 5: NA_KS(5); break;
+      case 4: NA_KS(4); break;
+      case 3: NA_KS(3); break;
+      case 2: NA_KS(2); break;
+      default: NA_KS(1); break;
+    }
+#undef NA_KS
+  }
+}
+
 // Per-task key storage: transposed rows Kt[y][c][Wk] (sink column W = 0) and the gathered
 // border blocks Kg[y][g][j][c][V].
 template <typename T>
@@ -372,17 +409,18 @@ static void pack_keys(const at::Tensor& src, int64_t b, int64_t h, int64_t ylo, 
 
 // Pack row y of t[b, y, :, h, :] into dst[c][slot] (slot order, dummy slots zero), times mul.
 template <typename scalar_t, typename T>
-static void pack_row(const at::Tensor& t, int64_t b, int64_t y, int64_t h, const Plan<T>& pl, T mul, T* dst) {
+static void pack_row(const at::Tensor& t, int64_t b, int64_t y, int64_t h, const Plan<T>& pl, T mul, T* dst,
+                     int64_t dstride) {
   const scalar_t* base = t.data_ptr<scalar_t>();
   auto st = t.strides();
   for (int64_t sl = 0; sl < pl.Ws; ++sl) {
     int64_t x = pl.slotx[sl];
     if (x >= pl.W) {
-      for (int64_t c = 0; c < pl.D; ++c) dst[c * pl.Ws + sl] = T(0);
+      for (int64_t c = 0; c < pl.D; ++c) dst[c * dstride + sl] = T(0);
       continue;
     }
     const scalar_t* src = base + b * st[0] + y * st[1] + x * st[2] + h * st[3];
-    for (int64_t c = 0; c < pl.D; ++c) dst[c * pl.Ws + sl] = static_cast<T>(src[c * st[4]]) * mul;
+    for (int64_t c = 0; c < pl.D; ++c) dst[c * dstride + sl] = static_cast<T>(src[c * st[4]]) * mul;
   }
 }
 
@@ -408,7 +446,8 @@ static void key_rows(const Plan<T>& pl, int64_t y0, int64_t y1, int64_t& lo, int
 
 // Logits of one slot block (V queries of row y) against all neighbours -> S[kh*kw][V].
 template <typename T>
-static void block_logits(const Plan<T>& pl, const T* Qp, KeyPack<T>& kp, int64_t ht, int64_t y, int64_t ci, T* S) {
+static void block_logits(const Plan<T>& pl, const T* Qp, int64_t astride, KeyPack<T>& kp, int64_t ht, int64_t y,
+                         int64_t ci, T* S) {
   constexpr int N = VecOf<T>::N;
   const int64_t s0 = ci * N;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -423,7 +462,7 @@ static void block_logits(const Plan<T>& pl, const T* Qp, KeyPack<T>& kp, int64_t
       continue;
     }
     KeyView<T> kv = key_view(pl, kp, pl.rowpos[y * pl.kh + i], ci);
-    dot_row<T>(Qp + s0, pl.Ws, pl.D, kv, pl.kw, Si);
+    dot_row<T>(Qp + s0, astride, pl.D, kv, pl.kw, Si);
     for (int64_t j = 0; j < pl.kw; ++j) storeu(Si + j * N, loadu(Si + j * N) + loadu(brow + j * pl.Ws + s0));
   }
 }
@@ -464,11 +503,11 @@ static void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
       pack_keys<scalar_t, T>(k, b, h, klo, khi, pl, Kp);
       pack_keys<scalar_t, T>(v, b, h, klo, khi, pl, Vp);
       for (int64_t y = y0; y < y1; ++y) {
-        pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data());
+        pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data(), pl.Ws);
         T* Lrow = L + (bh * pl.H + y) * pl.W;
         for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
           const int64_t s0 = ci * N;
-          block_logits<T>(pl, Qp.data(), Kp, ht, y, ci, S.data());
+          block_logits<T>(pl, Qp.data(), pl.Ws, Kp, ht, y, ci, S.data());
           Vec<T> m = loadu(S.data());
           for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S.data() + n * N));
           Vec<T> l = splat<T>(T(0));
@@ -524,13 +563,20 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
   auto ost = out.strides();
   scalar_t* DQ = dq.data_ptr<scalar_t>();
   const int64_t gsize = pl.kw * pl.D * N;
+  const int64_t reach = ((pl.kw - 1) / 2) * pl.dw;
+  const int64_t LP = (pl.xlo + reach + N - 1) / N * N;        // left margin of the row buffers
+  const int64_t qs = LP + pl.Wk + (reach + 1 + N - 1) / N * N;  // row stride with both margins
 
   at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<T> Kp, Vp;
     Kp.alloc(pl);
     Vp.alloc(pl);
     std::vector<T> dKg(std::max<int64_t>(1, pl.H * pl.NG * gsize)), dVg(dKg.size());
-    std::vector<T> Qp(pl.D * pl.Ws), Gp(pl.D * pl.Ws), S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
+    // Query-row buffers with zero margins, so that key-centric sums can read shifted windows.
+    std::vector<T> Qbuf(pl.D * qs, T(0)), Gbuf(pl.D * qs, T(0)), Prow(K2 * qs, T(0)), dSrow(K2 * qs, T(0));
+    T* Qp = Qbuf.data() + LP;
+    T* Gp = Gbuf.data() + LP;
+    std::vector<T> S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
     std::vector<T> lse_s(pl.Ws), delta_s(pl.Ws);
     std::vector<KeyView<T>> kviews(pl.kh), vviews(pl.kh);
     std::vector<int64_t> row_i(pl.kh);
@@ -549,8 +595,8 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
       T* dVt = dVp.data() + t * plane;
       T* dBt = dbias ? dB.data() + t * pl.nht * tsize : nullptr;
       for (int64_t y = y0; y < y1; ++y) {
-        pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data());
-        pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp.data());
+        pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
+        pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {
           int64_t x = pl.slotx[sl];
           if (x >= pl.W) {
@@ -561,7 +607,7 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
           lse_s[sl] = L[(bh * pl.H + y) * pl.W + x];
           const scalar_t* o = Oin + b * ost[0] + y * ost[1] + x * ost[2] + h * ost[3];
           T acc = 0;
-          for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[4]]) * Gp[c * pl.Ws + sl];
+          for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[4]]) * Gp[c * qs + sl];
           delta_s[sl] = acc;
         }
         for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
@@ -575,49 +621,41 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
               vviews[nrows] = key_view(pl, Vp, ky, ci);
               row_i[nrows++] = i;
             }
-          block_logits<T>(pl, Qp.data(), Kp, ht, y, ci, S.data());
+          block_logits<T>(pl, Qp, qs, Kp, ht, y, ci, S.data());
           Vec<T> lv = loadu(lse_s.data() + s0), dl = loadu(delta_s.data() + s0);
           for (int64_t n = 0; n < K2; ++n) storeu(S.data() + n * N, vexp(loadu(S.data() + n * N) - lv));
           // dP = dO . V over valid rows (invalid rows: zero values, dP = 0)
           std::fill(dS.begin(), dS.end(), T(0));
           for (int64_t r = 0; r < nrows; ++r)
-            dot_row<T>(Gp.data() + s0, pl.Ws, pl.D, vviews[r], pl.kw, dS.data() + row_i[r] * pl.kw * N);
+            dot_row<T>(Gp + s0, qs, pl.D, vviews[r], pl.kw, dS.data() + row_i[r] * pl.kw * N);
           for (int64_t n = 0; n < K2; ++n) {
             Vec<T> p = loadu(S.data() + n * N);
             storeu(dS.data() + n * N, p * (loadu(dS.data() + n * N) - dl));
           }
           // dQ (before the scale) = dS . K
           mix_row<T>(dS.data(), kviews.data(), row_i.data(), nrows, pl.kw, pl.D, dQb.data() + s0, pl.Ws);
-          // dK += dS^T . Qscaled, dV += P^T . dO, into the transposed rows (interior blocks) or
-          // the gathered border blocks (scattered back once per task below)
-          for (int64_t r = 0; r < nrows; ++r) {
-            const int64_t i = row_i[r], ky = pl.rowpos[y * pl.kh + i];
-            T* kb;
-            T* vb;
-            int64_t cstride;
-            const int64_t* joff;
-            if (contiguous) {
-              kb = dKt + ky * pl.D * pl.Wk + pl.xlo + s0;
-              vb = dVt + ky * pl.D * pl.Wk + pl.xlo + s0;
-              cstride = pl.Wk;
-              joff = pl.off.data();
-            } else {
-              const int64_t g = ci - pl.n_full;
-              kb = dKg.data() + (ky * pl.NG + g) * gsize;
-              vb = dVg.data() + (ky * pl.NG + g) * gsize;
-              cstride = N;
-              joff = pl.goff.data();
+          if (contiguous) {
+            // interior block: keep P and dS for the key-centric dK/dV sums after the row
+            for (int64_t n = 0; n < K2; ++n) {
+              storeu(Prow.data() + n * qs + LP + s0, loadu(S.data() + n * N));
+              storeu(dSrow.data() + n * qs + LP + s0, loadu(dS.data() + n * N));
             }
-            for (int64_t j = 0; j < pl.kw; ++j) {
-              Vec<T> ds = loadu(dS.data() + (i * pl.kw + j) * N);
-              Vec<T> p = loadu(S.data() + (i * pl.kw + j) * N);
-              T* kj = kb + joff[j];
-              T* vj = vb + joff[j];
-              for (int64_t c = 0; c < pl.D; ++c) {
-                T* dkc = kj + c * cstride;
-                T* dvc = vj + c * cstride;
-                storeu(dkc, loadu(dkc) + ds * loadu(Qp.data() + c * pl.Ws + s0));
-                storeu(dvc, loadu(dvc) + p * loadu(Gp.data() + c * pl.Ws + s0));
+          } else {
+            // border block: dK += dS^T . Qscaled, dV += P^T . dO into the gathered copies
+            const int64_t g = ci - pl.n_full;
+            for (int64_t r = 0; r < nrows; ++r) {
+              const int64_t i = row_i[r], ky = pl.rowpos[y * pl.kh + i];
+              T* kb = dKg.data() + (ky * pl.NG + g) * gsize;
+              T* vb = dVg.data() + (ky * pl.NG + g) * gsize;
+              for (int64_t j = 0; j < pl.kw; ++j) {
+                Vec<T> ds = loadu(dS.data() + (i * pl.kw + j) * N);
+                Vec<T> p = loadu(S.data() + (i * pl.kw + j) * N);
+                T* kj = kb + pl.goff[j];
+                T* vj = vb + pl.goff[j];
+                for (int64_t c = 0; c < pl.D; ++c) {
+                  storeu(kj + c * N, loadu(kj + c * N) + ds * loadu(Qp + c * qs + s0));
+                  storeu(vj + c * N, loadu(vj + c * N) + p * loadu(Gp + c * qs + s0));
+                }
               }
             }
           }
@@ -631,6 +669,25 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
                 for (int lane = 0; lane < N; ++lane)
                   if (pl.slotx[s0 + lane] < pl.W) trow[bxj[lane]] += dsv[lane];
               }
+            }
+          }
+        }
+        // Interior queries' dK, dV, key-centric: key column x' receives dS[i][j] * Q of query
+        // slot x' - off_j - xlo (zero margins outside the interior blocks): loads only, one
+        // read-modify-write of each dK/dV vector per (row, key block).
+        if (pl.n_full > 0) {
+          for (int64_t i = 0; i < pl.kh; ++i) {
+            if (!pl.rowvalid[y * pl.kh + i]) continue;
+            const int64_t ky = pl.rowpos[y * pl.kh + i];
+            T* dKr = dKt + ky * pl.D * pl.Wk;
+            T* dVr = dVt + ky * pl.D * pl.Wk;
+            const int64_t xend = std::min<int64_t>(pl.Wk, pl.xlo + pl.n_full * N + pl.off[pl.kw - 1]);
+            for (int64_t x0 = 0; x0 < xend; x0 += N) {
+              const int64_t sh = LP + x0 - pl.xlo;
+              key_sum_row<T>(dSrow.data() + i * pl.kw * qs + sh, Qp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
+                             dKr + x0, pl.Wk);
+              key_sum_row<T>(Prow.data() + i * pl.kw * qs + sh, Gp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
+                             dVr + x0, pl.Wk);
             }
           }
         }

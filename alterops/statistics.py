@@ -131,16 +131,18 @@ _TRIG_CACHE: dict = {}
 def _diag_trig(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """cos, sin of 2πks/n as ``(K, n)`` and the ``(n*n,)`` anti-diagonal index (y + x) mod n."""
     key = (n, dtype, str(device))
-    hit = _TRIG_CACHE.get(key)
+    compiling = torch.compiler.is_compiling()  # no global mutation while tracing
+    hit = None if compiling else _TRIG_CACHE.get(key)
     if hit is None:
         k = torch.arange(n - n // 2, dtype=torch.int64)
         s = torch.arange(n, dtype=torch.int64)
         ang = (2.0 * math.pi / n) * ((k[:, None] * s[None, :]) % n).double()
         idx = ((s[:, None] + s[None, :]) % n).reshape(-1)
         hit = (ang.cos().to(dtype=dtype, device=device), ang.sin().to(dtype=dtype, device=device), idx.to(device))
-        if len(_TRIG_CACHE) > 64:
-            _TRIG_CACHE.clear()
-        _TRIG_CACHE[key] = hit
+        if not compiling:
+            if len(_TRIG_CACHE) > 64:
+                _TRIG_CACHE.clear()
+            _TRIG_CACHE[key] = hit
     return hit
 
 

@@ -424,9 +424,14 @@ def test_opcheck_triton_ops():
 def test_torch_compile_fullgraph(backend):
     device = skip_unless("delta_log_amplitude", backend, torch.float32)
     torch._dynamo.reset()
+    import alterops.statistics as stats_module
+
+    stats_module._TRIG_CACHE.clear()  # tracing must not depend on (or mutate) module caches
 
     def f(t):
-        return ao.delta_log_amplitude(t, backend=backend).sum() + ao.feature_variance(t, backend=backend)
+        batched = ao.feature_statistics([t, t[:, :, :4, :4]], backend=backend)
+        return (ao.delta_log_amplitude(t, backend=backend).sum() + ao.feature_variance(t, backend=backend)
+                + batched[1]["delta_log_amplitude"].sum() + batched[0]["feature_variance"])
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     x = make_input((2, 3, 6, 6), torch.float32, device).requires_grad_()

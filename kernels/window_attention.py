@@ -79,15 +79,28 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, scale, bias_ptr, group, kgroup, qofs, kofs,
-            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
+def _qk(Q, K, qrow, krow, sqd, skd, present, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+        DC: tl.constexpr, NCHUNK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """q k^T over head_dim in chunks of DC columns (keeps only (BLOCK_M, DC) operand tiles live)."""
+    s = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    for c in tl.static_range(NCHUNK):
+        dc = c * DC + tl.arange(0, DC)
+        cm = present[:, None] & (dc[None, :] < HEAD_DIM)
+        qc = tl.load(Q + qrow[:, None] + dc[None, :] * sqd, mask=cm, other=0.0)
+        kc = tl.load(K + krow[:, None] + dc[None, :] * skd, mask=cm, other=0.0)
+        s += _mm(qc, tl.trans(kc), IEEE, UPCAST)
+    return s
+
+
+@triton.jit
+def _bias_mask(s, scale, bias_ptr, group, kgroup, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Logits of the tile: scale q.k + bias, -inf where the key is in another window, another
     shift region or absent (a padded row keeps itself, so every softmax row is finite). The
     bias comes as this head's (BLOCK_M, BLOCK_M) tile of the table, expanded per call from
     the (2wh-1)x(2ww-1) table (contiguous loads: a per-element gather here costs registers
     that the backward cannot spare)."""
-    s = _mm(q, tl.trans(k), IEEE, UPCAST) * scale
     t = tl.arange(0, BLOCK_M)
+    s = s * scale
     allowed = (group[:, None] == kgroup[None, :]) | (t[:, None] == t[None, :])
     if HAS_BIAS:
         s += tl.load(bias_ptr + (t[:, None] * BLOCK_M + t[None, :]))
@@ -103,31 +116,32 @@ def window_attention2d_fwd_kernel(
     H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, bias_hstride,
     scale,
     HEAD_DIM: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, WPP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, DC: tl.constexpr, NCHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_group = tl.program_id(0)
     h = tl.program_id(1)
     b, y, x, present, group, kgroup, qofs, kofs = _rows(pid_group, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
                                                         WH, WW, NP, WPP, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
     y64 = y.to(tl.int64)
     x64 = x.to(tl.int64)
-    lmask = present[:, None] & (dd[None, :] < HEAD_DIM)
-    q = tl.load(Q + (b64 * sqb + y64 * sqy + x64 * sqx + h * sqh)[:, None] + dd[None, :] * sqd, mask=lmask, other=0.0)
-    k = tl.load(K + (b64 * skb + y64 * sky + x64 * skx + h * skh)[:, None] + dd[None, :] * skd, mask=lmask, other=0.0)
-    v = tl.load(V + (b64 * svb + y64 * svy + x64 * svx + h * svh)[:, None] + dd[None, :] * svd, mask=lmask, other=0.0)
-
-    s = _scores(q, k, scale, Bias + h * bias_hstride, group, kgroup, qofs, kofs, HAS_BIAS, IEEE, UPCAST, BLOCK_M)
+    qrow = b64 * sqb + y64 * sqy + x64 * sqx + h * sqh
+    krow = b64 * skb + y64 * sky + x64 * skx + h * skh
+    vrow = b64 * svb + y64 * svy + x64 * svx + h * svh
+    s = _qk(Q, K, qrow, krow, sqd, skd, present, HEAD_DIM, BLOCK_M, DC, NCHUNK, IEEE, UPCAST)
+    s = _bias_mask(s, scale, Bias + h * bias_hstride, group, kgroup, HAS_BIAS, BLOCK_M)
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     l = tl.sum(p, axis=1)
-    o = _mm(p.to(v.dtype), v, IEEE, UPCAST)
-    o = o / l[:, None]
-
+    p = (p / l[:, None]).to(V.dtype.element_ty)
     row = ((b64 * H + y64) * W + x64) * NH + h
-    tl.store(Out + row[:, None] * HEAD_DIM + dd[None, :], o.to(Out.dtype.element_ty), mask=lmask)
+    for c in tl.static_range(NCHUNK):
+        dc = c * DC + tl.arange(0, DC)
+        cm = present[:, None] & (dc[None, :] < HEAD_DIM)
+        vc = tl.load(V + vrow[:, None] + dc[None, :] * svd, mask=cm, other=0.0)
+        oc = _mm(p, vc, IEEE, UPCAST)
+        tl.store(Out + row[:, None] * HEAD_DIM + dc[None, :], oc.to(Out.dtype.element_ty), mask=cm)
     tl.store(Lse + row, m + tl.log(l), mask=present)
 
 
@@ -142,13 +156,12 @@ def window_attention2d_bwd_kernel(
     n_groups, groups_per_prog, n_progs,
     scale,
     HEAD_DIM: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, NP: tl.constexpr, WPP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, DC: tl.constexpr, NCHUNK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
     t = tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
     # This program's own partial of the bias gradient (no other program touches it): the dS
     # tiles of its window groups are summed there in a fixed order (read-modify-write in
     # global memory, which keeps the loop free of a loop-carried BLOCK_M^2 register tile).
@@ -157,34 +170,50 @@ def window_attention2d_bwd_kernel(
         tl.store(part_ptr, tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32))
     for it in range(0, groups_per_prog):
         grp = pid * groups_per_prog + it
+        # grp >= n_groups gives windows >= n_windows: every row is invalid.
         b, y, x, present, group, kgroup, qofs, kofs = _rows(grp, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw,
                                                             WH, WW, NP, WPP, BLOCK_M)
-        # grp >= n_groups gives windows >= n_windows: every row is invalid already.
         b64 = b.to(tl.int64)
         y64 = y.to(tl.int64)
         x64 = x.to(tl.int64)
-        lmask = present[:, None] & (dd[None, :] < HEAD_DIM)
+        qrow = b64 * sqb + y64 * sqy + x64 * sqx + h * sqh
+        krow = b64 * skb + y64 * sky + x64 * skx + h * skh
+        vrow = b64 * svb + y64 * svy + x64 * svx + h * svh
+        grow = b64 * sgb + y64 * sgy + x64 * sgx + h * sgh
         row = ((b64 * H + y64) * W + x64) * NH + h
-        optr = row[:, None] * HEAD_DIM + dd[None, :]
-        # Ordered so that each tile dies early (keeps the kernel spill-free).
-        q = tl.load(Q + (b64 * sqb + y64 * sqy + x64 * sqx + h * sqh)[:, None] + dd[None, :] * sqd, mask=lmask, other=0.0)
-        k = tl.load(K + (b64 * skb + y64 * sky + x64 * skx + h * skh)[:, None] + dd[None, :] * skd, mask=lmask, other=0.0)
         lse = tl.load(Lse + row, mask=present, other=float("inf"))  # absent rows: P = 0
-        s = _scores(q, k, scale, Bias + h * bias_hstride, group, kgroup, qofs, kofs, HAS_BIAS, IEEE, UPCAST,
-                    BLOCK_M)
+        s = _qk(Q, K, qrow, krow, sqd, skd, present, HEAD_DIM, BLOCK_M, DC, NCHUNK, IEEE, UPCAST)
+        s = _bias_mask(s, scale, Bias + h * bias_hstride, group, kgroup, HAS_BIAS, BLOCK_M)
         p = tl.exp(s - lse[:, None])
-        do = tl.load(DO + (b64 * sgb + y64 * sgy + x64 * sgx + h * sgh)[:, None] + dd[None, :] * sgd, mask=lmask, other=0.0)
-        dv = _mm(tl.trans(p.to(do.dtype)), do, IEEE, UPCAST)
-        tl.store(DV + optr, dv.to(DV.dtype.element_ty), mask=lmask)
-        o = tl.load(O + optr, mask=lmask, other=0.0)
-        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-        v = tl.load(V + (b64 * svb + y64 * svy + x64 * svx + h * svh)[:, None] + dd[None, :] * svd, mask=lmask, other=0.0)
-        dp = _mm(do, tl.trans(v), IEEE, UPCAST)
+        pt = tl.trans(p.to(DO.dtype.element_ty))  # P^T, operand of dV = P^T dO
+        # dP = dO V^T, delta = rowsum(dO * O), dV = P^T dO: one pass over head_dim chunks.
+        dp = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        delta = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for c in tl.static_range(NCHUNK):
+            dc = c * DC + tl.arange(0, DC)
+            cm = present[:, None] & (dc[None, :] < HEAD_DIM)
+            optr = row[:, None] * HEAD_DIM + dc[None, :]
+            doc = tl.load(DO + grow[:, None] + dc[None, :] * sgd, mask=cm, other=0.0)
+            dvc = _mm(pt, doc, IEEE, UPCAST)
+            tl.store(DV + optr, dvc.to(DV.dtype.element_ty), mask=cm)
+            oc = tl.load(O + optr, mask=cm, other=0.0)
+            delta += tl.sum(doc.to(tl.float32) * oc.to(tl.float32), axis=1)
+            vc = tl.load(V + vrow[:, None] + dc[None, :] * svd, mask=cm, other=0.0)
+            dp += _mm(doc, tl.trans(vc), IEEE, UPCAST)
         ds = p * (dp - delta[:, None])
-        dq = _mm(ds.to(k.dtype), k, IEEE, UPCAST) * scale
-        tl.store(DQ + optr, dq.to(DQ.dtype.element_ty), mask=lmask)
-        dk = _mm(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST) * scale
-        tl.store(DK + optr, dk.to(DK.dtype.element_ty), mask=lmask)
+        dsq = ds.to(Q.dtype.element_ty)
+        dst = tl.trans(dsq)
+        # dQ = scale dS K, dK = scale dS^T Q, per head_dim chunk.
+        for c in tl.static_range(NCHUNK):
+            dc = c * DC + tl.arange(0, DC)
+            cm = present[:, None] & (dc[None, :] < HEAD_DIM)
+            optr = row[:, None] * HEAD_DIM + dc[None, :]
+            kc = tl.load(K + krow[:, None] + dc[None, :] * skd, mask=cm, other=0.0)
+            dqc = _mm(dsq, kc, IEEE, UPCAST) * scale
+            tl.store(DQ + optr, dqc.to(DQ.dtype.element_ty), mask=cm)
+            qc = tl.load(Q + qrow[:, None] + dc[None, :] * sqd, mask=cm, other=0.0)
+            dkc = _mm(dst, qc, IEEE, UPCAST) * scale
+            tl.store(DK + optr, dkc.to(DK.dtype.element_ty), mask=cm)
         if BIAS_GRAD:
             tl.store(part_ptr, tl.load(part_ptr) + ds)
             tl.debug_barrier()
@@ -198,20 +227,20 @@ def _next_pow2(n: int) -> int:
 
 
 def tile_config(N: int, head_dim: int, dtype: torch.dtype, backward: bool) -> dict:
-    """Rows per program, windows per program, head-dim block and warps for N-token windows."""
+    """Rows per program, windows per program, head-dim chunking and warps for N-token windows.
+
+    Windows of up to 64 tokens share a 64-row tile (WPP = 64 // N of them), larger windows get
+    the next power of two (up to 256). head_dim is processed in chunks of DC columns (16 in the
+    backward and for float32, 32 in the half-precision forward), so only (BLOCK_M, DC) operand
+    tiles are live at a time (this is what keeps the kernels within 255 registers)."""
     block_d = max(16, _next_pow2(head_dim))
     if N <= 64:
-        block_m = 64
-        wpp = 64 // N
-        if block_d >= 256 or (backward and block_d >= 128 and dtype == torch.float32):
-            block_m = max(16, _next_pow2(N))
-            wpp = block_m // N
+        block_m, wpp = 64, 64 // N
     else:
-        block_m = _next_pow2(N)
-        wpp = 1
-    big = block_m * block_d
-    num_warps = 8
-    return {"BLOCK_M": block_m, "WPP": wpp, "BLOCK_D": block_d, "num_warps": num_warps, "num_stages": 1}
+        block_m, wpp = _next_pow2(N), 1
+    dc = min(block_d, 16 if (backward or dtype == torch.float32) else 32)
+    return {"BLOCK_M": block_m, "WPP": wpp, "DC": dc, "NCHUNK": block_d // dc,
+            "num_warps": 8 if block_m <= 128 else 16, "num_stages": 1}
 
 
 @functools.lru_cache(maxsize=64)
@@ -268,7 +297,7 @@ def forward(q, k, v, bias, window_size, shift, scale):
         *q.stride(), *k.stride(), *v.stride(),
         H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, bias_hstride,
         float(scale),
-        HEAD_DIM=D, WH=wh, WW=ww, NP=N, WPP=cfg["WPP"], BLOCK_M=cfg["BLOCK_M"], BLOCK_D=cfg["BLOCK_D"],
+        HEAD_DIM=D, WH=wh, WW=ww, NP=N, WPP=cfg["WPP"], BLOCK_M=cfg["BLOCK_M"], DC=cfg["DC"], NCHUNK=cfg["NCHUNK"],
         HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -335,7 +364,7 @@ def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_
         H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, bias_hstride,
         n_groups, groups_per_prog, n_progs,
         float(scale),
-        HEAD_DIM=D, WH=wh, WW=ww, NP=N, WPP=cfg["WPP"], BLOCK_M=BM, BLOCK_D=cfg["BLOCK_D"],
+        HEAD_DIM=D, WH=wh, WW=ww, NP=N, WPP=cfg["WPP"], BLOCK_M=BM, DC=cfg["DC"], NCHUNK=cfg["NCHUNK"],
         HAS_BIAS=has_bias, BIAS_GRAD=want_db, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -364,7 +393,7 @@ def _aot_entry(kind: str, dtype: torch.dtype, wh: int, ww: int, head_dim: int, h
     strides = {f"s{a}{b}": "i32" for a in ("q", "k", "v") for b in ("b", "y", "x", "h", "d")}
     geo = {n: "i32" for n in ("H", "W", "NH", "Hp", "Wp", "nWx", "nWin", "n_windows", "sh", "sw", "bias_hstride")}
     consts = {"HEAD_DIM": head_dim, "WH": wh, "WW": ww, "NP": N, "WPP": cfg["WPP"], "BLOCK_M": cfg["BLOCK_M"],
-              "BLOCK_D": cfg["BLOCK_D"], "HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "UPCAST": False}
+              "DC": cfg["DC"], "NCHUNK": cfg["NCHUNK"], "HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "UPCAST": False}
     if kind == "fwd":
         sig = {"Q": p, "K": p, "V": p, "Bias": "*fp32", "Out": p, "Lse": "*fp32", **strides, **geo, "scale": "fp32"}
         kernel = window_attention2d_fwd_kernel

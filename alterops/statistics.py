@@ -313,6 +313,23 @@ class _FeatureVarianceFn(torch.autograd.Function):
         return tuple(out)
 
 
+def _needs_grad(xs) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def _apply_delta(backend: str, eps: float, xs) -> list:
+    # Without autograd the op is called directly (less per-call overhead; same kernels).
+    if _needs_grad(xs):
+        return list(_DeltaLogAmplitudeFn.apply(backend, eps, *xs))
+    return _fused_delta(backend, xs, eps)
+
+
+def _apply_variance(backend: str, xs) -> list:
+    if _needs_grad(xs):
+        return list(_FeatureVarianceFn.apply(backend, *xs))
+    return _fused_variance(backend, xs)
+
+
 # =========================================================================================
 # Backend tables, validation and the public functions.
 # =========================================================================================
@@ -403,7 +420,7 @@ def delta_log_amplitude(x: torch.Tensor, eps: float = 1e-6, *, backend: str | No
     chosen = _select(_DELTA, backend, x.device, x.dtype)
     if chosen == "reference":
         return delta_log_amplitude_reference(x, eps)
-    return _DeltaLogAmplitudeFn.apply(chosen, eps, x)[0]
+    return _apply_delta(chosen, eps, [x])[0]
 
 
 def feature_variance(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -419,7 +436,7 @@ def feature_variance(x: torch.Tensor, *, backend: str | None = None) -> torch.Te
     chosen = _select(_VARIANCE, backend, x.device, x.dtype)
     if chosen == "reference":
         return feature_variance_reference(x)
-    return _FeatureVarianceFn.apply(chosen, x)[0]
+    return _apply_variance(chosen, [x])[0]
 
 
 def log_amplitude_spectrum(x: torch.Tensor, eps: float = 1e-6, *, backend: str | None = None) -> torch.Tensor:
@@ -538,13 +555,13 @@ def feature_statistics(maps: Iterable[torch.Tensor], stats: Sequence[str] = ("de
             if chosen == "reference" or not nonempty:
                 outs = [delta_log_amplitude(maps[i], eps, backend="reference") for i in idx]
             else:
-                outs = list(_DeltaLogAmplitudeFn.apply(chosen, eps, *xs))
+                outs = _apply_delta(chosen, eps, xs)
             for i, o in zip(idx, outs):
                 results[i]["delta_log_amplitude"] = o
         if "feature_variance" in stats:
             chosen = _select(_VARIANCE, backend, device, dtype)
             outs = ([feature_variance_reference(x) for x in xs] if chosen == "reference"
-                    else list(_FeatureVarianceFn.apply(chosen, *xs)))
+                    else _apply_variance(chosen, xs))
             for i, o in zip(idx, outs):
                 results[i]["feature_variance"] = o
         for i in idx:

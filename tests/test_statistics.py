@@ -118,12 +118,15 @@ def test_delta_cpu_is_deterministic():
     skip_unless("delta_log_amplitude", "cpu", torch.float32)
     x = make_input((8, 40, 14, 14), torch.float32, "cpu")
     a = ao.delta_log_amplitude(x, backend="cpu")
+    va = ao.feature_variance(x, backend="cpu")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         b = ao.delta_log_amplitude(x, backend="cpu")
+        vb = ao.feature_variance(x, backend="cpu")
     finally:
-        torch.set_num_threads(2)
-    assert torch.equal(a, b)
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b) and torch.equal(va, vb)
 
 
 # ---------------------------------------------------------------------------------------

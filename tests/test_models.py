@@ -196,8 +196,9 @@ def test_training_fused_matches_reference(variant, backend):
     missing = [op for op in OPS_USED[variant] if not runnable(op, backend)]
     if missing:
         pytest.skip(f"{backend!r} cannot run {missing} here")
-    ref_losses, ref_grads = train_steps(variant, "reference", 3, full=False)
-    losses, grads = train_steps(variant, backend, 3, full=False)
+    steps = 2 if backend == "triton" else 3  # the interpreter is slow
+    ref_losses, ref_grads = train_steps(variant, "reference", steps, full=False)
+    losses, grads = train_steps(variant, backend, steps, full=False)
     assert losses[-1] < losses[0]
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
     assert_grads_match(grads, ref_grads)

@@ -12,6 +12,7 @@ import copy
 import importlib
 import math
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -314,6 +315,122 @@ def test_hf_swin_autocast_bfloat16():
     assert (a.float() - b.float()).abs().max() < 0.1 * a.float().abs().max()
 
 
+# transformers 4.x laid SwinLayer out differently (attention.self.query/key/value, attention.output,
+# intermediate/output); a layer with that structure and forward, written from the 4.x source,
+# checks that path of the swap without installing an old transformers.
+class _V4SelfAttention(nn.Module):
+    def __init__(self, dim, heads, window):
+        super().__init__()
+        self.num_attention_heads, self.attention_head_size = heads, dim // heads
+        self.window_size = (window, window)
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, heads) * 0.5)
+        ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+        ys, xs = ys.flatten(), xs.flatten()
+        index = (ys[:, None] - ys[None, :] + window - 1) * (2 * window - 1) + (xs[:, None] - xs[None, :] + window - 1)
+        self.register_buffer("relative_position_index", index)
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(0.0)
+
+    def forward(self, x, mask=None, head_mask=None, output_attentions=False):
+        b, n, c = x.shape
+        q, k, v = (l(x).view(b, n, self.num_attention_heads, -1).transpose(1, 2) for l in (self.query, self.key, self.value))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.attention_head_size)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        scores = scores + bias.permute(2, 0, 1)[None]
+        if mask is not None:
+            nw = mask.shape[0]
+            scores = (scores.view(b // nw, nw, -1, n, n) + mask[None, :, None]).view(-1, self.num_attention_heads, n, n)
+        probs = self.dropout(scores.softmax(-1))
+        if head_mask is not None:
+            probs = probs * head_mask
+        ctx = (probs @ v).transpose(1, 2).reshape(b, n, c)
+        return (ctx, probs) if output_attentions else (ctx,)
+
+
+class _V4Dense(nn.Module):
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        self.dense, self.dropout = nn.Linear(dim_in, dim_out), nn.Dropout(0.0)
+
+    def forward(self, x, *unused):
+        return self.dropout(self.dense(x))
+
+
+class _V4Attention(nn.Module):
+    def __init__(self, dim, heads, window):
+        super().__init__()
+        self.self, self.output = _V4SelfAttention(dim, heads, window), _V4Dense(dim, dim)
+
+    def forward(self, x, mask=None, head_mask=None, output_attentions=False):
+        out = self.self(x, mask, head_mask, output_attentions)
+        return (self.output(out[0], x),) + out[1:]
+
+
+class SwinLayer(nn.Module):
+    def __init__(self, dim, heads, window, shift):
+        super().__init__()
+        self.shift_size, self.window_size = shift, window
+        self.layernorm_before = nn.LayerNorm(dim)
+        self.attention = _V4Attention(dim, heads, window)
+        self.drop_path = nn.Identity()
+        self.layernorm_after = nn.LayerNorm(dim)
+        self.intermediate = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU())
+        self.output = _V4Dense(2 * dim, dim)
+
+    def set_shift_and_window_size(self, resolution):
+        if min(resolution) <= self.window_size:
+            self.shift_size, self.window_size = 0, min(resolution)
+
+    def maybe_pad(self, x, height, width):
+        pad_r = (self.window_size - width % self.window_size) % self.window_size
+        pad_b = (self.window_size - height % self.window_size) % self.window_size
+        return F.pad(x, (0, 0, 0, pad_r, 0, pad_b)), (0, 0, 0, pad_r, 0, pad_b)
+
+    def forward(self, hidden_states, input_dimensions, head_mask=None, output_attentions=False, always_partition=False):
+        if not always_partition:
+            self.set_shift_and_window_size(input_dimensions)
+        H, W = input_dimensions
+        B, _, C = hidden_states.shape
+        w, s = self.window_size, self.shift_size
+        shortcut = hidden_states
+        x, _ = self.maybe_pad(self.layernorm_before(hidden_states).view(B, H, W, C), H, W)
+        Hp, Wp = x.shape[1:3]
+        x = torch.roll(x, (-s, -s), (1, 2)) if s else x
+        win = x.view(B, Hp // w, w, Wp // w, w, C).transpose(2, 3).reshape(-1, w * w, C)
+        mask = SwinTransformerBlock.attn_mask(SimpleNamespace(window_size=(w, w), shift_size=(s, s)), Hp, Wp)
+        outs = self.attention(win, mask, head_mask, output_attentions=output_attentions)
+        x = outs[0].view(B, Hp // w, Wp // w, w, w, C).transpose(2, 3).reshape(B, Hp, Wp, C)
+        x = torch.roll(x, (s, s), (1, 2)) if s else x
+        x = x[:, :H, :W].reshape(B, H * W, C)
+        hidden_states = shortcut + self.drop_path(x)
+        out = hidden_states + self.output(self.intermediate(self.layernorm_after(hidden_states)))
+        return (out, outs[1]) if output_attentions else (out,)
+
+
+SwinLayer.__module__ = "transformers.models.swin.modeling_swin"  # matched like the library's class
+
+
+@pytest.mark.parametrize("hw", [(8, 8), (6, 7)], ids=["divisible", "padded"])
+def test_transformers_v4_layout(hw):
+    torch.manual_seed(0)
+    layers = nn.ModuleList([SwinLayer(16, 2, 4, 0), SwinLayer(16, 2, 4, 2)]).eval()
+    swapped = copy.deepcopy(layers)
+    report = alterops.swap(swapped)
+    assert report.count("hf_swin") == 2, str(report)
+    x = torch.randn(2, hw[0] * hw[1], 16)
+
+    def run(m):
+        h = x
+        for layer in m:
+            h = layer(h, hw)[0]
+        return h
+
+    check_same(layers, swapped, run)
+    # head_mask / output_attentions take the original path
+    hm = torch.rand(2)[None, :, None, None]
+    torch.testing.assert_close(swapped[1](x, hw, hm, True)[1], layers[1](x, hw, hm, True)[1])
+
+
 # =============================================================================================
 # timm's SwinTransformerBlock
 # =============================================================================================
@@ -362,7 +479,7 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.drop_path2 = nn.Identity()
 
-    def attn_mask(self, Hp, Wp):
+    def attn_mask(self, Hp, Wp):  # also called with a namespace (the 4.x-layout layer above)
         (wh, ww), (sh, sw) = self.window_size, self.shift_size
         if not (sh or sw):
             return None

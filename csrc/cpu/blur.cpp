@@ -394,7 +394,9 @@ static inline __m512 load_row16(const float* __restrict__ xr, int64_t start, int
 template <int ACT, int K>
 static void forward_plane_k_zeros_avx512(const float* __restrict__ x, float* __restrict__ out, const Geometry& g,
                                          float tau_s, float inv_tau_s, float scale_s, float* __restrict__ ring,
-                                         int64_t ring_stride, const float* __restrict__ zero) {
+                                         int64_t ring_stride, const float* __restrict__ zero,
+                                         const __mmask16* __restrict__ in_mask) {
+  // in_mask[j]: the lanes of x[16*j - pl .. +15] inside [0, W), the same for every row.
   const int64_t H = g.H, W = g.W, Wo = g.Wo, pl = g.pl;
   const int64_t Hp = g.Ho + K - 1;
   const __m512 tau = _mm512_set1_ps(tau_s), inv_tau = _mm512_set1_ps(inv_tau_s), scale = _mm512_set1_ps(scale_s);
@@ -418,9 +420,9 @@ static void forward_plane_k_zeros_avx512(const float* __restrict__ x, float* __r
     const float* __restrict__ xr = x + s * W;
     float* __restrict__ hc = ring + (r % K) * ring_stride;
     rows[K - 1] = hc;
-    __m512 va = load_row16<ACT>(xr, -pl, W, tau, inv_tau);
-    for (int64_t o = 0; o < Wo; o += 16) {
-      const __m512 vb = load_row16<ACT>(xr, o + 16 - pl, W, tau, inv_tau);
+    __m512 va = pointwise16<ACT>(_mm512_maskz_loadu_ps(in_mask[0], xr - pl), tau, inv_tau);
+    for (int64_t o = 0, j = 1; o < Wo; o += 16, ++j) {
+      const __m512 vb = pointwise16<ACT>(_mm512_maskz_loadu_ps(in_mask[j], xr + (o + 16 - pl)), tau, inv_tau);
       __m512 v = _mm512_add_ps(va, shift_in16<1>(va, vb));
       if constexpr (K == 3) v = _mm512_add_ps(v, shift_in16<2>(va, vb));
       _mm512_storeu_ps(hc + o, v);
@@ -669,13 +671,22 @@ at::Tensor blur2d_forward_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_siz
             float* zero = prow + (Wp + 48) / 16 * 16;
             float* ring = zero + stride;
             if (g.mode == kZeros) {
+              const int64_t nchunks = (g.Wo + 15) / 16;
+              std::vector<__mmask16> in_mask(nchunks + 1);
+              for (int64_t j = 0; j <= nchunks; ++j) {
+                const int64_t start = 16 * j - g.pl;
+                const int64_t lo = start < 0 ? -start : 0, hi = g.W - start < 16 ? g.W - start : 16;
+                uint32_t bits = 0;
+                for (int64_t l = lo; l < hi; ++l) bits |= 1u << l;
+                in_mask[j] = __mmask16(bits);
+              }
               for (int64_t p = begin; p < end; ++p) {
                 if (fast_k == 2)
                   forward_plane_k_zeros_avx512<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
-                                                       scale, ring, stride, zero);
+                                                       scale, ring, stride, zero, in_mask.data());
                 else
                   forward_plane_k_zeros_avx512<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
-                                                       scale, ring, stride, zero);
+                                                       scale, ring, stride, zero, in_mask.data());
               }
               return;
             }

@@ -5,8 +5,8 @@ What is recognised (by structure: the attributes and children each family's forw
 =====================================  ==========================================================
 family                                 fused as
 =====================================  ==========================================================
-Hugging Face ``SwinLayer``              LayerNorm → zero-pad to window multiples (as Swin) → one
-(transformers 4.x and 5.x)              fused q/k/v projection → ``window_attention2d`` with the
+Hugging Face ``SwinLayer``              LayerNorm → zero-pad to window multiples (as Swin) → the
+(transformers 4.x and 5.x)              layer's q/k/v projections → ``window_attention2d`` with the
                                         layer's shift (cyclic shift + mask fused) and its bias
                                         table → crop → output projection; the rest unchanged
 Hugging Face ``Swinv2Layer``            the same with cosine attention: ``normalize(q)·τ_h`` and
@@ -120,15 +120,9 @@ class _Fused:
 
 
 def _qkv_proj(x, lq, lk, lv, heads):
-    """One GEMM for three Linear layers: ``(..., C)`` → q, k, v views ``(..., heads, d)``."""
-    w = torch.cat([lq.weight, lk.weight, lv.weight], 0)
-    if lq.bias is None and lk.bias is None and lv.bias is None:
-        b = None
-    else:
-        b = torch.cat([l.bias if l.bias is not None else l.weight.new_zeros(l.weight.shape[0]) for l in (lq, lk, lv)])
-    y = F.linear(x, w, b)
-    y = y.view(*x.shape[:-1], 3, heads, y.shape[-1] // (3 * heads))
-    return y.unbind(-3)
+    """q, k, v ``(..., heads, d)`` from three projection modules, each called as a module (so that
+    hooks and adapters wrapping them, e.g. LoRA, still apply); no weight concatenation per call."""
+    return tuple(l(x).unflatten(-1, (heads, -1)) for l in (lq, lk, lv))
 
 
 def _qk_flip_table(table, wh, ww, heads):

@@ -38,6 +38,10 @@ CASES = [
     ((1, 2, 2, 3), 2, 1, 1, "reflect"),
     ((1, 1, 1, 3), 3, 2, 1, "replicate"),
     ((1, 2, 6, 6), 1, 1, 0, "zeros"),
+    ((1, 2, 5, 37), 2, 1, 1, "zeros"),  # rows wider than one or two 16-lane vectors
+    ((1, 2, 4, 33), 3, 1, "same", "zeros"),
+    ((1, 1, 3, 48), 3, 1, (1, 2), "zeros"),
+    ((1, 1, 4, 40), 2, 1, (0, 1), "reflect"),
 ]
 # the Triton interpreter is slow: a subset that still covers every mode, stride and size kind
 TRITON_CASES = [CASES[i] for i in (0, 2, 4, 6, 9, 11)] + [((1, 1, 6, 5), (5, 3), 2, (2, 1), "reflect")]

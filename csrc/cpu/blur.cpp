@@ -506,17 +506,17 @@ static inline __m512 grad_factor16(__m512 xv, __m512 inv_tau) {
   }
 }
 
-template <int K>
-static inline __m512 vsum16(const float* const* grows, int n, int64_t start, int64_t Wo) {
+static inline __m512 vsum16(const float* const* grows, int n, int64_t start, __mmask16 m) {
   __m512 v = _mm512_setzero_ps();
-  for (int i = 0; i < n; ++i) v = _mm512_add_ps(v, load_row16<kIdentity>(grows[i], start, Wo, v, v));
+  for (int i = 0; i < n; ++i) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, grows[i] + start));
   return v;
 }
 
 template <int ACT, int K>
 static void backward_plane_k_zeros_avx512(const float* __restrict__ gout, const float* __restrict__ x,
                                           float* __restrict__ gin, const Geometry& g, float inv_tau_s,
-                                          float scale_s) {
+                                          float scale_s, const __mmask16* __restrict__ g_mask) {
+  // g_mask[j]: the lanes of a grad_out row at columns pl - (K-1) + 16*j .. +15 inside [0, Wo).
   const int64_t H = g.H, W = g.W, Ho = g.Ho, Wo = g.Wo;
   const __m512 inv_tau = _mm512_set1_ps(inv_tau_s), scale = _mm512_set1_ps(scale_s);
   for (int64_t h = 0; h < H; ++h) {
@@ -529,9 +529,9 @@ static void backward_plane_k_zeros_avx512(const float* __restrict__ gout, const 
     float* __restrict__ gr = gin + h * W;
     const float* __restrict__ xr = x != nullptr ? x + h * W : nullptr;
     const int64_t q0 = g.pl - (K - 1);
-    __m512 lo = vsum16<K>(grows, n, q0, Wo);
-    for (int64_t w = 0; w < W; w += 16) {
-      const __m512 hi = vsum16<K>(grows, n, q0 + w + 16, Wo);
+    __m512 lo = vsum16(grows, n, q0, g_mask[0]);
+    for (int64_t w = 0, j = 1; w < W; w += 16, ++j) {
+      const __m512 hi = vsum16(grows, n, q0 + w + 16, g_mask[j]);
       __m512 acc = _mm512_add_ps(lo, shift_in16<1>(lo, hi));
       if constexpr (K == 3) acc = _mm512_add_ps(acc, shift_in16<2>(lo, hi));
       acc = _mm512_mul_ps(acc, scale);
@@ -766,12 +766,23 @@ at::Tensor blur2d_backward_cpu(const at::Tensor& grad_out_in, const std::optiona
 #if defined(__AVX512F__)
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (g.mode == kZeros && g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) {
+            const int64_t nchunks = (g.W + 15) / 16;
+            std::vector<__mmask16> g_mask(nchunks + 1);
+            for (int64_t j = 0; j <= nchunks; ++j) {
+              const int64_t start = g.pl - (g.kh - 1) + 16 * j;
+              const int64_t lo = start < 0 ? -start : 0, hi = g.Wo - start < 16 ? g.Wo - start : 16;
+              uint32_t bits = 0;
+              for (int64_t l = lo; l < hi; ++l) bits |= 1u << l;
+              g_mask[j] = __mmask16(bits);
+            }
             for (int64_t p = begin; p < end; ++p) {
               const float* xq = xp ? xp + p * g.H * g.W : nullptr;
               if (g.kh == 2)
-                backward_plane_k_zeros_avx512<ACT, 2>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale);
+                backward_plane_k_zeros_avx512<ACT, 2>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale,
+                                                      g_mask.data());
               else
-                backward_plane_k_zeros_avx512<ACT, 3>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale);
+                backward_plane_k_zeros_avx512<ACT, 3>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale,
+                                                      g_mask.data());
             }
             return;
           }

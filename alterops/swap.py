@@ -5,8 +5,8 @@ What is recognised (by structure: the attributes and children each family's forw
 =====================================  ==========================================================
 family                                 fused as
 =====================================  ==========================================================
-Hugging Face ``SwinLayer``              LayerNorm → zero-pad to window multiples (as Swin) → the
-(transformers 4.x and 5.x)              layer's q/k/v projections → ``window_attention2d`` with the
+Hugging Face ``SwinLayer``,             LayerNorm → zero-pad to window multiples (as Swin) → the
+``DonutSwinLayer`` (4.x and 5.x)        layer's q/k/v projections → ``window_attention2d`` with the
                                         layer's shift (cyclic shift + mask fused) and its bias
                                         table → crop → output projection; the rest unchanged
 Hugging Face ``Swinv2Layer``            the same with cosine attention: ``normalize(q)·τ_h`` and
@@ -21,6 +21,9 @@ paper's ``ConvAttention2d``             ``neighborhood_attention2d(border="zero"
 paper's ``TanhBlurBlock``               ``tanh_blur2d`` (its blur must be an ``AvgPool2d``)
 ``nn.AvgPool2d`` with stride 1          ``box_blur2d`` (the blur paper's ``AvgPool2d(2, 1, 1)``)
 =====================================  ==========================================================
+
+Other Swin copies in transformers (``MaskFormerSwinLayer``, ``Swin2SRLayer``) differ in details
+of their forward and are reported as skipped.
 
 How. Each matched module keeps its identity, children, parameters, buffers, hooks and state-dict
 keys: only its class is switched to a generated subclass (``Fused<Name>``) whose ``forward`` calls
@@ -94,8 +97,10 @@ def _fused_class(base: type, kind: str) -> type:
             params = inspect.signature(base.forward).parameters
         except (TypeError, ValueError):
             params = {}
+        # names of the optional positional arguments after (self, hidden_states, input_dimensions),
+        # for the Hugging Face layers whose signatures changed across versions
         attrs = {"__module__": __name__, "_alterops_kind": kind, "_alterops_base": base,
-                 "_alterops_has_head_mask": "head_mask" in params}
+                 "_alterops_argnames": tuple(params)[3:]}
         cls = type(f"Fused{base.__name__}", (mixin, base), attrs)
         _FUSED_CLASSES[key] = cls
     return cls
@@ -189,15 +194,12 @@ class _FusedHFSwinLayer(_Fused):
 
     def forward(self, hidden_states, input_dimensions, *args, **kwargs):
         new_api = hasattr(self.attention, "q_proj")
-        if new_api:
-            always_partition = kwargs.get("always_partition", args[0] if args else False)
-            unsupported = False
-        else:  # 4.x: (hidden_states, input_dimensions, head_mask=None, output_attentions=False, always_partition=False)
-            names = ("head_mask", "output_attentions", "always_partition")
-            opts = dict(zip(names, args))
-            opts.update({n: kwargs[n] for n in names if n in kwargs})
-            always_partition = opts.get("always_partition", False)
-            unsupported = opts.get("head_mask") is not None or bool(opts.get("output_attentions"))
+        # 4.x: (…, head_mask=None, output_attentions=False, always_partition=False);
+        # 5.x: (…, always_partition=False, **kwargs); DonutSwin 5.x: (…, output_attentions, always_partition)
+        opts = dict(zip(self._alterops_argnames, args))
+        opts.update(kwargs)
+        always_partition = bool(opts.get("always_partition", False))
+        unsupported = opts.get("head_mask") is not None or bool(opts.get("output_attentions"))
         if not always_partition:
             self.set_shift_and_window_size(input_dimensions)
         if unsupported or not self._alterops_can_fuse():
@@ -218,8 +220,22 @@ class _FusedHFSwinLayer(_Fused):
         return (hidden_states + self.output(layer_output),)
 
 
+# transformers classes whose forward is Swin's (checked against their source); other Swin copies
+# in transformers (MaskFormerSwinLayer, Swin2SRLayer, ...) differ in details and are reported skipped.
+_HF_SWIN_V1 = ("SwinLayer", "DonutSwinLayer")
+_HF_SWIN_V2 = ("Swinv2Layer",)
+
+
+def _match_hf_other(m):
+    name = type(m).__name__
+    if (type(m).__module__.startswith("transformers.") and "Swin" in name and name.endswith("Layer")
+            and name not in _HF_SWIN_V1 + _HF_SWIN_V2 and hasattr(m, "attention")):
+        return ("skip", f"{name}: a Swin variant whose forward differs from SwinLayer's; not swapped")
+    return None
+
+
 def _match_hf_swin(m):
-    if not type(m).__name__.endswith("SwinLayer") or not type(m).__module__.startswith("transformers."):
+    if type(m).__name__ not in _HF_SWIN_V1 or not type(m).__module__.startswith("transformers."):
         return None
     need = ("layernorm_before", "layernorm_after", "attention", "drop_path", "maybe_pad",
             "set_shift_and_window_size", "window_size", "shift_size")
@@ -245,9 +261,8 @@ def _match_hf_swin(m):
 class _FusedHFSwinV2Layer(_Fused):
     def forward(self, hidden_states, input_dimensions, *args, **kwargs):
         # 4.x: (…, head_mask=None, output_attentions=False); 5.x: (…, output_attentions=False)
-        names = ("head_mask", "output_attentions") if self._alterops_has_head_mask else ("output_attentions",)
-        opts = dict(zip(names, args))
-        opts.update({n: kwargs[n] for n in names if n in kwargs})
+        opts = dict(zip(self._alterops_argnames, args))
+        opts.update(kwargs)
         sa = self.attention.self
         ws = int(self.window_size)
         if (opts.get("head_mask") is not None or opts.get("output_attentions")
@@ -278,7 +293,7 @@ class _FusedHFSwinV2Layer(_Fused):
 
 
 def _match_hf_swinv2(m):
-    if not type(m).__name__.endswith("Swinv2Layer") or not type(m).__module__.startswith("transformers."):
+    if type(m).__name__ not in _HF_SWIN_V2 or not type(m).__module__.startswith("transformers."):
         return None
     s = getattr(getattr(m, "attention", None), "self", None)
     need = ("query", "key", "value", "logit_scale", "continuous_position_bias_mlp", "relative_coords_table",
@@ -524,6 +539,7 @@ _MIXINS = {
 _MATCHERS = (
     ("attention", _match_hf_swin),
     ("attention", _match_hf_swinv2),
+    ("attention", _match_hf_other),
     ("attention", _match_timm_swin),
     ("attention", _match_local_attention),
     ("attention", _match_conv_attention),

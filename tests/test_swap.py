@@ -292,6 +292,23 @@ def test_hf_swin_for_classification_compile_and_fallbacks():
     torch.testing.assert_close(out.attentions[-1], ref.attentions[-1])
 
 
+def test_hf_swin_copies_in_other_models():
+    # DonutSwin keeps SwinLayer's forward (4.x layout, no head_mask): swapped; MaskFormer's Swin
+    # differs (no window clamping in its forward): reported skipped.
+    cfg = dict(image_size=28, patch_size=2, embed_dim=24, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    torch.manual_seed(0)
+    donut = transformers.DonutSwinModel(transformers.DonutSwinConfig(**cfg)).eval()
+    randomise(donut)
+    swapped = copy.deepcopy(donut)
+    assert alterops.swap(swapped).count("hf_swin") == 4
+    x = torch.randn(2, 3, 28, 28)
+    check_same(donut, swapped, lambda m: m(x).last_hidden_state)
+    mask_former = transformers.MaskFormerSwinModel(transformers.MaskFormerSwinConfig(**cfg))
+    report = alterops.swap(mask_former)
+    assert report.count() == 0 and len(report.skipped) == 4
+    assert all("MaskFormerSwinLayer" in why for _, _, why in report.skipped)
+
+
 def test_hf_swin_training_with_dropout_falls_back():
     model = hf_model(1, 32, 4, attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1).train()
     swapped = copy.deepcopy(model)

@@ -7,13 +7,20 @@
 // before padding, and padding = (top, bottom, left, right) >= 0 filled per pad_mode
 // (0 zeros, 1 replicate, 2 reflect). The mean always divides by kh*kw (count_include_pad).
 //
-// Work is split over the B*C planes (at::parallel_for, OpenMP). Each plane is read once and
-// written once: the pointwise op runs on one padded row in a small buffer, the horizontal
-// window sums of every source row go to an L1/L2-resident (H+1) x Wo buffer (the extra row is
-// all zeros, used for zero padding), and the vertical sums are formed from those rows. Padded
-// rows are never materialised: a padded row index is mapped to its source row. Half types are
-// accumulated in float, float64 in double. Inputs are made contiguous first (a channels-last
-// or strided input costs one copy); outputs are contiguous NCHW.
+// Work is split over the B*C planes (OpenMP, dynamically scheduled chunks of planes). Each
+// plane is read once and written once:
+//  * general path (any kernel, stride, padding): the pointwise op runs on one padded row in a
+//    small buffer, the horizontal window sums of every source row go to an L1/L2-resident
+//    (H+1) x Wo buffer (the extra row is all zeros, used for zero padding), and the vertical
+//    sums are formed from those rows; the backward is its transpose (vertical scatter onto
+//    source rows, horizontal scatter, fold of the padding columns back onto their sources);
+//  * K x K stride-1 windows (K = 2, 3: the paper's blur and 3x3 "same"): one pass per padded
+//    row with a ring of K rows of horizontal sums;
+//  * float32 with AVX-512, zero padding, K x K stride 1: registers only, masked loads supply the
+//    zero padding and valignd the shifted windows (forward and backward).
+// Padded rows are never materialised: a padded index is mapped to its source index. Half types
+// are accumulated in float, float64 in double. Inputs are made contiguous first (a
+// channels-last or strided input costs one copy); outputs are contiguous NCHW.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -640,6 +647,22 @@ static void dispatch_act(int64_t act, F&& f) {
   else f(std::integral_constant<int, kTanhRelu>{});
 }
 
+// Runs f(begin, end) over [0, n) in chunks handed out dynamically to the OpenMP threads
+// (at::get_num_threads() of them): on a busy machine a thread that loses its core does not
+// hold back a statically assigned half of the planes. Nested calls run serially.
+template <typename F>
+static void parallel_planes(int64_t n, const F& f) {
+  const int nt = at::get_num_threads();
+  if (nt <= 1 || n <= 1 || at::in_parallel_region()) {
+    f(int64_t(0), n);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, n / (8 * int64_t(nt))));
+  const int64_t nchunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t c = 0; c < nchunks; ++c) f(c * chunk, std::min(n, (c + 1) * chunk));
+}
+
 at::Tensor blur2d_forward_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size, at::IntArrayRef stride,
                               at::IntArrayRef padding, int64_t pad_mode, int64_t act, double tau) {
   TORCH_CHECK(x_in.dim() == 4, "blur2d_forward: x must be (B, C, H, W), got ", x_in.sizes());
@@ -660,7 +683,7 @@ at::Tensor blur2d_forward_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_siz
     dispatch_act(act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
       const int fast_k = (g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) ? int(g.kh) : 0;
-      at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+      parallel_planes(planes, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (fast_k != 0) {
@@ -762,7 +785,7 @@ at::Tensor blur2d_backward_cpu(const at::Tensor& grad_out_in, const std::optiona
     const int64_t Wp = g.pl + g.W + g.pr;
     dispatch_act(act, [&](auto act_c) {
       constexpr int ACT = decltype(act_c)::value;
-      at::parallel_for(0, planes, 1, [&](int64_t begin, int64_t end) {
+      parallel_planes(planes, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (g.mode == kZeros && g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) {

@@ -160,9 +160,18 @@ class OpBackends:
         return None
 
     def select(self, requested: str | None, device: torch.device, dtype: torch.dtype) -> str:
-        requested = _check_name(requested, "backend")
+        """The backend to run: ``requested`` if given and able, else the one in force
+        (``set_backend`` / ``ALTEROPS_BACKEND``), else the first able one in the ``auto`` order.
+
+        Under ``torch.compile`` the choice is made once at trace time: it depends only on the
+        process (what is installed and built), the request, the backend in force (read here, so
+        dynamo guards on it), the device and the dtype.
+        """
+        return _select_constant(self.op, _check_name(requested, "backend"), get_backend(), device, dtype)
+
+    def _select(self, requested: str | None, in_force: str | None, device: torch.device, dtype: torch.dtype) -> str:
         if requested is None:
-            requested = get_backend()
+            requested = in_force
         if requested is not None:
             reason = self.why_not(requested, device, dtype)
             if reason is not None:
@@ -185,6 +194,22 @@ class OpBackends:
 
 
 _REGISTRY: dict[str, OpBackends] = {}
+
+
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` when
+    alterops is imported (that import pulls in Triton, which a pure-CPU user may not have).
+    ``tests/test_package.py`` checks that this is what torch's decorator does."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
+def _select_constant(op: str, requested: str | None, in_force: str | None, device: torch.device,
+                     dtype: torch.dtype) -> str:
+    # Availability checks call into the dispatcher and import Triton: not traceable, and
+    # constant for the life of the process, so dynamo treats the result as a constant.
+    return _REGISTRY[op]._select(requested, in_force, device, dtype)
 
 
 def register(table: OpBackends) -> OpBackends:

@@ -43,6 +43,15 @@ def test_nvcc_compiles_clean(source, arch, tmp_path):
     assert not stacks, f"stack frame (local memory) in {os.path.basename(source)} for sm_{arch}:\n{log[-4000:]}"
 
 
+def _nvcc_include_dir() -> str:
+    """The CUDA headers nvcc itself uses (nvcc may be a wrapper script elsewhere on PATH)."""
+    proc = subprocess.run([NVCC, "-dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                          capture_output=True, text=True, timeout=120)
+    found = re.findall(r'INCLUDES="-I([^"]+)"', proc.stdout + proc.stderr)
+    assert found, "could not read nvcc's include directory from `nvcc -dryrun`"
+    return os.path.normpath(found[0].strip())
+
+
 BINDINGS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
 CXX = shutil.which("g++") or shutil.which("c++")
 
@@ -57,7 +66,7 @@ def test_cuda_bindings_typecheck(source, tmp_path):
     shim = tmp_path / "c10" / "cuda" / "impl"
     shim.mkdir(parents=True)
     (shim / "cuda_cmake_macros.h").write_text("")
-    cuda_include = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(NVCC))), "include")
+    cuda_include = _nvcc_include_dir()
     cmd = [CXX, "-std=c++20", "-fsyntax-only", "-DALTEROPS_WITH_CUDA=1", "-I", str(tmp_path), "-I", cuda_include,
            "-I", os.path.join(ROOT, "csrc")]
     for p in include_paths():

@@ -95,6 +95,27 @@ def test_env_default_backend():
     assert proc.returncode != 0 and "ALTEROPS_BACKEND" in proc.stderr
 
 
+def test_constant_marking_matches_torch():
+    """_dispatch marks its selection function constant for dynamo the way torch's own decorator does."""
+    import torch._dynamo
+
+    def f():
+        return 1
+
+    marked = torch._dynamo.assume_constant_result(f)
+    assert getattr(marked, "_dynamo_marked_constant", False) is True
+    assert getattr(_dispatch._select_constant, "_dynamo_marked_constant", False) is True
+
+
+def test_backend_choice_under_torch_compile_follows_set_backend():
+    x = torch.randn(1, 2, 6, 5)
+    f = torch.compile(lambda t: alterops.box_blur2d(t), fullgraph=True)
+    expected = torch.nn.functional.avg_pool2d(x, 2, 1, 1)
+    torch.testing.assert_close(f(x), expected)
+    with alterops.set_backend("reference"):
+        torch.testing.assert_close(f(x), expected)
+
+
 def test_auto_falls_back_to_reference_for_unsupported_dtype():
     table = _dispatch.registry()["box_blur2d"]
     assert table.select(None, torch.device("cpu"), torch.float16) == "reference"
@@ -104,8 +125,10 @@ def test_import_without_extension_or_triton():
     """A machine with no compiler and no Triton imports alterops and runs `reference`; asking
     for a missing backend names what is missing and how to get it."""
     code = """
-import sys, torch, alterops
-assert "triton" not in sys.modules
+import sys
+sys.modules["triton"] = None       # a machine where `import triton` fails
+sys.modules["alterops._C"] = None  # and where the extension was never built
+import torch, alterops
 x = torch.randn(2, 3, 6, 7)
 y = alterops.box_blur2d(x, backend="reference")
 ref = torch.nn.functional.avg_pool2d(x, 2, 1, 1, count_include_pad=True)
@@ -119,11 +142,25 @@ for b in ("cpu", "triton"):
     else:
         raise SystemExit(f"backend {b} should be unavailable")
 """
-    proc = _run(code, ALTEROPS_DISABLE_EXTENSION="1", ALTEROPS_DISABLE_TRITON="1", TRITON_INTERPRET="1")
+    proc = _run(code, TRITON_INTERPRET="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" | ", 1) for line in proc.stdout.strip().splitlines())
     assert "pip install" in lines["cpu"] and "alterops._C" in lines["cpu"]
-    assert "Triton" in lines["triton"]
+    assert "Triton is not importable" in lines["triton"] and "pip install triton" in lines["triton"]
+
+
+def test_disable_flags_are_named_in_errors():
+    code = """
+import torch, alterops
+for b in ("cpu", "triton"):
+    try:
+        alterops.box_blur2d(torch.randn(1, 1, 4, 4), backend=b)
+    except alterops.BackendUnavailableError as e:
+        print(e)
+"""
+    proc = _run(code, ALTEROPS_DISABLE_EXTENSION="1", ALTEROPS_DISABLE_TRITON="1", TRITON_INTERPRET="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ALTEROPS_DISABLE_EXTENSION=1" in proc.stdout and "ALTEROPS_DISABLE_TRITON=1" in proc.stdout
 
 
 # --- CLI ------------------------------------------------------------------------------------
@@ -140,7 +177,7 @@ def test_cli_info_lists_every_op():
 
 def test_cli_bench_writes_json_and_png(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "alterops", "bench", "--quick", "--family", "smoothing", "--case", "box_blur2d k=2 fwd",
+        [sys.executable, "-m", "alterops", "bench", "--quick", "--family", "smoothing", "--case", "box_blur2d_k2_fwd",
          "--out", str(tmp_path), "--no-progress"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -162,8 +162,10 @@ def na2d_fwd_kernel(
                 s = s + bias * 1.4426950408889634
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            # a query with no key in this tile (yet) keeps m = -inf: shift by 0 instead
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(V + b * svb + h * svh + ky[:, None] * svy + kx[:, None] * svx + offs_d[None, :] * svd,
                         mask=kv_mask, other=0.0)
@@ -389,14 +391,17 @@ def pick_config(head_dim: int, dtype) -> dict:
 
     bd = _block_d(head_dim)
     fp32 = dtype == torch.float32
+    # Chosen so that every kernel compiles without spills on sm_80 and sm_90 (AOT_CONFIGS).
     if bd <= 64:
-        cfg = dict(TM_H=8, TM_W=8, TN_H=8, TN_W=8, num_warps=8 if fp32 else 4, num_stages=1)
+        cfg = dict(TM_H=4, TM_W=8, TN_H=4, TN_W=8, num_warps=8) if fp32 else \
+            dict(TM_H=8, TM_W=8, TN_H=4, TN_W=8, num_warps=8)
     elif bd <= 128:
-        cfg = dict(TM_H=8, TM_W=8, TN_H=4, TN_W=8, num_warps=4, num_stages=1) if not fp32 else \
-            dict(TM_H=4, TM_W=8, TN_H=4, TN_W=8, num_warps=4, num_stages=1)
+        cfg = dict(TM_H=4, TM_W=4, TN_H=4, TN_W=4, num_warps=4) if fp32 else \
+            dict(TM_H=4, TM_W=8, TN_H=4, TN_W=8, num_warps=8)
     else:
-        cfg = dict(TM_H=4, TM_W=8, TN_H=4, TN_W=8, num_warps=8, num_stages=1) if not fp32 else \
-            dict(TM_H=4, TM_W=4, TN_H=4, TN_W=4, num_warps=4, num_stages=1)
+        cfg = dict(TM_H=4, TM_W=4, TN_H=4, TN_W=4, num_warps=8) if fp32 else \
+            dict(TM_H=4, TM_W=4, TN_H=4, TN_W=8, num_warps=8)
+    cfg["num_stages"] = 1
     cfg["BLOCK_D"] = bd
     return cfg
 

@@ -200,7 +200,7 @@ def test_gradcheck_float64(backend, border):
 def test_matches_reference_bigger_map(backend):
     """A map spanning several query tiles, against the library reference in float64."""
     device = skip_unless(OP, backend, torch.float32)
-    big = (1, 19, 21, 2, 32) if backend == "triton" else (2, 30, 27, 3, 32)
+    big = (1, 13, 17, 1, 32) if backend == "triton" else (2, 30, 27, 3, 32)
     q, k, v, table = make_inputs(*big, torch.float64, "cpu", "head", (7, 7))
     for border in ("clamp", "zero"):
         ref = ao.neighborhood_attention2d(q, k, v, 7, border=border, rel_pos_bias=table, backend="reference")

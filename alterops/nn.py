@@ -113,16 +113,15 @@ class _LocalMSA2d(nn.Module):
         B, C, H, W = x.shape
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         xl = x.permute(0, 2, 3, 1)  # (B, H, W, C): a free view for a channels-last input
-        qkv = F.linear(xl, self.to_qkv.weight.view(3 * self.inner_dim, C))
+        qkv = F.linear(xl, self.to_qkv.weight.reshape(3 * self.inner_dim, C))
         qkv = qkv.view(B, H, W, 3, self.heads, self.dim_head)
         q, k, v = qkv.unbind(3)  # strided views into the one projection
-        table = self.rel_pos_bias
-        if table is not None and table.dtype != q.dtype:
-            table = table.to(q.dtype)  # e.g. under autocast (differentiable cast)
-        out = self._attend(q, k, v, table)  # (B, H, W, heads, dim_head)
+        # the ops read the table in their compute precision whatever its dtype (e.g. a float32
+        # table with bfloat16 q/k/v under autocast), so it is passed as is
+        out = self._attend(q, k, v, self.rel_pos_bias)  # (B, H, W, heads, dim_head)
         out = F.linear(
             out.reshape(B, H, W, self.inner_dim),
-            self.to_out.weight.view(self.dim_out, self.inner_dim),
+            self.to_out.weight.reshape(self.dim_out, self.inner_dim),
             self.to_out.bias,
         )
         out = self.proj_drop(out).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides

@@ -28,7 +28,7 @@ of their forward and are reported as skipped.
 How. Each matched module keeps its identity, children, parameters, buffers, hooks and state-dict
 keys: only its class is switched to a generated subclass (``Fused<Name>``) whose ``forward`` calls
 the fused op. ``isinstance`` checks against the original class still hold, ``copy.deepcopy`` and
-pickling work, and :func:`unswap` switches the classes back. The bias tables are read from the
+pickling work, and :func:`unswap` (``from alterops.swap import unswap``) switches the classes back. The bias tables are read from the
 original parameters on every call (Hugging Face / timm tables are indexed query-minus-key; they are
 viewed and flipped into the op's key-minus-query layout), so gradients reach the original
 parameters and an optimizer built before the swap keeps working.

@@ -243,7 +243,7 @@ struct KeyView {
 // S[j][0:V] = sum_c A[c*Ws + 0:V] * key(j, c) for NJ neighbours.
 template <typename T, int NJ>
 static inline void dot_block(const T* A, int64_t Ws, int64_t D, const T* base, int64_t cstride, const int64_t* joff,
-                             T* S) {
+                             T* S, int64_t sstride) {
   Vec<T> acc[NJ];
   const T* kp[NJ];
   for (int jj = 0; jj < NJ; ++jj) {
@@ -254,41 +254,42 @@ static inline void dot_block(const T* A, int64_t Ws, int64_t D, const T* base, i
     Vec<T> a = loadu(A + c * Ws);
     for (int jj = 0; jj < NJ; ++jj) acc[jj] += a * loadu(kp[jj] + c * cstride);
   }
-  for (int jj = 0; jj < NJ; ++jj) storeu(S + jj * VecOf<T>::N, acc[jj]);
+  for (int jj = 0; jj < NJ; ++jj) storeu(S + jj * sstride, acc[jj]);
 }
 
 template <typename T>
-static void dot_row(const T* A, int64_t Ws, int64_t D, const KeyView<T>& kv, int64_t kw, T* S) {
+static void dot_row(const T* A, int64_t Ws, int64_t D, const KeyView<T>& kv, int64_t kw, T* S,
+                    int64_t sstride = VecOf<T>::N) {
   for (int64_t j0 = 0; j0 < kw; j0 += 8) {
     int64_t nj = std::min<int64_t>(8, kw - j0);
     const int64_t* jo = kv.joff + j0;
-    T* s = S + j0 * VecOf<T>::N;
+    T* s = S + j0 * sstride;
     switch (nj) {
-      case 8: dot_block<T, 8>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
-      case 7: dot_block<T, 7>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
-      case 6: dot_block<T, 6>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
-      case 5: dot_block<T, 5>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
-      case 4: dot_block<T, 4>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
-      case 3: dot_block<T, 3>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
-      case 2: dot_block<T, 2>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
-      default: dot_block<T, 1>(A, Ws, D, kv.base, kv.cstride, jo, s); break;
+      case 8: dot_block<T, 8>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride); break;
+      case 7: dot_block<T, 7>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride); break;
+      case 6: dot_block<T, 6>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride); break;
+      case 5: dot_block<T, 5>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride); break;
+      case 4: dot_block<T, 4>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride); break;
+      case 3: dot_block<T, 3>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride); break;
+      case 2: dot_block<T, 2>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride); break;
+      default: dot_block<T, 1>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride); break;
     }
   }
 }
 
 // Out[c][0:V] = sum_{r, j} P[row_i[r]][j][0:V] * view_r(j, c) for NC channels from c0.
 template <typename T, int NC>
-static inline void mix_block(const T* P, const KeyView<T>* views, const int64_t* row_i, int64_t nrows, int64_t kw,
-                             int64_t c0, T* Out, int64_t out_stride) {
+static inline void mix_block(const T* P, int64_t pstride, const KeyView<T>* views, const int64_t* row_i,
+                             int64_t nrows, int64_t kw, int64_t c0, T* Out, int64_t out_stride) {
   constexpr int N = VecOf<T>::N;
   Vec<T> acc[NC];
   for (int cc = 0; cc < NC; ++cc) acc[cc] = splat<T>(T(0));
   for (int64_t r = 0; r < nrows; ++r) {
     const KeyView<T>& kv = views[r];
-    const T* Pr = P + row_i[r] * kw * N;
+    const T* Pr = P + row_i[r] * kw * pstride;
     const T* b0 = kv.base + c0 * kv.cstride;
     for (int64_t j = 0; j < kw; ++j) {
-      Vec<T> p = loadu(Pr + j * N);
+      Vec<T> p = loadu(Pr + j * pstride);
       const T* vc = b0 + kv.joff[j];
       for (int cc = 0; cc < NC; ++cc) acc[cc] += p * loadu(vc + cc * kv.cstride);
     }
@@ -297,23 +298,27 @@ static inline void mix_block(const T* P, const KeyView<T>* views, const int64_t*
 }
 
 template <typename T>
+static void mix_cblock(const T* P, int64_t pstride, const KeyView<T>* views, const int64_t* row_i, int64_t nrows,
+                       int64_t kw, int64_t c0, int64_t nc, T* Out, int64_t out_stride) {
+#define NA_MIX(NCV) mix_block<T, NCV>(P, pstride, views, row_i, nrows, kw, c0, Out, out_stride)
+  switch (nc) {
+    case 8: NA_MIX(8); break;
+    case 7: NA_MIX(7); break;
+    case 6: NA_MIX(6); break;
+    case 5: NA_MIX(5); break;
+    case 4: NA_MIX(4); break;
+    case 3: NA_MIX(3); break;
+    case 2: NA_MIX(2); break;
+    default: NA_MIX(1); break;
+  }
+#undef NA_MIX
+}
+
+template <typename T>
 static void mix_row(const T* P, const KeyView<T>* views, const int64_t* row_i, int64_t nrows, int64_t kw, int64_t D,
                     T* Out, int64_t out_stride) {
-  for (int64_t c0 = 0; c0 < D; c0 += 8) {
-    int64_t nc = std::min<int64_t>(8, D - c0);
-#define NA_MIX(NCV) mix_block<T, NCV>(P, views, row_i, nrows, kw, c0, Out, out_stride)
-    switch (nc) {
-      case 8: NA_MIX(8); break;
-      case 7: NA_MIX(7); break;
-      case 6: NA_MIX(6); break;
-      case 5: NA_MIX(5); break;
-      case 4: NA_MIX(4); break;
-      case 3: NA_MIX(3); break;
-      case 2: NA_MIX(2); break;
-      default: NA_MIX(1); break;
-    }
-#undef NA_MIX
-  }
+  for (int64_t c0 = 0; c0 < D; c0 += 8)
+    mix_cblock<T>(P, VecOf<T>::N, views, row_i, nrows, kw, c0, std::min<int64_t>(8, D - c0), Out, out_stride);
 }
 
 // dst[c*dstride + 0:V] += sum_j Wt[j*ws - off[j] + 0:V] * A[c*ws - off[j] + 0:V], NC channels from c0.
@@ -490,8 +495,9 @@ static void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
     KeyPack<T> Kp, Vp;
     Kp.alloc(pl);
     Vp.alloc(pl);
-    std::vector<T> Qp(pl.D * pl.Ws), S(K2 * N), Ob(pl.D * pl.Ws);
-    std::vector<KeyView<T>> views(pl.kh);
+    const int64_t nblk = pl.Ws / N;
+    std::vector<T> Qp(pl.D * pl.Ws), S(K2 * pl.Ws), Ob(pl.D * pl.Ws), Linv(pl.Ws);
+    std::vector<KeyView<T>> views(nblk * pl.kh);
     std::vector<int64_t> row_i(pl.kh);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
@@ -505,31 +511,56 @@ static void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
       for (int64_t y = y0; y < y1; ++y) {
         pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data(), pl.Ws);
         T* Lrow = L + (bh * pl.H + y) * pl.W;
-        for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
+        // Logits of the whole row, key row by key row (each key row stays in L1 across blocks):
+        // S[n][slot], n = i * kw + j.
+        int64_t nrows = 0;
+        for (int64_t i = 0; i < pl.kh; ++i) {
+          const T* brow = pl.bias_row(ht, y, i);
+          T* Si = S.data() + i * pl.kw * pl.Ws;
+          if (!pl.rowvalid[y * pl.kh + i]) {
+            for (int64_t j = 0; j < pl.kw; ++j)
+              for (int64_t sl = 0; sl < pl.Ws; ++sl)
+                Si[j * pl.Ws + sl] = pl.border == kMask ? -std::numeric_limits<T>::infinity() : brow[j * pl.Ws + sl];
+            continue;
+          }
+          const int64_t ky = pl.rowpos[y * pl.kh + i];
+          for (int64_t ci = 0; ci < nblk; ++ci) {
+            dot_row<T>(Qp.data() + ci * N, pl.Ws, pl.D, key_view(pl, Kp, ky, ci), pl.kw, Si + ci * N, pl.Ws);
+            views[ci * pl.kh + nrows] = key_view(pl, Vp, ky, ci);
+          }
+          row_i[nrows++] = i;
+          for (int64_t j = 0; j < pl.kw; ++j)
+            for (int64_t ci = 0; ci < nblk; ++ci) {
+              T* sp = Si + j * pl.Ws + ci * N;
+              storeu(sp, loadu(sp) + loadu(brow + j * pl.Ws + ci * N));
+            }
+        }
+        // softmax per block of V queries
+        for (int64_t ci = 0; ci < nblk; ++ci) {
           const int64_t s0 = ci * N;
-          block_logits<T>(pl, Qp.data(), pl.Ws, Kp, ht, y, ci, S.data());
-          Vec<T> m = loadu(S.data());
-          for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S.data() + n * N));
+          Vec<T> m = loadu(S.data() + s0);
+          for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S.data() + n * pl.Ws + s0));
           Vec<T> l = splat<T>(T(0));
           for (int64_t n = 0; n < K2; ++n) {
-            Vec<T> p = vexp(loadu(S.data() + n * N) - m);
-            storeu(S.data() + n * N, p);
+            Vec<T> p = vexp(loadu(S.data() + n * pl.Ws + s0) - m);
+            storeu(S.data() + n * pl.Ws + s0, p);
             l += p;
           }
-          int64_t nrows = 0;
-          for (int64_t i = 0; i < pl.kh; ++i)
-            if (pl.rowvalid[y * pl.kh + i]) {
-              views[nrows] = key_view(pl, Vp, pl.rowpos[y * pl.kh + i], ci);
-              row_i[nrows++] = i;
-            }
-          mix_row<T>(S.data(), views.data(), row_i.data(), nrows, pl.kw, pl.D, Ob.data() + s0, pl.Ws);
-          Vec<T> inv = T(1) / l;
-          for (int64_t c = 0; c < pl.D; ++c)
-            storeu(Ob.data() + c * pl.Ws + s0, loadu(Ob.data() + c * pl.Ws + s0) * inv);
+          storeu(Linv.data() + s0, T(1) / l);
           for (int lane = 0; lane < N; ++lane) {
             int64_t x = pl.slotx[s0 + lane];
             if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
           }
+        }
+        // P . V, 8 channels at a time across all blocks (their value rows stay in L1)
+        for (int64_t c0 = 0; c0 < pl.D; c0 += 8)
+          for (int64_t ci = 0; ci < nblk; ++ci)
+            mix_cblock<T>(S.data() + ci * N, pl.Ws, views.data() + ci * pl.kh, row_i.data(), nrows, pl.kw, c0,
+                          std::min<int64_t>(8, pl.D - c0), Ob.data() + ci * N, pl.Ws);
+        for (int64_t ci = 0; ci < nblk; ++ci) {
+          Vec<T> inv = loadu(Linv.data() + ci * N);
+          for (int64_t c = 0; c < pl.D; ++c)
+            storeu(Ob.data() + c * pl.Ws + ci * N, loadu(Ob.data() + c * pl.Ws + ci * N) * inv);
         }
         // out is contiguous (B, H, W, NH, D)
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {

@@ -18,15 +18,19 @@ Decisions where the contract is open:
 * ``padding`` int ``p``: ``p`` on every side; pair ``(ph, pw)``: per axis, both sides;
   ``"same"``: ``(k-1)//2`` before and ``k//2`` after on each axis (output ``H x W`` at stride
   1, ``ceil(H/s)`` at stride ``s``). Any padding ``>= 0`` is accepted (no ``<= k/2`` limit as in
-  ``F.avg_pool2d``); ``"reflect"`` needs padding ``<` the input size on that axis, as ``F.pad``.
+  ``F.avg_pool2d``); ``"reflect"`` needs padding ``<`` the input size on that axis, as ``F.pad``.
 * ``kernel_size``/``stride`` are ints or pairs, ``>= 1``; the kernel must fit in the padded
   map (``H + top + bottom >= kh``). ``H, W >= 1``.
 * The compiled backends read a channels-last or otherwise strided ``x`` through one contiguous
   copy (``x`` is never written) and return a contiguous NCHW output; ``reference`` follows
   PyTorch's layout propagation.
 * Half inputs are accumulated in float32, float64 in float64; the output has the input dtype.
-  On the ``cpu`` backend ``tanh`` is a rational approximation with absolute error ``<= 4e-7``
-  (float32 path; float64 uses ``std::tanh``).
+  ``tanh`` in the kernels: on ``cpu`` (float32/bfloat16) and ``cuda`` a rational minimax
+  approximation with absolute error ``<= 4e-7`` (float64 on ``cpu`` uses ``std::tanh``); on
+  ``triton`` ``1 - 2 / (exp(2y) + 1)`` in float32.
+* The fused backends save ``x`` for ``tanh_blur2d``'s backward (``tanh`` is recomputed) and
+  nothing but the shape for ``box_blur2d``'s. Double backward is not supported there (use
+  ``backend="reference"``).
 * The ReLU's derivative at 0 is 0 (as ``torch.relu``).
 
 Backends: ``reference`` (``F.pad`` + ``F.avg_pool2d``, any float dtype, autograd), ``cpu`` (C++,

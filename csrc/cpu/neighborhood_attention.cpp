@@ -1,5 +1,5 @@
 // Neighborhood attention 2D on the CPU: forward and backward, fused (no attention matrix in
-// memory beyond one k*k x 16-query block per thread).
+// memory beyond the k*k logits of one query row per thread).
 //
 //   neighborhood_attention2d_fwd(q, k, v, kh, kw, dh, dw, border, bias?, scale) -> (out, lse)
 //   neighborhood_attention2d_bwd(dout, q, k, v, out, lse, kh, kw, dh, dw, border, bias?, scale,
@@ -17,12 +17,17 @@
 // packed Q[c][slot] with the interior columns first, then the border columns. For a block of
 // 16 interior slots, logits for 8 neighbours j at once are plain vector FMAs
 //   S[j][0:16] += Q[c][0:16] * K[c][x0 + off_j : x0 + off_j + 16]
-// over c (register-blocked, no horizontal sums). Blocks holding border columns gather the key
-// columns with an index vector (out-of-image columns point to the sink, so "zero" keys cost
-// nothing extra and "mask" keys get -inf from an additive column mask). The softmax runs on
-// 16 queries at a time; P·V is the same pattern with 8 head-dim channels per block.
-// Work is split over (batch, head, row) in the forward; the backward splits over (batch, head,
-// row-chunk), each with private dK/dV/dbias accumulators reduced afterwards in a fixed order
+// over c (register-blocked, no horizontal sums). Blocks holding border columns read a copy of
+// their key columns gathered once per key row (out-of-image columns read the sink, so "zero"
+// keys cost nothing extra and "mask" keys get -inf from an additive column mask). A query
+// row's logits are formed key row by key row (the key row stays in L1), the softmax runs on 16
+// queries at a time, and P.V runs 8 head-dim channels at a time across the row. The backward
+// recomputes P from the saved logsumexp; dK/dV of interior queries are summed key-centrically
+// (each key column reads the shifted dS/P and Q/dO rows), border queries go through the
+// gathered copies and are scattered back once per key row.
+// Work is split over (batch, head) pairs, and over row chunks of each pair when there are
+// fewer pairs than twice the threads; each task packs the key rows it reads. The backward's
+// tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order
 // (deterministic). Half types are computed in float, float64 in double.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -38,9 +43,6 @@
 #include <string>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace alterops {
 namespace na_cpu {
@@ -70,23 +72,6 @@ static inline Vec<T> splat(T x) {
   for (int l = 0; l < VecOf<T>::N; ++l) v[l] = x;
   return v;
 }
-
-template <typename T>
-static inline Vec<T> gather(const T* base, const int32_t* idx) {
-  Vec<T> v;
-  for (int l = 0; l < VecOf<T>::N; ++l) v[l] = base[idx[l]];
-  return v;
-}
-#if defined(__AVX512F__)
-template <>
-inline Vec<float> gather<float>(const float* base, const int32_t* idx) {
-  __m512i vi = _mm512_loadu_si512(reinterpret_cast<const void*>(idx));
-  __m512 r = _mm512_i32gather_ps(vi, base, 4);
-  Vec<float> v;
-  std::memcpy(&v, &r, sizeof(v));
-  return v;
-}
-#endif
 
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
 // exactly 0 below -87.

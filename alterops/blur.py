@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, _ext
-from ._dispatch import Backend, OpBackends, get_backend, register
+from ._dispatch import Backend, OpBackends, register
 
 __all__ = ["box_blur2d", "tanh_blur2d"]
 
@@ -238,19 +238,9 @@ _BOX_TABLE = _table("box_blur2d")
 _TANH_TABLE = _table("tanh_blur2d")
 
 
-@torch.compiler.assume_constant_result
-def _select(op_name, backend, in_force, device, dtype):
-    # Backend availability is a property of the process, not of the traced values: under
-    # torch.compile it is evaluated once at trace time (``in_force`` keys the choice on
-    # ``set_backend``/``ALTEROPS_BACKEND``, which ``select`` reads).
-    del in_force
-    table = _BOX_TABLE if op_name == "box_blur2d" else _TANH_TABLE
-    return table.select(backend, device, dtype)
-
-
 def _run(table, x, kernel_size, stride, padding, pad_mode, act, tau, backend):
     kernel, strides, pads, mode = _geometry(x, kernel_size, stride, padding, pad_mode)
-    chosen = _select(table.op, backend, get_backend(), x.device, x.dtype)
+    chosen = table.select(backend, x.device, x.dtype)
     if chosen == "reference":
         return blur2d_reference(x, kernel, strides, pads, mode, act, tau)
     return _Blur2dFunction.apply(x, chosen, list(kernel), list(strides), list(pads), _PAD_CODE[mode], act, tau)

@@ -44,7 +44,7 @@ import math
 import torch
 
 from . import _checks, _ext
-from ._dispatch import Backend, OpBackends, get_backend, register
+from ._dispatch import Backend, OpBackends, register
 
 __all__ = ["neighborhood_attention2d", "neighborhood_attention2d_reference", "neighborhood_window"]
 
@@ -315,15 +315,6 @@ class _NeighborhoodAttention2d(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------
-@torch.compiler.assume_constant_result
-def _select(backend, in_force, device, dtype):
-    # Backend availability is a property of the process, not of the traced values: under
-    # torch.compile it is evaluated once at trace time (``in_force`` keys the choice on
-    # ``set_backend``/``ALTEROPS_BACKEND``, which ``select`` reads).
-    del in_force
-    return _TABLE.select(backend, device, dtype)
-
-
 def neighborhood_attention2d(q, k, v, kernel_size, dilation=1, *, border="clamp", rel_pos_bias=None,
                              scale=None, backend=None):
     """k×k neighbourhood multi-head self-attention (see the module docstring for the exact rules).
@@ -372,7 +363,7 @@ def neighborhood_attention2d(q, k, v, kernel_size, dilation=1, *, border="clamp"
         scale = _checks.number("scale", scale)
         if not math.isfinite(scale):
             raise ValueError(f"scale must be finite, got {scale!r}")
-    name = _select(backend, get_backend(), q.device, q.dtype)
+    name = _TABLE.select(backend, q.device, q.dtype)
     if name == "triton" and head_dim > _MAX_TRITON_HEAD_DIM:
         if backend == "triton":
             raise ValueError(f"the 'triton' backend supports head_dim <= {_MAX_TRITON_HEAD_DIM}, got {head_dim}")

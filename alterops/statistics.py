@@ -49,7 +49,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import _checks, _ext
-from ._dispatch import Backend, OpBackends, get_backend, register
+from ._dispatch import Backend, OpBackends, register
 
 __all__ = [
     "delta_log_amplitude",
@@ -364,19 +364,6 @@ _RADIAL = register(OpBackends(op="radial_log_amplitude", backends={"reference": 
 _TABLES = {t.op: t for t in (_DELTA, _VARIANCE, _SPECTRUM, _RADIAL)}
 
 
-@torch.compiler.assume_constant_result
-def _select_backend(op_name, backend, in_force, device, dtype):
-    # Backend availability is a property of the process, not of the traced values: under
-    # torch.compile it is evaluated once at trace time (``in_force`` keys the choice on
-    # ``set_backend``/``ALTEROPS_BACKEND``, which ``select`` reads).
-    del in_force
-    return _TABLES[op_name].select(backend, device, dtype)
-
-
-def _select(table: OpBackends, backend, device, dtype) -> str:
-    return _select_backend(table.op, backend, get_backend(), device, dtype)
-
-
 def _check_map(name: str, x) -> torch.Tensor:
     return _checks.tensor(name, x, ndim=4, layout="(B, C, H, W)")
 
@@ -417,7 +404,7 @@ def delta_log_amplitude(x: torch.Tensor, eps: float = 1e-6, *, backend: str | No
     x = _check_map("x", x)
     _check_square("x", x)
     eps = _check_eps(eps)
-    chosen = _select(_DELTA, backend, x.device, x.dtype)
+    chosen = _DELTA.select(backend, x.device, x.dtype)
     if chosen == "reference":
         return delta_log_amplitude_reference(x, eps)
     return _apply_delta(chosen, eps, [x])[0]
@@ -433,7 +420,7 @@ def feature_variance(x: torch.Tensor, *, backend: str | None = None) -> torch.Te
     """
     x = _check_map("x", x)
     _check_variance_size("x", x)
-    chosen = _select(_VARIANCE, backend, x.device, x.dtype)
+    chosen = _VARIANCE.select(backend, x.device, x.dtype)
     if chosen == "reference":
         return feature_variance_reference(x)
     return _apply_variance(chosen, [x])[0]
@@ -445,7 +432,7 @@ def log_amplitude_spectrum(x: torch.Tensor, eps: float = 1e-6, *, backend: str |
     only (``torch.fft``). Result float32 (float64 for float64 input)."""
     x = _check_map("x", x)
     eps = _check_eps(eps)
-    _select(_SPECTRUM, backend, x.device, x.dtype)
+    _SPECTRUM.select(backend, x.device, x.dtype)
     return log_amplitude_spectrum_reference(x, eps)
 
 
@@ -468,7 +455,7 @@ def radial_log_amplitude(x: torch.Tensor, bins: int | None = None, eps: float = 
         bins = min(x.shape[2], x.shape[3]) // 2 + 1
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
         raise ValueError(f"bins must be an int >= 1, got {bins!r}")
-    _select(_RADIAL, backend, x.device, x.dtype)
+    _RADIAL.select(backend, x.device, x.dtype)
     return radial_log_amplitude_reference(x, bins, eps)
 
 
@@ -550,7 +537,7 @@ def feature_statistics(maps: Iterable[torch.Tensor], stats: Sequence[str] = ("de
     for (device, dtype), idx in groups.items():
         xs = [maps[i] for i in idx]
         if "delta_log_amplitude" in stats:
-            chosen = _select(_DELTA, backend, device, dtype)
+            chosen = _DELTA.select(backend, device, dtype)
             nonempty = [i for i, x in zip(idx, xs) if x.shape[0] * x.shape[1] > 0]
             if chosen == "reference" or not nonempty:
                 outs = [delta_log_amplitude(maps[i], eps, backend="reference") for i in idx]
@@ -559,7 +546,7 @@ def feature_statistics(maps: Iterable[torch.Tensor], stats: Sequence[str] = ("de
             for i, o in zip(idx, outs):
                 results[i]["delta_log_amplitude"] = o
         if "feature_variance" in stats:
-            chosen = _select(_VARIANCE, backend, device, dtype)
+            chosen = _VARIANCE.select(backend, device, dtype)
             outs = ([feature_variance_reference(x) for x in xs] if chosen == "reference"
                     else _apply_variance(chosen, xs))
             for i, o in zip(idx, outs):

@@ -43,6 +43,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 
 namespace alterops {
 namespace na_cpu {
@@ -68,9 +72,7 @@ static inline void storeu(T* p, Vec<T> v) {
 }
 template <typename T>
 static inline Vec<T> splat(T x) {
-  Vec<T> v;
-  for (int l = 0; l < VecOf<T>::N; ++l) v[l] = x;
-  return v;
+  return Vec<T>{} + x;  // a broadcast (a per-lane loop compiles to masked inserts)
 }
 
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
@@ -559,6 +561,217 @@ static void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
   });
 }
 
+// ---- float32 fast forward (head_dim a multiple of 16, up to 64, unit channel stride) ----
+// Only the keys are transposed (for the logits); queries are transposed one row at a time,
+// 16 tokens by 16 channels in registers, and P.V reads the value rows in their own (x, c)
+// layout (one head's channels are contiguous), writing the output rows directly.
+
+// dst[c * ds + l] = mul * rows[l][c] for l < 16, c < D (D % 16 == 0); a null row reads zeros.
+static inline void transpose16(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_set1_ps(mul);
+  for (int64_t c0 = 0; c0 < D; c0 += 16) {
+    __m512 r[16], t[16];
+    for (int l = 0; l < 16; ++l) r[l] = rows[l] ? _mm512_loadu_ps(rows[l] + c0) : _mm512_setzero_ps();
+    for (int l = 0; l < 16; l += 2) {
+      t[l] = _mm512_unpacklo_ps(r[l], r[l + 1]);
+      t[l + 1] = _mm512_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 16; l += 4) {
+      r[l] = _mm512_shuffle_ps(t[l], t[l + 2], 0x44);
+      r[l + 1] = _mm512_shuffle_ps(t[l], t[l + 2], 0xEE);
+      r[l + 2] = _mm512_shuffle_ps(t[l + 1], t[l + 3], 0x44);
+      r[l + 3] = _mm512_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
+    }
+    for (int a = 0; a < 16; a += 8)
+      for (int l = 0; l < 4; ++l) {
+        t[a + l] = _mm512_shuffle_f32x4(r[a + l], r[a + 4 + l], 0x88);
+        t[a + 4 + l] = _mm512_shuffle_f32x4(r[a + l], r[a + 4 + l], 0xdd);
+      }
+    for (int l = 0; l < 8; ++l) {
+      r[l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0x88);
+      r[8 + l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0xdd);
+    }
+    for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (c0 + l) * ds, _mm512_mul_ps(r[l], m));
+  }
+#else
+  for (int l = 0; l < 16; ++l)
+    for (int64_t c = 0; c < D; ++c) dst[c * ds + l] = rows[l] ? rows[l][c] * mul : 0.0f;
+#endif
+}
+
+// acc[t][:] += sum_j P[j * pstride + t] * V[t + j * dw][:] for T queries, DV vectors of 16 channels.
+template <int T, int DV>
+static inline void pv_tile(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t dw, int64_t kw,
+                           Vec<float> (&acc)[T][DV]) {
+  for (int64_t j = 0; j < kw; ++j) {
+    const float* pj = P + j * pstride;
+    const float* vj = V + j * dw * xs;
+    for (int t = 0; t < T; ++t) {
+      const Vec<float> p = splat<float>(pj[t]);
+      for (int d = 0; d < DV; ++d) acc[t][d] += p * loadu(vj + t * xs + d * 16);
+    }
+  }
+}
+
+template <int DV>
+static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                        at::Tensor& lse, const Plan<float>& pl, float scale) {
+  constexpr int N = 16;
+  constexpr int TQ = 8;  // queries per P.V tile
+  const int64_t D = pl.D;
+  const int64_t BH = pl.B * pl.NH;
+  const int64_t nchunks = row_chunks(BH, pl.H);
+  const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
+  float* O = out.data_ptr<float>();
+  float* L = lse.data_ptr<float>();
+  const int64_t K2 = pl.kh * pl.kw;
+  const float* qb = q.data_ptr<float>();
+  const float* kb = k.data_ptr<float>();
+  const float* vb = v.data_ptr<float>();
+  const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
+  // Bias columns are all zero without a table, except the -inf column mask of "mask".
+  bool any_bias = false;
+  for (float b : pl.biascol) any_bias |= b != 0.0f;
+  const int64_t rw = (pl.kw - 1) / 2;
+  at::parallel_for(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    KeyPack<float> Kp;
+    Kp.alloc(pl);
+    const int64_t nblk = pl.Ws / N;
+    std::vector<float> Qp(D * pl.Ws), S(K2 * pl.Ws), Linv(pl.Ws);
+    const float* rows[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
+      const int64_t ht = pl.nht == 1 ? 0 : h;
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+      if (y0 >= y1) continue;
+      int64_t klo, khi;
+      key_rows(pl, y0, y1, klo, khi);
+      const float* kbh = kb + b * ks[0] + h * ks[3];
+      const float* vbh = vb + b * vs[0] + h * vs[3];
+      const float* qbh = qb + b * qs[0] + h * qs[3];
+      // transposed key rows (sink and padding columns zero) and the border blocks' copies
+      for (int64_t y = klo; y <= khi; ++y) {
+        const float* kr = kbh + y * ks[1];
+        float* dst = Kp.trow(pl, y);
+        for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
+          for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[2] : nullptr;
+          transpose16(rows, D, 1.0f, dst + x0, pl.Wk);
+        }
+        for (int64_t g = 0; g < pl.NG; ++g) {
+          const int64_t s0 = (pl.n_full + g) * N;
+          float* gb = Kp.grow(pl, y, g);
+          for (int64_t j = 0; j < pl.kw; ++j) {
+            const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+            for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[2] : nullptr;
+            transpose16(rows, D, 1.0f, gb + j * D * N, N);
+          }
+        }
+      }
+      for (int64_t y = y0; y < y1; ++y) {
+        const float* qr = qbh + y * qs[1];
+        for (int64_t ci = 0; ci < nblk; ++ci) {
+          const int32_t* sx = pl.slotx.data() + ci * N;
+          for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[2] : nullptr;
+          transpose16(rows, D, scale, Qp.data() + ci * N, pl.Ws);
+        }
+        float* Lrow = L + (bh * pl.H + y) * pl.W;
+        // logits S[n][slot], n = i * kw + j, key row by key row
+        for (int64_t i = 0; i < pl.kh; ++i) {
+          const float* brow = pl.bias_row(ht, y, i);
+          float* Si = S.data() + i * pl.kw * pl.Ws;
+          if (!pl.rowvalid[y * pl.kh + i]) {
+            for (int64_t j = 0; j < pl.kw; ++j)
+              for (int64_t sl = 0; sl < pl.Ws; ++sl)
+                Si[j * pl.Ws + sl] = pl.border == kMask ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
+            continue;
+          }
+          const int64_t ky = pl.rowpos[y * pl.kh + i];
+          for (int64_t ci = 0; ci < nblk; ++ci)
+            dot_row<float>(Qp.data() + ci * N, pl.Ws, D, key_view(pl, Kp, ky, ci), pl.kw, Si + ci * N, pl.Ws);
+          if (any_bias)
+            for (int64_t e = 0; e < pl.kw * pl.Ws; e += N) storeu(Si + e, loadu(Si + e) + loadu(brow + e));
+        }
+        // softmax per block of 16 queries (P left unnormalised; 1/l applied to the output)
+        for (int64_t ci = 0; ci < nblk; ++ci) {
+          const int64_t s0 = ci * N;
+          Vec<float> m = loadu(S.data() + s0);
+          for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(S.data() + n * pl.Ws + s0));
+          Vec<float> l = splat<float>(0.0f);
+          for (int64_t n = 0; n < K2; ++n) {
+            Vec<float> p = vexp(loadu(S.data() + n * pl.Ws + s0) - m);
+            storeu(S.data() + n * pl.Ws + s0, p);
+            l += p;
+          }
+          storeu(Linv.data() + s0, 1.0f / l);
+          for (int lane = 0; lane < N; ++lane) {
+            int64_t x = pl.slotx[s0 + lane];
+            if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
+          }
+        }
+        // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
+        // the remaining queries one at a time.
+        float* Orow = O + ((b * pl.H + y) * pl.W * pl.NH + h) * D;
+        const int64_t ostr = pl.NH * D;
+        const int64_t vxs = vs[2];
+        int64_t sl = 0;
+        for (; sl + TQ <= pl.n_int; sl += TQ) {
+          Vec<float> acc[TQ][DV];
+          for (int t = 0; t < TQ; ++t)
+            for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+          const int64_t x0 = pl.xlo + sl;
+          for (int64_t i = 0; i < pl.kh; ++i) {
+            if (!pl.rowvalid[y * pl.kh + i]) continue;
+            const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1] + (x0 - rw * pl.dw) * vxs;
+            pv_tile<TQ, DV>(S.data() + i * pl.kw * pl.Ws + sl, pl.Ws, vr, vxs, pl.dw, pl.kw, acc);
+          }
+          for (int t = 0; t < TQ; ++t) {
+            const Vec<float> inv = splat<float>(Linv[sl + t]);
+            float* o = Orow + (x0 + t) * ostr;
+            for (int d = 0; d < DV; ++d) storeu(o + d * 16, acc[t][d] * inv);
+          }
+        }
+        for (; sl < pl.Ws; ++sl) {
+          const int64_t x = pl.slotx[sl];
+          if (x >= pl.W) continue;
+          Vec<float> acc[DV];
+          for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
+          for (int64_t i = 0; i < pl.kh; ++i) {
+            if (!pl.rowvalid[y * pl.kh + i]) continue;
+            const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1];
+            const float* P = S.data() + i * pl.kw * pl.Ws + sl;
+            for (int64_t j = 0; j < pl.kw; ++j) {
+              const int32_t col = pl.kidx[j * pl.Ws + sl];
+              if (col >= pl.W) continue;  // outside the image: zero value
+              const Vec<float> p = splat<float>(P[j * pl.Ws]);
+              for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * 16);
+            }
+          }
+          const Vec<float> inv = splat<float>(Linv[sl]);
+          for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * 16, acc[d] * inv);
+        }
+      }
+    }
+  });
+}
+
+static bool forward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
+                         const Plan<double>&, double) {
+  return false;
+}
+static bool forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                         at::Tensor& lse, const Plan<float>& pl, float scale) {
+  if (q.scalar_type() != at::kFloat || pl.D % 16 != 0 || pl.D > 64) return false;
+  if (q.stride(4) != 1 || k.stride(4) != 1 || v.stride(4) != 1 || !out.is_contiguous()) return false;
+  switch (pl.D / 16) {
+    case 1: forward_f32<1>(q, k, v, out, lse, pl, scale); break;
+    case 2: forward_f32<2>(q, k, v, out, lse, pl, scale); break;
+    case 3: forward_f32<3>(q, k, v, out, lse, pl, scale); break;
+    default: forward_f32<4>(q, k, v, out, lse, pl, scale); break;
+  }
+  return true;
+}
+
 template <typename scalar_t, typename T>
 static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
@@ -803,7 +1016,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd(const at::Tensor& q, const at::Tenso
     using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     Plan<T> pl(B, H, W, NH, D, kh, kw, dh, dw, border, table.defined() ? table.data_ptr<T>() : nullptr,
                table.defined() ? table.size(0) : 1);
-    forward_impl<scalar_t, T>(q, k, v, out, lse, pl, static_cast<T>(scale));
+    if (!forward_fast(q, k, v, out, lse, pl, static_cast<T>(scale))) forward_impl<scalar_t, T>(q, k, v, out, lse, pl, static_cast<T>(scale));
   });
   return {out, lse};
 }

@@ -229,6 +229,17 @@ def test_triton_large_head_dim():
     _check_backend("triton", torch.float32, (1, 4, 4, 1, 256, 2, 1, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_large_window_odd_head_dim(dtype):
+    # 108-token windows (a 128-key tile), head_dim 24 (a partial head_dim chunk).
+    _check_backend("triton", dtype, (1, 10, 13, 1, 24, (9, 12), (4, 5), 1))
+
+
+def test_triton_tile_spans_images():
+    # 1 window per image, 4 windows per 64-row tile: a tile holds windows of 3 images.
+    _check_backend("triton", torch.float32, (3, 4, 3, 2, 8, 4, 1, 2))
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_gradcheck_float64(backend):
     skip_unless(OP, backend, torch.float64)

@@ -72,7 +72,7 @@ static inline void storeu(T* p, Vec<T> v) {
 }
 template <typename T>
 static inline Vec<T> splat(T x) {
-  return Vec<T>{} + x;  // a broadcast (a per-lane loop compiles to masked inserts)
+  return x - Vec<T>{};  // a broadcast (x - 0 folds to x; a per-lane loop compiles to masked inserts)
 }
 
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
@@ -566,6 +566,61 @@ static void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Ten
 // 16 tokens by 16 channels in registers, and P.V reads the value rows in their own (x, c)
 // layout (one head's channels are contiguous), writing the output rows directly.
 
+// S[a][j][0:V] = sum_c A[a][c*Ws + 0:V] * key(j, c) for NR query rows a and NJ neighbours: each
+// key vector is loaded once for the NR rows.
+template <int NR, int NJ>
+static inline void dot_block_multi(const float* const* A, int64_t Ws, int64_t D, const float* base, int64_t cstride,
+                                   const int64_t* joff, float* const* S, int64_t sstride) {
+  Vec<float> acc[NR][NJ];
+  const float* kp[NJ];
+  for (int jj = 0; jj < NJ; ++jj) {
+    kp[jj] = base + joff[jj];
+    for (int a = 0; a < NR; ++a) acc[a][jj] = splat<float>(0.0f);
+  }
+  for (int64_t c = 0; c < D; ++c) {
+    Vec<float> q[NR];
+    for (int a = 0; a < NR; ++a) q[a] = loadu(A[a] + c * Ws);
+    for (int jj = 0; jj < NJ; ++jj) {
+      const Vec<float> kk = loadu(kp[jj] + c * cstride);
+      for (int a = 0; a < NR; ++a) acc[a][jj] += q[a] * kk;
+    }
+  }
+  for (int a = 0; a < NR; ++a)
+    for (int jj = 0; jj < NJ; ++jj) storeu(S[a] + jj * sstride, acc[a][jj]);
+}
+
+template <int NR>
+static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const KeyView<float>& kv, int64_t kw,
+                            float* const* S, int64_t sstride) {
+  for (int64_t j0 = 0; j0 < kw; j0 += 8) {
+    const int64_t nj = std::min<int64_t>(8, kw - j0);
+    const int64_t* jo = kv.joff + j0;
+    float* s[NR];
+    for (int a = 0; a < NR; ++a) s[a] = S[a] + j0 * sstride;
+#define NA_DM(NJV) dot_block_multi<NR, NJV>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride)
+    switch (nj) {
+      case 8: NA_DM(8); break;
+      case 7: NA_DM(7); break;
+      case 6: NA_DM(6); break;
+      case 5: NA_DM(5); break;
+      case 4: NA_DM(4); break;
+      case 3: NA_DM(3); break;
+      case 2: NA_DM(2); break;
+      default: NA_DM(1); break;
+    }
+#undef NA_DM
+  }
+}
+
+static void dot_row_multi(int nr, const float* const* A, int64_t Ws, int64_t D, const KeyView<float>& kv, int64_t kw,
+                          float* const* S, int64_t sstride) {
+  switch (nr) {
+    case 3: dot_row_multi_n<3>(A, Ws, D, kv, kw, S, sstride); break;
+    case 2: dot_row_multi_n<2>(A, Ws, D, kv, kw, S, sstride); break;
+    default: dot_row_multi_n<1>(A, Ws, D, kv, kw, S, sstride); break;
+  }
+}
+
 // dst[c * ds + l] = mul * rows[l][c] for l < 16, c < D (D % 16 == 0); a null row reads zeros.
 static inline void transpose16(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
 #if defined(__AVX512F__)
@@ -614,11 +669,29 @@ static inline void pv_tile(const float* P, int64_t pstride, const float* V, int6
   }
 }
 
+// The same with dilation 1 and KW neighbours per key row, by key column: column u feeds queries
+// t = u - j, so each value row is loaded once per tile.
+template <int T, int DV, int KW>
+static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V, int64_t xs,
+                                Vec<float> (&acc)[T][DV]) {
+#pragma GCC unroll 32
+  for (int u = 0; u < T + KW - 1; ++u) {
+    Vec<float> vv[DV];
+    for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * 16);
+#pragma GCC unroll 16
+    for (int t = (u - KW + 1 > 0 ? u - KW + 1 : 0); t <= (u < T - 1 ? u : T - 1); ++t) {
+      const Vec<float> p = splat<float>(P[(u - t) * pstride + t]);
+      for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+    }
+  }
+}
+
 template <int DV>
 static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                         at::Tensor& lse, const Plan<float>& pl, float scale) {
   constexpr int N = 16;
   constexpr int TQ = 8;  // queries per P.V tile
+  constexpr int RG = 3;  // query rows whose logits are formed together
   const int64_t D = pl.D;
   const int64_t BH = pl.B * pl.NH;
   const int64_t nchunks = row_chunks(BH, pl.H);
@@ -638,7 +711,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
     KeyPack<float> Kp;
     Kp.alloc(pl);
     const int64_t nblk = pl.Ws / N;
-    std::vector<float> Qp(D * pl.Ws), S(K2 * pl.Ws), Linv(pl.Ws);
+    std::vector<float> Qp(RG * D * pl.Ws), S(RG * K2 * pl.Ws), Linv(pl.Ws);
     const float* rows[16];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
@@ -668,87 +741,135 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           }
         }
       }
-      for (int64_t y = y0; y < y1; ++y) {
-        const float* qr = qbh + y * qs[1];
-        for (int64_t ci = 0; ci < nblk; ++ci) {
-          const int32_t* sx = pl.slotx.data() + ci * N;
-          for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[2] : nullptr;
-          transpose16(rows, D, scale, Qp.data() + ci * N, pl.Ws);
-        }
-        float* Lrow = L + (bh * pl.H + y) * pl.W;
-        // logits S[n][slot], n = i * kw + j, key row by key row
-        for (int64_t i = 0; i < pl.kh; ++i) {
-          const float* brow = pl.bias_row(ht, y, i);
-          float* Si = S.data() + i * pl.kw * pl.Ws;
-          if (!pl.rowvalid[y * pl.kh + i]) {
+      for (int64_t yg = y0; yg < y1; yg += RG) {
+        const int64_t ng = std::min<int64_t>(RG, y1 - yg);
+        int64_t kmin = pl.H, kmax = -1;
+        for (int64_t r = 0; r < ng; ++r) {
+          const int64_t y = yg + r;
+          const float* qr = qbh + y * qs[1];
+          for (int64_t ci = 0; ci < nblk; ++ci) {
+            const int32_t* sx = pl.slotx.data() + ci * N;
+            for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[2] : nullptr;
+            transpose16(rows, D, scale, Qp.data() + r * D * pl.Ws + ci * N, pl.Ws);
+          }
+          for (int64_t i = 0; i < pl.kh; ++i) {
+            if (pl.rowvalid[y * pl.kh + i]) {
+              kmin = std::min(kmin, pl.rowpos[y * pl.kh + i]);
+              kmax = std::max(kmax, pl.rowpos[y * pl.kh + i]);
+              continue;
+            }
+            const float* brow = pl.bias_row(ht, y, i);
+            float* Si = S.data() + (r * pl.kh + i) * pl.kw * pl.Ws;
             for (int64_t j = 0; j < pl.kw; ++j)
               for (int64_t sl = 0; sl < pl.Ws; ++sl)
                 Si[j * pl.Ws + sl] = pl.border == kMask ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
-            continue;
-          }
-          const int64_t ky = pl.rowpos[y * pl.kh + i];
-          for (int64_t ci = 0; ci < nblk; ++ci)
-            dot_row<float>(Qp.data() + ci * N, pl.Ws, D, key_view(pl, Kp, ky, ci), pl.kw, Si + ci * N, pl.Ws);
-          if (any_bias)
-            for (int64_t e = 0; e < pl.kw * pl.Ws; e += N) storeu(Si + e, loadu(Si + e) + loadu(brow + e));
-        }
-        // softmax per block of 16 queries (P left unnormalised; 1/l applied to the output)
-        for (int64_t ci = 0; ci < nblk; ++ci) {
-          const int64_t s0 = ci * N;
-          Vec<float> m = loadu(S.data() + s0);
-          for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(S.data() + n * pl.Ws + s0));
-          Vec<float> l = splat<float>(0.0f);
-          for (int64_t n = 0; n < K2; ++n) {
-            Vec<float> p = vexp(loadu(S.data() + n * pl.Ws + s0) - m);
-            storeu(S.data() + n * pl.Ws + s0, p);
-            l += p;
-          }
-          storeu(Linv.data() + s0, 1.0f / l);
-          for (int lane = 0; lane < N; ++lane) {
-            int64_t x = pl.slotx[s0 + lane];
-            if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
           }
         }
-        // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
-        // the remaining queries one at a time.
-        float* Orow = O + ((b * pl.H + y) * pl.W * pl.NH + h) * D;
-        const int64_t ostr = pl.NH * D;
-        const int64_t vxs = vs[2];
-        int64_t sl = 0;
-        for (; sl + TQ <= pl.n_int; sl += TQ) {
-          Vec<float> acc[TQ][DV];
-          for (int t = 0; t < TQ; ++t)
-            for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-          const int64_t x0 = pl.xlo + sl;
-          for (int64_t i = 0; i < pl.kh; ++i) {
-            if (!pl.rowvalid[y * pl.kh + i]) continue;
-            const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1] + (x0 - rw * pl.dw) * vxs;
-            pv_tile<TQ, DV>(S.data() + i * pl.kw * pl.Ws + sl, pl.Ws, vr, vxs, pl.dw, pl.kw, acc);
+        // logits S[r][n][slot], n = i * kw + j: each key row once for all the group's rows
+        // that read it (the key vectors are loaded once for up to RG query rows)
+        for (int64_t ky = kmin; ky <= kmax; ++ky) {
+          int nr = 0;
+          const float* A[RG];
+          float* So[RG];
+          for (int64_t r = 0; r < ng; ++r) {
+            const int64_t y = yg + r;
+            for (int64_t i = 0; i < pl.kh; ++i)
+              if (pl.rowvalid[y * pl.kh + i] && pl.rowpos[y * pl.kh + i] == ky) {
+                A[nr] = Qp.data() + r * D * pl.Ws;
+                So[nr++] = S.data() + (r * pl.kh + i) * pl.kw * pl.Ws;
+              }
           }
-          for (int t = 0; t < TQ; ++t) {
-            const Vec<float> inv = splat<float>(Linv[sl + t]);
-            float* o = Orow + (x0 + t) * ostr;
-            for (int d = 0; d < DV; ++d) storeu(o + d * 16, acc[t][d] * inv);
+          if (nr == 0) continue;
+          for (int64_t ci = 0; ci < nblk; ++ci) {
+            const KeyView<float> kv = key_view(pl, Kp, ky, ci);
+            const float* Ab[RG];
+            float* Sb[RG];
+            for (int a = 0; a < nr; ++a) {
+              Ab[a] = A[a] + ci * N;
+              Sb[a] = So[a] + ci * N;
+            }
+            dot_row_multi(nr, Ab, pl.Ws, D, kv, pl.kw, Sb, pl.Ws);
           }
         }
-        for (; sl < pl.Ws; ++sl) {
-          const int64_t x = pl.slotx[sl];
-          if (x >= pl.W) continue;
-          Vec<float> acc[DV];
-          for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
-          for (int64_t i = 0; i < pl.kh; ++i) {
-            if (!pl.rowvalid[y * pl.kh + i]) continue;
-            const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1];
-            const float* P = S.data() + i * pl.kw * pl.Ws + sl;
-            for (int64_t j = 0; j < pl.kw; ++j) {
-              const int32_t col = pl.kidx[j * pl.Ws + sl];
-              if (col >= pl.W) continue;  // outside the image: zero value
-              const Vec<float> p = splat<float>(P[j * pl.Ws]);
-              for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * 16);
+        if (any_bias)
+          for (int64_t r = 0; r < ng; ++r)
+            for (int64_t i = 0; i < pl.kh; ++i) {
+              const int64_t y = yg + r;
+              if (!pl.rowvalid[y * pl.kh + i]) continue;
+              const float* brow = pl.bias_row(ht, y, i);
+              float* Si = S.data() + (r * pl.kh + i) * pl.kw * pl.Ws;
+              for (int64_t e = 0; e < pl.kw * pl.Ws; e += N) storeu(Si + e, loadu(Si + e) + loadu(brow + e));
+            }
+        for (int64_t r = 0; r < ng; ++r) {
+          const int64_t y = yg + r;
+          float* Sy = S.data() + r * K2 * pl.Ws;
+          float* Lrow = L + (bh * pl.H + y) * pl.W;
+          // softmax per block of 16 queries (P left unnormalised; 1/l applied to the output)
+          for (int64_t ci = 0; ci < nblk; ++ci) {
+            const int64_t s0 = ci * N;
+            Vec<float> m = loadu(Sy + s0);
+            for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(Sy + n * pl.Ws + s0));
+            Vec<float> l = splat<float>(0.0f);
+            for (int64_t n = 0; n < K2; ++n) {
+              Vec<float> p = vexp(loadu(Sy + n * pl.Ws + s0) - m);
+              storeu(Sy + n * pl.Ws + s0, p);
+              l += p;
+            }
+            storeu(Linv.data() + s0, 1.0f / l);
+            for (int lane = 0; lane < N; ++lane) {
+              int64_t x = pl.slotx[s0 + lane];
+              if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
             }
           }
-          const Vec<float> inv = splat<float>(Linv[sl]);
-          for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * 16, acc[d] * inv);
+          // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
+          // the remaining queries one at a time.
+          float* Orow = O + ((b * pl.H + y) * pl.W * pl.NH + h) * D;
+          const int64_t ostr = pl.NH * D;
+          const int64_t vxs = vs[2];
+          int64_t sl = 0;
+          for (; sl + TQ <= pl.n_int; sl += TQ) {
+            Vec<float> acc[TQ][DV];
+            for (int t = 0; t < TQ; ++t)
+              for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+            const int64_t x0 = pl.xlo + sl;
+            for (int64_t i = 0; i < pl.kh; ++i) {
+              if (!pl.rowvalid[y * pl.kh + i]) continue;
+              const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1] + (x0 - rw * pl.dw) * vxs;
+              const float* Pi = Sy + i * pl.kw * pl.Ws + sl;
+              if (pl.dw == 1 && pl.kw == 7)
+                pv_tile_diag<TQ, DV, 7>(Pi, pl.Ws, vr, vxs, acc);
+              else if (pl.dw == 1 && pl.kw == 5)
+                pv_tile_diag<TQ, DV, 5>(Pi, pl.Ws, vr, vxs, acc);
+              else if (pl.dw == 1 && pl.kw == 3)
+                pv_tile_diag<TQ, DV, 3>(Pi, pl.Ws, vr, vxs, acc);
+              else
+                pv_tile<TQ, DV>(Pi, pl.Ws, vr, vxs, pl.dw, pl.kw, acc);
+            }
+            for (int t = 0; t < TQ; ++t) {
+              const Vec<float> inv = splat<float>(Linv[sl + t]);
+              float* o = Orow + (x0 + t) * ostr;
+              for (int d = 0; d < DV; ++d) storeu(o + d * 16, acc[t][d] * inv);
+            }
+          }
+          for (; sl < pl.Ws; ++sl) {
+            const int64_t x = pl.slotx[sl];
+            if (x >= pl.W) continue;
+            Vec<float> acc[DV];
+            for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
+            for (int64_t i = 0; i < pl.kh; ++i) {
+              if (!pl.rowvalid[y * pl.kh + i]) continue;
+              const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1];
+              const float* P = Sy + i * pl.kw * pl.Ws + sl;
+              for (int64_t j = 0; j < pl.kw; ++j) {
+                const int32_t col = pl.kidx[j * pl.Ws + sl];
+                if (col >= pl.W) continue;  // outside the image: zero value
+                const Vec<float> p = splat<float>(P[j * pl.Ws]);
+                for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * 16);
+              }
+            }
+            const Vec<float> inv = splat<float>(Linv[sl]);
+            for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * 16, acc[d] * inv);
+          }
         }
       }
     }

@@ -17,7 +17,12 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace alterops {
 namespace window_attention {
@@ -418,6 +423,478 @@ void backward_kernel(const Geometry& g, const at::Tensor& gout, const at::Tensor
   }
 }
 
+#if defined(__AVX512F__)
+// ----------------------------------------------------------------------------------------
+// float32 fast path (AVX-512). Per call, windows are grouped into classes that share the same
+// present tokens and shift regions (interior windows, last window row/column, corner, padded
+// edges); one tile per (class, table head) holds log2(e) * (bias + region mask), -inf for masked
+// and padding columns, so a task adds one precomputed row instead of gathering bias entries.
+// Logits are kept in base-2 units (scale * log2(e) applied in the GEMM epilogue) and the
+// softmax uses a vectorised exp2. Rows of q, k, v, out, grad_out are read in place (unit
+// inner stride) or gathered once; K^T (and V^T in backward) is packed d x Np with 16x16
+// register transposes, and the small GEMMs are register-blocked (rows x 16-lane vectors).
+// ----------------------------------------------------------------------------------------
+namespace fast {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// 2^x, |rel err| ~ 1e-7 (Cephes exp2f polynomial on [-0.5, 0.5]); x = -inf gives 0.
+static inline __m512 exp2v(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+static inline void transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * h + j] = _mm512_shuffle_f32x4(r[8 * h + j], r[8 * h + 4 + j], 0x88);
+      t[8 * h + 4 + j] = _mm512_shuffle_f32x4(r[8 * h + j], r[8 * h + 4 + j], 0xDD);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
+  }
+}
+
+static inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+
+// dst[e * ld + m] = rows[m][e] for m < M (zero for M <= m < Mp16), e < d.
+static inline void pack_transposed(const float* const* rows, int64_t M, int64_t d, float* dst, int64_t ld) {
+  const int64_t Mp = round_up(M, 16);
+  for (int64_t m0 = 0; m0 < Mp; m0 += 16) {
+    for (int64_t e0 = 0; e0 < d; e0 += 16) {
+      const __mmask16 km = lane_mask(d - e0);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = m0 + i < M ? _mm512_maskz_loadu_ps(km, rows[m0 + i] + e0) : _mm512_setzero_ps();
+      transpose16(r);
+      const int64_t ne = std::min<int64_t>(16, d - e0);
+      for (int64_t j = 0; j < ne; ++j) _mm512_storeu_ps(dst + (e0 + j) * ld + m0, r[j]);
+    }
+  }
+}
+
+// acc[r][c] = sum_e A[m0 + r][e] * Bt[e * ld + n0 + 16c]; then epi(m, n, acc).
+template <int R, int CV, class Epi>
+static inline void qk_block(const float* const* arows, int64_t m0, const float* Bt, int64_t ld, int64_t n0,
+                            int64_t d, Epi& epi) {
+  __m512 acc[R][CV];
+  const float* a[R];
+  for (int r = 0; r < R; ++r) {
+    a[r] = arows[m0 + r];
+    for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  const float* b = Bt + n0;
+  for (int64_t e = 0; e < d; ++e, b += ld) {
+    __m512 bv[CV];
+    for (int c = 0; c < CV; ++c) bv[c] = _mm512_loadu_ps(b + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r][e]);
+      for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(x, bv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < CV; ++c) epi(m0 + r, n0 + 16 * c, acc[r][c]);
+}
+
+// Rows m < M (row blocks padded to R: pad rows of arows point at zeros), all Np columns.
+template <class Epi>
+static inline void qk_all(const float* const* arows, int64_t M, const float* Bt, int64_t Np, int64_t d, Epi& epi) {
+  for (int64_t n0 = 0; n0 < Np; n0 += 64) {
+    const int64_t cv = std::min<int64_t>(4, (Np - n0) / 16);
+    switch (cv) {
+      case 4: for (int64_t m0 = 0; m0 < M; m0 += 6) qk_block<6, 4>(arows, m0, Bt, Np, n0, d, epi); break;
+      case 3: for (int64_t m0 = 0; m0 < M; m0 += 7) qk_block<7, 3>(arows, m0, Bt, Np, n0, d, epi); break;
+      case 2: for (int64_t m0 = 0; m0 < M; m0 += 8) qk_block<8, 2>(arows, m0, Bt, Np, n0, d, epi); break;
+      default: for (int64_t m0 = 0; m0 < M; m0 += 8) qk_block<8, 1>(arows, m0, Bt, Np, n0, d, epi); break;
+    }
+  }
+}
+
+// acc[r][c] = sum_{n < K} A[(m0 + r) * lda + n] * X[n][16c..]; then epi(m, acc[r]) for m < M.
+template <int R, int DV, class Epi>
+static inline void pv_block(const float* A, int64_t lda, int64_t m0, const float* const* xrows, int64_t K,
+                            __mmask16 tail, Epi& epi) {
+  __m512 acc[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* a = A + m0 * lda;
+  for (int64_t n = 0; n < K; ++n) {
+    const float* x = xrows[n];
+    __m512 xv[DV];
+    for (int c = 0; c < DV; ++c) xv[c] = _mm512_maskz_loadu_ps(c == DV - 1 ? tail : (__mmask16)0xFFFF, x + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(a[r * lda + n]);
+      for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(p, xv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r) epi(m0 + r, acc[r]);
+}
+
+// acc1[r] = sum_{m < M} A1[m * lda + n0 + r] * X1[m];  acc2[r] = sum_m A2[m * lda + n0 + r] * X2[m].
+template <int R, int DV, class Epi>
+static inline void tn_block(const float* A1, const float* A2, int64_t lda, int64_t n0, const float* const* x1rows,
+                            const float* const* x2rows, int64_t M, __mmask16 tail, Epi& epi) {
+  __m512 acc1[R][DV], acc2[R][DV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < DV; ++c) { acc1[r][c] = _mm512_setzero_ps(); acc2[r][c] = _mm512_setzero_ps(); }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x1 = x1rows[m];
+    const float* x2 = x2rows[m];
+    const float* a1 = A1 + m * lda + n0;
+    const float* a2 = A2 + m * lda + n0;
+    __m512 u[DV], w[DV];
+    for (int c = 0; c < DV; ++c) {
+      const __mmask16 km = c == DV - 1 ? tail : (__mmask16)0xFFFF;
+      u[c] = _mm512_maskz_loadu_ps(km, x1 + 16 * c);
+      w[c] = _mm512_maskz_loadu_ps(km, x2 + 16 * c);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 p1 = _mm512_set1_ps(a1[r]);
+      const __m512 p2 = _mm512_set1_ps(a2[r]);
+      for (int c = 0; c < DV; ++c) {
+        acc1[r][c] = _mm512_fmadd_ps(p1, u[c], acc1[r][c]);
+        acc2[r][c] = _mm512_fmadd_ps(p2, w[c], acc2[r][c]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) epi(n0 + r, acc1[r], acc2[r]);
+}
+
+template <int DV> constexpr int pv_rows() { return DV == 1 ? 8 : DV <= 3 ? 7 : DV == 4 ? 4 : 3; }
+template <int DV> constexpr int tn_rows() { return DV == 1 ? 8 : DV == 2 ? 6 : DV <= 4 ? 3 : 1; }
+
+template <int DV, class Epi>
+static inline void pv_all(const float* A, int64_t lda, int64_t M, const float* const* xrows, int64_t K,
+                          __mmask16 tail, Epi& epi) {
+  constexpr int R = pv_rows<DV>();
+  for (int64_t m0 = 0; m0 < M; m0 += R) pv_block<R, DV>(A, lda, m0, xrows, K, tail, epi);
+}
+template <int DV, class Epi>
+static inline void tn_all(const float* A1, const float* A2, int64_t lda, const float* const* x1rows,
+                          const float* const* x2rows, int64_t M, __mmask16 tail, Epi& epi) {
+  constexpr int R = tn_rows<DV>();
+  for (int64_t n0 = 0; n0 < M; n0 += R) tn_block<R, DV>(A1, A2, lda, n0, x1rows, x2rows, M, tail, epi);
+}
+
+// Window classes and their (bias + mask) tiles, in base-2 units.
+struct Plan {
+  int64_t Np = 0, thn = 1, tsz = 0, ncls = 0;
+  std::vector<int32_t> win_cls, cls_M, cls_win;  // cls_win: a representative window
+  std::vector<float> tiles;                       // [cls][th][Np][Np]
+};
+
+Plan make_plan(const Geometry& g, const float* table, int64_t table_heads) {
+  Plan pl;
+  pl.Np = round_up(g.N, 16);
+  pl.thn = table ? table_heads : 1;
+  pl.tsz = pl.Np * pl.Np;
+  pl.win_cls.assign(g.nWin, 0);
+  std::vector<std::vector<int32_t>> sigs;
+  for (int64_t w = 0; w < g.nWin; ++w) {
+    std::vector<int32_t> sig;
+    const int32_t M = g.count[w];
+    sig.reserve(2 * M + 1);
+    sig.push_back(M);
+    for (int32_t m = 0; m < M; ++m) {
+      sig.push_back(g.keyofs[w * g.N + m]);
+      sig.push_back(g.mixed[w] ? g.region[w * g.N + m] : 0);
+    }
+    int64_t c = 0;
+    for (; c < (int64_t)sigs.size(); ++c)
+      if (sigs[c] == sig) break;
+    if (c == (int64_t)sigs.size()) {
+      sigs.push_back(std::move(sig));
+      pl.cls_M.push_back(M);
+      pl.cls_win.push_back((int32_t)w);
+    }
+    pl.win_cls[w] = (int32_t)c;
+  }
+  pl.ncls = (int64_t)sigs.size();
+  const int64_t tsize = (2 * g.wh - 1) * g.tw;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  pl.tiles.assign(pl.ncls * pl.thn * pl.tsz, ninf);
+  for (int64_t c = 0; c < pl.ncls; ++c) {
+    const int64_t w = pl.cls_win[c], M = pl.cls_M[c];
+    const int32_t* keyofs = g.keyofs.data() + w * g.N;
+    const int32_t* qryofs = g.qryofs.data() + w * g.N;
+    const int32_t* region = g.region.data() + w * g.N;
+    const bool mixed = g.mixed[w] != 0;
+    for (int64_t th = 0; th < pl.thn; ++th) {
+      float* t = pl.tiles.data() + (c * pl.thn + th) * pl.tsz;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < M; ++n) {
+          if (mixed && region[n] != region[m]) continue;
+          t[m * pl.Np + n] = table ? table[th * tsize + qryofs[m] + keyofs[n]] * kLog2e : 0.0f;
+        }
+    }
+  }
+  return pl;
+}
+
+struct Rows {
+  std::vector<const float*> p;
+  std::vector<float> buf;
+  // Row pointers of one (b, window, head): in place for unit inner stride, else gathered.
+  inline void set(const float* base, const View5& v, const Geometry& g, int64_t b, int64_t h, const int32_t* pos,
+                  int64_t M, const float* zero) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* src = base + v.row(b, pos[m], g.W, h);
+      if (v.sd == 1) {
+        p[m] = src;
+      } else {
+        float* dst = buf.data() + m * g.d;
+        for (int64_t e = 0; e < g.d; ++e) dst[e] = src[e * v.sd];
+        p[m] = dst;
+      }
+    }
+    for (int64_t m = M; m < (int64_t)p.size(); ++m) p[m] = zero;
+  }
+  void init(int64_t rows, int64_t d) { p.assign(rows, nullptr); buf.assign(rows * d, 0.0f); }
+};
+
+template <class F>
+static inline void dispatch_dv(int64_t DV, F&& f) {
+  switch (DV) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+inline bool supported(const Geometry& g) { return g.d <= 128 && g.N <= 1024; }
+
+void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* table,
+             int64_t table_heads, float scale, float* out, float* lse) {
+  const Plan pl = make_plan(g, table, table_heads);
+  const View5 vq(q), vk(k), vv(v);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t d = g.d, nh = g.nh, Np = pl.Np, HW = g.H * g.W;
+  const int64_t DV = (d + 15) / 16;
+  const __mmask16 tail = lane_mask(d - 16 * (DV - 1));
+  const int64_t rows_cap = Np + 16;  // row blocks round M up by at most 15
+  const int64_t tasks = g.B * g.nWin * nh;
+  const float c2 = scale * kLog2e;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Rows qr, kr, vr;
+    qr.init(rows_cap, d); kr.init(rows_cap, d); vr.init(rows_cap, d);
+    std::vector<float> zero(16 * DV + 16, 0.0f), Kt(16 * DV * Np + 16, 0.0f), S(rows_cap * Np + 64, 0.0f),
+        inv(rows_cap, 0.0f);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task % nh;
+      const int64_t win = (task / nh) % g.nWin;
+      const int64_t b = task / (nh * g.nWin);
+      const int64_t cls = pl.win_cls[win];
+      const int64_t M = pl.cls_M[cls];
+      if (M == 0) continue;
+      const int32_t* pos = g.pos.data() + win * g.N;
+      const float* tile = pl.tiles.data() + (cls * pl.thn + (table && table_heads != 1 ? h : 0)) * pl.tsz;
+      qr.set(qp, vq, g, b, h, pos, M, zero.data());
+      kr.set(kp, vk, g, b, h, pos, M, zero.data());
+      vr.set(vp, vv, g, b, h, pos, M, zero.data());
+      pack_transposed(kr.p.data(), M, d, Kt.data(), Np);
+      float* Sp = S.data();
+      const __m512 cv = _mm512_set1_ps(c2);
+      auto epi_s = [&](int64_t m, int64_t n, __m512 a) {
+        _mm512_storeu_ps(Sp + m * Np + n, _mm512_fmadd_ps(a, cv, _mm512_loadu_ps(tile + m * Np + n)));
+      };
+      qk_all(qr.p.data(), M, Kt.data(), Np, d, epi_s);
+      for (int64_t m = 0; m < M; ++m) {
+        float* s = Sp + m * Np;
+        __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+        for (int64_t n = 0; n < Np; n += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + n));
+        const float mxs = _mm512_reduce_max_ps(mx);
+        const __m512 mxv = _mm512_set1_ps(mxs);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t n = 0; n < Np; n += 16) {
+          const __m512 p = exp2v(_mm512_sub_ps(_mm512_loadu_ps(s + n), mxv));
+          _mm512_storeu_ps(s + n, p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        const float sums = _mm512_reduce_add_ps(sum);
+        inv[m] = 1.0f / sums;
+        lse[(b * HW + pos[m]) * nh + h] = (mxs + std::log2(sums)) * kLn2;
+      }
+      dispatch_dv(DV, [&](auto dvc) {
+        constexpr int DVc = decltype(dvc)::value;
+        auto epi_o = [&](int64_t m, __m512* a) {
+          if (m >= M) return;
+          float* dst = out + ((b * HW + pos[m]) * nh + h) * d;
+          const __m512 s = _mm512_set1_ps(inv[m]);
+          for (int c = 0; c < DVc; ++c)
+            _mm512_mask_storeu_ps(dst + 16 * c, c == DVc - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[c], s));
+        };
+        pv_all<DVc>(Sp, Np, M, vr.p.data(), M, tail, epi_o);
+      });
+    }
+  });
+}
+
+void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& out, const float* lse_p, const at::Tensor& lse,
+              const float* table, int64_t table_heads, float scale, float* dq, float* dk, float* dv, float* dtable) {
+  const Plan pl = make_plan(g, table, table_heads);
+  const View5 vq(q), vk(k), vv(v), vo(out), vg(gout);
+  const int64_t ls_b = lse.stride(0), ls_y = lse.stride(1), ls_x = lse.stride(2), ls_h = lse.stride(3);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const float* op = out.data_ptr<float>();
+  const float* gp = gout.data_ptr<float>();
+  const int64_t d = g.d, nh = g.nh, Np = pl.Np, HW = g.H * g.W;
+  const int64_t DV = (d + 15) / 16;
+  const __mmask16 tail = lane_mask(d - 16 * (DV - 1));
+  const int64_t rows_cap = Np + 16;
+  const int64_t tasks = g.B * g.nWin * nh;
+  const int64_t tsize = (2 * g.wh - 1) * g.tw;
+  const float c2 = scale * kLog2e;
+  // Fixed chunks of tasks own one partial bias gradient each (deterministic reduction); within a
+  // chunk dS is summed per (window class, table head) tile and scattered into the table at the end.
+  const int64_t chunk = 64;
+  const int64_t nchunks = (tasks + chunk - 1) / chunk;
+  std::vector<float> partial(dtable ? nchunks * table_heads * tsize : 0, 0.0f);
+
+  at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+    Rows qr, kr, vr, orow, gr;
+    qr.init(rows_cap, d); kr.init(rows_cap, d); vr.init(rows_cap, d); orow.init(rows_cap, d); gr.init(rows_cap, d);
+    std::vector<float> zero(16 * DV + 16, 0.0f), Kt(16 * DV * Np + 16, 0.0f), Vt(16 * DV * Np + 16, 0.0f),
+        P((rows_cap + 1) * Np + 64, 0.0f), dS((rows_cap + 1) * Np + 64, 0.0f), Dm(rows_cap, 0.0f),
+        L2(rows_cap, 0.0f);
+    std::vector<float> acc_tiles(dtable ? pl.ncls * pl.thn * pl.tsz : 0);
+    std::vector<uint8_t> touched(dtable ? pl.ncls * pl.thn : 0);
+    for (int64_t c = cbegin; c < cend; ++c) {
+      if (dtable) {
+        std::fill(acc_tiles.begin(), acc_tiles.end(), 0.0f);
+        std::fill(touched.begin(), touched.end(), 0);
+      }
+      for (int64_t task = c * chunk; task < std::min(tasks, (c + 1) * chunk); ++task) {
+        const int64_t h = task % nh;
+        const int64_t win = (task / nh) % g.nWin;
+        const int64_t b = task / (nh * g.nWin);
+        const int64_t cls = pl.win_cls[win];
+        const int64_t M = pl.cls_M[cls];
+        if (M == 0) continue;
+        const int32_t* pos = g.pos.data() + win * g.N;
+        const int64_t th = table && table_heads != 1 ? h : 0;
+        const float* tile = pl.tiles.data() + (cls * pl.thn + th) * pl.tsz;
+        float* dbt = dtable ? acc_tiles.data() + (cls * pl.thn + th) * pl.tsz : nullptr;
+        if (dtable) touched[cls * pl.thn + th] = 1;
+        qr.set(qp, vq, g, b, h, pos, M, zero.data());
+        kr.set(kp, vk, g, b, h, pos, M, zero.data());
+        vr.set(vp, vv, g, b, h, pos, M, zero.data());
+        orow.set(op, vo, g, b, h, pos, M, zero.data());
+        gr.set(gp, vg, g, b, h, pos, M, zero.data());
+        for (int64_t m = 0; m < M; ++m) {
+          __m512 s = _mm512_setzero_ps();
+          for (int64_t e0 = 0; e0 < d; e0 += 16) {
+            const __mmask16 km = lane_mask(d - e0);
+            s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, gr.p[m] + e0), _mm512_maskz_loadu_ps(km, orow.p[m] + e0), s);
+          }
+          Dm[m] = _mm512_reduce_add_ps(s);
+          const int64_t p = pos[m];
+          L2[m] = lse_p[b * ls_b + (p / g.W) * ls_y + (p % g.W) * ls_x + h * ls_h] * kLog2e;
+        }
+        pack_transposed(kr.p.data(), M, d, Kt.data(), Np);
+        pack_transposed(vr.p.data(), M, d, Vt.data(), Np);
+        float* Pp = P.data();
+        float* dSp = dS.data();
+        const __m512 cv = _mm512_set1_ps(c2);
+        auto epi_p = [&](int64_t m, int64_t n, __m512 a) {
+          if (m >= M) return;
+          const __m512 x = _mm512_fmadd_ps(a, cv, _mm512_loadu_ps(tile + m * Np + n));
+          _mm512_storeu_ps(Pp + m * Np + n, exp2v(_mm512_sub_ps(x, _mm512_set1_ps(L2[m]))));
+        };
+        qk_all(qr.p.data(), M, Kt.data(), Np, d, epi_p);
+        auto epi_ds = [&](int64_t m, int64_t n, __m512 a) {
+          if (m >= M) return;
+          const __m512 ds = _mm512_mul_ps(_mm512_loadu_ps(Pp + m * Np + n), _mm512_sub_ps(a, _mm512_set1_ps(Dm[m])));
+          _mm512_storeu_ps(dSp + m * Np + n, ds);
+          if (dbt) _mm512_storeu_ps(dbt + m * Np + n, _mm512_add_ps(_mm512_loadu_ps(dbt + m * Np + n), ds));
+        };
+        qk_all(gr.p.data(), M, Vt.data(), Np, d, epi_ds);
+        dispatch_dv(DV, [&](auto dvc) {
+          constexpr int DVc = decltype(dvc)::value;
+          const __m512 sc = _mm512_set1_ps(scale);
+          auto epi_dq = [&](int64_t m, __m512* a) {
+            if (m >= M) return;
+            float* dst = dq + ((b * HW + pos[m]) * nh + h) * d;
+            for (int cc = 0; cc < DVc; ++cc)
+              _mm512_mask_storeu_ps(dst + 16 * cc, cc == DVc - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[cc], sc));
+          };
+          pv_all<DVc>(dSp, Np, M, kr.p.data(), M, tail, epi_dq);
+          auto epi_kv = [&](int64_t n, __m512* a1, __m512* a2) {
+            if (n >= M) return;
+            const int64_t o = ((b * HW + pos[n]) * nh + h) * d;
+            for (int cc = 0; cc < DVc; ++cc) {
+              const __mmask16 km = cc == DVc - 1 ? tail : (__mmask16)0xFFFF;
+              _mm512_mask_storeu_ps(dv + o + 16 * cc, km, a1[cc]);
+              _mm512_mask_storeu_ps(dk + o + 16 * cc, km, _mm512_mul_ps(a2[cc], sc));
+            }
+          };
+          tn_all<DVc>(Pp, dSp, Np, gr.p.data(), qr.p.data(), M, tail, epi_kv);
+        });
+      }
+      if (dtable) {
+        float* part = partial.data() + c * table_heads * tsize;
+        for (int64_t cls = 0; cls < pl.ncls; ++cls) {
+          const int64_t w = pl.cls_win[cls], M = pl.cls_M[cls];
+          const int32_t* keyofs = g.keyofs.data() + w * g.N;
+          const int32_t* qryofs = g.qryofs.data() + w * g.N;
+          for (int64_t th = 0; th < pl.thn; ++th) {
+            if (!touched[cls * pl.thn + th]) continue;
+            const float* t = acc_tiles.data() + (cls * pl.thn + th) * pl.tsz;
+            float* ph = part + th * tsize;
+            for (int64_t m = 0; m < M; ++m) {
+              float* pq = ph + qryofs[m];
+              for (int64_t n = 0; n < M; ++n) pq[keyofs[n]] += t[m * Np + n];
+            }
+          }
+        }
+      }
+    }
+  });
+  if (dtable != nullptr) {
+    const int64_t n = table_heads * tsize;
+    for (int64_t i = 0; i < n; ++i) dtable[i] = 0;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      const float* p = partial.data() + c * n;
+      for (int64_t i = 0; i < n; ++i) dtable[i] += p[i];
+    }
+  }
+}
+
+}  // namespace fast
+#endif  // __AVX512F__
+
 // ----------------------------------------------------------------------------------------
 // Tensor-level entry points
 // ----------------------------------------------------------------------------------------
@@ -453,6 +930,13 @@ std::tuple<at::Tensor, at::Tensor> window_attention2d_fwd_cpu(const at::Tensor& 
   if (q.numel() == 0) return {out, lse};
   const Geometry g = make_geometry(q, window_size, shift);
   at::Tensor table = rel_pos_bias.has_value() ? rel_pos_bias->contiguous() : at::Tensor();
+#if defined(__AVX512F__)
+  if (q.scalar_type() == at::kFloat && fast::supported(g)) {
+    fast::forward(g, q, k, v, table.defined() ? table.data_ptr<float>() : nullptr, table.defined() ? table.size(0) : 0,
+                  static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>());
+    return {out, lse};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "window_attention2d_fwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     forward_kernel<scalar_t, acc_t>(g, q, k, v, table.defined() ? table.data_ptr<acc_t>() : nullptr,
@@ -481,6 +965,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention2d_bw
   if (q.numel() == 0) return {dq, dk, dv, db};
   const Geometry g = make_geometry(q, window_size, shift);
   at::Tensor table = rel_pos_bias.has_value() ? rel_pos_bias->contiguous() : at::Tensor();
+#if defined(__AVX512F__)
+  if (q.scalar_type() == at::kFloat && fast::supported(g)) {
+    fast::backward(g, grad_out, q, k, v, out, lse.data_ptr<float>(), lse,
+                   table.defined() ? table.data_ptr<float>() : nullptr, table.defined() ? table.size(0) : 0,
+                   static_cast<float>(scale), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                   want_db ? db.data_ptr<float>() : nullptr);
+    return {dq, dk, dv, db};
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "window_attention2d_bwd_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     backward_kernel<scalar_t, acc_t>(g, grad_out, q, k, v, out, lse.data_ptr<acc_t>(), lse,

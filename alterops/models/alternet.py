@@ -38,7 +38,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..nn import DropPath, NeighborhoodMSA2d, WindowMSA2d
-from .preresnet import BNGAPBlock, Bottleneck, Stem, check_variant, smoothing_layer, stage_rates
+from .preresnet import Bottleneck, StagedBackbone, Stem, check_variant, stage_rates
 
 __all__ = ["AlterNet", "MSABlock", "alternet50"]
 
@@ -79,7 +79,7 @@ class MSABlock(nn.Module):
         return self.sd(x) + skip
 
 
-class AlterNet(nn.Module):
+class AlterNet(StagedBackbone):
     """Alternating pre-activation ResNet / MSA network; see the module docstring.
 
     The defaults are the CIFAR Alter-ResNet-50; ``widths`` (bottleneck widths per stage, outputs ×4)
@@ -113,19 +113,7 @@ class AlterNet(nn.Module):
                                            kernel_size=kernel_size, backend=backend))
                 channels = width * 4
             stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.smooth1 = smoothing_layer(smoothing, backend)
-        self.smooth2 = smoothing_layer(smoothing, backend)
-        self.smooth3 = smoothing_layer(smoothing, backend)
-        self.classifier = nn.Sequential(BNGAPBlock(channels, num_classes))
-
-    def forward(self, x):
-        x = self.layer0(x)
-        x = self.smooth1(self.layer1(x))
-        x = self.smooth2(self.layer2(x))
-        x = self.smooth3(self.layer3(x))
-        x = self.layer4(x)
-        return self.classifier(x)
+        self._set_stages(stages, channels, num_classes, smoothing, backend)
 
 
 def alternet50(num_classes: int = 100, variant: str = "cifar", *, attention: str = "window",

@@ -120,7 +120,28 @@ def check_variant(variant: str) -> bool:
     return variant == "imagenet"
 
 
-class PreResNet(nn.Module):
+class StagedBackbone(nn.Module):
+    """Stem (``layer0``), four stages (``layer1..4``), optional smoothing after stages 1–3
+    (the blur paper's PreResNet placement) and the BN-ReLU-GAP-FC classifier. Subclasses build
+    the stages; the attribute names follow the paper's code so state dicts line up."""
+
+    def _set_stages(self, stages, channels: int, num_classes: int, smoothing: bool, backend) -> None:
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.smooth1 = smoothing_layer(smoothing, backend)
+        self.smooth2 = smoothing_layer(smoothing, backend)
+        self.smooth3 = smoothing_layer(smoothing, backend)
+        self.classifier = nn.Sequential(BNGAPBlock(channels, num_classes))
+
+    def forward(self, x):
+        x = self.layer0(x)
+        x = self.smooth1(self.layer1(x))
+        x = self.smooth2(self.layer2(x))
+        x = self.smooth3(self.layer3(x))
+        x = self.layer4(x)
+        return self.classifier(x)
+
+
+class PreResNet(StagedBackbone):
     """Pre-activation ResNet with bottlenecks; see the module docstring for the layout."""
 
     def __init__(self, num_blocks=(3, 4, 6, 3), *, num_classes: int = 1000, pool_stem: bool = True,
@@ -136,19 +157,7 @@ class PreResNet(nn.Module):
                 blocks.append(Bottleneck(channels, width, stride, sds[i][j]))
                 channels = width * Bottleneck.expansion
             stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.smooth1 = smoothing_layer(smoothing, backend)
-        self.smooth2 = smoothing_layer(smoothing, backend)
-        self.smooth3 = smoothing_layer(smoothing, backend)
-        self.classifier = nn.Sequential(BNGAPBlock(channels, num_classes))
-
-    def forward(self, x):
-        x = self.layer0(x)
-        x = self.smooth1(self.layer1(x))
-        x = self.smooth2(self.layer2(x))
-        x = self.smooth3(self.layer3(x))
-        x = self.layer4(x)
-        return self.classifier(x)
+        self._set_stages(stages, channels, num_classes, smoothing, backend)
 
 
 def preresnet50(num_classes: int = 1000, variant: str = "imagenet", *, smoothing: bool = False,

@@ -17,18 +17,25 @@ from . import _ext
 
 __all__ = ["__version__", "BackendUnavailableError", "get_backend", "set_backend"]
 
-# --- op families: one import line each, plus their names in __all__ ---
-from .window_attention import window_attention2d  # noqa: E402
-__all__ += ["window_attention2d"]
-from .neighborhood_attention import neighborhood_attention2d  # noqa: E402
-__all__ += ["neighborhood_attention2d"]
-
+# --- op families ---------------------------------------------------------------------------
 from .blur import box_blur2d, tanh_blur2d  # noqa: E402
-__all__ += ["box_blur2d", "tanh_blur2d"]
-from .statistics import (delta_log_amplitude, feature_statistics, feature_variance, frequency_noise,  # noqa: E402
-                         log_amplitude_spectrum, radial_log_amplitude)
-__all__ += ["delta_log_amplitude", "log_amplitude_spectrum", "radial_log_amplitude", "feature_variance",
-            "frequency_noise", "feature_statistics"]
-from . import nn, models  # noqa: E402
+from .neighborhood_attention import neighborhood_attention2d  # noqa: E402
+from .window_attention import window_attention2d  # noqa: E402
+from .statistics import (  # noqa: E402
+    delta_log_amplitude,
+    feature_statistics,
+    feature_variance,
+    frequency_noise,
+    log_amplitude_spectrum,
+    radial_log_amplitude,
+)
+from . import models, nn  # noqa: E402
 from .swap import swap  # noqa: E402
-__all__ += ["nn", "models", "swap"]
+
+__all__ += [
+    "box_blur2d", "tanh_blur2d",
+    "neighborhood_attention2d", "window_attention2d",
+    "delta_log_amplitude", "log_amplitude_spectrum", "radial_log_amplitude", "feature_variance",
+    "frequency_noise", "feature_statistics",
+    "nn", "models", "swap",
+]

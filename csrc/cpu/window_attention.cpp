@@ -456,23 +456,23 @@ static inline __m512 exp2v(__m512 x) {
 
 static inline void transpose16(__m512 r[16]) {
   __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
+  _Pragma("GCC unroll 32") for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
-  for (int i = 0; i < 4; ++i) {
+  _Pragma("GCC unroll 32") for (int i = 0; i < 4; ++i) {
     r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
     r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
     r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
     r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
   }
-  for (int h = 0; h < 2; ++h) {
-    for (int j = 0; j < 4; ++j) {
+  _Pragma("GCC unroll 32") for (int h = 0; h < 2; ++h) {
+    _Pragma("GCC unroll 32") for (int j = 0; j < 4; ++j) {
       t[8 * h + j] = _mm512_shuffle_f32x4(r[8 * h + j], r[8 * h + 4 + j], 0x88);
       t[8 * h + 4 + j] = _mm512_shuffle_f32x4(r[8 * h + j], r[8 * h + 4 + j], 0xDD);
     }
   }
-  for (int j = 0; j < 8; ++j) {
+  _Pragma("GCC unroll 32") for (int j = 0; j < 8; ++j) {
     r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
     r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xDD);
   }
@@ -487,7 +487,7 @@ static inline void pack_transposed(const float* const* rows, int64_t M, int64_t 
     for (int64_t e0 = 0; e0 < d; e0 += 16) {
       const __mmask16 km = lane_mask(d - e0);
       __m512 r[16];
-      for (int i = 0; i < 16; ++i)
+      _Pragma("GCC unroll 32") for (int i = 0; i < 16; ++i)
         r[i] = m0 + i < M ? _mm512_maskz_loadu_ps(km, rows[m0 + i] + e0) : _mm512_setzero_ps();
       transpose16(r);
       const int64_t ne = std::min<int64_t>(16, d - e0);
@@ -502,21 +502,21 @@ static inline void qk_block(const float* const* arows, int64_t m0, const float* 
                             int64_t d, Epi& epi) {
   __m512 acc[R][CV];
   const float* a[R];
-  for (int r = 0; r < R; ++r) {
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
     a[r] = arows[m0 + r];
-    for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_setzero_ps();
   }
   const float* b = Bt + n0;
   for (int64_t e = 0; e < d; ++e, b += ld) {
     __m512 bv[CV];
-    for (int c = 0; c < CV; ++c) bv[c] = _mm512_loadu_ps(b + 16 * c);
-    for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) bv[c] = _mm512_loadu_ps(b + 16 * c);
+    _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
       const __m512 x = _mm512_set1_ps(a[r][e]);
-      for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(x, bv[c], acc[r][c]);
+      _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(x, bv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < CV; ++c) epi(m0 + r, n0 + 16 * c, acc[r][c]);
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) epi(m0 + r, n0 + 16 * c, acc[r][c]);
 }
 
 // Rows m < M (row blocks padded to R: pad rows of arows point at zeros), all Np columns.
@@ -538,19 +538,19 @@ template <int R, int DV, class Epi>
 static inline void pv_block(const float* A, int64_t lda, int64_t m0, const float* const* xrows, int64_t K,
                             __mmask16 tail, Epi& epi) {
   __m512 acc[R][DV];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_setzero_ps();
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_setzero_ps();
   const float* a = A + m0 * lda;
   for (int64_t n = 0; n < K; ++n) {
     const float* x = xrows[n];
     __m512 xv[DV];
-    for (int c = 0; c < DV; ++c) xv[c] = _mm512_maskz_loadu_ps(c == DV - 1 ? tail : (__mmask16)0xFFFF, x + 16 * c);
-    for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) xv[c] = _mm512_maskz_loadu_ps(c == DV - 1 ? tail : (__mmask16)0xFFFF, x + 16 * c);
+    _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
       const __m512 p = _mm512_set1_ps(a[r * lda + n]);
-      for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(p, xv[c], acc[r][c]);
+      _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(p, xv[c], acc[r][c]);
     }
   }
-  for (int r = 0; r < R; ++r) epi(m0 + r, acc[r]);
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) epi(m0 + r, acc[r]);
 }
 
 // acc1[r] = sum_{m < M} A1[m * lda + n0 + r] * X1[m];  acc2[r] = sum_m A2[m * lda + n0 + r] * X2[m].
@@ -558,29 +558,29 @@ template <int R, int DV, class Epi>
 static inline void tn_block(const float* A1, const float* A2, int64_t lda, int64_t n0, const float* const* x1rows,
                             const float* const* x2rows, int64_t M, __mmask16 tail, Epi& epi) {
   __m512 acc1[R][DV], acc2[R][DV];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < DV; ++c) { acc1[r][c] = _mm512_setzero_ps(); acc2[r][c] = _mm512_setzero_ps(); }
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) { acc1[r][c] = _mm512_setzero_ps(); acc2[r][c] = _mm512_setzero_ps(); }
   for (int64_t m = 0; m < M; ++m) {
     const float* x1 = x1rows[m];
     const float* x2 = x2rows[m];
     const float* a1 = A1 + m * lda + n0;
     const float* a2 = A2 + m * lda + n0;
     __m512 u[DV], w[DV];
-    for (int c = 0; c < DV; ++c) {
+    _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) {
       const __mmask16 km = c == DV - 1 ? tail : (__mmask16)0xFFFF;
       u[c] = _mm512_maskz_loadu_ps(km, x1 + 16 * c);
       w[c] = _mm512_maskz_loadu_ps(km, x2 + 16 * c);
     }
-    for (int r = 0; r < R; ++r) {
+    _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
       const __m512 p1 = _mm512_set1_ps(a1[r]);
       const __m512 p2 = _mm512_set1_ps(a2[r]);
-      for (int c = 0; c < DV; ++c) {
+      _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) {
         acc1[r][c] = _mm512_fmadd_ps(p1, u[c], acc1[r][c]);
         acc2[r][c] = _mm512_fmadd_ps(p2, w[c], acc2[r][c]);
       }
     }
   }
-  for (int r = 0; r < R; ++r) epi(n0 + r, acc1[r], acc2[r]);
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) epi(n0 + r, acc1[r], acc2[r]);
 }
 
 template <int DV> constexpr int pv_rows() { return DV == 1 ? 8 : DV <= 3 ? 7 : DV == 4 ? 4 : 3; }
@@ -750,7 +750,7 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
           if (m >= M) return;
           float* dst = out + ((b * HW + pos[m]) * nh + h) * d;
           const __m512 s = _mm512_set1_ps(inv[m]);
-          for (int c = 0; c < DVc; ++c)
+          _Pragma("GCC unroll 32") for (int c = 0; c < DVc; ++c)
             _mm512_mask_storeu_ps(dst + 16 * c, c == DVc - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[c], s));
         };
         pv_all<DVc>(Sp, Np, M, vr.p.data(), M, tail, epi_o);
@@ -847,14 +847,14 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
           auto epi_dq = [&](int64_t m, __m512* a) {
             if (m >= M) return;
             float* dst = dq + ((b * HW + pos[m]) * nh + h) * d;
-            for (int cc = 0; cc < DVc; ++cc)
+            _Pragma("GCC unroll 32") for (int cc = 0; cc < DVc; ++cc)
               _mm512_mask_storeu_ps(dst + 16 * cc, cc == DVc - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[cc], sc));
           };
           pv_all<DVc>(dSp, Np, M, kr.p.data(), M, tail, epi_dq);
           auto epi_kv = [&](int64_t n, __m512* a1, __m512* a2) {
             if (n >= M) return;
             const int64_t o = ((b * HW + pos[n]) * nh + h) * d;
-            for (int cc = 0; cc < DVc; ++cc) {
+            _Pragma("GCC unroll 32") for (int cc = 0; cc < DVc; ++cc) {
               const __mmask16 km = cc == DVc - 1 ? tail : (__mmask16)0xFFFF;
               _mm512_mask_storeu_ps(dv + o + 16 * cc, km, a1[cc]);
               _mm512_mask_storeu_ps(dk + o + 16 * cc, km, _mm512_mul_ps(a2[cc], sc));

@@ -675,6 +675,19 @@ struct Rows {
   void init(int64_t rows, int64_t d) { p.assign(rows, nullptr); buf.assign(rows * d, 0.0f); }
 };
 
+// Prefetch the rows of the next task (b, window, head) so that its loads overlap this task's math.
+static inline void prefetch_task(const Geometry& g, const Plan& pl, int64_t task, const float* base, const View5& v) {
+  const int64_t nh = g.nh;
+  const int64_t h = task % nh, win = (task / nh) % g.nWin, b = task / (nh * g.nWin);
+  const int64_t M = pl.cls_M[pl.win_cls[win]];
+  const int32_t* pos = g.pos.data() + win * g.N;
+  const int64_t bytes = (g.d - 1) * v.sd * (int64_t)sizeof(float);
+  for (int64_t m = 0; m < M; ++m) {
+    const char* row = reinterpret_cast<const char*>(base + v.row(b, pos[m], g.W, h));
+    for (int64_t o = 0; o <= bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T0);
+  }
+}
+
 template <class F>
 static inline void dispatch_dv(int64_t DV, F&& f) {
   switch (DV) {
@@ -718,6 +731,11 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
       if (M == 0) continue;
       const int32_t* pos = g.pos.data() + win * g.N;
       const float* tile = pl.tiles.data() + (cls * pl.thn + (table && table_heads != 1 ? h : 0)) * pl.tsz;
+      if (task + 1 < end) {
+        prefetch_task(g, pl, task + 1, qp, vq);
+        prefetch_task(g, pl, task + 1, kp, vk);
+        prefetch_task(g, pl, task + 1, vp, vv);
+      }
       qr.set(qp, vq, g, b, h, pos, M, zero.data());
       kr.set(kp, vk, g, b, h, pos, M, zero.data());
       vr.set(vp, vv, g, b, h, pos, M, zero.data());
@@ -808,6 +826,13 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
         const float* tile = pl.tiles.data() + (cls * pl.thn + th) * pl.tsz;
         float* dbt = dtable ? acc_tiles.data() + (cls * pl.thn + th) * pl.tsz : nullptr;
         if (dtable) touched[cls * pl.thn + th] = 1;
+        if (task + 1 < std::min(tasks, (c + 1) * chunk)) {
+          prefetch_task(g, pl, task + 1, qp, vq);
+          prefetch_task(g, pl, task + 1, kp, vk);
+          prefetch_task(g, pl, task + 1, vp, vv);
+          prefetch_task(g, pl, task + 1, op, vo);
+          prefetch_task(g, pl, task + 1, gp, vg);
+        }
         qr.set(qp, vq, g, b, h, pos, M, zero.data());
         kr.set(kp, vk, g, b, h, pos, M, zero.data());
         vr.set(vp, vv, g, b, h, pos, M, zero.data());

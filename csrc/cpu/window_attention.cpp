@@ -604,6 +604,7 @@ struct Plan {
   int64_t Np = 0, thn = 1, tsz = 0, ncls = 0;
   std::vector<int32_t> win_cls, cls_M, cls_win;  // cls_win: a representative window
   std::vector<float> tiles;                       // [cls][th][Np][Np]
+  std::vector<int32_t> py, px;                    // map coordinates of each window's present tokens
 };
 
 Plan make_plan(const Geometry& g, const float* table, int64_t table_heads) {
@@ -633,6 +634,12 @@ Plan make_plan(const Geometry& g, const float* table, int64_t table_heads) {
     pl.win_cls[w] = (int32_t)c;
   }
   pl.ncls = (int64_t)sigs.size();
+  pl.py.resize(g.nWin * g.N);
+  pl.px.resize(g.nWin * g.N);
+  for (int64_t t = 0; t < g.nWin * g.N; ++t) {
+    pl.py[t] = (int32_t)(g.pos[t] / g.W);
+    pl.px[t] = (int32_t)(g.pos[t] % g.W);
+  }
   const int64_t tsize = (2 * g.wh - 1) * g.tw;
   const float ninf = -std::numeric_limits<float>::infinity();
   pl.tiles.assign(pl.ncls * pl.thn * pl.tsz, ninf);
@@ -658,10 +665,13 @@ struct Rows {
   std::vector<const float*> p;
   std::vector<float> buf;
   // Row pointers of one (b, window, head): in place for unit inner stride, else gathered.
-  inline void set(const float* base, const View5& v, const Geometry& g, int64_t b, int64_t h, const int32_t* pos,
-                  int64_t M, const float* zero) {
+  inline void set(const float* base, const View5& v, const Geometry& g, const Plan& pl, int64_t b, int64_t h,
+                  int64_t win, int64_t M, const float* zero) {
+    const int32_t* py = pl.py.data() + win * g.N;
+    const int32_t* px = pl.px.data() + win * g.N;
+    base += b * v.sb + h * v.sh;
     for (int64_t m = 0; m < M; ++m) {
-      const float* src = base + v.row(b, pos[m], g.W, h);
+      const float* src = base + py[m] * v.sy + px[m] * v.sx;
       if (v.sd == 1) {
         p[m] = src;
       } else {
@@ -680,10 +690,12 @@ static inline void prefetch_task(const Geometry& g, const Plan& pl, int64_t task
   const int64_t nh = g.nh;
   const int64_t h = task % nh, win = (task / nh) % g.nWin, b = task / (nh * g.nWin);
   const int64_t M = pl.cls_M[pl.win_cls[win]];
-  const int32_t* pos = g.pos.data() + win * g.N;
+  const int32_t* py = pl.py.data() + win * g.N;
+  const int32_t* px = pl.px.data() + win * g.N;
   const int64_t bytes = (g.d - 1) * v.sd * (int64_t)sizeof(float);
+  base += b * v.sb + h * v.sh;
   for (int64_t m = 0; m < M; ++m) {
-    const char* row = reinterpret_cast<const char*>(base + v.row(b, pos[m], g.W, h));
+    const char* row = reinterpret_cast<const char*>(base + py[m] * v.sy + px[m] * v.sx);
     for (int64_t o = 0; o <= bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T0);
   }
 }
@@ -736,9 +748,9 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
         prefetch_task(g, pl, task + 1, kp, vk);
         prefetch_task(g, pl, task + 1, vp, vv);
       }
-      qr.set(qp, vq, g, b, h, pos, M, zero.data());
-      kr.set(kp, vk, g, b, h, pos, M, zero.data());
-      vr.set(vp, vv, g, b, h, pos, M, zero.data());
+      qr.set(qp, vq, g, pl, b, h, win, M, zero.data());
+      kr.set(kp, vk, g, pl, b, h, win, M, zero.data());
+      vr.set(vp, vv, g, pl, b, h, win, M, zero.data());
       pack_transposed(kr.p.data(), M, d, Kt.data(), Np);
       float* Sp = S.data();
       const __m512 cv = _mm512_set1_ps(c2);
@@ -833,11 +845,11 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
           prefetch_task(g, pl, task + 1, op, vo);
           prefetch_task(g, pl, task + 1, gp, vg);
         }
-        qr.set(qp, vq, g, b, h, pos, M, zero.data());
-        kr.set(kp, vk, g, b, h, pos, M, zero.data());
-        vr.set(vp, vv, g, b, h, pos, M, zero.data());
-        orow.set(op, vo, g, b, h, pos, M, zero.data());
-        gr.set(gp, vg, g, b, h, pos, M, zero.data());
+        qr.set(qp, vq, g, pl, b, h, win, M, zero.data());
+        kr.set(kp, vk, g, pl, b, h, win, M, zero.data());
+        vr.set(vp, vv, g, pl, b, h, win, M, zero.data());
+        orow.set(op, vo, g, pl, b, h, win, M, zero.data());
+        gr.set(gp, vg, g, pl, b, h, win, M, zero.data());
         for (int64_t m = 0; m < M; ++m) {
           __m512 s = _mm512_setzero_ps();
           for (int64_t e0 = 0; e0 < d; e0 += 16) {
@@ -845,8 +857,7 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
             s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, gr.p[m] + e0), _mm512_maskz_loadu_ps(km, orow.p[m] + e0), s);
           }
           Dm[m] = _mm512_reduce_add_ps(s);
-          const int64_t p = pos[m];
-          L2[m] = lse_p[b * ls_b + (p / g.W) * ls_y + (p % g.W) * ls_x + h * ls_h] * kLog2e;
+          L2[m] = lse_p[b * ls_b + pl.py[win * g.N + m] * ls_y + pl.px[win * g.N + m] * ls_x + h * ls_h] * kLog2e;
         }
         pack_transposed(kr.p.data(), M, d, Kt.data(), Np);
         pack_transposed(vr.p.data(), M, d, Vt.data(), Np);

@@ -519,13 +519,35 @@ static inline void qk_block(const float* const* arows, int64_t m0, const float* 
     _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) epi(m0 + r, n0 + 16 * c, acc[r][c]);
 }
 
+// As qk_block over all CV vectors of a row (Np <= 64), with a whole-row epilogue epi(m, acc[r]).
+template <int R, int CV, class Epi>
+static inline void qk_row_block(const float* const* arows, int64_t m0, const float* Bt, int64_t ld, int64_t d,
+                                Epi& epi) {
+  __m512 acc[R][CV];
+  const float* a[R];
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
+    a[r] = arows[m0 + r];
+    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_setzero_ps();
+  }
+  const float* b = Bt;
+  for (int64_t e = 0; e < d; ++e, b += ld) {
+    __m512 bv[CV];
+    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) bv[c] = _mm512_loadu_ps(b + 16 * c);
+    _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r][e]);
+      _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(x, bv[c], acc[r][c]);
+    }
+  }
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) epi(m0 + r, acc[r]);
+}
+
 // Rows m < M (row blocks padded to R: pad rows of arows point at zeros), all Np columns.
 template <class Epi>
 static inline void qk_all(const float* const* arows, int64_t M, const float* Bt, int64_t Np, int64_t d, Epi& epi) {
   for (int64_t n0 = 0; n0 < Np; n0 += 64) {
     const int64_t cv = std::min<int64_t>(4, (Np - n0) / 16);
     switch (cv) {
-      case 4: for (int64_t m0 = 0; m0 < M; m0 += 6) qk_block<6, 4>(arows, m0, Bt, Np, n0, d, epi); break;
+      case 4: for (int64_t m0 = 0; m0 < M; m0 += 7) qk_block<7, 4>(arows, m0, Bt, Np, n0, d, epi); break;
       case 3: for (int64_t m0 = 0; m0 < M; m0 += 7) qk_block<7, 3>(arows, m0, Bt, Np, n0, d, epi); break;
       case 2: for (int64_t m0 = 0; m0 < M; m0 += 8) qk_block<8, 2>(arows, m0, Bt, Np, n0, d, epi); break;
       default: for (int64_t m0 = 0; m0 < M; m0 += 8) qk_block<8, 1>(arows, m0, Bt, Np, n0, d, epi); break;
@@ -757,8 +779,53 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
       auto epi_s = [&](int64_t m, int64_t n, __m512 a) {
         _mm512_storeu_ps(Sp + m * Np + n, _mm512_fmadd_ps(a, cv, _mm512_loadu_ps(tile + m * Np + n)));
       };
-      qk_all(qr.p.data(), M, Kt.data(), Np, d, epi_s);
-      for (int64_t m = 0; m < M; ++m) {
+      auto softmax_row = [&](int64_t m, auto cvc, __m512* a) {
+        constexpr int CVc = decltype(cvc)::value;
+        if (m >= M) return;
+        const float* t = tile + m * Np;
+        __m512 x[CVc];
+        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) x[c] = _mm512_fmadd_ps(a[c], cv, _mm512_loadu_ps(t + 16 * c));
+        __m512 mx = x[0];
+        _Pragma("GCC unroll 32") for (int c = 1; c < CVc; ++c) mx = _mm512_max_ps(mx, x[c]);
+        const float mxs = _mm512_reduce_max_ps(mx);
+        const __m512 mxv = _mm512_set1_ps(mxs);
+        __m512 sum = _mm512_setzero_ps();
+        float* srow = Sp + m * Np;
+        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) {
+          const __m512 p = exp2v(_mm512_sub_ps(x[c], mxv));
+          _mm512_storeu_ps(srow + 16 * c, p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        const float sums = _mm512_reduce_add_ps(sum);
+        inv[m] = 1.0f / sums;
+        lse[(b * HW + pos[m]) * nh + h] = (mxs + std::log2(sums)) * kLn2;
+      };
+      if (Np <= 64) {
+        switch (Np / 16) {
+          case 4: {
+            auto e4 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 4>{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 7) qk_row_block<7, 4>(qr.p.data(), m0, Kt.data(), Np, d, e4);
+            break;
+          }
+          case 3: {
+            auto e3 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 7) qk_row_block<7, 3>(qr.p.data(), m0, Kt.data(), Np, d, e3);
+            break;
+          }
+          case 2: {
+            auto e2 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 8) qk_row_block<8, 2>(qr.p.data(), m0, Kt.data(), Np, d, e2);
+            break;
+          }
+          default: {
+            auto e1 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 8) qk_row_block<8, 1>(qr.p.data(), m0, Kt.data(), Np, d, e1);
+            break;
+          }
+        }
+      }
+      if (Np > 64) qk_all(qr.p.data(), M, Kt.data(), Np, d, epi_s);
+      for (int64_t m = 0; m < (Np > 64 ? M : 0); ++m) {
         float* s = Sp + m * Np;
         __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
         for (int64_t n = 0; n < Np; n += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + n));

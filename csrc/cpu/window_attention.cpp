@@ -606,7 +606,7 @@ static inline void tn_block(const float* A1, const float* A2, int64_t lda, int64
 }
 
 template <int DV> constexpr int pv_rows() { return DV == 1 ? 8 : DV <= 3 ? 7 : DV == 4 ? 4 : 3; }
-template <int DV> constexpr int tn_rows() { return DV == 1 ? 8 : DV == 2 ? 6 : DV <= 4 ? 3 : 1; }
+template <int DV> constexpr int tn_rows() { return DV == 1 ? 8 : DV == 2 ? 7 : DV <= 4 ? 3 : 1; }
 
 template <int DV, class Epi>
 static inline void pv_all(const float* A, int64_t lda, int64_t M, const float* const* xrows, int64_t K,

@@ -454,6 +454,23 @@ static inline __m512 exp2v(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// log2(x) for normal x > 0, |abs err| ~ 1e-7: exponent + 2/ln2 * atanh((m-1)/(m+1)), m in [1, 2).
+static inline __m512 log2v(__m512 x) {
+  const __m512 e = _mm512_getexp_ps(x);
+  const __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 z = _mm512_div_ps(_mm512_sub_ps(m, one), _mm512_add_ps(m, one));
+  const __m512 z2 = _mm512_mul_ps(z, z);
+  __m512 p = _mm512_set1_ps(1.0f / 13.0f);
+  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.0f / 11.0f));
+  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.0f / 9.0f));
+  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.0f / 7.0f));
+  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.0f / 5.0f));
+  p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.0f / 3.0f));
+  p = _mm512_fmadd_ps(p, z2, one);
+  return _mm512_fmadd_ps(_mm512_mul_ps(p, z), _mm512_set1_ps(2.0f * kLog2e), e);
+}
+
 static inline void transpose16(__m512 r[16]) {
   __m512 t[16];
   _Pragma("GCC unroll 32") for (int i = 0; i < 8; ++i) {
@@ -755,7 +772,8 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
     Rows qr, kr, vr;
     qr.init(rows_cap, d); kr.init(rows_cap, d); vr.init(rows_cap, d);
     std::vector<float> zero(16 * DV + 16, 0.0f), Kt(16 * DV * Np + 16, 0.0f), S(rows_cap * Np + 64, 0.0f),
-        inv(rows_cap, 0.0f);
+        inv(rows_cap + 16, 0.0f), rmax(rows_cap + 16, 0.0f), lse_buf(rows_cap + 16, 0.0f);
+    float* lsev = lse_buf.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % nh;
       const int64_t win = (task / nh) % g.nWin;
@@ -796,9 +814,8 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
           _mm512_storeu_ps(srow + 16 * c, p);
           sum = _mm512_add_ps(sum, p);
         }
-        const float sums = _mm512_reduce_add_ps(sum);
-        inv[m] = 1.0f / sums;
-        lse[(b * HW + pos[m]) * nh + h] = (mxs + std::log2(sums)) * kLn2;
+        inv[m] = _mm512_reduce_add_ps(sum);  // the row sum; inverted below with the logsumexp
+        rmax[m] = mxs;
       };
       if (Np <= 64) {
         switch (Np / 16) {
@@ -823,6 +840,16 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
             break;
           }
         }
+      }
+      if (Np <= 64) {
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+          const __mmask16 km = lane_mask(M - m0);
+          const __m512 sm = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), km, inv.data() + m0);
+          const __m512 mxm = _mm512_maskz_loadu_ps(km, rmax.data() + m0);
+          _mm512_storeu_ps(inv.data() + m0, _mm512_div_ps(_mm512_set1_ps(1.0f), sm));
+          _mm512_storeu_ps(lsev + m0, _mm512_mul_ps(_mm512_add_ps(mxm, log2v(sm)), _mm512_set1_ps(kLn2)));
+        }
+        for (int64_t m = 0; m < M; ++m) lse[(b * HW + pos[m]) * nh + h] = lsev[m];
       }
       if (Np > 64) qk_all(qr.p.data(), M, Kt.data(), Np, d, epi_s);
       for (int64_t m = 0; m < (Np > 64 ? M : 0); ++m) {

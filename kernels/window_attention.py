@@ -1,25 +1,30 @@
 """Triton kernels of ``window_attention2d`` (Swin shifted-window MSA), forward and backward.
 
-Windows are packed into key tiles of ``BLOCK_M`` rows: windows of up to 64 tokens share a
-64-row tile (``WPP = 64 // N`` of them, ``N = wh*ww`` rows each, back to back; 49-token windows
-are padded within the tile), larger windows get the next power of two (up to 256), one per
-tile. A program takes ``BLOCK_Q`` rows of one tile (a sub-tile of 16 rows) against all
-``BLOCK_M`` keys of that tile, so the live score tile is ``(BLOCK_Q, BLOCK_M)``, not
-``BLOCK_M^2``; head_dim is processed in chunks of ``DC`` columns, so only ``(rows, DC)``
-operand tiles are live at a time. Grid: (window group, sub-tile, head).
+Windows are packed into tiles of ``TILE`` rows: windows of up to 64 tokens share a 64-row
+tile (``WPP = 64 // N`` of them, ``N = wh*ww`` rows each, back to back; 49-token windows are
+padded within the tile), larger windows get one tile of N rounded up to a multiple of 64 rows
+(up to 256: Swin-B's 144-token windows take 192). A program takes ``BLOCK_Q`` rows of one
+tile (a sub-tile of 16 rows) against the tile's rows in chunks of ``BLOCK_M`` = 64, so the
+live score tile is ``(BLOCK_Q, 64)`` whatever the window; head_dim is processed in chunks of
+``DC`` columns, so only ``(rows, DC)`` operand tiles are live at a time. Grid: (window group,
+sub-tile, head).
 
 Row coordinates come from index arithmetic: window -> rolled padded coordinate -> original
 coordinate ``((r + sh) mod Hp, (c + sw) mod Wp)``, so q/k/v are read straight from
 ``(B, H, W, heads, d)`` with their own strides (views into a fused qkv tensor are read in
-place) and the output is written to its final place. The window size is a runtime argument:
-one compiled kernel serves every window that fits a tile (per dtype and head_dim). The
+place) and the output is written to its final place. The window size, the tile size, head_dim
+and the chunk counts are runtime arguments (both chunk loops are runtime loops): one compiled
+kernel per (kind, dtype, column chunk, bias flags) serves every window and head_dim. The
 block-diagonal window mask, the shift-region mask and the padding mask (absent tokens) are
-computed from those coordinates. All of a window's keys sit in the tile, so the softmax is
-exact in one pass (no online rescaling); the forward saves the logsumexp for the backward.
+computed from those coordinates. With one 64-key chunk (windows of up to 64 tokens) the
+softmax is exact in one pass; with more, the forward runs an online softmax across the chunks
+and the outputs that sum over chunks (O, dQ, dK, dV) are accumulated in a float32 scratch
+that only the owning program reads and writes (rescaled by the running max in the forward),
+the last chunk writing the result. The forward saves the logsumexp for the backward.
 
-The bias enters as a ``(heads|1, BLOCK_M, BLOCK_M)`` float32 tile expanded once per call from
-the ``(2wh-1, 2ww-1)`` table (a few KB), loaded contiguously (row slab in the forward and the
-dq kernel, transposed slab in the dk/dv kernel).
+The bias enters as a ``(heads|1, TILE, TILE)`` float32 tile expanded once per call from
+the ``(2wh-1, 2ww-1)`` table, loaded contiguously per 64-key chunk (row slab in the forward and
+the dq kernel, transposed slab in the dk/dv kernel).
 
 The backward runs two kernels. Query-major: recompute P from the logsumexp for a query
 sub-tile, delta = rowsum(dO * O) (stored for the second kernel), dP = dO V^T,
@@ -109,215 +114,241 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _cmask(rmask, dcol, c: tl.constexpr, DC: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Mask of head_dim chunk ``c``: the row mask alone when the chunk lies inside head_dim
-    (the usual case), else also the column bound (``dcol``: the chunk's column indices)."""
-    if (c + 1) * DC <= HEAD_DIM:
-        return rmask
-    else:
-        return rmask & (dcol < HEAD_DIM)
-
-
-@triton.jit
-def _dot_rows(A, B, arow, brow, sad, sbd, amask, bmask, HEAD_DIM: tl.constexpr,
-              RA: tl.constexpr, RB: tl.constexpr, DC: tl.constexpr, NCHUNK: tl.constexpr,
+def _dot_rows(A, B, arow, brow, sad, sbd, amask, bmask, head_dim, n_chunk,
+              RA: tl.constexpr, RB: tl.constexpr, DC: tl.constexpr,
               IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """(RA, RB) = A[arow] . B[brow]^T over head_dim in chunks of DC columns. The pointer tiles
-    are formed once; chunk c adds the constant c*DC*stride (an immediate offset). B^T is
-    loaded as a (DC, RB) tile: a tl.trans of a loaded tile would have its dot-operand layout
+    """(RA, RB) = A[arow] . B[brow]^T over head_dim in chunks of DC columns (a loop, not
+    unrolled: the code size and the compiled kernel do not depend on head_dim). B^T is loaded
+    as a (DC, RB) tile: a tl.trans of a loaded tile would have its dot-operand layout
     propagated back into the load (warp-replicated loads and index math)."""
     s = tl.zeros((RA, RB), dtype=tl.float32)
-    for c in tl.static_range(NCHUNK):
+    for c in range(0, n_chunk):
         d = c * DC + tl.arange(0, DC)
-        ac = tl.load(A + arow[:, None] + d[None, :] * sad, mask=_cmask(amask[:, None], d[None, :], c, DC, HEAD_DIM), other=0.0)
-        bt = tl.load(B + brow[None, :] + d[:, None] * sbd, mask=_cmask(bmask[None, :], d[:, None], c, DC, HEAD_DIM), other=0.0)
+        ac = tl.load(A + arow[:, None] + d[None, :] * sad, mask=amask[:, None] & (d[None, :] < head_dim), other=0.0)
+        bt = tl.load(B + brow[None, :] + d[:, None] * sbd, mask=bmask[None, :] & (d[:, None] < head_dim), other=0.0)
         s += _mm(ac, bt, IEEE, UPCAST)
     return s
 
 
 @triton.jit
+def _acc_store(Dst, Acc, offs, mask, val, kc, n_kc, alpha):
+    """Accumulate ``val`` over key chunks ``kc = 0 .. n_kc-1`` in a float32 scratch ``Acc``
+    (read-modify-write by the same program, no other program touches these rows; ``alpha``
+    rescales the previous partial), and write the total to ``Dst`` at the last chunk. With one
+    chunk (windows of up to 64 tokens) the scratch is never touched."""
+    kc = kc[:, None]  # a row vector of the chunk index (a tensor under the interpreter too)
+    prev = tl.load(Acc + offs, mask=mask & (kc > 0), other=0.0)
+    tot = prev * alpha + val
+    tl.store(Acc + offs, tot, mask=mask & (kc < n_kc - 1))
+    tl.store(Dst + offs, tot.to(Dst.dtype.element_ty), mask=mask & (kc == n_kc - 1))
+
+
+@triton.jit
 def window_attention2d_fwd_kernel(
-    Q, K, V, Bias, Out, Lse,
+    Q, K, V, Bias, Out, Lse, OAcc,
     sqb, sqy, sqx, sqh, sqd,
     skb, sky, skx, skh, skd,
     svb, svy, svx, svh, svd,
-    H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride,
+    H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride, TILE,
+    head_dim, n_chunk,
     scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
-    NCHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
+    """BLOCK_Q query rows of a tile against the tile's TILE keys, in chunks of BLOCK_M keys with
+    an online softmax across chunks (one chunk for windows of up to 64 tokens)."""
     pid_group = tl.program_id(0)
     sub = tl.program_id(1)
     h = tl.program_id(2)
     NP = WH * WW
-    WPP = BLOCK_M // NP
+    WPP = TILE // NP
+    n_kc = TILE // BLOCK_M
     tq = sub * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    tk = tl.arange(0, BLOCK_M)
     bq, yq, xq, pq, gq, _kq = _rows(pid_group, tq, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
-    bk, yk, xk, pk, _gk, kgk = _rows(pid_group, tk, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
     qrow = bq * sqb + yq * sqy + xq * sqx + h * sqh
-    krow = bk * skb + yk * sky + xk * skx + h * skh
-    s = _dot_rows(Q, K, qrow, krow, sqd, skd, pq, pk, HEAD_DIM, BLOCK_Q, BLOCK_M, DC, NCHUNK, IEEE, UPCAST)
-    s = s * scale
-    if HAS_BIAS:
-        s += tl.load(Bias + h * bias_hstride + tq[:, None] * BLOCK_M + tk[None, :])
-    # A padded (absent) query keeps itself, so every softmax row is finite.
-    allowed = (gq[:, None] == kgk[None, :]) | (tq[:, None] == tk[None, :])
-    s = tl.where(allowed, s, float("-inf"))
-    m = tl.max(s, axis=1)
-    p = tl.exp(s - m[:, None])
-    l = tl.sum(p, axis=1)
-    p = (p / l[:, None]).to(V.dtype.element_ty)
-    vrow = bk * svb + yk * svy + xk * svx + h * svh
     row = ((bq * H + yq) * W + xq) * NH + h
-    for c in tl.static_range(NCHUNK):
-        d = c * DC + tl.arange(0, DC)
-        vc = tl.load(V + vrow[:, None] + d[None, :] * svd, mask=_cmask(pk[:, None], d[None, :], c, DC, HEAD_DIM), other=0.0)
-        oc = _mm(p, vc, IEEE, UPCAST)
-        tl.store(Out + row[:, None] * HEAD_DIM + d[None, :], oc.to(Out.dtype.element_ty),
-                 mask=_cmask(pq[:, None], d[None, :], c, DC, HEAD_DIM))
+    # Finite start: a chunk may hold no allowed key of a row (exp(-inf - -inf) would be NaN).
+    m = tl.full((BLOCK_Q,), -1.0e30, dtype=tl.float32)
+    l = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+    for kc in range(0, n_kc):
+        tk = kc * BLOCK_M + tl.arange(0, BLOCK_M)
+        bk, yk, xk, pk, _gk, kgk = _rows(pid_group, tk, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+        krow = bk * skb + yk * sky + xk * skx + h * skh
+        s = _dot_rows(Q, K, qrow, krow, sqd, skd, pq, pk, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
+        s = s * scale
+        if HAS_BIAS:
+            s += tl.load(Bias + h * bias_hstride + tq[:, None] * TILE + tk[None, :])
+        # A padded (absent) query keeps itself, so every softmax row is finite.
+        allowed = (gq[:, None] == kgk[None, :]) | (tq[:, None] == tk[None, :])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        m = m_new
+        # The last chunk writes the normalised output (l is final there).
+        kcv = tl.zeros((BLOCK_Q,), dtype=tl.int32) + kc
+        scl = tl.where(kcv == n_kc - 1, 1.0 / l, 1.0)
+        pc = p.to(V.dtype.element_ty)
+        vrow = bk * svb + yk * svy + xk * svx + h * svh
+        for c in range(0, n_chunk):
+            d = c * DC + tl.arange(0, DC)
+            vc = tl.load(V + vrow[:, None] + d[None, :] * svd, mask=pk[:, None] & (d[None, :] < head_dim), other=0.0)
+            oc = _mm(pc, vc, IEEE, UPCAST)
+            offs = row[:, None] * head_dim + d[None, :]
+            om = pq[:, None] & (d[None, :] < head_dim)
+            prev = tl.load(OAcc + offs, mask=om & (kcv[:, None] > 0), other=0.0)
+            tot = prev * alpha[:, None] + oc
+            tl.store(OAcc + offs, tot, mask=om & (kcv[:, None] < n_kc - 1))
+            tl.store(Out + offs, (tot * scl[:, None]).to(Out.dtype.element_ty), mask=om & (kcv[:, None] == n_kc - 1))
+        tl.debug_barrier()
     tl.store(Lse + row, m + tl.log(l), mask=pq)
 
 
 @triton.jit
 def window_attention2d_bwd_dq_kernel(
-    Q, K, V, O, DO, Lse, Bias, DQ, Delta, DBiasPartial,
+    Q, K, V, O, DO, Lse, Bias, DQ, Delta, DBiasPartial, DQAcc,
     sqb, sqy, sqx, sqh, sqd,
     skb, sky, skx, skh, skd,
     svb, svy, svx, svh, svd,
     sgb, sgy, sgx, sgh, sgd,
-    H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride,
+    H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride, TILE,
+    head_dim, n_chunk,
     groups_per_prog, n_progs,
     scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
-    NCHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """Query-major: BLOCK_Q query rows of a tile against all BLOCK_M keys of the tile, for each
-    of this program's window groups (a fixed, contiguous range of groups)."""
+    """Query-major: BLOCK_Q query rows of a tile against the tile's TILE keys (in chunks of
+    BLOCK_M), for each of this program's window groups (a fixed, contiguous range of groups)."""
     pid = tl.program_id(0)
     sub = tl.program_id(1)
     h = tl.program_id(2)
     NP = WH * WW
-    WPP = BLOCK_M // NP
+    WPP = TILE // NP
+    n_kc = TILE // BLOCK_M
     tq = sub * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    tk = tl.arange(0, BLOCK_M)
     # This program's own slab of the bias-gradient partial (no other program touches it): the
     # dS tiles of its window groups are summed there in a fixed order (read-modify-write in
     # global memory, which keeps the loop free of a loop-carried register tile).
-    part_base = DBiasPartial + (h.to(tl.int64) * n_progs + pid) * BLOCK_M * BLOCK_M
+    part_base = DBiasPartial + (h.to(tl.int64) * n_progs + pid) * TILE * TILE
     if BIAS_GRAD:
-        tl.store(part_base + tq[:, None] * BLOCK_M + tk[None, :], tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32))
+        for kc in range(0, n_kc):
+            tk = kc * BLOCK_M + tl.arange(0, BLOCK_M)
+            tl.store(part_base + tq[:, None] * TILE + tk[None, :], tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32))
         tl.debug_barrier()  # the slab is re-read below, possibly by other threads of the block
-    if HAS_BIAS:  # the same bias slab for every window group of this program
-        bias = tl.load(Bias + h * bias_hstride + tq[:, None] * BLOCK_M + tk[None, :])
-    else:
-        bias = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
     n_total = groups_per_prog * n_progs
     for it in range(0, groups_per_prog):
         grp = pid * groups_per_prog + it
         # grp beyond the last group gives windows >= n_windows: every row is absent.
-        # zero = 0, but not provably so for the compiler: the per-row and per-column tiles
-        # below are then recomputed in each iteration instead of being hoisted out of the
-        # loop and kept live (in registers) across it, which made this loop spill.
+        # zero = 0, but not provably so for the compiler: the per-row tiles below are then
+        # recomputed in each iteration instead of being hoisted out of the loop and kept live
+        # (in registers) across it, which made this loop spill.
         zero = grp // n_total
         tq_it = tq + zero
-        tk_it = tk + zero
-        d = tl.arange(0, DC) + zero
         bq, yq, xq, pq, gq, _kq = _rows(grp, tq_it, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
-        bk, yk, xk, pk, _gk, kgk = _rows(grp, tk_it, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
         qrow = bq * sqb + yq * sqy + xq * sqx + h * sqh
-        krow = bk * skb + yk * sky + xk * skx + h * skh
         row = ((bq * H + yq) * W + xq) * NH + h
-        lse = tl.load(Lse + row, mask=pq, other=float("inf"))  # absent rows: P = 0
-        s = _dot_rows(Q, K, qrow, krow, sqd, skd, pq, pk, HEAD_DIM, BLOCK_Q, BLOCK_M, DC, NCHUNK, IEEE, UPCAST)
-        s = s * scale + bias
-        allowed = (gq[:, None] == kgk[None, :]) | (tq_it[:, None] == tk_it[None, :])
-        p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
-        # dP = dO V^T and delta = rowsum(dO * O), one pass over head_dim chunks.
         grow = bq * sgb + yq * sgy + xq * sgx + h * sgh
-        vrow = bk * svb + yk * svy + xk * svx + h * svh
-        do_ptr = DO + grow[:, None] + d[None, :] * sgd
-        o_ptr = O + row[:, None] * HEAD_DIM + d[None, :]
-        vt_ptr = V + vrow[None, :] + d[:, None] * svd
-        dp = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
+        lse = tl.load(Lse + row, mask=pq, other=float("inf"))  # absent rows: P = 0
+        # delta = rowsum(dO * O)
         delta = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-        for c in tl.static_range(NCHUNK):
-            qm = _cmask(pq[:, None], d[None, :] + c * DC, c, DC, HEAD_DIM)
-            doc = tl.load(do_ptr + c * DC * sgd, mask=qm, other=0.0)
-            oc = tl.load(o_ptr + c * DC, mask=qm, other=0.0)
+        for c in range(0, n_chunk):
+            d = c * DC + tl.arange(0, DC) + zero
+            qm = pq[:, None] & (d[None, :] < head_dim)
+            doc = tl.load(DO + grow[:, None] + d[None, :] * sgd, mask=qm, other=0.0)
+            oc = tl.load(O + row[:, None] * head_dim + d[None, :], mask=qm, other=0.0)
             delta += tl.sum(doc.to(tl.float32) * oc.to(tl.float32), axis=1)
-            vt = tl.load(vt_ptr + c * DC * svd, mask=_cmask(pk[None, :], d[:, None] + c * DC, c, DC, HEAD_DIM), other=0.0)
-            dp += _mm(doc, vt, IEEE, UPCAST)
         tl.store(Delta + row, delta, mask=pq)
-        ds = p * (dp - delta[:, None])
-        if BIAS_GRAD:
-            part = part_base + tq_it[:, None] * BLOCK_M + tk_it[None, :]
-            tl.store(part, tl.load(part) + ds)
+        for kc in range(0, n_kc):
+            tk_it = kc * BLOCK_M + tl.arange(0, BLOCK_M) + zero
+            bk, yk, xk, pk, _gk, kgk = _rows(grp, tk_it, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+            krow = bk * skb + yk * sky + xk * skx + h * skh
+            vrow = bk * svb + yk * svy + xk * svx + h * svh
+            s = _dot_rows(Q, K, qrow, krow, sqd, skd, pq, pk, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
+            s = s * scale
+            if HAS_BIAS:
+                s += tl.load(Bias + h * bias_hstride + tq_it[:, None] * TILE + tk_it[None, :])
+            allowed = (gq[:, None] == kgk[None, :]) | (tq_it[:, None] == tk_it[None, :])
+            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+            # dP = dO V^T
+            dp = _dot_rows(DO, V, grow, vrow, sgd, svd, pq, pk, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
+            ds = p * (dp - delta[:, None])
+            if BIAS_GRAD:
+                part = part_base + tq_it[:, None] * TILE + tk_it[None, :]
+                tl.store(part, tl.load(part) + ds)
+                tl.debug_barrier()
+            dsq = ds.to(Q.dtype.element_ty)
+            kcv = tl.zeros((BLOCK_Q,), dtype=tl.int32) + kc
+            for c in range(0, n_chunk):
+                d = c * DC + tl.arange(0, DC) + zero
+                kc_t = tl.load(K + krow[:, None] + d[None, :] * skd, mask=pk[:, None] & (d[None, :] < head_dim), other=0.0)
+                dqc = _mm(dsq, kc_t, IEEE, UPCAST) * scale
+                _acc_store(DQ, DQAcc, row[:, None] * head_dim + d[None, :], pq[:, None] & (d[None, :] < head_dim),
+                           dqc, kcv, n_kc, 1.0)
             tl.debug_barrier()
-        dsq = ds.to(Q.dtype.element_ty)
-        k_ptr = K + krow[:, None] + d[None, :] * skd
-        dq_ptr = DQ + row[:, None] * HEAD_DIM + d[None, :]
-        for c in tl.static_range(NCHUNK):
-            kc = tl.load(k_ptr + c * DC * skd, mask=_cmask(pk[:, None], d[None, :] + c * DC, c, DC, HEAD_DIM), other=0.0)
-            dqc = _mm(dsq, kc, IEEE, UPCAST) * scale
-            tl.store(dq_ptr + c * DC, dqc.to(DQ.dtype.element_ty), mask=_cmask(pq[:, None], d[None, :] + c * DC, c, DC, HEAD_DIM))
 
 
 @triton.jit
 def window_attention2d_bwd_dkdv_kernel(
-    Q, K, V, DO, Lse, Delta, Bias, DK, DV,
+    Q, K, V, DO, Lse, Delta, Bias, DK, DV, DKAcc, DVAcc,
     sqb, sqy, sqx, sqh, sqd,
     skb, sky, skx, skh, skd,
     svb, svy, svx, svh, svd,
     sgb, sgy, sgx, sgh, sgd,
-    H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride,
+    H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride, TILE,
+    head_dim, n_chunk,
     scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
-    NCHUNK: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Key-major: BLOCK_Q key rows of a tile against all BLOCK_M queries of the tile."""
+    """Key-major: BLOCK_Q key rows of a tile against the tile's TILE queries (in chunks of
+    BLOCK_M)."""
     pid_group = tl.program_id(0)
     sub = tl.program_id(1)
     h = tl.program_id(2)
     NP = WH * WW
-    WPP = BLOCK_M // NP
+    WPP = TILE // NP
+    n_kc = TILE // BLOCK_M
     tk = sub * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    tq = tl.arange(0, BLOCK_M)
     bk, yk, xk, pk, _gk, kgk = _rows(pid_group, tk, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
-    bq, yq, xq, pq, gq, _kq = _rows(pid_group, tq, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
     krow = bk * skb + yk * sky + xk * skx + h * skh
-    qrow = bq * sqb + yq * sqy + xq * sqx + h * sqh
-    qout = ((bq * H + yq) * W + xq) * NH + h
-    lse = tl.load(Lse + qout, mask=pq, other=float("inf"))  # absent queries: P = 0
-    st = _dot_rows(K, Q, krow, qrow, skd, sqd, pk, pq, HEAD_DIM, BLOCK_Q, BLOCK_M, DC, NCHUNK, IEEE, UPCAST)
-    st = st * scale
-    if HAS_BIAS:
-        st += tl.load(Bias + h * bias_hstride + tq[None, :] * BLOCK_M + tk[:, None])
-    allowed = (gq[None, :] == kgk[:, None]) | (tq[None, :] == tk[:, None])
-    pt = tl.where(allowed, tl.exp(st - lse[None, :]), 0.0)  # P^T: (keys, queries)
-    ptc = pt.to(DO.dtype.element_ty)
-    # dV = P^T dO and dP^T = V dO^T, one pass over head_dim chunks.
-    grow = bq * sgb + yq * sgy + xq * sgx + h * sgh
     vrow = bk * svb + yk * svy + xk * svx + h * svh
     out = ((bk * H + yk) * W + xk) * NH + h
-    dpt = tl.zeros((BLOCK_Q, BLOCK_M), dtype=tl.float32)
-    for c in tl.static_range(NCHUNK):
-        d = c * DC + tl.arange(0, DC)
-        km = _cmask(pk[:, None], d[None, :], c, DC, HEAD_DIM)
-        doc = tl.load(DO + grow[:, None] + d[None, :] * sgd, mask=_cmask(pq[:, None], d[None, :], c, DC, HEAD_DIM), other=0.0)
-        dvc = _mm(ptc, doc, IEEE, UPCAST)
-        tl.store(DV + out[:, None] * HEAD_DIM + d[None, :], dvc.to(DV.dtype.element_ty), mask=km)
-        vc = tl.load(V + vrow[:, None] + d[None, :] * svd, mask=km, other=0.0)
-        dot = tl.load(DO + grow[None, :] + d[:, None] * sgd, mask=_cmask(pq[None, :], d[:, None], c, DC, HEAD_DIM), other=0.0)
-        dpt += _mm(vc, dot, IEEE, UPCAST)
-    delta = tl.load(Delta + qout, mask=pq, other=0.0)
-    dst = (pt * (dpt - delta[None, :])).to(Q.dtype.element_ty)
-    for c in tl.static_range(NCHUNK):
-        d = c * DC + tl.arange(0, DC)
-        qc = tl.load(Q + qrow[:, None] + d[None, :] * sqd, mask=_cmask(pq[:, None], d[None, :], c, DC, HEAD_DIM), other=0.0)
-        dkc = _mm(dst, qc, IEEE, UPCAST) * scale
-        tl.store(DK + out[:, None] * HEAD_DIM + d[None, :], dkc.to(DK.dtype.element_ty), mask=_cmask(pk[:, None], d[None, :], c, DC, HEAD_DIM))
+    for kc in range(0, n_kc):
+        tq = kc * BLOCK_M + tl.arange(0, BLOCK_M)
+        bq, yq, xq, pq, gq, _kq = _rows(pid_group, tq, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+        qrow = bq * sqb + yq * sqy + xq * sqx + h * sqh
+        qout = ((bq * H + yq) * W + xq) * NH + h
+        grow = bq * sgb + yq * sgy + xq * sgx + h * sgh
+        lse = tl.load(Lse + qout, mask=pq, other=float("inf"))  # absent queries: P = 0
+        st = _dot_rows(K, Q, krow, qrow, skd, sqd, pk, pq, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
+        st = st * scale
+        if HAS_BIAS:
+            st += tl.load(Bias + h * bias_hstride + tq[None, :] * TILE + tk[:, None])
+        allowed = (gq[None, :] == kgk[:, None]) | (tq[None, :] == tk[:, None])
+        pt = tl.where(allowed, tl.exp(st - lse[None, :]), 0.0)  # P^T: (keys, queries)
+        ptc = pt.to(DO.dtype.element_ty)
+        kcv = tl.zeros((BLOCK_Q,), dtype=tl.int32) + kc
+        # dV += P^T dO
+        for c in range(0, n_chunk):
+            d = c * DC + tl.arange(0, DC)
+            doc = tl.load(DO + grow[:, None] + d[None, :] * sgd, mask=pq[:, None] & (d[None, :] < head_dim), other=0.0)
+            dvc = _mm(ptc, doc, IEEE, UPCAST)
+            _acc_store(DV, DVAcc, out[:, None] * head_dim + d[None, :], pk[:, None] & (d[None, :] < head_dim),
+                       dvc, kcv, n_kc, 1.0)
+        # dP^T = V dO^T
+        dpt = _dot_rows(V, DO, vrow, grow, svd, sgd, pk, pq, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
+        delta = tl.load(Delta + qout, mask=pq, other=0.0)
+        dst = (pt * (dpt - delta[None, :])).to(Q.dtype.element_ty)
+        for c in range(0, n_chunk):
+            d = c * DC + tl.arange(0, DC)
+            qc = tl.load(Q + qrow[:, None] + d[None, :] * sqd, mask=pq[:, None] & (d[None, :] < head_dim), other=0.0)
+            dkc = _mm(dst, qc, IEEE, UPCAST) * scale
+            _acc_store(DK, DKAcc, out[:, None] * head_dim + d[None, :], pk[:, None] & (d[None, :] < head_dim),
+                       dkc, kcv, n_kc, 1.0)
+        tl.debug_barrier()
 
 
 # =========================================================================================
@@ -327,28 +358,31 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def tile_config(N: int, head_dim: int, dtype: torch.dtype, kind: str) -> dict:
+def tile_config(N: int, head_dim: int, dtype: torch.dtype, kind: str, has_bias: bool = True) -> dict:
     """Tile of one program of ``kind`` ("fwd", "dq" or "dkdv") for N-token windows.
 
-    ``BLOCK_M`` keys per tile: 64 for windows of up to 64 tokens (``64 // N`` windows packed per
-    tile), the next power of two above (up to 256). ``BLOCK_Q`` rows per program (a sub-tile
-    of the tile: queries in fwd/dq, keys in dkdv) and ``DC`` head_dim columns per chunk. The
-    config depends on the window only through ``BLOCK_M``, so every window of up to 64 tokens
-    runs the same compiled kernel (per dtype, head_dim and kind).
+    ``TILE`` rows (keys and queries) per tile: 64 for windows of up to 64 tokens (``64 // N``
+    windows packed per tile), else N rounded up to a multiple of 64 (one window per tile).
+    A program takes ``BLOCK_Q`` rows of the tile (queries in fwd/dq, keys in dkdv) against the
+    tile's rows in chunks of ``BLOCK_M`` = 64, and head_dim in chunks of ``DC`` columns (both
+    runtime loops). ``TILE``, head_dim and the chunk counts are runtime arguments, so the
+    compiled kernel depends only on (kind, dtype, DC): every window size and head_dim runs one
+    of 13 compiled kernels.
 
     16 rows per program is one mma row block (more would replicate the B operand per warp
     row, fewer warps would put many rows of the loaded tiles on each thread); 32-column
-    chunks for the 16-bit forward and dq kernels, 16 otherwise (float32 and the dk/dv kernel,
-    which keeps two (16, BLOCK_M) float32 tiles live); 8 warps except for the 16-bit forward.
-    With these every ``AOT_CONFIGS`` entry compiles for sm_80 and sm_90 within 220 registers
-    and without spills."""
+    chunks for the 16-bit forward and dq kernels (16 for head_dim <= 16), 16 otherwise
+    (float32 and the dk/dv kernel); 8 warps (the 16-bit forward with 32-column chunks needs
+    255 registers with 4 warps on sm_80, 206 with 8), except 4 for the float32 dk/dv kernel
+    without a bias (with 8, ptxas caps it at 128 registers on sm_90 and spills one value).
+    With these every ``AOT_CONFIGS`` entry compiles for sm_80 and sm_90 without spills,
+    within 240 registers."""
     block_d = max(16, _next_pow2(head_dim))
-    block_m = 64 if N <= 64 else _next_pow2(N)
+    tile = 64 if N <= 64 else -(-N // 64) * 64
     half = dtype != torch.float32
-    block_q = 16
     dc = min(block_d, 32 if (half and kind != "dkdv") else 16)
-    return {"BLOCK_M": block_m, "BLOCK_Q": block_q, "DC": dc, "NCHUNK": block_d // dc,
-            "num_warps": 4 if (half and kind == "fwd" and block_m <= 64) else 8, "num_stages": 1}
+    return {"TILE": tile, "BLOCK_M": 64, "BLOCK_Q": 16, "DC": dc, "NCHUNK": -(-head_dim // dc),
+            "num_warps": 4 if (kind == "dkdv" and not half and not has_bias) else 8, "num_stages": 1}
 
 
 @functools.lru_cache(maxsize=64)
@@ -385,6 +419,13 @@ def _geometry(q, window_size):
     return B, H, W, NH, D, Hp, Wp, nWx, nWin
 
 
+def _scratch(like: torch.Tensor, cfg: dict, shape, dummy: torch.Tensor) -> torch.Tensor:
+    """float32 accumulator across key chunks, only for tiles of more than one chunk."""
+    if cfg["TILE"] > cfg["BLOCK_M"]:
+        return torch.empty(shape, device=like.device, dtype=torch.float32)
+    return dummy
+
+
 def forward(q, k, v, bias, window_size, shift, scale):
     B, H, W, NH, D, Hp, Wp, nWx, nWin = _geometry(q, window_size)
     wh, ww = window_size
@@ -394,20 +435,21 @@ def forward(q, k, v, bias, window_size, shift, scale):
     if out.numel() == 0:
         return out, lse
     N = wh * ww
-    cfg = tile_config(N, D, q.dtype, "fwd")
-    BM = cfg["BLOCK_M"]
+    cfg = tile_config(N, D, q.dtype, "fwd", bias is not None)
+    T = cfg["TILE"]
     n_windows = B * nWin
-    n_groups = triton.cdiv(n_windows, BM // N)
-    n_sub = triton.cdiv((BM // N) * N, cfg["BLOCK_Q"])
+    n_groups = triton.cdiv(n_windows, T // N)
+    n_sub = triton.cdiv((T // N) * N, cfg["BLOCK_Q"])
     has_bias = bias is not None
-    bias_arg = _bias_tile(bias, wh, ww, BM) if has_bias else lse
-    bias_hstride = (0 if bias.shape[0] == 1 else BM * BM) if has_bias else 0
+    bias_arg = _bias_tile(bias, wh, ww, T) if has_bias else lse
+    bias_hstride = (0 if bias.shape[0] == 1 else T * T) if has_bias else 0
+    oacc = _scratch(q, cfg, out.shape, lse)
     window_attention2d_fwd_kernel[(n_groups, n_sub, NH)](
-        q, k, v, bias_arg, out, lse,
+        q, k, v, bias_arg, out, lse, oacc,
         *q.stride(), *k.stride(), *v.stride(),
-        H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride,
+        H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride, T, D, cfg["NCHUNK"],
         float(scale),
-        HEAD_DIM=D, BLOCK_M=BM, BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], NCHUNK=cfg["NCHUNK"],
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"],
         HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -455,41 +497,44 @@ def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_
     lse = lse.contiguous()
     delta = torch.empty_like(lse)
     N = wh * ww
-    cfg = tile_config(N, D, q.dtype, "dq")
-    BM = cfg["BLOCK_M"]
-    wpp = BM // N
+    cfg = tile_config(N, D, q.dtype, "dq", bias is not None)
+    T = cfg["TILE"]
+    wpp = T // N
     n_windows = B * nWin
     n_groups = triton.cdiv(n_windows, wpp)
     if want_db:  # partials: at most 2**22 floats
-        n_progs = max(1, min(n_groups, (2 ** 22 // (BM * BM)) // NH))
+        n_progs = max(1, min(n_groups, (2 ** 22 // (T * T)) // NH))
     else:
         n_progs = n_groups
     groups_per_prog = triton.cdiv(n_groups, n_progs)
     n_progs = triton.cdiv(n_groups, groups_per_prog)
-    partial = torch.empty((NH, n_progs, BM, BM) if want_db else (1,), device=q.device, dtype=torch.float32)
+    partial = torch.empty((NH, n_progs, T, T) if want_db else (1,), device=q.device, dtype=torch.float32)
     has_bias = bias is not None
-    bias_arg = _bias_tile(bias, wh, ww, BM) if has_bias else lse
-    bias_hstride = (0 if bias.shape[0] == 1 else BM * BM) if has_bias else 0
-    geo = (H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride)
+    bias_arg = _bias_tile(bias, wh, ww, T) if has_bias else lse
+    bias_hstride = (0 if bias.shape[0] == 1 else T * T) if has_bias else 0
+    geo = (H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride, T, D)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    common = dict(HEAD_DIM=D, BLOCK_M=BM, HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q.dtype))
+    common = dict(BLOCK_M=cfg["BLOCK_M"], HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32,
+                  UPCAST=_upcast(q.dtype))
     n_sub = triton.cdiv(wpp * N, cfg["BLOCK_Q"])
     window_attention2d_bwd_dq_kernel[(n_progs, n_sub, NH)](
-        q, k, v, out, grad_out, lse, bias_arg, dq, delta, partial, *strides, *geo,
-        groups_per_prog, n_progs, float(scale),
-        BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], NCHUNK=cfg["NCHUNK"], BIAS_GRAD=want_db, **common,
+        q, k, v, out, grad_out, lse, bias_arg, dq, delta, partial, _scratch(q, cfg, q.shape, lse),
+        *strides, *geo, cfg["NCHUNK"], groups_per_prog, n_progs, float(scale),
+        BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], BIAS_GRAD=want_db, **common,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    cfg = tile_config(N, D, q.dtype, "dkdv")
+    cfg = tile_config(N, D, q.dtype, "dkdv", bias is not None)
     n_sub = triton.cdiv(wpp * N, cfg["BLOCK_Q"])
     window_attention2d_bwd_dkdv_kernel[(n_groups, n_sub, NH)](
-        q, k, v, grad_out, lse, delta, bias_arg, dk, dv, *strides, *geo, float(scale),
-        BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], NCHUNK=cfg["NCHUNK"], **common,
+        q, k, v, grad_out, lse, delta, bias_arg, dk, dv,
+        _scratch(q, cfg, q.shape, lse), _scratch(q, cfg, q.shape, lse),
+        *strides, *geo, cfg["NCHUNK"], float(scale),
+        BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], **common,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if not want_db:
         return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
-    tiles = partial.sum(1)  # (NH, BM, BM), fixed-order reduction
+    tiles = partial.sum(1)  # (NH, T, T), fixed-order reduction
     blocks = torch.stack([tiles[:, s * N:(s + 1) * N, s * N:(s + 1) * N] for s in range(wpp)]).sum(0)
     db = _bias_grad_from_blocks(blocks, wh, ww)  # (NH, 2wh-1, 2ww-1)
     if bias.shape[0] == 1:
@@ -498,50 +543,67 @@ def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_
 
 
 # =========================================================================================
-# Ahead-of-time compile list: every (kernel, dtype, tile) the launchers pick for the shapes
-# we ship tuned (Swin window 7 -> 49 tokens, AlterNet window 4 -> 16 tokens, window 8 -> 64
-# tokens: all in the 64-key tile, where the window size is a runtime argument; head_dim
-# 32/64/128).
+# Ahead-of-time compile list: every compiled kernel the launchers can pick. The window size,
+# tile size (64, 128, 192 or 256 rows), head_dim and chunk counts are runtime arguments, so a
+# kernel is fixed by (kind, dtype, DC, num_warps, bias flags): AOT_CONFIGS is generated by enumerating every
+# tile size and head_dim bucket the launchers accept (windows of 1..256 tokens, head_dim
+# 1..256) through ``tile_config`` and keeping the distinct kernels.
 # =========================================================================================
 _PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
 _KERNELS = {"fwd": window_attention2d_fwd_kernel, "dq": window_attention2d_bwd_dq_kernel,
             "dkdv": window_attention2d_bwd_dkdv_kernel}
+_AOT_TOKENS = (16, 49, 64, 144, 256)  # tiles of 64, 64, 64, 192, 256 rows
+_AOT_HEAD_DIMS = (16, 32, 64, 128, 256)  # one per DC bucket; others share these kernels
 
 
-def _aot_entry(kind: str, dtype: torch.dtype, N: int, head_dim: int, has_bias: bool = True) -> dict:
-    cfg = tile_config(N, head_dim, dtype, kind)
+def _aot_entry(kind: str, dtype: torch.dtype, N: int, head_dim: int, has_bias: bool = True,
+               bias_grad: bool = True) -> dict:
+    cfg = tile_config(N, head_dim, dtype, kind, has_bias)
     p = _PTR[dtype]
     strides = {f"s{a}{b}": "i32" for a in ("q", "k", "v") for b in ("b", "y", "x", "h", "d")}
     geo = {n: "i32" for n in ("H", "W", "NH", "Hp", "Wp", "nWx", "nWin", "n_windows", "sh", "sw", "WH", "WW",
-                              "bias_hstride")}
-    consts = {"HEAD_DIM": head_dim, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_Q": cfg["BLOCK_Q"], "DC": cfg["DC"],
-              "NCHUNK": cfg["NCHUNK"], "HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "UPCAST": False}
+                              "bias_hstride", "TILE", "head_dim", "n_chunk")}
+    consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_Q": cfg["BLOCK_Q"], "DC": cfg["DC"],
+              "HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "UPCAST": False}
     if kind == "fwd":
-        sig = {"Q": p, "K": p, "V": p, "Bias": "*fp32", "Out": p, "Lse": "*fp32", **strides, **geo, "scale": "fp32"}
+        sig = {"Q": p, "K": p, "V": p, "Bias": "*fp32", "Out": p, "Lse": "*fp32", "OAcc": "*fp32",
+               **strides, **geo, "scale": "fp32"}
     else:
         strides.update({f"sg{b}": "i32" for b in ("b", "y", "x", "h", "d")})
         if kind == "dq":
             sig = {"Q": p, "K": p, "V": p, "O": p, "DO": p, "Lse": "*fp32", "Bias": "*fp32", "DQ": p,
-                   "Delta": "*fp32", "DBiasPartial": "*fp32", **strides, **geo,
+                   "Delta": "*fp32", "DBiasPartial": "*fp32", "DQAcc": "*fp32", **strides, **geo,
                    "groups_per_prog": "i32", "n_progs": "i32", "scale": "fp32"}
-            consts["BIAS_GRAD"] = has_bias
+            consts["BIAS_GRAD"] = has_bias and bias_grad
         else:
             sig = {"Q": p, "K": p, "V": p, "DO": p, "Lse": "*fp32", "Delta": "*fp32", "Bias": "*fp32",
-                   "DK": p, "DV": p, **strides, **geo, "scale": "fp32"}
+                   "DK": p, "DV": p, "DKAcc": "*fp32", "DVAcc": "*fp32", **strides, **geo, "scale": "fp32"}
     # Triton specialises integer arguments equal to 1 at launch: the unit head_dim stride of
     # the usual layouts (contiguous, or views into a fused qkv) is compiled as a constant.
     for name in [n for n in sig if n.startswith("s") and n.endswith("d") and len(n) == 3]:
         consts[name] = 1
     sig.update({c: "constexpr" for c in consts})
-    name = f"{kind}_{str(dtype).replace('torch.', '')}_m{cfg['BLOCK_M']}_d{head_dim}"
+    variant = "" if has_bias else "_nobias"
+    if kind == "dq" and has_bias and not bias_grad:
+        variant = "_nobiasgrad"
+    name = f"{kind}_{str(dtype).replace('torch.', '')}_dc{cfg['DC']}_w{cfg['num_warps']}{variant}"
     return {"name": name, "kernel": _KERNELS[kind], "signature": sig, "constexprs": consts,
             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"],
             "tensor_cores": dtype != torch.float32}
 
 
-AOT_CONFIGS = [
-    _aot_entry(kind, dtype, 64, d)
-    for kind in ("fwd", "dq", "dkdv")
-    for dtype in (torch.bfloat16, torch.float16, torch.float32)
-    for d in (32, 64, 128)
-]
+def _aot_configs() -> list:
+    seen = {}
+    for kind in ("fwd", "dq", "dkdv"):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for N in _AOT_TOKENS:
+                for d in _AOT_HEAD_DIMS:
+                    # with a bias table (learned or not: dq sums its gradient only if
+                    # asked) and without one
+                    for has_bias, bias_grad in ((True, True), (True, False), (False, False)):
+                        entry = _aot_entry(kind, dtype, N, d, has_bias, bias_grad)
+                        seen.setdefault(entry["name"], entry)
+    return list(seen.values())
+
+
+AOT_CONFIGS = _aot_configs()

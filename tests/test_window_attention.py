@@ -235,6 +235,13 @@ def test_triton_large_window_odd_head_dim(dtype):
     _check_backend("triton", dtype, (1, 10, 13, 1, 24, (9, 12), (4, 5), 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_swin_b_window_144_tokens(dtype):
+    # Swin-B's 12x12 windows (144 tokens: a 192-row tile, three 64-key chunks with the online
+    # softmax across them), shift 6, head_dim 32; W = 14 pads the second window with absent tokens.
+    _check_backend("triton", dtype, (1, 12, 14, 1, 32, 12, 6, 1))
+
+
 def test_triton_tile_spans_images():
     # 1 window per image, 4 windows per 64-row tile: a tile holds windows of 3 images.
     _check_backend("triton", torch.float32, (3, 4, 3, 2, 8, 4, 1, 2))

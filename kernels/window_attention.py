@@ -131,14 +131,14 @@ def _dot_rows(A, B, arow, brow, sad, sbd, amask, bmask, head_dim, n_chunk,
 
 
 @triton.jit
-def _acc_store(Dst, Acc, offs, mask, val, kc, n_kc, alpha):
+def _acc_store(Dst, Acc, offs, mask, val, kc, n_kc):
     """Accumulate ``val`` over key chunks ``kc = 0 .. n_kc-1`` in a float32 scratch ``Acc``
-    (read-modify-write by the same program, no other program touches these rows; ``alpha``
-    rescales the previous partial), and write the total to ``Dst`` at the last chunk. With one
-    chunk (windows of up to 64 tokens) the scratch is never touched."""
+    (read-modify-write by the same program, no other program touches these rows), and write
+    the total to ``Dst`` at the last chunk. With one chunk (windows of up to 64 tokens) the
+    scratch is never touched."""
     kc = kc[:, None]  # a row vector of the chunk index (a tensor under the interpreter too)
     prev = tl.load(Acc + offs, mask=mask & (kc > 0), other=0.0)
-    tot = prev * alpha + val
+    tot = prev + val
     tl.store(Acc + offs, tot, mask=mask & (kc < n_kc - 1))
     tl.store(Dst + offs, tot.to(Dst.dtype.element_ty), mask=mask & (kc == n_kc - 1))
 
@@ -286,7 +286,7 @@ def window_attention2d_bwd_dq_kernel(
                 kc_t = tl.load(K + krow[:, None] + d[None, :] * skd, mask=pk[:, None] & (d[None, :] < head_dim), other=0.0)
                 dqc = _mm(dsq, kc_t, IEEE, UPCAST) * scale
                 _acc_store(DQ, DQAcc, row[:, None] * head_dim + d[None, :], pq[:, None] & (d[None, :] < head_dim),
-                           dqc, kcv, n_kc, 1.0)
+                           dqc, kcv, n_kc)
             tl.debug_barrier()
 
 
@@ -337,7 +337,7 @@ def window_attention2d_bwd_dkdv_kernel(
             doc = tl.load(DO + grow[:, None] + d[None, :] * sgd, mask=pq[:, None] & (d[None, :] < head_dim), other=0.0)
             dvc = _mm(ptc, doc, IEEE, UPCAST)
             _acc_store(DV, DVAcc, out[:, None] * head_dim + d[None, :], pk[:, None] & (d[None, :] < head_dim),
-                       dvc, kcv, n_kc, 1.0)
+                       dvc, kcv, n_kc)
         # dP^T = V dO^T
         dpt = _dot_rows(V, DO, vrow, grow, svd, sgd, pk, pq, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
         delta = tl.load(Delta + qout, mask=pq, other=0.0)
@@ -347,7 +347,7 @@ def window_attention2d_bwd_dkdv_kernel(
             qc = tl.load(Q + qrow[:, None] + d[None, :] * sqd, mask=pq[:, None] & (d[None, :] < head_dim), other=0.0)
             dkc = _mm(dst, qc, IEEE, UPCAST) * scale
             _acc_store(DK, DKAcc, out[:, None] * head_dim + d[None, :], pk[:, None] & (d[None, :] < head_dim),
-                       dkc, kcv, n_kc, 1.0)
+                       dkc, kcv, n_kc)
         tl.debug_barrier()
 
 
@@ -366,8 +366,8 @@ def tile_config(N: int, head_dim: int, dtype: torch.dtype, kind: str, has_bias: 
     A program takes ``BLOCK_Q`` rows of the tile (queries in fwd/dq, keys in dkdv) against the
     tile's rows in chunks of ``BLOCK_M`` = 64, and head_dim in chunks of ``DC`` columns (both
     runtime loops). ``TILE``, head_dim and the chunk counts are runtime arguments, so the
-    compiled kernel depends only on (kind, dtype, DC): every window size and head_dim runs one
-    of 13 compiled kernels.
+    compiled kernel depends only on (kind, dtype, DC, num_warps) and the bias flags: every
+    window size and head_dim runs one of the 31 ``AOT_CONFIGS`` kernels.
 
     16 rows per program is one mma row block (more would replicate the B operand per warp
     row, fewer warps would put many rows of the loaded tiles on each thread); 32-column

@@ -772,7 +772,8 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
     Rows qr, kr, vr;
     qr.init(rows_cap, d); kr.init(rows_cap, d); vr.init(rows_cap, d);
     std::vector<float> zero(16 * DV + 16, 0.0f), Kt(16 * DV * Np + 16, 0.0f), S(rows_cap * Np + 64, 0.0f),
-        inv(rows_cap + 16, 0.0f), rmax(rows_cap + 16, 0.0f), lse_buf(rows_cap + 16, 0.0f);
+        inv(rows_cap + 16, 0.0f), rmax(rows_cap + 16, 0.0f), lse_buf(rows_cap + 16, 0.0f),
+        tls(rows_cap + 16, 0.0f);
     float* lsev = lse_buf.data();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % nh;
@@ -817,7 +818,70 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
         inv[m] = _mm512_reduce_add_ps(sum);  // the row sum; inverted below with the logsumexp
         rmax[m] = mxs;
       };
-      if (Np <= 64) {
+      // The last key alone in its 16-key block (M == Np - 15, e.g. 7x7 windows): score it with
+      // one dot product per query instead of a mostly empty vector block; its exp is taken below
+      // for 16 queries at once.
+      const bool tail1 = Np <= 64 && Np >= 32 && M == Np - 15;
+      float* tl = tls.data();
+      auto softmax_row_t = [&](int64_t m, auto cvc, __m512* a) {
+        constexpr int CVc = decltype(cvc)::value;
+        if (m >= M) return;
+        const float* t = tile + m * Np;
+        __m512 x[CVc];
+        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) x[c] = _mm512_fmadd_ps(a[c], cv, _mm512_loadu_ps(t + 16 * c));
+        __m512 mx = x[0];
+        _Pragma("GCC unroll 32") for (int c = 1; c < CVc; ++c) mx = _mm512_max_ps(mx, x[c]);
+        const float xt = tl[m] * c2 + t[M - 1];
+        tl[m] = xt;
+        const float mxs = std::max(_mm512_reduce_max_ps(mx), xt);
+        const __m512 mxv = _mm512_set1_ps(mxs);
+        __m512 sum = _mm512_setzero_ps();
+        float* srow = Sp + m * Np;
+        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) {
+          const __m512 p = exp2v(_mm512_sub_ps(x[c], mxv));
+          _mm512_storeu_ps(srow + 16 * c, p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        inv[m] = _mm512_reduce_add_ps(sum);
+        rmax[m] = mxs;
+      };
+      if (tail1) {
+        const float* kt = kr.p[M - 1];
+        for (int64_t m = 0; m < M; ++m) {
+          const float* qm = qr.p[m];
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t e0 = 0; e0 < d; e0 += 16) {
+            const __mmask16 km = lane_mask(d - e0);
+            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, qm + e0), _mm512_maskz_loadu_ps(km, kt + e0), acc);
+          }
+          tl[m] = _mm512_reduce_add_ps(acc);
+        }
+        switch (Np / 16) {
+          case 4: {
+            auto e3 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 3>{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 7) qk_row_block<7, 3>(qr.p.data(), m0, Kt.data(), Np, d, e3);
+            break;
+          }
+          case 3: {
+            auto e2 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 2>{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 8) qk_row_block<8, 2>(qr.p.data(), m0, Kt.data(), Np, d, e2);
+            break;
+          }
+          default: {
+            auto e1 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 1>{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 8) qk_row_block<8, 1>(qr.p.data(), m0, Kt.data(), Np, d, e1);
+            break;
+          }
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+          const __mmask16 km = lane_mask(M - m0);
+          const __m512 p = _mm512_maskz_mov_ps(km, exp2v(_mm512_sub_ps(_mm512_loadu_ps(tl + m0), _mm512_loadu_ps(rmax.data() + m0))));
+          _mm512_storeu_ps(tl + m0, p);
+          _mm512_mask_storeu_ps(inv.data() + m0, km, _mm512_add_ps(_mm512_loadu_ps(inv.data() + m0), p));
+        }
+        for (int64_t m = 0; m < M; ++m) Sp[m * Np + M - 1] = tl[m];
+      }
+      if (Np <= 64 && !tail1) {
         switch (Np / 16) {
           case 4: {
             auto e4 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 4>{}, a); };

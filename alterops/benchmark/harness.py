@@ -59,7 +59,9 @@ def time_callable(fn: Callable[[], object], device: torch.device, *, warmup: int
 def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
     """Copy bandwidth (GB/s, read + write counted) and matmul rates (GFLOP/s) on ``device``."""
     out = {}
-    n = (16 if quick else 64) * 2**20 // 4 * 4  # 64 MiB of float32 (16 MiB quick)
+    # 256 MiB buffers (16 MiB quick): larger than any last-level cache, so this is memory
+    # bandwidth, not cache bandwidth.
+    n = (16 if quick else 256) * 2**20 // 4 * 4
     src = torch.randn(n // 4, device=device)
     dst = torch.empty_like(src)
     t = statistics.median(time_callable(lambda: dst.copy_(src), device, max_repeats=30))

@@ -238,15 +238,6 @@ _TABLE = register(OpBackends(
 ))
 
 
-@torch.compiler.assume_constant_result
-def _select(backend, in_force, device, dtype):
-    # Backend availability is a property of the process, not of the traced values: under
-    # torch.compile it is evaluated once at trace time (``in_force`` keys the choice on
-    # ``set_backend``/``ALTEROPS_BACKEND``, which ``select`` reads).
-    del in_force
-    return _TABLE.select(backend, device, dtype)
-
-
 def _validate(q, k, v, window_size, shift, rel_pos_bias, scale):
     layout = "(B, H, W, heads, head_dim)"
     _checks.tensor("q", q, ndim=5, layout=layout)
@@ -293,7 +284,7 @@ def window_attention2d(q, k, v, window_size, *, shift=0, rel_pos_bias=None, scal
         ``(B, H, W, heads, head_dim)`` contiguous, dtype of ``q``.
     """
     window_size, shift, scale = _validate(q, k, v, window_size, shift, rel_pos_bias, scale)
-    name = _select(backend, get_backend(), q.device, q.dtype)
+    name = _TABLE.select(backend, q.device, q.dtype)
     if name == "triton":
         wh, ww = window_size
         if wh * ww > _TRITON_MAX_TOKENS or q.shape[4] > _TRITON_MAX_HEAD_DIM:

@@ -149,6 +149,13 @@ for b in ("cpu", "triton"):
     assert "Triton is not importable" in lines["triton"] and "pip install triton" in lines["triton"]
 
 
+def test_import_is_light():
+    """Importing alterops loads neither Triton nor torch._dynamo; they load when first needed."""
+    proc = _run("import sys, alterops; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "False"]
+
+
 def test_disable_flags_are_named_in_errors():
     code = """
 import torch, alterops

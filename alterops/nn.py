@@ -33,18 +33,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from . import _checks
 
 __all__ = ["WindowMSA2d", "NeighborhoodMSA2d", "BoxBlur2d", "TanhBlur2d", "DropPath"]
-
-
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return (int(value[0]), int(value[1]))
-    raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
 
 
 def _ops():
@@ -198,8 +189,8 @@ class WindowMSA2d(_LocalMSA2d):
         scale: float | None = None,
         backend: str | None = None,
     ) -> None:
-        self.window_size = _pair(window_size, "window_size")
-        self.shift = _pair(shift, "shift")
+        self.window_size = _checks.pair("window_size", window_size)
+        self.shift = _checks.pair("shift", shift)
         if min(self.window_size) <= 0:
             raise ValueError(f"window_size must be positive, got {window_size!r}")
         if not all(0 <= s < w for s, w in zip(self.shift, self.window_size)):
@@ -249,8 +240,8 @@ class NeighborhoodMSA2d(_LocalMSA2d):
         scale: float | None = None,
         backend: str | None = None,
     ) -> None:
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.dilation = _pair(dilation, "dilation")
+        self.kernel_size = _checks.pair("kernel_size", kernel_size)
+        self.dilation = _checks.pair("dilation", dilation)
         if not all(k > 0 and k % 2 == 1 for k in self.kernel_size):
             raise ValueError(f"kernel_size must be odd and positive, got {kernel_size!r}")
         if min(self.dilation) <= 0:

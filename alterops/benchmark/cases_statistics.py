@@ -51,14 +51,21 @@ def _check(ours, peer, rtol, atol):
 def _delta_case(ceiling_target, shape=None):
     def make(device, quick):
         x = _input(device, quick, shape)
+
+        def ours():
+            return ao.delta_log_amplitude(x)
+
+        def peer():
+            return torch_fft_delta(x)
+
         return Workload(
-            ours=lambda: ao.delta_log_amplitude(x),
-            peers={"torch_fft": lambda: torch_fft_delta(x)},
+            ours=ours,
+            peers={"torch_fft": peer},
             bytes=x.numel() * x.element_size(),
             ceiling="bandwidth",
             targets={"speedup:torch_fft": 30.0, "ceiling": ceiling_target} if device.type == "cpu"
             else {"ceiling": ceiling_target},
-            check=_check(lambda: ao.delta_log_amplitude(x), lambda: torch_fft_delta(x), 1e-4, 1e-4),
+            check=_check(ours, peer, 1e-4, 1e-4),
             note=f"float32 {tuple(x.shape)}; diagonal DFT bins from anti-diagonal sums, one read",
         )
 
@@ -68,13 +75,20 @@ def _delta_case(ceiling_target, shape=None):
 def _variance_case(ceiling_target, shape=None):
     def make(device, quick):
         x = _input(device, quick, shape)
+
+        def ours():
+            return ao.feature_variance(x)
+
+        def peer():
+            return torch_var(x)
+
         return Workload(
-            ours=lambda: ao.feature_variance(x),
-            peers={"torch_var": lambda: torch_var(x)},
+            ours=ours,
+            peers={"torch_var": peer},
             bytes=x.numel() * x.element_size(),
             ceiling="bandwidth",
             targets={"speedup:torch_var": 10.0} if device.type == "cpu" else {"ceiling": ceiling_target},
-            check=_check(lambda: ao.feature_variance(x), lambda: torch_var(x), 1e-5, 1e-6),
+            check=_check(ours, peer, 1e-5, 1e-6),
             note=f"float32 {tuple(x.shape)}; unbiased variance per plane, mean over planes",
         )
 

@@ -739,6 +739,37 @@ static inline void prefetch_task(const Geometry& g, const Plan& pl, int64_t task
   }
 }
 
+// The rows of the next task, prefetched a few at a time between the blocks of this task's math
+// (a burst of a whole window's prefetches fills the miss buffers and stalls this task's loads).
+struct Prefetcher {
+  std::vector<const char*> rows;
+  int64_t n = 0, cur = 0, lines = 1, step = 1;
+  void init(int64_t cap, int64_t d, int64_t sd) {
+    rows.assign(cap, nullptr);
+    lines = ((d - 1) * sd * (int64_t)sizeof(float)) / 64 + 1;
+  }
+  inline void add_task(const Geometry& g, const Plan& pl, int64_t task, const float* base, const View5& v) {
+    const int64_t nh = g.nh;
+    const int64_t h = task % nh, win = (task / nh) % g.nWin, b = task / (nh * g.nWin);
+    const int64_t M = pl.cls_M[pl.win_cls[win]];
+    const int32_t* py = pl.py.data() + win * g.N;
+    const int32_t* px = pl.px.data() + win * g.N;
+    base += b * v.sb + h * v.sh;
+    for (int64_t m = 0; m < M; ++m) rows[n++] = reinterpret_cast<const char*>(base + py[m] * v.sy + px[m] * v.sx);
+  }
+  inline void start(int64_t slots) { cur = 0; step = (n + slots - 1) / std::max<int64_t>(slots, 1); }
+  inline void run() {
+    const int64_t e = std::min(n, cur + step);
+    for (; cur < e; ++cur)
+      for (int64_t l = 0; l < lines; ++l) _mm_prefetch(rows[cur] + 64 * l, _MM_HINT_T0);
+  }
+  inline void finish() {
+    step = n;
+    run();
+    n = 0;
+  }
+};
+
 template <class F>
 static inline void dispatch_dv(int64_t DV, F&& f) {
   switch (DV) {
@@ -775,6 +806,8 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
         inv(rows_cap + 16, 0.0f), rmax(rows_cap + 16, 0.0f), lse_buf(rows_cap + 16, 0.0f),
         tls(rows_cap + 16, 0.0f);
     float* lsev = lse_buf.data();
+    Prefetcher pf;
+    pf.init(3 * rows_cap, d, std::max({vq.sd, vk.sd, vv.sd}));
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % nh;
       const int64_t win = (task / nh) % g.nWin;
@@ -785,10 +818,11 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
       const int32_t* pos = g.pos.data() + win * g.N;
       const float* tile = pl.tiles.data() + (cls * pl.thn + (table && table_heads != 1 ? h : 0)) * pl.tsz;
       if (task + 1 < end) {
-        prefetch_task(g, pl, task + 1, qp, vq);
-        prefetch_task(g, pl, task + 1, kp, vk);
-        prefetch_task(g, pl, task + 1, vp, vv);
+        pf.add_task(g, pl, task + 1, qp, vq);
+        pf.add_task(g, pl, task + 1, kp, vk);
+        pf.add_task(g, pl, task + 1, vp, vv);
       }
+      pf.start(Np <= 64 ? 2 * ((M + 6) / 7) : 1);
       qr.set(qp, vq, g, pl, b, h, win, M, zero.data());
       kr.set(kp, vk, g, pl, b, h, win, M, zero.data());
       vr.set(vp, vv, g, pl, b, h, win, M, zero.data());
@@ -859,17 +893,17 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
         switch (Np / 16) {
           case 4: {
             auto e3 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 3>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) qk_row_block<7, 3>(qr.p.data(), m0, Kt.data(), Np, d, e3);
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_row_block<7, 3>(qr.p.data(), m0, Kt.data(), Np, d, e3); pf.run(); }
             break;
           }
           case 3: {
             auto e2 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 2>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) qk_row_block<8, 2>(qr.p.data(), m0, Kt.data(), Np, d, e2);
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_row_block<8, 2>(qr.p.data(), m0, Kt.data(), Np, d, e2); pf.run(); }
             break;
           }
           default: {
             auto e1 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 1>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) qk_row_block<8, 1>(qr.p.data(), m0, Kt.data(), Np, d, e1);
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_row_block<8, 1>(qr.p.data(), m0, Kt.data(), Np, d, e1); pf.run(); }
             break;
           }
         }
@@ -885,22 +919,22 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
         switch (Np / 16) {
           case 4: {
             auto e4 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 4>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) qk_row_block<7, 4>(qr.p.data(), m0, Kt.data(), Np, d, e4);
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_row_block<7, 4>(qr.p.data(), m0, Kt.data(), Np, d, e4); pf.run(); }
             break;
           }
           case 3: {
             auto e3 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) qk_row_block<7, 3>(qr.p.data(), m0, Kt.data(), Np, d, e3);
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_row_block<7, 3>(qr.p.data(), m0, Kt.data(), Np, d, e3); pf.run(); }
             break;
           }
           case 2: {
             auto e2 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) qk_row_block<8, 2>(qr.p.data(), m0, Kt.data(), Np, d, e2);
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_row_block<8, 2>(qr.p.data(), m0, Kt.data(), Np, d, e2); pf.run(); }
             break;
           }
           default: {
             auto e1 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) qk_row_block<8, 1>(qr.p.data(), m0, Kt.data(), Np, d, e1);
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_row_block<8, 1>(qr.p.data(), m0, Kt.data(), Np, d, e1); pf.run(); }
             break;
           }
         }
@@ -941,8 +975,13 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
           _Pragma("GCC unroll 32") for (int c = 0; c < DVc; ++c)
             _mm512_mask_storeu_ps(dst + 16 * c, c == DVc - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[c], s));
         };
-        pv_all<DVc>(Sp, Np, M, vr.p.data(), M, tail, epi_o);
+        constexpr int R = pv_rows<DVc>();
+        for (int64_t m0 = 0; m0 < M; m0 += R) {
+          pv_block<R, DVc>(Sp, Np, m0, vr.p.data(), M, tail, epi_o);
+          pf.run();
+        }
       });
+      pf.finish();
     }
   });
 }

@@ -31,11 +31,13 @@ from .statistics import (  # noqa: E402
 )
 from . import models, nn  # noqa: E402
 from .swap import swap  # noqa: E402
+from .memory import empty_cache  # noqa: E402
+from . import memory  # noqa: E402
 
 __all__ += [
     "box_blur2d", "tanh_blur2d",
     "neighborhood_attention2d", "window_attention2d",
     "delta_log_amplitude", "log_amplitude_spectrum", "radial_log_amplitude", "feature_variance",
     "frequency_noise", "feature_statistics",
-    "nn", "models", "swap",
+    "nn", "models", "swap", "memory", "empty_cache",
 ]

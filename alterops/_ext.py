@@ -17,6 +17,8 @@ else:
 
         _loaded = True
         _has_cuda = bool(getattr(_C, "WITH_CUDA", False))
+        if hasattr(torch.ops.alterops, "cpu_pool_set_limit"):
+            torch.ops.alterops.cpu_pool_set_limit(_config.cpu_pool_limit_bytes())
     except ImportError as exc:
         _load_error = (
             f"the compiled extension alterops._C is not available ({exc}); reinstall with a C++ "

@@ -26,6 +26,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "output_pool.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
@@ -35,9 +37,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -109,38 +108,7 @@ static inline acc_t pointwise_grad(acc_t v, acc_t inv_tau) {
   }
 }
 
-static bool poison_outputs() {
-  static const bool poison = [] {
-    const char* v = std::getenv("ALTEROPS_POISON_OUTPUTS");
-    return v != nullptr && (std::string(v) == "1" || std::string(v) == "true");
-  }();
-  return poison;
-}
-
-// Fresh outputs of tens of MB are mmap-ed by the allocator, and the first write into each 4 KiB
-// page faults; on these workloads the faults cost more than the kernel. Asking for transparent
-// huge pages on the 2 MiB-aligned interior of the buffer (what torch does under
-// THP_MEM_ALLOC_ENABLE=1) cuts the faults by 512x. A hint only: ignored where THP is off.
-static void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const size_t nbytes = t.nbytes();
-  if (nbytes < 4 * kHuge) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t hi = (begin + nbytes) & ~(kHuge - 1);
-  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
-static at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  if (poison_outputs()) return at::full(shape, std::numeric_limits<double>::quiet_NaN(), opts);
-  at::Tensor out = at::empty(shape, opts);
-  advise_huge_pages(out);
-  return out;
-}
+using cpu::new_output;
 
 // ------------------------------------------------------------------------------------------
 // Forward, one plane.

@@ -34,6 +34,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "output_pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -1128,7 +1130,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd(const at::Tensor& q, const at::Tenso
   check_inputs(q, k, v, kh, kw, dh, dw, border, bias);
   const int64_t B = q.size(0), H = q.size(1), W = q.size(2), NH = q.size(3), D = q.size(4);
   auto acc = acc_type(q.scalar_type());
-  auto out = at::empty({B, H, W, NH, D}, q.options());
+  auto out = cpu::new_output({B, H, W, NH, D}, q.options());
   auto lse = at::empty({B, NH, H, W}, q.options().dtype(acc));
   if (out.numel() == 0) return {out, lse};
   at::Tensor table;
@@ -1154,9 +1156,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd(
   TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, NH, H, W}), "neighborhood_attention2d: lse must be (B, heads, H, W)");
   auto dout = dout_in.to(q.scalar_type());
   auto lse = lse_in.to(acc).contiguous();
-  auto dq = at::empty({B, H, W, NH, D}, q.options());
-  auto dk = at::empty({B, H, W, NH, D}, q.options());
-  auto dv = at::empty({B, H, W, NH, D}, q.options());
+  auto dq = cpu::new_output({B, H, W, NH, D}, q.options());
+  auto dk = cpu::new_output({B, H, W, NH, D}, q.options());
+  auto dv = cpu::new_output({B, H, W, NH, D}, q.options());
   const bool want_db = bias_grad && bias.has_value();
   at::Tensor table, dbias;
   if (bias.has_value()) table = bias->to(acc).contiguous();

@@ -186,4 +186,4 @@ register(Case("models", "alternet50_cifar_msa_blocks_train_step_b16", _make_msa_
               max_repeats=10))
 if _have_transformers():
     register(Case("models", "hf_swin_t_fwd_b8", _make_swin(8, train=False), default=True, max_repeats=5))
-    register(Case("models", "hf_swin_t_train_step_b8", _make_swin(8, train=True), default=False, max_repeats=5))
+    register(Case("models", "hf_swin_t_train_step_b8", _make_swin(8, train=True), default=True, max_repeats=5))

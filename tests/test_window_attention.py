@@ -181,6 +181,26 @@ def test_cpu_forward_backward(cfg, dtype):
     _check_backend("cpu", dtype, cfg)
 
 
+# Head dims covering every register-block width (1..8 vectors of 16, with and without a tail)
+# of the float32 CPU kernels, with windows of 16, 25, 36, 49 (lone last key), 64 and 81 tokens.
+HEAD_DIM_CONFIGS = [
+    (1, 14, 14, 2, 32, 7, 3, 2),
+    (1, 8, 8, 1, 20, 4, 2, 1),
+    (1, 12, 12, 1, 40, 6, 3, 1),
+    (2, 8, 8, 2, 64, 4, 0, 1),
+    (1, 10, 10, 1, 72, 5, 2, 1),
+    (1, 8, 8, 1, 96, 4, 1, 0),
+    (1, 7, 7, 1, 100, 7, 0, 1),
+    (1, 8, 8, 1, 128, 8, 4, 1),
+    (1, 9, 9, 1, 48, 9, 4, 1),
+]
+
+
+@pytest.mark.parametrize("cfg", HEAD_DIM_CONFIGS, ids=[f"d{c[4]}_w{c[5]}" for c in HEAD_DIM_CONFIGS])
+def test_cpu_float32_head_dims(cfg):
+    _check_backend("cpu", torch.float32, cfg)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_fused_qkv_view(dtype):
     _check_backend("cpu", dtype, (2, 7, 9, 2, 8, 3, 1, 2), fused=True)

@@ -789,9 +789,248 @@ static inline void dispatch_dv(int64_t DV, F&& f) {
 
 inline bool supported(const Geometry& g) { return g.d <= 128 && g.N <= 1024; }
 
+// acc[r][c] = sum_{e < d} A[(m0 + r) * LDA + e] * Bt[e * ld + 16c]; then epi(m0 + r, acc[r]).
+// A is a gathered block with a compile-time row stride, so the R row addresses are one base
+// pointer plus constant offsets (no per-row pointers competing for registers).
+template <int R, int CV, int LDA, class Epi>
+static inline void qk_rows_c(const float* A, int64_t m0, const float* Bt, int64_t ld, int64_t d, Epi& epi) {
+  __m512 acc[R][CV];
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* a = A + m0 * LDA;
+  const float* b = Bt;
+  for (int64_t e = 0; e < d; ++e, b += ld) {
+    __m512 bv[CV];
+    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) bv[c] = _mm512_loadu_ps(b + 16 * c);
+    _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
+      const __m512 x = _mm512_set1_ps(a[r * LDA + e]);
+      _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(x, bv[c], acc[r][c]);
+    }
+  }
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) epi(m0 + r, acc[r]);
+}
+
+// acc[r][c] = sum_{n < K} P[(m0 + r) * LDP + n] * X[n * 16DV + 16c]; then epi(m0 + r, acc[r]).
+template <int R, int DV, int LDP, class Epi>
+static inline void pv_rows_c(const float* P, int64_t m0, const float* X, int64_t K, Epi& epi) {
+  __m512 acc[R][DV];
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r)
+    _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* a = P + m0 * LDP;
+  const float* x = X;
+  for (int64_t n = 0; n < K; ++n, x += 16 * DV) {
+    __m512 xv[DV];
+    _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) xv[c] = _mm512_load_ps(x + 16 * c);
+    _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
+      const __m512 p = _mm512_set1_ps(a[r * LDP + n]);
+      _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) acc[r][c] = _mm512_fmadd_ps(p, xv[c], acc[r][c]);
+    }
+  }
+  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) epi(m0 + r, acc[r]);
+}
+
+// 64-byte aligned float scratch.
+struct AlignedBuf {
+  std::vector<float> v;
+  float* p = nullptr;
+  void init(int64_t n) {
+    v.assign(n + 16, 0.0f);
+    p = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(v.data()) + 63) & ~uintptr_t(63));
+  }
+};
+
+// Copy rows (b, window, head) m < M of a (B, H, W, heads, d) tensor into dst[m * 16DV ..], the
+// lanes past d zero.
+template <int DV>
+static inline void gather_rows(float* dst, const float* base, const View5& v, const Geometry& g, const Plan& pl,
+                               int64_t b, int64_t h, int64_t win, int64_t M, __mmask16 tail) {
+  const int32_t* py = pl.py.data() + win * g.N;
+  const int32_t* px = pl.px.data() + win * g.N;
+  base += b * v.sb + h * v.sh;
+  for (int64_t m = 0; m < M; ++m, dst += 16 * DV) {
+    const float* src = base + py[m] * v.sy + px[m] * v.sx;
+    if (v.sd == 1) {
+      _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c)
+        _mm512_store_ps(dst + 16 * c, _mm512_maskz_loadu_ps(c == DV - 1 ? tail : (__mmask16)0xFFFF, src + 16 * c));
+    } else {
+      for (int64_t e = 0; e < g.d; ++e) dst[e] = src[e * v.sd];
+    }
+  }
+}
+
+// The forward for windows of at most 64 tokens (Np <= 64): per task, Q and V are gathered into
+// contiguous blocks, K is packed transposed; S = scale*Q K^T + tile, row softmax in base 2 fused
+// into the QK^T epilogue (P kept in S with a fixed row stride of 64), O = P V / rowsum.
+template <int DV>
+void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   bool per_head_tiles, float scale, float* out, float* lse) {
+  constexpr int LD = 16 * DV;  // row stride of gathered Q and V
+  constexpr int LS = 64;       // row stride of S
+  const View5 vq(q), vk(k), vv(v);
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const int64_t d = g.d, nh = g.nh, Np = pl.Np, HW = g.H * g.W;
+  const __mmask16 tail = lane_mask(d - 16 * (DV - 1));
+  const int64_t rows_cap = Np + 16;
+  const int64_t tasks = g.B * g.nWin * nh;
+  const float c2 = scale * kLog2e;
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Rows kr;
+    kr.init(rows_cap, d);
+    std::vector<float> zero(LD + 16, 0.0f);
+    AlignedBuf Qb, Vb, Ktb, Sb, invb, rmaxb, lseb, tlb;
+    Qb.init(rows_cap * LD); Vb.init(rows_cap * LD); Ktb.init(LD * Np + 16); Sb.init(rows_cap * LS + 64);
+    invb.init(rows_cap + 16); rmaxb.init(rows_cap + 16); lseb.init(rows_cap + 16); tlb.init(rows_cap + 16);
+    float* Qc = Qb.p; float* Vc = Vb.p; float* Kt = Ktb.p; float* Sp = Sb.p;
+    float* inv = invb.p; float* rmax = rmaxb.p; float* lsev = lseb.p; float* tl = tlb.p;
+    Prefetcher pf;
+    pf.init(3 * rows_cap, d, std::max({vq.sd, vk.sd, vv.sd}));
+    const __m512 cv = _mm512_set1_ps(c2);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task % nh;
+      const int64_t win = (task / nh) % g.nWin;
+      const int64_t b = task / (nh * g.nWin);
+      const int64_t cls = pl.win_cls[win];
+      const int64_t M = pl.cls_M[cls];
+      if (M == 0) continue;
+      const int32_t* pos = g.pos.data() + win * g.N;
+      const float* tile = pl.tiles.data() + (cls * pl.thn + (per_head_tiles ? h : 0)) * pl.tsz;
+      if (task + 1 < end) {
+        pf.add_task(g, pl, task + 1, qp, vq);
+        pf.add_task(g, pl, task + 1, kp, vk);
+        pf.add_task(g, pl, task + 1, vp, vv);
+      }
+      pf.start(2 * ((M + 6) / 7));
+      gather_rows<DV>(Qc, qp, vq, g, pl, b, h, win, M, tail);
+      gather_rows<DV>(Vc, vp, vv, g, pl, b, h, win, M, tail);
+      kr.set(kp, vk, g, pl, b, h, win, M, zero.data());
+      pack_transposed(kr.p.data(), M, d, Kt, Np);
+      // Row softmax of the logits a[0..CVc) (+ the lone last key in tl[m] when `lone`).
+      auto softmax_row = [&](int64_t m, auto cvc, auto lone, __m512* a) {
+        constexpr int CVc = decltype(cvc)::value;
+        if (m >= M) return;
+        const float* t = tile + m * Np;
+        __m512 x[CVc];
+        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) x[c] = _mm512_fmadd_ps(a[c], cv, _mm512_loadu_ps(t + 16 * c));
+        __m512 mx = x[0];
+        _Pragma("GCC unroll 32") for (int c = 1; c < CVc; ++c) mx = _mm512_max_ps(mx, x[c]);
+        float mxs = _mm512_reduce_max_ps(mx);
+        if constexpr (decltype(lone)::value) {
+          const float xt = tl[m] * c2 + t[M - 1];
+          tl[m] = xt;
+          mxs = std::max(mxs, xt);
+        }
+        const __m512 mxv = _mm512_set1_ps(mxs);
+        __m512 sum = _mm512_setzero_ps();
+        float* srow = Sp + m * LS;
+        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) {
+          const __m512 p = exp2v(_mm512_sub_ps(x[c], mxv));
+          _mm512_store_ps(srow + 16 * c, p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        inv[m] = _mm512_reduce_add_ps(sum);  // the row sum; inverted below with the logsumexp
+        rmax[m] = mxs;
+      };
+      using T = std::true_type;
+      using F = std::false_type;
+      // The last key alone in its 16-key block (M == Np - 15, e.g. 7x7 windows): score it with
+      // one dot product per query instead of a mostly empty vector block; its exp is taken below
+      // for 16 queries at once.
+      const bool tail1 = Np >= 32 && M == Np - 15;
+      if (tail1) {
+        const float* kt = kr.p[M - 1];
+        __m512 kv[DV];
+        _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c)
+          kv[c] = _mm512_maskz_loadu_ps(c == DV - 1 ? tail : (__mmask16)0xFFFF, kt + 16 * c);
+        for (int64_t m = 0; m < M; ++m) {
+          const float* qm = Qc + m * LD;
+          __m512 acc = _mm512_mul_ps(_mm512_load_ps(qm), kv[0]);
+          _Pragma("GCC unroll 32") for (int c = 1; c < DV; ++c) acc = _mm512_fmadd_ps(_mm512_load_ps(qm + 16 * c), kv[c], acc);
+          tl[m] = _mm512_reduce_add_ps(acc);
+        }
+        switch (Np / 16) {
+          case 4: {
+            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, T{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            break;
+          }
+          case 3: {
+            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, T{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            break;
+          }
+          default: {
+            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, T{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            break;
+          }
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+          const __mmask16 km = lane_mask(M - m0);
+          const __m512 p = _mm512_maskz_mov_ps(km, exp2v(_mm512_sub_ps(_mm512_loadu_ps(tl + m0), _mm512_loadu_ps(rmax + m0))));
+          _mm512_storeu_ps(tl + m0, p);
+          _mm512_mask_storeu_ps(inv + m0, km, _mm512_add_ps(_mm512_loadu_ps(inv + m0), p));
+        }
+        for (int64_t m = 0; m < M; ++m) Sp[m * LS + M - 1] = tl[m];
+      } else {
+        switch (Np / 16) {
+          case 4: {
+            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 4>{}, F{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 4, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            break;
+          }
+          case 3: {
+            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, F{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            break;
+          }
+          case 2: {
+            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, F{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            break;
+          }
+          default: {
+            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, F{}, a); };
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            break;
+          }
+        }
+      }
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const __mmask16 km = lane_mask(M - m0);
+        const __m512 sm = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), km, inv + m0);
+        const __m512 mxm = _mm512_maskz_loadu_ps(km, rmax + m0);
+        _mm512_storeu_ps(inv + m0, _mm512_div_ps(_mm512_set1_ps(1.0f), sm));
+        _mm512_storeu_ps(lsev + m0, _mm512_mul_ps(_mm512_add_ps(mxm, log2v(sm)), _mm512_set1_ps(kLn2)));
+      }
+      for (int64_t m = 0; m < M; ++m) lse[(b * HW + pos[m]) * nh + h] = lsev[m];
+      auto epi_o = [&](int64_t m, __m512* a) {
+        if (m >= M) return;
+        float* dst = out + ((b * HW + pos[m]) * nh + h) * d;
+        const __m512 s = _mm512_set1_ps(inv[m]);
+        _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c)
+          _mm512_mask_storeu_ps(dst + 16 * c, c == DV - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[c], s));
+      };
+      constexpr int R = pv_rows<DV>();
+      for (int64_t m0 = 0; m0 < M; m0 += R) {
+        pv_rows_c<R, DV, LS>(Sp, m0, Vc, M, epi_o);
+        pf.run();
+      }
+      pf.finish();
+    }
+  });
+}
+
 void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* table,
              int64_t table_heads, float scale, float* out, float* lse) {
   const Plan pl = make_plan(g, table, table_heads);
+  if (pl.Np <= 64) {
+    dispatch_dv((g.d + 15) / 16, [&](auto dvc) {
+      forward_small<decltype(dvc)::value>(g, pl, q, k, v, table && table_heads != 1, scale, out, lse);
+    });
+    return;
+  }
   const View5 vq(q), vk(k), vv(v);
   const float* qp = q.data_ptr<float>();
   const float* kp = k.data_ptr<float>();

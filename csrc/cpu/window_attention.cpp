@@ -747,6 +747,7 @@ static inline void prefetch_task(const Geometry& g, const Plan& pl, int64_t task
 struct Prefetcher {
   std::vector<const char*> rows;
   int64_t n = 0, cur = 0, lines = 1, step = 1;
+  bool far = false;  // prefetch into L2 instead of L1
   void init(int64_t cap, int64_t d, int64_t sd) {
     rows.assign(cap, nullptr);
     lines = ((d - 1) * sd * (int64_t)sizeof(float)) / 64 + 1;
@@ -763,6 +764,11 @@ struct Prefetcher {
   inline void start(int64_t slots) { cur = 0; step = (n + slots - 1) / std::max<int64_t>(slots, 1); }
   inline void run() {
     const int64_t e = std::min(n, cur + step);
+    if (far) {
+      for (; cur < e; ++cur)
+        for (int64_t l = 0; l < lines; ++l) _mm_prefetch(rows[cur] + 64 * l, _MM_HINT_T1);
+      return;
+    }
     for (; cur < e; ++cur)
       for (int64_t l = 0; l < lines; ++l) _mm_prefetch(rows[cur] + 64 * l, _MM_HINT_T0);
   }
@@ -884,8 +890,13 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
     invb.init(rows_cap + 16); rmaxb.init(rows_cap + 16); lseb.init(rows_cap + 16); tlb.init(rows_cap + 16);
     float* Qc = Qb.p; float* Vc = Vb.p; float* Kt = Ktb.p; float* Sp = Sb.p;
     float* inv = invb.p; float* rmax = rmaxb.p; float* lsev = lseb.p; float* tl = tlb.p;
-    Prefetcher pf;
+    Prefetcher pf, pf2;
     pf.init(3 * rows_cap, d, std::max({vq.sd, vk.sd, vv.sd}));
+    pf2.init(3 * rows_cap, d, std::max({vq.sd, vk.sd, vv.sd}));
+    pf2.far = true;
+    // pf: the next task's rows into L1; pf2: those kFar tasks ahead into L2 (one task ahead is
+    // too short to hide DRAM latency when a task's rows are a few KiB of math).
+    constexpr int64_t kFar = 4;
     const __m512 cv = _mm512_set1_ps(c2);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % nh;
@@ -901,7 +912,13 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
         pf.add_task(g, pl, task + 1, kp, vk);
         pf.add_task(g, pl, task + 1, vp, vv);
       }
+      if (task + kFar < end) {
+        pf2.add_task(g, pl, task + kFar, qp, vq);
+        pf2.add_task(g, pl, task + kFar, kp, vk);
+        pf2.add_task(g, pl, task + kFar, vp, vv);
+      }
       pf.start(2 * ((M + 6) / 7));
+      pf2.start(2 * ((M + 6) / 7));
       gather_rows<DV>(Qc, qp, vq, g, pl, b, h, win, M, tail);
       gather_rows<DV>(Vc, vp, vv, g, pl, b, h, win, M, tail);
       kr.set(kp, vk, g, pl, b, h, win, M, zero.data());
@@ -952,17 +969,17 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
         switch (Np / 16) {
           case 4: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
             break;
           }
           case 3: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
             break;
           }
           default: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
             break;
           }
         }
@@ -977,22 +994,22 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
         switch (Np / 16) {
           case 4: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 4>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 4, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 4, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
             break;
           }
           case 3: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
             break;
           }
           case 2: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
             break;
           }
           default: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
             break;
           }
         }
@@ -1015,9 +1032,9 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
       constexpr int R = pv_rows<DV>();
       for (int64_t m0 = 0; m0 < M; m0 += R) {
         pv_rows_c<R, DV, LS>(Sp, m0, Vc, M, epi_o);
-        pf.run();
+        pf.run(); pf2.run();
       }
-      pf.finish();
+      pf.finish(); pf2.finish();
     }
   });
 }

@@ -890,12 +890,12 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
     invb.init(rows_cap + 16); rmaxb.init(rows_cap + 16); lseb.init(rows_cap + 16); tlb.init(rows_cap + 16);
     float* Qc = Qb.p; float* Vc = Vb.p; float* Kt = Ktb.p; float* Sp = Sb.p;
     float* inv = invb.p; float* rmax = rmaxb.p; float* lsev = lseb.p; float* tl = tlb.p;
-    Prefetcher pf, pf2;
+    // The rows of the task kFar ahead are prefetched into L2 (one task ahead is too short to
+    // hide DRAM latency when a task's rows are a few KiB of math; also fetching them into L1
+    // measured slower: L2 to L1 is cheap and L1 is full with this task's blocks).
+    Prefetcher pf;
     pf.init(3 * rows_cap, d, std::max({vq.sd, vk.sd, vv.sd}));
-    pf2.init(3 * rows_cap, d, std::max({vq.sd, vk.sd, vv.sd}));
-    pf2.far = true;
-    // pf: the next task's rows into L1; pf2: those kFar tasks ahead into L2 (one task ahead is
-    // too short to hide DRAM latency when a task's rows are a few KiB of math).
+    pf.far = true;
     constexpr int64_t kFar = 4;
     const __m512 cv = _mm512_set1_ps(c2);
     for (int64_t task = begin; task < end; ++task) {
@@ -907,18 +907,12 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
       if (M == 0) continue;
       const int32_t* pos = g.pos.data() + win * g.N;
       const float* tile = pl.tiles.data() + (cls * pl.thn + (per_head_tiles ? h : 0)) * pl.tsz;
-      if (task + 1 < end) {
-        pf.add_task(g, pl, task + 1, qp, vq);
-        pf.add_task(g, pl, task + 1, kp, vk);
-        pf.add_task(g, pl, task + 1, vp, vv);
-      }
       if (task + kFar < end) {
-        pf2.add_task(g, pl, task + kFar, qp, vq);
-        pf2.add_task(g, pl, task + kFar, kp, vk);
-        pf2.add_task(g, pl, task + kFar, vp, vv);
+        pf.add_task(g, pl, task + kFar, qp, vq);
+        pf.add_task(g, pl, task + kFar, kp, vk);
+        pf.add_task(g, pl, task + kFar, vp, vv);
       }
       pf.start(2 * ((M + 6) / 7));
-      pf2.start(2 * ((M + 6) / 7));
       gather_rows<DV>(Qc, qp, vq, g, pl, b, h, win, M, tail);
       gather_rows<DV>(Vc, vp, vv, g, pl, b, h, win, M, tail);
       kr.set(kp, vk, g, pl, b, h, win, M, zero.data());
@@ -969,17 +963,17 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
         switch (Np / 16) {
           case 4: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           case 3: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           default: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
         }
@@ -994,22 +988,22 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
         switch (Np / 16) {
           case 4: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 4>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 4, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 4, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           case 3: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           case 2: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           default: {
             auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); pf2.run(); }
+            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
         }
@@ -1032,9 +1026,9 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
       constexpr int R = pv_rows<DV>();
       for (int64_t m0 = 0; m0 < M; m0 += R) {
         pv_rows_c<R, DV, LS>(Sp, m0, Vc, M, epi_o);
-        pf.run(); pf2.run();
+        pf.run();
       }
-      pf.finish(); pf2.finish();
+      pf.finish();
     }
   });
 }

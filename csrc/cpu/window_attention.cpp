@@ -539,28 +539,6 @@ static inline void qk_block(const float* const* arows, int64_t m0, const float* 
     _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) epi(m0 + r, n0 + 16 * c, acc[r][c]);
 }
 
-// As qk_block over all CV vectors of a row (Np <= 64), with a whole-row epilogue epi(m, acc[r]).
-template <int R, int CV, class Epi>
-static inline void qk_row_block(const float* const* arows, int64_t m0, const float* Bt, int64_t ld, int64_t d,
-                                Epi& epi) {
-  __m512 acc[R][CV];
-  const float* a[R];
-  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
-    a[r] = arows[m0 + r];
-    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_setzero_ps();
-  }
-  const float* b = Bt;
-  for (int64_t e = 0; e < d; ++e, b += ld) {
-    __m512 bv[CV];
-    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) bv[c] = _mm512_loadu_ps(b + 16 * c);
-    _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r][e]);
-      _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(x, bv[c], acc[r][c]);
-    }
-  }
-  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) epi(m0 + r, acc[r]);
-}
-
 // Rows m < M (row blocks padded to R: pad rows of arows point at zeros), all Np columns.
 template <class Epi>
 static inline void qk_all(const float* const* arows, int64_t M, const float* Bt, int64_t Np, int64_t d, Epi& epi) {
@@ -1056,11 +1034,11 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
     Rows qr, kr, vr;
     qr.init(rows_cap, d); kr.init(rows_cap, d); vr.init(rows_cap, d);
     std::vector<float> zero(16 * DV + 16, 0.0f), Kt(16 * DV * Np + 16, 0.0f), S(rows_cap * Np + 64, 0.0f),
-        inv(rows_cap + 16, 0.0f), rmax(rows_cap + 16, 0.0f), lse_buf(rows_cap + 16, 0.0f),
-        tls(rows_cap + 16, 0.0f);
-    float* lsev = lse_buf.data();
+        inv(rows_cap + 16, 0.0f);
     Prefetcher pf;
     pf.init(3 * rows_cap, d, std::max({vq.sd, vk.sd, vv.sd}));
+    pf.far = true;
+    constexpr int64_t kFar = 2;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t h = task % nh;
       const int64_t win = (task / nh) % g.nWin;
@@ -1070,12 +1048,12 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
       if (M == 0) continue;
       const int32_t* pos = g.pos.data() + win * g.N;
       const float* tile = pl.tiles.data() + (cls * pl.thn + (table && table_heads != 1 ? h : 0)) * pl.tsz;
-      if (task + 1 < end) {
-        pf.add_task(g, pl, task + 1, qp, vq);
-        pf.add_task(g, pl, task + 1, kp, vk);
-        pf.add_task(g, pl, task + 1, vp, vv);
+      if (task + kFar < end) {
+        pf.add_task(g, pl, task + kFar, qp, vq);
+        pf.add_task(g, pl, task + kFar, kp, vk);
+        pf.add_task(g, pl, task + kFar, vp, vv);
       }
-      pf.start(Np <= 64 ? 2 * ((M + 6) / 7) : 1);
+      pf.start((M + 6) / 7);
       qr.set(qp, vq, g, pl, b, h, win, M, zero.data());
       kr.set(kp, vk, g, pl, b, h, win, M, zero.data());
       vr.set(vp, vv, g, pl, b, h, win, M, zero.data());
@@ -1085,125 +1063,8 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
       auto epi_s = [&](int64_t m, int64_t n, __m512 a) {
         _mm512_storeu_ps(Sp + m * Np + n, _mm512_fmadd_ps(a, cv, _mm512_loadu_ps(tile + m * Np + n)));
       };
-      auto softmax_row = [&](int64_t m, auto cvc, __m512* a) {
-        constexpr int CVc = decltype(cvc)::value;
-        if (m >= M) return;
-        const float* t = tile + m * Np;
-        __m512 x[CVc];
-        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) x[c] = _mm512_fmadd_ps(a[c], cv, _mm512_loadu_ps(t + 16 * c));
-        __m512 mx = x[0];
-        _Pragma("GCC unroll 32") for (int c = 1; c < CVc; ++c) mx = _mm512_max_ps(mx, x[c]);
-        const float mxs = _mm512_reduce_max_ps(mx);
-        const __m512 mxv = _mm512_set1_ps(mxs);
-        __m512 sum = _mm512_setzero_ps();
-        float* srow = Sp + m * Np;
-        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) {
-          const __m512 p = exp2v(_mm512_sub_ps(x[c], mxv));
-          _mm512_storeu_ps(srow + 16 * c, p);
-          sum = _mm512_add_ps(sum, p);
-        }
-        inv[m] = _mm512_reduce_add_ps(sum);  // the row sum; inverted below with the logsumexp
-        rmax[m] = mxs;
-      };
-      // The last key alone in its 16-key block (M == Np - 15, e.g. 7x7 windows): score it with
-      // one dot product per query instead of a mostly empty vector block; its exp is taken below
-      // for 16 queries at once.
-      const bool tail1 = Np <= 64 && Np >= 32 && M == Np - 15;
-      float* tl = tls.data();
-      auto softmax_row_t = [&](int64_t m, auto cvc, __m512* a) {
-        constexpr int CVc = decltype(cvc)::value;
-        if (m >= M) return;
-        const float* t = tile + m * Np;
-        __m512 x[CVc];
-        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) x[c] = _mm512_fmadd_ps(a[c], cv, _mm512_loadu_ps(t + 16 * c));
-        __m512 mx = x[0];
-        _Pragma("GCC unroll 32") for (int c = 1; c < CVc; ++c) mx = _mm512_max_ps(mx, x[c]);
-        const float xt = tl[m] * c2 + t[M - 1];
-        tl[m] = xt;
-        const float mxs = std::max(_mm512_reduce_max_ps(mx), xt);
-        const __m512 mxv = _mm512_set1_ps(mxs);
-        __m512 sum = _mm512_setzero_ps();
-        float* srow = Sp + m * Np;
-        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) {
-          const __m512 p = exp2v(_mm512_sub_ps(x[c], mxv));
-          _mm512_storeu_ps(srow + 16 * c, p);
-          sum = _mm512_add_ps(sum, p);
-        }
-        inv[m] = _mm512_reduce_add_ps(sum);
-        rmax[m] = mxs;
-      };
-      if (tail1) {
-        const float* kt = kr.p[M - 1];
-        for (int64_t m = 0; m < M; ++m) {
-          const float* qm = qr.p[m];
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t e0 = 0; e0 < d; e0 += 16) {
-            const __mmask16 km = lane_mask(d - e0);
-            acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(km, qm + e0), _mm512_maskz_loadu_ps(km, kt + e0), acc);
-          }
-          tl[m] = _mm512_reduce_add_ps(acc);
-        }
-        switch (Np / 16) {
-          case 4: {
-            auto e3 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 3>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_row_block<7, 3>(qr.p.data(), m0, Kt.data(), Np, d, e3); pf.run(); }
-            break;
-          }
-          case 3: {
-            auto e2 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 2>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_row_block<8, 2>(qr.p.data(), m0, Kt.data(), Np, d, e2); pf.run(); }
-            break;
-          }
-          default: {
-            auto e1 = [&](int64_t m, __m512* a) { softmax_row_t(m, std::integral_constant<int, 1>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_row_block<8, 1>(qr.p.data(), m0, Kt.data(), Np, d, e1); pf.run(); }
-            break;
-          }
-        }
-        for (int64_t m0 = 0; m0 < M; m0 += 16) {
-          const __mmask16 km = lane_mask(M - m0);
-          const __m512 p = _mm512_maskz_mov_ps(km, exp2v(_mm512_sub_ps(_mm512_loadu_ps(tl + m0), _mm512_loadu_ps(rmax.data() + m0))));
-          _mm512_storeu_ps(tl + m0, p);
-          _mm512_mask_storeu_ps(inv.data() + m0, km, _mm512_add_ps(_mm512_loadu_ps(inv.data() + m0), p));
-        }
-        for (int64_t m = 0; m < M; ++m) Sp[m * Np + M - 1] = tl[m];
-      }
-      if (Np <= 64 && !tail1) {
-        switch (Np / 16) {
-          case 4: {
-            auto e4 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 4>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_row_block<7, 4>(qr.p.data(), m0, Kt.data(), Np, d, e4); pf.run(); }
-            break;
-          }
-          case 3: {
-            auto e3 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_row_block<7, 3>(qr.p.data(), m0, Kt.data(), Np, d, e3); pf.run(); }
-            break;
-          }
-          case 2: {
-            auto e2 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_row_block<8, 2>(qr.p.data(), m0, Kt.data(), Np, d, e2); pf.run(); }
-            break;
-          }
-          default: {
-            auto e1 = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_row_block<8, 1>(qr.p.data(), m0, Kt.data(), Np, d, e1); pf.run(); }
-            break;
-          }
-        }
-      }
-      if (Np <= 64) {
-        for (int64_t m0 = 0; m0 < M; m0 += 16) {
-          const __mmask16 km = lane_mask(M - m0);
-          const __m512 sm = _mm512_mask_loadu_ps(_mm512_set1_ps(1.0f), km, inv.data() + m0);
-          const __m512 mxm = _mm512_maskz_loadu_ps(km, rmax.data() + m0);
-          _mm512_storeu_ps(inv.data() + m0, _mm512_div_ps(_mm512_set1_ps(1.0f), sm));
-          _mm512_storeu_ps(lsev + m0, _mm512_mul_ps(_mm512_add_ps(mxm, log2v(sm)), _mm512_set1_ps(kLn2)));
-        }
-        for (int64_t m = 0; m < M; ++m) lse[(b * HW + pos[m]) * nh + h] = lsev[m];
-      }
-      if (Np > 64) qk_all(qr.p.data(), M, Kt.data(), Np, d, epi_s);
-      for (int64_t m = 0; m < (Np > 64 ? M : 0); ++m) {
+      qk_all(qr.p.data(), M, Kt.data(), Np, d, epi_s);
+      for (int64_t m = 0; m < M; ++m) {
         float* s = Sp + m * Np;
         __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
         for (int64_t n = 0; n < Np; n += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + n));

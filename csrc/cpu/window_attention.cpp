@@ -499,6 +499,25 @@ static inline void transpose16(__m512 r[16]) {
 
 static inline __mmask16 lane_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
 
+// Reduces each of v[0..8) over its 16 lanes at once (23 shuffles/ops instead of 8 horizontal
+// reductions): the result of v[r] is in lane reduce8_lane(r) of the returned vector.
+template <class Op>
+static inline __m512 reduce8(const __m512* v, Op op) {
+  __m512 t[4];
+  _Pragma("GCC unroll 4") for (int i = 0; i < 4; ++i)
+    t[i] = op(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+              _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512 u[2];
+  _Pragma("GCC unroll 2") for (int j = 0; j < 2; ++j)
+    u[j] = op(_mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+              _mm512_shuffle_f32x4(t[2 * j], t[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 w = op(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  return op(w, _mm512_permute_ps(w, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+constexpr int reduce8_lane(int r) { return r < 4 ? 4 * r : 4 * (r - 4) + 2; }
+struct MaxOp { __m512 operator()(__m512 a, __m512 b) const { return _mm512_max_ps(a, b); } };
+struct AddOp { __m512 operator()(__m512 a, __m512 b) const { return _mm512_add_ps(a, b); } };
+
 // dst[e * ld + m] = rows[m][e] for m < M (zero for M <= m < Mp16), e < d.
 static inline void pack_transposed(const float* const* rows, int64_t M, int64_t d, float* dst, int64_t ld) {
   const int64_t Mp = round_up(M, 16);
@@ -772,14 +791,14 @@ static inline void dispatch_dv(int64_t DV, F&& f) {
 
 inline bool supported(const Geometry& g) { return g.d <= 128 && g.N <= 1024; }
 
-// acc[r][c] = sum_{e < d} A[(m0 + r) * LDA + e] * Bt[e * ld + 16c]; then epi(m0 + r, acc[r]).
+// acc[r * CV + c] = sum_{e < d} A[(m0 + r) * LDA + e] * Bt[e * ld + 16c]; then epi(m0, acc).
 // A is a gathered block with a compile-time row stride, so the R row addresses are one base
 // pointer plus constant offsets (no per-row pointers competing for registers).
 template <int R, int CV, int LDA, class Epi>
 static inline void qk_rows_c(const float* A, int64_t m0, const float* Bt, int64_t ld, int64_t d, Epi& epi) {
-  __m512 acc[R][CV];
+  __m512 acc[R * CV];
   _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r)
-    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r * CV + c] = _mm512_setzero_ps();
   const float* a = A + m0 * LDA;
   const float* b = Bt;
   for (int64_t e = 0; e < d; ++e, b += ld) {
@@ -787,10 +806,10 @@ static inline void qk_rows_c(const float* A, int64_t m0, const float* Bt, int64_
     _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) bv[c] = _mm512_loadu_ps(b + 16 * c);
     _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) {
       const __m512 x = _mm512_set1_ps(a[r * LDA + e]);
-      _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r][c] = _mm512_fmadd_ps(x, bv[c], acc[r][c]);
+      _Pragma("GCC unroll 32") for (int c = 0; c < CV; ++c) acc[r * CV + c] = _mm512_fmadd_ps(x, bv[c], acc[r * CV + c]);
     }
   }
-  _Pragma("GCC unroll 32") for (int r = 0; r < R; ++r) epi(m0 + r, acc[r]);
+  epi(m0, acc);
 }
 
 // acc[r][c] = sum_{n < K} P[(m0 + r) * LDP + n] * X[n * 16DV + 16c]; then epi(m0 + r, acc[r]).
@@ -894,31 +913,51 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
       gather_rows<DV>(Vc, vp, vv, g, pl, b, h, win, M, tail);
       kr.set(kp, vk, g, pl, b, h, win, M, zero.data());
       pack_transposed(kr.p.data(), M, d, Kt, Np);
-      // Row softmax of the logits a[0..CVc) (+ the lone last key in tl[m] when `lone`).
-      auto softmax_row = [&](int64_t m, auto cvc, auto lone, __m512* a) {
+      // Row softmax of the logits of rows m0..m0+R (R <= 8; acc[r * CVc + c]), plus the lone
+      // last key in tl[m] when `lone`; the row maxima and sums are reduced 8 rows at a time.
+      alignas(64) float red[16];
+      auto softmax_blk = [&](int64_t m0, auto rc, auto cvc, auto lone, const __m512* acc) {
+        constexpr int R = decltype(rc)::value;
         constexpr int CVc = decltype(cvc)::value;
-        if (m >= M) return;
-        const float* t = tile + m * Np;
-        __m512 x[CVc];
-        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) x[c] = _mm512_fmadd_ps(a[c], cv, _mm512_loadu_ps(t + 16 * c));
-        __m512 mx = x[0];
-        _Pragma("GCC unroll 32") for (int c = 1; c < CVc; ++c) mx = _mm512_max_ps(mx, x[c]);
-        float mxs = _mm512_reduce_max_ps(mx);
-        if constexpr (decltype(lone)::value) {
-          const float xt = tl[m] * c2 + t[M - 1];
-          tl[m] = xt;
-          mxs = std::max(mxs, xt);
+        __m512 x[R][CVc], v[8];
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+          if (m0 + r < M) {
+            const float* t = tile + (m0 + r) * Np;
+            _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c)
+              x[r][c] = _mm512_fmadd_ps(acc[r * CVc + c], cv, _mm512_loadu_ps(t + 16 * c));
+            v[r] = x[r][0];
+            _Pragma("GCC unroll 32") for (int c = 1; c < CVc; ++c) v[r] = _mm512_max_ps(v[r], x[r][c]);
+          } else {
+            v[r] = _mm512_setzero_ps();
+          }
         }
-        const __m512 mxv = _mm512_set1_ps(mxs);
-        __m512 sum = _mm512_setzero_ps();
-        float* srow = Sp + m * LS;
-        _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) {
-          const __m512 p = exp2v(_mm512_sub_ps(x[c], mxv));
-          _mm512_store_ps(srow + 16 * c, p);
-          sum = _mm512_add_ps(sum, p);
+        _Pragma("GCC unroll 8") for (int r = R; r < 8; ++r) v[r] = v[0];
+        _mm512_store_ps(red, reduce8(v, MaxOp{}));
+        float mxs[R];
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+          mxs[r] = red[reduce8_lane(r)];
+          if (m0 + r >= M) continue;
+          if constexpr (decltype(lone)::value) {
+            const float xt = tl[m0 + r] * c2 + tile[(m0 + r) * Np + M - 1];
+            tl[m0 + r] = xt;
+            mxs[r] = std::max(mxs[r], xt);
+          }
+          const __m512 mxv = _mm512_set1_ps(mxs[r]);
+          float* srow = Sp + (m0 + r) * LS;
+          __m512 sum = _mm512_setzero_ps();
+          _Pragma("GCC unroll 32") for (int c = 0; c < CVc; ++c) {
+            const __m512 p = exp2v(_mm512_sub_ps(x[r][c], mxv));
+            _mm512_store_ps(srow + 16 * c, p);
+            sum = _mm512_add_ps(sum, p);
+          }
+          v[r] = sum;
         }
-        inv[m] = _mm512_reduce_add_ps(sum);  // the row sum; inverted below with the logsumexp
-        rmax[m] = mxs;
+        _mm512_store_ps(red, reduce8(v, AddOp{}));
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; ++r) {
+          if (m0 + r >= M) continue;
+          inv[m0 + r] = red[reduce8_lane(r)];  // the row sum; inverted below with the logsumexp
+          rmax[m0 + r] = mxs[r];
+        }
       };
       using T = std::true_type;
       using F = std::false_type;
@@ -939,17 +978,17 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
         }
         switch (Np / 16) {
           case 4: {
-            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, T{}, a); };
+            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 7>{}, std::integral_constant<int, 3>{}, T{}, a); };
             for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           case 3: {
-            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, T{}, a); };
+            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 8>{}, std::integral_constant<int, 2>{}, T{}, a); };
             for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           default: {
-            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, T{}, a); };
+            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{}, T{}, a); };
             for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
@@ -964,22 +1003,22 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
       } else {
         switch (Np / 16) {
           case 4: {
-            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 4>{}, F{}, a); };
+            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 7>{}, std::integral_constant<int, 4>{}, F{}, a); };
             for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 4, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           case 3: {
-            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 3>{}, F{}, a); };
+            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 7>{}, std::integral_constant<int, 3>{}, F{}, a); };
             for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           case 2: {
-            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 2>{}, F{}, a); };
+            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 8>{}, std::integral_constant<int, 2>{}, F{}, a); };
             for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }
           default: {
-            auto e = [&](int64_t m, __m512* a) { softmax_row(m, std::integral_constant<int, 1>{}, F{}, a); };
+            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{}, F{}, a); };
             for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
             break;
           }

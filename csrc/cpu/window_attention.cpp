@@ -1344,9 +1344,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention2d_bw
   const auto acc_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(lse.dim() == 4 && lse.scalar_type() == acc_type, "window_attention2d: lse must be (B, H, W, heads)");
   auto opts = q.options().memory_format(at::MemoryFormat::Contiguous);
-  auto dq = at::empty(q.sizes(), opts);
-  auto dk = at::empty(q.sizes(), opts);
-  auto dv = at::empty(q.sizes(), opts);
+  auto dq = cpu::new_output(q.sizes(), opts);
+  auto dk = cpu::new_output(q.sizes(), opts);
+  auto dv = cpu::new_output(q.sizes(), opts);
   const bool want_db = bias_grad && rel_pos_bias.has_value();
   auto db = want_db ? at::zeros(rel_pos_bias->sizes(), rel_pos_bias->options()) : at::empty({0}, q.options().dtype(acc_type));
   if (q.numel() == 0) return {dq, dk, dv, db};

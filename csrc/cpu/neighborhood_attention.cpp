@@ -725,24 +725,30 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       const float* kbh = kb + b * ks[0] + h * ks[3];
       const float* vbh = vb + b * vs[0] + h * vs[3];
       const float* qbh = qb + b * qs[0] + h * qs[3];
-      // transposed key rows (sink and padding columns zero) and the border blocks' copies
-      for (int64_t y = klo; y <= khi; ++y) {
-        const float* kr = kbh + y * ks[1];
-        float* dst = Kp.trow(pl, y);
-        for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
-          for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[2] : nullptr;
-          transpose16(rows, D, 1.0f, dst + x0, pl.Wk);
-        }
-        for (int64_t g = 0; g < pl.NG; ++g) {
-          const int64_t s0 = (pl.n_full + g) * N;
-          float* gb = Kp.grow(pl, y, g);
-          for (int64_t j = 0; j < pl.kw; ++j) {
-            const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-            for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[2] : nullptr;
-            transpose16(rows, D, 1.0f, gb + j * D * N, N);
+      // transposed key rows (sink and padding columns zero) and the border blocks' copies,
+      // packed just before the first row group that reads them (so they are still in cache)
+      int64_t packed_hi = klo - 1;
+      auto pack_key_rows = [&](int64_t upto) {
+        for (int64_t y = packed_hi + 1; y <= upto; ++y) {
+          const float* kr = kbh + y * ks[1];
+          float* dst = Kp.trow(pl, y);
+          for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
+            for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[2] : nullptr;
+            transpose16(rows, D, 1.0f, dst + x0, pl.Wk);
+          }
+          for (int64_t g = 0; g < pl.NG; ++g) {
+            const int64_t s0 = (pl.n_full + g) * N;
+            float* gb = Kp.grow(pl, y, g);
+            for (int64_t j = 0; j < pl.kw; ++j) {
+              const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+              for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[2] : nullptr;
+              transpose16(rows, D, 1.0f, gb + j * D * N, N);
+            }
           }
         }
-      }
+        packed_hi = std::max(packed_hi, upto);
+      };
+      (void)khi;
       for (int64_t yg = y0; yg < y1; yg += RG) {
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
         int64_t kmin = pl.H, kmax = -1;
@@ -767,6 +773,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 Si[j * pl.Ws + sl] = pl.border == kMask ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
           }
         }
+        if (kmax > packed_hi) pack_key_rows(kmax);
         // logits S[r][n][slot], n = i * kw + j: each key row once for all the group's rows
         // that read it (the key vectors are loaded once for up to RG query rows)
         for (int64_t ky = kmin; ky <= kmax; ++ky) {

@@ -715,6 +715,72 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
     const int64_t nblk = pl.Ws / N;
     std::vector<float> Qp(RG * D * pl.Ws), S(RG * K2 * pl.Ws), Linv(pl.Ws);
     const float* rows[16];
+    // The q, k, v rows that the row group kPfAhead groups ahead reads first (crossing into the
+    // next task), prefetched into L2 a few tokens at a time between this group's key rows and
+    // query rows (a burst of a whole group's prefetches would stall this group's loads).
+    constexpr int64_t kPfAhead = 2;
+    struct PfRow {
+      const char* p;
+      int64_t step, n;
+    };
+    std::vector<PfRow> pfq;
+    size_t pf_head = 0;
+    int64_t pf_quota = 0;
+    const int64_t tok_bytes = D * (int64_t)sizeof(float);
+    auto pf_enqueue_group = [&](int64_t task, int64_t yg_) {
+      const int64_t bh_ = task / nchunks, chunk_ = task % nchunks, b_ = bh_ / pl.NH, h_ = bh_ % pl.NH;
+      const int64_t ya = chunk_ * rows_per, yb = std::min(pl.H, ya + rows_per);
+      const int64_t ye = std::min(yb, yg_ + RG);
+      int64_t kprev = -1, klo_ = pl.H, khi_ = -1;
+      for (int64_t y = yg_; y < ye; ++y)
+        for (int64_t i = 0; i < pl.kh; ++i)
+          if (pl.rowvalid[y * pl.kh + i]) {
+            klo_ = std::min(klo_, pl.rowpos[y * pl.kh + i]);
+            khi_ = std::max(khi_, pl.rowpos[y * pl.kh + i]);
+          }
+      for (int64_t y = std::max(ya, yg_ - RG); y < yg_; ++y)
+        for (int64_t i = 0; i < pl.kh; ++i)
+          if (pl.rowvalid[y * pl.kh + i]) kprev = std::max(kprev, pl.rowpos[y * pl.kh + i]);
+      for (int64_t y = yg_; y < ye; ++y)
+        pfq.push_back({(const char*)(qb + b_ * qs[0] + h_ * qs[3] + y * qs[1]), qs[2] * 4, pl.W});
+      for (int64_t y = std::max(klo_, kprev + 1); y <= khi_; ++y) {
+        pfq.push_back({(const char*)(kb + b_ * ks[0] + h_ * ks[3] + y * ks[1]), ks[2] * 4, pl.W});
+        pfq.push_back({(const char*)(vb + b_ * vs[0] + h_ * vs[3] + y * vs[1]), vs[2] * 4, pl.W});
+      }
+    };
+    auto pf_step = [&](int64_t ntok) {
+      while (ntok > 0 && pf_head < pfq.size()) {
+        PfRow& r = pfq[pf_head];
+        const int64_t m = std::min(ntok, r.n);
+        for (int64_t x = 0; x < m; ++x)
+          for (int64_t o = 0; o < tok_bytes; o += 64) __builtin_prefetch(r.p + x * r.step + o, 0, 2);
+        r.p += m * r.step;
+        r.n -= m;
+        ntok -= m;
+        if (r.n == 0) ++pf_head;
+      }
+      if (pf_head == pfq.size()) {
+        pfq.clear();
+        pf_head = 0;
+      }
+    };
+    // the group kPfAhead ahead of (task, yg): the same task's, or the next tasks' first ones
+    auto pf_schedule = [&](int64_t task, int64_t yg_) {
+      int64_t tt = task, yy = yg_;
+      for (int64_t a = 0; a < kPfAhead; ++a) {
+        const int64_t ya = (tt % nchunks) * rows_per, yb = std::min(pl.H, ya + rows_per);
+        yy += RG;
+        if (yy >= yb) {
+          ++tt;
+          if (tt >= t1) return;
+          yy = (tt % nchunks) * rows_per;
+        }
+      }
+      pf_enqueue_group(tt, yy);
+      int64_t tokens = 0;
+      for (size_t e = pf_head; e < pfq.size(); ++e) tokens += pfq[e].n;
+      pf_quota = tokens / 12 + 1;
+    };
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
@@ -722,6 +788,10 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
+      if (t == t0) {  // this thread's first groups: prefetch them now
+        for (int64_t yy = y0; yy < std::min(y1, y0 + kPfAhead * RG); yy += RG) pf_enqueue_group(t, yy);
+        pf_step(1 << 30);
+      }
       const float* kbh = kb + b * ks[0] + h * ks[3];
       const float* vbh = vb + b * vs[0] + h * vs[3];
       const float* qbh = qb + b * qs[0] + h * qs[3];
@@ -773,6 +843,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 Si[j * pl.Ws + sl] = pl.border == kMask ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
           }
         }
+        pf_schedule(t, yg);
         if (kmax > packed_hi) pack_key_rows(kmax);
         // logits S[r][n][slot], n = i * kw + j: each key row once for all the group's rows
         // that read it (the key vectors are loaded once for up to RG query rows)
@@ -799,6 +870,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
             }
             dot_row_multi(nr, Ab, pl.Ws, D, kv, pl.kw, Sb, pl.Ws);
           }
+          pf_step(pf_quota);
         }
         if (any_bias)
           for (int64_t r = 0; r < ng; ++r)
@@ -830,6 +902,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
               if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
             }
           }
+          pf_step(pf_quota);
           // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
           // the remaining queries one at a time.
           float* Orow = O + ((b * pl.H + y) * pl.W * pl.NH + h) * D;

@@ -622,6 +622,13 @@ static inline void tn_block(const float* A1, const float* A2, int64_t lda, int64
 }
 
 template <int DV> constexpr int pv_rows() { return DV == 1 ? 8 : DV <= 3 ? 7 : DV == 4 ? 4 : 3; }
+
+// dst[0 .. 16*DV) = a[..] * s, the last vector masked by `tail` (one row of d values).
+template <int DV>
+static inline void store_scaled_row(float* dst, const __m512* a, __m512 s, __mmask16 tail) {
+  _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c)
+    _mm512_mask_storeu_ps(dst + 16 * c, c == DV - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[c], s));
+}
 template <int DV> constexpr int tn_rows() { return DV == 1 ? 8 : DV == 2 ? 7 : DV <= 4 ? 3 : 1; }
 
 template <int DV, class Epi>
@@ -1034,10 +1041,7 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
       for (int64_t m = 0; m < M; ++m) lse[(b * HW + pos[m]) * nh + h] = lsev[m];
       auto epi_o = [&](int64_t m, __m512* a) {
         if (m >= M) return;
-        float* dst = out + ((b * HW + pos[m]) * nh + h) * d;
-        const __m512 s = _mm512_set1_ps(inv[m]);
-        _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c)
-          _mm512_mask_storeu_ps(dst + 16 * c, c == DV - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[c], s));
+        store_scaled_row<DV>(out + ((b * HW + pos[m]) * nh + h) * d, a, _mm512_set1_ps(inv[m]), tail);
       };
       constexpr int R = pv_rows<DV>();
       for (int64_t m0 = 0; m0 < M; m0 += R) {
@@ -1122,10 +1126,7 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
         constexpr int DVc = decltype(dvc)::value;
         auto epi_o = [&](int64_t m, __m512* a) {
           if (m >= M) return;
-          float* dst = out + ((b * HW + pos[m]) * nh + h) * d;
-          const __m512 s = _mm512_set1_ps(inv[m]);
-          _Pragma("GCC unroll 32") for (int c = 0; c < DVc; ++c)
-            _mm512_mask_storeu_ps(dst + 16 * c, c == DVc - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[c], s));
+          store_scaled_row<DVc>(out + ((b * HW + pos[m]) * nh + h) * d, a, _mm512_set1_ps(inv[m]), tail);
         };
         constexpr int R = pv_rows<DVc>();
         for (int64_t m0 = 0; m0 < M; m0 += R) {
@@ -1231,9 +1232,7 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
           const __m512 sc = _mm512_set1_ps(scale);
           auto epi_dq = [&](int64_t m, __m512* a) {
             if (m >= M) return;
-            float* dst = dq + ((b * HW + pos[m]) * nh + h) * d;
-            _Pragma("GCC unroll 32") for (int cc = 0; cc < DVc; ++cc)
-              _mm512_mask_storeu_ps(dst + 16 * cc, cc == DVc - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[cc], sc));
+            store_scaled_row<DVc>(dq + ((b * HW + pos[m]) * nh + h) * d, a, sc, tail);
           };
           pv_all<DVc>(dSp, Np, M, kr.p.data(), M, tail, epi_dq);
           auto epi_kv = [&](int64_t n, __m512* a1, __m512* a2) {

@@ -163,3 +163,50 @@ def test_env_limit_is_applied_at_load():
     code = "import alterops; print(alterops.memory.cpu_pool_stats()['limit_bytes'])"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(r.stdout.strip()) == 7 << 20
+
+
+def _wait_child(pid: int, timeout: float = 120.0) -> int:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    raise AssertionError("the forked child hung")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_children_use_the_pool_while_another_thread_allocates():
+    # A DataLoader-style fork while another thread is inside the pool: the child must not
+    # inherit a held lock, and blocks it inherits must give right results.
+    x = torch.randn(BIG)
+    ref = expected(x)
+    del_out = blur(x)
+    del del_out  # the pool now holds a block
+    stop = threading.Event()
+
+    def churn():
+        while not stop.is_set():
+            blur(x)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(4):
+            pid = os.fork()
+            if pid == 0:  # child: one thread, as DataLoader workers
+                code = 1
+                try:
+                    torch.set_num_threads(1)
+                    outs = [blur(x) for _ in range(2)]
+                    code = 0 if all(torch.allclose(o, ref, rtol=1.3e-6, atol=1e-5) for o in outs) else 3
+                finally:
+                    os._exit(code)
+            assert _wait_child(pid) == 0
+    finally:
+        stop.set()
+        t.join()

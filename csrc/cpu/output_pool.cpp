@@ -16,8 +16,11 @@
 #include <vector>
 
 #if defined(__linux__)
+#include <pthread.h>
 #include <sys/mman.h>
 #endif
+
+#include <new>
 
 namespace alterops {
 namespace cpu {
@@ -68,6 +71,10 @@ struct Block {
 class Pool {
  public:
   Pool() = default;
+
+  // A child forked while another thread held the lock (a DataLoader worker, say) would wait on
+  // it forever: the child starts with a fresh lock (its copies of the blocks stay usable).
+  void reset_lock_after_fork() { new (&mu_) std::mutex(); }
 
   void* acquire(size_t bytes) {
     {
@@ -151,7 +158,13 @@ class Pool {
 
 // Never destroyed: tensors may outlive static destructors at interpreter exit.
 Pool& pool() {
-  static Pool* p = new Pool();
+  static Pool* p = [] {
+    Pool* created = new Pool();
+#if defined(__linux__)
+    pthread_atfork(nullptr, nullptr, [] { pool().reset_lock_after_fork(); });
+#endif
+    return created;
+  }();
   return *p;
 }
 

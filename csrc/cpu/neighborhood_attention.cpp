@@ -43,6 +43,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -286,21 +287,27 @@ static inline void mix_block(const T* P, int64_t pstride, const KeyView<T>* view
   for (int cc = 0; cc < NC; ++cc) storeu(Out + (c0 + cc) * out_stride, acc[cc]);
 }
 
+// f(std::integral_constant<int, NC>{}) for a channel-block width nc in 1..8.
+template <class Fn>
+static inline void dispatch_nc(int64_t nc, Fn&& f) {
+  switch (nc) {
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 template <typename T>
 static void mix_cblock(const T* P, int64_t pstride, const KeyView<T>* views, const int64_t* row_i, int64_t nrows,
                        int64_t kw, int64_t c0, int64_t nc, T* Out, int64_t out_stride) {
-#define NA_MIX(NCV) mix_block<T, NCV>(P, pstride, views, row_i, nrows, kw, c0, Out, out_stride)
-  switch (nc) {
-    case 8: NA_MIX(8); break;
-    case 7: NA_MIX(7); break;
-    case 6: NA_MIX(6); break;
-    case 5: NA_MIX(5); break;
-    case 4: NA_MIX(4); break;
-    case 3: NA_MIX(3); break;
-    case 2: NA_MIX(2); break;
-    default: NA_MIX(1); break;
-  }
-#undef NA_MIX
+  dispatch_nc(nc, [&](auto ncv) {
+    mix_block<T, decltype(ncv)::value>(P, pstride, views, row_i, nrows, kw, c0, Out, out_stride);
+  });
 }
 
 template <typename T>
@@ -331,19 +338,9 @@ template <typename T>
 static void key_sum_row(const T* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw, int64_t D, T* dst,
                         int64_t dstride) {
   for (int64_t c0 = 0; c0 < D; c0 += 8) {
-    int64_t nc = std::min<int64_t>(8, D - c0);
-#define NA_KS(NCV) key_sum_block<T, NCV>(Wt, A, ws, off, kw, c0, dst, dstride)
-    switch (nc) {
-      case 8: NA_KS(8); break;
-      case 7: NA_KS(7); break;
-      case 6: NA_KS(6); break;
-      case 5: NA_KS(5); break;
-      case 4: NA_KS(4); break;
-      case 3: NA_KS(3); break;
-      case 2: NA_KS(2); break;
-      default: NA_KS(1); break;
-    }
-#undef NA_KS
+    dispatch_nc(std::min<int64_t>(8, D - c0), [&](auto ncv) {
+      key_sum_block<T, decltype(ncv)::value>(Wt, A, ws, off, kw, c0, dst, dstride);
+    });
   }
 }
 

@@ -968,6 +968,12 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
       };
       using T = std::true_type;
       using F = std::false_type;
+      // Q K^T over row blocks of R rows x CV key vectors, each block's epilogue the softmax pass.
+      auto qk_softmax = [&](auto rc, auto cvc, auto lone) {
+        constexpr int R = decltype(rc)::value, CV = decltype(cvc)::value;
+        auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, rc, cvc, lone, a); };
+        for (int64_t m0 = 0; m0 < M; m0 += R) { qk_rows_c<R, CV, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
+      };
       // The last key alone in its 16-key block (M == Np - 15, e.g. 7x7 windows): score it with
       // one dot product per query instead of a mostly empty vector block; its exp is taken below
       // for 16 queries at once.
@@ -984,21 +990,9 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
           tl[m] = _mm512_reduce_add_ps(acc);
         }
         switch (Np / 16) {
-          case 4: {
-            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 7>{}, std::integral_constant<int, 3>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
-            break;
-          }
-          case 3: {
-            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 8>{}, std::integral_constant<int, 2>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
-            break;
-          }
-          default: {
-            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{}, T{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
-            break;
-          }
+          case 4: qk_softmax(std::integral_constant<int, 7>{}, std::integral_constant<int, 3>{}, T{}); break;
+          case 3: qk_softmax(std::integral_constant<int, 8>{}, std::integral_constant<int, 2>{}, T{}); break;
+          default: qk_softmax(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{}, T{}); break;
         }
         for (int64_t m0 = 0; m0 < M; m0 += 16) {
           const __mmask16 km = lane_mask(M - m0);
@@ -1009,26 +1003,10 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
         for (int64_t m = 0; m < M; ++m) Sp[m * LS + M - 1] = tl[m];
       } else {
         switch (Np / 16) {
-          case 4: {
-            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 7>{}, std::integral_constant<int, 4>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 4, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
-            break;
-          }
-          case 3: {
-            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 7>{}, std::integral_constant<int, 3>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 7) { qk_rows_c<7, 3, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
-            break;
-          }
-          case 2: {
-            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 8>{}, std::integral_constant<int, 2>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 2, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
-            break;
-          }
-          default: {
-            auto e = [&](int64_t m0, const __m512* a) { softmax_blk(m0, std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{}, F{}, a); };
-            for (int64_t m0 = 0; m0 < M; m0 += 8) { qk_rows_c<8, 1, LD>(Qc, m0, Kt, Np, d, e); pf.run(); }
-            break;
-          }
+          case 4: qk_softmax(std::integral_constant<int, 7>{}, std::integral_constant<int, 4>{}, F{}); break;
+          case 3: qk_softmax(std::integral_constant<int, 7>{}, std::integral_constant<int, 3>{}, F{}); break;
+          case 2: qk_softmax(std::integral_constant<int, 8>{}, std::integral_constant<int, 2>{}, F{}); break;
+          default: qk_softmax(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{}, F{}); break;
         }
       }
       for (int64_t m0 = 0; m0 < M; m0 += 16) {

@@ -6,6 +6,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -202,13 +203,12 @@ bool poison_outputs() {
 
 at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   TORCH_INTERNAL_ASSERT(opts.device().is_cpu());
-  int64_t numel = 1;
-  for (int64_t s : shape) numel *= s;
-  const size_t nbytes = size_t(numel) * c10::elementSize(c10::typeMetaToScalarType(opts.dtype()));
+  const at::ScalarType dtype = c10::typeMetaToScalarType(opts.dtype());
+  const size_t nbytes = size_t(c10::multiply_integers(shape)) * c10::elementSize(dtype);
   at::Tensor out;
   if (nbytes >= kMinPooledBytes && pool().enabled()) {
-    out = at::detail::empty_generic(shape, &pool_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                    c10::typeMetaToScalarType(opts.dtype()), at::MemoryFormat::Contiguous);
+    out = at::detail::empty_generic(shape, &pool_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
+                                    at::MemoryFormat::Contiguous);
   } else {
     out = at::empty(shape, opts.memory_format(at::MemoryFormat::Contiguous));
   }

@@ -3,7 +3,9 @@ peer it is timed against) and runs once, with small shapes. Timing is left to th
 import pytest
 import torch
 
+import alterops
 from alterops import benchmark
+from alterops.benchmark.harness import time_callable
 
 CASES = [c for c in benchmark.cases() if "cpu" in c.devices]
 
@@ -22,3 +24,31 @@ def test_case_runs_and_agrees_with_peers(case):
 def test_every_family_contributes_cases():
     families = {c.family for c in benchmark.cases()}
     assert {"smoothing", "neighborhood", "window", "statistics", "models"} <= families
+
+
+def test_time_in_alterops_counts_only_alterops_ops():
+    from alterops.benchmark.harness import time_in_alterops
+
+    cpu = torch.device("cpu")
+    a = torch.randn(768, 768)
+    x = torch.randn(2, 4, 64, 64, requires_grad=True)
+
+    def torch_only():
+        return a @ a @ a
+
+    def blur_only():
+        y = alterops.box_blur2d(x, 2)
+        y.sum().backward()
+
+    def both():
+        torch_only()
+        blur_only()
+
+    assert time_in_alterops(torch_only, cpu) == 0.0
+    inside_blur = time_in_alterops(blur_only, cpu)
+    assert inside_blur > 0.0
+    # the matmuls around the blur are not counted: "both" spends about as long inside alterops
+    # as the blur alone, far less than the ~3 GFLOP of matmuls take
+    t_mm = min(time_callable(torch_only, cpu, warmup=1, min_time=0.0, max_repeats=3))
+    inside_both = time_in_alterops(both, cpu)
+    assert 0.0 < inside_both < 0.5 * t_mm + 5 * inside_blur

@@ -13,6 +13,10 @@
   (Swin-T: 224², window 7, embed 96, depths 2-2-6-2; random weights, eval mode) before
   (peer ``HF Swin-T``, its default attention implementation) and after ``alterops.swap`` (ours).
   The train step backpropagates ``mean(last_hidden_state²)``.
+* ``timm_swin_t_train_step_b{B}`` (when timm is importable): the same for timm's
+  ``swin_tiny_patch4_window7_224`` (``forward_features``; timm's attention uses PyTorch SDPA).
+* Each model case also profiles one call of ours and reports the time spent inside alterops'
+  ops, and the speedup over the peer if those ops took no time (``bounds``; Amdahl's law).
 
 ``flops`` and ``bytes`` are 0 (these are throughput cases; the op-level cases report rates).
 CPU: float32; CUDA: float32 for the train steps, bfloat16 autocast off (same dtype both sides).
@@ -89,7 +93,7 @@ def _make_alternet_step(batch):
             fused.train(), reference.train()
 
         return Workload(ours=step(fused), peers={"reference ops": step(reference)},
-                        targets={f"speedup:reference ops": TARGET}, check=check,
+                        targets={"speedup:reference ops": TARGET}, check=check, profile_ours=True,
                         note=f"CIFAR Alter-ResNet-50 fwd+bwd, B={B} 32x32; images/s = {B} / median s")
 
     return make
@@ -119,23 +123,34 @@ def _make_msa_blocks(batch):
 
         return Workload(ours=step(blocks_f), peers={"reference ops": step(blocks_r)},
                         targets={"speedup:reference ops": TARGET}, check=_close_check(step(blocks_f), step(blocks_r)),
+                        profile_ours=True,
                         note=f"the 4 MSA blocks of CIFAR AlterNet-50, fwd+bwd, B={B}")
 
     return make
 
 
 # ---------------------------------------------------------------------------------------------
-# Hugging Face Swin-T
+# Swin-T: Hugging Face transformers and timm
 # ---------------------------------------------------------------------------------------------
-def _swin_pair(device):
-    from transformers import SwinConfig, SwinModel
-
-    torch.manual_seed(0)
-    peer = SwinModel(SwinConfig()).to(device).eval()
+def _randomise_tables(model):
     with torch.no_grad():
-        for name, p in peer.named_parameters():
+        for name, p in model.named_parameters():
             if "relative_position_bias_table" in name:
                 p.normal_(0, 0.02)
+
+
+def _swin_pair(device, family):
+    torch.manual_seed(0)
+    if family == "hf":
+        from transformers import SwinConfig, SwinModel
+
+        peer = SwinModel(SwinConfig())
+    else:
+        import timm
+
+        peer = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0)
+    peer = peer.to(device).eval()
+    _randomise_tables(peer)
     ours = copy.deepcopy(peer)
     report = alterops.swap(ours)
     if report.count() == 0:
@@ -143,39 +158,46 @@ def _swin_pair(device):
     return ours, peer
 
 
-def _make_swin(batch, train):
+def _make_swin(batch, train, family="hf"):
+    peer_name = "HF Swin-T" if family == "hf" else "timm Swin-T"
+
     def make(device, quick):
         B = 1 if quick else batch
         size = 224
-        ours_m, peer_m = _swin_pair(device)
+        ours_m, peer_m = _swin_pair(device, family)
         g = torch.Generator().manual_seed(1)
         x = torch.randn(B, 3, size, size, generator=g).to(device)
+
+        def features(model):
+            if family == "hf":
+                return model(pixel_values=x).last_hidden_state
+            return model.forward_features(x)
 
         def run(model):
             if train:
                 def f():
                     model.zero_grad(set_to_none=True)
-                    out = model(pixel_values=x).last_hidden_state
+                    out = features(model)
                     out.square().mean().backward()
                     return out.detach()
             else:
                 def f():
                     with torch.no_grad():
-                        return model(pixel_values=x).last_hidden_state
+                        return features(model)
             return f
 
         what = "fwd+bwd" if train else "forward"
-        return Workload(ours=run(ours_m), peers={"HF Swin-T": run(peer_m)}, targets={"speedup:HF Swin-T": TARGET},
-                        check=_close_check(run(ours_m), run(peer_m)),
-                        note=f"HF SwinModel(SwinConfig()) {what}, B={B} {size}x{size}, swapped vs original")
+        model_name = "HF SwinModel(SwinConfig())" if family == "hf" else "timm swin_tiny_patch4_window7_224"
+        return Workload(ours=run(ours_m), peers={peer_name: run(peer_m)}, targets={f"speedup:{peer_name}": TARGET},
+                        check=_close_check(run(ours_m), run(peer_m)), profile_ours=True,
+                        note=f"{model_name} {what}, B={B} {size}x{size}, swapped vs original")
 
     return make
 
 
-def _have_transformers() -> bool:
+def _importable(name: str) -> bool:
     try:
-        import transformers  # noqa: F401
-
+        __import__(name)
         return True
     except Exception:
         return False
@@ -184,6 +206,9 @@ def _have_transformers() -> bool:
 register(Case("models", "alternet50_cifar_train_step_b8", _make_alternet_step(8), default=True, max_repeats=5))
 register(Case("models", "alternet50_cifar_msa_blocks_train_step_b16", _make_msa_blocks(16), default=True,
               max_repeats=10))
-if _have_transformers():
+if _importable("transformers"):
     register(Case("models", "hf_swin_t_fwd_b8", _make_swin(8, train=False), default=True, max_repeats=5))
     register(Case("models", "hf_swin_t_train_step_b8", _make_swin(8, train=True), default=True, max_repeats=5))
+if _importable("timm"):
+    register(Case("models", "timm_swin_t_train_step_b8", _make_swin(8, train=True, family="timm"), default=True,
+                  max_repeats=5))

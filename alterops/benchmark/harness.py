@@ -53,6 +53,51 @@ def time_callable(fn: Callable[[], object], device: torch.device, *, warmup: int
     return times
 
 
+def _alterops_event_names() -> set:
+    """Profiler event names of alterops' autograd Functions (forward and backward nodes)."""
+    names, todo = set(), [torch.autograd.Function]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.startswith("alterops."):
+            names.update((cls.__name__, cls.__name__ + "Backward"))
+    return names
+
+
+def time_in_alterops(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds that one call of ``fn`` spends inside alterops' ops.
+
+    Profiles one call (after one untimed call) and adds the outermost events that are alterops'
+    (registered ``alterops::`` ops and alterops' autograd Functions, forward and backward):
+    their inclusive CPU time on the CPU, the device time of the kernels they launch on CUDA.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    fn()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    ours = _alterops_event_names()
+
+    def is_ours(ev) -> bool:
+        return ev.name.startswith("alterops::") or ev.name in ours
+
+    total_us = 0.0
+    for ev in prof.events():
+        if not is_ours(ev):
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and not is_ours(parent):
+            parent = parent.cpu_parent
+        if parent is None:
+            total_us += ev.device_time_total if device.type == "cuda" else ev.cpu_time_total
+    return total_us / 1e6
+
+
 # ---------------------------------------------------------------------------------------
 # ceilings
 # ---------------------------------------------------------------------------------------
@@ -122,6 +167,9 @@ class Result:
     ceiling_fraction: float | None = None
     speedups: dict = field(default_factory=dict)
     targets: dict = field(default_factory=dict)  # key -> {"target", "value", "met"}
+    # profiled cases: ms of ``ours`` inside alterops' ops, and per peer the speedup if they took 0 ms
+    alterops_ms: float | None = None
+    bounds: dict = field(default_factory=dict)
     note: str = ""
     error: str = ""
 
@@ -141,6 +189,11 @@ def run_case(case: Case, device: torch.device, ceilings: dict, quick: bool = Fal
         t = statistics.median(time_callable(fn, device, **reps))
         res.peers_ms[peer] = t * 1e3
         res.speedups[peer] = t / ours
+    if w.profile_ours:
+        inside = min(time_in_alterops(w.ours, device), ours)
+        res.alterops_ms = inside * 1e3
+        for peer, ms in res.peers_ms.items():
+            res.bounds[peer] = ms / 1e3 / (ours - inside) if ours > inside else float("inf")
     if w.flops:
         res.rate, res.rate_unit = w.flops / ours / 1e9, "GFLOP/s"
     elif w.bytes:
@@ -215,13 +268,19 @@ def format_table(report: dict) -> str:
             continue
         rate = f"{r['rate']:.1f} {r['rate_unit']}" if r["rate"] is not None else ""
         frac = f"{100 * r['ceiling_fraction']:.0f}% {r['ceiling']}" if r["ceiling_fraction"] is not None else ""
-        peers = "; ".join(f"{p} {ms:.2f} ({r['speedups'][p]:.1f}x)" for p, ms in r["peers_ms"].items())
+        bounds = r.get("bounds") or {}
+        peers = "; ".join(
+            f"{p} {ms:.2f} ({r['speedups'][p]:.2f}x, bound {bounds[p]:.2f}x)" if p in bounds
+            else f"{p} {ms:.2f} ({r['speedups'][p]:.1f}x)"
+            for p, ms in r["peers_ms"].items())
         tg = "; ".join(
             f"{k.replace('speedup:', '')}>={v['target']:g}:{'ok' if v['met'] else 'MISS'}" for k, v in r["targets"].items())
         rows.append((f"{r['family']}/{r['name']}", f"{r['ours_ms']:.3f}", rate, frac, peers, tg))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    if any(r.get("bounds") for r in report["results"]):
+        lines.append("bound: the speedup over that peer if alterops' own ops (profiled) took no time at all")
     return "\n".join(head + [""] + lines)
 
 
@@ -243,7 +302,7 @@ def write_chart(report: dict, path: str) -> None:
             continue
         for peer, s in r["speedups"].items():
             target = r["targets"].get(f"speedup:{peer}", {}).get("target")
-            bars.append((f"{r['family']}/{r['name']}\nvs {peer}", s, target))
+            bars.append((f"{r['family']}/{r['name']}\nvs {peer}", s, target, (r.get("bounds") or {}).get(peer)))
     fig, ax = plt.subplots(figsize=(10, 0.45 * max(len(bars), 2) + 1.5))
     if bars:
         labels = [b[0].replace("\n", " ") for b in bars]
@@ -254,13 +313,16 @@ def write_chart(report: dict, path: str) -> None:
         for i, b in enumerate(bars):
             if b[2] is not None:
                 ax.plot([b[2], b[2]], [i - 0.4, i + 0.4], color="black", lw=2)
+            if b[3] is not None and b[3] != float("inf"):
+                ax.plot([b[3]], [i], marker="|", color="tab:blue", markersize=10)
             ax.text(b[1], i, f" {b[1]:.1f}x", va="center", fontsize=7)
         ax.set_yticks(list(y))
         ax.set_yticklabels(labels, fontsize=7)
         ax.set_xscale("log")
         ax.axvline(1.0, color="gray", lw=0.8)
         ax.invert_yaxis()
-    ax.set_xlabel("speedup of alterops over the peer (log scale; black tick = target)")
+    ax.set_xlabel("speedup of alterops over the peer (log scale; black tick = target; "
+                  "blue tick = bound if alterops' ops took no time)")
     ax.set_title(f"alterops bench — {report['machine']['device_name']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -24,6 +24,9 @@ class Workload:
     # Optional check run once before timing: raises if ours disagrees with a peer.
     check: Callable[[], None] | None = None
     note: str = ""
+    # Whole-model cases: also profile one call of ``ours`` and report the time it spends inside
+    # alterops' ops, and each peer's speedup bound if those ops took no time at all.
+    profile_ours: bool = False
 
 
 @dataclass

@@ -955,13 +955,16 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
   });
 }
 
+// Head widths of the float32 forward.
+static bool fast_width(int64_t D) { return D % 16 == 0 && D <= 64; }
+
 static bool forward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
                          const Plan<double>&, double) {
   return false;
 }
 static bool forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                          at::Tensor& lse, const Plan<float>& pl, float scale) {
-  if (q.scalar_type() != at::kFloat || pl.D % 16 != 0 || pl.D > 64) return false;
+  if (q.scalar_type() != at::kFloat || !fast_width(pl.D)) return false;
   if (q.stride(4) != 1 || k.stride(4) != 1 || v.stride(4) != 1 || !out.is_contiguous()) return false;
   switch (pl.D / 16) {
     case 1: forward_f32<1>(q, k, v, out, lse, pl, scale); break;
@@ -1212,6 +1215,17 @@ std::tuple<at::Tensor, at::Tensor> na2d_fwd(const at::Tensor& q, const at::Tenso
   if (out.numel() == 0) return {out, lse};
   at::Tensor table;
   if (bias.has_value()) table = bias->to(acc).contiguous();
+  if (q.scalar_type() == at::kBFloat16 && fast_width(D)) {
+    // The float32 forward on float32 copies (same float32 arithmetic as the bfloat16 path, 2x faster).
+    Plan<float> pl(B, H, W, NH, D, kh, kw, dh, dw, border, table.defined() ? table.data_ptr<float>() : nullptr,
+                   table.defined() ? table.size(0) : 1);
+    at::Tensor outf = cpu::new_output({B, H, W, NH, D}, q.options().dtype(at::kFloat));
+    if (forward_fast(cpu::float_copy(q), cpu::float_copy(k), cpu::float_copy(v), outf, lse, pl,
+                     static_cast<float>(scale))) {
+      out.copy_(outf);
+      return {out, lse};
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "neighborhood_attention2d_fwd", [&] {
     using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
     Plan<T> pl(B, H, W, NH, D, kh, kw, dh, dw, border, table.defined() ? table.data_ptr<T>() : nullptr,

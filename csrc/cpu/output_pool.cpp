@@ -216,6 +216,12 @@ at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
   return out;
 }
 
+at::Tensor float_copy(const at::Tensor& t) {
+  at::Tensor f = new_output(t.sizes(), t.options().dtype(at::kFloat));
+  f.copy_(t);
+  return f;
+}
+
 }  // namespace cpu
 }  // namespace alterops
 

@@ -23,5 +23,9 @@ namespace cpu {
 // An uninitialised contiguous tensor (NaN-filled under ALTEROPS_POISON_OUTPUTS=1).
 at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts);
 
+// A contiguous float32 copy of `t`, from the pool: how bfloat16 inputs reach the float32
+// kernels. With the pool warm the copy stays in cache-sized, already-faulted blocks.
+at::Tensor float_copy(const at::Tensor& t);
+
 }  // namespace cpu
 }  // namespace alterops

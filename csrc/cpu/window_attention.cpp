@@ -797,6 +797,8 @@ static inline void dispatch_dv(int64_t DV, F&& f) {
 }
 
 inline bool supported(const Geometry& g) { return g.d <= 128 && g.N <= 1024; }
+// Input dtypes of the fast kernels: float32, and bfloat16 through float32 copies.
+inline bool takes(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
 
 // acc[r * CV + c] = sum_{e < d} A[(m0 + r) * LDA + e] * Bt[e * ld + 16c]; then epi(m0, acc).
 // A is a gathered block with a compile-time row stride, so the R row addresses are one base
@@ -1295,9 +1297,17 @@ std::tuple<at::Tensor, at::Tensor> window_attention2d_fwd_cpu(const at::Tensor& 
   const Geometry g = make_geometry(q, window_size, shift);
   at::Tensor table = rel_pos_bias.has_value() ? rel_pos_bias->contiguous() : at::Tensor();
 #if defined(__AVX512F__)
-  if (q.scalar_type() == at::kFloat && fast::supported(g)) {
-    fast::forward(g, q, k, v, table.defined() ? table.data_ptr<float>() : nullptr, table.defined() ? table.size(0) : 0,
-                  static_cast<float>(scale), out.data_ptr<float>(), lse.data_ptr<float>());
+  if (fast::takes(q.scalar_type()) && fast::supported(g)) {
+    // bfloat16 runs the float32 kernel on float32 copies (the same float32 arithmetic as the
+    // bfloat16 kernel below, which loads and widens element by element): 2-3x faster.
+    const bool widen = q.scalar_type() != at::kFloat;
+    at::Tensor qf = widen ? cpu::float_copy(q) : q, kf = widen ? cpu::float_copy(k) : k;
+    at::Tensor vf = widen ? cpu::float_copy(v) : v;
+    at::Tensor outf = widen ? cpu::new_output(q.sizes(), q.options().dtype(at::kFloat)) : out;
+    fast::forward(g, qf, kf, vf, table.defined() ? table.data_ptr<float>() : nullptr,
+                  table.defined() ? table.size(0) : 0, static_cast<float>(scale), outf.data_ptr<float>(),
+                  lse.data_ptr<float>());
+    if (widen) out.copy_(outf);
     return {out, lse};
   }
 #endif
@@ -1330,11 +1340,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention2d_bw
   const Geometry g = make_geometry(q, window_size, shift);
   at::Tensor table = rel_pos_bias.has_value() ? rel_pos_bias->contiguous() : at::Tensor();
 #if defined(__AVX512F__)
-  if (q.scalar_type() == at::kFloat && fast::supported(g)) {
-    fast::backward(g, grad_out, q, k, v, out, lse.data_ptr<float>(), lse,
+  if (fast::takes(q.scalar_type()) && fast::supported(g)) {
+    const bool widen = q.scalar_type() != at::kFloat;  // bfloat16: as in the forward
+    auto wide = [&](const at::Tensor& t) { return widen ? cpu::float_copy(t) : t; };
+    auto wide_out = [&](const at::Tensor& t) {
+      return widen ? cpu::new_output(q.sizes(), q.options().dtype(at::kFloat)) : t;
+    };
+    at::Tensor dqf = wide_out(dq), dkf = wide_out(dk), dvf = wide_out(dv);
+    fast::backward(g, wide(grad_out), wide(q), wide(k), wide(v), wide(out), lse.data_ptr<float>(), lse,
                    table.defined() ? table.data_ptr<float>() : nullptr, table.defined() ? table.size(0) : 0,
-                   static_cast<float>(scale), dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(),
+                   static_cast<float>(scale), dqf.data_ptr<float>(), dkf.data_ptr<float>(), dvf.data_ptr<float>(),
                    want_db ? db.data_ptr<float>() : nullptr);
+    if (widen) {
+      dq.copy_(dqf);
+      dk.copy_(dkf);
+      dv.copy_(dvf);
+    }
     return {dq, dk, dv, db};
   }
 #endif

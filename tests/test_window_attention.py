@@ -193,6 +193,9 @@ HEAD_DIM_CONFIGS = [
     (1, 7, 7, 1, 100, 7, 0, 1),
     (1, 8, 8, 1, 128, 8, 4, 1),
     (1, 9, 9, 1, 48, 9, 4, 1),
+    (1, 13, 12, 2, 24, 12, 5, 2),  # 144-token windows, padded map
+    (1, 32, 32, 1, 8, 32, 7, 1),  # 1024 tokens: the largest window of the fast paths
+    (1, 33, 33, 1, 12, 33, 0, 1),  # 1089 tokens: past them (generic kernel)
 ]
 
 
@@ -286,6 +289,25 @@ def test_bias_gradient_is_deterministic(backend):
         out = ao.window_attention2d(q, k, v, 4, shift=2, rel_pos_bias=bias, backend=backend)
         runs.append(torch.autograd.grad(out.square().sum(), bias)[0])
     assert torch.equal(runs[0], runs[1])
+
+
+def test_cpu_gradients_do_not_depend_on_thread_count():
+    """Bias-table gradients are reduced in a fixed order of fixed task chunks, so 1 and 2 threads
+    give bit-identical gradients (as do all the other outputs, which have no cross-task sums)."""
+    skip_unless(OP, "cpu", torch.float32)
+    q, k, v, bias = make_inputs(3, 28, 21, 3, 24, (7, 7), 3, torch.float32, "cpu", seed=11)
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+            out = ao.window_attention2d(*leaves[:3], 7, shift=3, rel_pos_bias=leaves[3], backend="cpu")
+            runs.append([out.detach()] + list(torch.autograd.grad(out.square().sum(), leaves)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_bias_without_grad_and_inputs_untouched():

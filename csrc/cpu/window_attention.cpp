@@ -20,8 +20,12 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__)
+// The SIMD fast paths: AVX-512 (16-lane, below) or AVX2 + FMA (8-lane, window_attention_avx2.h).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define ALTEROPS_WA_FAST 1
 #include <immintrin.h>
+#else
+#define ALTEROPS_WA_FAST 0
 #endif
 
 #include "output_pool.h"
@@ -425,6 +429,157 @@ void backward_kernel(const Geometry& g, const at::Tensor& gout, const at::Tensor
   }
 }
 
+#if ALTEROPS_WA_FAST
+// ----------------------------------------------------------------------------------------
+// What the float32 fast paths (AVX-512 and AVX2) share.
+// ----------------------------------------------------------------------------------------
+namespace fast {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+inline bool supported(const Geometry& g) { return g.d <= 128 && g.N <= 1024; }
+// Input dtypes of the fast kernels: float32, and bfloat16 through float32 copies.
+inline bool takes(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
+
+// Window classes and their (bias + mask) tiles, in base-2 units; tiles are Np x Np with Np the
+// window size rounded up to the vector width `lanes`.
+struct Plan {
+  int64_t Np = 0, thn = 1, tsz = 0, ncls = 0;
+  std::vector<int32_t> win_cls, cls_M, cls_win;  // cls_win: a representative window
+  std::vector<float> tiles;                       // [cls][th][Np][Np]
+  std::vector<int32_t> py, px;                    // map coordinates of each window's present tokens
+};
+
+Plan make_plan(const Geometry& g, const float* table, int64_t table_heads, int64_t lanes) {
+  Plan pl;
+  pl.Np = round_up(g.N, lanes);
+  pl.thn = table ? table_heads : 1;
+  pl.tsz = pl.Np * pl.Np;
+  pl.win_cls.assign(g.nWin, 0);
+  std::vector<std::vector<int32_t>> sigs;
+  for (int64_t w = 0; w < g.nWin; ++w) {
+    std::vector<int32_t> sig;
+    const int32_t M = g.count[w];
+    sig.reserve(2 * M + 1);
+    sig.push_back(M);
+    for (int32_t m = 0; m < M; ++m) {
+      sig.push_back(g.keyofs[w * g.N + m]);
+      sig.push_back(g.mixed[w] ? g.region[w * g.N + m] : 0);
+    }
+    int64_t c = 0;
+    for (; c < (int64_t)sigs.size(); ++c)
+      if (sigs[c] == sig) break;
+    if (c == (int64_t)sigs.size()) {
+      sigs.push_back(std::move(sig));
+      pl.cls_M.push_back(M);
+      pl.cls_win.push_back((int32_t)w);
+    }
+    pl.win_cls[w] = (int32_t)c;
+  }
+  pl.ncls = (int64_t)sigs.size();
+  pl.py.resize(g.nWin * g.N);
+  pl.px.resize(g.nWin * g.N);
+  for (int64_t t = 0; t < g.nWin * g.N; ++t) {
+    pl.py[t] = (int32_t)(g.pos[t] / g.W);
+    pl.px[t] = (int32_t)(g.pos[t] % g.W);
+  }
+  const int64_t tsize = (2 * g.wh - 1) * g.tw;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  pl.tiles.assign(pl.ncls * pl.thn * pl.tsz, ninf);
+  for (int64_t c = 0; c < pl.ncls; ++c) {
+    const int64_t w = pl.cls_win[c], M = pl.cls_M[c];
+    const int32_t* keyofs = g.keyofs.data() + w * g.N;
+    const int32_t* qryofs = g.qryofs.data() + w * g.N;
+    const int32_t* region = g.region.data() + w * g.N;
+    const bool mixed = g.mixed[w] != 0;
+    for (int64_t th = 0; th < pl.thn; ++th) {
+      float* t = pl.tiles.data() + (c * pl.thn + th) * pl.tsz;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < M; ++n) {
+          if (mixed && region[n] != region[m]) continue;
+          t[m * pl.Np + n] = table ? table[th * tsize + qryofs[m] + keyofs[n]] * kLog2e : 0.0f;
+        }
+    }
+  }
+  return pl;
+}
+
+// part[th][qryofs[m] + keyofs[n]] += tiles[cls][th][m][n] for every touched (class, table head):
+// a chunk's dS sums, per window class, folded into its partial bias-table gradient.
+inline void scatter_tiles(const Geometry& g, const Plan& pl, const float* tiles, const uint8_t* touched, float* part) {
+  const int64_t tsize = (2 * g.wh - 1) * g.tw;
+  for (int64_t cls = 0; cls < pl.ncls; ++cls) {
+    const int64_t w = pl.cls_win[cls], M = pl.cls_M[cls];
+    const int32_t* keyofs = g.keyofs.data() + w * g.N;
+    const int32_t* qryofs = g.qryofs.data() + w * g.N;
+    for (int64_t th = 0; th < pl.thn; ++th) {
+      if (!touched[cls * pl.thn + th]) continue;
+      const float* t = tiles + (cls * pl.thn + th) * pl.tsz;
+      float* ph = part + th * tsize;
+      for (int64_t m = 0; m < M; ++m) {
+        float* pq = ph + qryofs[m];
+        for (int64_t n = 0; n < M; ++n) pq[keyofs[n]] += t[m * pl.Np + n];
+      }
+    }
+  }
+}
+
+// Prefetch the rows of the next task (b, window, head) so that its loads overlap this task's math.
+static inline void prefetch_task(const Geometry& g, const Plan& pl, int64_t task, const float* base, const View5& v) {
+  const int64_t nh = g.nh;
+  const int64_t h = task % nh, win = (task / nh) % g.nWin, b = task / (nh * g.nWin);
+  const int64_t M = pl.cls_M[pl.win_cls[win]];
+  const int32_t* py = pl.py.data() + win * g.N;
+  const int32_t* px = pl.px.data() + win * g.N;
+  const int64_t bytes = (g.d - 1) * v.sd * (int64_t)sizeof(float);
+  base += b * v.sb + h * v.sh;
+  for (int64_t m = 0; m < M; ++m) {
+    const char* row = reinterpret_cast<const char*>(base + py[m] * v.sy + px[m] * v.sx);
+    for (int64_t o = 0; o <= bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T0);
+  }
+}
+
+// The rows of the next task, prefetched a few at a time between the blocks of this task's math
+// (a burst of a whole window's prefetches fills the miss buffers and stalls this task's loads).
+struct Prefetcher {
+  std::vector<const char*> rows;
+  int64_t n = 0, cur = 0, lines = 1, step = 1;
+  bool far = false;  // prefetch into L2 instead of L1
+  void init(int64_t cap, int64_t d, int64_t sd) {
+    rows.assign(cap, nullptr);
+    lines = ((d - 1) * sd * (int64_t)sizeof(float)) / 64 + 1;
+  }
+  inline void add_task(const Geometry& g, const Plan& pl, int64_t task, const float* base, const View5& v) {
+    const int64_t nh = g.nh;
+    const int64_t h = task % nh, win = (task / nh) % g.nWin, b = task / (nh * g.nWin);
+    const int64_t M = pl.cls_M[pl.win_cls[win]];
+    const int32_t* py = pl.py.data() + win * g.N;
+    const int32_t* px = pl.px.data() + win * g.N;
+    base += b * v.sb + h * v.sh;
+    for (int64_t m = 0; m < M; ++m) rows[n++] = reinterpret_cast<const char*>(base + py[m] * v.sy + px[m] * v.sx);
+  }
+  inline void start(int64_t slots) { cur = 0; step = (n + slots - 1) / std::max<int64_t>(slots, 1); }
+  inline void run() {
+    const int64_t e = std::min(n, cur + step);
+    if (far) {
+      for (; cur < e; ++cur)
+        for (int64_t l = 0; l < lines; ++l) _mm_prefetch(rows[cur] + 64 * l, _MM_HINT_T1);
+      return;
+    }
+    for (; cur < e; ++cur)
+      for (int64_t l = 0; l < lines; ++l) _mm_prefetch(rows[cur] + 64 * l, _MM_HINT_T0);
+  }
+  inline void finish() {
+    step = n;
+    run();
+    n = 0;
+  }
+};
+
+}  // namespace fast
+#endif  // ALTEROPS_WA_FAST
+
 #if defined(__AVX512F__)
 // ----------------------------------------------------------------------------------------
 // float32 fast path (AVX-512). Per call, windows are grouped into classes that share the same
@@ -437,9 +592,6 @@ void backward_kernel(const Geometry& g, const at::Tensor& gout, const at::Tensor
 // register transposes, and the small GEMMs are register-blocked (rows x 16-lane vectors).
 // ----------------------------------------------------------------------------------------
 namespace fast {
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // 2^x, |rel err| ~ 1e-7 (Cephes exp2f polynomial on [-0.5, 0.5]); x = -inf gives 0.
 static inline __m512 exp2v(__m512 x) {
@@ -644,68 +796,6 @@ static inline void tn_all(const float* A1, const float* A2, int64_t lda, const f
   for (int64_t n0 = 0; n0 < M; n0 += R) tn_block<R, DV>(A1, A2, lda, n0, x1rows, x2rows, M, tail, epi);
 }
 
-// Window classes and their (bias + mask) tiles, in base-2 units.
-struct Plan {
-  int64_t Np = 0, thn = 1, tsz = 0, ncls = 0;
-  std::vector<int32_t> win_cls, cls_M, cls_win;  // cls_win: a representative window
-  std::vector<float> tiles;                       // [cls][th][Np][Np]
-  std::vector<int32_t> py, px;                    // map coordinates of each window's present tokens
-};
-
-Plan make_plan(const Geometry& g, const float* table, int64_t table_heads) {
-  Plan pl;
-  pl.Np = round_up(g.N, 16);
-  pl.thn = table ? table_heads : 1;
-  pl.tsz = pl.Np * pl.Np;
-  pl.win_cls.assign(g.nWin, 0);
-  std::vector<std::vector<int32_t>> sigs;
-  for (int64_t w = 0; w < g.nWin; ++w) {
-    std::vector<int32_t> sig;
-    const int32_t M = g.count[w];
-    sig.reserve(2 * M + 1);
-    sig.push_back(M);
-    for (int32_t m = 0; m < M; ++m) {
-      sig.push_back(g.keyofs[w * g.N + m]);
-      sig.push_back(g.mixed[w] ? g.region[w * g.N + m] : 0);
-    }
-    int64_t c = 0;
-    for (; c < (int64_t)sigs.size(); ++c)
-      if (sigs[c] == sig) break;
-    if (c == (int64_t)sigs.size()) {
-      sigs.push_back(std::move(sig));
-      pl.cls_M.push_back(M);
-      pl.cls_win.push_back((int32_t)w);
-    }
-    pl.win_cls[w] = (int32_t)c;
-  }
-  pl.ncls = (int64_t)sigs.size();
-  pl.py.resize(g.nWin * g.N);
-  pl.px.resize(g.nWin * g.N);
-  for (int64_t t = 0; t < g.nWin * g.N; ++t) {
-    pl.py[t] = (int32_t)(g.pos[t] / g.W);
-    pl.px[t] = (int32_t)(g.pos[t] % g.W);
-  }
-  const int64_t tsize = (2 * g.wh - 1) * g.tw;
-  const float ninf = -std::numeric_limits<float>::infinity();
-  pl.tiles.assign(pl.ncls * pl.thn * pl.tsz, ninf);
-  for (int64_t c = 0; c < pl.ncls; ++c) {
-    const int64_t w = pl.cls_win[c], M = pl.cls_M[c];
-    const int32_t* keyofs = g.keyofs.data() + w * g.N;
-    const int32_t* qryofs = g.qryofs.data() + w * g.N;
-    const int32_t* region = g.region.data() + w * g.N;
-    const bool mixed = g.mixed[w] != 0;
-    for (int64_t th = 0; th < pl.thn; ++th) {
-      float* t = pl.tiles.data() + (c * pl.thn + th) * pl.tsz;
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < M; ++n) {
-          if (mixed && region[n] != region[m]) continue;
-          t[m * pl.Np + n] = table ? table[th * tsize + qryofs[m] + keyofs[n]] * kLog2e : 0.0f;
-        }
-    }
-  }
-  return pl;
-}
-
 struct Rows {
   std::vector<const float*> p;
   std::vector<float> buf;
@@ -730,58 +820,6 @@ struct Rows {
   void init(int64_t rows, int64_t d) { p.assign(rows, nullptr); buf.assign(rows * d, 0.0f); }
 };
 
-// Prefetch the rows of the next task (b, window, head) so that its loads overlap this task's math.
-static inline void prefetch_task(const Geometry& g, const Plan& pl, int64_t task, const float* base, const View5& v) {
-  const int64_t nh = g.nh;
-  const int64_t h = task % nh, win = (task / nh) % g.nWin, b = task / (nh * g.nWin);
-  const int64_t M = pl.cls_M[pl.win_cls[win]];
-  const int32_t* py = pl.py.data() + win * g.N;
-  const int32_t* px = pl.px.data() + win * g.N;
-  const int64_t bytes = (g.d - 1) * v.sd * (int64_t)sizeof(float);
-  base += b * v.sb + h * v.sh;
-  for (int64_t m = 0; m < M; ++m) {
-    const char* row = reinterpret_cast<const char*>(base + py[m] * v.sy + px[m] * v.sx);
-    for (int64_t o = 0; o <= bytes; o += 64) _mm_prefetch(row + o, _MM_HINT_T0);
-  }
-}
-
-// The rows of the next task, prefetched a few at a time between the blocks of this task's math
-// (a burst of a whole window's prefetches fills the miss buffers and stalls this task's loads).
-struct Prefetcher {
-  std::vector<const char*> rows;
-  int64_t n = 0, cur = 0, lines = 1, step = 1;
-  bool far = false;  // prefetch into L2 instead of L1
-  void init(int64_t cap, int64_t d, int64_t sd) {
-    rows.assign(cap, nullptr);
-    lines = ((d - 1) * sd * (int64_t)sizeof(float)) / 64 + 1;
-  }
-  inline void add_task(const Geometry& g, const Plan& pl, int64_t task, const float* base, const View5& v) {
-    const int64_t nh = g.nh;
-    const int64_t h = task % nh, win = (task / nh) % g.nWin, b = task / (nh * g.nWin);
-    const int64_t M = pl.cls_M[pl.win_cls[win]];
-    const int32_t* py = pl.py.data() + win * g.N;
-    const int32_t* px = pl.px.data() + win * g.N;
-    base += b * v.sb + h * v.sh;
-    for (int64_t m = 0; m < M; ++m) rows[n++] = reinterpret_cast<const char*>(base + py[m] * v.sy + px[m] * v.sx);
-  }
-  inline void start(int64_t slots) { cur = 0; step = (n + slots - 1) / std::max<int64_t>(slots, 1); }
-  inline void run() {
-    const int64_t e = std::min(n, cur + step);
-    if (far) {
-      for (; cur < e; ++cur)
-        for (int64_t l = 0; l < lines; ++l) _mm_prefetch(rows[cur] + 64 * l, _MM_HINT_T1);
-      return;
-    }
-    for (; cur < e; ++cur)
-      for (int64_t l = 0; l < lines; ++l) _mm_prefetch(rows[cur] + 64 * l, _MM_HINT_T0);
-  }
-  inline void finish() {
-    step = n;
-    run();
-    n = 0;
-  }
-};
-
 template <class F>
 static inline void dispatch_dv(int64_t DV, F&& f) {
   switch (DV) {
@@ -796,9 +834,6 @@ static inline void dispatch_dv(int64_t DV, F&& f) {
   }
 }
 
-inline bool supported(const Geometry& g) { return g.d <= 128 && g.N <= 1024; }
-// Input dtypes of the fast kernels: float32, and bfloat16 through float32 copies.
-inline bool takes(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16; }
 
 // acc[r * CV + c] = sum_{e < d} A[(m0 + r) * LDA + e] * Bt[e * ld + 16c]; then epi(m0, acc).
 // A is a gathered block with a compile-time row stride, so the R row addresses are one base
@@ -1035,7 +1070,7 @@ void forward_small(const Geometry& g, const Plan& pl, const at::Tensor& q, const
 
 void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* table,
              int64_t table_heads, float scale, float* out, float* lse) {
-  const Plan pl = make_plan(g, table, table_heads);
+  const Plan pl = make_plan(g, table, table_heads, 16);
   if (pl.Np <= 64) {
     dispatch_dv((g.d + 15) / 16, [&](auto dvc) {
       forward_small<decltype(dvc)::value>(g, pl, q, k, v, table && table_heads != 1, scale, out, lse);
@@ -1122,7 +1157,7 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
 void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, const at::Tensor& k,
               const at::Tensor& v, const at::Tensor& out, const float* lse_p, const at::Tensor& lse,
               const float* table, int64_t table_heads, float scale, float* dq, float* dk, float* dv, float* dtable) {
-  const Plan pl = make_plan(g, table, table_heads);
+  const Plan pl = make_plan(g, table, table_heads, 16);
   const View5 vq(q), vk(k), vv(v), vo(out), vg(gout);
   const int64_t ls_b = lse.stride(0), ls_y = lse.stride(1), ls_x = lse.stride(2), ls_h = lse.stride(3);
   const float* qp = q.data_ptr<float>();
@@ -1227,23 +1262,7 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
           tn_all<DVc>(Pp, dSp, Np, gr.p.data(), qr.p.data(), M, tail, epi_kv);
         });
       }
-      if (dtable) {
-        float* part = partial.data() + c * table_heads * tsize;
-        for (int64_t cls = 0; cls < pl.ncls; ++cls) {
-          const int64_t w = pl.cls_win[cls], M = pl.cls_M[cls];
-          const int32_t* keyofs = g.keyofs.data() + w * g.N;
-          const int32_t* qryofs = g.qryofs.data() + w * g.N;
-          for (int64_t th = 0; th < pl.thn; ++th) {
-            if (!touched[cls * pl.thn + th]) continue;
-            const float* t = acc_tiles.data() + (cls * pl.thn + th) * pl.tsz;
-            float* ph = part + th * tsize;
-            for (int64_t m = 0; m < M; ++m) {
-              float* pq = ph + qryofs[m];
-              for (int64_t n = 0; n < M; ++n) pq[keyofs[n]] += t[m * Np + n];
-            }
-          }
-        }
-      }
+      if (dtable) scatter_tiles(g, pl, acc_tiles.data(), touched.data(), partial.data() + c * table_heads * tsize);
     }
   });
   if (dtable != nullptr) {
@@ -1257,6 +1276,8 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
 }
 
 }  // namespace fast
+#elif ALTEROPS_WA_FAST
+#include "window_attention_avx2.h"
 #endif  // __AVX512F__
 
 // ----------------------------------------------------------------------------------------
@@ -1296,7 +1317,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention2d_fwd_cpu(const at::Tensor& 
   if (q.numel() == 0) return {out, lse};
   const Geometry g = make_geometry(q, window_size, shift);
   at::Tensor table = rel_pos_bias.has_value() ? rel_pos_bias->contiguous() : at::Tensor();
-#if defined(__AVX512F__)
+#if ALTEROPS_WA_FAST
   if (fast::takes(q.scalar_type()) && fast::supported(g)) {
     // bfloat16 runs the float32 kernel on float32 copies (the same float32 arithmetic as the
     // bfloat16 kernel below, which loads and widens element by element): 2-3x faster.
@@ -1339,7 +1360,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention2d_bw
   if (q.numel() == 0) return {dq, dk, dv, db};
   const Geometry g = make_geometry(q, window_size, shift);
   at::Tensor table = rel_pos_bias.has_value() ? rel_pos_bias->contiguous() : at::Tensor();
-#if defined(__AVX512F__)
+#if ALTEROPS_WA_FAST
   if (fast::takes(q.scalar_type()) && fast::supported(g)) {
     const bool widen = q.scalar_type() != at::kFloat;  // bfloat16: as in the forward
     auto wide = [&](const at::Tensor& t) { return widen ? cpu::float_copy(t) : t; };

@@ -8,6 +8,7 @@ from . import _config
 _loaded = False
 _load_error = ""
 _has_cuda = False
+_cpu_simd = None
 
 if _config.extension_disabled():
     _load_error = "the extension is disabled by ALTEROPS_DISABLE_EXTENSION=1"
@@ -17,6 +18,7 @@ else:
 
         _loaded = True
         _has_cuda = bool(getattr(_C, "WITH_CUDA", False))
+        _cpu_simd = getattr(_C, "CPU_SIMD", None)
         if hasattr(torch.ops.alterops, "cpu_pool_set_limit"):
             torch.ops.alterops.cpu_pool_set_limit(_config.cpu_pool_limit_bytes())
     except ImportError as exc:
@@ -37,6 +39,30 @@ def load_error() -> str:
 
 def has_cuda_kernels() -> bool:
     return _has_cuda
+
+
+def cpu_simd() -> str | None:
+    """The SIMD path the CPU kernels were compiled for: ``"avx512"``, ``"avx2"`` (AVX2 + FMA) or
+    ``"generic"`` (``None`` without the extension)."""
+    return _cpu_simd
+
+
+def host_cpu_simd() -> str | None:
+    """The best of those paths this machine's CPU can run (x86-64 Linux; ``None`` where unknown)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set()
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return None
+    if not flags:
+        return None
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "generic"
 
 
 def has_op(name: str) -> bool:

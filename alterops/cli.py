@@ -24,7 +24,12 @@ def _info(args) -> int:
     else:
         print(f"triton: unavailable — {why}")
     if _ext.loaded():
-        print(f"extension alterops._C: loaded ({'with' if _ext.has_cuda_kernels() else 'without'} CUDA kernels)")
+        simd, host = _ext.cpu_simd(), _ext.host_cpu_simd()
+        print(f"extension alterops._C: loaded ({'with' if _ext.has_cuda_kernels() else 'without'} CUDA kernels; "
+              f"CPU kernels compiled for {simd})")
+        order = ("generic", "avx2", "avx512")
+        if simd in order and host in order and order.index(host) > order.index(simd):
+            print(f"  this CPU has {host}: rebuild with ALTEROPS_CPU_ARCH=native (the default) for faster CPU kernels")
     else:
         print(f"extension alterops._C: not loaded — {_ext.load_error()}")
     cuda = torch.cuda.is_available()

@@ -14,6 +14,14 @@ PyObject* PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
+  // The SIMD path the CPU kernels were compiled for (they choose it from -march at build time).
+#if defined(__AVX512F__)
+  PyModule_AddStringConstant(m, "CPU_SIMD", "avx512");
+#elif defined(__AVX2__) && defined(__FMA__)
+  PyModule_AddStringConstant(m, "CPU_SIMD", "avx2");
+#else
+  PyModule_AddStringConstant(m, "CPU_SIMD", "generic");
+#endif
   return m;
 }
 }

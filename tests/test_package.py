@@ -30,6 +30,16 @@ def test_extension_is_built_and_loaded():
     assert ops, "alterops._C registered no ops"
 
 
+@pytest.mark.skipif(os.environ.get("ALTEROPS_NO_EXTENSION") == "1", reason="pure-Python install requested")
+@pytest.mark.skipif(os.environ.get("ALTEROPS_CPU_ARCH", "native") != "native", reason="a non-native CPU build")
+def test_cpu_kernels_use_this_cpus_simd_path():
+    """The default build (-march=native) compiles the best SIMD path this CPU runs (AVX-512, AVX2)."""
+    host = _ext.host_cpu_simd()
+    if host is None:
+        pytest.skip("CPU flags unknown here")
+    assert _ext.cpu_simd() == host
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton is a Linux dependency")
 def test_triton_is_available():
     ok, why = _dispatch.triton_status()

@@ -149,6 +149,9 @@ def machine_info(device: torch.device) -> dict:
         except OSError:
             pass
         info["device_name"] = f"{name} ({os.cpu_count()} logical CPUs)"
+        from alterops import _ext
+
+        info["cpu_simd"] = _ext.cpu_simd() or "no extension"  # the CPU kernels' compiled path
     return info
 
 
@@ -257,8 +260,9 @@ def run_suite(cases: list[Case], device: torch.device, quick: bool = False, prog
 # ---------------------------------------------------------------------------------------
 def format_table(report: dict) -> str:
     c = report["ceilings"]
+    simd = report["machine"].get("cpu_simd")
     head = [f"machine: {report['machine']['device_name']} | torch {report['machine']['torch']} | "
-            f"threads {report['machine']['threads']}",
+            f"threads {report['machine']['threads']}" + (f" | CPU kernels: {simd}" if simd else ""),
             "ceilings: " + ", ".join(
                 f"{k} {v:.1f} {'GB/s' if k == 'bandwidth' else 'GFLOP/s'}" for k, v in c.items())]
     rows = [("case", "ours ms", "rate", "of ceiling", "peers (ms, speedup)", "targets")]

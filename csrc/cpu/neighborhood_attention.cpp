@@ -50,14 +50,26 @@
 #include <immintrin.h>
 #endif
 
+// Vector width. AVX-512 (and ISAs without AVX2) use 64-byte vectors (16 floats); AVX2 + FMA
+// without AVX-512 uses 32-byte vectors (8 floats, one ymm register each), so that the register
+// blocks below (up to ~14 live vectors) fit in the 16 ymm registers instead of spilling.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NA_AVX2 1
+#define NA_VEC_BYTES 32
+#else
+#define NA_AVX2 0
+#define NA_VEC_BYTES 64
+#endif
+
 
 namespace alterops {
 namespace na_cpu {
 
 template <typename T>
 struct VecOf {
-  static constexpr int N = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
+  static constexpr int N = NA_VEC_BYTES / sizeof(T);
+  typedef T type __attribute__((vector_size(NA_VEC_BYTES)));
 };
 
 template <typename T>
@@ -81,7 +93,7 @@ static inline Vec<T> splat(T x) {
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
 // exactly 0 below -87.
 static inline Vec<float> vexp(Vec<float> x) {
-  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
   const Vec<float> lo = splat<float>(-87.0f);
   Vec<float> xc = x < lo ? lo : x;
   Vec<float> t = xc * 1.44269504088896341f;
@@ -591,8 +603,14 @@ static inline void dot_block_multi(const float* const* A, int64_t Ws, int64_t D,
 template <int NR>
 static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const KeyView<float>& kv, int64_t kw,
                             float* const* S, int64_t sstride) {
-  for (int64_t j0 = 0; j0 < kw; j0 += 8) {
-    const int64_t nj = std::min<int64_t>(8, kw - j0);
+#if NA_AVX2
+  // NR * JB accumulators + NR query vectors + 1 key vector within 16 ymm registers
+  constexpr int64_t JB = NR == 1 ? 8 : 4;
+#else
+  constexpr int64_t JB = 8;
+#endif
+  for (int64_t j0 = 0; j0 < kw; j0 += JB) {
+    const int64_t nj = std::min<int64_t>(JB, kw - j0);
     const int64_t* jo = kv.joff + j0;
     float* s[NR];
     for (int a = 0; a < NR; ++a) s[a] = S[a] + j0 * sstride;
@@ -654,6 +672,40 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
 #endif
 }
 
+#if NA_AVX2
+// dst[c * ds + l] = mul * rows[l][c] for l < 8, c < D (D % 8 == 0); a null row reads zeros.
+static inline void transpose8(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+  const __m256 m = _mm256_set1_ps(mul);
+  for (int64_t c0 = 0; c0 < D; c0 += 8) {
+    __m256 r[8], t[8];
+    for (int l = 0; l < 8; ++l) r[l] = rows[l] ? _mm256_loadu_ps(rows[l] + c0) : _mm256_setzero_ps();
+    for (int l = 0; l < 8; l += 2) {
+      t[l] = _mm256_unpacklo_ps(r[l], r[l + 1]);
+      t[l + 1] = _mm256_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 8; l += 4) {
+      r[l] = _mm256_shuffle_ps(t[l], t[l + 2], 0x44);
+      r[l + 1] = _mm256_shuffle_ps(t[l], t[l + 2], 0xEE);
+      r[l + 2] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0x44);
+      r[l + 3] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
+    }
+    // r[0..3]: channels 0,1,2,3 (+4..7 in the high halves) of rows 0-3; r[4..7]: of rows 4-7
+    for (int l = 0; l < 4; ++l) {
+      _mm256_storeu_ps(dst + (c0 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x20), m));
+      _mm256_storeu_ps(dst + (c0 + 4 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x31), m));
+    }
+  }
+}
+// one slot block of queries/keys (VecOf<float>::N columns)
+static inline void transpose_blk(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+  transpose8(rows, D, mul, dst, ds);
+}
+#else
+static inline void transpose_blk(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+  transpose16(rows, D, mul, dst, ds);
+}
+#endif
+
 // acc[t][:] += sum_j P[j * pstride + t] * V[t + j * dw][:] for T queries, DV vectors of 16 channels.
 template <int T, int DV>
 static inline void pv_tile(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t dw, int64_t kw,
@@ -663,7 +715,7 @@ static inline void pv_tile(const float* P, int64_t pstride, const float* V, int6
     const float* vj = V + j * dw * xs;
     for (int t = 0; t < T; ++t) {
       const Vec<float> p = splat<float>(pj[t]);
-      for (int d = 0; d < DV; ++d) acc[t][d] += p * loadu(vj + t * xs + d * 16);
+      for (int d = 0; d < DV; ++d) acc[t][d] += p * loadu(vj + t * xs + d * VecOf<float>::N);
     }
   }
 }
@@ -676,7 +728,7 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
 #pragma GCC unroll 32
   for (int u = 0; u < T + KW - 1; ++u) {
     Vec<float> vv[DV];
-    for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * 16);
+    for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
 #pragma GCC unroll 16
     for (int t = (u - KW + 1 > 0 ? u - KW + 1 : 0); t <= (u < T - 1 ? u : T - 1); ++t) {
       const Vec<float> p = splat<float>(P[(u - t) * pstride + t]);
@@ -688,7 +740,7 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
 template <int DV>
 static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                         at::Tensor& lse, const Plan<float>& pl, float scale) {
-  constexpr int N = 16;
+  constexpr int N = VecOf<float>::N;
   constexpr int TQ = 8;  // queries per P.V tile
   constexpr int RG = 3;  // query rows whose logits are formed together
   const int64_t D = pl.D;
@@ -801,7 +853,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           float* dst = Kp.trow(pl, y);
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
             for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[2] : nullptr;
-            transpose16(rows, D, 1.0f, dst + x0, pl.Wk);
+            transpose_blk(rows, D, 1.0f, dst + x0, pl.Wk);
           }
           for (int64_t g = 0; g < pl.NG; ++g) {
             const int64_t s0 = (pl.n_full + g) * N;
@@ -809,7 +861,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
             for (int64_t j = 0; j < pl.kw; ++j) {
               const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
               for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[2] : nullptr;
-              transpose16(rows, D, 1.0f, gb + j * D * N, N);
+              transpose_blk(rows, D, 1.0f, gb + j * D * N, N);
             }
           }
         }
@@ -825,7 +877,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           for (int64_t ci = 0; ci < nblk; ++ci) {
             const int32_t* sx = pl.slotx.data() + ci * N;
             for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[2] : nullptr;
-            transpose16(rows, D, scale, Qp.data() + r * D * pl.Ws + ci * N, pl.Ws);
+            transpose_blk(rows, D, scale, Qp.data() + r * D * pl.Ws + ci * N, pl.Ws);
           }
           for (int64_t i = 0; i < pl.kh; ++i) {
             if (pl.rowvalid[y * pl.kh + i]) {
@@ -906,6 +958,42 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           const int64_t ostr = pl.NH * D;
           const int64_t vxs = vs[2];
           int64_t sl = 0;
+#if NA_AVX2
+          // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
+          // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
+          auto pv_avx2 = [&](auto tqv) {
+            constexpr int TQ2 = decltype(tqv)::value;
+            constexpr int DC = 2;
+            const int64_t x0 = pl.xlo + sl;
+            for (int dc = 0; dc < DV; dc += DC) {
+              Vec<float> acc[TQ2][DC];
+              for (int t = 0; t < TQ2; ++t)
+                for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
+              for (int64_t i = 0; i < pl.kh; ++i) {
+                if (!pl.rowvalid[y * pl.kh + i]) continue;
+                const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1] + (x0 - rw * pl.dw) * vxs + dc * N;
+                const float* Pi = Sy + i * pl.kw * pl.Ws + sl;
+                if (pl.dw == 1 && pl.kw == 7)
+                  pv_tile_diag<TQ2, DC, 7>(Pi, pl.Ws, vr, vxs, acc);
+                else if (pl.dw == 1 && pl.kw == 5)
+                  pv_tile_diag<TQ2, DC, 5>(Pi, pl.Ws, vr, vxs, acc);
+                else if (pl.dw == 1 && pl.kw == 3)
+                  pv_tile_diag<TQ2, DC, 3>(Pi, pl.Ws, vr, vxs, acc);
+                else
+                  pv_tile<TQ2, DC>(Pi, pl.Ws, vr, vxs, pl.dw, pl.kw, acc);
+              }
+              for (int t = 0; t < TQ2; ++t) {
+                const Vec<float> inv = splat<float>(Linv[sl + t]);
+                float* o = Orow + (x0 + t) * ostr + dc * N;
+                for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
+              }
+            }
+            sl += TQ2;
+          };
+          while (sl + 6 <= pl.n_int) pv_avx2(std::integral_constant<int, 6>{});
+          while (sl + 2 <= pl.n_int) pv_avx2(std::integral_constant<int, 2>{});
+          (void)TQ;
+#else
           for (; sl + TQ <= pl.n_int; sl += TQ) {
             Vec<float> acc[TQ][DV];
             for (int t = 0; t < TQ; ++t)
@@ -930,6 +1018,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
               for (int d = 0; d < DV; ++d) storeu(o + d * 16, acc[t][d] * inv);
             }
           }
+#endif
           for (; sl < pl.Ws; ++sl) {
             const int64_t x = pl.slotx[sl];
             if (x >= pl.W) continue;
@@ -943,11 +1032,11 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 const int32_t col = pl.kidx[j * pl.Ws + sl];
                 if (col >= pl.W) continue;  // outside the image: zero value
                 const Vec<float> p = splat<float>(P[j * pl.Ws]);
-                for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * 16);
+                for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * N);
               }
             }
             const Vec<float> inv = splat<float>(Linv[sl]);
-            for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * 16, acc[d] * inv);
+            for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[d] * inv);
           }
         }
       }
@@ -966,12 +1055,22 @@ static bool forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          at::Tensor& lse, const Plan<float>& pl, float scale) {
   if (q.scalar_type() != at::kFloat || !fast_width(pl.D)) return false;
   if (q.stride(4) != 1 || k.stride(4) != 1 || v.stride(4) != 1 || !out.is_contiguous()) return false;
+  // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
+#if NA_AVX2
+  switch (pl.D / 16) {
+    case 1: forward_f32<2>(q, k, v, out, lse, pl, scale); break;
+    case 2: forward_f32<4>(q, k, v, out, lse, pl, scale); break;
+    case 3: forward_f32<6>(q, k, v, out, lse, pl, scale); break;
+    default: forward_f32<8>(q, k, v, out, lse, pl, scale); break;
+  }
+#else
   switch (pl.D / 16) {
     case 1: forward_f32<1>(q, k, v, out, lse, pl, scale); break;
     case 2: forward_f32<2>(q, k, v, out, lse, pl, scale); break;
     case 3: forward_f32<3>(q, k, v, out, lse, pl, scale); break;
     default: forward_f32<4>(q, k, v, out, lse, pl, scale); break;
   }
+#endif
   return true;
 }
 

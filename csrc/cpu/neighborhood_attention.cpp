@@ -356,6 +356,32 @@ static void key_sum_row(const T* Wt, const T* A, int64_t ws, const int64_t* off,
   }
 }
 
+#if NA_AVX2
+// dst[c * ds + l] = mul * rows[l][c] for l < 8, c < D (D % 8 == 0); a null row reads zeros.
+static inline void transpose8(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+  const __m256 m = _mm256_set1_ps(mul);
+  for (int64_t c0 = 0; c0 < D; c0 += 8) {
+    __m256 r[8], t[8];
+    for (int l = 0; l < 8; ++l) r[l] = rows[l] ? _mm256_loadu_ps(rows[l] + c0) : _mm256_setzero_ps();
+    for (int l = 0; l < 8; l += 2) {
+      t[l] = _mm256_unpacklo_ps(r[l], r[l + 1]);
+      t[l + 1] = _mm256_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 8; l += 4) {
+      r[l] = _mm256_shuffle_ps(t[l], t[l + 2], 0x44);
+      r[l + 1] = _mm256_shuffle_ps(t[l], t[l + 2], 0xEE);
+      r[l + 2] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0x44);
+      r[l + 3] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
+    }
+    // r[0..3]: channels 0,1,2,3 (+4..7 in the high halves) of rows 0-3; r[4..7]: of rows 4-7
+    for (int l = 0; l < 4; ++l) {
+      _mm256_storeu_ps(dst + (c0 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x20), m));
+      _mm256_storeu_ps(dst + (c0 + 4 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x31), m));
+    }
+  }
+}
+#endif
+
 // Per-task key storage: transposed rows Kt[y][c][Wk] (sink column W = 0) and the gathered
 // border blocks Kg[y][g][j][c][V].
 template <typename T>
@@ -379,6 +405,33 @@ static void pack_keys(const at::Tensor& src, int64_t b, int64_t h, int64_t ylo, 
   auto st = src.strides();
   std::vector<T> tmp(pl.W * pl.D);
   for (int64_t y = ylo; y <= yhi; ++y) {
+#if NA_AVX2
+    if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+      if (st[4] == 1 && pl.D % 8 == 0) {
+        // 8 tokens by 8 channels in registers; columns past W (sink, padding) read zeros
+        T* row = kp.trow(pl, y);
+        const float* rows[8];
+        const scalar_t* rb = base + b * st[0] + y * st[1] + h * st[3];
+        for (int64_t x0 = 0; x0 < pl.Wk; x0 += 8) {
+          for (int l = 0; l < 8; ++l) rows[l] = x0 + l < pl.W ? rb + (x0 + l) * st[2] : nullptr;
+          transpose8(rows, pl.D, 1.0f, row + x0, pl.Wk);
+        }
+        for (int64_t g = 0; g < pl.NG; ++g) {
+          const int64_t s0 = (pl.n_full + g) * N;
+          T* gb = kp.grow(pl, y, g);
+          for (int64_t j = 0; j < pl.kw; ++j) {
+            const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+            for (int64_t c = 0; c < pl.D; ++c) {
+              const T* rc = row + c * pl.Wk;
+              T* d = gb + (j * pl.D + c) * N;
+              for (int l = 0; l < N; ++l) d[l] = rc[ki[l]];
+            }
+          }
+        }
+        continue;
+      }
+    }
+#endif
     // read the row in its natural (x, c) order, then transpose in cache
     for (int64_t x = 0; x < pl.W; ++x) {
       const scalar_t* s = base + b * st[0] + y * st[1] + x * st[2] + h * st[3];
@@ -416,6 +469,22 @@ static void pack_row(const at::Tensor& t, int64_t b, int64_t y, int64_t h, const
                      int64_t dstride) {
   const scalar_t* base = t.data_ptr<scalar_t>();
   auto st = t.strides();
+#if NA_AVX2
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+    if (st[4] == 1 && pl.D % 8 == 0) {
+      const float* rows[8];
+      const scalar_t* rb = base + b * st[0] + y * st[1] + h * st[3];
+      for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
+        for (int l = 0; l < 8; ++l) {
+          const int64_t x = pl.slotx[s0 + l];
+          rows[l] = x < pl.W ? rb + x * st[2] : nullptr;
+        }
+        transpose8(rows, pl.D, mul, dst + s0, dstride);
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t sl = 0; sl < pl.Ws; ++sl) {
     int64_t x = pl.slotx[sl];
     if (x >= pl.W) {
@@ -673,29 +742,6 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
 }
 
 #if NA_AVX2
-// dst[c * ds + l] = mul * rows[l][c] for l < 8, c < D (D % 8 == 0); a null row reads zeros.
-static inline void transpose8(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
-  const __m256 m = _mm256_set1_ps(mul);
-  for (int64_t c0 = 0; c0 < D; c0 += 8) {
-    __m256 r[8], t[8];
-    for (int l = 0; l < 8; ++l) r[l] = rows[l] ? _mm256_loadu_ps(rows[l] + c0) : _mm256_setzero_ps();
-    for (int l = 0; l < 8; l += 2) {
-      t[l] = _mm256_unpacklo_ps(r[l], r[l + 1]);
-      t[l + 1] = _mm256_unpackhi_ps(r[l], r[l + 1]);
-    }
-    for (int l = 0; l < 8; l += 4) {
-      r[l] = _mm256_shuffle_ps(t[l], t[l + 2], 0x44);
-      r[l + 1] = _mm256_shuffle_ps(t[l], t[l + 2], 0xEE);
-      r[l + 2] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0x44);
-      r[l + 3] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
-    }
-    // r[0..3]: channels 0,1,2,3 (+4..7 in the high halves) of rows 0-3; r[4..7]: of rows 4-7
-    for (int l = 0; l < 4; ++l) {
-      _mm256_storeu_ps(dst + (c0 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x20), m));
-      _mm256_storeu_ps(dst + (c0 + 4 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x31), m));
-    }
-  }
-}
 // one slot block of queries/keys (VecOf<float>::N columns)
 static inline void transpose_blk(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
   transpose8(rows, D, mul, dst, ds);
@@ -762,7 +808,12 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
     KeyPack<float> Kp;
     Kp.alloc(pl);
     const int64_t nblk = pl.Ws / N;
+#if NA_AVX2
+    // S padded by one vector: a P.V tile copies N weights from slot sl <= Ws - 2
+    std::vector<float> Qp(RG * D * pl.Ws), S(RG * K2 * pl.Ws + N), Linv(pl.Ws), Pl(pl.kw * N);
+#else
     std::vector<float> Qp(RG * D * pl.Ws), S(RG * K2 * pl.Ws), Linv(pl.Ws);
+#endif
     const float* rows[16];
     // The q, k, v rows that the row group kPfAhead groups ahead reads first (crossing into the
     // next task), prefetched into L2 a few tokens at a time between this group's key rows and
@@ -972,15 +1023,17 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
               for (int64_t i = 0; i < pl.kh; ++i) {
                 if (!pl.rowvalid[y * pl.kh + i]) continue;
                 const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1] + (x0 - rw * pl.dw) * vxs + dc * N;
+                // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
                 const float* Pi = Sy + i * pl.kw * pl.Ws + sl;
+                for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * pl.Ws));
                 if (pl.dw == 1 && pl.kw == 7)
-                  pv_tile_diag<TQ2, DC, 7>(Pi, pl.Ws, vr, vxs, acc);
+                  pv_tile_diag<TQ2, DC, 7>(Pl.data(), N, vr, vxs, acc);
                 else if (pl.dw == 1 && pl.kw == 5)
-                  pv_tile_diag<TQ2, DC, 5>(Pi, pl.Ws, vr, vxs, acc);
+                  pv_tile_diag<TQ2, DC, 5>(Pl.data(), N, vr, vxs, acc);
                 else if (pl.dw == 1 && pl.kw == 3)
-                  pv_tile_diag<TQ2, DC, 3>(Pi, pl.Ws, vr, vxs, acc);
+                  pv_tile_diag<TQ2, DC, 3>(Pl.data(), N, vr, vxs, acc);
                 else
-                  pv_tile<TQ2, DC>(Pi, pl.Ws, vr, vxs, pl.dw, pl.kw, acc);
+                  pv_tile<TQ2, DC>(Pl.data(), N, vr, vxs, pl.dw, pl.kw, acc);
               }
               for (int t = 0; t < TQ2; ++t) {
                 const Vec<float> inv = splat<float>(Linv[sl + t]);
@@ -1251,6 +1304,48 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
   // Reduce the row-chunk partials (fixed order) and unpack into (B, H, W, NH, D).
   scalar_t* DK = dk.data_ptr<scalar_t>();
   scalar_t* DV = dv.data_ptr<scalar_t>();
+#if NA_AVX2
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+    if (pl.D % 8 == 0) {
+      // the same sums (chunk order), then 8 channels by 8 columns transposed in registers
+      at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> sum(nchunks > 1 ? 2 * pl.D * pl.Wk : 1);
+        const int64_t rl = pl.D * pl.Wk, ts = pl.NH * pl.D;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
+          const float* src[2];
+          for (int a = 0; a < 2; ++a) {
+            const float* part = (a == 0 ? dKp : dVp).data() + bh * nchunks * plane + y * rl;
+            if (nchunks == 1) {
+              src[a] = part;
+              continue;
+            }
+            float* sm = sum.data() + a * rl;
+            for (int64_t e = 0; e < rl; e += 8) {
+              Vec<float> acc = loadu(part + e);
+              for (int64_t ch = 1; ch < nchunks; ++ch) acc += loadu(part + ch * plane + e);
+              storeu(sm + e, acc);
+            }
+            src[a] = sm;
+          }
+          for (int a = 0; a < 2; ++a) {
+            float* orow = (a == 0 ? DK : DV) + ((b * pl.H + y) * pl.W * pl.NH + h) * pl.D;
+            int64_t x0 = 0;
+            const float* rows[8];
+            for (; x0 + 8 <= pl.W; x0 += 8)
+              for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+                for (int l = 0; l < 8; ++l) rows[l] = src[a] + (c0 + l) * pl.Wk + x0;
+                transpose8(rows, 8, 1.0f, orow + x0 * ts + c0, ts);
+              }
+            for (; x0 < pl.W; ++x0)
+              for (int64_t c = 0; c < pl.D; ++c) orow[x0 * ts + c] = src[a][c * pl.Wk + x0];
+          }
+        }
+      });
+      goto reduced;
+    }
+  }
+#endif
   at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
@@ -1270,6 +1365,9 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
       }
     }
   });
+#if NA_AVX2
+reduced: __attribute__((unused));
+#endif
   if (dbias) {
     const int64_t n = pl.nht * tsize;
     for (int64_t e = 0; e < n; ++e) dbias[e] = T(0);

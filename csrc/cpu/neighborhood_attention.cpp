@@ -1162,6 +1162,9 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
     T* Gp = Gbuf.data() + LP;
     std::vector<T> S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
     std::vector<T> lse_s(pl.Ws), delta_s(pl.Ws);
+#if NA_AVX2
+    std::vector<T> Ot(pl.D * pl.Ws), dq8(8 * pl.D);  // transposed out row; 8 dq tokens
+#endif
     std::vector<KeyView<T>> kviews(pl.kh), vviews(pl.kh);
     std::vector<int64_t> row_i(pl.kh);
     for (int64_t t = t0; t < t1; ++t) {
@@ -1181,6 +1184,25 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
       for (int64_t y = y0; y < y1; ++y) {
         pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
         pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
+#if NA_AVX2
+        bool vec_rows = false;  // delta = rowsum(out * dout) and the dq rows with 8x8 transposes
+        if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+          if (pl.D % 8 == 0) {
+            pack_row<scalar_t, T>(out, b, y, h, pl, T(1), Ot.data(), pl.Ws);
+            for (int64_t s0 = 0; s0 < pl.Ws; s0 += N) {
+              Vec<T> acc = splat<T>(T(0));
+              for (int64_t c = 0; c < pl.D; ++c) acc += loadu(Ot.data() + c * pl.Ws + s0) * loadu(Gp + c * qs + s0);
+              storeu(delta_s.data() + s0, acc);  // dummy slots: zero
+            }
+            for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+              const int64_t x = pl.slotx[sl];
+              lse_s[sl] = x < pl.W ? L[(bh * pl.H + y) * pl.W + x] : T(0);
+            }
+            vec_rows = true;
+          }
+        }
+        if (!vec_rows)
+#endif
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {
           int64_t x = pl.slotx[sl];
           if (x >= pl.W) {
@@ -1275,6 +1297,26 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
             }
           }
         }
+#if NA_AVX2
+        if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+          if (vec_rows) {
+            const float* rows[8];
+            for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
+              for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+                for (int l = 0; l < 8; ++l) rows[l] = dQb.data() + (c0 + l) * pl.Ws + s0;
+                transpose8(rows, 8, scale, dq8.data() + c0, pl.D);  // dq8[slot][c]
+              }
+              for (int l = 0; l < 8; ++l) {
+                const int64_t x = pl.slotx[s0 + l];
+                if (x < pl.W)
+                  std::memcpy(DQ + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D, dq8.data() + l * pl.D,
+                              pl.D * sizeof(float));
+              }
+            }
+          }
+        }
+        if (!vec_rows)
+#endif
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {
           int64_t x = pl.slotx[sl];
           if (x >= pl.W) continue;

@@ -675,11 +675,12 @@ static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const 
 #if NA_AVX2
   // NR * JB accumulators + NR query vectors + 1 key vector within 16 ymm registers
   constexpr int64_t JB = NR == 1 ? 8 : 4;
-#else
-  constexpr int64_t JB = 8;
-#endif
   for (int64_t j0 = 0; j0 < kw; j0 += JB) {
     const int64_t nj = std::min<int64_t>(JB, kw - j0);
+#else
+  for (int64_t j0 = 0; j0 < kw; j0 += 8) {
+    const int64_t nj = std::min<int64_t>(8, kw - j0);
+#endif
     const int64_t* jo = kv.joff + j0;
     float* s[NR];
     for (int a = 0; a < NR; ++a) s[a] = S[a] + j0 * sstride;
@@ -741,15 +742,11 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
 #endif
 }
 
-#if NA_AVX2
 // one slot block of queries/keys (VecOf<float>::N columns)
-static inline void transpose_blk(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
-  transpose8(rows, D, mul, dst, ds);
-}
+#if NA_AVX2
+#define NA_TRANSPOSE_BLK transpose8
 #else
-static inline void transpose_blk(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
-  transpose16(rows, D, mul, dst, ds);
-}
+#define NA_TRANSPOSE_BLK transpose16
 #endif
 
 // acc[t][:] += sum_j P[j * pstride + t] * V[t + j * dw][:] for T queries, DV vectors of 16 channels.
@@ -904,7 +901,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           float* dst = Kp.trow(pl, y);
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
             for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[2] : nullptr;
-            transpose_blk(rows, D, 1.0f, dst + x0, pl.Wk);
+            NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
           }
           for (int64_t g = 0; g < pl.NG; ++g) {
             const int64_t s0 = (pl.n_full + g) * N;
@@ -912,7 +909,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
             for (int64_t j = 0; j < pl.kw; ++j) {
               const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
               for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[2] : nullptr;
-              transpose_blk(rows, D, 1.0f, gb + j * D * N, N);
+              NA_TRANSPOSE_BLK(rows, D, 1.0f, gb + j * D * N, N);
             }
           }
         }
@@ -928,7 +925,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           for (int64_t ci = 0; ci < nblk; ++ci) {
             const int32_t* sx = pl.slotx.data() + ci * N;
             for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[2] : nullptr;
-            transpose_blk(rows, D, scale, Qp.data() + r * D * pl.Ws + ci * N, pl.Ws);
+            NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * pl.Ws + ci * N, pl.Ws);
           }
           for (int64_t i = 0; i < pl.kh; ++i) {
             if (pl.rowvalid[y * pl.kh + i]) {

@@ -155,6 +155,30 @@ def test_forward_backward_float32(case, backend):
         assert_close(g, r, name=name, naive=r.float().double() + 1e-5 * r.abs().max())
 
 
+# Shapes for the float32 CPU kernel's vector paths that CASES does not reach: head_dim 48, rows
+# with several full P.V tiles (dilation 1 and 2) and a narrower tail tile, 8-column blocks
+# mixing interior and border queries.
+WIDE_CASES = [
+    (1, 9, 21, 2, 48, (5, 5), (1, 2), "clamp", "head"),
+    (2, 8, 19, 1, 48, (7, 3), (1, 1), "zero", None),
+    (1, 10, 22, 1, 32, (3, 5), (2, 1), "mask", "shared"),
+]
+
+
+@pytest.mark.parametrize("strided", (False, True))
+@pytest.mark.parametrize("case", range(len(WIDE_CASES)))
+def test_forward_backward_float32_cpu_tiles(case, strided):
+    case = WIDE_CASES[case]
+    skip_unless(OP, "cpu", torch.float32)
+    ref_out, gout, ref_grads = brute_with_grads(case)
+    leaves, out = run_case(case, "cpu", torch.float32, "cpu", strided=strided)
+    assert_close(out, ref_out, name="out")
+    inputs = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, inputs, gout.float())
+    for name, g, r in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        assert_close(g, r, name=name, naive=r.float().double() + 1e-5 * r.abs().max())
+
+
 LOW_PRECISION = [
     ("cpu", torch.bfloat16, 7),
     ("cpu", torch.float64, 2),

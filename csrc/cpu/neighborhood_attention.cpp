@@ -50,14 +50,26 @@
 #include <immintrin.h>
 #endif
 
+// Vector width. AVX-512 (and ISAs without AVX2) use 64-byte vectors (16 floats); AVX2 + FMA
+// without AVX-512 uses 32-byte vectors (8 floats, one ymm register each), so that the register
+// blocks below (up to ~14 live vectors) fit in the 16 ymm registers instead of spilling.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NA_AVX2 1
+#define NA_VEC_BYTES 32
+#else
+#define NA_AVX2 0
+#define NA_VEC_BYTES 64
+#endif
+
 
 namespace alterops {
 namespace na_cpu {
 
 template <typename T>
 struct VecOf {
-  static constexpr int N = 64 / sizeof(T);
-  typedef T type __attribute__((vector_size(64)));
+  static constexpr int N = NA_VEC_BYTES / sizeof(T);
+  typedef T type __attribute__((vector_size(NA_VEC_BYTES)));
 };
 
 template <typename T>
@@ -81,7 +93,7 @@ static inline Vec<T> splat(T x) {
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
 // exactly 0 below -87.
 static inline Vec<float> vexp(Vec<float> x) {
-  typedef int32_t VI __attribute__((vector_size(64)));
+  typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
   const Vec<float> lo = splat<float>(-87.0f);
   Vec<float> xc = x < lo ? lo : x;
   Vec<float> t = xc * 1.44269504088896341f;
@@ -344,6 +356,32 @@ static void key_sum_row(const T* Wt, const T* A, int64_t ws, const int64_t* off,
   }
 }
 
+#if NA_AVX2
+// dst[c * ds + l] = mul * rows[l][c] for l < 8, c < D (D % 8 == 0); a null row reads zeros.
+static inline void transpose8(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+  const __m256 m = _mm256_set1_ps(mul);
+  for (int64_t c0 = 0; c0 < D; c0 += 8) {
+    __m256 r[8], t[8];
+    for (int l = 0; l < 8; ++l) r[l] = rows[l] ? _mm256_loadu_ps(rows[l] + c0) : _mm256_setzero_ps();
+    for (int l = 0; l < 8; l += 2) {
+      t[l] = _mm256_unpacklo_ps(r[l], r[l + 1]);
+      t[l + 1] = _mm256_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 8; l += 4) {
+      r[l] = _mm256_shuffle_ps(t[l], t[l + 2], 0x44);
+      r[l + 1] = _mm256_shuffle_ps(t[l], t[l + 2], 0xEE);
+      r[l + 2] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0x44);
+      r[l + 3] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
+    }
+    // r[0..3]: channels 0,1,2,3 (+4..7 in the high halves) of rows 0-3; r[4..7]: of rows 4-7
+    for (int l = 0; l < 4; ++l) {
+      _mm256_storeu_ps(dst + (c0 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x20), m));
+      _mm256_storeu_ps(dst + (c0 + 4 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x31), m));
+    }
+  }
+}
+#endif
+
 // Per-task key storage: transposed rows Kt[y][c][Wk] (sink column W = 0) and the gathered
 // border blocks Kg[y][g][j][c][V].
 template <typename T>
@@ -367,6 +405,33 @@ static void pack_keys(const at::Tensor& src, int64_t b, int64_t h, int64_t ylo, 
   auto st = src.strides();
   std::vector<T> tmp(pl.W * pl.D);
   for (int64_t y = ylo; y <= yhi; ++y) {
+#if NA_AVX2
+    if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+      if (st[4] == 1 && pl.D % 8 == 0) {
+        // 8 tokens by 8 channels in registers; columns past W (sink, padding) read zeros
+        T* row = kp.trow(pl, y);
+        const float* rows[8];
+        const scalar_t* rb = base + b * st[0] + y * st[1] + h * st[3];
+        for (int64_t x0 = 0; x0 < pl.Wk; x0 += 8) {
+          for (int l = 0; l < 8; ++l) rows[l] = x0 + l < pl.W ? rb + (x0 + l) * st[2] : nullptr;
+          transpose8(rows, pl.D, 1.0f, row + x0, pl.Wk);
+        }
+        for (int64_t g = 0; g < pl.NG; ++g) {
+          const int64_t s0 = (pl.n_full + g) * N;
+          T* gb = kp.grow(pl, y, g);
+          for (int64_t j = 0; j < pl.kw; ++j) {
+            const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+            for (int64_t c = 0; c < pl.D; ++c) {
+              const T* rc = row + c * pl.Wk;
+              T* d = gb + (j * pl.D + c) * N;
+              for (int l = 0; l < N; ++l) d[l] = rc[ki[l]];
+            }
+          }
+        }
+        continue;
+      }
+    }
+#endif
     // read the row in its natural (x, c) order, then transpose in cache
     for (int64_t x = 0; x < pl.W; ++x) {
       const scalar_t* s = base + b * st[0] + y * st[1] + x * st[2] + h * st[3];
@@ -404,6 +469,22 @@ static void pack_row(const at::Tensor& t, int64_t b, int64_t y, int64_t h, const
                      int64_t dstride) {
   const scalar_t* base = t.data_ptr<scalar_t>();
   auto st = t.strides();
+#if NA_AVX2
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+    if (st[4] == 1 && pl.D % 8 == 0) {
+      const float* rows[8];
+      const scalar_t* rb = base + b * st[0] + y * st[1] + h * st[3];
+      for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
+        for (int l = 0; l < 8; ++l) {
+          const int64_t x = pl.slotx[s0 + l];
+          rows[l] = x < pl.W ? rb + x * st[2] : nullptr;
+        }
+        transpose8(rows, pl.D, mul, dst + s0, dstride);
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t sl = 0; sl < pl.Ws; ++sl) {
     int64_t x = pl.slotx[sl];
     if (x >= pl.W) {
@@ -591,8 +672,15 @@ static inline void dot_block_multi(const float* const* A, int64_t Ws, int64_t D,
 template <int NR>
 static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const KeyView<float>& kv, int64_t kw,
                             float* const* S, int64_t sstride) {
+#if NA_AVX2
+  // NR * JB accumulators + NR query vectors + 1 key vector within 16 ymm registers
+  constexpr int64_t JB = NR == 1 ? 8 : 4;
+  for (int64_t j0 = 0; j0 < kw; j0 += JB) {
+    const int64_t nj = std::min<int64_t>(JB, kw - j0);
+#else
   for (int64_t j0 = 0; j0 < kw; j0 += 8) {
     const int64_t nj = std::min<int64_t>(8, kw - j0);
+#endif
     const int64_t* jo = kv.joff + j0;
     float* s[NR];
     for (int a = 0; a < NR; ++a) s[a] = S[a] + j0 * sstride;
@@ -654,6 +742,13 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
 #endif
 }
 
+// one slot block of queries/keys (VecOf<float>::N columns)
+#if NA_AVX2
+#define NA_TRANSPOSE_BLK transpose8
+#else
+#define NA_TRANSPOSE_BLK transpose16
+#endif
+
 // acc[t][:] += sum_j P[j * pstride + t] * V[t + j * dw][:] for T queries, DV vectors of 16 channels.
 template <int T, int DV>
 static inline void pv_tile(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t dw, int64_t kw,
@@ -663,7 +758,7 @@ static inline void pv_tile(const float* P, int64_t pstride, const float* V, int6
     const float* vj = V + j * dw * xs;
     for (int t = 0; t < T; ++t) {
       const Vec<float> p = splat<float>(pj[t]);
-      for (int d = 0; d < DV; ++d) acc[t][d] += p * loadu(vj + t * xs + d * 16);
+      for (int d = 0; d < DV; ++d) acc[t][d] += p * loadu(vj + t * xs + d * VecOf<float>::N);
     }
   }
 }
@@ -676,7 +771,7 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
 #pragma GCC unroll 32
   for (int u = 0; u < T + KW - 1; ++u) {
     Vec<float> vv[DV];
-    for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * 16);
+    for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
 #pragma GCC unroll 16
     for (int t = (u - KW + 1 > 0 ? u - KW + 1 : 0); t <= (u < T - 1 ? u : T - 1); ++t) {
       const Vec<float> p = splat<float>(P[(u - t) * pstride + t]);
@@ -688,7 +783,7 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
 template <int DV>
 static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                         at::Tensor& lse, const Plan<float>& pl, float scale) {
-  constexpr int N = 16;
+  constexpr int N = VecOf<float>::N;
   constexpr int TQ = 8;  // queries per P.V tile
   constexpr int RG = 3;  // query rows whose logits are formed together
   const int64_t D = pl.D;
@@ -710,7 +805,12 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
     KeyPack<float> Kp;
     Kp.alloc(pl);
     const int64_t nblk = pl.Ws / N;
+#if NA_AVX2
+    // S padded by one vector: a P.V tile copies N weights from slot sl <= Ws - 2
+    std::vector<float> Qp(RG * D * pl.Ws), S(RG * K2 * pl.Ws + N), Linv(pl.Ws), Pl(pl.kw * N);
+#else
     std::vector<float> Qp(RG * D * pl.Ws), S(RG * K2 * pl.Ws), Linv(pl.Ws);
+#endif
     const float* rows[16];
     // The q, k, v rows that the row group kPfAhead groups ahead reads first (crossing into the
     // next task), prefetched into L2 a few tokens at a time between this group's key rows and
@@ -801,7 +901,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           float* dst = Kp.trow(pl, y);
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
             for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[2] : nullptr;
-            transpose16(rows, D, 1.0f, dst + x0, pl.Wk);
+            NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
           }
           for (int64_t g = 0; g < pl.NG; ++g) {
             const int64_t s0 = (pl.n_full + g) * N;
@@ -809,7 +909,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
             for (int64_t j = 0; j < pl.kw; ++j) {
               const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
               for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[2] : nullptr;
-              transpose16(rows, D, 1.0f, gb + j * D * N, N);
+              NA_TRANSPOSE_BLK(rows, D, 1.0f, gb + j * D * N, N);
             }
           }
         }
@@ -825,7 +925,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           for (int64_t ci = 0; ci < nblk; ++ci) {
             const int32_t* sx = pl.slotx.data() + ci * N;
             for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[2] : nullptr;
-            transpose16(rows, D, scale, Qp.data() + r * D * pl.Ws + ci * N, pl.Ws);
+            NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * pl.Ws + ci * N, pl.Ws);
           }
           for (int64_t i = 0; i < pl.kh; ++i) {
             if (pl.rowvalid[y * pl.kh + i]) {
@@ -906,6 +1006,44 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
           const int64_t ostr = pl.NH * D;
           const int64_t vxs = vs[2];
           int64_t sl = 0;
+#if NA_AVX2
+          // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
+          // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
+          auto pv_avx2 = [&](auto tqv) {
+            constexpr int TQ2 = decltype(tqv)::value;
+            constexpr int DC = 2;
+            const int64_t x0 = pl.xlo + sl;
+            for (int dc = 0; dc < DV; dc += DC) {
+              Vec<float> acc[TQ2][DC];
+              for (int t = 0; t < TQ2; ++t)
+                for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
+              for (int64_t i = 0; i < pl.kh; ++i) {
+                if (!pl.rowvalid[y * pl.kh + i]) continue;
+                const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1] + (x0 - rw * pl.dw) * vxs + dc * N;
+                // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
+                const float* Pi = Sy + i * pl.kw * pl.Ws + sl;
+                for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * pl.Ws));
+                if (pl.dw == 1 && pl.kw == 7)
+                  pv_tile_diag<TQ2, DC, 7>(Pl.data(), N, vr, vxs, acc);
+                else if (pl.dw == 1 && pl.kw == 5)
+                  pv_tile_diag<TQ2, DC, 5>(Pl.data(), N, vr, vxs, acc);
+                else if (pl.dw == 1 && pl.kw == 3)
+                  pv_tile_diag<TQ2, DC, 3>(Pl.data(), N, vr, vxs, acc);
+                else
+                  pv_tile<TQ2, DC>(Pl.data(), N, vr, vxs, pl.dw, pl.kw, acc);
+              }
+              for (int t = 0; t < TQ2; ++t) {
+                const Vec<float> inv = splat<float>(Linv[sl + t]);
+                float* o = Orow + (x0 + t) * ostr + dc * N;
+                for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
+              }
+            }
+            sl += TQ2;
+          };
+          while (sl + 6 <= pl.n_int) pv_avx2(std::integral_constant<int, 6>{});
+          while (sl + 2 <= pl.n_int) pv_avx2(std::integral_constant<int, 2>{});
+          (void)TQ;
+#else
           for (; sl + TQ <= pl.n_int; sl += TQ) {
             Vec<float> acc[TQ][DV];
             for (int t = 0; t < TQ; ++t)
@@ -930,6 +1068,7 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
               for (int d = 0; d < DV; ++d) storeu(o + d * 16, acc[t][d] * inv);
             }
           }
+#endif
           for (; sl < pl.Ws; ++sl) {
             const int64_t x = pl.slotx[sl];
             if (x >= pl.W) continue;
@@ -943,11 +1082,11 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
                 const int32_t col = pl.kidx[j * pl.Ws + sl];
                 if (col >= pl.W) continue;  // outside the image: zero value
                 const Vec<float> p = splat<float>(P[j * pl.Ws]);
-                for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * 16);
+                for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * N);
               }
             }
             const Vec<float> inv = splat<float>(Linv[sl]);
-            for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * 16, acc[d] * inv);
+            for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[d] * inv);
           }
         }
       }
@@ -966,12 +1105,22 @@ static bool forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          at::Tensor& lse, const Plan<float>& pl, float scale) {
   if (q.scalar_type() != at::kFloat || !fast_width(pl.D)) return false;
   if (q.stride(4) != 1 || k.stride(4) != 1 || v.stride(4) != 1 || !out.is_contiguous()) return false;
+  // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
+#if NA_AVX2
+  switch (pl.D / 16) {
+    case 1: forward_f32<2>(q, k, v, out, lse, pl, scale); break;
+    case 2: forward_f32<4>(q, k, v, out, lse, pl, scale); break;
+    case 3: forward_f32<6>(q, k, v, out, lse, pl, scale); break;
+    default: forward_f32<8>(q, k, v, out, lse, pl, scale); break;
+  }
+#else
   switch (pl.D / 16) {
     case 1: forward_f32<1>(q, k, v, out, lse, pl, scale); break;
     case 2: forward_f32<2>(q, k, v, out, lse, pl, scale); break;
     case 3: forward_f32<3>(q, k, v, out, lse, pl, scale); break;
     default: forward_f32<4>(q, k, v, out, lse, pl, scale); break;
   }
+#endif
   return true;
 }
 
@@ -1010,6 +1159,9 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
     T* Gp = Gbuf.data() + LP;
     std::vector<T> S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
     std::vector<T> lse_s(pl.Ws), delta_s(pl.Ws);
+#if NA_AVX2
+    std::vector<T> Ot(pl.D * pl.Ws), dq8(8 * pl.D);  // transposed out row; 8 dq tokens
+#endif
     std::vector<KeyView<T>> kviews(pl.kh), vviews(pl.kh);
     std::vector<int64_t> row_i(pl.kh);
     for (int64_t t = t0; t < t1; ++t) {
@@ -1029,6 +1181,25 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
       for (int64_t y = y0; y < y1; ++y) {
         pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
         pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
+#if NA_AVX2
+        bool vec_rows = false;  // delta = rowsum(out * dout) and the dq rows with 8x8 transposes
+        if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+          if (pl.D % 8 == 0) {
+            pack_row<scalar_t, T>(out, b, y, h, pl, T(1), Ot.data(), pl.Ws);
+            for (int64_t s0 = 0; s0 < pl.Ws; s0 += N) {
+              Vec<T> acc = splat<T>(T(0));
+              for (int64_t c = 0; c < pl.D; ++c) acc += loadu(Ot.data() + c * pl.Ws + s0) * loadu(Gp + c * qs + s0);
+              storeu(delta_s.data() + s0, acc);  // dummy slots: zero
+            }
+            for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+              const int64_t x = pl.slotx[sl];
+              lse_s[sl] = x < pl.W ? L[(bh * pl.H + y) * pl.W + x] : T(0);
+            }
+            vec_rows = true;
+          }
+        }
+        if (!vec_rows)
+#endif
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {
           int64_t x = pl.slotx[sl];
           if (x >= pl.W) {
@@ -1123,6 +1294,26 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
             }
           }
         }
+#if NA_AVX2
+        if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+          if (vec_rows) {
+            const float* rows[8];
+            for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
+              for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+                for (int l = 0; l < 8; ++l) rows[l] = dQb.data() + (c0 + l) * pl.Ws + s0;
+                transpose8(rows, 8, scale, dq8.data() + c0, pl.D);  // dq8[slot][c]
+              }
+              for (int l = 0; l < 8; ++l) {
+                const int64_t x = pl.slotx[s0 + l];
+                if (x < pl.W)
+                  std::memcpy(DQ + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D, dq8.data() + l * pl.D,
+                              pl.D * sizeof(float));
+              }
+            }
+          }
+        }
+        if (!vec_rows)
+#endif
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {
           int64_t x = pl.slotx[sl];
           if (x >= pl.W) continue;
@@ -1152,6 +1343,48 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
   // Reduce the row-chunk partials (fixed order) and unpack into (B, H, W, NH, D).
   scalar_t* DK = dk.data_ptr<scalar_t>();
   scalar_t* DV = dv.data_ptr<scalar_t>();
+#if NA_AVX2
+  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+    if (pl.D % 8 == 0) {
+      // the same sums (chunk order), then 8 channels by 8 columns transposed in registers
+      at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> sum(nchunks > 1 ? 2 * pl.D * pl.Wk : 1);
+        const int64_t rl = pl.D * pl.Wk, ts = pl.NH * pl.D;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
+          const float* src[2];
+          for (int a = 0; a < 2; ++a) {
+            const float* part = (a == 0 ? dKp : dVp).data() + bh * nchunks * plane + y * rl;
+            if (nchunks == 1) {
+              src[a] = part;
+              continue;
+            }
+            float* sm = sum.data() + a * rl;
+            for (int64_t e = 0; e < rl; e += 8) {
+              Vec<float> acc = loadu(part + e);
+              for (int64_t ch = 1; ch < nchunks; ++ch) acc += loadu(part + ch * plane + e);
+              storeu(sm + e, acc);
+            }
+            src[a] = sm;
+          }
+          for (int a = 0; a < 2; ++a) {
+            float* orow = (a == 0 ? DK : DV) + ((b * pl.H + y) * pl.W * pl.NH + h) * pl.D;
+            int64_t x0 = 0;
+            const float* rows[8];
+            for (; x0 + 8 <= pl.W; x0 += 8)
+              for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+                for (int l = 0; l < 8; ++l) rows[l] = src[a] + (c0 + l) * pl.Wk + x0;
+                transpose8(rows, 8, 1.0f, orow + x0 * ts + c0, ts);
+              }
+            for (; x0 < pl.W; ++x0)
+              for (int64_t c = 0; c < pl.D; ++c) orow[x0 * ts + c] = src[a][c * pl.Wk + x0];
+          }
+        }
+      });
+      goto reduced;
+    }
+  }
+#endif
   at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
@@ -1171,6 +1404,9 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
       }
     }
   });
+#if NA_AVX2
+reduced: __attribute__((unused));
+#endif
   if (dbias) {
     const int64_t n = pl.nht * tsize;
     for (int64_t e = 0; e < n; ++e) dbias[e] = T(0);

@@ -359,7 +359,12 @@ static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, d
     table = job.table_f.data();
   }
   std::vector<acc_t> plane_buf(std::is_same<scalar_t, acc_t>::value ? 0 : hw);
+#if defined(ALTEROPS_STATS_AVX2)
+  // dft_power_avx2 writes 8 or 16 lanes per plane: 16 floats of slack
   std::vector<acc_t> a(std::max<int64_t>(n, 32)), d(2 * n), f(cols), logs(np * K + 16);
+#else
+  std::vector<acc_t> a(std::max<int64_t>(n, 32)), d(2 * n), f(cols), logs(np * K);
+#endif
   AntidiagFn<acc_t> fixed = antidiag_for<acc_t>(n);
   const scalar_t* base = static_cast<const scalar_t*>(job.data);
 

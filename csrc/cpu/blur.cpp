@@ -124,19 +124,19 @@ static inline __m256 tanh_approx8(__m256 x) {
   const __m256 c = _mm256_set1_ps(7.90531110763549805f);
   // min/max return their second operand for a NaN: NaN inputs stay NaN (as in the scalar code)
   const __m256 xc = _mm256_max_ps(_mm256_set1_ps(-7.90531110763549805f), _mm256_min_ps(c, x));
+  // Estrin's scheme (shorter dependency chains than Horner: the loops are latency-bound)
   const __m256 x2 = _mm256_mul_ps(xc, xc);
-  __m256 p = _mm256_set1_ps(-2.76076847742355e-16f);
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.00018790482477e-13f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-8.60467152213735e-11f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(5.12229709037114e-08f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(1.48572235717979e-05f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(6.37261928875436e-04f));
-  p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(4.89352455891786e-03f));
-  p = _mm256_mul_ps(p, xc);
-  __m256 q = _mm256_set1_ps(1.19825839466702e-06f);
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(1.18534705686654e-04f));
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(2.26843463243900e-03f));
-  q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(4.89352518554385e-03f));
+  const __m256 x4 = _mm256_mul_ps(x2, x2);
+  const __m256 x8 = _mm256_mul_ps(x4, x4);
+  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(6.37261928875436e-04f), x2, _mm256_set1_ps(4.89352455891786e-03f));
+  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(5.12229709037114e-08f), x2, _mm256_set1_ps(1.48572235717979e-05f));
+  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(2.00018790482477e-13f), x2, _mm256_set1_ps(-8.60467152213735e-11f));
+  const __m256 p46 = _mm256_fmadd_ps(_mm256_set1_ps(-2.76076847742355e-16f), x4, p45);
+  const __m256 p03 = _mm256_fmadd_ps(p23, x4, p01);
+  const __m256 p = _mm256_mul_ps(_mm256_fmadd_ps(p46, x8, p03), xc);
+  const __m256 q01 = _mm256_fmadd_ps(_mm256_set1_ps(2.26843463243900e-03f), x2, _mm256_set1_ps(4.89352518554385e-03f));
+  const __m256 q23 = _mm256_fmadd_ps(_mm256_set1_ps(1.19825839466702e-06f), x2, _mm256_set1_ps(1.18534705686654e-04f));
+  const __m256 q = _mm256_fmadd_ps(q23, x4, q01);
   const __m256 t = _mm256_div_ps(p, q);
   const __m256 ax = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
   const __m256 tiny = _mm256_cmp_ps(ax, _mm256_set1_ps(0.0004f), _CMP_LT_OQ);

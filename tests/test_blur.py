@@ -42,6 +42,12 @@ CASES = [
     ((1, 2, 4, 33), 3, 1, "same", "zeros"),
     ((1, 1, 3, 48), 3, 1, (1, 2), "zeros"),
     ((1, 1, 4, 40), 2, 1, (0, 1), "reflect"),
+    ((3, 2, 8, 8), 2, 1, 1, "zeros"),  # widths around 8-lane vectors, small planes
+    ((2, 3, 7, 15), 3, 1, "same", "zeros"),
+    ((2, 2, 6, 16), 2, 1, (0, 1), "zeros"),
+    ((2, 3, 5, 23), 3, 1, (2, 1), "zeros"),
+    ((4, 2, 2, 3), 3, 1, 1, "zeros"),
+    ((2, 2, 3, 2), 2, 1, 0, "zeros"),
 ]
 # the Triton interpreter is slow: a subset that still covers every mode, stride and size kind
 TRITON_CASES = [CASES[i] for i in (0, 2, 4, 6, 9, 11)] + [((1, 1, 6, 5), (5, 3), 2, (2, 1), "reflect")]

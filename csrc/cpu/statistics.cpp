@@ -35,8 +35,13 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+// AVX2 + FMA builds without AVX-512 (e.g. AMD Zen 2/3): 8-lane paths for float32 maps with
+// n <= 32. An AVX-512 build never compiles them: its code is unchanged.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define ALTEROPS_STATS_AVX2 1
 #endif
 
 namespace alterops {
@@ -173,6 +178,89 @@ static inline void plane_power_avx512(const float* __restrict p, int n, int K, c
 }
 #endif
 
+
+#if defined(ALTEROPS_STATS_AVX2)
+// n <= 32 with AVX2: lane s of row y rotated by y lanes, p[y, (s - y) mod n], is p[y, s - y]
+// for s >= y and p[y, s - y + n] for s < y: two unaligned loads straight from the plane (at
+// p + y*(n-1) and p + y*n + n - y), each ANDed with a lane mask; no permutes. (vmaskmovps
+// loads were several times slower here on Zen 3.) The loads reach up to 7 floats past the end
+// of the plane: the caller passes a padded copy of a map's last plane.
+// masks: per row y and 8-lane chunk c, two 8-lane masks (lanes y <= s < n, lanes s < y).
+static void build_antidiag_masks(int n, std::vector<int32_t>& masks) {
+  const int nc = (n + 7) / 8;
+  masks.assign(static_cast<size_t>(n) * nc * 16, 0);
+  for (int y = 0; y < n; ++y) {
+    for (int c = 0; c < nc; ++c) {
+      for (int l = 0; l < 8; ++l) {
+        const int s = 8 * c + l;
+        masks[(static_cast<size_t>(y) * nc + c) * 16 + l] = (s >= y && s < n) ? -1 : 0;
+        masks[(static_cast<size_t>(y) * nc + c) * 16 + 8 + l] = (s < y) ? -1 : 0;
+      }
+    }
+  }
+}
+
+template <int NC>
+static inline void antidiag_avx2(const float* __restrict p, float* __restrict a, int n,
+                                 const int32_t* __restrict masks) {
+  __m256 acc1[NC], acc2[NC];
+  for (int c = 0; c < NC; ++c) acc1[c] = acc2[c] = _mm256_setzero_ps();
+  for (int c = 0; c < NC; ++c)  // row 0: no rotation
+    acc1[c] = _mm256_and_ps(_mm256_loadu_ps(p + 8 * c), _mm256_loadu_ps(reinterpret_cast<const float*>(masks + c * 16)));
+  for (int y = 1; y < n; ++y) {
+    const float* b1 = p + y * (n - 1);
+    const float* b2 = p + y * n + (n - y);
+    const int32_t* my = masks + static_cast<size_t>(y) * NC * 16;
+    for (int c = 0; c < NC; ++c) {
+      const __m256 m1 = _mm256_loadu_ps(reinterpret_cast<const float*>(my + c * 16));
+      const __m256 m2 = _mm256_loadu_ps(reinterpret_cast<const float*>(my + c * 16 + 8));
+      acc1[c] = _mm256_add_ps(acc1[c], _mm256_and_ps(_mm256_loadu_ps(b1 + 8 * c), m1));
+      acc2[c] = _mm256_add_ps(acc2[c], _mm256_and_ps(_mm256_loadu_ps(b2 + 8 * c), m2));
+    }
+  }
+  for (int c = 0; c < NC; ++c) _mm256_store_ps(a + 8 * c, _mm256_add_ps(acc1[c], acc2[c]));
+}
+
+static inline void antidiag_avx2_n(const float* __restrict p, float* __restrict a, int n,
+                                   const int32_t* __restrict masks) {
+  switch ((n + 7) / 8) {
+    case 1: antidiag_avx2<1>(p, a, n, masks); break;
+    case 2: antidiag_avx2<2>(p, a, n, masks); break;
+    case 3: antidiag_avx2<3>(p, a, n, masks); break;
+    default: antidiag_avx2<4>(p, a, n, masks); break;
+  }
+}
+
+// |F[k, k]|^2 for k < K of one plane from its anti-diagonal sums a (n <= 32): table2 is
+// n x (2 KP) with KP = 8 (K <= 8) or 16: [cos(2πks/n), k < KP | -sin(2πks/n), k < KP], zero
+// for k >= K. Writes KP lanes at out (the caller leaves room past K).
+template <int KP>
+static inline void dft_power_avx2(const float* __restrict a, int n, const float* __restrict table2,
+                                  float* __restrict out) {
+  constexpr int V = KP / 8;  // vectors per half
+  __m256 e[2 * V], o[2 * V];
+  for (int v = 0; v < 2 * V; ++v) e[v] = o[v] = _mm256_setzero_ps();
+  int s = 0;
+  for (; s + 1 < n; s += 2) {
+    const __m256 a0 = _mm256_broadcast_ss(a + s), a1 = _mm256_broadcast_ss(a + s + 1);
+    const float* t0 = table2 + s * 2 * KP;
+    for (int v = 0; v < 2 * V; ++v) {
+      e[v] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(t0 + 8 * v), e[v]);
+      o[v] = _mm256_fmadd_ps(a1, _mm256_loadu_ps(t0 + 2 * KP + 8 * v), o[v]);
+    }
+  }
+  if (s < n) {
+    const __m256 a0 = _mm256_broadcast_ss(a + s);
+    const float* t0 = table2 + s * 2 * KP;
+    for (int v = 0; v < 2 * V; ++v) e[v] = _mm256_fmadd_ps(a0, _mm256_loadu_ps(t0 + 8 * v), e[v]);
+  }
+  for (int v = 0; v < V; ++v) {
+    const __m256 re = _mm256_add_ps(e[v], o[v]), im = _mm256_add_ps(e[V + v], o[V + v]);
+    _mm256_storeu_ps(out + 8 * v, _mm256_fmadd_ps(im, im, _mm256_mul_ps(re, re)));
+  }
+}
+#endif  // ALTEROPS_STATS_AVX2
+
 template <typename T>
 static inline void antidiag_generic(const T* __restrict p, T* __restrict a, T* __restrict d, int64_t n) {
   for (int64_t i = 0; i < 2 * n; ++i) d[i] = T(0);
@@ -223,6 +311,10 @@ struct MapJob {
   std::vector<double> table_d;  // n x cols: [cos(2πks/n), k < K | -sin(2πks/n), k < K | 0...]
   std::vector<float> table_f;
   std::vector<int32_t> rot;  // AVX-512 rotation indices (n <= 32)
+#if defined(ALTEROPS_STATS_AVX2)
+  std::vector<float> table2;       // AVX2 (n <= 32): see dft_power_avx2
+  std::vector<int32_t> ad_masks;   // AVX2 (n <= 32): see build_antidiag_masks
+#endif
 };
 
 static void build_table(MapJob& job) {
@@ -240,6 +332,19 @@ static void build_table(MapJob& job) {
 #if defined(__AVX512F__)
   if (n <= 32) build_rotations(static_cast<int>(n), job.rot);
 #endif
+#if defined(ALTEROPS_STATS_AVX2)
+  if (n <= 32) {
+    const int64_t kp = job.k <= 8 ? 8 : 16;
+    job.table2.assign(n * 2 * kp, 0.f);
+    for (int64_t s = 0; s < n; ++s) {
+      for (int64_t k = 0; k < job.k; ++k) {
+        job.table2[s * 2 * kp + k] = job.table_f[s * cols + k];
+        job.table2[s * 2 * kp + kp + k] = job.table_f[s * cols + job.k + k];
+      }
+    }
+    build_antidiag_masks(static_cast<int>(n), job.ad_masks);
+  }
+#endif
 }
 
 // Per chunk of planes of one map: sum over the chunk's planes of log(|F[k,k]| + eps).
@@ -254,7 +359,12 @@ static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, d
     table = job.table_f.data();
   }
   std::vector<acc_t> plane_buf(std::is_same<scalar_t, acc_t>::value ? 0 : hw);
+#if defined(ALTEROPS_STATS_AVX2)
+  // dft_power_avx2 writes 8 or 16 lanes per plane: 16 floats of slack
+  std::vector<acc_t> a(std::max<int64_t>(n, 32)), d(2 * n), f(cols), logs(np * K + 16);
+#else
   std::vector<acc_t> a(std::max<int64_t>(n, 32)), d(2 * n), f(cols), logs(np * K);
+#endif
   AntidiagFn<acc_t> fixed = antidiag_for<acc_t>(n);
   const scalar_t* base = static_cast<const scalar_t*>(job.data);
 
@@ -266,6 +376,34 @@ static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, d
       alignas(64) float sums[kChunk * 32];
       for (int64_t j = 0; j < np; ++j) antidiag_avx512(base + (p0 + j) * hw, sums + j * 32, static_cast<int>(n), job.rot.data());
       for (int64_t j = 0; j < np; ++j) dft_power_avx512(sums + j * 32, static_cast<int>(n), static_cast<int>(K), table, logs.data() + j * K);
+      chunk_done = true;
+    }
+  }
+#elif defined(ALTEROPS_STATS_AVX2)
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (n <= 32) {
+      // Two phases over the chunk, so that consecutive planes' dependency chains overlap.
+      alignas(32) float sums[kChunk * 32];
+      const int ni = static_cast<int>(n);
+      for (int64_t j = 0; j < np; ++j) {
+        const float* plane = base + (p0 + j) * hw;
+        alignas(32) float last[32 * 32 + 8];
+        if (p0 + j == job.planes - 1) {  // the loads may reach 7 floats past the plane: padded copy
+          std::memcpy(last, plane, sizeof(float) * hw);
+          std::memset(last + hw, 0, sizeof(float) * 8);
+          plane = last;
+        }
+        {  // software prefetch of a plane a few ahead (prefetches never fault)
+          const char* ahead = reinterpret_cast<const char*>(base + (p0 + j + 4) * hw);
+          for (int64_t off = 0; off < hw * 4; off += 64) _mm_prefetch(ahead + off, _MM_HINT_T0);
+        }
+        antidiag_avx2_n(plane, sums + j * 32, ni, job.ad_masks.data());
+      }
+      if (K <= 8) {
+        for (int64_t j = 0; j < np; ++j) dft_power_avx2<8>(sums + j * 32, ni, job.table2.data(), logs.data() + j * K);
+      } else {
+        for (int64_t j = 0; j < np; ++j) dft_power_avx2<16>(sums + j * 32, ni, job.table2.data(), logs.data() + j * K);
+      }
       chunk_done = true;
     }
   }

@@ -81,6 +81,17 @@ static inline void store_chunk(float* dst, int64_t e0, int64_t d, __m256 v) {
   }
 }
 
+// The same with a non-temporal store where the chunk is whole and 32-byte aligned: an output row
+// is written once and read by the next op only after the whole map, so fetching its lines first
+// (write-allocate) would only add DRAM reads. Needs _mm_sfence() before the writes are published.
+static inline void stream_chunk(float* dst, int64_t e0, int64_t d, __m256 v) {
+  if (e0 + 8 <= d && (reinterpret_cast<uintptr_t>(dst + e0) & 31) == 0) {
+    _mm256_stream_ps(dst + e0, v);
+  } else {
+    store_chunk(dst, e0, d, v);
+  }
+}
+
 static inline void transpose8(__m256 r[8]) {
   __m256 t[8], s[8];
   _Pragma("GCC unroll 8") for (int i = 0; i < 4; ++i) {
@@ -264,10 +275,11 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
       for (int64_t m = 0; m < M; ++m) lse[(b * HW + pos[m]) * nh + h] = lsev[m];
       // O = P V / rowsum
       gemm<false>(S, Np, V, d8, M, M, d8, [&](int64_t m, int64_t n, __m256 a) {
-        if (m < M) store_chunk(out + ((b * HW + pos[m]) * nh + h) * d, n, d, _mm256_mul_ps(a, _mm256_set1_ps(inv[m])));
+        if (m < M) stream_chunk(out + ((b * HW + pos[m]) * nh + h) * d, n, d, _mm256_mul_ps(a, _mm256_set1_ps(inv[m])));
       }, hook);
       pf.finish();
     }
+    _mm_sfence();
   });
 }
 

@@ -217,6 +217,17 @@ inline void bias_mask_row(acc_t* s, int64_t M, const acc_t* table_h, const int32
   }
 }
 
+// dtable[i] = sum over chunks c, in order, of partial[c * n + i]: the fixed-order reduction of
+// the per-chunk bias-gradient partials (the same result for any thread count).
+template <typename acc_t>
+inline void reduce_partials(const std::vector<acc_t>& partial, int64_t nchunks, int64_t n, acc_t* dtable) {
+  for (int64_t i = 0; i < n; ++i) dtable[i] = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    const acc_t* p = partial.data() + c * n;
+    for (int64_t i = 0; i < n; ++i) dtable[i] += p[i];
+  }
+}
+
 // ----------------------------------------------------------------------------------------
 // Forward
 // ----------------------------------------------------------------------------------------
@@ -419,14 +430,7 @@ void backward_kernel(const Geometry& g, const at::Tensor& gout, const at::Tensor
       }
     }
   });
-  if (dtable != nullptr) {
-    const int64_t n = table_heads * tsize;
-    for (int64_t i = 0; i < n; ++i) dtable[i] = 0;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const acc_t* p = partial.data() + c * n;
-      for (int64_t i = 0; i < n; ++i) dtable[i] += p[i];
-    }
-  }
+  if (dtable != nullptr) reduce_partials(partial, nchunks, table_heads * tsize, dtable);
 }
 
 #if ALTEROPS_WA_FAST
@@ -1265,14 +1269,7 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
       if (dtable) scatter_tiles(g, pl, acc_tiles.data(), touched.data(), partial.data() + c * table_heads * tsize);
     }
   });
-  if (dtable != nullptr) {
-    const int64_t n = table_heads * tsize;
-    for (int64_t i = 0; i < n; ++i) dtable[i] = 0;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const float* p = partial.data() + c * n;
-      for (int64_t i = 0; i < n; ++i) dtable[i] += p[i];
-    }
-  }
+  if (dtable != nullptr) reduce_partials(partial, nchunks, table_heads * tsize, dtable);
 }
 
 }  // namespace fast

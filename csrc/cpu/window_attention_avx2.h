@@ -396,14 +396,7 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
       if (dtable) scatter_tiles(g, pl, acc_tiles.data(), touched.data(), partial.data() + c * table_heads * tsize);
     }
   });
-  if (dtable != nullptr) {
-    const int64_t n = table_heads * tsize;
-    for (int64_t i = 0; i < n; ++i) dtable[i] = 0;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      const float* p = partial.data() + c * n;
-      for (int64_t i = 0; i < n; ++i) dtable[i] += p[i];
-    }
-  }
+  if (dtable != nullptr) reduce_partials(partial, nchunks, table_heads * tsize, dtable);
 }
 
 }  // namespace fast

@@ -23,26 +23,13 @@ CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 LEVELS = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
 
 
-def _native_level():
-    """The level of this CPU, i.e. the path the installed build (``-march=native``) compiled."""
-    try:
-        flags = open("/proc/cpuinfo").read().split()
-    except OSError:
-        return None
-    if "avx512f" in flags:
-        return "avx512"
-    return "avx2" if "avx2" in flags and "fma" in flags else "generic"
-
-
-def test_cpu_sources_exist():
-    assert SOURCES, "no csrc/cpu/*.cpp found"
-
-
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction-set levels")
 @pytest.mark.skipif(CXX is None, reason="no C++ compiler")
 @pytest.mark.parametrize("level", list(LEVELS), ids=list(LEVELS))
 def test_cpu_sources_compile_at_level(level):
-    if level == _native_level() and os.environ.get("ALTEROPS_CPU_ARCH", "native") == "native":
+    from alterops import _ext
+
+    if level == _ext.host_cpu_simd() and os.environ.get("ALTEROPS_CPU_ARCH", "native") == "native":
         pytest.skip(f"{level} is this CPU's level: the installed extension was built for it")
     from torch.utils.cpp_extension import include_paths
 

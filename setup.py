@@ -1,86 +1,112 @@
-"""Builds ``alterops._C`` (CPU kernels always, CUDA kernels when torch has CUDA and nvcc is
-present). Build flags live in ``alterops/_config.py``; install with
-``pip install --no-build-isolation .`` so pip uses the torch already installed.
+"""Builds alterops' shared objects (``tools/build_libs.py``) into ``alterops/_lib``:
+
+- the CPU kernels once per instruction-set level (generic, AVX2+FMA, AVX-512), chosen at run
+  time, so one build runs on every x86-64 CPU;
+- their bindings on the LibTorch stable ABI, so one build runs on every torch >= 2.11;
+- the CUDA kernels, when torch is a CUDA build and nvcc is found.
+
+No shared object uses the Python C API: the wheel is ``py3-none-<platform>``, one per platform
+for every Python >= 3.10. Build with ``pip install --no-build-isolation .`` (or ``pip wheel
+--no-build-isolation --no-deps .``) so the installed torch's headers are used; build flags are
+in ``alterops/_config.py``.
 """
 import glob
 import importlib.util
 import os
 import shutil
 import sys
+import sysconfig
 import warnings
 
-from setuptools import setup
+from setuptools import Distribution, setup
+from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
+
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+except ImportError:  # setuptools < 70
+    try:
+        from wheel.bdist_wheel import bdist_wheel
+    except ImportError:  # no wheel package: pip cannot build a wheel here anyway
+        bdist_wheel = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_config():
-    spec = importlib.util.spec_from_file_location("_alterops_config", os.path.join(HERE, "alterops", "_config.py"))
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, path))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.build_options()
+    return module
 
 
-def _rel(paths):
-    return sorted(os.path.relpath(p, HERE) for p in paths)
+_config = _load("_alterops_config", os.path.join("alterops", "_config.py"))
 
 
-def _extensions(opts):
-    if opts["no_extension"]:
-        return [], {}
-    cxx = os.environ.get("CXX", "c++")
-    if shutil.which(cxx) is None and shutil.which("g++") is None:
-        warnings.warn(
-            "alterops: no C++ compiler found; installing without alterops._C (the 'cpu' and "
-            "'cuda' backends will be unavailable; 'reference' and 'triton' still work)"
-        )
-        return [], {}
-    try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-    except ImportError:
-        sys.exit(
-            "alterops: torch must be installed before alterops is built; run "
-            "`pip install torch` and then `pip install --no-build-isolation .`"
-        )
+class BinaryDistribution(Distribution):
+    """A platform wheel: it carries shared objects."""
 
-    os.environ.setdefault("MAX_JOBS", str(opts["build_jobs"]))
-    sources = _rel(glob.glob(os.path.join(HERE, "csrc", "*.cpp")) + glob.glob(os.path.join(HERE, "csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
-    if opts["cpu_arch"]:
-        cxx_flags.append(f"-march={opts['cpu_arch']}")
-    define_macros = []
-
-    use_cuda = False
-    if opts["force_cuda"]:
-        use_cuda = True
-    elif not opts["skip_cuda"]:
-        use_cuda = torch.version.cuda is not None and CUDA_HOME is not None
-    if use_cuda:
-        if CUDA_HOME is None:
-            sys.exit("alterops: ALTEROPS_FORCE_CUDA=1 but nvcc/CUDA_HOME was not found")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = opts["cuda_arch_list"]
-        sources += _rel(glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(HERE, "csrc", "cuda", "*.cpp")))
-        define_macros.append(("ALTEROPS_WITH_CUDA", "1"))
-        ext = CUDAExtension(
-            "alterops._C",
-            sources,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
-        )
-    else:
-        ext = CppExtension(
-            "alterops._C",
-            sources,
-            define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags},
-            extra_link_args=["-fopenmp"],
-        )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    def has_ext_modules(self):
+        return not _config.build_options()["no_extension"]
 
 
-_opts = _load_config()
-_ext_modules, _cmdclass = _extensions(_opts)
+class BuildLibs(build_ext):
+    """Builds the shared objects (not Python extension modules) with tools/build_libs.py."""
 
-setup(ext_modules=_ext_modules, cmdclass=_cmdclass)
+    def run(self):
+        opts = _config.build_options()
+        if opts["no_extension"]:
+            return
+        cxx = os.environ.get("CXX", "c++")
+        if shutil.which(cxx) is None and shutil.which("g++") is None:
+            warnings.warn("alterops: no C++ compiler found; installing without the compiled kernels (the 'cpu' "
+                          "and 'cuda' backends will be unavailable; 'reference' and 'triton' still work)")
+            return
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            sys.exit("alterops: torch must be installed before alterops is built; run `pip install torch` "
+                     "and then `pip install --no-build-isolation .`")
+        build_libs = _load("_alterops_build_libs", os.path.join("tools", "build_libs.py"))
+        inplace = self.inplace or getattr(self, "editable_mode", False)
+        out = os.path.join(HERE if inplace else self.build_lib, "alterops", "_lib")
+        cuda = None
+        if opts["force_cuda"]:
+            cuda = True
+        elif opts["skip_cuda"]:
+            cuda = False
+        self._outputs = build_libs.build(
+            out, cpu_arch=opts["cpu_arch"], cuda=cuda, cuda_arch_list=opts["cuda_arch_list"],
+            jobs=opts["build_jobs"], debug=opts["debug"], verbose=self.verbose > 1)
+
+    def get_outputs(self):
+        return list(getattr(self, "_outputs", []))
+
+    def get_output_mapping(self):
+        return {}
+
+
+class BuildPy(build_py):
+    """Also ships the user docs inside the package (alterops/docs)."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            dst = os.path.join(self.build_lib, "alterops", "docs")
+            os.makedirs(dst, exist_ok=True)
+            for f in glob.glob(os.path.join(HERE, "docs", "*.md")):
+                shutil.copy(f, dst)
+
+
+cmdclass = {"build_ext": BuildLibs, "build_py": BuildPy}
+if bdist_wheel is not None:
+    class BdistWheel(bdist_wheel):
+        """py3-none-<platform>: no Python C API, so one wheel serves every Python >= 3.10."""
+
+        def get_tag(self):
+            _, _, plat = super().get_tag()
+            return "py3", "none", plat
+
+    cmdclass["bdist_wheel"] = BdistWheel
+
+setup(distclass=BinaryDistribution, cmdclass=cmdclass)

@@ -9,13 +9,22 @@ Ops (all take ``backend=None`` or one of ``"reference"``, ``"cpu"``, ``"triton"`
     y = ao.tanh_blur2d(x, tau=10.0)         # TanhBlurBlock in one pass
     d = ao.delta_log_amplitude(feature_map) # Δ log amplitude per frequency
 
-See the README and ``shared/SPEC.md`` for the exact semantics.
+See the README and ``docs/semantics.md`` for the exact semantics.
 """
+from __future__ import annotations
+
 from ._version import __version__
 from ._dispatch import BackendUnavailableError, get_backend, set_backend
 from . import _ext
 
-__all__ = ["__version__", "BackendUnavailableError", "get_backend", "set_backend"]
+__all__ = ["__version__", "BackendUnavailableError", "get_backend", "set_backend", "cpu_isa"]
+
+
+def cpu_isa() -> str | None:
+    """The instruction-set level of the CPU kernels in use: ``"generic"``, ``"avx2"`` (AVX2+FMA)
+    or ``"avx512"`` (F/BW/VL/DQ); ``None`` when the compiled kernels are not available.
+    ``ALTEROPS_CPU_ISA`` forces a level; ``alterops info`` lists the levels available."""
+    return _ext.cpu_isa()
 
 # --- op families ---------------------------------------------------------------------------
 from .blur import box_blur2d, tanh_blur2d  # noqa: E402

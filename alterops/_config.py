@@ -15,10 +15,13 @@ Build time (read by ``setup.py``):
 ``ALTEROPS_CUDA_ARCH_LIST``
     Architectures for nvcc, e.g. ``"8.0;9.0"`` (default), ``"8.0;8.6;8.9;9.0+PTX"``.
 ``ALTEROPS_BUILD_JOBS``
-    Parallel compile jobs for ninja (default: the number of CPUs).
+    Parallel compile jobs (default: the number of CPUs).
 ``ALTEROPS_CPU_ARCH``
-    ``-march`` for the CPU kernels (default ``native``; use ``x86-64-v3`` or ``x86-64`` for a
-    build that is copied to other machines).
+    ``portable`` (default): the CPU kernels are compiled once per instruction-set level
+    (generic x86-64, AVX2+FMA, AVX-512) and the level is chosen at run time, so the build runs
+    on any x86-64 CPU. ``native``: one ``-march=native`` build for this machine only.
+``ALTEROPS_BUILD_DEBUG=1``
+    Keep debug info in the shared objects (they are stripped otherwise).
 
 Run time:
 
@@ -36,6 +39,13 @@ Run time:
     Most MiB of freed CPU kernel outputs kept for reuse (default 1024; ``0`` turns the pool
     off). Outputs of 4 MiB and more come from this pool, so a training loop does not pay the
     page faults of fresh memory every step; ``alterops.empty_cache()`` returns the kept blocks.
+``ALTEROPS_CPU_ISA``
+    ``generic``, ``avx2`` or ``avx512``: run the CPU kernels of that instruction-set level
+    (an error if this CPU cannot execute it). Default: the best level torch's own CPU
+    capability query reports (so ``ATEN_CPU_CAPABILITY`` lowers it too).
+``ALTEROPS_QUIET=1``
+    Do not warn at import when the compiled kernels exist but cannot be loaded (``alterops
+    info`` still says why).
 ``TRITON_INTERPRET=1``
     Triton's own flag: run Triton kernels on the CPU with its interpreter (slow; for tests).
 """
@@ -65,7 +75,8 @@ def build_options() -> dict:
         "skip_cuda": _flag("ALTEROPS_SKIP_CUDA"),
         "cuda_arch_list": _str("ALTEROPS_CUDA_ARCH_LIST", "8.0;9.0"),
         "build_jobs": int(jobs),
-        "cpu_arch": _str("ALTEROPS_CPU_ARCH", "native"),
+        "cpu_arch": _str("ALTEROPS_CPU_ARCH", "portable"),
+        "debug": _flag("ALTEROPS_BUILD_DEBUG"),
     }
 
 
@@ -81,6 +92,23 @@ def default_backend() -> str | None:
             f"{('auto',) + BACKENDS}"
         )
     return value
+
+
+CPU_ISAS = ("generic", "avx2", "avx512")
+
+
+def cpu_isa_override() -> str | None:
+    """The level ``ALTEROPS_CPU_ISA`` forces (``None``: choose automatically)."""
+    value = _str("ALTEROPS_CPU_ISA", "").lower()
+    if not value or value == "auto":
+        return None
+    if value not in CPU_ISAS:
+        raise ValueError(f"ALTEROPS_CPU_ISA={value!r} is not a level; expected one of {CPU_ISAS} (or 'auto')")
+    return value
+
+
+def quiet() -> bool:
+    return _flag("ALTEROPS_QUIET")
 
 
 def extension_disabled() -> bool:

@@ -2,7 +2,7 @@
 
 Module order: reference, launchers, op registration, ``autograd.Function``, public functions.
 
-Semantics (``shared/SPEC.md``). For ``x`` of shape ``(B, C, H, W)``, a kernel ``(kh, kw)``,
+Semantics (``docs/semantics.md``). For ``x`` of shape ``(B, C, H, W)``, a kernel ``(kh, kw)``,
 strides ``(sh, sw)`` and padding ``(top, bottom, left, right)``::
 
     y[b, c, i, j] = 1/(kh*kw) * sum_{a<kh, e<kw} P[b, c, i*sh + a, j*sw + e]
@@ -164,7 +164,7 @@ def _(grad_out, x, input_hw, kernel_size, stride, padding, pad_mode, act, tau):
 
 
 # ---------------------------------------------------------------------------------------
-# Op registration: fake impls of the compiled ops (schemas live in csrc/cpu/blur.cpp)
+# Op registration: fake impls of the compiled ops (schemas live in csrc/blur/blur_binding.cpp)
 # ---------------------------------------------------------------------------------------
 if _ext.has_op("blur2d_forward"):
 

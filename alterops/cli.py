@@ -8,6 +8,25 @@ import sys
 import torch
 
 
+def _ext_lines() -> list[str]:
+    """What ``alterops info`` and the bench header say about the compiled kernels."""
+    from alterops import _ext
+
+    if not _ext.loaded():
+        return [f"compiled kernels: not loaded — {_ext.load_error()}"]
+    isa = _ext.cpu_isa_info()
+    lines = [f"compiled kernels: {_ext.LIB_DIR}",
+             f"  CPU kernels: {isa['in_use']} in use ({isa['why']}; compiled with {isa['flags']})",
+             f"  CPU levels built: {', '.join(isa['built'])}; this CPU can run: {', '.join(isa['cpu_supports'])}"
+             " (ALTEROPS_CPU_ISA=generic|avx2|avx512 forces one)"]
+    best = isa["cpu_supports"][-1] if isa["cpu_supports"] else None
+    if best and isa["in_use"] != best and best in isa["built"]:
+        lines.append(f"  note: this CPU could run {best}; torch's capability ({isa['torch_capability']}) or "
+                     "ALTEROPS_CPU_ISA chose a lower level")
+    lines.append("  CUDA kernels: " + ("loaded" if _ext.has_cuda_kernels() else f"not loaded — {_ext.cuda_error()}"))
+    return lines
+
+
 def _info(args) -> int:
     import platform
 
@@ -23,15 +42,8 @@ def _info(args) -> int:
         print(f"triton {triton.__version__}{mode}")
     else:
         print(f"triton: unavailable — {why}")
-    if _ext.loaded():
-        simd, host = _ext.cpu_simd(), _ext.host_cpu_simd()
-        print(f"extension alterops._C: loaded ({'with' if _ext.has_cuda_kernels() else 'without'} CUDA kernels; "
-              f"CPU kernels compiled for {simd})")
-        order = ("generic", "avx2", "avx512")
-        if simd in order and host in order and order.index(host) > order.index(simd):
-            print(f"  this CPU has {host}: rebuild with ALTEROPS_CPU_ARCH=native (the default) for faster CPU kernels")
-    else:
-        print(f"extension alterops._C: not loaded — {_ext.load_error()}")
+    for line in _ext_lines():
+        print(line)
     cuda = torch.cuda.is_available()
     print(f"CUDA device: {torch.cuda.get_device_name(0) if cuda else 'none'}")
     print(f"backend in force: {_dispatch.get_backend() or 'auto'}")
@@ -70,15 +82,26 @@ def _bench(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench-{device.type}{'-quick' if args.quick else ''}")
     harness.write_json(report, stem + ".json")
-    if not args.no_plot:
+    plot = not args.no_plot
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            plot = False
+            print("alterops bench: matplotlib is not installed, so no chart was drawn; "
+                  "`pip install matplotlib` (or alterops[plot]) and run again for it", file=sys.stderr)
+    if plot:
         harness.write_chart(report, stem + ".png")
-    print(f"\nwrote {stem}.json" + ("" if args.no_plot else f" and {stem}.png"))
+    print(f"\nwrote {stem}.json" + (f" and {stem}.png" if plot else ""))
     errors = [r for r in report["results"] if r["error"]]
     return 1 if errors else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from alterops._version import __version__
+
     parser = argparse.ArgumentParser(prog="alterops", description="Fused local attention, smoothing and statistics kernels.")
+    parser.add_argument("--version", action="version", version=f"alterops {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="versions, and which backends each op can use here (and why not)")

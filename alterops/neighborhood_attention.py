@@ -6,7 +6,7 @@ rel_pos_bias=None, scale=None, backend=None)``
 Shapes: ``q, k, v`` are ``(B, H, W, heads, head_dim)`` (heads-last, NATTEN's layout) with any
 strides; the output is ``(B, H, W, heads, head_dim)`` contiguous, in the input dtype.
 
-Semantics (``shared/SPEC.md``): query ``p = (y, x)`` attends to the keys
+Semantics (``docs/semantics.md``): query ``p = (y, x)`` attends to the keys
 ``p + dilation * (i - r)``, ``i = 0..k-1`` per axis, ``r = (k-1)//2``, with the border rule
 
 * ``"clamp"``: NATTEN's rule. Within the query's dilation sub-grid (positions congruent to it
@@ -32,7 +32,7 @@ Decisions where the contract is open:
 * the bias gradient is deterministic on every backend (no atomic adds into the table).
 
 Backends: ``reference`` (plain PyTorch, differentiable by autograd; every dtype), ``cpu``
-(C++/OpenMP, ``csrc/cpu/neighborhood_attention.cpp``: float32, float64, bfloat16) and
+(C++, ``csrc/neighborhood_attention/``: float32, float64, bfloat16) and
 ``triton`` (flash-style fused kernels, ``kernels/neighborhood_attention.py``: float32,
 float16, bfloat16, head_dim <= 256). Automatic order: CUDA ``triton, reference``; CPU
 ``cpu, reference``.

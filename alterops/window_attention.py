@@ -7,7 +7,7 @@ Layout: ``q, k, v`` are ``(B, H, W, heads, head_dim)`` with any strides (a view 
 backends). The output is a new contiguous ``(B, H, W, heads, head_dim)`` tensor of the input
 dtype.
 
-Semantics (``shared/SPEC.md``), exactly Swin's shifted-window MSA:
+Semantics (``docs/semantics.md``), exactly Swin's shifted-window MSA:
 
 1. The map is padded at the bottom/right to ``Hp x Wp``, multiples of the window
    ``(wh, ww)``, with *absent* tokens: they are never attended to and produce no output.
@@ -29,8 +29,8 @@ any floating dtype (it is read in the compute precision, float32 or float64, and
 gradient is returned in its own dtype); a map smaller than the window is padded up to one
 window (Swin instead shrinks the window; its module wrappers do that before calling).
 
-Backends: ``reference`` (plain PyTorch, autograd), ``cpu`` (C++/OpenMP,
-``csrc/cpu/window_attention.cpp``: float32, float64, bfloat16), ``triton`` (CUDA, or the
+Backends: ``reference`` (plain PyTorch, autograd), ``cpu`` (C++,
+``csrc/window_attention/``: float32, float64, bfloat16), ``triton`` (CUDA, or the
 interpreter: float32, float16, bfloat16; windows up to 256 tokens, head_dim up to 256; larger
 windows fall back to ``reference`` under automatic selection). Automatic order: ``cpu`` then
 ``reference`` on CPU, ``triton`` then ``reference`` on CUDA. The fused backends save only

@@ -1,23 +1,29 @@
-"""Every CUDA source compiles with nvcc for sm_80 and sm_90 with no warnings and no spills.
+"""Every CUDA source (``csrc/<family>/*_cuda.cu``) compiles with nvcc for sm_80 and sm_90 with no
+warnings and no spills, and every CUDA binding (``csrc/<family>/*_cuda_binding.cpp``) type-checks
+against torch's stable-ABI headers.
 
-The .cu files hold only kernels and raw-pointer launchers (no torch headers), so they compile
-here even where torch is a CPU build. Skipped where nvcc is absent.
+The .cu files hold only kernels and raw-pointer launchers (no torch headers), and the bindings
+use only the stable ABI, so both compile here even where torch is a CPU build. Skipped where
+nvcc is absent.
 """
 import glob
 import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*_cuda.cu")))
+BINDINGS = sorted(glob.glob(os.path.join(ROOT, "csrc", "*", "*_cuda_binding.cpp")))
 NVCC = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None)
 
 
 def test_cuda_sources_exist():
-    assert SOURCES, "no csrc/cuda/*.cu found"
+    assert SOURCES, "no csrc/*/*_cuda.cu found"
+    assert BINDINGS, "no csrc/*/*_cuda_binding.cpp found"
 
 
 def test_cu_files_do_not_include_torch():
@@ -52,23 +58,35 @@ def _nvcc_include_dir() -> str:
     return os.path.normpath(found[0].strip())
 
 
-BINDINGS = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
 CXX = shutil.which("g++") or shutil.which("c++")
+
+# What a binding may include from torch: the stable ABI, header-only torch and the C shim.
+STABLE_INCLUDE = re.compile(r"(torch/csrc/stable/|torch/headeronly/|torch/csrc/inductor/aoti_torch/c/shim\.h)")
+
+
+@pytest.mark.parametrize("source", BINDINGS, ids=os.path.basename)
+def test_cuda_bindings_use_only_the_stable_abi(source):
+    text = open(source).read()
+    for inc in re.findall(r"#include\s*[<\"]([^>\"]+)[>\"]", text):
+        if inc.startswith(("torch/", "ATen/", "c10/", "caffe2/", "Python.h", "pybind11/")):
+            assert STABLE_INCLUDE.match(inc), f"{os.path.basename(source)} includes {inc} (not the stable ABI)"
 
 
 @pytest.mark.skipif(CXX is None or NVCC is None, reason="needs g++ and the CUDA headers next to nvcc")
 @pytest.mark.parametrize("source", BINDINGS, ids=os.path.basename)
-def test_cuda_bindings_typecheck(source, tmp_path):
-    """The torch-facing CUDA bindings (.cpp) type-check against torch's headers, even with a CPU
-    build of torch (one generated CMake header is stubbed); they are only linked in CUDA builds."""
+def test_cuda_bindings_typecheck(source):
+    """The CUDA bindings type-check against torch's stable-ABI headers with the flags of
+    tools/build_libs.py (TORCH_TARGET_VERSION, USE_CUDA), even with a CPU build of torch; they
+    are only linked in CUDA builds."""
     from torch.utils.cpp_extension import include_paths
 
-    shim = tmp_path / "c10" / "cuda" / "impl"
-    shim.mkdir(parents=True)
-    (shim / "cuda_cmake_macros.h").write_text("")
-    cuda_include = _nvcc_include_dir()
-    cmd = [CXX, "-std=c++20", "-fsyntax-only", "-DALTEROPS_WITH_CUDA=1", "-I", str(tmp_path), "-I", cuda_include,
-           "-I", os.path.join(ROOT, "csrc")]
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        import build_libs
+    finally:
+        sys.path.pop(0)
+    cmd = [CXX, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", f"-DTORCH_TARGET_VERSION={build_libs.TORCH_TARGET_VERSION}",
+           "-DUSE_CUDA", "-I", _nvcc_include_dir(), "-I", os.path.join(ROOT, "csrc")]
     for p in include_paths():
         cmd += ["-I", p]
     proc = subprocess.run(cmd + [source], capture_output=True, text=True, timeout=600)

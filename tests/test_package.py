@@ -30,14 +30,112 @@ def test_extension_is_built_and_loaded():
     assert ops, "alterops._C registered no ops"
 
 
-@pytest.mark.skipif(os.environ.get("ALTEROPS_NO_EXTENSION") == "1", reason="pure-Python install requested")
-@pytest.mark.skipif(os.environ.get("ALTEROPS_CPU_ARCH", "native") != "native", reason="a non-native CPU build")
-def test_cpu_kernels_use_this_cpus_simd_path():
-    """The default build (-march=native) compiles the best SIMD path this CPU runs (AVX-512, AVX2)."""
-    host = _ext.host_cpu_simd()
-    if host is None:
-        pytest.skip("CPU flags unknown here")
-    assert _ext.cpu_simd() == host
+needs_ext = pytest.mark.skipif(not _ext.loaded(), reason=f"compiled kernels not loaded: {_ext.load_error()}")
+
+
+def _expected_default_isa() -> str:
+    """The level the loader must pick: the best one torch's capability allows that the CPU runs."""
+    cap = _ext.torch_cpu_capability().upper()
+    want = "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") else "generic"
+    able = [lv for lv in _ext.supported_isas() if lv in _ext.built_isas()]
+    order = list(_ext.ISAS)
+    return max((lv for lv in able if order.index(lv) <= order.index(want)), key=order.index)
+
+
+@needs_ext
+@pytest.mark.skipif("native" in _ext.built_isas(), reason="a -march=native build holds one level")
+def test_default_cpu_isa_is_the_best_this_cpu_runs():
+    if os.environ.get("ALTEROPS_CPU_ISA"):
+        assert alterops.cpu_isa() == os.environ["ALTEROPS_CPU_ISA"]
+    else:
+        assert alterops.cpu_isa() == _expected_default_isa()
+    assert set(_ext.built_isas()) == {"generic", "avx2", "avx512"}
+    assert "generic" in _ext.supported_isas()
+
+
+@needs_ext
+@pytest.mark.skipif("native" in _ext.built_isas(), reason="a -march=native build holds one level")
+def test_cpu_isa_env_forces_a_level_and_torch_capability_lowers_it():
+    code = "import alterops; print(alterops.cpu_isa())"
+    proc = _run(code, ALTEROPS_CPU_ISA="generic")
+    assert proc.returncode == 0 and proc.stdout.strip() == "generic", proc.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k != "ALTEROPS_CPU_ISA"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**env, "ATEN_CPU_CAPABILITY": "default"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "generic", proc.stderr[-2000:]
+    proc = _run(code, ALTEROPS_CPU_ISA="sse9")
+    assert proc.returncode != 0 and "ALTEROPS_CPU_ISA" in proc.stderr
+    unsupported = [lv for lv in _ext.ISAS if lv not in _ext.supported_isas()]
+    if unsupported:  # a level above this CPU: a clear error, not an illegal instruction
+        proc = _run(code, ALTEROPS_CPU_ISA=unsupported[0])
+        assert proc.returncode != 0 and "cannot execute" in proc.stderr, proc.stderr[-2000:]
+
+
+@needs_ext
+def test_switching_levels_in_process_gives_the_same_results():
+    x = torch.randn(2, 3, 17, 19)
+    before = _ext.cpu_isa()
+    outs = {}
+    try:
+        for level in _ext.supported_isas():
+            if level in _ext.built_isas():
+                _ext.set_cpu_isa(level)
+                assert alterops.cpu_isa() == level
+                outs[level] = alterops.box_blur2d(x, backend="cpu")
+    finally:
+        _ext.set_cpu_isa(before if not os.environ.get("ALTEROPS_CPU_ISA") else os.environ["ALTEROPS_CPU_ISA"])
+    ref = torch.nn.functional.avg_pool2d(x, 2, 1, 1)
+    for level, y in outs.items():
+        torch.testing.assert_close(y, ref, msg=level)
+
+
+def _copy_package(tmp_path, lib_setup):
+    """A copy of the installed package whose _lib folder is set up by lib_setup(dir)."""
+    import shutil
+
+    src = os.path.dirname(alterops.__file__)
+    dst = tmp_path / "site" / "alterops"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("_lib", "__pycache__"))
+    lib_setup(dst / "_lib")
+    return str(tmp_path / "site")
+
+
+def _run_in(site: str, code: str, **env):
+    full = {**os.environ, **env}
+    full["PYTHONPATH"] = site
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300,
+                          cwd=site)
+
+
+def test_broken_compiled_kernels_warn_once_and_fall_back(tmp_path):
+    def corrupt(lib):
+        os.makedirs(lib)
+        (lib / "libalterops_cpu.so").write_bytes(b"not an ELF file" * 100)
+
+    site = _copy_package(tmp_path, corrupt)
+    code = """
+import warnings, torch
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as w:
+    import alterops
+    from alterops import cli
+msgs = [str(x.message) for x in w if "alterops" in str(x.message)]
+print(len(msgs)); print(msgs[0] if msgs else "")
+x = torch.randn(1, 2, 5, 5)
+assert torch.allclose(alterops.box_blur2d(x), torch.nn.functional.avg_pool2d(x, 2, 1, 1))
+assert alterops.cpu_isa() is None
+print(alterops.__file__)
+"""
+    proc = _run_in(site, code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "1", proc.stdout
+    assert "could not be loaded" in lines[1] and "reinstall" in lines[1] and "ALTEROPS_QUIET" in lines[1]
+    assert lines[2].startswith(site)
+    quiet = _run_in(site, code.replace("print(len(msgs))", "assert not msgs, msgs; print(0)"), ALTEROPS_QUIET="1")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    info = _run_in(site, "from alterops import cli; cli.main(['info'])", ALTEROPS_QUIET="1")
+    assert "could not be loaded" in info.stdout, info.stdout[-2000:]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Triton is a Linux dependency")
@@ -131,13 +229,13 @@ def test_auto_falls_back_to_reference_for_unsupported_dtype():
     assert table.select(None, torch.device("cpu"), torch.float16) == "reference"
 
 
-def test_import_without_extension_or_triton():
-    """A machine with no compiler and no Triton imports alterops and runs `reference`; asking
-    for a missing backend names what is missing and how to get it."""
+def test_import_without_extension_or_triton(tmp_path):
+    """A pure-Python install (no compiled kernels) and no Triton imports alterops silently and
+    runs `reference`; asking for a missing backend names what is missing and how to get it."""
     code = """
-import sys
+import sys, warnings
+warnings.simplefilter("error")
 sys.modules["triton"] = None       # a machine where `import triton` fails
-sys.modules["alterops._C"] = None  # and where the extension was never built
 import torch, alterops
 x = torch.randn(2, 3, 6, 7)
 y = alterops.box_blur2d(x, backend="reference")
@@ -152,10 +250,11 @@ for b in ("cpu", "triton"):
     else:
         raise SystemExit(f"backend {b} should be unavailable")
 """
-    proc = _run(code, TRITON_INTERPRET="1")
+    site = _copy_package(tmp_path, lambda lib: None)
+    proc = _run_in(site, code, TRITON_INTERPRET="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = dict(line.split(" | ", 1) for line in proc.stdout.strip().splitlines())
-    assert "pip install" in lines["cpu"] and "alterops._C" in lines["cpu"]
+    assert "pip install" in lines["cpu"] and "compiled kernels are not installed" in lines["cpu"]
     assert "Triton is not importable" in lines["triton"] and "pip install triton" in lines["triton"]
 
 
@@ -229,3 +328,31 @@ def test_harness_check_failure_is_reported():
     report = harness.run_suite([Case("test", "bad", make, devices=("cpu",))], torch.device("cpu"), quick=True,
                                progress=False)
     assert "mismatch" in report["results"][0]["error"]
+
+
+def test_cli_version():
+    proc = subprocess.run([sys.executable, "-m", "alterops", "--version"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"alterops {alterops.__version__}"
+
+
+def test_cli_bench_without_matplotlib_writes_json_and_says_how(tmp_path):
+    code = f"""
+import sys
+sys.modules["matplotlib"] = None   # matplotlib not installed
+from alterops import cli
+sys.exit(cli.main(["bench", "--quick", "--family", "smoothing", "--case", "box_blur2d_k2_fwd",
+                   "--out", {str(tmp_path)!r}, "--no-progress"]))
+"""
+    proc = _run(code)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "bench-cpu-quick.json").exists()
+    assert not (tmp_path / "bench-cpu-quick.png").exists()
+    assert "pip install matplotlib" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_runtime_dependencies_are_only_what_runs():
+    from importlib.metadata import requires
+
+    reqs = [r for r in (requires("alterops") or []) if "extra ==" not in r]
+    names = {r.split(";")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in reqs}
+    assert names == {"torch", "numpy", "tqdm"}, reqs

@@ -107,13 +107,20 @@ def run(args) -> int:
         print("alterops analyze: no block produced a feature map; pass --blocks", file=sys.stderr)
         return 2
     os.makedirs(args.out, exist_ok=True)
-    paths = plots.save_all(result, args.out, title=args.title)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        paths = {}
+        print("alterops analyze: matplotlib is not installed, so no plots were drawn; "
+              "`pip install matplotlib` (or alterops[plot]) and run again for them", file=sys.stderr)
+    else:
+        paths = plots.save_all(result, args.out, title=args.title)
     report = {"model": args.model, "model_kwargs": kwargs, "input": source, "image_size": args.image_size,
               "eps": args.eps, "device": str(device), **result.to_dict()}
     json_path = os.path.join(args.out, "statistics.json")
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"recorded {len(result.names)} blocks; wrote {json_path}, " + ", ".join(paths.values()))
+    print(f"recorded {len(result.names)} blocks; wrote " + ", ".join([json_path, *paths.values()]))
     return 0
 
 

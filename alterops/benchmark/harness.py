@@ -151,7 +151,8 @@ def machine_info(device: torch.device) -> dict:
         info["device_name"] = f"{name} ({os.cpu_count()} logical CPUs)"
         from alterops import _ext
 
-        info["cpu_simd"] = _ext.cpu_simd() or "no extension"  # the CPU kernels' compiled path
+        info["cpu_simd"] = _ext.cpu_isa() or "not loaded"  # the CPU kernels' instruction-set level
+        info["cpu_isa_available"] = [lv for lv in _ext.supported_isas() if lv in _ext.built_isas()]
     return info
 
 
@@ -262,7 +263,9 @@ def format_table(report: dict) -> str:
     c = report["ceilings"]
     simd = report["machine"].get("cpu_simd")
     head = [f"machine: {report['machine']['device_name']} | torch {report['machine']['torch']} | "
-            f"threads {report['machine']['threads']}" + (f" | CPU kernels: {simd}" if simd else ""),
+            f"threads {report['machine']['threads']}" + (
+                f" | CPU kernels: {simd} (levels here: {', '.join(report['machine'].get('cpu_isa_available') or [])})"
+                if simd else ""),
             "ceilings: " + ", ".join(
                 f"{k} {v:.1f} {'GB/s' if k == 'bandwidth' else 'GFLOP/s'}" for k, v in c.items())]
     rows = [("case", "ours ms", "rate", "of ceiling", "peers (ms, speedup)", "targets")]

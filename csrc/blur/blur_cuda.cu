@@ -1,4 +1,4 @@
-// CUDA kernels of box_blur2d / tanh_blur2d (see blur_kernels.h for the contract).
+// CUDA kernels of box_blur2d / tanh_blur2d (see blur_cuda.h for the contract).
 //
 // Forward: one thread per output element (consecutive threads -> consecutive output columns,
 // so loads of a window row are coalesced and neighbouring windows share cache lines); it
@@ -7,7 +7,7 @@
 // gradient of every output whose window covers a padded position that maps to it (the direct
 // position, plus border positions under replicate/reflect), then applies the pointwise
 // derivative. No shared memory, no local arrays: the kernels are bandwidth-bound gathers.
-#include "blur_kernels.h"
+#include "blur_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,14 +1,12 @@
-// Spatial smoothing on the CPU: box_blur2d and tanh_blur2d (forward and backward).
+// Spatial smoothing kernels on the CPU: box_blur2d and tanh_blur2d (forward and backward), on
+// raw pointers (see blur.h; the binding in blur_binding.cpp checks the arguments).
 //
-// One op pair serves both public ops:
-//   blur2d_forward(x, kernel_size, stride, padding, pad_mode, act, tau)
-//   blur2d_backward(grad_out, x?, input_hw, kernel_size, stride, padding, pad_mode, act, tau)
-// with act = 0 (identity: box_blur2d), 1 (tau*tanh(x/tau)), 2 (relu(tau*tanh(x/tau))) applied
-// before padding, and padding = (top, bottom, left, right) >= 0 filled per pad_mode
+// act = 0 (identity: box_blur2d), 1 (tau*tanh(x/tau)), 2 (relu(tau*tanh(x/tau))) is applied
+// before padding, and padding = (top, bottom, left, right) >= 0 is filled per pad mode
 // (0 zeros, 1 replicate, 2 reflect). The mean always divides by kh*kw (count_include_pad).
 //
-// Work is split over the B*C planes (OpenMP, dynamically scheduled chunks of planes). Each
-// plane is read once and written once:
+// Work is split over the B*C planes (torch's thread pool, dynamically handed-out chunks of
+// planes). Each plane is read once and written once:
 //  * general path (any kernel, stride, padding): the pointwise op runs on one padded row in a
 //    small buffer, the horizontal window sums of every source row go to an L1/L2-resident
 //    (H+1) x Wo buffer (the extra row is all zeros, used for zero padding), and the vertical
@@ -18,22 +16,15 @@
 //    row with a ring of K rows of horizontal sums;
 //  * float32 with AVX-512, zero padding, K x K stride 1: registers only, masked loads supply the
 //    zero padding and valignd the shifted windows (forward and backward).
-// Padded rows are never materialised: a padded index is mapped to its source index. Half types
-// are accumulated in float, float64 in double. Inputs are made contiguous first (a
-// channels-last or strided input costs one copy); outputs are contiguous NCHW.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include "output_pool.h"
+// Padded rows are never materialised: a padded index is mapped to its source index. bfloat16
+// is accumulated in float, float64 in double. Tensors are contiguous NCHW.
+#include "blur.h"
 
 #include <algorithm>
 #include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -47,14 +38,7 @@
 #endif
 
 namespace alterops {
-namespace blur_cpu {
-
-enum PadMode : int64_t { kZeros = 0, kReplicate = 1, kReflect = 2 };
-enum Act : int64_t { kIdentity = 0, kTanh = 1, kTanhRelu = 2 };
-
-struct Geometry {
-  int64_t H, W, Ho, Wo, kh, kw, sh, sw, pt, pb, pl, pr, mode;
-};
+namespace blur {
 
 // Source index of padded-relative position p (p < 0 or p >= n lies in the padding);
 // -1 means "zero" (zeros mode). Reflect padding is < n, checked by the caller.
@@ -200,7 +184,6 @@ static inline void grad_row_avx2(const float* __restrict__ gx, const float* __re
 }
 #endif  // ALTEROPS_BLUR_AVX2
 
-using cpu::new_output;
 
 // ------------------------------------------------------------------------------------------
 // Forward, one plane.
@@ -839,270 +822,220 @@ static void backward_plane(const scalar_t* __restrict__ gout, const scalar_t* __
 }
 
 // ------------------------------------------------------------------------------------------
-// Argument checks shared by both ops (the Python layer checks first, with friendlier text).
+// Entry points.
 // ------------------------------------------------------------------------------------------
-static Geometry make_geometry(int64_t H, int64_t W, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                              at::IntArrayRef padding, int64_t pad_mode) {
-  TORCH_CHECK(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 4,
-              "blur2d: kernel_size and stride must have 2 entries, padding 4 (top, bottom, left, right)");
-  TORCH_CHECK(pad_mode >= 0 && pad_mode <= 2, "blur2d: pad_mode must be 0 (zeros), 1 (replicate) or 2 (reflect)");
-  Geometry g;
-  g.H = H;
-  g.W = W;
-  g.kh = kernel_size[0];
-  g.kw = kernel_size[1];
-  g.sh = stride[0];
-  g.sw = stride[1];
-  g.pt = padding[0];
-  g.pb = padding[1];
-  g.pl = padding[2];
-  g.pr = padding[3];
-  g.mode = pad_mode;
-  TORCH_CHECK(H >= 1 && W >= 1, "blur2d: the spatial size must be at least 1x1");
-  TORCH_CHECK(g.kh >= 1 && g.kw >= 1, "blur2d: kernel_size must be >= 1");
-  TORCH_CHECK(g.sh >= 1 && g.sw >= 1, "blur2d: stride must be >= 1");
-  TORCH_CHECK(g.pt >= 0 && g.pb >= 0 && g.pl >= 0 && g.pr >= 0, "blur2d: padding must be >= 0");
-  if (pad_mode == kReflect)
-    TORCH_CHECK(g.pt < H && g.pb < H && g.pl < W && g.pr < W, "blur2d: reflect padding must be < the input size");
-  TORCH_CHECK(H + g.pt + g.pb >= g.kh && W + g.pl + g.pr >= g.kw, "blur2d: kernel_size larger than the padded input");
-  g.Ho = (H + g.pt + g.pb - g.kh) / g.sh + 1;
-  g.Wo = (W + g.pl + g.pr - g.kw) / g.sw + 1;
-  return g;
-}
-
 template <typename F>
 static void dispatch_act(int64_t act, F&& f) {
-  TORCH_CHECK(act >= 0 && act <= 2, "blur2d: act must be 0, 1 or 2");
   if (act == kIdentity) f(std::integral_constant<int, kIdentity>{});
   else if (act == kTanh) f(std::integral_constant<int, kTanh>{});
   else f(std::integral_constant<int, kTanhRelu>{});
 }
 
-// Runs f(begin, end) over [0, n) in chunks handed out dynamically to the OpenMP threads
-// (at::get_num_threads() of them): on a busy machine a thread that loses its core does not
-// hold back a statically assigned half of the planes. Nested calls run serially.
+// Runs f(begin, end) over [0, n) planes in chunks handed out dynamically to torch's threads: on
+// a busy machine a thread that loses its core does not hold back a statically assigned half of
+// the planes.
 template <typename F>
-static void parallel_planes(int64_t n, const F& f) {
-  const int nt = at::get_num_threads();
-  if (nt <= 1 || n <= 1 || at::in_parallel_region()) {
+static void parallel_planes(const Parallel& par, int64_t n, const F& f) {
+  const int64_t nt = par.num_threads;
+  if (nt <= 1 || n <= 1) {
     f(int64_t(0), n);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, n / (8 * int64_t(nt))));
-  const int64_t nchunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-  for (int64_t c = 0; c < nchunks; ++c) f(c * chunk, std::min(n, (c + 1) * chunk));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(64, n / (8 * nt)));
+  par.for_dynamic(n, chunk, f);
 }
 
-at::Tensor blur2d_forward_cpu(const at::Tensor& x_in, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                              at::IntArrayRef padding, int64_t pad_mode, int64_t act, double tau) {
-  TORCH_CHECK(x_in.dim() == 4, "blur2d_forward: x must be (B, C, H, W), got ", x_in.sizes());
-  TORCH_CHECK(x_in.device().is_cpu(), "blur2d_forward: x must be a CPU tensor");
-  TORCH_CHECK(tau > 0, "blur2d_forward: tau must be > 0");
-  const Geometry g = make_geometry(x_in.size(2), x_in.size(3), kernel_size, stride, padding, pad_mode);
-  const at::Tensor x = x_in.contiguous();
-  const int64_t planes = x.size(0) * x.size(1);
-  at::Tensor out = new_output({x.size(0), x.size(1), g.Ho, g.Wo}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (planes == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "blur2d_forward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    const acc_t tau_a = static_cast<acc_t>(tau), inv_tau = static_cast<acc_t>(1.0 / tau);
-    const acc_t scale = static_cast<acc_t>(1.0 / double(g.kh * g.kw));
-    const int64_t Wp = g.pl + g.W + g.pr;
-    dispatch_act(act, [&](auto act_c) {
-      constexpr int ACT = decltype(act_c)::value;
-      const int fast_k = (g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) ? int(g.kh) : 0;
-      parallel_planes(planes, [&](int64_t begin, int64_t end) {
+template <typename scalar_t>
+static void forward_typed(const ForwardArgs& a, const Parallel& par) {
+  using acc_t = acc_type<scalar_t>;
+  const Geometry& g = a.g;
+  const int64_t planes = a.planes;
+  const scalar_t* xp = static_cast<const scalar_t*>(a.x);
+  scalar_t* op = static_cast<scalar_t*>(a.out);
+  const acc_t tau_a = static_cast<acc_t>(a.tau), inv_tau = static_cast<acc_t>(1.0 / a.tau);
+  const acc_t scale = static_cast<acc_t>(1.0 / double(g.kh * g.kw));
+  const int64_t Wp = g.pl + g.W + g.pr;
+  dispatch_act(a.act, [&](auto act_c) {
+    constexpr int ACT = decltype(act_c)::value;
+    const int fast_k = (g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) ? int(g.kh) : 0;
+    parallel_planes(par, planes, [&](int64_t begin, int64_t end) {
 #if defined(__AVX512F__)
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (fast_k != 0) {
-            // prow (Wp + slack), zero row, K ring rows; every row padded to a multiple of 16 + 32
-            const int64_t stride = (g.Wo + 15) / 16 * 16 + 32;
-            std::vector<float> buf((Wp + 48) / 16 * 16 + 4 * stride + 16, 0.f);
-            float* prow = buf.data() + ((16 - (reinterpret_cast<uintptr_t>(buf.data()) / 4) % 16) % 16);  // 64 B
-            float* zero = prow + (Wp + 48) / 16 * 16;
-            float* ring = zero + stride;
-            if (g.mode == kZeros) {
-              const int64_t nchunks = (g.Wo + 15) / 16;
-              std::vector<__mmask16> in_mask(nchunks + 1);
-              for (int64_t j = 0; j <= nchunks; ++j) {
-                const int64_t start = 16 * j - g.pl;
-                const int64_t lo = start < 0 ? -start : 0, hi = g.W - start < 16 ? g.W - start : 16;
-                uint32_t bits = 0;
-                for (int64_t l = lo; l < hi; ++l) bits |= 1u << l;
-                in_mask[j] = __mmask16(bits);
-              }
-              for (int64_t p = begin; p < end; ++p) {
-                if (fast_k == 2)
-                  forward_plane_k_zeros_avx512<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
-                                                       scale, ring, stride, zero, in_mask.data());
-                else
-                  forward_plane_k_zeros_avx512<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
-                                                       scale, ring, stride, zero, in_mask.data());
-              }
-              return;
-            }
-            for (int64_t p = begin; p < end; ++p) {
-              if (fast_k == 2)
-                forward_plane_k_avx512<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
-                                               prow, ring, stride, zero);
-              else
-                forward_plane_k_avx512<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
-                                               prow, ring, stride, zero);
-            }
-            return;
-          }
-        }
-#elif defined(ALTEROPS_BLUR_AVX2)
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (fast_k != 0 && g.mode == kZeros) {
-            // zero row and K ring rows, each a multiple of 8 floats plus 16 of slack
-            const int64_t rstride = (g.Wo + 7) / 8 * 8 + 16;
-            std::vector<float> buf(4 * rstride, 0.f);
-            float* zero = buf.data();
-            float* ring = zero + rstride;
-            const LaneMasks8 in(-g.pl, g.W, (g.Wo + 7) / 8);
-            for (int64_t p = begin; p < end; ++p) {
-              if (fast_k == 2)
-                forward_plane_k_zeros_avx2<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
-                                                   ring, rstride, zero, in);
-              else
-                forward_plane_k_zeros_avx2<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
-                                                   ring, rstride, zero, in);
-            }
-            return;
-          }
-        }
-#endif
+      if constexpr (std::is_same_v<scalar_t, float>) {
         if (fast_k != 0) {
-          std::vector<acc_t> buf(Wp + 4 * g.Wo + 16, acc_t(0));
-          acc_t* prow = buf.data();
-          acc_t* zero = prow + Wp;
-          acc_t* ring = zero + g.Wo;
+          // prow (Wp + slack), zero row, K ring rows; every row padded to a multiple of 16 + 32
+          const int64_t stride = (g.Wo + 15) / 16 * 16 + 32;
+          std::vector<float> buf((Wp + 48) / 16 * 16 + 4 * stride + 16, 0.f);
+          float* prow = buf.data() + ((16 - (reinterpret_cast<uintptr_t>(buf.data()) / 4) % 16) % 16);  // 64 B
+          float* zero = prow + (Wp + 48) / 16 * 16;
+          float* ring = zero + stride;
+          if (g.mode == kZeros) {
+            const int64_t nchunks = (g.Wo + 15) / 16;
+            std::vector<__mmask16> in_mask(nchunks + 1);
+            for (int64_t j = 0; j <= nchunks; ++j) {
+              const int64_t start = 16 * j - g.pl;
+              const int64_t lo = start < 0 ? -start : 0, hi = g.W - start < 16 ? g.W - start : 16;
+              uint32_t bits = 0;
+              for (int64_t l = lo; l < hi; ++l) bits |= 1u << l;
+              in_mask[j] = __mmask16(bits);
+            }
+            for (int64_t p = begin; p < end; ++p) {
+              if (fast_k == 2)
+                forward_plane_k_zeros_avx512<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
+                                                     scale, ring, stride, zero, in_mask.data());
+              else
+                forward_plane_k_zeros_avx512<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
+                                                     scale, ring, stride, zero, in_mask.data());
+            }
+            return;
+          }
           for (int64_t p = begin; p < end; ++p) {
             if (fast_k == 2)
-              forward_plane_k<ACT, 2, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
-                                                       scale, prow, ring, zero);
+              forward_plane_k_avx512<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
+                                             prow, ring, stride, zero);
             else
-              forward_plane_k<ACT, 3, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
-                                                       scale, prow, ring, zero);
+              forward_plane_k_avx512<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
+                                             prow, ring, stride, zero);
           }
           return;
         }
-        std::vector<acc_t> buf(Wp + (g.H + 1) * g.Wo + g.Wo + 16);
-        acc_t* prow = buf.data();
-        acc_t* hs = prow + Wp;
-        acc_t* vrow = hs + (g.H + 1) * g.Wo;
-        for (int64_t p = begin; p < end; ++p)
-          forward_plane<ACT, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
-                                              prow, hs, vrow);
-      });
-    });
-  });
-  return out;
-}
-
-at::Tensor blur2d_backward_cpu(const at::Tensor& grad_out_in, const std::optional<at::Tensor>& x_opt,
-                               at::IntArrayRef input_hw, at::IntArrayRef kernel_size, at::IntArrayRef stride,
-                               at::IntArrayRef padding, int64_t pad_mode, int64_t act, double tau) {
-  TORCH_CHECK(grad_out_in.dim() == 4, "blur2d_backward: grad_out must be (B, C, Ho, Wo)");
-  TORCH_CHECK(input_hw.size() == 2, "blur2d_backward: input_hw must have 2 entries");
-  TORCH_CHECK(tau > 0, "blur2d_backward: tau must be > 0");
-  const Geometry g = make_geometry(input_hw[0], input_hw[1], kernel_size, stride, padding, pad_mode);
-  TORCH_CHECK(grad_out_in.size(2) == g.Ho && grad_out_in.size(3) == g.Wo,
-              "blur2d_backward: grad_out has spatial size ", grad_out_in.sizes(), " but the geometry gives ", g.Ho,
-              "x", g.Wo);
-  const int64_t B = grad_out_in.size(0), C = grad_out_in.size(1);
-  at::Tensor x;
-  if (act != kIdentity) {
-    TORCH_CHECK(x_opt.has_value() && x_opt->defined(), "blur2d_backward: x is needed when act != 0");
-    x = x_opt->contiguous();
-    TORCH_CHECK(x.sizes() == at::IntArrayRef({B, C, g.H, g.W}), "blur2d_backward: x has the wrong shape");
-    TORCH_CHECK(x.scalar_type() == grad_out_in.scalar_type(), "blur2d_backward: x and grad_out dtypes differ");
-  }
-  const at::Tensor gout = grad_out_in.contiguous();
-  at::Tensor gin = new_output({B, C, g.H, g.W}, gout.options().memory_format(at::MemoryFormat::Contiguous));
-  const int64_t planes = B * C;
-  if (planes == 0) return gin;
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, gout.scalar_type(), "blur2d_backward_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* gp_ = gout.const_data_ptr<scalar_t>();
-    const scalar_t* xp = act != kIdentity ? x.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ip = gin.mutable_data_ptr<scalar_t>();
-    const acc_t inv_tau = static_cast<acc_t>(1.0 / tau);
-    const acc_t scale = static_cast<acc_t>(1.0 / double(g.kh * g.kw));
-    const int64_t Wp = g.pl + g.W + g.pr;
-    dispatch_act(act, [&](auto act_c) {
-      constexpr int ACT = decltype(act_c)::value;
-      parallel_planes(planes, [&](int64_t begin, int64_t end) {
-#if defined(__AVX512F__)
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (g.mode == kZeros && g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) {
-            const int64_t nchunks = (g.W + 15) / 16;
-            std::vector<__mmask16> g_mask(nchunks + 1);
-            for (int64_t j = 0; j <= nchunks; ++j) {
-              const int64_t start = g.pl - (g.kh - 1) + 16 * j;
-              const int64_t lo = start < 0 ? -start : 0, hi = g.Wo - start < 16 ? g.Wo - start : 16;
-              uint32_t bits = 0;
-              for (int64_t l = lo; l < hi; ++l) bits |= 1u << l;
-              g_mask[j] = __mmask16(bits);
-            }
-            for (int64_t p = begin; p < end; ++p) {
-              const float* xq = xp ? xp + p * g.H * g.W : nullptr;
-              if (g.kh == 2)
-                backward_plane_k_zeros_avx512<ACT, 2>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale,
-                                                      g_mask.data());
-              else
-                backward_plane_k_zeros_avx512<ACT, 3>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale,
-                                                      g_mask.data());
-            }
-            return;
-          }
-        }
+      }
 #elif defined(ALTEROPS_BLUR_AVX2)
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (g.mode == kZeros && g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) {
-            const LaneMasks8 gm(g.pl - (g.kh - 1), g.Wo, (g.W + 7) / 8);
-            for (int64_t p = begin; p < end; ++p) {
-              const float* xq = xp ? xp + p * g.H * g.W : nullptr;
-              if (g.kh == 2)
-                backward_plane_k_zeros_avx2<ACT, 2>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale, gm);
-              else
-                backward_plane_k_zeros_avx2<ACT, 3>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale, gm);
-            }
-            return;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (fast_k != 0 && g.mode == kZeros) {
+          // zero row and K ring rows, each a multiple of 8 floats plus 16 of slack
+          const int64_t rstride = (g.Wo + 7) / 8 * 8 + 16;
+          std::vector<float> buf(4 * rstride, 0.f);
+          float* zero = buf.data();
+          float* ring = zero + rstride;
+          const LaneMasks8 in(-g.pl, g.W, (g.Wo + 7) / 8);
+          for (int64_t p = begin; p < end; ++p) {
+            if (fast_k == 2)
+              forward_plane_k_zeros_avx2<ACT, 2>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
+                                                 ring, rstride, zero, in);
+            else
+              forward_plane_k_zeros_avx2<ACT, 3>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
+                                                 ring, rstride, zero, in);
           }
+          return;
         }
+      }
 #endif
-        std::vector<acc_t> buf(g.H * g.Wo + g.Wo + Wp + g.W + 16);
-        acc_t* gvs = buf.data();
-        acc_t* grow = gvs + g.H * g.Wo;
-        acc_t* gpad = grow + g.Wo;
-        acc_t* gx = gpad + Wp;
-        for (int64_t p = begin; p < end; ++p)
-          backward_plane<ACT, scalar_t, acc_t>(gp_ + p * g.Ho * g.Wo, xp ? xp + p * g.H * g.W : nullptr,
-                                               ip + p * g.H * g.W, g, inv_tau, scale, gvs, grow, gpad, gx);
-      });
+      if (fast_k != 0) {
+        std::vector<acc_t> buf(Wp + 4 * g.Wo + 16, acc_t(0));
+        acc_t* prow = buf.data();
+        acc_t* zero = prow + Wp;
+        acc_t* ring = zero + g.Wo;
+        for (int64_t p = begin; p < end; ++p) {
+          if (fast_k == 2)
+            forward_plane_k<ACT, 2, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
+                                                     scale, prow, ring, zero);
+          else
+            forward_plane_k<ACT, 3, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau,
+                                                     scale, prow, ring, zero);
+        }
+        return;
+      }
+      std::vector<acc_t> buf(Wp + (g.H + 1) * g.Wo + g.Wo + 16);
+      acc_t* prow = buf.data();
+      acc_t* hs = prow + Wp;
+      acc_t* vrow = hs + (g.H + 1) * g.Wo;
+      for (int64_t p = begin; p < end; ++p)
+        forward_plane<ACT, scalar_t, acc_t>(xp + p * g.H * g.W, op + p * g.Ho * g.Wo, g, tau_a, inv_tau, scale,
+                                            prow, hs, vrow);
     });
   });
-  return gin;
 }
 
-}  // namespace blur_cpu
+template <typename scalar_t>
+static void backward_typed(const BackwardArgs& a, const Parallel& par) {
+  using acc_t = acc_type<scalar_t>;
+  const Geometry& g = a.g;
+  const int64_t planes = a.planes;
+  const scalar_t* gp_ = static_cast<const scalar_t*>(a.grad_out);
+  const scalar_t* xp = a.act != kIdentity ? static_cast<const scalar_t*>(a.x) : nullptr;
+  scalar_t* ip = static_cast<scalar_t*>(a.grad_in);
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / a.tau);
+  const acc_t scale = static_cast<acc_t>(1.0 / double(g.kh * g.kw));
+  const int64_t Wp = g.pl + g.W + g.pr;
+  dispatch_act(a.act, [&](auto act_c) {
+    constexpr int ACT = decltype(act_c)::value;
+    parallel_planes(par, planes, [&](int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (g.mode == kZeros && g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) {
+          const int64_t nchunks = (g.W + 15) / 16;
+          std::vector<__mmask16> g_mask(nchunks + 1);
+          for (int64_t j = 0; j <= nchunks; ++j) {
+            const int64_t start = g.pl - (g.kh - 1) + 16 * j;
+            const int64_t lo = start < 0 ? -start : 0, hi = g.Wo - start < 16 ? g.Wo - start : 16;
+            uint32_t bits = 0;
+            for (int64_t l = lo; l < hi; ++l) bits |= 1u << l;
+            g_mask[j] = __mmask16(bits);
+          }
+          for (int64_t p = begin; p < end; ++p) {
+            const float* xq = xp ? xp + p * g.H * g.W : nullptr;
+            if (g.kh == 2)
+              backward_plane_k_zeros_avx512<ACT, 2>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale,
+                                                    g_mask.data());
+            else
+              backward_plane_k_zeros_avx512<ACT, 3>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale,
+                                                    g_mask.data());
+          }
+          return;
+        }
+      }
+#elif defined(ALTEROPS_BLUR_AVX2)
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (g.mode == kZeros && g.sh == 1 && g.sw == 1 && g.kh == g.kw && (g.kh == 2 || g.kh == 3)) {
+          const LaneMasks8 gm(g.pl - (g.kh - 1), g.Wo, (g.W + 7) / 8);
+          for (int64_t p = begin; p < end; ++p) {
+            const float* xq = xp ? xp + p * g.H * g.W : nullptr;
+            if (g.kh == 2)
+              backward_plane_k_zeros_avx2<ACT, 2>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale, gm);
+            else
+              backward_plane_k_zeros_avx2<ACT, 3>(gp_ + p * g.Ho * g.Wo, xq, ip + p * g.H * g.W, g, inv_tau, scale, gm);
+          }
+          return;
+        }
+      }
+#endif
+      std::vector<acc_t> buf(g.H * g.Wo + g.Wo + Wp + g.W + 16);
+      acc_t* gvs = buf.data();
+      acc_t* grow = gvs + g.H * g.Wo;
+      acc_t* gpad = grow + g.Wo;
+      acc_t* gx = gpad + Wp;
+      for (int64_t p = begin; p < end; ++p)
+        backward_plane<ACT, scalar_t, acc_t>(gp_ + p * g.Ho * g.Wo, xp ? xp + p * g.H * g.W : nullptr,
+                                             ip + p * g.H * g.W, g, inv_tau, scale, gvs, grow, gpad, gx);
+    });
+  });
+}
+
+// bfloat16, float32 and float64 (the binding rejects float16).
+template <typename F>
+static void dispatch_blur_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::Float32: f(float{}); break;
+    case DType::Float64: f(double{}); break;
+    case DType::BFloat16: f(BFloat16{}); break;
+    case DType::Float16: break;
+  }
+}
+
+static void forward(const ForwardArgs& a, const Parallel& par) {
+  if (a.planes <= 0) return;
+  dispatch_blur_dtype(a.dtype, [&](auto t) { forward_typed<decltype(t)>(a, par); });
+}
+
+static void backward(const BackwardArgs& a, const Parallel& par) {
+  if (a.planes <= 0) return;
+  dispatch_blur_dtype(a.dtype, [&](auto t) { backward_typed<decltype(t)>(a, par); });
+}
+
+const Kernels& kernels() {
+  static const Kernels k{&forward, &backward};
+  return k;
+}
+
+}  // namespace blur
 }  // namespace alterops
-
-TORCH_LIBRARY_FRAGMENT(alterops, m) {
-  m.def(
-      "blur2d_forward(Tensor x, int[2] kernel_size, int[2] stride, int[4] padding, int pad_mode, int act, "
-      "float tau) -> Tensor");
-  m.def(
-      "blur2d_backward(Tensor grad_out, Tensor? x, int[2] input_hw, int[2] kernel_size, int[2] stride, "
-      "int[4] padding, int pad_mode, int act, float tau) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(alterops, CPU, m) {
-  m.impl("blur2d_forward", &alterops::blur_cpu::blur2d_forward_cpu);
-  m.impl("blur2d_backward", &alterops::blur_cpu::blur2d_backward_cpu);
-}

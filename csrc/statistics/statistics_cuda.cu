@@ -1,4 +1,4 @@
-// CUDA kernels of the feature-map statistics (see statistics_kernels.h for the contract).
+// CUDA kernels of the feature-map statistics (see statistics_cuda.h for the contract).
 //
 // Both kernels give every block kPlanesPerBlock consecutive planes of one segment and every
 // warp one plane at a time (planes w, w + 8, ... of the block's range).
@@ -14,7 +14,7 @@
 // variance: lanes stride over the plane (coalesced), accumulating shifted sums d = x - x[0],
 // d^2; a butterfly shuffle reduction (deterministic) gives M2 = S2 - S1^2 / hw; lane 0 keeps
 // the warp's running sum of M2 / (hw - 1); then the same block / finalize reductions.
-#include "statistics_kernels.h"
+#include "statistics_cuda.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

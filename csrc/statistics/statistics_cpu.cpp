@@ -1,10 +1,8 @@
-// Feature-map statistics on the CPU: the paper's Δ log amplitude (diagonal DFT bins only) and
-// the mean unbiased spatial variance, for a LIST of (B, C, H, W) maps in one op call (one
+// Feature-map statistics kernels on the CPU: the paper's Δ log amplitude (diagonal DFT bins
+// only) and the mean unbiased spatial variance, for a LIST of (B, C, H, W) maps in one call (one
 // parallel region over the planes of every map: the batched entry point of the analysis
-// toolkit runs every layer of a model in one launch).
-//
-//   delta_log_amplitude_fwd(Tensor[] xs, float eps) -> Tensor[]   each (H - H//2,)
-//   feature_variance_fwd(Tensor[] xs) -> Tensor[]                 each a 0-dim tensor
+// toolkit runs every layer of a model in one launch). Raw pointers (see statistics.h); the
+// binding in statistics_binding.cpp checks the maps and converts the results.
 //
 // Δ log amplitude. For a square N x N plane, DFT bin (k, k) is
 //   F[k, k] = sum_{y,x} x[y, x] exp(-2πi k (y + x) / N) = sum_s a_s exp(-2πi k s / N),
@@ -19,23 +17,19 @@
 //
 // Determinism: planes are processed in fixed chunks of 64 (independent of the thread count);
 // every chunk writes its own partial sums, which are reduced in chunk order in double.
-// Accumulation: float for float/half/bfloat16 inputs, double for float64. Results are float32
-// (float64 for float64 input). Inputs are made contiguous first (a channels-last or strided
-// input costs one copy). No planes (B*C == 0) gives NaN, as a mean over nothing.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+// Accumulation: float for float/half/bfloat16 inputs, double for float64. Results are written
+// in double. No planes (B*C == 0) gives NaN, as a mean over nothing.
+#include "statistics.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 // AVX2 + FMA builds without AVX-512 (e.g. AMD Zen 2/3): 8-lane paths for float32 maps with
@@ -45,7 +39,7 @@
 #endif
 
 namespace alterops {
-namespace statistics_cpu {
+namespace statistics {
 
 constexpr int64_t kChunk = 64;       // planes per work item
 constexpr int64_t kVarBlock = 4096;  // elements per two-pass block of the variance
@@ -77,6 +71,24 @@ static inline float log_approx(float x) {
   y += fe * -2.12194440e-4f;
   y += -0.5f * z;
   return f + y + fe * 0.693359375f;
+}
+
+// dst[i] = src[i] in the accumulation type, for the 16-bit inputs. float16 uses F16C's
+// vcvtph2ps where the level has it (as c10::Half's conversion does; the portable bit-twiddling
+// conversion does not vectorise as well); both are exact.
+template <typename scalar_t, typename acc_t>
+static inline void to_acc(const scalar_t* __restrict src, acc_t* __restrict dst, int64_t n) {
+#if defined(__F16C__)
+  if constexpr (std::is_same<scalar_t, Half>::value) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].bits);
+    return;
+  }
+#endif
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -306,6 +318,7 @@ static AntidiagFn<T> antidiag_for(int64_t n) {
 // ---------------------------------------------------------------------------------------
 struct MapJob {
   const void* data = nullptr;
+  DType dtype = DType::Float32;
   int64_t planes = 0, n = 0, hw = 0, k = 0, cols = 0;  // cols: 2K rounded up to a multiple of 16
   int64_t first_chunk = 0, chunks = 0;
   std::vector<double> table_d;  // n x cols: [cos(2πks/n), k < K | -sin(2πks/n), k < K | 0...]
@@ -350,7 +363,7 @@ static void build_table(MapJob& job) {
 // Per chunk of planes of one map: sum over the chunk's planes of log(|F[k,k]| + eps).
 template <typename scalar_t>
 static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, double* out_partial) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const int64_t n = job.n, hw = job.hw, K = job.k, cols = job.cols, np = p1 - p0;
   const acc_t* table = nullptr;
   if constexpr (std::is_same<acc_t, double>::value) {
@@ -414,8 +427,7 @@ static void delta_chunk(const MapJob& job, int64_t p0, int64_t p1, double eps, d
     if constexpr (std::is_same<scalar_t, acc_t>::value) {
       plane = src;
     } else {
-#pragma omp simd
-      for (int64_t i = 0; i < hw; ++i) plane_buf[i] = static_cast<acc_t>(src[i]);
+      to_acc(src, plane_buf.data(), hw);
       plane = plane_buf.data();
     }
     bool done = false;
@@ -547,7 +559,7 @@ static inline void block_moments_avx512(const float* __restrict p, int64_t n, fl
 // Per chunk of planes: sum over the chunk's planes of the unbiased variance.
 template <typename scalar_t>
 static double variance_chunk(const void* data, int64_t hw, int64_t p0, int64_t p1) {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = acc_type<scalar_t>;
   const scalar_t* base = static_cast<const scalar_t*>(data);
   std::vector<acc_t> buf(std::is_same<scalar_t, acc_t>::value ? 0 : std::min(hw, kVarBlock));
   double total = 0.0;
@@ -562,8 +574,7 @@ static double variance_chunk(const void* data, int64_t hw, int64_t p0, int64_t p
         blk = src + b0;
       } else {
         acc_t* bb = buf.data();
-#pragma omp simd
-        for (int64_t i = 0; i < nb; ++i) bb[i] = static_cast<acc_t>(src[b0 + i]);
+        to_acc(src + b0, bb, nb);
         blk = bb;
       }
       acc_t bmean, bm2;
@@ -601,39 +612,25 @@ static double variance_chunk(const void* data, int64_t hw, int64_t p0, int64_t p
 }
 
 // ---------------------------------------------------------------------------------------
-// Tensor entry points
+// Entry points
 // ---------------------------------------------------------------------------------------
-static void check_map(const at::Tensor& x, const char* op, bool square) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": expected CPU tensors, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, op, ": every map must be (B, C, H, W), got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": expected a floating dtype, got ", x.scalar_type());
-  if (square) {
-    TORCH_CHECK(x.size(2) == x.size(3), op, ": maps must be square (H == W), got ", x.sizes());
-  } else {
-    TORCH_CHECK(x.size(2) * x.size(3) >= 2, op, ": needs H * W >= 2, got ", x.sizes());
-  }
-}
-
-static at::ScalarType result_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-std::vector<at::Tensor> delta_log_amplitude_fwd(at::TensorList xs, double eps) {
-  std::vector<at::Tensor> inputs;
-  std::vector<MapJob> jobs(xs.size());
+static void delta_log_amplitude(const DeltaArgs& args, const Parallel& par) {
+  const int64_t num_maps = args.num_maps;
+  const double eps = args.eps;
+  std::vector<MapJob> jobs(num_maps);
   int64_t chunks = 0;
-  for (size_t i = 0; i < xs.size(); ++i) {
-    check_map(xs[i], "delta_log_amplitude_fwd", true);
-    inputs.push_back(xs[i].contiguous());
+  for (int64_t i = 0; i < num_maps; ++i) {
+    const Map& map = args.maps[i];
     MapJob& job = jobs[i];
-    job.data = inputs.back().data_ptr();
-    job.n = xs[i].size(2);
+    job.data = map.data;
+    job.dtype = map.dtype;
+    job.n = map.h;
     job.hw = job.n * job.n;
-    job.planes = xs[i].size(0) * xs[i].size(1);
+    job.planes = map.planes;
     job.k = job.n - job.n / 2;
     job.cols = (2 * job.k + 15) / 16 * 16;
     job.first_chunk = chunks;
-    job.chunks = (job.planes + kChunk - 1) / kChunk;
+    job.chunks = job.k > 0 ? (job.planes + kChunk - 1) / kChunk : 0;  // an empty 0 x 0 map has no bins
     chunks += job.chunks;
     build_table(job);
   }
@@ -650,19 +647,16 @@ std::vector<at::Tensor> delta_log_amplitude_fwd(at::TensorList xs, double eps) {
   std::vector<double> partials(off);
   // Dynamic schedule: chunks write separate partials, so the result does not depend on which
   // thread runs which chunk, and a preempted thread does not hold up the others.
-#pragma omp parallel for schedule(dynamic, 4) num_threads(std::max(1, at::get_num_threads()))
-  for (int64_t c = 0; c < chunks; ++c) {
-    {
+  par.for_dynamic(chunks, 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
       const MapJob& job = jobs[chunk_map[c]];
       const int64_t local = c - job.first_chunk;
       const int64_t p0 = local * kChunk, p1 = std::min(job.planes, p0 + kChunk);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[chunk_map[c]].scalar_type(),
-                                      "delta_log_amplitude_fwd", [&] {
-                                        delta_chunk<scalar_t>(job, p0, p1, eps, partials.data() + part_off[c]);
-                                      });
+      dispatch_dtype(job.dtype, [&](auto t) {
+        delta_chunk<decltype(t)>(job, p0, p1, eps, partials.data() + part_off[c]);
+      });
     }
-  }
-  std::vector<at::Tensor> outs;
+  });
   for (size_t i = 0; i < jobs.size(); ++i) {
     const MapJob& job = jobs[i];
     std::vector<double> sums(job.k, 0.0);
@@ -670,64 +664,51 @@ std::vector<at::Tensor> delta_log_amplitude_fwd(at::TensorList xs, double eps) {
       const double* part = partials.data() + part_off[job.first_chunk + c];
       for (int64_t k = 0; k < job.k; ++k) sums[k] += part[k];
     }
-    at::Tensor out = at::empty({job.k}, xs[i].options().dtype(at::kDouble));
-    double* o = out.data_ptr<double>();
+    double* o = args.maps[i].out;
     const double nan = std::numeric_limits<double>::quiet_NaN();
     for (int64_t k = 0; k < job.k; ++k) {
       o[k] = job.planes > 0 ? (sums[k] - sums[0]) / static_cast<double>(job.planes) : nan;
     }
-    outs.push_back(out.to(result_type(xs[i].scalar_type())));
   }
-  return outs;
 }
 
-std::vector<at::Tensor> feature_variance_fwd(at::TensorList xs) {
-  std::vector<at::Tensor> inputs;
-  std::vector<int64_t> first(xs.size()), nchunks(xs.size()), planes(xs.size()), hws(xs.size());
+static void feature_variance(const VarianceArgs& args, const Parallel& par) {
+  const int64_t num_maps = args.num_maps;
+  std::vector<int64_t> first(num_maps), nchunks(num_maps), planes(num_maps), hws(num_maps);
   int64_t chunks = 0;
-  for (size_t i = 0; i < xs.size(); ++i) {
-    check_map(xs[i], "feature_variance_fwd", false);
-    inputs.push_back(xs[i].contiguous());
-    planes[i] = xs[i].size(0) * xs[i].size(1);
-    hws[i] = xs[i].size(2) * xs[i].size(3);
+  for (int64_t i = 0; i < num_maps; ++i) {
+    planes[i] = args.maps[i].planes;
+    hws[i] = args.maps[i].h * args.maps[i].w;
     first[i] = chunks;
     nchunks[i] = (planes[i] + kChunk - 1) / kChunk;
     chunks += nchunks[i];
   }
   std::vector<int64_t> chunk_map(chunks);
-  for (size_t i = 0; i < xs.size(); ++i) {
-    for (int64_t c = 0; c < nchunks[i]; ++c) chunk_map[first[i] + c] = static_cast<int64_t>(i);
+  for (int64_t i = 0; i < num_maps; ++i) {
+    for (int64_t c = 0; c < nchunks[i]; ++c) chunk_map[first[i] + c] = i;
   }
   std::vector<double> partials(chunks);
-#pragma omp parallel for schedule(dynamic, 4) num_threads(std::max(1, at::get_num_threads()))
-  for (int64_t c = 0; c < chunks; ++c) {
-    {
+  par.for_dynamic(chunks, 4, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
       const int64_t i = chunk_map[c];
       const int64_t p0 = (c - first[i]) * kChunk, p1 = std::min(planes[i], p0 + kChunk);
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, inputs[i].scalar_type(), "feature_variance_fwd", [&] {
-        partials[c] = variance_chunk<scalar_t>(inputs[i].data_ptr(), hws[i], p0, p1);
+      dispatch_dtype(args.maps[i].dtype, [&](auto t) {
+        partials[c] = variance_chunk<decltype(t)>(args.maps[i].data, hws[i], p0, p1);
       });
     }
-  }
-  std::vector<at::Tensor> outs;
-  for (size_t i = 0; i < xs.size(); ++i) {
+  });
+  for (int64_t i = 0; i < num_maps; ++i) {
     double sum = 0.0;
     for (int64_t c = 0; c < nchunks[i]; ++c) sum += partials[first[i] + c];
-    const double value = planes[i] > 0 ? sum / static_cast<double>(planes[i]) : std::numeric_limits<double>::quiet_NaN();
-    outs.push_back(at::scalar_tensor(value, xs[i].options().dtype(result_type(xs[i].scalar_type()))));
+    args.maps[i].out[0] =
+        planes[i] > 0 ? sum / static_cast<double>(planes[i]) : std::numeric_limits<double>::quiet_NaN();
   }
-  return outs;
 }
 
-}  // namespace statistics_cpu
+const Kernels& kernels() {
+  static const Kernels k{&delta_log_amplitude, &feature_variance};
+  return k;
+}
+
+}  // namespace statistics
 }  // namespace alterops
-
-TORCH_LIBRARY_FRAGMENT(alterops, m) {
-  m.def("delta_log_amplitude_fwd(Tensor[] xs, float eps) -> Tensor[]");
-  m.def("feature_variance_fwd(Tensor[] xs) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(alterops, CPU, m) {
-  m.impl("delta_log_amplitude_fwd", &alterops::statistics_cpu::delta_log_amplitude_fwd);
-  m.impl("feature_variance_fwd", &alterops::statistics_cpu::feature_variance_fwd);
-}

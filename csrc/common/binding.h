@@ -1,0 +1,65 @@
+// Helpers of the binding layer: turning torch::stable::Tensors into the raw-pointer calls of the
+// kernels (csrc/<family>/<family>.h). Bindings use only the LibTorch stable ABI
+// (torch/csrc/stable, TORCH_TARGET_VERSION = the oldest supported torch), so one build runs on
+// that torch and every later one. Bindings check every argument (a clear error naming it) before
+// any kernel runs; kernels assume checked arguments.
+#pragma once
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernel_table.h"
+#include "parallel.h"
+#include "scalar.h"
+
+namespace alterops {
+namespace binding {
+
+using torch::stable::Tensor;
+using torch::headeronly::ScalarType;
+
+// The CPU kernel table of the level loaded by alterops._ext (error if none is loaded yet).
+const KernelTable& cpu_kernels();
+
+// torch's intra-op pool, for the kernels.
+Parallel cpu_parallel();
+
+// The kernels' element type for a tensor of `t`'s dtype; error (naming `what`) for other dtypes.
+DType dtype_of(ScalarType t, const char* what);
+ScalarType scalar_type_of(DType t);
+
+// "(2, 3, 4)"
+std::string shape_str(const Tensor& t);
+bool same_sizes(const Tensor& a, const Tensor& b);
+
+// A new uninitialised contiguous CPU tensor, from the output pool when >= 4 MiB (NaN-filled
+// under ALTEROPS_POISON_OUTPUTS=1).
+Tensor new_output(const std::vector<int64_t>& sizes, ScalarType dtype);
+// A contiguous float32 copy of `t` from the pool (how 16-bit inputs reach float32 kernels).
+Tensor float_copy(const Tensor& t);
+// A zero-filled contiguous CPU tensor (not pooled).
+Tensor zeros(const std::vector<int64_t>& sizes, ScalarType dtype);
+// `t` itself when contiguous, else a contiguous copy.
+Tensor contiguous(const Tensor& t);
+// Copies src into dst (dtype conversion included).
+void copy_into(Tensor& dst, const Tensor& src);
+
+template <class T>
+inline const T* cptr(const Tensor& t) {
+  return static_cast<const T*>(t.const_data_ptr());
+}
+template <class T>
+inline T* mptr(const Tensor& t) {
+  return static_cast<T*>(t.mutable_data_ptr());
+}
+
+}  // namespace binding
+}  // namespace alterops

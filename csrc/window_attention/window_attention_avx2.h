@@ -1,6 +1,8 @@
 // window_attention2d: the float32 fast path for AVX2 + FMA machines (no AVX-512). Included by
-// window_attention.cpp only, inside its anonymous namespace, after the pieces both fast paths
-// share (Geometry, View5, fast::Plan, fast::make_plan, fast::scatter_tiles).
+// window_attention_cpu.cpp only, inside its anonymous namespace, after the pieces both fast
+// paths share (Geometry, View5, fast::Plan, fast::make_plan, fast::scatter_tiles,
+// fast::Prefetcher) and, at file scope, ../common/simd_avx2.h (exp2v, log2v, hsum, hmax,
+// lanes_below, transpose8).
 //
 // The plan is the AVX-512 path's: windows grouped into classes, one precomputed base-2
 // (bias + shift mask) tile per class and table head, logits in base 2 with a vectorised exp2,
@@ -14,63 +16,18 @@
 //    a broadcast: 15 of the 16 registers) that reads A either by rows (S = Q K^T, O = P V,
 //    dQ = dS K) or by columns (dV = P^T dO, dK = dS^T Q), so P and dS are never transposed.
 
+#pragma once
+
 namespace fast {
 
+using avx2::exp2v;
+using avx2::hmax;
+using avx2::hsum;
+using avx2::lanes_below;
+using avx2::log2v;
+using avx2::transpose8;
+
 constexpr int kRows = 6;  // rows of one micro-kernel block
-
-// 2^x, |rel err| ~ 1e-7 (the AVX-512 path's polynomial); x < -126 (and -inf) gives exactly 0.
-static inline __m256 exp2v(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-126.0f);
-  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(127.0f));
-  const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(x, n);
-  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-}
-
-// log2(x) for normal x > 0, |abs err| ~ 1e-7: exponent + 2/ln2 * atanh((m-1)/(m+1)), m in [1, 2).
-static inline __m256 log2v(__m256 x) {
-  const __m256i xi = _mm256_castps_si256(x);
-  const __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(xi, 23), _mm256_set1_epi32(127)));
-  const __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(xi, _mm256_set1_epi32(0x7fffff)), _mm256_set1_epi32(0x3f800000)));
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 z = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
-  const __m256 z2 = _mm256_mul_ps(z, z);
-  __m256 p = _mm256_set1_ps(1.0f / 13.0f);
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.0f / 11.0f));
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.0f / 9.0f));
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.0f / 7.0f));
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.0f / 5.0f));
-  p = _mm256_fmadd_ps(p, z2, _mm256_set1_ps(1.0f / 3.0f));
-  p = _mm256_fmadd_ps(p, z2, one);
-  return _mm256_fmadd_ps(_mm256_mul_ps(p, z), _mm256_set1_ps(2.0f * kLog2e), e);
-}
-
-static inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
-static inline float hmax(__m256 v) {
-  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
-  return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
-}
-
-// Lanes i < n set (n in 1..8).
-static inline __m256i lanes_below(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
 
 // dst[e0 .. e0+8) = v, lanes at or past d left unwritten.
 static inline void store_chunk(float* dst, int64_t e0, int64_t d, __m256 v) {
@@ -89,24 +46,6 @@ static inline void stream_chunk(float* dst, int64_t e0, int64_t d, __m256 v) {
     _mm256_stream_ps(dst + e0, v);
   } else {
     store_chunk(dst, e0, d, v);
-  }
-}
-
-static inline void transpose8(__m256 r[8]) {
-  __m256 t[8], s[8];
-  _Pragma("GCC unroll 8") for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  _Pragma("GCC unroll 8") for (int h = 0; h < 2; ++h) {
-    s[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
-    s[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
-    s[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
-    s[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
-  }
-  _Pragma("GCC unroll 8") for (int j = 0; j < 4; ++j) {
-    r[j] = _mm256_permute2f128_ps(s[j], s[4 + j], 0x20);
-    r[4 + j] = _mm256_permute2f128_ps(s[j], s[4 + j], 0x31);
   }
 }
 
@@ -199,19 +138,19 @@ struct Buf {
   }
 };
 
-void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* table,
-             int64_t table_heads, float scale, float* out, float* lse) {
+void forward(const Geometry& g, const Strided& q, const Strided& k, const Strided& v, const float* table,
+             int64_t table_heads, float scale, float* out, float* lse, const Parallel& par) {
   const Plan pl = make_plan(g, table, table_heads, 8);
   const View5 vq(q), vk(k), vv(v);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const float* qp = q.as<float>();
+  const float* kp = k.as<float>();
+  const float* vp = v.as<float>();
   const int64_t d = g.d, d8 = round_up(d, 8), nh = g.nh, Np = pl.Np, HW = g.H * g.W;
   const int64_t rows_cap = round_up(Np, kRows);
   const int64_t tasks = g.B * g.nWin * nh;
   const bool per_head = table && table_heads != 1;
   const __m256 c2 = _mm256_set1_ps(scale * kLog2e);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  par.for_each(0, tasks, 1, [&](int64_t begin, int64_t end) {
     Buf bq, bk, bkt, bv, bs, binv, blse;
     float* Q = bq.init(rows_cap * d8);
     float* K = bk.init(Np * d8);
@@ -283,17 +222,18 @@ void forward(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const 
   });
 }
 
-void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const at::Tensor& out, const float* lse_p, const at::Tensor& lse,
-              const float* table, int64_t table_heads, float scale, float* dq, float* dk, float* dv, float* dtable) {
+void backward(const Geometry& g, const Strided& gout, const Strided& q, const Strided& k, const Strided& v,
+              const Strided& out, const Strided& lse, const float* table, int64_t table_heads, float scale,
+              float* dq, float* dk, float* dv, float* dtable, const Parallel& par) {
   const Plan pl = make_plan(g, table, table_heads, 8);
   const View5 vq(q), vk(k), vv(v), vo(out), vg(gout);
-  const int64_t ls_b = lse.stride(0), ls_y = lse.stride(1), ls_x = lse.stride(2), ls_h = lse.stride(3);
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const float* op = out.data_ptr<float>();
-  const float* gp = gout.data_ptr<float>();
+  const int64_t ls_b = lse.stride[0], ls_y = lse.stride[1], ls_x = lse.stride[2], ls_h = lse.stride[3];
+  const float* lse_p = lse.as<float>();
+  const float* qp = q.as<float>();
+  const float* kp = k.as<float>();
+  const float* vp = v.as<float>();
+  const float* op = out.as<float>();
+  const float* gp = gout.as<float>();
   const int64_t d = g.d, d8 = round_up(d, 8), nh = g.nh, Np = pl.Np, HW = g.H * g.W;
   const int64_t rows_cap = round_up(Np, kRows);
   const int64_t tasks = g.B * g.nWin * nh;
@@ -306,7 +246,7 @@ void backward(const Geometry& g, const at::Tensor& gout, const at::Tensor& q, co
   const int64_t nchunks = (tasks + chunk - 1) / chunk;
   std::vector<float> partial(dtable ? nchunks * table_heads * tsize : 0, 0.0f);
 
-  at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+  par.for_each(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
     Buf bq, bk, bv, bo, bg, bkt, bvt, bp, bds, bd, bl;
     float* Q = bq.init(rows_cap * d8);
     float* K = bk.init(rows_cap * d8);

@@ -1,13 +1,7 @@
 // Neighborhood attention 2D on the CPU: forward and backward, fused (no attention matrix in
-// memory beyond the k*k logits of one query row per thread).
-//
-//   neighborhood_attention2d_fwd(q, k, v, kh, kw, dh, dw, border, bias?, scale) -> (out, lse)
-//   neighborhood_attention2d_bwd(dout, q, k, v, out, lse, kh, kw, dh, dw, border, bias?, scale,
-//                                bias_grad) -> (dq, dk, dv, dbias)
-//
-// q, k, v: (B, H, W, heads, D), any strides; out contiguous; lse (B, heads, H, W) per query
-// (natural log, float32; float64 for float64 inputs). bias: (heads|1, 2kh-1, 2kw-1) in the
-// accumulation dtype. border: "clamp" | "mask" | "zero" (see alterops/neighborhood_attention.py).
+// memory beyond the k*k logits of one query row per thread). Raw pointers and strides only
+// (the arguments are described in neighborhood_attention.h); compiled once per instruction-set
+// level, which selects the AVX-512, AVX2 + FMA or generic paths below.
 //
 // Layout trick. The keys of query (y, x) lie on kh key rows that depend only on y, and in
 // each row at columns that depend only on x. For the "interior" columns x (whose window is
@@ -27,14 +21,10 @@
 // gathered copies and are scattered back once per key row.
 // Work is split over (batch, head) pairs, and over row chunks of each pair when there are
 // fewer pairs than twice the threads; each task packs the key rows it reads. The backward's
-// tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order
-// (deterministic). Half types are computed in float, float64 in double.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include "output_pool.h"
+// tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order; its split
+// depends on the shapes only, never on the thread count, so its results are the same bits
+// whatever the number of threads. bfloat16 is computed in float, float64 in double.
+#include "neighborhood_attention.h"
 
 #include <algorithm>
 #include <cmath>
@@ -42,12 +32,14 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <string>
 #include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+// GCC 12's AVX-512 shuffle/unpack intrinsics start from _mm512_undefined_ps(), a deliberately
+// self-initialised value that -Wmaybe-uninitialized reports at every use.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 // Vector width. AVX-512 (and ISAs without AVX2) use 64-byte vectors (16 floats); AVX2 + FMA
@@ -62,9 +54,14 @@
 #define NA_VEC_BYTES 64
 #endif
 
+// 64-byte vectors passed by value between internal functions of the generic build: GCC notes
+// that their calling convention differs from an AVX-512 build's, which no caller outside this
+// file ever sees.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace alterops {
-namespace na_cpu {
+namespace neighborhood {
+namespace {
 
 template <typename T>
 struct VecOf {
@@ -120,16 +117,6 @@ static inline Vec<double> vexp(Vec<double> x) {
 template <typename T>
 static inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
   return a > b ? a : b;
-}
-
-enum Border { kClamp = 0, kMask = 1, kZero = 2 };
-
-static int border_code(const std::string& b) {
-  if (b == "clamp") return kClamp;
-  if (b == "mask") return kMask;
-  if (b == "zero") return kZero;
-  TORCH_CHECK(false, "neighborhood_attention2d: border must be 'clamp', 'mask' or 'zero', got '", b, "'");
-  return 0;
 }
 
 // Key position of neighbour i of query y on one axis (may lie outside [0, L) unless clamp).
@@ -283,7 +270,6 @@ static void dot_row(const T* A, int64_t Ws, int64_t D, const KeyView<T>& kv, int
 template <typename T, int NC>
 static inline void mix_block(const T* P, int64_t pstride, const KeyView<T>* views, const int64_t* row_i,
                              int64_t nrows, int64_t kw, int64_t c0, T* Out, int64_t out_stride) {
-  constexpr int N = VecOf<T>::N;
   Vec<T> acc[NC];
   for (int cc = 0; cc < NC; ++cc) acc[cc] = splat<T>(T(0));
   for (int64_t r = 0; r < nrows; ++r) {
@@ -398,11 +384,11 @@ struct KeyPack {
 };
 
 template <typename scalar_t, typename T>
-static void pack_keys(const at::Tensor& src, int64_t b, int64_t h, int64_t ylo, int64_t yhi, const Plan<T>& pl,
+static void pack_keys(const View5& src, int64_t b, int64_t h, int64_t ylo, int64_t yhi, const Plan<T>& pl,
                       KeyPack<T>& kp) {
   constexpr int N = VecOf<T>::N;
-  const scalar_t* base = src.data_ptr<scalar_t>();
-  auto st = src.strides();
+  const scalar_t* base = static_cast<const scalar_t*>(src.data);
+  const int64_t* st = src.stride;
   std::vector<T> tmp(pl.W * pl.D);
   for (int64_t y = ylo; y <= yhi; ++y) {
 #if NA_AVX2
@@ -465,10 +451,10 @@ static void pack_keys(const at::Tensor& src, int64_t b, int64_t h, int64_t ylo, 
 
 // Pack row y of t[b, y, :, h, :] into dst[c][slot] (slot order, dummy slots zero), times mul.
 template <typename scalar_t, typename T>
-static void pack_row(const at::Tensor& t, int64_t b, int64_t y, int64_t h, const Plan<T>& pl, T mul, T* dst,
+static void pack_row(const View5& t, int64_t b, int64_t y, int64_t h, const Plan<T>& pl, T mul, T* dst,
                      int64_t dstride) {
-  const scalar_t* base = t.data_ptr<scalar_t>();
-  auto st = t.strides();
+  const scalar_t* base = static_cast<const scalar_t*>(t.data);
+  const int64_t* st = t.stride;
 #if NA_AVX2
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
     if (st[4] == 1 && pl.D % 8 == 0) {
@@ -539,26 +525,44 @@ static void block_logits(const Plan<T>& pl, const T* Qp, int64_t astride, KeyPac
   }
 }
 
-// Split (batch, head) work into row chunks only when there are fewer (batch, head) pairs than
-// twice the threads.
-static int64_t row_chunks(int64_t BH, int64_t H) {
-  const int64_t nthreads = at::get_num_threads();
+// The forward's split: (batch, head) work in row chunks only when there are fewer (batch, head)
+// pairs than twice the threads. Every query row is computed the same way whichever task holds
+// it, so the forward's results do not depend on the split.
+static int64_t row_chunks(int64_t BH, int64_t H, const Parallel& par) {
+  const int64_t nthreads = par.num_threads;
   int64_t n = BH >= 2 * nthreads ? 1 : std::min<int64_t>(H, (2 * nthreads + BH - 1) / BH);
   const int64_t per = (H + n - 1) / n;
   return (H + per - 1) / per;
 }
 
+// Row chunks of the backward: a function of the shapes only, never of the thread count. Each
+// task sums its dK/dV/dbias contributions privately and the partials are added in chunk order,
+// so the chunking fixes the rounding; with it independent of the threads, the gradients are the
+// same bits whatever torch.set_num_threads says. A chunk packs and sums (kh - 1) dh key rows
+// beyond its own, which costs: on B=4 or 1, 56x56, 4 heads, k=7 (2 threads, AVX2) four chunks
+// per pair made the backward 10-20% slower than one. So pairs are cut only when there are
+// fewer than kBackwardTasks of them (the split the thread-count rule gave for up to 8 threads),
+// into chunks of at least max(8, 2 (kh - 1) dh) query rows.
+constexpr int64_t kBackwardTasks = 16;  // also the most chunks a pair is cut into
+
+static int64_t backward_row_chunks(int64_t BH, int64_t H, int64_t kh, int64_t dh) {
+  const int64_t min_rows = std::max<int64_t>(8, 2 * (kh - 1) * dh);
+  if (BH >= kBackwardTasks) return 1;
+  const int64_t n =
+      std::max<int64_t>(1, std::min<int64_t>((kBackwardTasks + BH - 1) / BH, H / min_rows));
+  const int64_t per = (H + n - 1) / n;
+  return (H + per - 1) / per;
+}
+
 template <typename scalar_t, typename T>
-static void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                         at::Tensor& lse, const Plan<T>& pl, T scale) {
+static void forward_impl(const View5& q, const View5& k, const View5& v, scalar_t* O, T* L, const Plan<T>& pl,
+                         T scale, const Parallel& par) {
   constexpr int N = VecOf<T>::N;
   const int64_t BH = pl.B * pl.NH;
-  const int64_t nchunks = row_chunks(BH, pl.H);
+  const int64_t nchunks = row_chunks(BH, pl.H, par);
   const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
-  scalar_t* O = out.data_ptr<scalar_t>();
-  T* L = lse.data_ptr<T>();
   const int64_t K2 = pl.kh * pl.kw;
-  at::parallel_for(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
+  par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<T> Kp, Vp;
     Kp.alloc(pl);
     Vp.alloc(pl);
@@ -781,27 +785,25 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
 }
 
 template <int DV>
-static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                        at::Tensor& lse, const Plan<float>& pl, float scale) {
+static void forward_f32(const View5& q, const View5& k, const View5& v, float* O, float* L,
+                        const Plan<float>& pl, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
   constexpr int TQ = 8;  // queries per P.V tile
   constexpr int RG = 3;  // query rows whose logits are formed together
   const int64_t D = pl.D;
   const int64_t BH = pl.B * pl.NH;
-  const int64_t nchunks = row_chunks(BH, pl.H);
+  const int64_t nchunks = row_chunks(BH, pl.H, par);
   const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
-  float* O = out.data_ptr<float>();
-  float* L = lse.data_ptr<float>();
   const int64_t K2 = pl.kh * pl.kw;
-  const float* qb = q.data_ptr<float>();
-  const float* kb = k.data_ptr<float>();
-  const float* vb = v.data_ptr<float>();
-  const auto qs = q.strides(), ks = k.strides(), vs = v.strides();
+  const float* qb = static_cast<const float*>(q.data);
+  const float* kb = static_cast<const float*>(k.data);
+  const float* vb = static_cast<const float*>(v.data);
+  const int64_t *qs = q.stride, *ks = k.stride, *vs = v.stride;
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
   bool any_bias = false;
   for (float b : pl.biascol) any_bias |= b != 0.0f;
   const int64_t rw = (pl.kw - 1) / 2;
-  at::parallel_for(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
+  par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<float> Kp;
     Kp.alloc(pl);
     const int64_t nblk = pl.Ws / N;
@@ -1094,61 +1096,64 @@ static void forward_f32(const at::Tensor& q, const at::Tensor& k, const at::Tens
   });
 }
 
-// Head widths of the float32 forward.
-static bool fast_width(int64_t D) { return D % 16 == 0 && D <= 64; }
-
-static bool forward_fast(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&,
-                         const Plan<double>&, double) {
-  return false;
-}
-static bool forward_fast(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                         at::Tensor& lse, const Plan<float>& pl, float scale) {
-  if (q.scalar_type() != at::kFloat || !fast_width(pl.D)) return false;
-  if (q.stride(4) != 1 || k.stride(4) != 1 || v.stride(4) != 1 || !out.is_contiguous()) return false;
+// The float32 forward (float32 inputs, head widths of float_fast_width, unit channel stride);
+// false: not taken.
+static bool forward_fast(const View5& q, const View5& k, const View5& v, float* out, float* lse,
+                         const Plan<float>& pl, float scale, const Parallel& par) {
+  if (!float_fast_width(pl.D)) return false;
+  if (q.stride[4] != 1 || k.stride[4] != 1 || v.stride[4] != 1) return false;
   // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
 #if NA_AVX2
   switch (pl.D / 16) {
-    case 1: forward_f32<2>(q, k, v, out, lse, pl, scale); break;
-    case 2: forward_f32<4>(q, k, v, out, lse, pl, scale); break;
-    case 3: forward_f32<6>(q, k, v, out, lse, pl, scale); break;
-    default: forward_f32<8>(q, k, v, out, lse, pl, scale); break;
+    case 1: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
+    case 2: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
+    case 3: forward_f32<6>(q, k, v, out, lse, pl, scale, par); break;
+    default: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
   }
 #else
   switch (pl.D / 16) {
-    case 1: forward_f32<1>(q, k, v, out, lse, pl, scale); break;
-    case 2: forward_f32<2>(q, k, v, out, lse, pl, scale); break;
-    case 3: forward_f32<3>(q, k, v, out, lse, pl, scale); break;
-    default: forward_f32<4>(q, k, v, out, lse, pl, scale); break;
+    case 1: forward_f32<1>(q, k, v, out, lse, pl, scale, par); break;
+    case 2: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
+    case 3: forward_f32<3>(q, k, v, out, lse, pl, scale, par); break;
+    default: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
   }
 #endif
   return true;
 }
 
 template <typename scalar_t, typename T>
-static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& out, const at::Tensor& lse, at::Tensor& dq, at::Tensor& dk,
-                          at::Tensor& dv, T* dbias, const Plan<T>& pl, T scale) {
+static void backward_impl(const View5& dout, const View5& q, const View5& k, const View5& v, const View5& out,
+                          const T* L, scalar_t* DQ, scalar_t* DK, scalar_t* DV, T* dbias, const Plan<T>& pl,
+                          T scale, const Parallel& par) {
   constexpr int N = VecOf<T>::N;
   const int64_t BH = pl.B * pl.NH;
-  const int64_t plane = pl.H * pl.D * pl.Wk;
-  const int64_t nchunks = row_chunks(BH, pl.H);
+  const int64_t rl = pl.D * pl.Wk;  // one transposed key row
+  const int64_t nchunks = backward_row_chunks(BH, pl.H, pl.kh, pl.dh);
   const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
   const int64_t ntasks = BH * nchunks;
-  // Private dK/dV per task (transposed rows), reduced in a fixed order afterwards.
-  std::vector<T> dKp(ntasks * plane, T(0)), dVp(ntasks * plane, T(0));
+  // Private dK/dV per task (transposed rows), reduced in a fixed order afterwards: chunk ch holds
+  // the key rows [ck_lo[ch], ck_hi[ch]] its query rows read, at ck_off[ch] within its pair's
+  // bh_size elements.
+  std::vector<int64_t> ck_lo(nchunks), ck_hi(nchunks), ck_off(nchunks);
+  int64_t bh_size = 0;
+  for (int64_t ch = 0; ch < nchunks; ++ch) {
+    const int64_t y0 = ch * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+    key_rows(pl, y0, y1, ck_lo[ch], ck_hi[ch]);
+    ck_off[ch] = bh_size;
+    bh_size += std::max<int64_t>(0, ck_hi[ch] - ck_lo[ch] + 1) * rl;
+  }
+  std::vector<T> dKp(BH * bh_size, T(0)), dVp(BH * bh_size, T(0));
   const int64_t tsize = (2 * pl.kh - 1) * (2 * pl.kw - 1);
   std::vector<T> dB(dbias ? ntasks * pl.nht * tsize : 0, T(0));
   const int64_t K2 = pl.kh * pl.kw;
-  const T* L = lse.data_ptr<T>();
-  const scalar_t* Oin = out.data_ptr<scalar_t>();
-  auto ost = out.strides();
-  scalar_t* DQ = dq.data_ptr<scalar_t>();
+  const scalar_t* Oin = static_cast<const scalar_t*>(out.data);
+  const int64_t* ost = out.stride;
   const int64_t gsize = pl.kw * pl.D * N;
   const int64_t reach = ((pl.kw - 1) / 2) * pl.dw;
   const int64_t LP = (pl.xlo + reach + N - 1) / N * N;        // left margin of the row buffers
   const int64_t qs = LP + pl.Wk + (reach + 1 + N - 1) / N * N;  // row stride with both margins
 
-  at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
+  par.for_each(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<T> Kp, Vp;
     Kp.alloc(pl);
     Vp.alloc(pl);
@@ -1173,10 +1178,12 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
       key_rows(pl, y0, y1, klo, khi);
       pack_keys<scalar_t, T>(k, b, h, klo, khi, pl, Kp);
       pack_keys<scalar_t, T>(v, b, h, klo, khi, pl, Vp);
-      std::fill(dKg.begin(), dKg.end(), T(0));
-      std::fill(dVg.begin(), dVg.end(), T(0));
-      T* dKt = dKp.data() + t * plane;
-      T* dVt = dVp.data() + t * plane;
+      // the border blocks' accumulators of the key rows this task reads
+      std::fill(dKg.begin() + klo * pl.NG * gsize, dKg.begin() + (khi + 1) * pl.NG * gsize, T(0));
+      std::fill(dVg.begin() + klo * pl.NG * gsize, dVg.begin() + (khi + 1) * pl.NG * gsize, T(0));
+      // this task's dK/dV partial: key row ky at (ky - klo) * rl
+      T* dKt = dKp.data() + bh * bh_size + ck_off[chunk];
+      T* dVt = dVp.data() + bh * bh_size + ck_off[chunk];
       T* dBt = dbias ? dB.data() + t * pl.nht * tsize : nullptr;
       for (int64_t y = y0; y < y1; ++y) {
         pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
@@ -1282,8 +1289,8 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
           for (int64_t i = 0; i < pl.kh; ++i) {
             if (!pl.rowvalid[y * pl.kh + i]) continue;
             const int64_t ky = pl.rowpos[y * pl.kh + i];
-            T* dKr = dKt + ky * pl.D * pl.Wk;
-            T* dVr = dVt + ky * pl.D * pl.Wk;
+            T* dKr = dKt + (ky - klo) * rl;
+            T* dVr = dVt + (ky - klo) * rl;
             const int64_t xend = std::min<int64_t>(pl.Wk, pl.xlo + pl.n_full * N + pl.off[pl.kw - 1]);
             for (int64_t x0 = 0; x0 < xend; x0 += N) {
               const int64_t sh = LP + x0 - pl.xlo;
@@ -1327,8 +1334,8 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
           const int64_t s0 = (pl.n_full + g) * N;
           const T* kg = dKg.data() + (ky * pl.NG + g) * gsize;
           const T* vg = dVg.data() + (ky * pl.NG + g) * gsize;
-          T* kr = dKt + ky * pl.D * pl.Wk;
-          T* vr = dVt + ky * pl.D * pl.Wk;
+          T* kr = dKt + (ky - klo) * rl;
+          T* vr = dVt + (ky - klo) * rl;
           for (int64_t j = 0; j < pl.kw; ++j) {
             const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
             for (int64_t c = 0; c < pl.D; ++c)
@@ -1340,29 +1347,40 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
         }
     }
   });
-  // Reduce the row-chunk partials (fixed order) and unpack into (B, H, W, NH, D).
-  scalar_t* DK = dk.data_ptr<scalar_t>();
-  scalar_t* DV = dv.data_ptr<scalar_t>();
+  // Reduce the row-chunk partials (fixed order) and unpack into (B, H, W, NH, D). part(a, bh, ch, y):
+  // key row y of chunk ch's dK (a = 0) or dV (a = 1) partial, nullptr when ch does not hold it.
+  auto part = [&](int a, int64_t bh, int64_t ch, int64_t y) -> const T* {
+    if (y < ck_lo[ch] || y > ck_hi[ch]) return nullptr;
+    return (a == 0 ? dKp : dVp).data() + bh * bh_size + ck_off[ch] + (y - ck_lo[ch]) * rl;
+  };
 #if NA_AVX2
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
     if (pl.D % 8 == 0) {
       // the same sums (chunk order), then 8 channels by 8 columns transposed in registers
-      at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> sum(nchunks > 1 ? 2 * pl.D * pl.Wk : 1);
-        const int64_t rl = pl.D * pl.Wk, ts = pl.NH * pl.D;
+      par.for_each(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> sum(nchunks > 1 ? 2 * rl : 1), zero;
+        const int64_t ts = pl.NH * pl.D;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
           const float* src[2];
           for (int a = 0; a < 2; ++a) {
-            const float* part = (a == 0 ? dKp : dVp).data() + bh * nchunks * plane + y * rl;
-            if (nchunks == 1) {
-              src[a] = part;
+            const float* parts[kBackwardTasks];
+            int64_t np = 0;
+            for (int64_t ch = 0; ch < nchunks; ++ch)
+              if (const float* pp = part(a, bh, ch, y)) parts[np++] = pp;
+            if (np == 1) {
+              src[a] = parts[0];
+              continue;
+            }
+            if (np == 0) {  // a key row no query reads
+              zero.assign(rl, 0.0f);
+              src[a] = zero.data();
               continue;
             }
             float* sm = sum.data() + a * rl;
             for (int64_t e = 0; e < rl; e += 8) {
-              Vec<float> acc = loadu(part + e);
-              for (int64_t ch = 1; ch < nchunks; ++ch) acc += loadu(part + ch * plane + e);
+              Vec<float> acc = loadu(parts[0] + e);
+              for (int64_t pi = 1; pi < np; ++pi) acc += loadu(parts[pi] + e);
               storeu(sm + e, acc);
             }
             src[a] = sm;
@@ -1385,18 +1403,25 @@ static void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at:
     }
   }
 #endif
-  at::parallel_for(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
+  par.for_each(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
+      const T* pk[kBackwardTasks];
+      const T* pv[kBackwardTasks];
+      int64_t np = 0;
+      for (int64_t ch = 0; ch < nchunks; ++ch)
+        if (part(0, bh, ch, y) != nullptr) {
+          pk[np] = part(0, bh, ch, y);
+          pv[np++] = part(1, bh, ch, y);
+        }
       for (int64_t x = 0; x < pl.W; ++x) {
         scalar_t* okk = DK + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
         scalar_t* ovv = DV + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
         for (int64_t c = 0; c < pl.D; ++c) {
           T sk = 0, sv = 0;
-          for (int64_t ch = 0; ch < nchunks; ++ch) {
-            int64_t idx = (bh * nchunks + ch) * plane + (y * pl.D + c) * pl.Wk + x;
-            sk += dKp[idx];
-            sv += dVp[idx];
+          for (int64_t pi = 0; pi < np; ++pi) {
+            sk += pk[pi][c * pl.Wk + x];
+            sv += pv[pi][c * pl.Wk + x];
           }
           okk[c] = static_cast<scalar_t>(sk);
           ovv[c] = static_cast<scalar_t>(sv);
@@ -1415,111 +1440,55 @@ reduced: __attribute__((unused));
   }
 }
 
-static void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t kh, int64_t kw,
-                         int64_t dh, int64_t dw, int border, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(q.dim() == 5, "neighborhood_attention2d: q must be (B, H, W, heads, head_dim), got ", q.sizes());
-  TORCH_CHECK(k.sizes() == q.sizes() && v.sizes() == q.sizes(), "neighborhood_attention2d: q, k, v shapes differ");
-  TORCH_CHECK(k.dtype() == q.dtype() && v.dtype() == q.dtype(), "neighborhood_attention2d: q, k, v dtypes differ");
-  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
-              "neighborhood_attention2d (cpu): tensors must be on the CPU");
-  TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1, "neighborhood_attention2d: kernel sizes must be odd");
-  TORCH_CHECK(dh >= 1 && dw >= 1, "neighborhood_attention2d: dilation must be >= 1");
-  if (border == kClamp)
-    TORCH_CHECK(kh * dh <= q.size(1) && kw * dw <= q.size(2),
-                "neighborhood_attention2d: border 'clamp' needs kernel_size * dilation <= map size");
-  if (bias.has_value()) {
-    const auto& t = *bias;
-    TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == q.size(3)) && t.size(1) == 2 * kh - 1 &&
-                    t.size(2) == 2 * kw - 1,
-                "neighborhood_attention2d: bias must be (heads|1, 2kh-1, 2kw-1), got ", t.sizes());
+// ---- entry points ------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+static void forward_typed(const ForwardArgs& a, const Parallel& par) {
+  const View5& q = a.q;
+  Plan<T> pl(q.size[0], q.size[1], q.size[2], q.size[3], q.size[4], a.kh, a.kw, a.dh, a.dw, a.border,
+             static_cast<const T*>(a.bias), a.bias_heads);
+  scalar_t* out = static_cast<scalar_t*>(a.out);
+  T* lse = static_cast<T*>(a.lse);
+  if constexpr (std::is_same<scalar_t, float>::value)
+    if (forward_fast(a.q, a.k, a.v, out, lse, pl, static_cast<T>(a.scale), par)) return;
+  forward_impl<scalar_t, T>(a.q, a.k, a.v, out, lse, pl, static_cast<T>(a.scale), par);
+}
+
+void forward(const ForwardArgs& a, const Parallel& par) {
+  switch (a.dtype) {
+    case DType::Float32: forward_typed<float, float>(a, par); break;
+    case DType::Float64: forward_typed<double, double>(a, par); break;
+    case DType::BFloat16: forward_typed<BFloat16, float>(a, par); break;
+    default: break;  // the binding lets no other dtype through
   }
 }
 
-static at::ScalarType acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+template <typename scalar_t, typename T>
+static void backward_typed(const BackwardArgs& a, const Parallel& par) {
+  const View5& q = a.q;
+  Plan<T> pl(q.size[0], q.size[1], q.size[2], q.size[3], q.size[4], a.kh, a.kw, a.dh, a.dw, a.border,
+             static_cast<const T*>(a.bias), a.bias_heads);
+  backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, a.out, static_cast<const T*>(a.lse),
+                             static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
+                             static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
+                             static_cast<T>(a.scale), par);
 }
 
-std::tuple<at::Tensor, at::Tensor> na2d_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                            int64_t kh, int64_t kw, int64_t dh, int64_t dw, c10::string_view border_s,
-                                            const c10::optional<at::Tensor>& bias, double scale) {
-  const int border = border_code(std::string(border_s));
-  check_inputs(q, k, v, kh, kw, dh, dw, border, bias);
-  const int64_t B = q.size(0), H = q.size(1), W = q.size(2), NH = q.size(3), D = q.size(4);
-  auto acc = acc_type(q.scalar_type());
-  auto out = cpu::new_output({B, H, W, NH, D}, q.options());
-  auto lse = at::empty({B, NH, H, W}, q.options().dtype(acc));
-  if (out.numel() == 0) return {out, lse};
-  at::Tensor table;
-  if (bias.has_value()) table = bias->to(acc).contiguous();
-  if (q.scalar_type() == at::kBFloat16 && fast_width(D)) {
-    // The float32 forward on float32 copies (same float32 arithmetic as the bfloat16 path, 2x faster).
-    Plan<float> pl(B, H, W, NH, D, kh, kw, dh, dw, border, table.defined() ? table.data_ptr<float>() : nullptr,
-                   table.defined() ? table.size(0) : 1);
-    at::Tensor outf = cpu::new_output({B, H, W, NH, D}, q.options().dtype(at::kFloat));
-    if (forward_fast(cpu::float_copy(q), cpu::float_copy(k), cpu::float_copy(v), outf, lse, pl,
-                     static_cast<float>(scale))) {
-      out.copy_(outf);
-      return {out, lse};
-    }
+void backward(const BackwardArgs& a, const Parallel& par) {
+  switch (a.dtype) {
+    case DType::Float32: backward_typed<float, float>(a, par); break;
+    case DType::Float64: backward_typed<double, double>(a, par); break;
+    case DType::BFloat16: backward_typed<BFloat16, float>(a, par); break;
+    default: break;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "neighborhood_attention2d_fwd", [&] {
-    using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    Plan<T> pl(B, H, W, NH, D, kh, kw, dh, dw, border, table.defined() ? table.data_ptr<T>() : nullptr,
-               table.defined() ? table.size(0) : 1);
-    if (!forward_fast(q, k, v, out, lse, pl, static_cast<T>(scale))) forward_impl<scalar_t, T>(q, k, v, out, lse, pl, static_cast<T>(scale));
-  });
-  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_bwd(
-    const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse_in, int64_t kh, int64_t kw, int64_t dh, int64_t dw, c10::string_view border_s,
-    const c10::optional<at::Tensor>& bias, double scale, bool bias_grad) {
-  const int border = border_code(std::string(border_s));
-  check_inputs(q, k, v, kh, kw, dh, dw, border, bias);
-  TORCH_CHECK(dout_in.sizes() == q.sizes() && out.sizes() == q.sizes(), "neighborhood_attention2d: dout/out shape");
-  const int64_t B = q.size(0), H = q.size(1), W = q.size(2), NH = q.size(3), D = q.size(4);
-  auto acc = acc_type(q.scalar_type());
-  TORCH_CHECK(lse_in.sizes() == at::IntArrayRef({B, NH, H, W}), "neighborhood_attention2d: lse must be (B, heads, H, W)");
-  auto dout = dout_in.to(q.scalar_type());
-  auto lse = lse_in.to(acc).contiguous();
-  auto dq = cpu::new_output({B, H, W, NH, D}, q.options());
-  auto dk = cpu::new_output({B, H, W, NH, D}, q.options());
-  auto dv = cpu::new_output({B, H, W, NH, D}, q.options());
-  const bool want_db = bias_grad && bias.has_value();
-  at::Tensor table, dbias;
-  if (bias.has_value()) table = bias->to(acc).contiguous();
-  dbias = want_db ? at::zeros(table.sizes(), q.options().dtype(acc)) : at::empty({0}, q.options().dtype(acc));
-  if (q.numel() == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv, dbias};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, q.scalar_type(), "neighborhood_attention2d_bwd", [&] {
-    using T = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    Plan<T> pl(B, H, W, NH, D, kh, kw, dh, dw, border, table.defined() ? table.data_ptr<T>() : nullptr,
-               table.defined() ? table.size(0) : 1);
-    backward_impl<scalar_t, T>(dout, q, k, v, out, lse, dq, dk, dv, want_db ? dbias.data_ptr<T>() : nullptr, pl,
-                               static_cast<T>(scale));
-  });
-  return {dq, dk, dv, dbias};
+}  // namespace
+
+const Kernels& kernels() {
+  static const Kernels k{&forward, &backward};
+  return k;
 }
 
-}  // namespace na_cpu
+}  // namespace neighborhood
 }  // namespace alterops
-
-TORCH_LIBRARY_FRAGMENT(alterops, m) {
-  m.def(
-      "neighborhood_attention2d_fwd(Tensor q, Tensor k, Tensor v, int kh, int kw, int dh, int dw, str border, "
-      "Tensor? bias, float scale) -> (Tensor, Tensor)");
-  m.def(
-      "neighborhood_attention2d_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int kh, "
-      "int kw, int dh, int dw, str border, Tensor? bias, float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, "
-      "Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(alterops, CPU, m) {
-  m.impl("neighborhood_attention2d_fwd", &alterops::na_cpu::na2d_fwd);
-  m.impl("neighborhood_attention2d_bwd", &alterops::na_cpu::na2d_bwd);
-}

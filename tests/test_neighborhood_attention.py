@@ -367,3 +367,37 @@ def test_natten_clamp_matches():
     ref = natten.na2d(q, k, v, kernel_size=5, dilation=2)
     out = ao.neighborhood_attention2d(q, k, v, 5, 2)
     assert_close(out, ref.double(), name="vs natten")
+
+
+@pytest.mark.skipif(not _ext.has_op("neighborhood_attention2d_fwd"), reason="compiled kernels not loaded")
+@pytest.mark.parametrize("shape,dtype,border,d,kernel,dilation", [
+    ((1, 20, 23, 1), torch.float32, "clamp", 32, 5, 1),   # few (batch, head) pairs: split rows
+    ((1, 40, 41, 2), torch.float64, "mask", 16, 5, 2),
+    ((1, 21, 26, 1), torch.bfloat16, "zero", 32, 7, 1),
+    ((5, 12, 13, 4), torch.float32, "zero", 24, 3, 1),    # many pairs: one task per pair
+])
+def test_cpu_bitwise_identical_for_any_thread_count(shape, dtype, border, d, kernel, dilation):
+    """Outputs and every gradient are the same bits with 1, 2 and 3 threads (the backward's work
+    split depends on the shapes only)."""
+    B, H, W, heads = shape
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(B, H, W, 3, heads, d, generator=g).to(dtype)
+    table = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g)
+    gout = torch.randn(B, H, W, heads, d, generator=g).to(dtype)
+
+    def run(threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            q, k, v = (t.clone().requires_grad_() for t in qkv.unbind(3))
+            tab = table.clone().requires_grad_()
+            out = ao.neighborhood_attention2d(q, k, v, kernel, dilation=dilation, border=border, rel_pos_bias=tab,
+                                              backend="cpu")
+            return [out.detach(), *torch.autograd.grad(out, [q, k, v, tab], gout)]
+        finally:
+            torch.set_num_threads(before)
+
+    one = run(1)
+    for threads in (2, 3):
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), one, run(threads)):
+            assert torch.equal(a, b), f"{name} differs between 1 and {threads} threads"

@@ -15,3 +15,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    # also when the tests run from a copy outside the source tree (against an installed wheel),
+    # where pyproject.toml's marker list is not read
+    config.addinivalue_line("markers", "slow: long interpreter or model tests")

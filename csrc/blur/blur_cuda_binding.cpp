@@ -16,10 +16,10 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "../common/tensor_util.h"
 #include "blur_cuda.h"
 
 #ifndef USE_CUDA
@@ -48,30 +48,6 @@ DType dtype_of(const Tensor& t) {
   return DType::kFloat32;
 }
 
-std::string shape_str(const Tensor& t) {
-  std::ostringstream s;
-  s << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
-  s << (t.dim() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-bool poison_outputs() {
-  static const bool poison = [] {
-    const char* v = std::getenv("ALTEROPS_POISON_OUTPUTS");
-    return v != nullptr && (std::string(v) == "1" || std::string(v) == "true");
-  }();
-  return poison;
-}
-
-// A new contiguous tensor of `like`'s dtype and device (NaN-filled under ALTEROPS_POISON_OUTPUTS=1).
-Tensor new_output(const std::vector<int64_t>& sizes, const Tensor& like) {
-  Tensor out = torch::stable::empty(sizes, like.scalar_type(), std::nullopt, like.device());
-  if (poison_outputs() && out.numel() > 0) torch::stable::fill_(out, std::numeric_limits<double>::quiet_NaN());
-  return out;
-}
-
-Tensor as_contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
 cudaStream_t current_stream(int32_t device_index) {
   void* stream = nullptr;
@@ -119,15 +95,15 @@ Geometry make_geometry(int64_t planes, int64_t H, int64_t W, const std::vector<i
 
 Tensor blur2d_forward_cuda(Tensor x_in, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                            std::vector<int64_t> padding, int64_t pad_mode, int64_t act, double tau) {
-  STD_TORCH_CHECK(x_in.dim() == 4, "blur2d_forward: x must be (B, C, H, W), got ", shape_str(x_in));
+  STD_TORCH_CHECK(x_in.dim() == 4, "blur2d_forward: x must be (B, C, H, W), got ", binding::shape_str(x_in));
   STD_TORCH_CHECK(x_in.is_cuda(), "blur2d_forward: x must be a CUDA tensor");
   STD_TORCH_CHECK(act >= 0 && act <= 2, "blur2d_forward: act must be 0, 1 or 2");
   STD_TORCH_CHECK(tau > 0, "blur2d_forward: tau must be > 0");
   const int32_t device = x_in.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
-  const Tensor x = as_contiguous(x_in);
+  const Tensor x = binding::contiguous(x_in);
   const Geometry g = make_geometry(x.size(0) * x.size(1), x.size(2), x.size(3), kernel_size, stride, padding, pad_mode);
-  Tensor out = new_output({x.size(0), x.size(1), g.Ho, g.Wo}, x);
+  Tensor out = binding::new_device_output({x.size(0), x.size(1), g.Ho, g.Wo}, x.scalar_type(), x.device());
   if (out.numel() == 0) return out;
   const DType dt = dtype_of(x);
   const cudaError_t err = blur_cuda::blur2d_forward(x.const_data_ptr(), out.mutable_data_ptr(), dt, g, int(act),
@@ -149,18 +125,18 @@ Tensor blur2d_backward_cuda(Tensor grad_out_in, std::optional<Tensor> x_opt, std
   const int64_t B = grad_out_in.size(0), C = grad_out_in.size(1);
   const Geometry g = make_geometry(B * C, input_hw[0], input_hw[1], kernel_size, stride, padding, pad_mode);
   STD_TORCH_CHECK(grad_out_in.size(2) == g.Ho && grad_out_in.size(3) == g.Wo, "blur2d_backward: grad_out has spatial size ",
-                  shape_str(grad_out_in), " but the geometry gives ", g.Ho, "x", g.Wo);
-  const Tensor gout = as_contiguous(grad_out_in);
+                  binding::shape_str(grad_out_in), " but the geometry gives ", g.Ho, "x", g.Wo);
+  const Tensor gout = binding::contiguous(grad_out_in);
   Tensor x;
   if (act != 0) {
     STD_TORCH_CHECK(x_opt.has_value() && x_opt->defined(), "blur2d_backward: x is needed when act != 0");
-    x = as_contiguous(*x_opt);
+    x = binding::contiguous(*x_opt);
     STD_TORCH_CHECK(x.dim() == 4 && x.size(0) == B && x.size(1) == C && x.size(2) == g.H && x.size(3) == g.W,
                     "blur2d_backward: x has the wrong shape");
     STD_TORCH_CHECK(x.scalar_type() == gout.scalar_type() && x.device() == gout.device(),
                     "blur2d_backward: x and grad_out differ in dtype or device");
   }
-  Tensor gin = new_output({B, C, g.H, g.W}, gout);
+  Tensor gin = binding::new_device_output({B, C, g.H, g.W}, gout.scalar_type(), gout.device());
   if (gin.numel() == 0) return gin;
   const DType dt = dtype_of(gout);
   const cudaError_t err = blur_cuda::blur2d_backward(gout.const_data_ptr(), act != 0 ? x.const_data_ptr() : nullptr,

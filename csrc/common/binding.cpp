@@ -18,7 +18,6 @@
 #include <limits>
 #include <mutex>
 #include <new>
-#include <sstream>
 #include <unordered_map>
 
 #if defined(__linux__)
@@ -78,33 +77,11 @@ ScalarType scalar_type_of(DType t) {
   return ScalarType::Float;
 }
 
-std::string shape_str(const Tensor& t) {
-  std::ostringstream s;
-  s << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
-  s << (t.dim() == 1 ? ",)" : ")");
-  return s.str();
-}
-
-bool same_sizes(const Tensor& a, const Tensor& b) {
-  if (a.dim() != b.dim()) return false;
-  for (int64_t i = 0; i < a.dim(); ++i)
-    if (a.size(i) != b.size(i)) return false;
-  return true;
-}
-
 // ---- output pool ----------------------------------------------------------------------------
 namespace {
 
 constexpr size_t kGranule = size_t(2) << 20;         // size classes and alignment
 constexpr size_t kMinPooledBytes = size_t(4) << 20;  // smaller outputs: glibc's heap reuses them already
-
-bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  if (v == nullptr) return false;
-  const std::string s(v);
-  return s == "1" || s == "true" || s == "yes" || s == "on";
-}
 
 // One mapping of `bytes` (a multiple of kGranule), aligned to kGranule, or nullptr. No
 // MADV_HUGEPAGE: with THP in "madvise" mode a fresh huge-page fault may compact memory first,
@@ -231,11 +208,6 @@ Pool& pool() {
   return *p;
 }
 
-bool poison_outputs() {
-  static const bool poison = env_flag("ALTEROPS_POISON_OUTPUTS");
-  return poison;
-}
-
 size_t element_size(ScalarType t) {
   switch (t) {
     case ScalarType::Double: case ScalarType::Long: return 8;
@@ -302,8 +274,6 @@ Tensor zeros(const std::vector<int64_t>& sizes, ScalarType dtype) {
   torch::stable::zero_(z);
   return z;
 }
-
-Tensor contiguous(const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
 
 void copy_into(Tensor& dst, const Tensor& src) { torch::stable::copy_(dst, src); }
 

@@ -19,6 +19,7 @@
 #include "kernel_table.h"
 #include "parallel.h"
 #include "scalar.h"
+#include "tensor_util.h"
 
 namespace alterops {
 namespace binding {
@@ -36,10 +37,6 @@ Parallel cpu_parallel();
 DType dtype_of(ScalarType t, const char* what);
 ScalarType scalar_type_of(DType t);
 
-// "(2, 3, 4)"
-std::string shape_str(const Tensor& t);
-bool same_sizes(const Tensor& a, const Tensor& b);
-
 // A new uninitialised contiguous CPU tensor, from the output pool when >= 4 MiB (NaN-filled
 // under ALTEROPS_POISON_OUTPUTS=1).
 Tensor new_output(const std::vector<int64_t>& sizes, ScalarType dtype);
@@ -47,8 +44,6 @@ Tensor new_output(const std::vector<int64_t>& sizes, ScalarType dtype);
 Tensor float_copy(const Tensor& t);
 // A zero-filled contiguous CPU tensor (not pooled).
 Tensor zeros(const std::vector<int64_t>& sizes, ScalarType dtype);
-// `t` itself when contiguous, else a contiguous copy.
-Tensor contiguous(const Tensor& t);
 // Copies src into dst (dtype conversion included).
 void copy_into(Tensor& dst, const Tensor& src);
 

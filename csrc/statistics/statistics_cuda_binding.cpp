@@ -18,10 +18,10 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
-#include <sstream>
 #include <string>
 #include <vector>
 
+#include "../common/tensor_util.h"
 #include "statistics_cuda.h"
 
 #ifndef USE_CUDA
@@ -55,33 +55,10 @@ DType dtype_of(ScalarType t, const char* op) {
   return DType::kFloat32;
 }
 
-std::string shape_str(const Tensor& t) {
-  std::ostringstream s;
-  s << "(";
-  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
-  s << (t.dim() == 1 ? ",)" : ")");
-  return s.str();
-}
-
 std::string device_str(const Device& d) {
   std::string s = d.type() == DeviceType::CUDA ? "cuda" : d.type() == DeviceType::CPU ? "cpu" : "device type " + std::to_string(int(d.type()));
   if (d.has_index()) s += ":" + std::to_string(int(d.index()));
   return s;
-}
-
-bool poison_outputs() {
-  static const bool poison = [] {
-    const char* v = std::getenv("ALTEROPS_POISON_OUTPUTS");
-    return v != nullptr && (std::string(v) == "1" || std::string(v) == "true");
-  }();
-  return poison;
-}
-
-// A new contiguous tensor on `device` (NaN-filled under ALTEROPS_POISON_OUTPUTS=1).
-Tensor new_output(const std::vector<int64_t>& sizes, ScalarType dtype, const Device& device) {
-  Tensor out = torch::stable::empty(sizes, dtype, std::nullopt, device);
-  if (poison_outputs() && out.numel() > 0) torch::stable::fill_(out, std::numeric_limits<double>::quiet_NaN());
-  return out;
 }
 
 ScalarType result_type(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
@@ -106,20 +83,20 @@ std::vector<Tensor> run_grouped(const std::vector<Tensor>& xs, bool delta, const
     const Tensor& x = xs[i];
     STD_TORCH_CHECK(x.is_cuda() && x.device() == device, op, ": every map must be on ", device_str(device), ", got ",
                     device_str(x.device()));
-    STD_TORCH_CHECK(x.dim() == 4, op, ": every map must be (B, C, H, W), got ", shape_str(x));
+    STD_TORCH_CHECK(x.dim() == 4, op, ": every map must be (B, C, H, W), got ", binding::shape_str(x));
     const DType dt = dtype_of(x.scalar_type(), op);
     if (delta) {
       const int max_n = statistics_cuda::delta_max_size(dt);
-      STD_TORCH_CHECK(x.size(2) == x.size(3), op, ": maps must be square (H == W), got ", shape_str(x));
+      STD_TORCH_CHECK(x.size(2) == x.size(3), op, ": maps must be square (H == W), got ", binding::shape_str(x));
       STD_TORCH_CHECK(x.size(2) <= max_n, op, " (cuda): maps up to ", max_n, " x ", max_n, " for ",
-                      torch::headeronly::toString(x.scalar_type()), ", got ", shape_str(x));
+                      torch::headeronly::toString(x.scalar_type()), ", got ", binding::shape_str(x));
     } else {
-      STD_TORCH_CHECK(x.size(2) * x.size(3) >= 2, op, ": needs H * W >= 2, got ", shape_str(x));
+      STD_TORCH_CHECK(x.size(2) * x.size(3) >= 2, op, ": needs H * W >= 2, got ", binding::shape_str(x));
     }
-    inputs[i] = x.is_contiguous() ? x : torch::stable::contiguous(x);
+    inputs[i] = binding::contiguous(x);
     const int64_t k = delta ? x.size(2) - x.size(2) / 2 : 0;
-    outs[i] = delta ? new_output({k}, result_type(x.scalar_type()), device)
-                    : new_output({}, result_type(x.scalar_type()), device);
+    outs[i] = delta ? binding::new_device_output({k}, result_type(x.scalar_type()), device)
+                    : binding::new_device_output({}, result_type(x.scalar_type()), device);
   }
   cudaStream_t stream = current_stream(device.index());
   std::vector<bool> done(xs.size(), false);

@@ -68,19 +68,29 @@ def _bench(args) -> int:
     from alterops import benchmark
     from alterops.benchmark import harness
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    isa = getattr(args, "isa", None)
+    device = torch.device(args.device or ("cpu" if isa or not torch.cuda.is_available() else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("alterops bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
+    levels = None
+    if isa:
+        try:
+            if device.type != "cpu":
+                raise ValueError(f"--isa {isa} selects CPU kernel levels; it needs --device cpu")
+            levels = harness.isa_levels(isa)
+        except ValueError as exc:
+            print(f"alterops bench: {exc}", file=sys.stderr)
+            return 2
     chosen = harness.select_cases(benchmark.cases(), device, families=args.family, name_filter=args.case,
-                                  include_all=args.all)
+                                  include_all=args.all, with_unavailable=True)
     if not chosen:
         print("alterops bench: no case matches", file=sys.stderr)
         return 2
-    report = harness.run_suite(chosen, device, quick=args.quick, progress=not args.no_progress)
+    report = harness.run_suite(chosen, device, quick=args.quick, progress=not args.no_progress, isa=levels)
     print(harness.format_table(report))
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"bench-{device.type}{'-quick' if args.quick else ''}")
+    stem = os.path.join(args.out, f"bench-{device.type}{'-isa-' + isa if isa else ''}{'-quick' if args.quick else ''}")
     harness.write_json(report, stem + ".json")
     plot = not args.no_plot
     if plot:
@@ -108,16 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="give the reason for every unusable backend/dtype")
     p.set_defaults(func=_info)
 
-    p = sub.add_parser("bench", help="run the benchmark suite with the peers measured in the same run")
+    p = sub.add_parser("bench", help="run the benchmark suite with the peers measured in the same run",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Measure this machine's ceilings, then time each case of the suite and its\n"
+                                   "peers in the same run; print a table, write JSON and a PNG chart.",
+                       epilog="examples:\n"
+                              "  alterops bench                                  # the default suite on this device\n"
+                              "  alterops bench --quick --out /tmp/q             # tiny shapes: a smoke run\n"
+                              "  alterops bench --family window --case swin_t    # some cases only\n"
+                              "  alterops bench --isa all --family smoothing     # every CPU kernel level, side by side\n"
+                              "cases that need a package that is not installed are listed as left out, with the reason")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available, else cpu")
     p.add_argument("--family", action="append", help="only these families (repeatable): smoothing, neighborhood, window, statistics, models")
-    p.add_argument("--case", default=None, help="only cases whose name contains this text")
+    p.add_argument("--case", default=None, help="only cases whose (registered, full-size) name contains this text")
     p.add_argument("--all", action="store_true", help="also run the cases outside the default suite")
-    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny shapes and few repeats, a smoke run: the names give the shapes run, no targets applied")
+    p.add_argument("--isa", metavar="LEVEL", default=None,
+                   help="CPU kernel level(s) to run ours under: 'all' (every level this CPU can run, side by side) "
+                        "or one of generic, avx2, avx512 (implies --device cpu)")
     p.add_argument("--out", default="bench_out", help="folder for the JSON and PNG (default: ./bench_out)")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_bench)
+    from alterops.benchmark import attention as bench_attention  # `alterops bench attention ...`
+
+    bench_attention.add_parser(p)
 
     try:
         from alterops.analysis import cli as analysis_cli

@@ -342,3 +342,123 @@ def test_builtin_model_names_resolve_lazily():
         pytest.skip("alterops.models.preresnet50 not available")
     model = analysis_data.load_model("preresnet50", num_classes=3, variant="cifar")
     assert isinstance(model, nn.Module)
+
+
+# ---------------------------------------------------------------------------------------
+# input size from the model, titles, the variance axis, --help
+# ---------------------------------------------------------------------------------------
+def tiny_alternet(imagenet):
+    from alterops.models import AlterNet
+
+    torch.manual_seed(0)
+    return AlterNet((2, 2, 2, 2), (0, 1, 0, 1), (1, 1, 1, 1), widths=(4, 4, 4, 4), dim_head=4, num_classes=3,
+                    pool_stem=imagenet, window_size=7 if imagenet else 4)
+
+
+def test_input_size_is_taken_from_the_model():
+    pytest.importorskip("alterops.models")
+    from alterops.models import PreResNet
+
+    # `alterops analyze alternet50` builds the CIFAR variant: 32x32, not 224x224
+    assert analysis_cli.model_input_size(analysis_data.load_model("alternet50")) == {
+        "size": 32, "dataset": "cifar", "why": "the CIFAR variant (3x3 stem)"}
+    assert analysis_cli.model_input_size(tiny_alternet(imagenet=True))["size"] == 224
+    assert analysis_cli.model_input_size(tiny_alternet(imagenet=False))["size"] == 32
+    assert analysis_cli.model_input_size(PreResNet((1, 1, 1, 1), num_classes=3, pool_stem=True))["dataset"] == "imagenet"
+
+    class HFLike(nn.Module):
+        config = type("Config", (), {"image_size": 96})()
+
+    class TimmLike(nn.Module):
+        pretrained_cfg = {"input_size": (3, 160, 160)}
+
+    assert analysis_cli.model_input_size(HFLike())["size"] == 96
+    assert analysis_cli.model_input_size(TimmLike())["size"] == 160
+    assert analysis_cli.model_input_size(small_cnn())["size"] is None
+
+
+TINY_ALTERNET = textwrap.dedent('''
+    import torch
+    from alterops.models import AlterNet
+
+    def build():
+        torch.manual_seed(0)
+        return AlterNet((2, 2, 2, 2), (0, 1, 0, 1), (1, 1, 1, 1), widths=(4, 4, 4, 4), dim_head=4, num_classes=3)
+''')
+
+
+def test_cli_uses_the_model_input_size_and_warns_on_a_mismatch(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("alterops.models")
+    pytest.importorskip("matplotlib")
+    (tmp_path / "alterops_tiny_alternet.py").write_text(TINY_ALTERNET)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "alterops_tiny_alternet", raising=False)
+    from alterops.analysis import plots as analysis_plots
+
+    titles = []
+    real_save_all = analysis_plots.save_all
+
+    def save_all(result, folder, **kw):
+        titles.append(kw.get("title"))
+        return real_save_all(result, folder, **kw)
+
+    monkeypatch.setattr("alterops.analysis.plots.save_all", save_all)
+    out = tmp_path / "out"
+    assert _cli(["analyze", "alterops_tiny_alternet:build", "--random", "2", "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err
+    report = json.loads((out / "statistics.json").read_text())
+    assert report["image_size"] == 32 and report["model_input_size"] == 32
+    assert report["image_size_from"] == "the model: the CIFAR variant (3x3 stem)"
+    assert report["blocks"][0]["shape"][1:] == [32, 32]
+    assert titles[-1] == "alterops_tiny_alternet:build (CIFAR variant)\n2 random images, 32x32"
+
+    out2 = tmp_path / "out2"
+    assert _cli(["analyze", "alterops_tiny_alternet:build", "--random", "1", "--image-size", "64", "--title", "mine",
+                 "--out", str(out2), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --image-size 64" in err and "built for 32x32 inputs" in err and "4x the area" in err
+    report = json.loads((out2 / "statistics.json").read_text())
+    assert report["image_size"] == 64 and report["image_size_from"] == "--image-size"
+    assert report["blocks"][0]["shape"][1:] == [64, 64] and titles[-1] == "mine"
+    sys.modules.pop("alterops_tiny_alternet", None)
+
+
+def test_variance_axis_is_log_when_the_range_calls_for_it():
+    pytest.importorskip("matplotlib")
+    from alterops.analysis.plots import wants_log_scale
+
+    assert wants_log_scale([1.0, 0.5, 2.0]) is False  # a 4x range reads fine on a linear axis
+    assert wants_log_scale([0.33, 0.037, 0.005, 1e-4]) is True  # 3300x: flat near 0 on a linear one
+    assert wants_log_scale([0.33, 0.0, 1e-4]) is False  # a zero cannot go on a log axis
+    assert wants_log_scale([1.0, 0.5], log=True) is True and wants_log_scale([1.0, 1e-6], log=False) is False
+    with pytest.raises(ValueError, match="positive"):
+        wants_log_scale([1.0, 0.0], log=True)
+    with pytest.raises(ValueError, match="log must be"):
+        wants_log_scale([1.0], log="sideways")
+
+    def result(variance):
+        n = len(variance)
+        return AnalysisResult(names=[str(i) for i in range(n)], depth=[i / (n - 1) for i in range(n)],
+                              delta=[torch.zeros(3, dtype=torch.float64)] * n, kind=["diagonal"] * n,
+                              variance=variance, shapes=[(1, 5, 5)] * n, planes=[1] * n, msa=[], downsample=[])
+
+    wide, narrow = result([0.33, 0.037, 0.005, 1e-4]), result([1.0, 0.5, 2.0, 1.5])
+    assert plot_variance(wide, title="t").axes[0].get_yscale() == "log"
+    assert plot_variance(narrow).axes[0].get_yscale() == "linear"
+    assert plot_variance(wide, log=False).axes[0].get_yscale() == "linear"
+    assert plot_variance(narrow, log=True).axes[0].get_yscale() == "log"
+    assert plot_variance(wide, title="model\ndata").axes[0].get_title() == "model\ndata"
+
+
+def test_analyze_help_shows_the_usage_examples(capsys):
+    from alterops.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["analyze", "--help"])
+    out = capsys.readouterr().out
+    examples = [line.strip() for line in analysis_cli.__doc__.splitlines() if line.strip().startswith("alterops analyze ")]
+    assert len(examples) >= 2
+    for line in examples:
+        assert line in out  # verbatim, not re-wrapped
+    assert "--variance-scale" in out and "CIFAR" in out

@@ -1,5 +1,7 @@
 """Every registered benchmark case builds, passes its own correctness check (alterops vs the
 peer it is timed against) and runs once, with small shapes. Timing is left to the benchmarks."""
+import re
+
 import pytest
 import torch
 
@@ -12,6 +14,8 @@ CASES = [c for c in benchmark.cases() if "cpu" in c.devices]
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.family}/{c.name}" for c in CASES])
 def test_case_runs_and_agrees_with_peers(case):
+    if case.unavailable():
+        pytest.skip(f"left out here: {case.unavailable()}")
     w = case.make(torch.device("cpu"), True)
     if w.check is not None:
         w.check()
@@ -19,6 +23,14 @@ def test_case_runs_and_agrees_with_peers(case):
     for fn in w.peers.values():
         fn()
     assert w.bytes > 0 or w.flops > 0 or not w.targets.get("ceiling")
+    # a name that states shapes (HxW, _b<batch>) is restated at the quick shapes actually built,
+    # and every shape it states is one the case's note (written from the tensors) gives
+    if re.search(r"\d+x\d+|_b\d+$", case.name):
+        assert w.label, f"{case.name} states a shape but reports no name for the quick shapes"
+        for h, w_ in re.findall(r"(\d+)x(\d+)", w.label):
+            assert f"{h}x{w_}" in w.note
+        for b in re.findall(r"_b(\d+)$", w.label):
+            assert f"B={b}" in w.note
 
 
 def test_every_family_contributes_cases():

@@ -5,16 +5,21 @@
   recorder never captures).
 * :func:`plot_high_frequency` — Δ log amplitude at the highest frequency vs normalised depth
   (Fig. 8), MSA blocks shaded grey and downsampling blocks shaded blue.
-* :func:`plot_variance` — feature-map variance vs normalised depth (Fig. 9), same shading.
+* :func:`plot_variance` — feature-map variance vs normalised depth (Fig. 9), same shading; a
+  log y-axis on request (``log=True``) or, by default, when the variances span more than
+  :data:`LOG_RANGE` (max / min): on a linear axis such a curve is flat near 0 after the first blocks.
 
 Each function takes an :class:`~alterops.analysis.hooks.AnalysisResult`, draws on ``ax`` when
 given (a matplotlib Axes) or on a new figure, saves to ``path`` when given, and returns the figure.
+``title`` (``alterops analyze`` passes the model, the data and the number of images) goes above the plot.
 """
 from __future__ import annotations
 
 from .hooks import AnalysisResult
 
-__all__ = ["plot_fourier", "plot_high_frequency", "plot_variance", "save_all"]
+__all__ = ["plot_fourier", "plot_high_frequency", "plot_variance", "save_all", "wants_log_scale", "LOG_RANGE"]
+
+LOG_RANGE = 100.0  # variances spanning more than this ratio (max / min) get a log axis by default
 
 MSA_COLOR = "0.85"  # grey, as the paper's MSA shading
 DOWNSAMPLE_COLOR = "#cfe0f5"  # light blue, as the paper's subsampling shading
@@ -66,9 +71,30 @@ def plot_fourier(result: AnalysisResult, path=None, *, ax=None, cmap: str = "pla
     ax.set_ylabel("Δ Log amplitude")
     mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0.0, 1.0), cmap=colormap)
     fig.colorbar(mappable, ax=ax, label="Normalized depth")
-    if title:
-        ax.set_title(title)
+    _title(ax, title)
     return _finish(fig, path)
+
+
+def _title(ax, title) -> None:
+    if title:
+        ax.set_title(title, fontsize=7 if "\n" in title or len(title) > 45 else 9)
+
+
+def wants_log_scale(values, log="auto") -> bool:
+    """Whether to draw ``values`` on a log axis: ``log`` True/False, or ``"auto"``/``None``: when
+    every value is positive and finite and max / min exceeds :data:`LOG_RANGE`. A log axis needs
+    positive values, so ``True`` with a value <= 0 raises ``ValueError``."""
+    vals = [float(v) for v in values]
+    positive = bool(vals) and all(v > 0 and v != float("inf") for v in vals)
+    if log is True:
+        if not positive:
+            raise ValueError("a log axis needs positive variances; some are <= 0 (use log=False or 'auto')")
+        return True
+    if log is False:
+        return False
+    if log not in (None, "auto"):
+        raise ValueError(f"log must be True, False or 'auto', got {log!r}")
+    return positive and max(vals) / min(vals) > LOG_RANGE
 
 
 def _versus_depth(result, values, ylabel, path, ax, title, log=False, marker_color="tab:red"):
@@ -78,12 +104,11 @@ def _versus_depth(result, values, ylabel, path, ax, title, log=False, marker_col
     ax.set_xlim(-0.02, 1.02)
     ax.set_xlabel("Normalized depth")
     ax.set_ylabel(ylabel)
-    if log and all(v > 0 for v in values):
+    if log:
         ax.set_yscale("log")
     if result.msa or result.downsample:
         ax.legend(loc="best", fontsize="small", frameon=False)
-    if title:
-        ax.set_title(title)
+    _title(ax, title)
     return _finish(fig, path)
 
 
@@ -92,19 +117,23 @@ def plot_high_frequency(result: AnalysisResult, path=None, *, ax=None, title: st
     return _versus_depth(result, result.high_frequency, "Δ Log amplitude (high freq.)", path, ax, title)
 
 
-def plot_variance(result: AnalysisResult, path=None, *, ax=None, log: bool = False, title: str | None = None):
-    """Feature-map variance vs normalised depth."""
-    return _versus_depth(result, result.variance, "Feature map variance", path, ax, title, log=log,
-                         marker_color="tab:blue")
+def plot_variance(result: AnalysisResult, path=None, *, ax=None, log="auto", title: str | None = None):
+    """Feature-map variance vs normalised depth; ``log``: True, False or ``"auto"`` (see
+    :func:`wants_log_scale`)."""
+    log = wants_log_scale(result.variance, log)
+    return _versus_depth(result, result.variance, "Feature map variance" + (" (log scale)" if log else ""), path,
+                         ax, title, log=log, marker_color="tab:blue")
 
 
-def save_all(result: AnalysisResult, folder: str, *, prefix: str = "", title: str | None = None) -> dict:
-    """Writes ``fourier.png``, ``high_frequency.png`` and ``variance.png``; returns their paths."""
+def save_all(result: AnalysisResult, folder: str, *, prefix: str = "", title: str | None = None,
+             variance_log="auto") -> dict:
+    """Writes ``fourier.png``, ``high_frequency.png`` and ``variance.png``; returns their paths.
+    ``variance_log``: the y-axis of the variance plot (True, False or ``"auto"``)."""
     import os
 
     os.makedirs(folder, exist_ok=True)
     paths = {name: os.path.join(folder, f"{prefix}{name}.png") for name in ("fourier", "high_frequency", "variance")}
     plot_fourier(result, paths["fourier"], title=title)
     plot_high_frequency(result, paths["high_frequency"], title=title)
-    plot_variance(result, paths["variance"], title=title)
+    plot_variance(result, paths["variance"], title=title, log=variance_log)
     return paths

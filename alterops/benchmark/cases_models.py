@@ -15,6 +15,11 @@
   The train step backpropagates ``mean(last_hidden_state²)``.
 * ``timm_swin_t_train_step_b{B}`` (when timm is importable): the same for timm's
   ``swin_tiny_patch4_window7_224`` (``forward_features``; timm's attention uses PyTorch SDPA).
+* Quick mode (``--quick``): B=2 for the AlterNet cases and B=1 for Swin-T, and the names say so
+  (``..._b2``, ``..._b1``).
+* The Swin-T cases need transformers (in ``alterops[bench]``) or timm (not in it: timm pulls in
+  torchvision, which has to match the installed torch build); without them the cases are reported
+  as left out, with the reason.
 * Each model case also profiles one call of ours and reports the time spent inside alterops'
   ops, and the speedup over the peer if those ops took no time (``bounds``; Amdahl's law).
 
@@ -89,12 +94,16 @@ def _make_alternet_step(batch):
             return run
 
         def check():
+            # the timed steps update the BatchNorm running statistics of each model by its own
+            # number of calls: compare the two with the same statistics
+            reference.load_state_dict(fused.state_dict())
             _close_check(forward(fused), forward(reference))()
             fused.train(), reference.train()
 
         return Workload(ours=step(fused), peers={"reference ops": step(reference)},
                         targets={"speedup:reference ops": TARGET}, check=check, profile_ours=True,
-                        note=f"CIFAR Alter-ResNet-50 fwd+bwd, B={B} 32x32; images/s = {B} / median s")
+                        note=f"CIFAR Alter-ResNet-50 fwd+bwd, B={B} 32x32; images/s = {B} / median s",
+                        label=f"alternet50_cifar_train_step_b{B}")
 
     return make
 
@@ -124,7 +133,8 @@ def _make_msa_blocks(batch):
         return Workload(ours=step(blocks_f), peers={"reference ops": step(blocks_r)},
                         targets={"speedup:reference ops": TARGET}, check=_close_check(step(blocks_f), step(blocks_r)),
                         profile_ours=True,
-                        note=f"the 4 MSA blocks of CIFAR AlterNet-50, fwd+bwd, B={B}")
+                        note=f"the 4 MSA blocks of CIFAR AlterNet-50, fwd+bwd, B={B}",
+                        label=f"alternet50_cifar_msa_blocks_train_step_b{B}")
 
     return make
 
@@ -190,25 +200,22 @@ def _make_swin(batch, train, family="hf"):
         model_name = "HF SwinModel(SwinConfig())" if family == "hf" else "timm swin_tiny_patch4_window7_224"
         return Workload(ours=run(ours_m), peers={peer_name: run(peer_m)}, targets={f"speedup:{peer_name}": TARGET},
                         check=_close_check(run(ours_m), run(peer_m)), profile_ours=True,
-                        note=f"{model_name} {what}, B={B} {size}x{size}, swapped vs original")
+                        note=f"{model_name} {what}, B={B} {size}x{size}, swapped vs original",
+                        label=f"{family}_swin_t_{'train_step' if train else 'fwd'}_b{B}")
 
     return make
 
 
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-        return True
-    except Exception:
-        return False
-
+TRANSFORMERS = {"transformers": "pip install 'alterops[bench]' (or pip install transformers)"}
+TIMM = {"timm": "pip install timm (not in alterops[bench]: it pulls in torchvision, which has to match "
+                "the installed torch build)"}
 
 register(Case("models", "alternet50_cifar_train_step_b8", _make_alternet_step(8), default=True, max_repeats=5))
 register(Case("models", "alternet50_cifar_msa_blocks_train_step_b16", _make_msa_blocks(16), default=True,
               max_repeats=10))
-if _importable("transformers"):
-    register(Case("models", "hf_swin_t_fwd_b8", _make_swin(8, train=False), default=True, max_repeats=5))
-    register(Case("models", "hf_swin_t_train_step_b8", _make_swin(8, train=True), default=True, max_repeats=5))
-if _importable("timm"):
-    register(Case("models", "timm_swin_t_train_step_b8", _make_swin(8, train=True, family="timm"), default=True,
-                  max_repeats=5))
+register(Case("models", "hf_swin_t_fwd_b8", _make_swin(8, train=False), default=True, max_repeats=5,
+              requires=TRANSFORMERS))
+register(Case("models", "hf_swin_t_train_step_b8", _make_swin(8, train=True), default=True, max_repeats=5,
+              requires=TRANSFORMERS))
+register(Case("models", "timm_swin_t_train_step_b8", _make_swin(8, train=True, family="timm"), default=True,
+              max_repeats=5, requires=TIMM))

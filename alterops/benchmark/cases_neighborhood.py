@@ -5,12 +5,15 @@ Peers:
 * ``flex_attention``: ``torch.compile(flex_attention)`` with a NATTEN-style block mask (the
   clamp rule as a ``mask_mod`` on row-major token indices, as attention-gym's ``natten.py``),
   compiled and masked once in ``make``; inputs pre-permuted to its ``(B, heads, L, d)`` layout.
-* ``natten``: ``natten.na2d`` (clamp rule), only when ``natten`` is importable.
+* ``natten``: ``natten.na2d`` (clamp rule), only when ``natten`` is importable (otherwise the
+  report lists it as left out, with the reason).
 * ``unfold_autograd``: the paper's ``ConvAttention2d`` math (``F.unfold`` with zero padding,
   einsum, softmax, einsum) differentiated by autograd; compared with ``border="zero"``.
 
 Useful FLOPs: ``4 * N * k^2 * head_dim`` per head for the forward (two products), three times
 that for forward + backward (the backward has four products, the forward two).
+
+Quick mode: the CPU cases run B=1 at 28x28 (named ``..._28x28_k7``), the GPU cases B=2.
 """
 from __future__ import annotations
 
@@ -86,13 +89,14 @@ def _make_cpu_forward(device, quick):
     flex, flex_to_ours = _flex_peer(q, k, v, kernel, backward=False)
     peers = {"flex_attention": flex}
     targets = {"speedup:flex_attention": 20.0, "ceiling": 0.25}
+    left_out = {}
     try:
         import natten  # noqa: F401
 
         peers["natten"] = lambda: natten.na2d(q, k, v, kernel_size=kernel)
         targets["speedup:natten"] = 100.0
-    except ImportError:
-        pass
+    except ImportError as exc:
+        left_out["natten"] = f"natten cannot be imported ({exc}); pip install natten"
 
     def ours():
         return ao.neighborhood_attention2d(q, k, v, kernel)
@@ -104,7 +108,8 @@ def _make_cpu_forward(device, quick):
     N = B * H * W
     return Workload(ours=ours, peers=peers, bytes=4 * q.numel() * q.element_size(),
                     flops=4.0 * N * kernel * kernel * d * heads, ceiling="matmul_fp32", targets=targets,
-                    check=check, note=f"B={B} {H}x{W} heads={heads} d={d} k={kernel} float32, clamp")
+                    check=check, note=f"B={B} {H}x{W} heads={heads} d={d} k={kernel} float32, clamp",
+                    label=f"na2d_forward_{H}x{W}_k{kernel}", peers_left_out=left_out)
 
 
 def _make_cpu_fwd_bwd(device, quick):
@@ -133,7 +138,8 @@ def _make_cpu_fwd_bwd(device, quick):
     return Workload(ours=ours, peers={"unfold_autograd": unfold_peer}, bytes=8 * q.numel() * q.element_size(),
                     flops=12.0 * N * kernel * kernel * d * heads, ceiling="matmul_fp32",
                     targets={"speedup:unfold_autograd": 20.0}, check=check,
-                    note=f"forward+backward, B={B} {H}x{W} heads={heads} d={d} k={kernel} float32, zero border")
+                    note=f"forward+backward, B={B} {H}x{W} heads={heads} d={d} k={kernel} float32, zero border",
+                    label=f"na2d_fwd_bwd_zero_{H}x{W}_k{kernel}")
 
 
 def _make_gpu(device, quick, *, B, HW, heads, d, kernel, backward):

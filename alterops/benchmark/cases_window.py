@@ -5,7 +5,7 @@ window partition of q, k, v, the bias gathered from the table (query-minus-key i
 plus the precomputed shift mask as a float ``attn_mask`` of
 ``F.scaled_dot_product_attention``, window reverse, roll back. Shapes: Swin-T stage 1 (56x56,
 3 heads of 32, window 7, shift 3, per-head bias) and AlterNet's CIFAR MSA block (16x16, 6 heads
-of 64, window 4 -> 16-token windows, shared bias, no shift).
+of 64, window 4 -> 16-token windows, shared bias, no shift). Quick mode: the same shapes at B=1.
 """
 from __future__ import annotations
 

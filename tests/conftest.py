@@ -21,3 +21,9 @@ def pytest_configure(config):
     # also when the tests run from a copy outside the source tree (against an installed wheel),
     # where pyproject.toml's marker list is not read
     config.addinivalue_line("markers", "slow: long interpreter or model tests")
+    config.addinivalue_line("markers", "cuda_emulated: CUDA C++ kernels run on the CPU executor of tests/cuda_emu")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--sweep-long", action="store_true", default=False,
+                     help="run 10x more random configurations in tests/test_sweep.py")

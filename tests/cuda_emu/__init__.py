@@ -1,0 +1,1 @@
+"""CPU executor for the CUDA C++ kernels of csrc/ (see README.md)."""

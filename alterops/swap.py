@@ -15,6 +15,12 @@ Hugging Face ``Swinv2Layer``            the same with cosine attention: ``normal
                                         ``16·sigmoid(cpb_mlp(coords))`` as ``rel_pos_bias``
 timm ``SwinTransformerBlock`` (>= 0.9)  its ``_attn`` (roll, pad, partition, attention, merge) as
                                         one ``window_attention2d`` call
+timm ``SwinTransformerV2Block``         the same with Swin V2's cosine attention (as Hugging Face's
+                                        above; q and v biases, ``qkv_bias_separate``) and its CPB
+                                        table ``16·sigmoid(cpb_mlp(relative_coords_table))``
+timm ``SwinTransformerV2CrBlock``       its ``_shifted_window_attn`` likewise: cosine attention
+                                        with per-head ``logit_scale``, the ``meta_mlp`` bias
+                                        evaluated once per query-key offset
 paper's ``LocalAttention``              ``window_attention2d`` with the shared table
 paper's ``ConvAttention2d``             ``neighborhood_attention2d(border="zero")`` (same padding,
                                         stride 1 only)
@@ -23,7 +29,10 @@ paper's ``TanhBlurBlock``               ``tanh_blur2d`` (its blur must be an ``A
 =====================================  ==========================================================
 
 Other Swin copies in transformers (``MaskFormerSwinLayer``, ``Swin2SRLayer``) differ in details
-of their forward and are reported as skipped.
+of their forward and are reported as skipped. So is, with what made it look like attention, every
+other attention-like module the walk meets (``nn.MultiheadAttention``, a class named ``*Attention*``
+/ ``*Attn*``, a module with ``qkv`` or query/key/value projection children, e.g. a ViT's global
+attention): the report lists each one that is left alone, outermost module only.
 
 How. Each matched module keeps its identity, children, parameters, buffers, hooks and state-dict
 keys: only its class is switched to a generated subclass (``Fused<Name>``) whose ``forward`` calls
@@ -34,11 +43,17 @@ viewed and flipped into the op's key-minus-query layout), so gradients reach the
 parameters and an optimizer built before the swap keeps working.
 
 When the fused path cannot reproduce a call, the original forward runs for that call: attention
-dropout active in training, the paper modules' external ``mask``, Hugging Face
+dropout active in training (for SwinV2-CR also its meta-MLP dropout, which makes the bias differ
+per query-key pair in training), the paper modules' external ``mask``, Hugging Face
 ``output_attentions`` / ``head_mask``, a layer whose runtime window no longer matches its bias
-table. The fused forwards return ``None`` where the originals return attention probabilities.
+table, a timm block whose static shift mask (built for its ``input_resolution``) does not fit the
+padded size of the map it is called with. The fused forwards return ``None`` where the originals
+return attention probabilities.
 Numerics: Swin adds -100 to the logits of cross-region pairs of shifted windows; the op excludes
-them exactly, a difference below ``exp(-100)`` relative.
+them exactly, a difference below ``exp(-100 + spread)`` relative, where ``spread`` is the range of
+a window's logits (Swin V2: at most ``2·τ + 16`` with ``τ = exp(logit_scale) <= 100``, so below
+``exp(-64)`` at timm's initial ``τ = 10``; a head whose ``τ`` nears 40 or more no longer masks
+those pairs out in the original, and there the two differ).
 """
 from __future__ import annotations
 
@@ -310,44 +325,128 @@ def _match_hf_swinv2(m):
 
 
 # -----------------------------------------------------------------------------------------
-# timm SwinTransformerBlock (timm >= 0.9: the block has `_attn(x)` on (B, H, W, C) maps)
+# timm Swin blocks (timm >= 0.9: the blocks attend through `_attn(x)` / `_shifted_window_attn(x)`
+# on (B, H, W, C) maps: roll, zero-pad, partition, attention with the block's mask, merge, crop,
+# roll back)
 # -----------------------------------------------------------------------------------------
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _standard_rel_index(wh, ww):
+    """timm's / Swin's ``relative_position_index``: query-minus-key offsets, row-major table."""
+    ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    return (ys[:, None] - ys[None, :] + wh - 1) * (2 * ww - 1) + (xs[:, None] - xs[None, :] + ww - 1)
+
+
+def _buffer_equals(buf, expected) -> bool:
+    """Content check of an index / coordinate buffer (buffers on the meta device are not checked)."""
+    if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != tuple(expected.shape):
+        return False
+    if buf.device.type == "meta":
+        return True
+    return torch.equal(buf.detach().cpu().to(expected.dtype), expected)
+
+
+def _timm_mask_matches(block, Hp, Wp, wh, ww) -> bool:
+    """The shift mask the block itself would use is the op's for the padded ``(Hp, Wp)`` map:
+    a dynamic mask always is; a static one (a buffer built for ``input_resolution`` /
+    ``feat_size``) only when the runtime map pads to the same size."""
+    if getattr(block, "dynamic_mask", False):
+        return True
+    mask = getattr(block, "attn_mask", None)
+    if mask is None:  # shifted windows without a mask: not Swin's semantics
+        return False
+    res = getattr(block, "input_resolution", None)
+    if res is None:
+        res = getattr(block, "feat_size", None)
+    if res is None:
+        return False
+    rh, rw = _pair(res)
+    return ((-(-int(rh) // wh) * wh, -(-int(rw) // ww) * ww) == (Hp, Wp)
+            and tuple(mask.shape) == ((Hp // wh) * (Wp // ww), wh * ww, wh * ww))
+
+
+def _timm_window_attention(block, x, fallback, qkv_fn, table_fn, scale):
+    """``x``: the block's ``(B, H, W, C)`` attention input → the attention branch's output, as the
+    block's own roll/pad/partition/attention/merge/crop/roll-back, in one ``window_attention2d``.
+
+    ``qkv_fn(z)`` → ``(B, Hp, Wp, 3 * heads * d)`` of the padded map, ``table_fn()`` → the bias
+    ``(heads, 2wh-1, 2ww-1)`` key-minus-query, ``scale`` the logit scale. ``fallback(x)`` runs
+    the block's original method when the fused op cannot reproduce the call."""
+    a = block.attn
+    wh, ww = block.window_size
+    sh, sw = block.shift_size
+    B, H, W, C = x.shape
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    shifted = sh > 0 or sw > 0
+    if shifted and not _timm_mask_matches(block, Hp, Wp, wh, ww):
+        return fallback(x)
+    padded = (Hp, Wp) != (H, W)
+    # timm rolls the unpadded map and pads afterwards (zero features that take part); the op
+    # rolls the padded map. z = roll_Hp(pad(roll_H(x, -s)), +s) makes the two agree.
+    if padded and shifted:
+        z = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        z = torch.roll(F.pad(z, (0, 0, 0, Wp - W, 0, Hp - H)), shifts=(sh, sw), dims=(1, 2))
+    elif padded:
+        z = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
+    else:
+        z = x
+    heads = a.num_heads
+    qkv = qkv_fn(z)
+    qkv = qkv.view(B, Hp, Wp, 3, heads, qkv.shape[-1] // (3 * heads))
+    q, k, v = qkv.unbind(3)
+    if callable(scale):  # cosine attention: normalised q, k; the per-head scale folded into q
+        q, k, scale = scale(q, k)
+    out = _ops().window_attention2d(
+        q, k, v, (wh, ww), shift=(sh, sw) if shifted else 0, rel_pos_bias=table_fn(), scale=scale,
+        backend=block.__dict__.get("alterops_backend"),
+    )
+    if padded and shifted:
+        out = torch.roll(out, shifts=(-sh, -sw), dims=(1, 2))[:, :H, :W]
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    elif padded:
+        out = out[:, :H, :W]
+    out = a.proj(out.reshape(B, H, W, -1))
+    return a.proj_drop(out)
+
+
+def _cosine_qk(logit_scale, heads):
+    """Swin V2's cosine attention as the op's inputs: ``normalize(q)·τ_h``, ``normalize(k)``,
+    ``scale=1``, with ``τ_h = exp(min(logit_scale_h, log 100))``."""
+    def fold(q, k):
+        tau = torch.clamp(logit_scale, max=math.log(1.0 / 0.01)).exp().reshape(heads, 1)
+        return F.normalize(q, dim=-1) * tau.to(q.dtype), F.normalize(k, dim=-1), 1.0
+    return fold
+
+
+def _dropout_active(module) -> bool:
+    return module.training and any(isinstance(d, nn.Dropout) and d.p > 0 for d in module.modules())
+
+
 class _FusedTimmSwinBlock(_Fused):
     def _attn(self, x):
         a = self.attn
         wh, ww = self.window_size
-        sh, sw = self.shift_size
         if (self.training and a.attn_drop.p > 0) or tuple(a.window_size) != (wh, ww):
             return super()._attn(x)
-        B, H, W, C = x.shape
-        Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
-        shifted = sh > 0 or sw > 0
-        padded = (Hp, Wp) != (H, W)
-        # timm rolls the unpadded map and pads afterwards (zero features that take part); the op
-        # rolls the padded map. z = roll_Hp(pad(roll_H(x, -s)), +s) makes the two agree.
-        if padded and shifted:
-            z = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-            z = torch.roll(F.pad(z, (0, 0, 0, Wp - W, 0, Hp - H)), shifts=(sh, sw), dims=(1, 2))
-        elif padded:
-            z = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
-        else:
-            z = x
-        heads = a.num_heads
-        qkv = a.qkv(z)
-        qkv = qkv.view(B, Hp, Wp, 3, heads, qkv.shape[-1] // (3 * heads))
-        q, k, v = qkv.unbind(3)
-        out = _ops().window_attention2d(
-            q, k, v, (wh, ww), shift=(sh, sw) if shifted else 0,
-            rel_pos_bias=_qk_flip_table(a.relative_position_bias_table, wh, ww, heads), scale=a.scale,
-            backend=self.__dict__.get("alterops_backend"),
-        )
-        if padded and shifted:
-            out = torch.roll(out, shifts=(-sh, -sw), dims=(1, 2))[:, :H, :W]
-            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
-        elif padded:
-            out = out[:, :H, :W]
-        out = a.proj(out.reshape(B, H, W, -1))
-        return a.proj_drop(out)
+        return _timm_window_attention(
+            self, x, super()._attn, a.qkv,
+            lambda: _qk_flip_table(a.relative_position_bias_table, wh, ww, a.num_heads), a.scale)
+
+
+def _timm_block_check(m, method):
+    if not callable(getattr(m, method, None)):
+        return f"timm older than 0.9 (no {type(m).__name__}.{method}); upgrade timm to swap it"
+    ws, ss = getattr(m, "window_size", None), getattr(m, "shift_size", None)
+    if not (isinstance(ws, tuple) and isinstance(ss, tuple) and len(ws) == 2 and len(ss) == 2):
+        return "window_size / shift_size are not pairs as in timm >= 0.9"
+    if not (0 <= ss[0] < ws[0] and 0 <= ss[1] < ws[1]):
+        return f"shift {ss} outside [0, window {ws})"
+    if _pair(m.attn.window_size) != ws:
+        return f"window {_pair(m.attn.window_size)} of the attention differs from the block's {ws}"
+    return None
 
 
 def _match_timm_swin(m):
@@ -358,11 +457,117 @@ def _match_timm_swin(m):
             "window_size")
     if not all(hasattr(a, n) for n in need):
         return ("skip", "attention module without timm WindowAttention's attributes")
-    if not callable(getattr(m, "_attn", None)):
-        return ("skip", "timm older than 0.9 (no SwinTransformerBlock._attn); upgrade timm to swap it")
-    if not (isinstance(m.window_size, tuple) and isinstance(m.shift_size, tuple)):
-        return ("skip", "window_size / shift_size are not pairs as in timm >= 0.9")
+    why = _timm_block_check(m, "_attn")
+    if why:
+        return ("skip", why)
+    wh, ww = m.window_size
+    if not _buffer_equals(getattr(a, "relative_position_index", None), _standard_rel_index(wh, ww)):
+        return ("skip", "relative_position_index is not Swin's query-minus-key index")
     return ("fuse", "timm_swin", f"window {m.window_size}, shift {m.shift_size}")
+
+
+class _FusedTimmSwinV2Block(_Fused):
+    def _attn(self, x):
+        a = self.attn
+        wh, ww = self.window_size
+        if (self.training and a.attn_drop.p > 0) or _dropout_active(a.cpb_mlp) or tuple(a.window_size) != (wh, ww):
+            return super()._attn(x)
+        heads = a.num_heads
+
+        def qkv(z):  # as WindowAttention.forward: q and v biases, the zero k bias buffer
+            if a.q_bias is None:
+                return a.qkv(z)
+            bias = torch.cat((a.q_bias, a.k_bias, a.v_bias))
+            if getattr(a, "qkv_bias_separate", False):
+                return a.qkv(z) + bias
+            return F.linear(z, a.qkv.weight, bias)
+
+        def table():  # the continuous position bias, 16·sigmoid(cpb_mlp(log-spaced coordinates))
+            t = a.cpb_mlp(a.relative_coords_table).reshape(-1, heads)
+            return 16 * torch.sigmoid(_qk_flip_table(t, wh, ww, heads))
+
+        return _timm_window_attention(self, x, super()._attn, qkv, table, _cosine_qk(a.logit_scale, heads))
+
+
+def _match_timm_swinv2(m):
+    if type(m).__name__ != "SwinTransformerV2Block" or not hasattr(m, "attn"):
+        return None
+    a = m.attn
+    need = ("qkv", "proj", "proj_drop", "attn_drop", "logit_scale", "cpb_mlp", "relative_coords_table",
+            "relative_position_index", "q_bias", "k_bias", "v_bias", "num_heads", "window_size")
+    if not all(hasattr(a, n) for n in need):
+        return ("skip", "attention module without timm Swin V2 WindowAttention's attributes (cosine attention, cpb_mlp)")
+    why = _timm_block_check(m, "_attn")
+    if why:
+        return ("skip", why)
+    wh, ww = m.window_size
+    if not isinstance(a.qkv, nn.Linear) or (a.q_bias is None) != (a.v_bias is None):
+        return ("skip", "qkv is not an nn.Linear with timm's separate q / v biases")
+    if tuple(a.logit_scale.shape) != (a.num_heads, 1, 1):
+        return ("skip", f"logit_scale of shape {tuple(a.logit_scale.shape)}, not (heads, 1, 1)")
+    if tuple(a.relative_coords_table.shape) != (1, 2 * wh - 1, 2 * ww - 1, 2):
+        return ("skip", "relative_coords_table is not the (1, 2wh-1, 2ww-1, 2) grid of the window")
+    if not _buffer_equals(a.relative_position_index, _standard_rel_index(wh, ww)):
+        return ("skip", "relative_position_index is not Swin's query-minus-key index")
+    return ("fuse", "timm_swinv2", f"window {m.window_size}, shift {m.shift_size}, cosine attention + CPB bias")
+
+
+def _cr_offset_rows(wh, ww):
+    """Rows of the ``(N*N)`` pair list (query-major, N = wh*ww) of SwinV2-CR's
+    ``relative_coordinates_log``, one pair per offset ``key - query = (a - wh + 1, b - ww + 1)``,
+    in the op's ``(2wh-1, 2ww-1)`` table order; and, for every pair, the row of its offset."""
+    dy, dx = torch.arange(2 * wh - 1) - (wh - 1), torch.arange(2 * ww - 1) - (ww - 1)
+    qy, qx = (-dy).clamp(min=0), (-dx).clamp(min=0)
+    qi = qy[:, None] * ww + qx[None, :]
+    ki = (qy + dy)[:, None] * ww + (qx + dx)[None, :]
+    rows = (qi * (wh * ww) + ki).flatten()
+    ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    offset = (ys[None, :] - ys[:, None] + wh - 1) * (2 * ww - 1) + (xs[None, :] - xs[:, None] + ww - 1)
+    return rows, offset.flatten()
+
+
+class _FusedTimmSwinV2CrBlock(_Fused):
+    def _shifted_window_attn(self, x):
+        a = self.attn
+        wh, ww = self.window_size
+        if _dropout_active(a) or tuple(a.window_size) != (wh, ww):
+            return super()._shifted_window_attn(x)
+        heads = a.num_heads
+
+        def table():  # meta_mlp of the log-spaced offsets, once per offset (it depends on nothing else)
+            rows = _cr_offset_rows(wh, ww)[0].to(a.relative_coordinates_log.device)
+            t = a.meta_mlp(a.relative_coordinates_log[rows])  # ((2wh-1)(2ww-1), heads)
+            return t.t().reshape(heads, 2 * wh - 1, 2 * ww - 1)
+
+        return _timm_window_attention(self, x, super()._shifted_window_attn, a.qkv, table,
+                                      _cosine_qk(a.logit_scale, heads))
+
+
+def _match_timm_swinv2_cr(m):
+    if type(m).__name__ != "SwinTransformerV2CrBlock" or not hasattr(m, "attn"):
+        return None
+    a = m.attn
+    need = ("qkv", "proj", "proj_drop", "attn_drop", "logit_scale", "meta_mlp", "relative_coordinates_log",
+            "num_heads", "window_size")
+    if not all(hasattr(a, n) for n in need):
+        return ("skip", "attention module without timm SwinV2-CR WindowMultiHeadAttention's attributes")
+    why = _timm_block_check(m, "_shifted_window_attn")
+    if why:
+        return ("skip", why)
+    wh, ww = m.window_size
+    if tuple(a.logit_scale.shape) != (a.num_heads,):
+        return ("skip", f"logit_scale of shape {tuple(a.logit_scale.shape)}, not (heads,)")
+    coords = a.relative_coordinates_log
+    if not isinstance(coords, torch.Tensor) or tuple(coords.shape) != ((wh * ww) ** 2, 2):
+        return ("skip", "relative_coordinates_log is not the (N*N, 2) pair list of the window")
+    if coords.device.type != "meta":  # the bias must depend on the offset only (it does in timm)
+        rows, offset = _cr_offset_rows(wh, ww)
+        c = coords.detach().cpu()
+        if not torch.equal(c, c[rows][offset]):
+            return ("skip", "relative_coordinates_log is not a function of the query-key offset")
+    return ("fuse", "timm_swinv2_cr", f"window {m.window_size}, shift {m.shift_size}, cosine attention + "
+                                      "meta-MLP bias")
 
 
 # -----------------------------------------------------------------------------------------
@@ -529,6 +734,8 @@ _MIXINS = {
     "hf_swin": _FusedHFSwinLayer,
     "hf_swinv2": _FusedHFSwinV2Layer,
     "timm_swin": _FusedTimmSwinBlock,
+    "timm_swinv2": _FusedTimmSwinV2Block,
+    "timm_swinv2_cr": _FusedTimmSwinV2CrBlock,
     "local_attention": _FusedLocalAttention,
     "conv_attention": _FusedConvAttention2d,
     "tanh_blur": _FusedTanhBlur,
@@ -541,11 +748,44 @@ _MATCHERS = (
     ("attention", _match_hf_swinv2),
     ("attention", _match_hf_other),
     ("attention", _match_timm_swin),
+    ("attention", _match_timm_swinv2),
+    ("attention", _match_timm_swinv2_cr),
     ("attention", _match_local_attention),
     ("attention", _match_conv_attention),
     ("blur", _match_tanh_blur),
     ("blur", _match_avgpool),
 )
+
+
+# =========================================================================================
+# Attention that no family recognises: reported, with what made it look like attention
+# =========================================================================================
+_PROJECTION_SETS = (("qkv",), ("to_qkv",), ("in_proj",), ("query", "key", "value"), ("q_proj", "k_proj", "v_proj"),
+                    ("to_q", "to_k", "to_v"), ("to_q", "to_kv"), ("q", "k", "v"), ("q", "kv"))
+
+
+def _attention_like(m) -> str | None:
+    """A reason string when ``m`` looks like an attention module (nn.MultiheadAttention, a class name
+    with "Attention" / "Attn", or query/key/value projection children), else None."""
+    name = type(m).__name__
+    evidence = None
+    if isinstance(m, nn.MultiheadAttention):
+        evidence = "nn.MultiheadAttention"
+    elif "attention" in name.lower() or "attn" in name.lower():
+        evidence = f"class {name}"
+    else:
+        children = m._modules
+        for names in _PROJECTION_SETS:
+            if all(isinstance(children.get(n), (nn.Linear, nn.Conv1d, nn.Conv2d)) for n in names):
+                evidence = f"{name} with {'/'.join(names)} projections"
+                break
+        else:
+            if isinstance(m.__dict__.get("_parameters", {}).get("in_proj_weight"), torch.Tensor):
+                evidence = f"{name} with an in_proj_weight"
+    if evidence is None:
+        return None
+    return (f"{evidence}: attention that no swap family matches (alterops fuses Swin-style window and "
+            f"neighbourhood attention only); left as is")
 
 
 # =========================================================================================
@@ -555,15 +795,17 @@ def swap(model: nn.Module, ops=("attention", "blur"), backend: str | None = None
     """Replace, in place, the attention and blur modules of ``model`` by fused ones.
 
     Args:
-        model: any ``nn.Module`` (Hugging Face Swin / Swin V2, timm Swin, the papers' modules, or
-            a model containing them). It is modified in place; the same object is kept.
+        model: any ``nn.Module`` (Hugging Face Swin / Swin V2, timm Swin / Swin V2 / SwinV2-CR,
+            the papers' modules, or a model containing them). It is modified in place; the same object is kept.
         ops: which groups to swap: ``"attention"`` and/or ``"blur"``.
         backend: passed to the ops on every call (``None``: automatic selection per call). A
             module swapped before gets the new backend.
 
     Returns:
         A :class:`SwapReport` listing each replaced module (name, family, detail) and each
-        candidate left alone with the reason. Modules inside a replaced one are not visited.
+        candidate left alone with the reason, attention-like modules no family recognises
+        included (family ``"unrecognised"``; with ``"attention"`` in ``ops``). Modules inside a
+        replaced one are not visited.
 
     The swapped model computes the same function (up to the dtype's rounding; see the module
     docstring for the cases that run the original forward) with the same parameters (the same
@@ -583,29 +825,39 @@ def swap(model: nn.Module, ops=("attention", "blur"), backend: str | None = None
         _check_name(backend, "backend")
     report = SwapReport()
 
-    def visit(name: str, m: nn.Module) -> None:
+    def visit(name: str, m: nn.Module, covered: bool) -> None:
+        # covered: inside an attention module already reported as skipped (reported once, outermost)
         if isinstance(m, _Fused):
             m.__dict__["alterops_backend"] = backend
             report.replaced.append((name, m._alterops_kind, "already swapped (backend updated)"))
             return
+        recognised = False
         for group, matcher in _MATCHERS:
             result = matcher(m)
             if result is None:
                 continue
+            recognised = True
             if group not in ops:
                 break
             if result[0] == "skip":
-                report.skipped.append((name, matcher.__name__[len("_match_"):], result[1]))
+                if not covered:
+                    report.skipped.append((name, matcher.__name__[len("_match_"):], result[1]))
+                covered = covered or group == "attention"
                 break
             _, kind, detail = result
             m.__class__ = _fused_class(type(m), kind)
             m.__dict__["alterops_backend"] = backend
             report.replaced.append((name, kind, detail))
             return
+        if not recognised and not covered and "attention" in ops:
+            why = _attention_like(m)
+            if why:
+                report.skipped.append((name, "unrecognised", why))
+                covered = True
         for child_name, child in m.named_children():
-            visit(f"{name}.{child_name}" if name else child_name, child)
+            visit(f"{name}.{child_name}" if name else child_name, child, covered)
 
-    visit("", model)
+    visit("", model, False)
     return report
 
 

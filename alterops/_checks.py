@@ -47,6 +47,9 @@ def same(names: Sequence[str], tensors: Sequence[torch.Tensor], *, shape: bool =
             )
 
 
+MAX_INT = 2**31 - 1  # every size-like int argument (kernels, strides, padding, ...) is below this
+
+
 def pair(name: str, value, *, minimum: int | None = None, odd: bool = False) -> tuple[int, int]:
     """An int or a pair of ints, returned as a pair, checked against ``minimum`` and oddness."""
     if isinstance(value, bool):
@@ -61,6 +64,8 @@ def pair(name: str, value, *, minimum: int | None = None, odd: bool = False) -> 
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if minimum is not None and min(out) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if max(out) > MAX_INT:
+        raise ValueError(f"{name} must be <= {MAX_INT}, got {value!r}")
     if odd and (out[0] % 2 == 0 or out[1] % 2 == 0):
         raise ValueError(f"{name} must be odd, got {value!r}")
     return out
@@ -75,6 +80,10 @@ def choice(name: str, value, options: Sequence[str]) -> str:
 def number(name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
-    if positive and not value > 0:
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name} must be a finite number, got {value!r}") from None
+    if positive and not out > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
-    return float(value)
+    return out

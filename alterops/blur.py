@@ -17,8 +17,9 @@ Decisions where the contract is open:
 
 * ``padding`` int ``p``: ``p`` on every side; pair ``(ph, pw)``: per axis, both sides;
   ``"same"``: ``(k-1)//2`` before and ``k//2`` after on each axis (output ``H x W`` at stride
-  1, ``ceil(H/s)`` at stride ``s``). Any padding ``>= 0`` is accepted (no ``<= k/2`` limit as in
-  ``F.avg_pool2d``); ``"reflect"`` needs padding ``<`` the input size on that axis, as ``F.pad``.
+  1, ``ceil(H/s)`` at stride ``s``). Any padding from 0 to ``max(input size, 32)`` per axis
+  (also what ``"same"`` gives) is accepted (no ``<= k/2`` limit as in ``F.avg_pool2d``); ``"reflect"`` needs padding
+  ``<`` the input size on that axis, as ``F.pad``. ``tau`` must be finite and ``> 0``.
 * ``kernel_size``/``stride`` are ints or pairs, ``>= 1``; the kernel must fit in the padded
   map (``H + top + bottom >= kh``). ``H, W >= 1``.
 * The compiled backends read a channels-last or otherwise strided ``x`` through one contiguous
@@ -29,8 +30,9 @@ Decisions where the contract is open:
   approximation with absolute error ``<= 4e-7`` (float64 on ``cpu`` uses ``std::tanh``); on
   ``triton`` ``1 - 2 / (exp(2y) + 1)`` in float32.
 * The fused backends save ``x`` for ``tanh_blur2d``'s backward (``tanh`` is recomputed) and
-  nothing but the shape for ``box_blur2d``'s. Double backward is not supported there (use
-  ``backend="reference"``).
+  nothing but the shape for ``box_blur2d``'s. ``box_blur2d`` is linear and its fused backward
+  is differentiable again (double backward works); differentiating ``tanh_blur2d``'s fused
+  backward raises a ``RuntimeError`` (use ``backend="reference"``).
 * The ReLU's derivative at 0 is 0 (as ``torch.relu``).
 
 Backends: ``reference`` (``F.pad`` + ``F.avg_pool2d``, any float dtype, autograd), ``cpu`` (C++,
@@ -39,12 +41,14 @@ float32/float64/bfloat16), ``cuda`` (CUDA C++, float32/float16/bfloat16), ``trit
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import _checks, _ext
+from ._autograd import first_order_only
 from ._dispatch import Backend, OpBackends, register
 
 __all__ = ["box_blur2d", "tanh_blur2d"]
@@ -53,6 +57,7 @@ PAD_MODES = ("zeros", "replicate", "reflect")
 _PAD_CODE = {m: i for i, m in enumerate(PAD_MODES)}
 _F_PAD = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect"}
 ACT_NONE, ACT_TANH, ACT_TANH_RELU = 0, 1, 2
+_MAX_FREE_PAD = 32  # padding up to this is accepted on any input size
 
 
 # ---------------------------------------------------------------------------------------
@@ -84,11 +89,19 @@ def _geometry(x, kernel_size, stride, padding, pad_mode):
             f"reflect padding must be < the input size on each axis: padding (top, bottom, left, "
             f"right) = {pads} for an input of size {H}x{W}"
         )
+    if max(pads[:2]) > max(H, _MAX_FREE_PAD) or max(pads[2:]) > max(W, _MAX_FREE_PAD):
+        raise ValueError(
+            f"padding must be <= max(input size, {_MAX_FREE_PAD}) on each axis, got padding (top, bottom, "
+            f"left, right) = {pads} (kernel_size {kernel}) for an input of size {H}x{W}"
+        )
     if H + pads[0] + pads[1] < kernel[0] or W + pads[2] + pads[3] < kernel[1]:
         raise ValueError(
             f"kernel_size {kernel} is larger than the padded input "
             f"({H + pads[0] + pads[1]}x{W + pads[2] + pads[3]})"
         )
+    # A stride past the last window start gives one output row/column either way.
+    strides = (min(strides[0], H + pads[0] + pads[1] - kernel[0] + 1),
+               min(strides[1], W + pads[2] + pads[3] - kernel[1] + 1))
     return kernel, strides, pads, pad_mode
 
 
@@ -203,6 +216,7 @@ class _Blur2dFunction(torch.autograd.Function):
     def forward(ctx, x, backend, kernel, stride, pads, mode, act, tau):
         out = _forward_op(backend)(x, kernel, stride, pads, mode, act, tau)
         ctx.params = (backend, kernel, stride, pads, mode, act, tau, (x.shape[-2], x.shape[-1]))
+        ctx.backend_name = backend
         if act != ACT_NONE:
             ctx.save_for_backward(x)  # the pointwise derivative needs x; the box blur needs nothing
         return out
@@ -210,9 +224,34 @@ class _Blur2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         backend, kernel, stride, pads, mode, act, tau, hw = ctx.params
-        x = ctx.saved_tensors[0] if act != ACT_NONE else None
-        grad_x = _backward_op(backend)(grad_out, x, list(hw), kernel, stride, pads, mode, act, tau)
-        return grad_x, None, None, None, None, None, None, None
+        if act == ACT_NONE:  # linear: its backward is a differentiable op too (double backward works)
+            grad_x = _BoxBlur2dAdjoint.apply(grad_out, backend, kernel, stride, pads, mode, list(hw))
+            return grad_x, None, None, None, None, None, None, None
+        return _tanh_blur_backward(ctx, grad_out)
+
+
+@first_order_only("tanh_blur2d")
+def _tanh_blur_backward(ctx, grad_out):
+    backend, kernel, stride, pads, mode, act, tau, hw = ctx.params
+    x = ctx.saved_tensors[0]
+    grad_x = _backward_op(backend)(grad_out, x, list(hw), kernel, stride, pads, mode, act, tau)
+    return grad_x, None, None, None, None, None, None, None
+
+
+class _BoxBlur2dAdjoint(torch.autograd.Function):
+    """The box blur's backward (the transposed window sum) as an op whose own backward is the
+    box blur again."""
+
+    @staticmethod
+    def forward(ctx, grad_out, backend, kernel, stride, pads, mode, hw):
+        ctx.params = (backend, kernel, stride, pads, mode)
+        return _backward_op(backend)(grad_out, None, hw, kernel, stride, pads, mode, ACT_NONE, 10.0)
+
+    @staticmethod
+    def backward(ctx, gg):
+        backend, kernel, stride, pads, mode = ctx.params
+        return (_Blur2dFunction.apply(gg, backend, kernel, stride, pads, mode, ACT_NONE, 10.0),
+                None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,6 +317,8 @@ def tanh_blur2d(x: torch.Tensor, tau: float = 10.0, kernel_size=2, stride=1, pad
     backends save ``x`` and recompute ``tanh`` in the backward).
     """
     tau = _checks.number("tau", tau, positive=True)
+    if math.isinf(tau):
+        raise ValueError(f"tau must be finite, got {tau!r}")
     if not isinstance(relu, bool):
         raise TypeError(f"relu must be a bool, got {relu!r}")
     act = ACT_TANH_RELU if relu else ACT_TANH

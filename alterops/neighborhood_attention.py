@@ -26,7 +26,7 @@ Decisions where the contract is open:
   activations); it is read in float32 (float64 for float64 inputs) and its gradient has the
   table's dtype. It must be on the device of ``q``.
 * ``kernel_size`` larger than the map is allowed for ``"mask"`` and ``"zero"`` (the extra keys
-  are outside the image); ``"clamp"`` raises.
+  are outside the image) up to ``max(31, 2 * map size + 1)`` per axis; ``"clamp"`` raises.
 * the fused backends save the output and the per-query logsumexp (float32; float64 for float64
   inputs) for the backward, as flash attention does; memory is linear in the number of queries.
 * the bias gradient is deterministic on every backend (no atomic adds into the table).
@@ -44,6 +44,7 @@ import math
 import torch
 
 from . import _checks, _ext
+from ._autograd import first_order_only
 from ._dispatch import Backend, OpBackends, register
 
 __all__ = ["neighborhood_attention2d", "neighborhood_attention2d_reference", "neighborhood_window"]
@@ -51,6 +52,7 @@ __all__ = ["neighborhood_attention2d", "neighborhood_attention2d_reference", "ne
 BORDERS = ("clamp", "mask", "zero")
 _BORDER_CODE = {"clamp": 0, "mask": 1, "zero": 2}
 _MAX_TRITON_HEAD_DIM = 256
+_MAX_FREE_KERNEL = 31  # "mask"/"zero": kernels up to this size are accepted on any map
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,9 +102,10 @@ def neighborhood_attention2d_reference(q, k, v, kernel_size, dilation=(1, 1), bo
     def neighbour(t, i, j):  # t[b, pos_y[y, i], pos_x[x, j]] for every query (y, x)
         rows = t.index_select(1, pos_y[:, i].clamp(0, H - 1))
         out = rows.index_select(2, pos_x[:, j].clamp(0, W - 1))
-        if border == "zero":  # out-of-image keys and values are zero vectors
-            inside = (valid_y[:, i, None] & valid_x[None, :, j]).to(compute)
-            out = out * inside[None, :, :, None, None]
+        if border != "clamp":  # out-of-image keys and values are zero vectors ("zero") or unused
+            # ("mask"); a select, not a product: the clamped in-image row may hold NaN or inf
+            inside = valid_y[:, i, None] & valid_x[None, :, j]
+            out = torch.where(inside[None, :, :, None, None], out, out.new_zeros(()))
         return out
 
     logits = []
@@ -117,7 +120,7 @@ def neighborhood_attention2d_reference(q, k, v, kernel_size, dilation=(1, 1), bo
                 s = s.masked_fill(~inside[None, :, :, None], float("-inf"))
             logits.append(s)
     attn = torch.softmax(torch.stack(logits, dim=-1), dim=-1)  # (B, H, W, heads, kh*kw)
-    out = torch.zeros_like(qc)
+    out = torch.zeros_like(qc, memory_format=torch.contiguous_format)  # documented: contiguous
     for i in range(kh):
         for j in range(kw):
             out = out + attn[..., i * kw + j, None] * neighbour(vc, i, j)
@@ -154,20 +157,30 @@ def _na_triton_fwd(q, k, v, kh, kw, dh, dw, border, bias, scale):
     out = _checks.empty((B, H, W, heads, head_dim), like=q)
     lse = _checks.empty((B, heads, H, W), like=q, dtype=torch.float32)
     cfg = kern.pick_config(head_dim, q.dtype)
-    grid = (triton_cdiv(H, cfg["TM_H"]) * triton_cdiv(W, cfg["TM_W"]), B * heads)
+    tiles = triton_cdiv(H, cfg["TM_H"]) * triton_cdiv(W, cfg["TM_W"])
     has_bias = bias is not None
     bias_arg = bias if has_bias else q.new_zeros(1, dtype=torch.float32)
     bias_head_stride = 0 if (not has_bias or bias.shape[0] == 1) else bias.stride(0)
-    kern.na2d_fwd_kernel[grid](
-        q, k, v, out, lse, bias_arg,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, W, heads, head_dim, kh, kw, dh, dw, bias_head_stride,
-        scale * kern.LOG2E,
-        BORDER=_BORDER_CODE[border], HAS_BIAS=has_bias,
-        TM_H=cfg["TM_H"], TM_W=cfg["TM_W"], TN_H=cfg["TN_H"], TN_W=cfg["TN_W"],
-        BLOCK_D=cfg["BLOCK_D"], FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    wide = kern.needs_wide(q, k, v, out)
+    # A NaN or inf in v: the plain kernel's dots would spread it to queries whose window does not
+    # hold it (their weight 0 times inf); a second launch recomputes with IEEE handling when the
+    # device-side flag says so (on a GPU it returns at once otherwise: no host sync).
+    flag = torch.isfinite(v).logical_not().any().to(torch.int32).reshape(1)
+    variants = [False]
+    if q.device.type != "cpu" or bool(flag.item()):  # the interpreter: the host knows for free
+        variants.append(True)
+    for nonfinite in variants:
+        for bh0, grid, split in kern.launches(B, heads, tiles):
+            kern.na2d_fwd_kernel[grid](
+                q, k, v, out, lse, bias_arg, flag,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                H, W, heads, head_dim, kh, kw, dh, dw, bias_head_stride, bh0,
+                scale * kern.LOG2E,
+                BORDER=_BORDER_CODE[border], HAS_BIAS=has_bias,
+                TM_H=cfg["TM_H"], TM_W=cfg["TM_W"], TN_H=cfg["TN_H"], TN_W=cfg["TN_W"],
+                BLOCK_D=cfg["BLOCK_D"], FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
+                WIDE=wide, SPLIT=split, NONFINITE=nonfinite, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
     return out, lse
 
 
@@ -194,22 +207,25 @@ def _na_triton_bwd(dout, q, k, v, out, lse, kh, kw, dh, dw, border, bias, scale,
         BORDER=_BORDER_CODE[border], HAS_BIAS=has_bias,
         TM_H=cfg["TM_H"], TM_W=cfg["TM_W"], TN_H=cfg["TN_H"], TN_W=cfg["TN_W"],
         BLOCK_D=cfg["BLOCK_D"], FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
+        WIDE=kern.needs_wide(q, k, v, dout, dq, dk, dv),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    grid_q = (triton_cdiv(H, cfg["TM_H"]) * triton_cdiv(W, cfg["TM_W"]), B * heads)
-    kern.na2d_bwd_dq_kernel[grid_q](
-        q, k, v, dout, lse, delta, dq, bias_arg, ds_off,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
-        H, W, heads, head_dim, kh, kw, dh, dw, bias_head_stride,
-        scale * kern.LOG2E, scale, STORE_DS=want_db, **common,
-    )
-    grid_k = (triton_cdiv(H, cfg["TN_H"]) * triton_cdiv(W, cfg["TN_W"]), B * heads)
-    kern.na2d_bwd_dkdv_kernel[grid_k](
-        q, k, v, dout, lse, delta, dk, dv, bias_arg,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
-        H, W, heads, head_dim, kh, kw, dh, dw, bias_head_stride,
-        scale * kern.LOG2E, scale, **common,
-    )
+    tiles_q = triton_cdiv(H, cfg["TM_H"]) * triton_cdiv(W, cfg["TM_W"])
+    for bh0, grid, split in kern.launches(B, heads, tiles_q):
+        kern.na2d_bwd_dq_kernel[grid](
+            q, k, v, dout, lse, delta, dq, bias_arg, ds_off,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            H, W, heads, head_dim, kh, kw, dh, dw, bias_head_stride, bh0,
+            scale * kern.LOG2E, scale, STORE_DS=want_db, SPLIT=split, **common,
+        )
+    tiles_k = triton_cdiv(H, cfg["TN_H"]) * triton_cdiv(W, cfg["TN_W"])
+    for bh0, grid, split in kern.launches(B, heads, tiles_k):
+        kern.na2d_bwd_dkdv_kernel[grid](
+            q, k, v, dout, lse, delta, dk, dv, bias_arg,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            H, W, heads, head_dim, kh, kw, dh, dw, bias_head_stride, bh0,
+            scale * kern.LOG2E, scale, SPLIT=split, **common,
+        )
     if want_db:
         dbias = _bias_grad_from_offsets(ds_off, H, W, kh, kw, dh, dw, border, bias.shape[0])
     else:
@@ -295,10 +311,12 @@ class _NeighborhoodAttention2d(torch.autograd.Function):
             out, lse = torch.ops.alterops.neighborhood_attention2d_triton_fwd(q, k, v, kh, kw, dh, dw, border, bias, scale)
         ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.args = (kh, kw, dh, dw, border, scale, backend)
+        ctx.backend_name = backend
         ctx.table_dtype = None if table is None else table.dtype
         return out
 
     @staticmethod
+    @first_order_only("neighborhood_attention2d")
     def backward(ctx, dout):
         q, k, v, out, lse, bias = ctx.saved_tensors
         kh, kw, dh, dw, border, scale, backend = ctx.args
@@ -346,6 +364,16 @@ def neighborhood_attention2d(q, k, v, kernel_size, dilation=1, *, border="clamp"
             f"({kh}, {kw}), dilation=({dh}, {dw}) for a {H}x{W} map; use a smaller kernel or "
             "border='mask'/'zero'"
         )
+    if border != "clamp":
+        if kh > max(_MAX_FREE_KERNEL, 2 * H + 1) or kw > max(_MAX_FREE_KERNEL, 2 * W + 1):
+            raise ValueError(
+                f"kernel_size must be <= max({_MAX_FREE_KERNEL}, 2 * map size + 1) per axis for "
+                f"border={border!r}, got ({kh}, {kw}) for a {H}x{W} map (a larger window only adds "
+                "keys outside the image)"
+            )
+        # Every key but the centre one is outside the image once dilation >= the map size, with
+        # the same bias index, so a larger dilation computes the same thing.
+        dh, dw = min(dh, max(H, 1)), min(dw, max(W, 1))
     if rel_pos_bias is not None:
         rel_pos_bias = _checks.tensor("rel_pos_bias", rel_pos_bias, ndim=3,
                                       layout="(heads | 1, 2*kh-1, 2*kw-1)")
@@ -368,6 +396,6 @@ def neighborhood_attention2d(q, k, v, kernel_size, dilation=1, *, border="clamp"
         if backend == "triton":
             raise ValueError(f"the 'triton' backend supports head_dim <= {_MAX_TRITON_HEAD_DIM}, got {head_dim}")
         name = "reference"
-    if name == "reference" or q.numel() == 0:
+    if name == "reference":
         return neighborhood_attention2d_reference(q, k, v, (kh, kw), (dh, dw), border, rel_pos_bias, scale)
     return _NeighborhoodAttention2d.apply(q, k, v, rel_pos_bias, kh, kw, dh, dw, border, float(scale), name)

@@ -98,9 +98,10 @@ def radial_log_amplitude_reference(x: torch.Tensor, bins: int, eps: float = 1e-6
     H, W = x.shape[2], x.shape[3]
     a = _mean_log_amplitude(x, eps)
     ring = _ring_index(H, W, bins, a.device)
-    keep = ring >= 0
-    sums = torch.zeros(bins, dtype=a.dtype, device=a.device).index_add(0, ring[keep], a.reshape(-1)[keep])
-    counts = torch.bincount(ring[keep], minlength=bins).to(a.dtype)
+    ring = torch.where(ring >= 0, ring, bins)  # frequencies beyond the last ring go to a dropped slot
+    sums = torch.zeros(bins + 1, dtype=a.dtype, device=a.device).index_add(0, ring, a.reshape(-1))[:bins]
+    counts = torch.zeros(bins + 1, dtype=a.dtype, device=a.device).index_add(
+        0, ring, torch.ones(H * W, dtype=a.dtype, device=a.device))[:bins]
     return sums / counts - a[0, 0]
 
 
@@ -162,6 +163,17 @@ def _delta_closed_form(x: torch.Tensor, eps: float) -> torch.Tensor:
     return logs - logs[0]
 
 
+def _rowdot(a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``a @ m.T`` for ``a`` (P, n) and ``m`` (K, n), each output summed over ``n`` in one fixed
+    order by one thread. A BLAS matmul blocks its sums differently for different thread counts,
+    so its last bits would depend on ``torch.get_num_threads()``; this does not. Rows go in chunks
+    of at most 2**22 products."""
+    P, n = a.shape
+    K = m.shape[0]
+    step = max(1, (1 << 22) // max(1, K * n))
+    return torch.cat([(a[i:i + step, None, :] * m[None]).sum(-1) for i in range(0, P, step)]) if P else a.new_zeros(0, K)
+
+
 def _delta_backward(x: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Tensor:
     B, C, n, _ = x.shape
     P = B * C
@@ -169,14 +181,22 @@ def _delta_backward(x: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Te
         return torch.zeros_like(x)
     acc = _acc_dtype(x.dtype)
     cos, sin, idx = _diag_trig(n, acc, x.device)
-    _, re, im = _diag_bins(x)
+    if x.device.type == "cpu":  # bitwise the same for any thread count (the CPU backend's promise)
+        a = torch.zeros(P, n, dtype=acc, device=x.device).index_add_(1, idx, x.reshape(P, n * n).to(acc))
+        re, im = _rowdot(a, cos), -_rowdot(a, sin)
+    else:
+        _, re, im = _diag_bins(x)
     amp = torch.sqrt(re * re + im * im)
     g = grad.to(acc)
     # Δ_0 ≡ 0, and every Δ_k subtracts L_0: the weight of L_0 is -sum_{k>=1} g_k.
     weight = torch.cat([-g[1:].sum().reshape(1), g[1:]])
     denom = amp * (amp + eps)
     coef = torch.where(amp > 0, weight / (P * denom.clamp_min(torch.finfo(acc).tiny)), torch.zeros_like(amp))
-    grad_a = (coef * re) @ cos - (coef * im) @ sin  # d|F|/da_s = (re c_ks - im s_ks) / |F|
+    # d|F|/da_s = (re c_ks - im s_ks) / |F|
+    if x.device.type == "cpu":
+        grad_a = _rowdot(coef * re, cos.T.contiguous()) - _rowdot(coef * im, sin.T.contiguous())
+    else:
+        grad_a = (coef * re) @ cos - (coef * im) @ sin
     return grad_a[:, idx].reshape(B, C, n, n).to(x.dtype)
 
 
@@ -450,11 +470,13 @@ def radial_log_amplitude(x: torch.Tensor, bins: int | None = None, eps: float = 
     empty ring (possible with many bins on a small map) gives NaN. Reference backend only.
     """
     x = _check_map("x", x)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"x must have H, W >= 1, got shape {tuple(x.shape)}")
     eps = _check_eps(eps)
     if bins is None:
         bins = min(x.shape[2], x.shape[3]) // 2 + 1
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be an int >= 1, got {bins!r}")
+    if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS:
+        raise ValueError(f"bins must be an int in [1, {MAX_BINS}], got {bins!r}")
     _RADIAL.select(backend, x.device, x.dtype)
     return radial_log_amplitude_reference(x, bins, eps)
 
@@ -492,10 +514,26 @@ def frequency_noise(shape, freq: float, width: float, eps: float = 1.0, *, gener
     dtype = dtype if dtype is not None else torch.get_default_dtype()
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if math.prod(shape) > 2**62:
+        raise ValueError(f"shape must have fewer than 2**62 elements, got {tuple(shape)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"device must be a torch.device or a device string, got {device!r}") from exc
     if device is None and generator is not None:
         device = generator.device
+    if generator is not None and device.type != generator.device.type:
+        raise ValueError(f"generator is on {generator.device} but device is {device}")
     compute = _acc_dtype(dtype)
-    noise = torch.randn(tuple(shape), generator=generator, dtype=compute, device=device).sign() * eps
+    try:
+        noise = torch.randn(tuple(shape), generator=generator, dtype=compute, device=device)
+    except (RuntimeError, AssertionError) as exc:  # no such device here, or out of memory
+        raise RuntimeError(f"frequency_noise: cannot allocate noise of shape {tuple(shape)} on device "
+                           f"{device}: {exc}") from exc
+    noise = noise.sign() * eps
     H, W = shape[-2], shape[-1]
     wy = (2.0 * math.pi) * torch.fft.fftfreq(H, dtype=compute, device=noise.device).abs()
     wx = (2.0 * math.pi) * torch.fft.fftfreq(W, dtype=compute, device=noise.device).abs()
@@ -505,6 +543,7 @@ def frequency_noise(shape, freq: float, width: float, eps: float = 1.0, *, gener
     return out.to(dtype)
 
 
+MAX_BINS = 2**20
 STATS = ("delta_log_amplitude", "feature_variance", "log_amplitude_spectrum", "radial_log_amplitude")
 
 
@@ -518,9 +557,14 @@ def feature_statistics(maps: Iterable[torch.Tensor], stats: Sequence[str] = ("de
     launches once per map. ``delta_log_amplitude`` needs square maps (``ValueError``
     otherwise); the other statistics take any map. Differentiable like the single ops.
     """
+    if isinstance(maps, torch.Tensor) or not isinstance(maps, Iterable):
+        raise TypeError(f"maps must be an iterable of (B, C, H, W) tensors, got {type(maps).__name__}")
     maps = list(maps)
     if isinstance(stats, str):
         stats = (stats,)
+    if not isinstance(stats, Iterable):
+        raise TypeError(f"stats must be a name or a sequence of names, got {stats!r}")
+    stats = tuple(stats)
     for s in stats:
         _checks.choice("stats entry", s, STATS)
     for i, x in enumerate(maps):

@@ -27,7 +27,8 @@ inputs (float64 for float64). Decisions where the contract is silent: Swin's mas
 to cross-region logits, here they are excluded exactly (weight 0); the bias table may have
 any floating dtype (it is read in the compute precision, float32 or float64, and its
 gradient is returned in its own dtype); a map smaller than the window is padded up to one
-window (Swin instead shrinks the window; its module wrappers do that before calling).
+window (Swin instead shrinks the window; its module wrappers do that before calling), for
+windows up to ``max(map size, 32)`` per axis; ``scale`` must be finite.
 
 Backends: ``reference`` (plain PyTorch, autograd), ``cpu`` (C++,
 ``csrc/window_attention/``: float32, float64, bfloat16), ``triton`` (CUDA, or the
@@ -46,12 +47,14 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, _ext
+from ._autograd import first_order_only
 from ._dispatch import Backend, BackendUnavailableError, OpBackends, get_backend, register
 
 __all__ = ["window_attention2d", "window_attention2d_reference"]
 
 _TRITON_MAX_TOKENS = 256
 _TRITON_MAX_HEAD_DIM = 256
+_MAX_FREE_WINDOW = 32  # windows larger than the map (padded with absent tokens) up to this size
 
 
 # =========================================================================================
@@ -113,7 +116,21 @@ def window_attention2d_reference(q, k, v, window_size, shift=(0, 0), rel_pos_bia
         logits = logits + table[:, relative_position_index((wh, ww), dev)]
     logits = logits.masked_fill(~allowed[:, :, None], float("-inf"))
     attn = torch.softmax(logits, dim=-1)
-    out = torch.matmul(attn, vw)  # (B, nWy, nWx, nh, N, d)
+    # An excluded key (weight 0) takes no part, where a matmul would give 0 * inf = NaN for a
+    # NaN or inf value: the matmul runs on the finite values, and indicator products add the
+    # non-finite ones back for allowed keys (IEEE: NaN for NaN, or inf at weight 0; +-inf for
+    # +-inf at weight > 0). No data-dependent branch (torch.compile fullgraph).
+    finite = torch.isfinite(vw)
+    out = torch.matmul(attn, torch.where(finite, vw, vw.new_zeros(())))  # (B, nWy, nWx, nh, N, d)
+    with torch.no_grad():
+        ok = allowed[None, :, :, None].to(ct)
+        pos = ok * (attn > 0).to(ct)
+        nan_count = torch.matmul(ok, vw.isnan().to(ct)) + torch.matmul(ok - pos, vw.isinf().to(ct))
+        pinf = torch.matmul(pos, vw.isposinf().to(ct))
+        ninf = torch.matmul(pos, vw.isneginf().to(ct))
+        fix = (torch.where(nan_count > 0, float("nan"), 0.0) + torch.where(pinf > 0, float("inf"), 0.0)
+               + torch.where(ninf > 0, float("-inf"), 0.0)).to(ct)
+    out = out + fix
 
     out = out.view(B, nWy, nWx, nh, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6).reshape(B, Hp, Wp, nh, d)
     out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
@@ -209,10 +226,12 @@ class _WindowAttention2dFn(torch.autograd.Function):
         out, lse = fwd(q, k, v, table, list(window_size), list(shift), float(scale))
         ctx.save_for_backward(q, k, v, table, out, lse)
         ctx.window_size, ctx.shift, ctx.scale, ctx.backend = list(window_size), list(shift), float(scale), backend
+        ctx.backend_name = backend
         ctx.bias_dtype = rel_pos_bias.dtype if rel_pos_bias is not None else None
         return out
 
     @staticmethod
+    @first_order_only("window_attention2d")
     def backward(ctx, grad_out):
         q, k, v, table, out, lse = ctx.saved_tensors
         bwd = _OPS[ctx.backend][1]()
@@ -246,6 +265,10 @@ def _validate(q, k, v, window_size, shift, rel_pos_bias, scale):
     _checks.same(("q", "k", "v"), (q, k, v))
     wh, ww = _checks.pair("window_size", window_size, minimum=1)
     sh, sw = _checks.pair("shift", shift, minimum=0)
+    H, W = q.shape[1:3]
+    if wh > max(H, _MAX_FREE_WINDOW) or ww > max(W, _MAX_FREE_WINDOW):
+        raise ValueError(f"window_size must be <= max(map size, {_MAX_FREE_WINDOW}) per axis, got "
+                         f"window_size={window_size!r} for a {H}x{W} map")
     if sh >= wh or sw >= ww:
         raise ValueError(f"shift must be in [0, window_size) per axis, got shift={shift!r} for "
                          f"window_size={window_size!r}")
@@ -261,6 +284,8 @@ def _validate(q, k, v, window_size, shift, rel_pos_bias, scale):
         scale = q.shape[4] ** -0.5
     else:
         scale = _checks.number("scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale!r}")
     return (wh, ww), (sh, sw), scale
 
 

@@ -15,6 +15,12 @@ merged into the running softmax after the key loop.
 The bias gradient is deterministic: the query-side kernel stores each logit gradient at its
 (query, neighbour offset) slot of a ``(B, heads, H, W, kh, kw)`` buffer (each slot written by
 exactly one program, no atomics); the launcher reduces it to the table with one-hot matmuls.
+
+Sizes: grid x holds the patches of one image, grid y the (batch, head) pairs from ``BH0`` on
+(the launcher splits ``B * heads`` into launches of at most 65535, CUDA's grid-y limit). Offsets
+within an image are int32 unless ``WIDE`` (the batch term is always int64): the launcher sets it
+when any tensor's offsets within an image can reach 2**31, e.g. a 2048x2048 map read through a
+fused-qkv view of 180 channels; the int32 variant keeps the common case's registers.
 """
 import triton
 import triton.language as tl
@@ -91,6 +97,19 @@ def _offset_index(ky, kx, qy, qx, wy, wx, KW, DH, DW):
     return ((ky // DH) * KW + kx // DW)[None, :] - ((qy // DH + wy) * KW + qx // DW + wx)[:, None]
 
 
+
+@triton.jit
+def _ptrs(P, b, sb, h, sh, y, sy, x, sx, d, sd, WIDE: tl.constexpr):
+    """Pointers to rows (y, x) and columns d of head h of image b (b is int64). The offsets
+    within an image are int32 unless WIDE, which the launcher sets when one can reach 2**31
+    (a large map, or a view into a larger tensor such as a fused qkv projection)."""
+    if WIDE:
+        h = h.to(tl.int64)
+        y = y.to(tl.int64)
+        x = x.to(tl.int64)
+        d = d.to(tl.int64)
+    return P + b * sb + h * sh + y[:, None] * sy + x[:, None] * sx + d[None, :] * sd
+
 @triton.jit
 def _mm(a, b, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """a @ b with float32 accumulation: exact float32 products for float32 inputs (no TF32);
@@ -105,22 +124,57 @@ def _mm(a, b, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 
 @triton.jit
+def _pv(p, v, ok, NONFINITE: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """p @ v over the in-window keys (``ok``) only. A dot takes every key of the tile, and a key
+    outside a query's window has p = 0 there: a NaN or inf value would give 0 * inf = NaN.
+    In the NONFINITE variant (run only when v holds a non-finite value) non-finite values are
+    left out of the dot, and indicator dots add them back for in-window keys with IEEE products:
+    NaN for a NaN value (or an inf with weight 0), +-inf for +-inf with weight > 0."""
+    if not NONFINITE:
+        return _mm(p.to(v.dtype), v, FP32_DOT, UPCAST_DOT)
+    bad = (v != v) | (v == float("inf")) | (v == float("-inf"))
+    out = _mm(p.to(v.dtype), tl.where(bad, 0.0, v).to(v.dtype), FP32_DOT, UPCAST_DOT)
+    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+        pos = (ok & (p > 0)).to(tl.float32)
+        zero = (ok & (p == 0)).to(tl.float32)
+        i_nan = (v != v).to(tl.float32)
+        i_pinf = (v == float("inf")).to(tl.float32)
+        i_ninf = (v == float("-inf")).to(tl.float32)
+        c_nan = tl.dot(ok.to(tl.float32), i_nan, input_precision="ieee") + tl.dot(
+            zero, i_pinf + i_ninf, input_precision="ieee")
+        c_pinf = tl.dot(pos, i_pinf, input_precision="ieee")
+        c_ninf = tl.dot(pos, i_ninf, input_precision="ieee")
+        out += (tl.where(c_nan > 0, float("nan"), 0.0) + tl.where(c_pinf > 0, float("inf"), 0.0)
+                + tl.where(c_ninf > 0, float("-inf"), 0.0))
+    return out
+
+
+@triton.jit
 def na2d_fwd_kernel(
-    Q, K, V, O, LSE, BIAS,
+    Q, K, V, O, LSE, BIAS, FLAG,
     sqb, sqy, sqx, sqh, sqd,
     skb, sky, skx, skh, skd,
     svb, svy, svx, svh, svd,
     sob, soy, sox, soh, sod,
-    H, W, NH, HD, KH, KW, DH, DW, bias_hs,
+    H, W, NH, HD, KH, KW, DH, DW, bias_hs, BH0,
     qk_scale,
     BORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
     TM_H: tl.constexpr, TM_W: tl.constexpr, TN_H: tl.constexpr, TN_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
+    NONFINITE: tl.constexpr,
 ):
+    """One patch of queries. The NONFINITE variant is launched after the plain one with FLAG
+    set on the device when v holds a NaN or inf (no host sync): it returns at once otherwise,
+    and recomputes the output with IEEE handling of those values when set."""
+    if NONFINITE:
+        if tl.load(FLAG) == 0:
+            return
     BLOCK_M: tl.constexpr = TM_H * TM_W
     BLOCK_N: tl.constexpr = TN_H * TN_W
     pid = tl.program_id(0)
     bh = tl.program_id(1)
+    if SPLIT:  # more than 65535 (batch, head) pairs: this launch's share starts at BH0
+        bh += BH0
     b = (bh // NH).to(tl.int64)
     h = bh % NH
     n_tx = tl.cdiv(W, TM_W)
@@ -132,7 +186,7 @@ def na2d_fwd_kernel(
     m_ok = (qy < H) & (qx < W)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HD
-    q = tl.load(Q + b * sqb + h * sqh + qy[:, None] * sqy + qx[:, None] * sqx + offs_d[None, :] * sqd,
+    q = tl.load(_ptrs(Q, b, sqb, h, sqh, qy, sqy, qx, sqx, offs_d, sqd, WIDE),
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     sy, wy = _window_start(qy, H, KH, DH, BORDER)
     sx, wx = _window_start(qx, W, KW, DW, BORDER)
@@ -151,7 +205,7 @@ def na2d_fwd_kernel(
             kx = tx + offs_n % TN_W
             n_ok = (ky <= ky_hi) & (kx <= kx_hi)
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b * skb + h * skh + ky[:, None] * sky + kx[:, None] * skx + offs_d[None, :] * skd,
+            k = tl.load(_ptrs(K, b, skb, h, skh, ky, sky, kx, skx, offs_d, skd, WIDE),
                         mask=kv_mask, other=0.0)
             s = _mm(q, tl.trans(k), FP32_DOT, UPCAST_DOT)
             s = s * qk_scale
@@ -167,9 +221,9 @@ def na2d_fwd_kernel(
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + b * svb + h * svh + ky[:, None] * svy + kx[:, None] * svx + offs_d[None, :] * svd,
+            v = tl.load(_ptrs(V, b, svb, h, svh, ky, svy, kx, svx, offs_d, svd, WIDE),
                         mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, FP32_DOT, UPCAST_DOT)
+            acc = acc * alpha[:, None] + _pv(p, v, ok, NONFINITE, FP32_DOT, UPCAST_DOT)
             m_i = m_new
 
     if BORDER == 2:
@@ -204,9 +258,10 @@ def na2d_fwd_kernel(
         acc = acc * alpha[:, None]
         m_i = m_new
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    # only rows outside the map (l = 0) are made safe: a NaN sum must stay NaN
+    l_safe = tl.where(m_ok, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + b * sob + h * soh + qy[:, None] * soy + qx[:, None] * sox + offs_d[None, :] * sod,
+    tl.store(_ptrs(O, b, sob, h, soh, qy, soy, qx, sox, offs_d, sod, WIDE),
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     lse = m_i + tl.log2(l_safe)
     tl.store(LSE + (bh.to(tl.int64) * H + qy) * W + qx, lse, mask=m_ok)
@@ -220,16 +275,18 @@ def na2d_bwd_dq_kernel(
     svb, svy, svx, svh, svd,
     sdob, sdoy, sdox, sdoh, sdod,
     sdqb, sdqy, sdqx, sdqh, sdqd,
-    H, W, NH, HD, KH, KW, DH, DW, bias_hs,
+    H, W, NH, HD, KH, KW, DH, DW, bias_hs, BH0,
     qk_scale, scale,
     BORDER: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
     TM_H: tl.constexpr, TM_W: tl.constexpr, TN_H: tl.constexpr, TN_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TM_H * TM_W
     BLOCK_N: tl.constexpr = TN_H * TN_W
     pid = tl.program_id(0)
     bh = tl.program_id(1)
+    if SPLIT:  # more than 65535 (batch, head) pairs: this launch's share starts at BH0
+        bh += BH0
     b = (bh // NH).to(tl.int64)
     h = bh % NH
     n_tx = tl.cdiv(W, TM_W)
@@ -242,8 +299,8 @@ def na2d_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HD
     md = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + qy[:, None] * sqy + qx[:, None] * sqx + offs_d[None, :] * sqd, mask=md, other=0.0)
-    do = tl.load(DO + b * sdob + h * sdoh + qy[:, None] * sdoy + qx[:, None] * sdox + offs_d[None, :] * sdod,
+    q = tl.load(_ptrs(Q, b, sqb, h, sqh, qy, sqy, qx, sqx, offs_d, sqd, WIDE), mask=md, other=0.0)
+    do = tl.load(_ptrs(DO, b, sdob, h, sdoh, qy, sdoy, qx, sdox, offs_d, sdod, WIDE),
                  mask=md, other=0.0)
     row = (bh.to(tl.int64) * H + qy) * W + qx
     lse = tl.load(LSE + row, mask=m_ok, other=0.0)
@@ -265,9 +322,9 @@ def na2d_bwd_dq_kernel(
             kx = tx + offs_n % TN_W
             n_ok = (ky <= ky_hi) & (kx <= kx_hi)
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + b * skb + h * skh + ky[:, None] * sky + kx[:, None] * skx + offs_d[None, :] * skd,
+            k = tl.load(_ptrs(K, b, skb, h, skh, ky, sky, kx, skx, offs_d, skd, WIDE),
                         mask=kv_mask, other=0.0)
-            v = tl.load(V + b * svb + h * svh + ky[:, None] * svy + kx[:, None] * svx + offs_d[None, :] * svd,
+            v = tl.load(_ptrs(V, b, svb, h, svh, ky, svy, kx, svx, offs_d, svd, WIDE),
                         mask=kv_mask, other=0.0)
             s = _mm(q, tl.trans(k), FP32_DOT, UPCAST_DOT)
             dp = _mm(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
@@ -299,7 +356,7 @@ def na2d_bwd_dq_kernel(
                     p_pad = tl.exp2(t - lse)
                     tl.store(ds_row + i * KW + j, -p_pad * delta, mask=pad)
 
-    tl.store(DQ + b * sdqb + h * sdqh + qy[:, None] * sdqy + qx[:, None] * sdqx + offs_d[None, :] * sdqd,
+    tl.store(_ptrs(DQ, b, sdqb, h, sdqh, qy, sdqy, qx, sdqx, offs_d, sdqd, WIDE),
              (dq * scale).to(DQ.dtype.element_ty), mask=md)
 
 
@@ -312,16 +369,18 @@ def na2d_bwd_dkdv_kernel(
     sdob, sdoy, sdox, sdoh, sdod,
     sdkb, sdky, sdkx, sdkh, sdkd,
     sdvb, sdvy, sdvx, sdvh, sdvd,
-    H, W, NH, HD, KH, KW, DH, DW, bias_hs,
+    H, W, NH, HD, KH, KW, DH, DW, bias_hs, BH0,
     qk_scale, scale,
     BORDER: tl.constexpr, HAS_BIAS: tl.constexpr,
     TM_H: tl.constexpr, TM_W: tl.constexpr, TN_H: tl.constexpr, TN_W: tl.constexpr,
-    BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = TM_H * TM_W
     BLOCK_N: tl.constexpr = TN_H * TN_W
     pid = tl.program_id(0)
     bh = tl.program_id(1)
+    if SPLIT:  # more than 65535 (batch, head) pairs: this launch's share starts at BH0
+        bh += BH0
     b = (bh // NH).to(tl.int64)
     h = bh % NH
     n_tx = tl.cdiv(W, TN_W)
@@ -334,8 +393,8 @@ def na2d_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HD
     nd = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * skb + h * skh + ky[:, None] * sky + kx[:, None] * skx + offs_d[None, :] * skd, mask=nd, other=0.0)
-    v = tl.load(V + b * svb + h * svh + ky[:, None] * svy + kx[:, None] * svx + offs_d[None, :] * svd, mask=nd, other=0.0)
+    k = tl.load(_ptrs(K, b, skb, h, skh, ky, sky, kx, skx, offs_d, skd, WIDE), mask=nd, other=0.0)
+    v = tl.load(_ptrs(V, b, svb, h, svh, ky, svy, kx, svx, offs_d, svd, WIDE), mask=nd, other=0.0)
     qy_lo, qy_hi = _query_range(y0, tl.minimum(y0 + TN_H, H) - 1, H, KH, DH, BORDER)
     qx_lo, qx_hi = _query_range(x0, tl.minimum(x0 + TN_W, W) - 1, W, KW, DW, BORDER)
     TW = 2 * KW - 1
@@ -350,9 +409,9 @@ def na2d_bwd_dkdv_kernel(
             qx = tx + offs_m % TM_W
             m_ok = (qy <= qy_hi) & (qx <= qx_hi)
             md = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + qy[:, None] * sqy + qx[:, None] * sqx + offs_d[None, :] * sqd,
+            q = tl.load(_ptrs(Q, b, sqb, h, sqh, qy, sqy, qx, sqx, offs_d, sqd, WIDE),
                         mask=md, other=0.0)
-            do = tl.load(DO + b * sdob + h * sdoh + qy[:, None] * sdoy + qx[:, None] * sdox + offs_d[None, :] * sdod,
+            do = tl.load(_ptrs(DO, b, sdob, h, sdoh, qy, sdoy, qx, sdox, offs_d, sdod, WIDE),
                          mask=md, other=0.0)
             row = (bh.to(tl.int64) * H + qy) * W + qx
             lse = tl.load(LSE + row, mask=m_ok, other=0.0)
@@ -372,15 +431,36 @@ def na2d_bwd_dkdv_kernel(
             dv += _mm(tl.trans(p.to(do.dtype)), do, FP32_DOT, UPCAST_DOT)
             dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32_DOT, UPCAST_DOT)
 
-    tl.store(DK + b * sdkb + h * sdkh + ky[:, None] * sdky + kx[:, None] * sdkx + offs_d[None, :] * sdkd,
+    tl.store(_ptrs(DK, b, sdkb, h, sdkh, ky, sdky, kx, sdkx, offs_d, sdkd, WIDE),
              (dk * scale).to(DK.dtype.element_ty), mask=nd)
-    tl.store(DV + b * sdvb + h * sdvh + ky[:, None] * sdvy + kx[:, None] * sdvx + offs_d[None, :] * sdvd,
+    tl.store(_ptrs(DV, b, sdvb, h, sdvh, ky, sdvy, kx, sdvx, offs_d, sdvd, WIDE),
              dv.to(DV.dtype.element_ty), mask=nd)
 
 
 # ---------------------------------------------------------------------------------------
 # Configurations: what the launchers pick, and the AOT list that checks them
 # ---------------------------------------------------------------------------------------
+GRID_Y_MAX = 65535  # CUDA's limit on grid y (and z)
+
+
+def launches(B: int, heads: int, tiles: int):
+    """(BH0, grid, split) per launch: every (batch, head) pair once, at most GRID_Y_MAX per
+    launch; ``split`` (the kernels' SPLIT) is False when one launch holds them all, so the
+    common case compiles without the offset."""
+    total = B * heads
+    for bh0 in range(0, total, GRID_Y_MAX):
+        yield bh0, (tiles, min(GRID_Y_MAX, total - bh0)), total > GRID_Y_MAX
+
+
+def needs_wide(*tensors) -> bool:
+    """True when an offset within one image (all dims but the batch) of any tensor can reach
+    2**31 - 1: the kernels then compute those offsets in int64."""
+    for t in tensors:
+        if sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]) if n > 0) >= 2**31 - 1:
+            return True
+    return False
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -423,7 +503,9 @@ def _aot_configs():
             for kname, kern, data_ptrs, f32_ptrs in kernels:
                 constexprs = {"BORDER": 0, "HAS_BIAS": True, "TM_H": cfg["TM_H"], "TM_W": cfg["TM_W"],
                               "TN_H": cfg["TN_H"], "TN_W": cfg["TN_W"], "BLOCK_D": cfg["BLOCK_D"],
-                              "FP32_DOT": dname == "fp32", "UPCAST_DOT": False}
+                              "FP32_DOT": dname == "fp32", "UPCAST_DOT": False, "WIDE": False, "SPLIT": False}
+                if kname == "fwd":
+                    constexprs["NONFINITE"] = False
                 if kname == "bwd_dq":
                     constexprs["STORE_DS"] = True
                 sig = {}
@@ -434,6 +516,8 @@ def _aot_configs():
                         sig[n] = dt_names[dname]
                     elif n in f32_ptrs:
                         sig[n] = "*fp32"
+                    elif n == "FLAG":
+                        sig[n] = "*i32"
                     elif n in ("qk_scale", "scale"):
                         sig[n] = "fp32"
                     else:

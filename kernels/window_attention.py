@@ -41,12 +41,17 @@ float32 accumulation.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 import triton
 import triton.language as tl
 
 from alterops import _checks, _config
+
+# Bound on the bias-gradient partials of the dq kernel (floats): past it, each program sums the
+# dS tiles of several window groups (Swin-T stage 1 at batch 8 takes two per program).
+DB_PARTIAL_FLOATS = 2 ** 22
 
 
 @triton.jit
@@ -144,22 +149,56 @@ def _acc_store(Dst, Acc, offs, mask, val, kc, n_kc):
 
 
 @triton.jit
+def _pv(p, v, ok, NONFINITE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """p @ v over the allowed keys (``ok``) only. A dot takes every key of the tile (other
+    windows and shift regions, with p = 0 there): a NaN or inf value would give 0 * inf = NaN.
+    Non-finite values are left out of the dot; when the chunk holds any (rare), indicator dots
+    add them back for allowed keys with IEEE products: NaN for a NaN value (or an inf with
+    weight 0), +-inf for +-inf with weight > 0."""
+    if not NONFINITE:
+        return _mm(p.to(v.dtype), v, IEEE, UPCAST)
+    bad = (v != v) | (v == float("inf")) | (v == float("-inf"))
+    out = _mm(p.to(v.dtype), tl.where(bad, 0.0, v).to(v.dtype), IEEE, UPCAST)
+    if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
+        pos = (ok & (p > 0)).to(tl.float32)
+        zero = (ok & (p == 0)).to(tl.float32)
+        i_nan = (v != v).to(tl.float32)
+        i_pinf = (v == float("inf")).to(tl.float32)
+        i_ninf = (v == float("-inf")).to(tl.float32)
+        c_nan = tl.dot(ok.to(tl.float32), i_nan, input_precision="ieee") + tl.dot(
+            zero, i_pinf + i_ninf, input_precision="ieee")
+        c_pinf = tl.dot(pos, i_pinf, input_precision="ieee")
+        c_ninf = tl.dot(pos, i_ninf, input_precision="ieee")
+        out += (tl.where(c_nan > 0, float("nan"), 0.0) + tl.where(c_pinf > 0, float("inf"), 0.0)
+                + tl.where(c_ninf > 0, float("-inf"), 0.0))
+    return out
+
+
+@triton.jit
 def window_attention2d_fwd_kernel(
-    Q, K, V, Bias, Out, Lse, OAcc,
+    Q, K, V, Bias, Out, Lse, OAcc, FLAG,
     sqb, sqy, sqx, sqh, sqd,
     skb, sky, skx, skh, skd,
     svb, svy, svx, svh, svd,
     H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride, TILE,
-    head_dim, n_chunk,
+    head_dim, n_chunk, H0,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, NONFINITE: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """BLOCK_Q query rows of a tile against the tile's TILE keys, in chunks of BLOCK_M keys with
-    an online softmax across chunks (one chunk for windows of up to 64 tokens)."""
+    an online softmax across chunks (one chunk for windows of up to 64 tokens). The NONFINITE
+    variant is launched after the plain one with FLAG set on the device when v holds a NaN or
+    inf (no host sync): it returns at once otherwise, and recomputes with IEEE handling of those
+    values (a key of another window or shift region must not turn a row NaN) when set."""
+    if NONFINITE:
+        if tl.load(FLAG) == 0:
+            return
     pid_group = tl.program_id(0)
     sub = tl.program_id(1)
     h = tl.program_id(2)
+    if SPLIT:  # more than 65535 heads: this launch's share starts at H0
+        h += H0
     NP = WH * WW
     WPP = TILE // NP
     n_kc = TILE // BLOCK_M
@@ -189,12 +228,11 @@ def window_attention2d_fwd_kernel(
         # The last chunk writes the normalised output (l is final there).
         kcv = tl.zeros((BLOCK_Q,), dtype=tl.int32) + kc
         scl = tl.where(kcv == n_kc - 1, 1.0 / l, 1.0)
-        pc = p.to(V.dtype.element_ty)
         vrow = bk * svb + yk * svy + xk * svx + h * svh
         for c in range(0, n_chunk):
             d = c * DC + tl.arange(0, DC)
             vc = tl.load(V + vrow[:, None] + d[None, :] * svd, mask=pk[:, None] & (d[None, :] < head_dim), other=0.0)
-            oc = _mm(pc, vc, IEEE, UPCAST)
+            oc = _pv(p, vc, allowed, NONFINITE, IEEE, UPCAST)
             offs = row[:, None] * head_dim + d[None, :]
             om = pq[:, None] & (d[None, :] < head_dim)
             prev = tl.load(OAcc + offs, mask=om & (kcv[:, None] > 0), other=0.0)
@@ -213,18 +251,20 @@ def window_attention2d_bwd_dq_kernel(
     svb, svy, svx, svh, svd,
     sgb, sgy, sgx, sgh, sgd,
     H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride, TILE,
-    head_dim, n_chunk,
+    head_dim, n_chunk, H0,
     groups_per_prog, n_progs,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
     HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Query-major: BLOCK_Q query rows of a tile against the tile's TILE keys (in chunks of
     BLOCK_M), for each of this program's window groups (a fixed, contiguous range of groups)."""
     pid = tl.program_id(0)
     sub = tl.program_id(1)
     h = tl.program_id(2)
+    if SPLIT:  # more than 65535 heads: this launch's share starts at H0
+        h += H0
     NP = WH * WW
     WPP = TILE // NP
     n_kc = TILE // BLOCK_M
@@ -298,16 +338,18 @@ def window_attention2d_bwd_dkdv_kernel(
     svb, svy, svx, svh, svd,
     sgb, sgy, sgx, sgh, sgd,
     H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, bias_hstride, TILE,
-    head_dim, n_chunk,
+    head_dim, n_chunk, H0,
     scale,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, DC: tl.constexpr,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Key-major: BLOCK_Q key rows of a tile against the tile's TILE queries (in chunks of
     BLOCK_M)."""
     pid_group = tl.program_id(0)
     sub = tl.program_id(1)
     h = tl.program_id(2)
+    if SPLIT:  # more than 65535 heads: this launch's share starts at H0
+        h += H0
     NP = WH * WW
     WPP = TILE // NP
     n_kc = TILE // BLOCK_M
@@ -419,6 +461,31 @@ def _geometry(q, window_size):
     return B, H, W, NH, D, Hp, Wp, nWx, nWin
 
 
+GRID_Z_MAX = 65535  # CUDA's limit on grid z (heads)
+
+
+def _head_chunks(NH: int):
+    """(H0, heads) per launch: heads sit on grid z, at most GRID_Z_MAX per launch (the kernels'
+    SPLIT, set only when there is more than one launch, adds H0)."""
+    for h0 in range(0, NH, GRID_Z_MAX):
+        yield h0, min(GRID_Z_MAX, NH - h0)
+
+
+def _narrow_offsets(*tensors):
+    """The kernels add ``head * stride`` and ``channel * stride`` to int64 row offsets in int32:
+    a tensor whose head or channel offsets can reach 2**31 (a view with huge strides on those
+    dimensions; never a contiguous tensor or a fused-qkv view of a real model) is copied to a
+    contiguous one first, where they stay below heads * head_dim. Rows, columns and batch are
+    int64 in the kernels."""
+    out = []
+    for t in tensors:
+        nh, d = t.shape[3], t.shape[4]
+        if (nh - 1) * t.stride(3) >= 2**31 - 1 or (d - 1) * t.stride(4) >= 2**31 - 1:
+            t = t.contiguous()
+        out.append(t)
+    return out
+
+
 def _scratch(like: torch.Tensor, cfg: dict, shape, dummy: torch.Tensor) -> torch.Tensor:
     """float32 accumulator across key chunks, only for tiles of more than one chunk."""
     if cfg["TILE"] > cfg["BLOCK_M"]:
@@ -444,15 +511,21 @@ def forward(q, k, v, bias, window_size, shift, scale):
     bias_arg = _bias_tile(bias, wh, ww, T) if has_bias else lse
     bias_hstride = (0 if bias.shape[0] == 1 else T * T) if has_bias else 0
     oacc = _scratch(q, cfg, out.shape, lse)
-    window_attention2d_fwd_kernel[(n_groups, n_sub, NH)](
-        q, k, v, bias_arg, out, lse, oacc,
-        *q.stride(), *k.stride(), *v.stride(),
-        H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride, T, D, cfg["NCHUNK"],
-        float(scale),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"],
-        HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    q, k, v = _narrow_offsets(q, k, v)
+    flag = torch.isfinite(v).logical_not().any().to(torch.int32).reshape(1)
+    variants = [False]
+    if q.device.type != "cpu" or bool(flag.item()):  # the interpreter: the host knows for free
+        variants.append(True)
+    for nonfinite, (h0, nh) in itertools.product(variants, list(_head_chunks(NH))):
+        window_attention2d_fwd_kernel[(n_groups, n_sub, nh)](
+            q, k, v, bias_arg, out, lse, oacc, flag,
+            *q.stride(), *k.stride(), *v.stride(),
+            H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride, T, D, cfg["NCHUNK"], h0,
+            float(scale),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"],
+            HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32, UPCAST=_upcast(q.dtype), NONFINITE=nonfinite, SPLIT=NH > GRID_Z_MAX,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return out, lse
 
 
@@ -502,8 +575,8 @@ def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_
     wpp = T // N
     n_windows = B * nWin
     n_groups = triton.cdiv(n_windows, wpp)
-    if want_db:  # partials: at most 2**22 floats
-        n_progs = max(1, min(n_groups, (2 ** 22 // (T * T)) // NH))
+    if want_db:  # partials: at most DB_PARTIAL_FLOATS floats, so a program may take several groups
+        n_progs = max(1, min(n_groups, (DB_PARTIAL_FLOATS // (T * T)) // NH))
     else:
         n_progs = n_groups
     groups_per_prog = triton.cdiv(n_groups, n_progs)
@@ -513,25 +586,29 @@ def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_
     bias_arg = _bias_tile(bias, wh, ww, T) if has_bias else lse
     bias_hstride = (0 if bias.shape[0] == 1 else T * T) if has_bias else 0
     geo = (H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride, T, D)
+    q, k, v, grad_out = _narrow_offsets(q, k, v, grad_out)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
     common = dict(BLOCK_M=cfg["BLOCK_M"], HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32,
-                  UPCAST=_upcast(q.dtype))
+                  UPCAST=_upcast(q.dtype), SPLIT=NH > GRID_Z_MAX)
     n_sub = triton.cdiv(wpp * N, cfg["BLOCK_Q"])
-    window_attention2d_bwd_dq_kernel[(n_progs, n_sub, NH)](
-        q, k, v, out, grad_out, lse, bias_arg, dq, delta, partial, _scratch(q, cfg, q.shape, lse),
-        *strides, *geo, cfg["NCHUNK"], groups_per_prog, n_progs, float(scale),
-        BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], BIAS_GRAD=want_db, **common,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    dq_acc = _scratch(q, cfg, q.shape, lse)
+    for h0, nh in _head_chunks(NH):
+        window_attention2d_bwd_dq_kernel[(n_progs, n_sub, nh)](
+            q, k, v, out, grad_out, lse, bias_arg, dq, delta, partial, dq_acc,
+            *strides, *geo, cfg["NCHUNK"], h0, groups_per_prog, n_progs, float(scale),
+            BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], BIAS_GRAD=want_db, **common,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     cfg = tile_config(N, D, q.dtype, "dkdv", bias is not None)
     n_sub = triton.cdiv(wpp * N, cfg["BLOCK_Q"])
-    window_attention2d_bwd_dkdv_kernel[(n_groups, n_sub, NH)](
-        q, k, v, grad_out, lse, delta, bias_arg, dk, dv,
-        _scratch(q, cfg, q.shape, lse), _scratch(q, cfg, q.shape, lse),
-        *strides, *geo, cfg["NCHUNK"], float(scale),
-        BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], **common,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    dk_acc, dv_acc = _scratch(q, cfg, q.shape, lse), _scratch(q, cfg, q.shape, lse)
+    for h0, nh in _head_chunks(NH):
+        window_attention2d_bwd_dkdv_kernel[(n_groups, n_sub, nh)](
+            q, k, v, grad_out, lse, delta, bias_arg, dk, dv, dk_acc, dv_acc,
+            *strides, *geo, cfg["NCHUNK"], h0, float(scale),
+            BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"], **common,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     if not want_db:
         return dq, dk, dv, q.new_empty((0,), dtype=torch.float32)
     tiles = partial.sum(1)  # (NH, T, T), fixed-order reduction
@@ -562,12 +639,13 @@ def _aot_entry(kind: str, dtype: torch.dtype, N: int, head_dim: int, has_bias: b
     p = _PTR[dtype]
     strides = {f"s{a}{b}": "i32" for a in ("q", "k", "v") for b in ("b", "y", "x", "h", "d")}
     geo = {n: "i32" for n in ("H", "W", "NH", "Hp", "Wp", "nWx", "nWin", "n_windows", "sh", "sw", "WH", "WW",
-                              "bias_hstride", "TILE", "head_dim", "n_chunk")}
+                              "bias_hstride", "TILE", "head_dim", "n_chunk", "H0")}
     consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_Q": cfg["BLOCK_Q"], "DC": cfg["DC"],
-              "HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "UPCAST": False}
+              "HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "UPCAST": False, "SPLIT": False}
     if kind == "fwd":
-        sig = {"Q": p, "K": p, "V": p, "Bias": "*fp32", "Out": p, "Lse": "*fp32", "OAcc": "*fp32",
+        sig = {"Q": p, "K": p, "V": p, "Bias": "*fp32", "Out": p, "Lse": "*fp32", "OAcc": "*fp32", "FLAG": "*i32",
                **strides, **geo, "scale": "fp32"}
+        consts["NONFINITE"] = False
     else:
         strides.update({f"sg{b}": "i32" for b in ("b", "y", "x", "h", "d")})
         if kind == "dq":

@@ -180,7 +180,9 @@ def test_forward_matches_brute_force(kind, name, backend, dtype):
     x = x64.to(dtype).to(device)
     with torch.no_grad():
         out = m(x)
-        naive = make_module(kind, case, "reference", dtype)(x64.to(dtype))
+        # the yardstick: the test's own brute force done in the input dtype (not the library's
+        # reference module, which for backend="reference" would be the module under test)
+        naive = brute(kind, make_module(kind, case, dtype=dtype), x64.to(dtype))
     assert out.dtype == dtype and out.shape == (2, 10, *case["hw"])
     assert_close(out, ref64, naive, factor=3.0)
 
@@ -271,11 +273,17 @@ def test_compile_fullgraph(backend):
         TanhBlur2d(backend=backend),
     )
     x = torch.randn(2, 6, 8, 8, requires_grad=True)
+    g = torch.randn(2, 8, 9, 9)  # TanhBlur2d pads by one
+    params = [x] + list(model.parameters())
+    y_eager = model(x)
+    eager = torch.autograd.grad(y_eager, params, g)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     y = compiled(x)
-    torch.testing.assert_close(y, model(x))
-    y.sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in model.parameters())
+    torch.testing.assert_close(y, y_eager)
+    grads = torch.autograd.grad(y, params, g)
+    names = ["x"] + [n for n, _ in model.named_parameters()]
+    for name, a, b in zip(names, grads, eager):
+        torch.testing.assert_close(a, b, msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
 def test_autocast_bfloat16():
@@ -297,6 +305,8 @@ def test_empty_batch():
         assert y.shape == (0, 10, 8, 8)
         y.sum().backward()
         assert x.grad.shape == x.shape
+        for name, p in m.named_parameters():  # no data: every parameter gradient is exactly zero
+            assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
 
 
 def test_parameters_init_and_repr():

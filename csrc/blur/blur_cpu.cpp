@@ -79,7 +79,7 @@ static inline acc_t pointwise(acc_t v, acc_t tau, acc_t inv_tau) {
     return v;
   } else {
     acc_t t = tau * tanh_acc(v * inv_tau);
-    if constexpr (ACT == kTanhRelu) t = t > acc_t(0) ? t : acc_t(0);
+    if constexpr (ACT == kTanhRelu) t = t < acc_t(0) ? acc_t(0) : t;  // NaN stays NaN (as torch.relu)
     return t;
   }
 }
@@ -130,7 +130,7 @@ static inline __m256 pointwise8(__m256 v, __m256 tau, __m256 inv_tau) {
     return v;
   } else {
     __m256 t = _mm256_mul_ps(tau, tanh_approx8(_mm256_mul_ps(v, inv_tau)));
-    if constexpr (ACT == kTanhRelu) t = _mm256_max_ps(t, _mm256_setzero_ps());  // NaN -> 0, as t > 0 ? t : 0
+    if constexpr (ACT == kTanhRelu) t = _mm256_max_ps(_mm256_setzero_ps(), t);  // NaN stays NaN (second operand)
     return t;
   }
 }
@@ -406,7 +406,8 @@ static inline __m512 shift_in16(__m512 lo, __m512 hi) {  // lanes N..15 of lo, t
 
 static inline __m512 tanh_approx16(__m512 x) {
   const __m512 c = _mm512_set1_ps(7.90531110763549805f);
-  const __m512 xc = max16(min16(x, c), _mm512_sub_ps(_mm512_setzero_ps(), c));
+  // min/max return their second operand when one is NaN: x second, so NaN stays NaN
+  const __m512 xc = max16(_mm512_sub_ps(_mm512_setzero_ps(), c), min16(c, x));
   const __m512 x2 = _mm512_mul_ps(xc, xc);
   __m512 p = _mm512_set1_ps(-2.76076847742355e-16f);
   p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.00018790482477e-13f));
@@ -435,7 +436,7 @@ static inline __m512 pointwise16(__m512 v, __m512 tau, __m512 inv_tau) {
     return v;
   } else {
     __m512 t = _mm512_mul_ps(tau, tanh_approx16(_mm512_mul_ps(v, inv_tau)));
-    if constexpr (ACT == kTanhRelu) t = max16(t, _mm512_setzero_ps());
+    if constexpr (ACT == kTanhRelu) t = max16(_mm512_setzero_ps(), t);  // NaN stays NaN (second operand)
     return t;
   }
 }

@@ -74,14 +74,14 @@ __device__ __forceinline__ float tanh_rational(float x) {
   q = fmaf(q, x2, 1.18534705686654e-04f);
   q = fmaf(q, x2, 2.26843463243900e-03f);
   q = fmaf(q, x2, 4.89352518554385e-03f);
-  return fabsf(x) < 0.0004f ? x : p / q;
+  return (fabsf(x) < 0.0004f || x != x) ? x : p / q;  // NaN stays NaN (fmaxf above drops it)
 }
 
 template <int ACT>
 __device__ __forceinline__ float pointwise(float v, float tau, float inv_tau) {
   if (ACT == 0) return v;
   float t = tau * tanh_rational(v * inv_tau);
-  if (ACT == 2) t = fmaxf(t, 0.f);
+  if (ACT == 2) t = t < 0.f ? 0.f : t;  // NaN stays NaN (as torch.relu; fmaxf would drop it)
   return t;
 }
 

@@ -12,11 +12,12 @@ namespace alterops {
 namespace avx2 {
 
 // 2^x, |rel err| ~ 1e-7 (Cephes exp2f polynomial on [-0.5, 0.5]); x < -126 (and -inf) gives
-// exactly 0.
+// exactly 0, NaN gives NaN.
 static inline __m256 exp2v(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-126.0f);
   const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(127.0f));
+  // max/min return their second operand when one is NaN: x second, so NaN stays NaN
+  x = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(lo, x));
   const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(x, n);
   __m256 p = _mm256_set1_ps(1.535336188319500e-4f);

@@ -16,9 +16,10 @@
 // ----------------------------------------------------------------------------------------
 namespace fast {
 
-// 2^x, |rel err| ~ 1e-7 (Cephes exp2f polynomial on [-0.5, 0.5]); x = -inf gives 0.
+// 2^x, |rel err| ~ 1e-7 (Cephes exp2f polynomial on [-0.5, 0.5]); x = -inf gives 0, NaN gives
+// NaN (max returns its second operand when one is NaN).
 static inline __m512 exp2v(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-200.0f));
+  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 p = _mm512_set1_ps(1.535336188319500e-4f);

@@ -594,6 +594,79 @@ struct Prefetcher {
 #endif
 
 // ----------------------------------------------------------------------------------------
+// Non-finite values in mixed windows. The kernels form S = Q K^T and O = P V as dense products
+// over the window's present tokens and mask the keys of other shift regions afterwards (the
+// fast paths add -inf to the logit, and such a key's weight is exactly 0 in P V): a NaN or inf
+// in k or v of another region would give NaN + -inf or 0 * inf = NaN in rows that never see
+// it. After the forward, the (rare) tasks whose window is mixed and holds a non-finite k or v
+// get their output rows and logsumexp recomputed over the allowed keys only (in double).
+// ----------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+void fix_nonfinite_values(const Geometry& g, const Strided& q, const Strided& k, const Strided& v,
+                          const acc_t* table, int64_t table_heads, double scale, scalar_t* out, acc_t* lse,
+                          const Parallel& par) {
+  bool any_mixed = false;
+  for (int64_t w = 0; w < g.nWin; ++w) any_mixed = any_mixed || g.mixed[w] != 0;
+  if (!any_mixed) return;
+  const View5 vq(q), vk(k), vv(v);
+  const scalar_t* qp = q.as<scalar_t>();
+  const scalar_t* kp = k.as<scalar_t>();
+  const scalar_t* vp = v.as<scalar_t>();
+  const int64_t d = g.d, nh = g.nh, N = g.N, HW = g.H * g.W;
+  const int64_t tsize = (2 * g.wh - 1) * g.tw;
+  par.for_each(0, g.B * g.nWin * nh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> acc(d), s(N);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t h = task % nh;
+      const int64_t win = (task / nh) % g.nWin;
+      const int64_t b = task / (nh * g.nWin);
+      if (!g.mixed[win]) continue;
+      const int64_t M = g.count[win];
+      const int32_t* pos = g.pos.data() + win * N;
+      bool finite = true;
+      for (int64_t n = 0; n < M && finite; ++n) {
+        const scalar_t* kr = kp + vk.row(b, pos[n], g.W, h);
+        const scalar_t* vr = vp + vv.row(b, pos[n], g.W, h);
+        for (int64_t e = 0; e < d; ++e)
+          finite = finite && std::isfinite(static_cast<double>(kr[e * vk.sd])) &&
+                   std::isfinite(static_cast<double>(vr[e * vv.sd]));
+      }
+      if (finite) continue;
+      const int32_t* keyofs = g.keyofs.data() + win * N;
+      const int32_t* qryofs = g.qryofs.data() + win * N;
+      const int32_t* region = g.region.data() + win * N;
+      const acc_t* table_h = table ? table + (table_heads == 1 ? 0 : h) * tsize : nullptr;
+      for (int64_t m = 0; m < M; ++m) {
+        const scalar_t* qr = qp + vq.row(b, pos[m], g.W, h);
+        double mx = -std::numeric_limits<double>::infinity();
+        for (int64_t n = 0; n < M; ++n) {
+          if (region[n] != region[m]) continue;
+          const scalar_t* kr = kp + vk.row(b, pos[n], g.W, h);
+          double t = 0;
+          for (int64_t e = 0; e < d; ++e) t += static_cast<double>(qr[e * vq.sd]) * static_cast<double>(kr[e * vk.sd]);
+          t *= scale;
+          if (table_h) t += static_cast<double>(table_h[qryofs[m] + keyofs[n]]);
+          s[n] = t;
+          if (std::isnan(t) || t > mx) mx = std::isnan(mx) ? mx : t;  // NaN propagates
+        }
+        double sum = 0;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t n = 0; n < M; ++n) {
+          if (region[n] != region[m]) continue;
+          const scalar_t* vr = vp + vv.row(b, pos[n], g.W, h);
+          const double pw = std::exp(s[n] - mx);
+          sum += pw;
+          for (int64_t e = 0; e < d; ++e) acc[e] += pw * static_cast<double>(vr[e * vv.sd]);
+        }
+        scalar_t* dst = out + ((b * HW + pos[m]) * nh + h) * d;
+        for (int64_t e = 0; e < d; ++e) dst[e] = static_cast<scalar_t>(acc[e] / sum);
+        lse[(b * HW + pos[m]) * nh + h] = static_cast<acc_t>(mx + std::log(sum));
+      }
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------
 // Entry points
 // ----------------------------------------------------------------------------------------
 bool empty(const Problem& p) { return p.batch == 0 || p.height == 0 || p.width == 0 || p.heads == 0 || p.head_dim == 0; }
@@ -607,16 +680,22 @@ void forward(const ForwardArgs& a, const Parallel& par) {
   if (p.dtype == DType::Float32 && fast::supported(g)) {
     fast::forward(g, a.q, a.k, a.v, static_cast<const float*>(p.table), table_heads, static_cast<float>(p.scale),
                   static_cast<float*>(a.out), static_cast<float*>(a.lse), par);
+    fix_nonfinite_values<float, float>(g, a.q, a.k, a.v, static_cast<const float*>(p.table), table_heads, p.scale,
+                                       static_cast<float*>(a.out), static_cast<float*>(a.lse), par);
     return;
   }
 #endif
   if (p.dtype == DType::Float64) {
     forward_kernel<double, double>(g, a.q, a.k, a.v, static_cast<const double*>(p.table), table_heads, p.scale,
                                    static_cast<double*>(a.out), static_cast<double*>(a.lse), par);
+    fix_nonfinite_values<double, double>(g, a.q, a.k, a.v, static_cast<const double*>(p.table), table_heads, p.scale,
+                                         static_cast<double*>(a.out), static_cast<double*>(a.lse), par);
   } else {  // Float32 (the binding passes bfloat16 as float32 copies)
     forward_kernel<float, float>(g, a.q, a.k, a.v, static_cast<const float*>(p.table), table_heads,
                                  static_cast<float>(p.scale), static_cast<float*>(a.out), static_cast<float*>(a.lse),
                                  par);
+    fix_nonfinite_values<float, float>(g, a.q, a.k, a.v, static_cast<const float*>(p.table), table_heads, p.scale,
+                                       static_cast<float*>(a.out), static_cast<float*>(a.lse), par);
   }
 }
 

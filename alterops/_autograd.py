@@ -1,0 +1,58 @@
+"""Shared by the fused ops' ``autograd.Function``s: their backward is not differentiable."""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+class _SecondOrderError(torch.autograd.Function):
+    """Passes gradients through unchanged; differentiating them raises ``RuntimeError(msg)``.
+    Its inputs include the tensors the gradients depend on, so the error node lies on every
+    path of a second backward (to the op's inputs or to the incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx, msg, n, *tensors):
+        ctx.msg = msg
+        return tuple(t.view_as(t) for t in tensors[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.msg)
+
+
+def first_order_only(op: str):
+    """Decorate a ``backward(ctx, *grads)`` that runs compiled kernels (not differentiable).
+
+    The backward runs without building a graph. When a graph is wanted (``create_graph=True``)
+    and the incoming gradients or the saved inputs require grad, the returned gradients are
+    routed through a node that raises a ``RuntimeError`` naming the op and the backend when a
+    second backward reaches it, instead of the silent zero (or missing) second derivative a
+    plain backward gives. First-order gradients, ``create_graph=True`` included, are unchanged.
+    """
+
+    def wrap(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                outputs = backward(ctx, *grads)
+            if not torch.is_grad_enabled():
+                return outputs
+            sources = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not sources:
+                return outputs
+            backend = getattr(ctx, "backend_name", "fused")
+            msg = (f"{op}: double backward (differentiating its gradient) is not supported by the "
+                   f"{backend!r} backend; use backend='reference' for higher-order gradients")
+            single = not isinstance(outputs, tuple)
+            outs = (outputs,) if single else outputs
+            idx = [i for i, t in enumerate(outs) if isinstance(t, torch.Tensor)]
+            marked = _SecondOrderError.apply(msg, len(idx), *[outs[i] for i in idx], *sources)
+            outs = list(outs)
+            for i, t in zip(idx, marked):
+                outs[i] = t
+            return outs[0] if single else tuple(outs)
+
+        return wrapper
+
+    return wrap

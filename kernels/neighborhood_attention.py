@@ -25,6 +25,8 @@ fused-qkv view of 180 channels; the int32 variant keeps the common case's regist
 import triton
 import triton.language as tl
 
+from .attention_common import nonfinite_values
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -135,17 +137,7 @@ def _pv(p, v, ok, NONFINITE: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: t
     bad = (v != v) | (v == float("inf")) | (v == float("-inf"))
     out = _mm(p.to(v.dtype), tl.where(bad, 0.0, v).to(v.dtype), FP32_DOT, UPCAST_DOT)
     if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
-        pos = (ok & (p > 0)).to(tl.float32)
-        zero = (ok & (p == 0)).to(tl.float32)
-        i_nan = (v != v).to(tl.float32)
-        i_pinf = (v == float("inf")).to(tl.float32)
-        i_ninf = (v == float("-inf")).to(tl.float32)
-        c_nan = tl.dot(ok.to(tl.float32), i_nan, input_precision="ieee") + tl.dot(
-            zero, i_pinf + i_ninf, input_precision="ieee")
-        c_pinf = tl.dot(pos, i_pinf, input_precision="ieee")
-        c_ninf = tl.dot(pos, i_ninf, input_precision="ieee")
-        out += (tl.where(c_nan > 0, float("nan"), 0.0) + tl.where(c_pinf > 0, float("inf"), 0.0)
-                + tl.where(c_ninf > 0, float("-inf"), 0.0))
+        out += nonfinite_values(p, v, ok)
     return out
 
 

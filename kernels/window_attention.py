@@ -49,6 +49,8 @@ import triton.language as tl
 
 from alterops import _checks, _config
 
+from .attention_common import nonfinite_values
+
 # Bound on the bias-gradient partials of the dq kernel (floats): past it, each program sums the
 # dS tiles of several window groups (Swin-T stage 1 at batch 8 takes two per program).
 DB_PARTIAL_FLOATS = 2 ** 22
@@ -160,17 +162,7 @@ def _pv(p, v, ok, NONFINITE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.conste
     bad = (v != v) | (v == float("inf")) | (v == float("-inf"))
     out = _mm(p.to(v.dtype), tl.where(bad, 0.0, v).to(v.dtype), IEEE, UPCAST)
     if tl.max(tl.max(bad.to(tl.int32), 1), 0) > 0:
-        pos = (ok & (p > 0)).to(tl.float32)
-        zero = (ok & (p == 0)).to(tl.float32)
-        i_nan = (v != v).to(tl.float32)
-        i_pinf = (v == float("inf")).to(tl.float32)
-        i_ninf = (v == float("-inf")).to(tl.float32)
-        c_nan = tl.dot(ok.to(tl.float32), i_nan, input_precision="ieee") + tl.dot(
-            zero, i_pinf + i_ninf, input_precision="ieee")
-        c_pinf = tl.dot(pos, i_pinf, input_precision="ieee")
-        c_ninf = tl.dot(pos, i_ninf, input_precision="ieee")
-        out += (tl.where(c_nan > 0, float("nan"), 0.0) + tl.where(c_pinf > 0, float("inf"), 0.0)
-                + tl.where(c_ninf > 0, float("-inf"), 0.0))
+        out += nonfinite_values(p, v, ok)
     return out
 
 

@@ -56,6 +56,7 @@ from dataclasses import replace
 
 import torch
 
+from .harness import time_callable
 from .peers_attention import AttnCase, Impl, SkipImpl, impls, register_impl, unregister_impl
 
 __all__ = ["AttnCase", "Impl", "SkipImpl", "register_impl", "unregister_impl", "impls", "run_cases",
@@ -272,24 +273,9 @@ def _measure(impl: Impl, case: AttnCase, data_path: str, repeats: int, min_time:
                     reason=f"max error {abs_err:.3g} ({rel_err:.3g} of the reference's largest value) "
                            f"over the {case.dtype} tolerance {tol:g}; not timed")
 
-    call()  # warm-up
+    # one untimed warm-up call, then the fixed suite's timing loop (CUDA events on a GPU)
+    times = time_callable(call, device, warmup=1, min_time=min_time, max_repeats=repeats, min_repeats=3)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-    times: list[float] = []
-    t_all = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - t_all < min_time):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            call()
-            b.record()
-            torch.cuda.synchronize(device)
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - t0)
     # memory: one more call, after the timed ones (timing ran with the allocator as users have it)
     gc.collect()
     if cuda:

@@ -17,14 +17,14 @@ import alterops as ao
 from .registry import Case, Workload, register
 
 
-def _swin_index(window: int, device) -> torch.Tensor:
-    """Swin's relative_position_index: query minus key, flat into a (2w-1)^2 table."""
+def swin_relative_index(window: int, device) -> torch.Tensor:
+    """Swin's relative_position_index: query minus key, flat into a ``(2w-1)^2`` table."""
     coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
 
 
-def _swin_shift_mask(H: int, W: int, window: int, shift: int, device) -> torch.Tensor | None:
+def swin_shift_mask(H: int, W: int, window: int, shift: int, device) -> torch.Tensor | None:
     """Swin's precomputed (nW, N, N) mask (-100 across regions), as timm/HF build it."""
     if shift == 0:
         return None
@@ -76,8 +76,8 @@ def _make(device, quick, *, B, HW, heads, d, window, shift, shared_bias, backwar
     tbl_heads = 1 if shared_bias else heads
     swin_table = (torch.randn((2 * window - 1) ** 2, tbl_heads, generator=g) * 0.1).to(device)
     ours_table = swin_table.view(2 * window - 1, 2 * window - 1, -1).flip(0, 1).permute(2, 0, 1).contiguous()
-    index = _swin_index(window, device)
-    mask = _swin_shift_mask(HW, HW, window, shift, device)
+    index = swin_relative_index(window, device)
+    mask = swin_shift_mask(HW, HW, window, shift, device)
     gout = torch.randn(q.shape, generator=g).to(device=device, dtype=dtype)
     if backward:
         for t in (q, k, v, swin_table, ours_table):

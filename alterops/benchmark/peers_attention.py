@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .cases_window import swin_relative_index, swin_shift_mask
+
 
 class SkipImpl(Exception):
     """Raised by ``build`` (or the first call) when an implementation cannot run this case;
@@ -435,28 +437,6 @@ def _swin_why_not(case: AttnCase) -> str | None:
         return (f"Swin pads a {case.height}x{case.width} map to multiples of the window with zero features "
                 "that take part in attention; the op leaves them out (different function)")
     return None
-
-
-def swin_relative_index(window: int, device) -> torch.Tensor:
-    """Swin's relative_position_index: query minus key, flat into a ``(2w-1)^2`` table."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-    return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
-
-
-def swin_shift_mask(H: int, W: int, window: int, shift: int, device) -> torch.Tensor | None:
-    """Swin's ``(nW, N, N)`` shifted-window mask: -100 between tokens of different regions."""
-    if shift == 0:
-        return None
-    img = torch.zeros(H, W, device=device)
-    cnt = 0
-    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            img[hs, ws] = cnt
-            cnt += 1
-    mw = img.view(H // window, window, W // window, window).permute(0, 2, 1, 3).reshape(-1, window * window)
-    mask = mw[:, None, :] - mw[:, :, None]
-    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
 
 def swin_table_from_ours(table: torch.Tensor, heads: int) -> torch.Tensor:

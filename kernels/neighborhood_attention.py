@@ -25,7 +25,7 @@ fused-qkv view of 180 channels; the int32 variant keeps the common case's regist
 import triton
 import triton.language as tl
 
-from .attention_common import nonfinite_values
+from ._attention_common import nonfinite_values
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

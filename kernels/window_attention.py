@@ -49,7 +49,7 @@ import triton.language as tl
 
 from alterops import _checks, _config
 
-from .attention_common import nonfinite_values
+from ._attention_common import nonfinite_values
 
 # Bound on the bias-gradient partials of the dq kernel (floats): past it, each program sums the
 # dS tiles of several window groups (Swin-T stage 1 at batch 8 takes two per program).

@@ -12,25 +12,14 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from cuda_emu import driver
+from cuda_emu.testing import one_thread, pytestmark  # noqa: F401 (the module's marks and fixture)
 
-pytestmark = [pytest.mark.cuda_emulated,
-              pytest.mark.skipif(driver.unavailable_reason() is not None,
-                                 reason=str(driver.unavailable_reason()))]
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # unit roundoff of the output (float32 accumulation, one rounding to the output dtype)
 UNIT = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
 MODES = {"zeros": 0, "replicate": 1, "reflect": 2}
 THREADS = 256  # the launchers' block size
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The references run on tiny tensors, where intra-op threads only cost."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,13 @@ import pytest
 import torch
 
 from cuda_emu import driver
+from cuda_emu.testing import one_thread, pytestmark  # noqa: F401 (the module's marks and fixture)
 
-pytestmark = [pytest.mark.cuda_emulated,
-              pytest.mark.skipif(driver.unavailable_reason() is not None,
-                                 reason=str(driver.unavailable_reason()))]
 
 DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 PLANES_PER_BLOCK = 64  # the kernels' kPlanesPerBlock
 MAX_SEGMENTS = 32
 CUDA_ERROR_INVALID_VALUE = 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The references run on small tensors, where intra-op threads only cost."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,24 @@ def check_launches(launches, total: int, what: str) -> None:
     assert nxt == total, f"{what}: {nxt} programs launched, expected {total}"
 
 
+def check_against_brute_force(op, brute, q, k, v, dout, table):
+    """``op(q, k, v, table)`` and its gradients of q, k, v and table against ``brute`` on float64
+    copies (of the small views, never of a big storage). The table gradient, a float32 sum of
+    input-dtype terms, is held to the input dtype's tolerance."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    tab = table.clone().requires_grad_()
+    out = op(*leaves, tab)
+    grads = torch.autograd.grad(out, leaves + [tab], dout)
+    ref_leaves = [t.detach().clone().double().requires_grad_() for t in (q, k, v)]
+    ref_tab = table.double().requires_grad_()
+    ref = brute(*ref_leaves, ref_tab)
+    ref_grads = torch.autograd.grad(ref, ref_leaves + [ref_tab], dout.detach().clone().double())
+    assert_close(out, ref, name="out")
+    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(g, r, name=name)
+    assert_close(grads[3].to(q.dtype), ref_grads[3], name="dtable")
+
+
 # ---------------------------------------------------------------------------------------
 # neighborhood_attention2d
 # ---------------------------------------------------------------------------------------
@@ -102,29 +120,17 @@ LOW = {"cpu": torch.bfloat16, "triton": torch.float16}
 
 @pytest.mark.parametrize("backend", ("cpu", "triton"))
 @pytest.mark.parametrize("dim", DIMS)
-def test_neighborhood_offsets_past_2_31(request, backend, dim):
+def test_neighborhood_offsets_past_2_31(backend, dim):
     dtype = LOW[backend]
     device = skip_unless("neighborhood_attention2d", backend, dtype)
     if device.type != "cpu":
         pytest.skip("the views live in host memory")
     storage = big_storage(dtype)
     q, k, v, dout = far_views(storage, NA_SHAPE, DIMS[dim], 4)
-    heads = NA_SHAPE[3]
-    table = torch.randn(heads, 5, 5, generator=torch.Generator().manual_seed(3))
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    tab = table.clone().requires_grad_()
-    out = ao.neighborhood_attention2d(*leaves, 3, border="clamp", rel_pos_bias=tab, backend=backend)
-    grads = torch.autograd.grad(out, leaves + [tab], dout)
-
-    ref_leaves = [t.detach().clone().double().requires_grad_() for t in (q, k, v)]
-    ref_tab = table.double().requires_grad_()
-    ref = na_brute_force(*ref_leaves, (3, 3), (1, 1), "clamp", ref_tab)
-    ref_grads = torch.autograd.grad(ref, ref_leaves + [ref_tab], dout.detach().clone().double())
-    assert_close(out, ref, name="out")
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(g, r, name=name)
-    # the float32 table gradient sums low-precision terms: held to the input dtype's tolerance
-    assert_close(grads[3].to(dtype), ref_grads[3], name="dtable")
+    table = torch.randn(NA_SHAPE[3], 5, 5, generator=torch.Generator().manual_seed(3))
+    check_against_brute_force(
+        lambda q, k, v, t: ao.neighborhood_attention2d(q, k, v, 3, border="clamp", rel_pos_bias=t, backend=backend),
+        lambda q, k, v, t: na_brute_force(q, k, v, (3, 3), (1, 1), "clamp", t), q, k, v, dout, table)
     del storage
 
 
@@ -195,18 +201,10 @@ def test_neighborhood_triton_split_launches_match_brute_force(monkeypatch):
     q, k, v = (torch.randn(B, H, W, heads, d, generator=g).half() for _ in range(3))
     table = torch.randn(heads, 5, 5, generator=g)
     gout = torch.randn(B, H, W, heads, d, generator=g).half()
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    tab = table.clone().requires_grad_()
-    out = ao.neighborhood_attention2d(*leaves, 3, border="mask", rel_pos_bias=tab, backend="triton")
-    grads = torch.autograd.grad(out, leaves + [tab], gout)
+    check_against_brute_force(
+        lambda q, k, v, t: ao.neighborhood_attention2d(q, k, v, 3, border="mask", rel_pos_bias=t, backend="triton"),
+        lambda q, k, v, t: na_brute_force(q, k, v, (3, 3), (1, 1), "mask", t), q, k, v, gout, table)
     assert all(c >= 2 for c in counts.values()) and len(counts) == 3, counts
-    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_tab = table.double().requires_grad_()
-    ref = na_brute_force(*ref_leaves, (3, 3), (1, 1), "mask", ref_tab)
-    ref_grads = torch.autograd.grad(ref, ref_leaves + [ref_tab], gout.double())
-    assert_close(out, ref, name="out")
-    for name, gr, r in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
-        assert_close(gr.half(), r, name=name)  # dtable: float32 sums of float16 terms
 
 
 @pytest.mark.parametrize("backend", ("cpu", "triton"))
@@ -238,28 +236,17 @@ WA_SHAPE = (2, 4, 3, 3, 8)  # (B, H, W, heads, head_dim): window 2 pads the widt
 
 @pytest.mark.parametrize("backend", ("cpu", "triton"))
 @pytest.mark.parametrize("dim", DIMS)
-def test_window_offsets_past_2_31(request, backend, dim):
+def test_window_offsets_past_2_31(backend, dim):
     dtype = LOW[backend]
     device = skip_unless("window_attention2d", backend, dtype)
     if device.type != "cpu":
         pytest.skip("the views live in host memory")
     storage = big_storage(dtype)
     q, k, v, dout = far_views(storage, WA_SHAPE, DIMS[dim], 4)
-    heads = WA_SHAPE[3]
-    table = torch.randn(heads, 3, 3, generator=torch.Generator().manual_seed(3))
-    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    tab = table.clone().requires_grad_()
-    out = ao.window_attention2d(*leaves, 2, shift=1, rel_pos_bias=tab, backend=backend)
-    grads = torch.autograd.grad(out, leaves + [tab], dout)
-
-    ref_leaves = [t.detach().clone().double().requires_grad_() for t in (q, k, v)]
-    ref_tab = table.double().requires_grad_()
-    ref = wa_brute_force(*ref_leaves, (2, 2), (1, 1), ref_tab)
-    ref_grads = torch.autograd.grad(ref, ref_leaves + [ref_tab], dout.detach().clone().double())
-    assert_close(out, ref, name="out")
-    for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
-        assert_close(g, r, name=name)
-    assert_close(grads[3].to(dtype), ref_grads[3], name="dtable")
+    table = torch.randn(WA_SHAPE[3], 3, 3, generator=torch.Generator().manual_seed(3))
+    check_against_brute_force(
+        lambda q, k, v, t: ao.window_attention2d(q, k, v, 2, shift=1, rel_pos_bias=t, backend=backend),
+        lambda q, k, v, t: wa_brute_force(q, k, v, (2, 2), (1, 1), t), q, k, v, dout, table)
     del storage
 
 
@@ -299,17 +286,9 @@ def test_window_triton_head_chunks_match_brute_force(monkeypatch):
     g = torch.Generator().manual_seed(9)
     q, k, v, gout = (torch.randn(1, 5, 4, 3, 8, generator=g) for _ in range(4))
     table = torch.randn(3, 5, 5, generator=g)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    tab = table.clone().requires_grad_()
-    out = ao.window_attention2d(*leaves, 3, shift=1, rel_pos_bias=tab, backend="triton")
-    grads = torch.autograd.grad(out, leaves + [tab], gout)
-    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref_tab = table.double().requires_grad_()
-    ref = wa_brute_force(*ref_leaves, (3, 3), (1, 1), ref_tab)
-    ref_grads = torch.autograd.grad(ref, ref_leaves + [ref_tab], gout.double())
-    assert_close(out, ref, name="out")
-    for name, gr, r in zip(("dq", "dk", "dv", "dtable"), grads, ref_grads):
-        assert_close(gr, r, name=name)
+    check_against_brute_force(
+        lambda q, k, v, t: ao.window_attention2d(q, k, v, 3, shift=1, rel_pos_bias=t, backend="triton"),
+        lambda q, k, v, t: wa_brute_force(q, k, v, (3, 3), (1, 1), t), q, k, v, gout, table)
 
 
 @pytest.mark.parametrize("backend", ("cpu", "triton"))

@@ -152,6 +152,7 @@ def _bias_grad_from_offsets(ds_offsets, H, W, kh, kw, dh, dw, border, table_head
 
 def _na_triton_fwd(q, k, v, kh, kw, dh, dw, border, bias, scale):
     from .kernels import neighborhood_attention as kern
+    from .kernels._attention_common import nonfinite_passes
 
     B, H, W, heads, head_dim = q.shape
     out = _checks.empty((B, H, W, heads, head_dim), like=q)
@@ -165,10 +166,7 @@ def _na_triton_fwd(q, k, v, kh, kw, dh, dw, border, bias, scale):
     # A NaN or inf in v: the plain kernel's dots would spread it to queries whose window does not
     # hold it (their weight 0 times inf); a second launch recomputes with IEEE handling when the
     # device-side flag says so (on a GPU it returns at once otherwise: no host sync).
-    flag = torch.isfinite(v).logical_not().any().to(torch.int32).reshape(1)
-    variants = [False]
-    if q.device.type != "cpu" or bool(flag.item()):  # the interpreter: the host knows for free
-        variants.append(True)
+    flag, variants = nonfinite_passes(v)
     for nonfinite in variants:
         for bh0, grid, split in kern.launches(B, heads, tiles):
             kern.na2d_fwd_kernel[grid](

@@ -1,6 +1,19 @@
 """Triton helpers shared by the attention kernels."""
+import torch
 import triton
 import triton.language as tl
+
+
+def nonfinite_passes(v: torch.Tensor):
+    """``(flag, variants)`` for a forward launcher. ``flag`` (int32, on v's device) is 1 when v
+    holds a NaN or inf; ``variants`` lists the values of the kernel's NONFINITE to launch, in
+    order: the plain pass, then the IEEE pass, which returns at once when ``flag`` is 0 (no host
+    sync on a GPU; under the interpreter the host reads the flag for free and skips it)."""
+    flag = torch.isfinite(v).logical_not().any().to(torch.int32).reshape(1)
+    variants = [False]
+    if v.device.type != "cpu" or bool(flag.item()):
+        variants.append(True)
+    return flag, variants
 
 
 @triton.jit

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from alterops import _checks, _config
 
-from ._attention_common import nonfinite_values
+from ._attention_common import nonfinite_passes, nonfinite_values
 
 # Bound on the bias-gradient partials of the dq kernel (floats): past it, each program sums the
 # dS tiles of several window groups (Swin-T stage 1 at batch 8 takes two per program).
@@ -504,10 +504,7 @@ def forward(q, k, v, bias, window_size, shift, scale):
     bias_hstride = (0 if bias.shape[0] == 1 else T * T) if has_bias else 0
     oacc = _scratch(q, cfg, out.shape, lse)
     q, k, v = _narrow_offsets(q, k, v)
-    flag = torch.isfinite(v).logical_not().any().to(torch.int32).reshape(1)
-    variants = [False]
-    if q.device.type != "cpu" or bool(flag.item()):  # the interpreter: the host knows for free
-        variants.append(True)
+    flag, variants = nonfinite_passes(v)
     for nonfinite, (h0, nh) in itertools.product(variants, list(_head_chunks(NH))):
         window_attention2d_fwd_kernel[(n_groups, n_sub, nh)](
             q, k, v, bias_arg, out, lse, oacc, flag,

@@ -147,13 +147,16 @@ def _diag_trig(n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.
     return hit
 
 
-def _diag_bins(x: torch.Tensor):
-    """Per plane: anti-diagonal sums ``a`` (P, n) and the bins' real/imag parts (P, K)."""
+def _diag_bins(x: torch.Tensor, fixed_order: bool = False):
+    """Per plane: anti-diagonal sums ``a`` (P, n) and the bins' real/imag parts (P, K); with
+    ``fixed_order`` the bins are summed by ``_rowdot`` (the same bits for any thread count)."""
     B, C, n, _ = x.shape
     acc = _acc_dtype(x.dtype)
     cos, sin, idx = _diag_trig(n, acc, x.device)
     planes = x.reshape(B * C, n * n).to(acc)
     a = torch.zeros(B * C, n, dtype=acc, device=x.device).index_add_(1, idx, planes)
+    if fixed_order:
+        return a, _rowdot(a, cos), -_rowdot(a, sin)
     return a, a @ cos.T, -(a @ sin.T)
 
 
@@ -181,11 +184,8 @@ def _delta_backward(x: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Te
         return torch.zeros_like(x)
     acc = _acc_dtype(x.dtype)
     cos, sin, idx = _diag_trig(n, acc, x.device)
-    if x.device.type == "cpu":  # bitwise the same for any thread count (the CPU backend's promise)
-        a = torch.zeros(P, n, dtype=acc, device=x.device).index_add_(1, idx, x.reshape(P, n * n).to(acc))
-        re, im = _rowdot(a, cos), -_rowdot(a, sin)
-    else:
-        _, re, im = _diag_bins(x)
+    fixed_order = x.device.type == "cpu"  # bitwise the same for any thread count (the CPU backend's promise)
+    _, re, im = _diag_bins(x, fixed_order)
     amp = torch.sqrt(re * re + im * im)
     g = grad.to(acc)
     # Δ_0 ≡ 0, and every Δ_k subtracts L_0: the weight of L_0 is -sum_{k>=1} g_k.
@@ -193,7 +193,7 @@ def _delta_backward(x: torch.Tensor, grad: torch.Tensor, eps: float) -> torch.Te
     denom = amp * (amp + eps)
     coef = torch.where(amp > 0, weight / (P * denom.clamp_min(torch.finfo(acc).tiny)), torch.zeros_like(amp))
     # d|F|/da_s = (re c_ks - im s_ks) / |F|
-    if x.device.type == "cpu":
+    if fixed_order:
         grad_a = _rowdot(coef * re, cos.T.contiguous()) - _rowdot(coef * im, sin.T.contiguous())
     else:
         grad_a = (coef * re) @ cos - (coef * im) @ sin

@@ -28,7 +28,13 @@ def cpu_isa() -> str | None:
 
 # --- op families ---------------------------------------------------------------------------
 from .blur import box_blur2d, tanh_blur2d  # noqa: E402
-from .neighborhood_attention import neighborhood_attention2d  # noqa: E402
+from .neighborhood_attention_nd import (  # noqa: E402
+    merge_attentions,
+    neighborhood_attention1d,
+    neighborhood_attention2d,
+    neighborhood_attention3d,
+)
+from . import neighborhood_attention as _neighborhood_attention_2d_kernels  # noqa: E402,F401  (its backend table)
 from .window_attention import window_attention2d  # noqa: E402
 from .statistics import (  # noqa: E402
     delta_log_amplitude,
@@ -45,7 +51,8 @@ from . import memory  # noqa: E402
 
 __all__ += [
     "box_blur2d", "tanh_blur2d",
-    "neighborhood_attention2d", "window_attention2d",
+    "neighborhood_attention1d", "neighborhood_attention2d", "neighborhood_attention3d", "merge_attentions",
+    "window_attention2d",
     "delta_log_amplitude", "log_amplitude_spectrum", "radial_log_amplitude", "feature_variance",
     "frequency_noise", "feature_statistics",
     "nn", "models", "swap", "memory", "empty_cache",

@@ -1,7 +1,7 @@
-"""Neighborhood (k×k sliding-window) multi-head self-attention on 2D maps.
-
-``neighborhood_attention2d(q, k, v, kernel_size, dilation=1, *, border="clamp",
-rel_pos_bias=None, scale=None, backend=None)``
+"""The 2-D kernels of neighborhood attention: k×k sliding-window multi-head self-attention on 2D
+maps with odd kernels, stride 1, no causal mask and as many kv heads as heads. The public
+``neighborhood_attention2d`` (``alterops/neighborhood_attention_nd.py``, which also holds the
+reference implementation) runs these kernels for such calls and the N-d kernels for the others.
 
 Shapes: ``q, k, v`` are ``(B, H, W, heads, head_dim)`` (heads-last, NATTEN's layout) with any
 strides; the output is ``(B, H, W, heads, head_dim)`` contiguous, in the input dtype.
@@ -39,92 +39,16 @@ float16, bfloat16, head_dim <= 256). Automatic order: CUDA ``triton, reference``
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _checks, _ext
 from ._autograd import first_order_only
 from ._dispatch import Backend, OpBackends, register
+from .neighborhood_attention_nd import axis_window, neighborhood_attention_nd_reference
 
-__all__ = ["neighborhood_attention2d", "neighborhood_attention2d_reference", "neighborhood_window"]
 
-BORDERS = ("clamp", "mask", "zero")
 _BORDER_CODE = {"clamp": 0, "mask": 1, "zero": 2}
 _MAX_TRITON_HEAD_DIM = 256
-_MAX_FREE_KERNEL = 31  # "mask"/"zero": kernels up to this size are accepted on any map
-
-
-# ---------------------------------------------------------------------------------------
-# Reference: the spec in code
-# ---------------------------------------------------------------------------------------
-def neighborhood_window(length: int, kernel: int, dilation: int, border: str, device=None):
-    """Per-axis neighbourhood of every position.
-
-    Returns ``(pos, valid, bias_index)``, each ``(length, kernel)``: ``pos[y, i]`` is the key
-    position of neighbour ``i`` of query ``y`` (possibly outside ``[0, length)`` for ``"mask"``
-    and ``"zero"``), ``valid`` says whether it lies in the image, and ``bias_index`` is its row
-    (column) in the bias table, ``(pos - y) / dilation + kernel - 1``.
-    """
-    y = torch.arange(length, device=device).unsqueeze(1)
-    i = torch.arange(kernel, device=device).unsqueeze(0)
-    r = (kernel - 1) // 2
-    if border == "clamp":
-        residue = y % dilation
-        n_grid = (length - residue + dilation - 1) // dilation  # size of y's dilation sub-grid
-        start = residue + dilation * torch.minimum(
-            torch.clamp(y // dilation - r, min=0), n_grid - kernel
-        )
-        pos = start + dilation * i
-    else:
-        pos = y + dilation * (i - r)
-    valid = (pos >= 0) & (pos < length)
-    bias_index = torch.div(pos - y, dilation, rounding_mode="floor") + kernel - 1
-    return pos, valid, bias_index
-
-
-def neighborhood_attention2d_reference(q, k, v, kernel_size, dilation=(1, 1), border="clamp",
-                                       rel_pos_bias=None, scale=None):
-    """Plain PyTorch (differentiable by autograd). Gathers neighbour indices, one neighbour
-    offset at a time: the forward never holds more than ``O(N·k²)`` logits (no N×N matrix).
-    Computes in float32 for half inputs, float64 for float64."""
-    kh, kw = kernel_size
-    dh, dw = dilation
-    B, H, W, heads, head_dim = q.shape
-    if scale is None:
-        scale = head_dim ** -0.5
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qc, kc, vc = q.to(compute), k.to(compute), v.to(compute)
-    pos_y, valid_y, bias_y = neighborhood_window(H, kh, dh, border, q.device)
-    pos_x, valid_x, bias_x = neighborhood_window(W, kw, dw, border, q.device)
-    table = None if rel_pos_bias is None else rel_pos_bias.to(compute)
-
-    def neighbour(t, i, j):  # t[b, pos_y[y, i], pos_x[x, j]] for every query (y, x)
-        rows = t.index_select(1, pos_y[:, i].clamp(0, H - 1))
-        out = rows.index_select(2, pos_x[:, j].clamp(0, W - 1))
-        if border != "clamp":  # out-of-image keys and values are zero vectors ("zero") or unused
-            # ("mask"); a select, not a product: the clamped in-image row may hold NaN or inf
-            inside = valid_y[:, i, None] & valid_x[None, :, j]
-            out = torch.where(inside[None, :, :, None, None], out, out.new_zeros(()))
-        return out
-
-    logits = []
-    for i in range(kh):
-        for j in range(kw):
-            s = (qc * neighbour(kc, i, j)).sum(-1) * scale  # (B, H, W, heads)
-            if table is not None:
-                b = table[:, bias_y[:, i]][:, :, bias_x[:, j]]  # (heads|1, H, W)
-                s = s + b.permute(1, 2, 0).unsqueeze(0)
-            if border == "mask":
-                inside = valid_y[:, i, None] & valid_x[None, :, j]
-                s = s.masked_fill(~inside[None, :, :, None], float("-inf"))
-            logits.append(s)
-    attn = torch.softmax(torch.stack(logits, dim=-1), dim=-1)  # (B, H, W, heads, kh*kw)
-    out = torch.zeros_like(qc, memory_format=torch.contiguous_format)  # documented: contiguous
-    for i in range(kh):
-        for j in range(kw):
-            out = out + attn[..., i * kw + j, None] * neighbour(vc, i, j)
-    return out.to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,8 +62,8 @@ def _bias_grad_from_offsets(ds_offsets, H, W, kh, kw, dh, dw, border, table_head
     deterministic unlike a scatter-add with atomics.
     """
     dev = ds_offsets.device
-    _, _, by = neighborhood_window(H, kh, dh, border, dev)
-    _, _, bx = neighborhood_window(W, kw, dw, border, dev)
+    _, _, by = axis_window(H, kh, dh, border=border, device=dev)
+    _, _, bx = axis_window(W, kw, dw, border=border, device=dev)
     ey = torch.nn.functional.one_hot(by, 2 * kh - 1).to(ds_offsets.dtype)  # (H, kh, 2kh-1)
     ex = torch.nn.functional.one_hot(bx, 2 * kw - 1).to(ds_offsets.dtype)  # (W, kw, 2kw-1)
     per_head = ds_offsets.sum(0)  # (heads, H, W, kh, kw)
@@ -329,71 +253,18 @@ class _NeighborhoodAttention2d(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------
-# Public function
+# Entry from the public function (alterops.neighborhood_attention_nd.neighborhood_attention2d)
 # ---------------------------------------------------------------------------------------
-def neighborhood_attention2d(q, k, v, kernel_size, dilation=1, *, border="clamp", rel_pos_bias=None,
-                             scale=None, backend=None):
-    """k×k neighbourhood multi-head self-attention (see the module docstring for the exact rules).
-
-    Args:
-        q, k, v: ``(B, H, W, heads, head_dim)``, same shape, dtype and device, any strides.
-        kernel_size: odd int or pair ``(kh, kw)``.
-        dilation: int or pair ``(dh, dw)``, >= 1.
-        border: ``"clamp"`` (NATTEN), ``"mask"`` or ``"zero"`` (the paper's ConvAttention2d).
-        rel_pos_bias: optional table ``(heads | 1, 2*kh-1, 2*kw-1)``, key-minus-query indexing.
-        scale: logit scale, default ``head_dim ** -0.5``.
-        backend: ``None`` (auto), ``"reference"``, ``"cpu"`` or ``"triton"``.
-
-    Returns:
-        ``(B, H, W, heads, head_dim)`` contiguous, dtype of ``q``.
-    """
-    layout = "(B, H, W, heads, head_dim)"
-    q = _checks.tensor("q", q, ndim=5, layout=layout)
-    k = _checks.tensor("k", k, ndim=5, layout=layout)
-    v = _checks.tensor("v", v, ndim=5, layout=layout)
-    _checks.same(("q", "k", "v"), (q, k, v))
-    kh, kw = _checks.pair("kernel_size", kernel_size, minimum=1, odd=True)
-    dh, dw = _checks.pair("dilation", dilation, minimum=1)
-    border = _checks.choice("border", border, BORDERS)
-    B, H, W, heads, head_dim = q.shape
-    if border == "clamp" and (kh * dh > H or kw * dw > W):
-        raise ValueError(
-            f"border='clamp' needs kernel_size * dilation <= the map size per axis, got kernel_size="
-            f"({kh}, {kw}), dilation=({dh}, {dw}) for a {H}x{W} map; use a smaller kernel or "
-            "border='mask'/'zero'"
-        )
-    if border != "clamp":
-        if kh > max(_MAX_FREE_KERNEL, 2 * H + 1) or kw > max(_MAX_FREE_KERNEL, 2 * W + 1):
-            raise ValueError(
-                f"kernel_size must be <= max({_MAX_FREE_KERNEL}, 2 * map size + 1) per axis for "
-                f"border={border!r}, got ({kh}, {kw}) for a {H}x{W} map (a larger window only adds "
-                "keys outside the image)"
-            )
-        # Every key but the centre one is outside the image once dilation >= the map size, with
-        # the same bias index, so a larger dilation computes the same thing.
-        dh, dw = min(dh, max(H, 1)), min(dw, max(W, 1))
-    if rel_pos_bias is not None:
-        rel_pos_bias = _checks.tensor("rel_pos_bias", rel_pos_bias, ndim=3,
-                                      layout="(heads | 1, 2*kh-1, 2*kw-1)")
-        want = (2 * kh - 1, 2 * kw - 1)
-        if rel_pos_bias.shape[0] not in (1, heads) or tuple(rel_pos_bias.shape[1:]) != want:
-            raise ValueError(
-                f"rel_pos_bias must have shape ({heads} or 1, {want[0]}, {want[1]}) for {heads} heads "
-                f"and kernel_size ({kh}, {kw}), got {tuple(rel_pos_bias.shape)}"
-            )
-        if rel_pos_bias.device != q.device:
-            raise ValueError(f"rel_pos_bias is on {rel_pos_bias.device} but q is on {q.device}")
-    if scale is None:
-        scale = head_dim ** -0.5
-    else:
-        scale = _checks.number("scale", scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale!r}")
+def _neighborhood_attention2d_checked(q, k, v, kernel_size, dilation, border, table, scale, backend):
+    """The 2-D kernels, for checked arguments: odd kernels, stride 1, not causal, as many kv heads
+    as heads; ``dilation`` already reduced for ``"mask"``/``"zero"``."""
+    (kh, kw), (dh, dw) = kernel_size, dilation
     name = _TABLE.select(backend, q.device, q.dtype)
-    if name == "triton" and head_dim > _MAX_TRITON_HEAD_DIM:
+    if name == "triton" and q.shape[-1] > _MAX_TRITON_HEAD_DIM:
         if backend == "triton":
-            raise ValueError(f"the 'triton' backend supports head_dim <= {_MAX_TRITON_HEAD_DIM}, got {head_dim}")
+            raise ValueError(f"the 'triton' backend supports head_dim <= {_MAX_TRITON_HEAD_DIM}, got {q.shape[-1]}")
         name = "reference"
     if name == "reference":
-        return neighborhood_attention2d_reference(q, k, v, (kh, kw), (dh, dw), border, rel_pos_bias, scale)
-    return _NeighborhoodAttention2d.apply(q, k, v, rel_pos_bias, kh, kw, dh, dw, border, float(scale), name)
+        return neighborhood_attention_nd_reference(q, k, v, kernel_size, dilation, border=border,
+                                                   rel_pos_bias=table, scale=scale)
+    return _NeighborhoodAttention2d.apply(q, k, v, table, kh, kw, dh, dw, border, float(scale), name)

@@ -342,8 +342,8 @@ def test_torch_compile_fullgraph(backend):
 def test_bad_inputs():
     q = torch.randn(1, 6, 7, 2, 8)
     na = ao.neighborhood_attention2d
-    with pytest.raises(ValueError, match="kernel_size must be odd"):
-        na(q, q, q, 4)
+    with pytest.raises(ValueError, match="stride must be <= kernel_size"):
+        na(q, q, q, 3, stride=4)
     with pytest.raises(ValueError, match="kernel_size must be >= 1"):
         na(q, q, q, 0)
     with pytest.raises(ValueError, match="kernel_size \\* dilation <= the map size"):

@@ -164,7 +164,7 @@ def _heads_first(case: AttnCase):
 def _na_axis(q_pos, k_pos, length, kernel, dilation, border):
     """Whether key position ``k_pos`` is in query ``q_pos``'s neighbourhood along one axis
     (broadcasting tensors), and the key-minus-query bias row; the rule of
-    ``alterops.neighborhood_attention.neighborhood_window`` written as a predicate."""
+    ``alterops.neighborhood_attention_nd.axis_window`` written as a predicate."""
     r = (kernel - 1) // 2
     same_grid = (k_pos - q_pos) % dilation == 0
     if border == "clamp":

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from . import _checks
 
-__all__ = ["WindowMSA2d", "NeighborhoodMSA2d", "BoxBlur2d", "TanhBlur2d", "DropPath"]
+__all__ = ["WindowMSA2d", "NeighborhoodMSA1d", "NeighborhoodMSA2d", "NeighborhoodMSA3d", "BoxBlur2d", "TanhBlur2d",
+           "DropPath"]
 
 
 def _ops():
@@ -48,22 +49,29 @@ def _ops():
 class _LocalMSA2d(nn.Module):
     """Shared parts of the two attention layers: projections, bias table, forward plumbing."""
 
+    ndim = 2  # spatial axes of the input (B, C, *spatial)
+
     def __init__(
         self,
         dim_in: int,
         dim_out: int | None,
         heads: int,
         dim_head: int,
-        table_size: tuple[int, int],
+        table_size: tuple[int, ...],
         pos_bias: str | None,
         dropout: float,
         scale: float | None,
         backend: str | None,
+        kv_heads: int | None = None,
     ) -> None:
         super().__init__()
         for name, val in (("dim_in", dim_in), ("heads", heads), ("dim_head", dim_head)):
             if not isinstance(val, int) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        kv_heads = heads if kv_heads is None else kv_heads
+        if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
+            raise ValueError(f"kv_heads must be a positive int dividing heads={heads}, got {kv_heads!r}")
+        self.kv_heads = kv_heads
         dim_out = dim_in if dim_out is None else dim_out
         if not isinstance(dim_out, int) or dim_out <= 0:
             raise ValueError(f"dim_out must be a positive int or None, got {dim_out!r}")
@@ -74,14 +82,15 @@ class _LocalMSA2d(nn.Module):
         self.scale = dim_head ** -0.5 if scale is None else float(scale)
         self.pos_bias = pos_bias
         self.backend = backend
-        self.to_qkv = nn.Conv2d(dim_in, 3 * self.inner_dim, 1, bias=False)
-        self.to_out = nn.Conv2d(self.inner_dim, dim_out, 1, bias=True)
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[self.ndim - 1]
+        self.to_qkv = conv(dim_in, (heads + 2 * kv_heads) * dim_head, 1, bias=False)
+        self.to_out = conv(self.inner_dim, dim_out, 1, bias=True)
         self.proj_drop = nn.Dropout(dropout)
         if pos_bias is None:
             self.register_parameter("rel_pos_bias", None)
         else:
             n = 1 if pos_bias == "shared" else heads
-            self.rel_pos_bias = nn.Parameter(torch.empty(n, 2 * table_size[0] - 1, 2 * table_size[1] - 1))
+            self.rel_pos_bias = nn.Parameter(torch.empty(n, *[2 * t - 1 for t in table_size]))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -96,26 +105,30 @@ class _LocalMSA2d(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(B, dim_in, H, W)`` → ``(B, dim_out, H, W)`` in the input's memory format."""
-        if x.dim() != 4 or x.shape[1] != self.dim_in:
+        """``x``: ``(B, dim_in, *spatial)`` → ``(B, dim_out, *spatial)`` in the input's memory format."""
+        n = self.ndim
+        if x.dim() != n + 2 or x.shape[1] != self.dim_in:
+            axes = ", ".join(("L",) if n == 1 else ("H", "W") if n == 2 else ("T", "H", "W"))
             raise ValueError(
-                f"{type(self).__name__}: x must have shape (B, {self.dim_in}, H, W), got {tuple(x.shape)}"
+                f"{type(self).__name__}: x must have shape (B, {self.dim_in}, {axes}), got {tuple(x.shape)}"
             )
-        B, C, H, W = x.shape
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        xl = x.permute(0, 2, 3, 1)  # (B, H, W, C): a free view for a channels-last input
-        qkv = F.linear(xl, self.to_qkv.weight.reshape(3 * self.inner_dim, C))
-        qkv = qkv.view(B, H, W, 3, self.heads, self.dim_head)
-        q, k, v = qkv.unbind(3)  # strided views into the one projection
+        B, C, spatial = x.shape[0], x.shape[1], tuple(x.shape[2:])
+        xl = x.movedim(1, -1)  # (B, *spatial, C): a free view for a channels-last input
+        channels_last = n > 1 and xl.is_contiguous() and not x.is_contiguous()
+        qkv = F.linear(xl, self.to_qkv.weight.reshape(-1, C))
+        hq, hkv, d = self.heads, self.kv_heads, self.dim_head
+        # strided views into the one projection: q, then k and v
+        q = qkv[..., :hq * d].view(B, *spatial, hq, d)
+        k, v = qkv[..., hq * d:].view(B, *spatial, 2, hkv, d).unbind(-3)
         # the ops read the table in their compute precision whatever its dtype (e.g. a float32
         # table with bfloat16 q/k/v under autocast), so it is passed as is
-        out = self._attend(q, k, v, self.rel_pos_bias)  # (B, H, W, heads, dim_head)
+        out = self._attend(q, k, v, self.rel_pos_bias)  # (B, *spatial, heads, dim_head)
         out = F.linear(
-            out.reshape(B, H, W, self.inner_dim),
+            out.reshape(B, *spatial, self.inner_dim),
             self.to_out.weight.reshape(self.dim_out, self.inner_dim),
             self.to_out.bias,
         )
-        out = self.proj_drop(out).permute(0, 3, 1, 2)  # NCHW shape, channels-last strides
+        out = self.proj_drop(out).movedim(-1, 1)  # NC... shape, channels-last strides
         return out if channels_last else out.contiguous()
 
     # -- loading the paper's parameter layout ------------------------------------------------
@@ -210,16 +223,20 @@ class WindowMSA2d(_LocalMSA2d):
         return s
 
 
-class NeighborhoodMSA2d(_LocalMSA2d):
-    """Convolutional (k×k neighbourhood) multi-head self-attention on an NCHW map.
+class _NeighborhoodMSA(_LocalMSA2d):
+    """Neighbourhood multi-head self-attention on a channels-first map ``(B, C, *spatial)``.
 
-    Each query attends to the ``kernel_size`` neighbourhood around it (with ``dilation``), with the
-    border rule of ``alterops.neighborhood_attention2d``: ``"clamp"`` (NATTEN, default), ``"mask"``
-    or ``"zero"`` (the paper's ``ConvAttention2d``: zero-padded keys and values keep softmax mass;
+    Each query attends to its ``kernel_size`` neighbourhood (with ``dilation``, ``stride`` and
+    ``is_causal`` per axis, NATTEN's rules), with the border rule of
+    ``alterops.neighborhood_attention{1,2,3}d``: ``"clamp"`` (NATTEN, default), ``"mask"`` or
+    ``"zero"`` (the paper's ``ConvAttention2d``: zero-padded keys and values keep softmax mass;
     use ``pos_bias=None`` for the paper's module, which has no positional bias).
 
-    Args as :class:`WindowMSA2d`, with ``kernel_size`` (odd int or pair), ``dilation`` and
-    ``border`` instead of the window and shift. The bias table is ``(n, 2·kh-1, 2·kw-1)``.
+    Args as :class:`WindowMSA2d`, with ``kernel_size``, ``dilation``, ``stride`` (ints or one per
+    axis), ``is_causal`` (bool or one per axis) and ``border`` instead of the window and shift;
+    ``kv_heads`` (default ``heads``) gives grouped-query attention: k and v get ``kv_heads`` heads
+    (a divisor of ``heads``) and ``to_qkv`` has ``(heads + 2 * kv_heads) * dim_head`` outputs (q,
+    then k, then v). The bias table is ``(n, *(2 * kernel_size - 1))``.
     """
 
     _paper_prefix = ""
@@ -234,35 +251,66 @@ class NeighborhoodMSA2d(_LocalMSA2d):
         dim_head: int = 64,
         kernel_size=7,
         dilation=1,
+        stride=1,
+        is_causal=False,
+        kv_heads: int | None = None,
         border: str = "clamp",
         pos_bias: str | None = "shared",
         dropout: float = 0.0,
         scale: float | None = None,
         backend: str | None = None,
     ) -> None:
-        self.kernel_size = _checks.pair("kernel_size", kernel_size)
-        self.dilation = _checks.pair("dilation", dilation)
-        if not all(k > 0 and k % 2 == 1 for k in self.kernel_size):
-            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size!r}")
-        if min(self.dilation) <= 0:
-            raise ValueError(f"dilation must be positive, got {dilation!r}")
-        if border not in ("clamp", "mask", "zero"):
-            raise ValueError(f"border must be 'clamp', 'mask' or 'zero', got {border!r}")
-        self.border = border
-        super().__init__(dim_in, dim_out, heads, dim_head, self.kernel_size, pos_bias, dropout, scale, backend)
+        from .neighborhood_attention_nd import BORDERS, _per_axis
+
+        n = self.ndim
+        self.kernel_size = _per_axis("kernel_size", kernel_size, n, minimum=1)
+        self.dilation = _per_axis("dilation", dilation, n, minimum=1)
+        self.stride = _per_axis("stride", stride, n, minimum=1)
+        self.is_causal = _per_axis("is_causal", is_causal, n, kind=bool)
+        self.border = _checks.choice("border", border, BORDERS)
+        if any(s > k for s, k in zip(self.stride, self.kernel_size)):
+            raise ValueError(f"stride must be <= kernel_size per axis, got stride={stride!r}, kernel_size={kernel_size!r}")
+        if border != "clamp" and (max(self.stride) > 1 or any(self.is_causal)):
+            raise ValueError(f"border={border!r} has no stride groups and no causal form; use border='clamp'")
+        super().__init__(dim_in, dim_out, heads, dim_head, self.kernel_size, pos_bias, dropout, scale, backend,
+                         kv_heads)
 
     def _attend(self, q, k, v, table):
-        dilation = self.dilation if self.dilation != (1, 1) else 1
-        return _ops().neighborhood_attention2d(
-            q, k, v, self.kernel_size, dilation, border=self.border, rel_pos_bias=table,
-            scale=self.scale, backend=self.backend,
-        )
+        fn = getattr(_ops(), f"neighborhood_attention{self.ndim}d")
+        return fn(q, k, v, self.kernel_size, self.dilation, stride=self.stride, is_causal=self.is_causal,
+                  border=self.border, rel_pos_bias=table, scale=self.scale, backend=self.backend)
 
     def extra_repr(self) -> str:
         s = self._common_repr() + f", kernel_size={self.kernel_size}"
-        if self.dilation != (1, 1):
-            s += f", dilation={self.dilation}"
+        for name, plain in (("dilation", 1), ("stride", 1), ("is_causal", False)):
+            value = getattr(self, name)
+            if any(x != plain for x in value):
+                s += f", {name}={value}"
+        if self.kv_heads != self.heads:
+            s += f", kv_heads={self.kv_heads}"
         return s + f", border={self.border!r}"
+
+
+class NeighborhoodMSA1d(_NeighborhoodMSA):
+    __doc__ = _NeighborhoodMSA.__doc__.replace("(B, C, *spatial)", "(B, C, L)") + """
+    Shapes: ``(B, dim_in, L)`` → ``(B, dim_out, L)``.
+    """
+    ndim = 1
+
+
+class NeighborhoodMSA2d(_NeighborhoodMSA):
+    __doc__ = _NeighborhoodMSA.__doc__.replace("(B, C, *spatial)", "(B, C, H, W)") + """
+    Shapes: ``(B, dim_in, H, W)`` → ``(B, dim_out, H, W)``. Loads the paper's ``ConvAttention2d``
+    state dict (see the module docstring).
+    """
+    ndim = 2
+
+
+class NeighborhoodMSA3d(_NeighborhoodMSA):
+    __doc__ = _NeighborhoodMSA.__doc__.replace("(B, C, *spatial)", "(B, C, T, H, W)") + """
+    Shapes: ``(B, dim_in, T, H, W)`` → ``(B, dim_out, T, H, W)``.
+    """
+    ndim = 3
 
 
 class BoxBlur2d(nn.Module):

@@ -335,7 +335,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="shift"):
         WindowMSA2d(8, window_size=4, shift=4)
     with pytest.raises(ValueError, match="kernel_size"):
-        NeighborhoodMSA2d(8, kernel_size=4)
+        NeighborhoodMSA2d(8, kernel_size=0)
+    with pytest.raises(ValueError, match="stride must be <= kernel_size"):
+        NeighborhoodMSA2d(8, kernel_size=3, stride=4)
+    with pytest.raises(ValueError, match="kv_heads"):
+        NeighborhoodMSA2d(8, heads=4, kv_heads=3)
     with pytest.raises(ValueError, match="pos_bias"):
         WindowMSA2d(8, pos_bias="global")
     with pytest.raises(ValueError, match="border"):
@@ -405,3 +409,46 @@ def test_load_paper_state_dicts():
     nb = NeighborhoodMSA2d(6, 10, heads=2, dim_head=4, kernel_size=3, border="zero", pos_bias=None)
     nb.load_state_dict(conv.state_dict())
     torch.testing.assert_close(nb(x), conv(x)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+def test_neighborhood_msa_nd_matches_its_math(ndim):
+    """NeighborhoodMSA1d/2d/3d with grouped heads, stride, causal axes and even kernels: the
+    output and every parameter's gradient equal the float64 computation of the module's math
+    (projections, brute-force neighbourhood attention, output projection)."""
+    from test_neighborhood_attention_nd import brute_force
+
+    import alterops.nn as ann
+
+    spatial = {1: (11,), 2: (6, 7), 3: (4, 5, 6)}[ndim]
+    kernel = {1: 4, 2: (3, 4), 3: (2, 3, 3)}[ndim]
+    stride = {1: 2, 2: (1, 2), 3: (1, 1, 3)}[ndim]
+    causal = {1: True, 2: (True, False), 3: (False, True, False)}[ndim]
+    cls = getattr(ann, f"NeighborhoodMSA{ndim}d")
+    torch.manual_seed(ndim)
+    m = cls(6, 10, heads=4, kv_heads=2, dim_head=3, kernel_size=kernel, stride=stride, is_causal=causal,
+            pos_bias="per_head")
+    with torch.no_grad():
+        m.rel_pos_bias.normal_()
+    x = torch.randn(2, 6, *spatial, requires_grad=True)
+    out = m(x)
+    assert out.shape == (2, 10, *spatial)
+    # the module's math in float64, written out
+    p = {n: t.detach().double().requires_grad_() for n, t in m.named_parameters()}
+    x64 = x.detach().double().requires_grad_()
+    xl = x64.movedim(1, -1)
+    qkv = xl @ p["to_qkv.weight"].reshape(-1, 6).T
+    q = qkv[..., :12].reshape(2, *spatial, 4, 3)
+    k, v = qkv[..., 12:].reshape(2, *spatial, 2, 2, 3).unbind(-3)
+    per_axis = lambda t: (t,) * ndim if not isinstance(t, tuple) else t  # noqa: E731
+    att, _ = brute_force(q, k, v, per_axis(kernel), (1,) * ndim, per_axis(stride), per_axis(causal), "clamp",
+                         table=p["rel_pos_bias"])
+    ref = (att.reshape(2, *spatial, 12) @ p["to_out.weight"].reshape(10, 12).T + p["to_out.bias"]).movedim(-1, 1)
+    assert (out.double() - ref).abs().max() < 1e-5
+    gout = torch.randn_like(out)
+    names = [n for n, _ in m.named_parameters()]
+    grads = torch.autograd.grad(out, [x, *m.parameters()], gout)
+    refs = torch.autograd.grad(ref, [x64, *[p[n] for n in names]], gout.double())
+    for name, a, b in zip(["x", *names], grads, refs):
+        assert (a.double() - b).abs().max() < 1e-4 * max(1.0, b.abs().max().item()), name
+    assert "kv_heads=2" in repr(m) and "stride" in repr(m)

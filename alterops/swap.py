@@ -24,6 +24,9 @@ timm ``SwinTransformerV2CrBlock``       its ``_shifted_window_attn`` likewise: c
 paper's ``LocalAttention``              ``window_attention2d`` with the shared table
 paper's ``ConvAttention2d``             ``neighborhood_attention2d(border="zero")`` (same padding,
                                         stride 1 only)
+NATTEN's ``NeighborhoodAttention1D/2D/  ``neighborhood_attention{1,2,3}d`` with the module's kernel,
+3D`` (0.20 and later)                   stride, dilation, causal axes and scale (natten need not be
+                                        installed: matched by ``na_dim``, ``qkv``, ``proj``)
 paper's ``TanhBlurBlock``               ``tanh_blur2d`` (its blur must be an ``AvgPool2d``)
 ``nn.AvgPool2d`` with stride 1          ``box_blur2d`` (the blur paper's ``AvgPool2d(2, 1, 1)``)
 =====================================  ==========================================================
@@ -675,6 +678,47 @@ def _match_conv_attention(m):
     return ("fuse", "conv_attention", f"kernel {k}, dilation {d}, zero border")
 
 
+class _FusedNattenNA(_Fused):
+    """NATTEN's ``NeighborhoodAttention1D/2D/3D`` (0.20 and later): qkv projection, the op with the
+    module's kernel, stride, dilation, causal axes and scale, output projection, its dropout."""
+
+    def forward(self, x):
+        n = self.na_dim
+        if x.dim() != n + 2 or x.shape[-1] != self.embed_dim:
+            return super().forward(x)  # the original raises its own error
+        B, *spatial, C = x.shape
+        q, k, v = self.qkv(x).view(B, *spatial, 3, self.num_heads, self.head_dim).unbind(-3)
+        out = getattr(_ops(), f"neighborhood_attention{n}d")(
+            q, k, v, tuple(self.kernel_size), tuple(self.dilation), stride=tuple(self.stride),
+            is_causal=tuple(bool(c) for c in self.is_causal), scale=self.scale,
+            backend=self.__dict__.get("alterops_backend"),
+        )
+        return self.proj_drop(self.proj(out.reshape(B, *spatial, C)))
+
+
+def _match_natten_na(m):
+    n = getattr(m, "na_dim", None)
+    if n not in (1, 2, 3) or not isinstance(getattr(m, "qkv", None), nn.Linear) \
+            or not isinstance(getattr(m, "proj", None), nn.Linear):
+        return None
+    fields = {name: getattr(m, name, None) for name in ("kernel_size", "stride", "dilation", "is_causal")}
+    if not all(isinstance(v, (tuple, list)) and len(v) == n for v in fields.values()):
+        return ("skip", "kernel_size / stride / dilation / is_causal are not one entry per axis")
+    heads, head_dim, embed = getattr(m, "num_heads", None), getattr(m, "head_dim", None), getattr(m, "embed_dim", None)
+    if not all(isinstance(t, int) for t in (heads, head_dim, embed)) or heads * head_dim != embed \
+            or m.qkv.in_features != embed or m.qkv.out_features != 3 * embed:
+        return ("skip", "qkv is not a Linear(embed_dim, 3 * embed_dim) over num_heads x head_dim")
+    if not isinstance(getattr(m, "scale", None), (int, float)):
+        return ("skip", "no numeric scale")
+    if hasattr(m, "rpb"):
+        return ("skip", "a relative position bias (the NATTEN <= 0.17 module layout), which this family does not read")
+    detail = f"{n}-D, kernel {tuple(fields['kernel_size'])}, heads {heads}"
+    for name, plain in (("stride", 1), ("dilation", 1), ("is_causal", False)):
+        if any(v != plain for v in fields[name]):
+            detail += f", {name} {tuple(fields[name])}"
+    return ("fuse", "natten_na", detail)
+
+
 def _box_pool_args(pool):
     """``(k, s, p)`` if ``pool`` is an ``nn.AvgPool2d`` that ``box_blur2d`` reproduces, else a reason."""
     if type(pool) is not nn.AvgPool2d:
@@ -738,6 +782,7 @@ _MIXINS = {
     "timm_swinv2_cr": _FusedTimmSwinV2CrBlock,
     "local_attention": _FusedLocalAttention,
     "conv_attention": _FusedConvAttention2d,
+    "natten_na": _FusedNattenNA,
     "tanh_blur": _FusedTanhBlur,
     "box_blur": _FusedAvgPool,
 }
@@ -752,6 +797,7 @@ _MATCHERS = (
     ("attention", _match_timm_swinv2_cr),
     ("attention", _match_local_attention),
     ("attention", _match_conv_attention),
+    ("attention", _match_natten_na),
     ("blur", _match_tanh_blur),
     ("blur", _match_avgpool),
 )

@@ -653,3 +653,72 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="backend"):
         alterops.swap(nn.Linear(2, 2), backend="fpga")
     assert alterops.swap(nn.Linear(2, 2)).count() == 0
+
+
+# ---------------------------------------------------------------------------------------
+# NATTEN's NeighborhoodAttention1D/2D/3D (0.20+), matched by structure
+# ---------------------------------------------------------------------------------------
+class NattenLikeNA(torch.nn.Module):
+    """The layout of natten.NeighborhoodAttention{1,2,3}D (0.21): na_dim, qkv, proj, per-axis
+    tuples; its forward written here as NATTEN's module computes it (with the brute force of the
+    op), so the test needs no natten."""
+
+    def __init__(self, na_dim, embed_dim, num_heads, kernel_size, stride, dilation, is_causal):
+        super().__init__()
+        self.na_dim, self.embed_dim, self.num_heads = na_dim, embed_dim, num_heads
+        self.head_dim = embed_dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.kernel_size, self.stride, self.dilation, self.is_causal = kernel_size, stride, dilation, is_causal
+        self.qkv = torch.nn.Linear(embed_dim, 3 * embed_dim)
+        self.proj = torch.nn.Linear(embed_dim, embed_dim)
+        self.proj_drop = torch.nn.Dropout(0.0)
+
+    def forward(self, x):
+        from test_neighborhood_attention_nd import brute_force
+
+        B, *spatial, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, *spatial, 3, self.num_heads, self.head_dim).unbind(-3)
+        out, _ = brute_force(q, k, v, self.kernel_size, self.dilation, self.stride, self.is_causal, "clamp",
+                             scale=self.scale)
+        return self.proj_drop(self.proj(out.to(x.dtype).reshape(B, *spatial, C)))
+
+
+@pytest.mark.parametrize("na_dim", [1, 2, 3])
+def test_swap_natten_modules_matches_their_math(na_dim):
+    cfg = {1: ((13,), (4,), (2,), (1,), (True,)),
+           2: ((7, 9), (3, 4), (1, 2), (2, 1), (False, True)),
+           3: ((4, 5, 6), (3, 2, 3), (1, 1, 3), (1, 2, 1), (True, False, False))}[na_dim]
+    spatial, kernel, stride, dilation, causal = cfg
+    torch.manual_seed(na_dim)
+    m = NattenLikeNA(na_dim, 12, 3, kernel, stride, dilation, causal).double()
+    x = torch.randn(2, *spatial, 12, dtype=torch.float64, requires_grad=True)
+    ref = m(x)
+    ref_grads = torch.autograd.grad(ref.sum(), [x, *m.parameters()])
+    keys = list(m.state_dict())
+    report = alterops.swap(m)
+    assert [kind for _, kind, _ in report.replaced] == ["natten_na"], str(report)
+    assert list(m.state_dict()) == keys and isinstance(m, NattenLikeNA)
+    out = m(x)
+    assert (out - ref).abs().max() < 1e-10
+    for a, b in zip(torch.autograd.grad(out.sum(), [x, *m.parameters()]), ref_grads):
+        assert (a - b).abs().max() < 1e-10
+    assert m.float()(x.float()).dtype == torch.float32  # float32 runs the fused kernels (cpu)
+
+
+def test_swap_real_natten_module():
+    natten = pytest.importorskip("natten")
+    import warnings
+
+    torch.manual_seed(0)
+    m = natten.NeighborhoodAttention2D(embed_dim=32, num_heads=2, kernel_size=(3, 4), stride=(1, 2),
+                                       dilation=(2, 1), is_causal=(False, True))
+    x = torch.randn(2, 9, 10, 32)
+    with warnings.catch_warnings(), torch.no_grad():  # NATTEN's CPU (Flex, eager) path has no backward
+        warnings.simplefilter("ignore")
+        ref = m(x)
+    report = alterops.swap(m)
+    assert [kind for _, kind, _ in report.replaced] == ["natten_na"], str(report)
+    out = m(x)
+    assert (out - ref).abs().max() < 1e-5
+    out.sum().backward()  # the swapped module trains on the CPU
+    assert m.qkv.weight.grad is not None and torch.isfinite(m.qkv.weight.grad).all()

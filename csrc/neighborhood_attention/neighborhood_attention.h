@@ -1,15 +1,23 @@
-// Raw-pointer API of the neighborhood attention 2D CPU kernels (no torch types): argument
-// structs and the table of entry points one instruction-set build provides (see
+// Raw-pointer API of the neighborhood attention CPU kernels (no torch types): argument structs
+// and the table of entry points one instruction-set build provides (see
 // csrc/common/kernel_table.h). The binding (neighborhood_attention_binding.cpp) checks every
-// argument first; the kernels assume checked arguments.
+// argument first; the kernels assume checked arguments. One kernel serves the N-d ops (three
+// spatial axes T, H, W; 1-D and 2-D inputs arrive with size-1 leading axes) and the 2D ops
+// (T = 1).
 //
 //   forward:  (q, k, v, bias?) -> (out, lse)
-//   backward: (dout, q, k, v, out, lse, bias?) -> (dq, dk, dv, dbias?)
+//   backward: (dout, q, k, v, out, lse, dlse?, bias?) -> (dq, dk, dv, dbias?)
 //
-// q, k, v, dout, out: (B, H, W, heads, D) with any element strides (views into a fused qkv
-// work without copies). Outputs are contiguous. lse: (B, heads, H, W) contiguous, natural-log
-// logsumexp per query in the accumulation type (float32; float64 for float64). bias:
-// (bias_heads, 2kh-1, 2kw-1) contiguous in the accumulation type, bias_heads = heads or 1.
+// q, dout, out: (B, T, H, W, heads, D); k, v: (B, T, H, W, heads_kv, D), heads % heads_kv == 0,
+// query head h reads key/value head h / (heads / heads_kv). Any element strides (views into a
+// fused qkv work without copies). Outputs are contiguous. lse, dlse: (B, heads, T, H, W)
+// contiguous, natural-log logsumexp per query in the accumulation type (float32; float64 for
+// float64). bias: (bias_heads, 2kt-1, 2kh-1, 2kw-1) contiguous in the accumulation type,
+// bias_heads = heads or 1.
+//
+// The window of a query on each axis follows alterops/neighborhood_attention_nd.py
+// (NATTEN's rule for "clamp", with stride, causal windows and even kernels; a centred window
+// for "mask" and "zero", which come with stride 1 and no causal axis only).
 #pragma once
 
 #include <cstdint>
@@ -23,11 +31,21 @@ namespace neighborhood {
 // Border rule (see alterops/neighborhood_attention.py).
 enum Border : int32_t { kClamp = 0, kMask = 1, kZero = 2 };
 
-// A (B, H, W, heads, D) tensor: data pointer, sizes and element strides.
-struct View5 {
+// A (B, T, H, W, heads, D) tensor: data pointer, sizes and element strides.
+struct View6 {
   const void* data;
-  int64_t size[5];
-  int64_t stride[5];
+  int64_t size[6];
+  int64_t stride[6];
+};
+
+// The neighbourhood: per spatial axis (T, H, W) kernel size >= 1, dilation >= 1, stride in
+// [1, kernel] and causal flag (kernel * dilation <= axis length with "clamp"), and the border.
+struct Window {
+  int64_t kernel[3];
+  int64_t dilation[3];
+  int64_t stride[3];
+  int32_t causal[3];
+  int32_t border;  // Border
 };
 
 // Head widths for which float32 has a dedicated forward (D a multiple of 16, up to 64); the
@@ -36,28 +54,27 @@ inline bool float_fast_width(int64_t D) { return D % 16 == 0 && D <= 64; }
 
 struct ForwardArgs {
   DType dtype;            // of q, k, v and out: Float32, Float64 or BFloat16
-  View5 q, k, v;          // same sizes
-  void* out;              // (B, H, W, heads, D) contiguous, dtype
-  void* lse;              // (B, heads, H, W) contiguous, accumulation type
-  const void* bias;       // (bias_heads, 2kh-1, 2kw-1) contiguous, accumulation type; nullptr: none
+  View6 q, k, v;          // k, v: heads_kv heads, otherwise q's sizes
+  void* out;              // (B, T, H, W, heads, D) contiguous, dtype
+  void* lse;              // (B, heads, T, H, W) contiguous, accumulation type
+  const void* bias;       // (bias_heads, 2kt-1, 2kh-1, 2kw-1) contiguous, accumulation type; nullptr: none
   int64_t bias_heads;     // heads or 1
-  int64_t kh, kw, dh, dw; // odd kernel sizes >= 1, dilations >= 1
-  int32_t border;         // Border
+  Window win;
   double scale;
 };
 
 struct BackwardArgs {
   DType dtype;                 // of dout, q, k, v, out, dq, dk, dv
-  View5 dout, q, k, v, out;    // same sizes
-  const void* lse;             // (B, heads, H, W) contiguous, accumulation type
+  View6 dout, q, k, v, out;    // dout, out: q's sizes
+  const void* lse;             // (B, heads, T, H, W) contiguous, accumulation type
+  const void* dlse;            // like lse; nullptr: zero
   const void* bias;            // as in ForwardArgs
   int64_t bias_heads;
-  void* dq;                    // (B, H, W, heads, D) contiguous each
-  void* dk;
-  void* dv;
+  void* dq;                    // like q, contiguous
+  void* dk;                    // like k, contiguous
+  void* dv;                    // like v, contiguous
   void* dbias;                 // like bias (written, not accumulated into); nullptr: not wanted
-  int64_t kh, kw, dh, dw;
-  int32_t border;
+  Window win;
   double scale;
 };
 

@@ -1,13 +1,23 @@
-// Stable-ABI binding of the neighborhood attention 2D CPU kernels:
+// Stable-ABI binding of the neighborhood attention CPU kernels, N-d and 2D (one kernel: the 2D
+// ops run it with a size-1 T axis):
 //
+//   neighborhood_attention_nd_fwd(q, k, v, kernel_size[3], dilation[3], stride[3], causal[3],
+//                                 border, bias?, scale) -> (out, lse)
+//   neighborhood_attention_nd_bwd(dout, q, k, v, out, lse, dlse?, kernel_size[3], dilation[3],
+//                                 stride[3], causal[3], border, bias?, scale, bias_grad)
+//                                 -> (dq, dk, dv, dbias)
 //   neighborhood_attention2d_fwd(q, k, v, kh, kw, dh, dw, border, bias?, scale) -> (out, lse)
 //   neighborhood_attention2d_bwd(dout, q, k, v, out, lse, kh, kw, dh, dw, border, bias?, scale,
 //                                bias_grad) -> (dq, dk, dv, dbias)
 //
-// q, k, v: (B, H, W, heads, D), any strides (passed to the kernels as they are); out contiguous;
-// lse (B, heads, H, W) per query (natural log, float32; float64 for float64 inputs). bias:
-// (heads|1, 2kh-1, 2kw-1), used in the accumulation dtype. border: "clamp" | "mask" | "zero"
-// (see alterops/neighborhood_attention.py). dbias is (0,) unless bias_grad and a bias is given.
+// N-d: q (B, T, H, W, heads, D), k and v (B, T, H, W, heads_kv, D) with heads % heads_kv == 0;
+// lse (B, heads, T, H, W); bias (heads|1, 2kt-1, 2kh-1, 2kw-1). 2D: q, k, v (B, H, W, heads, D),
+// lse (B, heads, H, W), bias (heads|1, 2kh-1, 2kw-1), odd kernels, stride 1, not causal. Any
+// strides for q, k, v (passed to the kernels as they are); out, dq, dk, dv contiguous; lse in
+// float32 (float64 for float64 inputs), natural log. bias and dlse are used in that
+// accumulation dtype. border: "clamp" | "mask" | "zero" ("mask"/"zero" with stride 1 and no
+// causal axis; see alterops/neighborhood_attention_nd.py). dbias is (0,) unless bias_grad and a
+// bias is given.
 #include <string>
 #include <tuple>
 
@@ -22,60 +32,108 @@ using binding::Tensor;
 using binding::ScalarType;
 using binding::shape_str;
 
-int32_t border_code(const std::string& b) {
+constexpr const char* kNd = "neighborhood_attention_nd";
+constexpr const char* k2d = "neighborhood_attention2d";
+
+int32_t border_code(const std::string& b, const char* op) {
   if (b == "clamp") return kClamp;
   if (b == "mask") return kMask;
   if (b == "zero") return kZero;
-  STD_TORCH_CHECK(false, "neighborhood_attention2d: border must be 'clamp', 'mask' or 'zero', got '", b, "'");
+  STD_TORCH_CHECK(false, op, ": border must be 'clamp', 'mask' or 'zero', got '", b, "'");
   return kClamp;
 }
 
 const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
 
-// The kernels' element type of q (float32, float64 or bfloat16).
-DType attention_dtype(const Tensor& q) {
-  const ScalarType t = q.scalar_type();
-  STD_TORCH_CHECK(t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::BFloat16,
-                  "neighborhood_attention2d (cpu): q must be float32, float64 or bfloat16, got ", dtype_name(t));
-  return binding::dtype_of(t, "neighborhood_attention2d (cpu): q");
-}
-
 ScalarType acc_scalar_type(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
 
-// A tensor shaped like q, on the CPU, of q's dtype.
-void check_like_q(const Tensor& t, const Tensor& q, const char* name) {
-  STD_TORCH_CHECK(t.is_cpu(), "neighborhood_attention2d (cpu): ", name, " must be on the CPU");
-  STD_TORCH_CHECK(binding::same_sizes(t, q), "neighborhood_attention2d: ", name, " has shape ", shape_str(t),
-                  " but q has shape ", shape_str(q));
-  STD_TORCH_CHECK(t.scalar_type() == q.scalar_type(), "neighborhood_attention2d: ", name, " has dtype ",
-                  dtype_name(t.scalar_type()), " but q has dtype ", dtype_name(q.scalar_type()));
+// The spatial axes of a q/k/v-like tensor: 3 for the N-d ops, 2 for the 2D ops (whose tensors
+// have no T axis).
+int spatial_axes(const char* op) { return op == k2d ? 2 : 3; }
+
+// A tensor of q's dtype on the CPU, shaped like q except (for k and v) the heads.
+void check_like_q(const Tensor& t, const Tensor& q, const char* name, bool any_heads, const char* op) {
+  STD_TORCH_CHECK(t.is_cpu(), op, " (cpu): ", name, " must be on the CPU");
+  bool same = t.dim() == q.dim();
+  const int64_t head_axis = q.dim() - 2;
+  for (int64_t d = 0; same && d < q.dim(); ++d) same = t.size(d) == q.size(d) || (any_heads && d == head_axis);
+  STD_TORCH_CHECK(same, op, ": ", name, " has shape ", shape_str(t), " but q has shape ", shape_str(q),
+                  any_heads ? " (only the heads may differ)" : "");
+  STD_TORCH_CHECK(t.scalar_type() == q.scalar_type(), op, ": ", name, " has dtype ", dtype_name(t.scalar_type()),
+                  " but q has dtype ", dtype_name(q.scalar_type()));
 }
 
-DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kh, int64_t kw, int64_t dh, int64_t dw,
-                   int32_t border, const std::optional<Tensor>& bias) {
-  STD_TORCH_CHECK(q.dim() == 5, "neighborhood_attention2d: q must be (B, H, W, heads, head_dim), got shape ",
+// Checks q, k, v, the window and the bias; the kernels' element type of q.
+DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Window& w, const std::optional<Tensor>& bias,
+                   const char* op) {
+  const int ns = spatial_axes(op);
+  STD_TORCH_CHECK(q.dim() == ns + 3, op, ": q must be (B, ", ns == 3 ? "T, " : "", "H, W, heads, head_dim), got shape ",
                   shape_str(q));
-  STD_TORCH_CHECK(q.is_cpu(), "neighborhood_attention2d (cpu): q must be on the CPU");
-  const DType dt = attention_dtype(q);
-  check_like_q(k, q, "k");
-  check_like_q(v, q, "v");
-  STD_TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1,
-                  "neighborhood_attention2d: kernel sizes must be odd and >= 1, got (", kh, ", ", kw, ")");
-  STD_TORCH_CHECK(dh >= 1 && dw >= 1, "neighborhood_attention2d: dilation must be >= 1, got (", dh, ", ", dw, ")");
-  if (border == kClamp)
-    STD_TORCH_CHECK(kh * dh <= q.size(1) && kw * dw <= q.size(2),
-                    "neighborhood_attention2d: border 'clamp' needs kernel_size * dilation <= map size, got kernel (",
-                    kh, ", ", kw, "), dilation (", dh, ", ", dw, ") on a ", q.size(1), "x", q.size(2), " map");
+  STD_TORCH_CHECK(q.is_cpu(), op, " (cpu): q must be on the CPU");
+  const ScalarType t = q.scalar_type();
+  STD_TORCH_CHECK(t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::BFloat16, op,
+                  " (cpu): q must be float32, float64 or bfloat16, got ", dtype_name(t));
+  const DType dt = binding::dtype_of(t, op);
+  const bool gqa = op == kNd;
+  check_like_q(k, q, "k", gqa, op);
+  check_like_q(v, q, "v", gqa, op);
+  const int64_t heads = q.size(ns + 1), heads_kv = k.size(ns + 1);
+  STD_TORCH_CHECK(v.size(ns + 1) == heads_kv, op, ": k has ", heads_kv, " heads but v has ", v.size(ns + 1));
+  STD_TORCH_CHECK(heads_kv >= 1 && heads % heads_kv == 0, op, ": heads of q (", heads,
+                  ") must be a multiple of the heads of k and v (", heads_kv, ")");
+  const char* axis_name[3] = {"T", "H", "W"};
+  for (int a = 0; a < 3; ++a) {
+    const int64_t L = a == 0 && ns == 2 ? 1 : q.size(1 + a - (3 - ns));
+    const int64_t ks = w.kernel[a], d = w.dilation[a], s = w.stride[a];
+    STD_TORCH_CHECK(ks >= 1, op, ": kernel_size must be >= 1, got ", ks, " on axis ", axis_name[a]);
+    STD_TORCH_CHECK(d >= 1, op, ": dilation must be >= 1, got ", d, " on axis ", axis_name[a]);
+    STD_TORCH_CHECK(s >= 1 && s <= ks, op, ": stride must be in [1, kernel_size] = [1, ", ks, "], got ", s,
+                    " on axis ", axis_name[a]);
+    STD_TORCH_CHECK(w.causal[a] == 0 || w.causal[a] == 1, op, ": causal must be 0 or 1, got ", w.causal[a]);
+    if (w.border == kClamp) {
+      STD_TORCH_CHECK(ks * d <= L, op, ": border 'clamp' needs kernel_size * dilation <= the axis length, got kernel ",
+                      ks, ", dilation ", d, " on axis ", axis_name[a], " of length ", L);
+    } else {
+      STD_TORCH_CHECK(s == 1 && w.causal[a] == 0, op,
+                      ": borders 'mask' and 'zero' need stride 1 and no causal axis, got stride ", s, ", causal ",
+                      w.causal[a], " on axis ", axis_name[a]);
+    }
+  }
   if (bias.has_value()) {
-    const Tensor& t = *bias;
-    STD_TORCH_CHECK(t.is_cpu(), "neighborhood_attention2d (cpu): bias must be on the CPU");
-    STD_TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == q.size(3)) && t.size(1) == 2 * kh - 1 &&
-                        t.size(2) == 2 * kw - 1,
-                    "neighborhood_attention2d: bias must be (heads|1, 2kh-1, 2kw-1) = (", q.size(3), "|1, ", 2 * kh - 1,
-                    ", ", 2 * kw - 1, "), got ", shape_str(t));
-    binding::dtype_of(t.scalar_type(), "neighborhood_attention2d: bias");
+    const Tensor& b = *bias;
+    STD_TORCH_CHECK(b.is_cpu(), op, " (cpu): bias must be on the CPU");
+    bool ok = b.dim() == ns + 1 && (b.size(0) == 1 || b.size(0) == heads);
+    for (int a = 3 - ns; ok && a < 3; ++a) ok = b.size(1 + a - (3 - ns)) == 2 * w.kernel[a] - 1;
+    STD_TORCH_CHECK(ok, op, ": bias must be (heads|1, ", ns == 3 ? "2kt-1, " : "", "2kh-1, 2kw-1) = (", heads, "|1, ",
+                    ns == 3 ? std::to_string(2 * w.kernel[0] - 1) + ", " : std::string(), 2 * w.kernel[1] - 1, ", ",
+                    2 * w.kernel[2] - 1, "), got ", shape_str(b));
+    binding::dtype_of(b.scalar_type(), op);
   }
   return dt;
+}
+
+Window window_nd(const std::vector<int64_t>& kernel, const std::vector<int64_t>& dilation,
+                 const std::vector<int64_t>& stride, const std::vector<int64_t>& causal, const std::string& border) {
+  const std::vector<int64_t>* lists[4] = {&kernel, &dilation, &stride, &causal};
+  const char* names[4] = {"kernel_size", "dilation", "stride", "causal"};
+  for (int i = 0; i < 4; ++i)
+    STD_TORCH_CHECK(lists[i]->size() == 3, kNd, ": ", names[i], " must have 3 entries (T, H, W), got ",
+                    lists[i]->size());
+  Window w{};
+  for (int a = 0; a < 3; ++a) {
+    w.kernel[a] = kernel[a];
+    w.dilation[a] = dilation[a];
+    w.stride[a] = stride[a];
+    w.causal[a] = (int32_t)causal[a];
+  }
+  w.border = border_code(border, kNd);
+  return w;
+}
+
+Window window_2d(int64_t kh, int64_t kw, int64_t dh, int64_t dw, const std::string& border) {
+  STD_TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1, k2d, ": kernel sizes must be odd and >= 1, got (",
+                  kh, ", ", kw, ")");
+  return Window{{1, kh, kw}, {1, dh, dw}, {1, 1, 1}, {0, 0, 0}, border_code(border, k2d)};
 }
 
 // The bias table in the accumulation dtype, contiguous (an undefined tensor without a bias).
@@ -86,56 +144,60 @@ Tensor bias_table(const std::optional<Tensor>& bias, ScalarType acc) {
   return binding::contiguous(t);
 }
 
-View5 view5(const Tensor& t) {
-  View5 v;
+// A (B, T, H, W, heads, D) view of a 6-d tensor, or of a 5-d (B, H, W, heads, D) one with T = 1.
+View6 view6(const Tensor& t) {
+  View6 v;
   v.data = t.const_data_ptr();
-  for (int d = 0; d < 5; ++d) {
-    v.size[d] = t.size(d);
-    v.stride[d] = t.stride(d);
+  const int lead = 6 - (int)t.dim();  // 1 for a 5-d tensor: the T axis it lacks
+  for (int d = 0; d < 6; ++d) {
+    const int src = d == 0 ? 0 : d - lead;
+    const bool missing = d >= 1 && d < 1 + lead;
+    v.size[d] = missing ? 1 : t.size(src);
+    v.stride[d] = missing ? 0 : t.stride(src);
   }
   return v;
 }
 
 std::vector<int64_t> sizes_of(const Tensor& t) { return std::vector<int64_t>(t.sizes().begin(), t.sizes().end()); }
 
-std::tuple<Tensor, Tensor> na2d_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kh, int64_t kw,
-                                    int64_t dh, int64_t dw, const std::string& border_s,
-                                    const std::optional<Tensor>& bias, double scale) {
-  const int32_t border = border_code(border_s);
-  const DType dt = check_inputs(q, k, v, kh, kw, dh, dw, border, bias);
-  const int64_t B = q.size(0), H = q.size(1), W = q.size(2), NH = q.size(3), D = q.size(4);
+// lse's shape for q: (B, heads, spatial...).
+std::vector<int64_t> lse_sizes(const Tensor& q) {
+  std::vector<int64_t> s{q.size(0), q.size(q.dim() - 2)};
+  for (int64_t d = 1; d < q.dim() - 2; ++d) s.push_back(q.size(d));
+  return s;
+}
+
+std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Window& win,
+                                       const std::optional<Tensor>& bias, double scale, const char* op) {
+  const DType dt = check_inputs(q, k, v, win, bias, op);
   const ScalarType acc = acc_scalar_type(q.scalar_type());
-  Tensor out = binding::new_output({B, H, W, NH, D}, q.scalar_type());
-  Tensor lse = binding::new_output({B, NH, H, W}, acc);
+  Tensor out = binding::new_output(sizes_of(q), q.scalar_type());
+  Tensor lse = binding::new_output(lse_sizes(q), acc);
   if (out.numel() == 0) return {out, lse};
   const Tensor table = bias_table(bias, acc);
 
   ForwardArgs a{};
   a.dtype = dt;
-  a.q = view5(q);
-  a.k = view5(k);
-  a.v = view5(v);
+  a.q = view6(q);
+  a.k = view6(k);
+  a.v = view6(v);
   a.out = out.mutable_data_ptr();
   a.lse = lse.mutable_data_ptr();
   a.bias = table.defined() ? table.const_data_ptr() : nullptr;
   a.bias_heads = table.defined() ? table.size(0) : 1;
-  a.kh = kh;
-  a.kw = kw;
-  a.dh = dh;
-  a.dw = dw;
-  a.border = border;
+  a.win = win;
   a.scale = scale;
   const Kernels& kern = *binding::cpu_kernels().neighborhood;
 
-  if (dt == DType::BFloat16 && float_fast_width(D)) {
+  if (dt == DType::BFloat16 && float_fast_width(q.size(q.dim() - 1))) {
     // The float32 forward on float32 copies (the same float32 arithmetic as the bfloat16 path,
     // 2x faster).
     const Tensor qf = binding::float_copy(q), kf = binding::float_copy(k), vf = binding::float_copy(v);
     Tensor outf = binding::new_output(sizes_of(out), ScalarType::Float);
     a.dtype = DType::Float32;
-    a.q = view5(qf);
-    a.k = view5(kf);
-    a.v = view5(vf);
+    a.q = view6(qf);
+    a.k = view6(kf);
+    a.v = view6(vf);
     a.out = outf.mutable_data_ptr();
     kern.forward(a, binding::cpu_parallel());
     binding::copy_into(out, outf);
@@ -145,32 +207,35 @@ std::tuple<Tensor, Tensor> na2d_fwd(const Tensor& q, const Tensor& k, const Tens
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> na2d_bwd(const Tensor& dout_in, const Tensor& q, const Tensor& k,
-                                                    const Tensor& v, const Tensor& out, const Tensor& lse_in,
-                                                    int64_t kh, int64_t kw, int64_t dh, int64_t dw,
-                                                    const std::string& border_s, const std::optional<Tensor>& bias,
-                                                    double scale, bool bias_grad) {
-  const int32_t border = border_code(border_s);
-  const DType dt = check_inputs(q, k, v, kh, kw, dh, dw, border, bias);
-  const int64_t B = q.size(0), H = q.size(1), W = q.size(2), NH = q.size(3), D = q.size(4);
-  const ScalarType acc = acc_scalar_type(q.scalar_type());
-  STD_TORCH_CHECK(dout_in.is_cpu(), "neighborhood_attention2d (cpu): dout must be on the CPU");
-  STD_TORCH_CHECK(binding::same_sizes(dout_in, q), "neighborhood_attention2d: dout has shape ", shape_str(dout_in),
-                  " but q has shape ", shape_str(q));
-  binding::dtype_of(dout_in.scalar_type(), "neighborhood_attention2d: dout");
-  check_like_q(out, q, "out");
-  STD_TORCH_CHECK(lse_in.is_cpu(), "neighborhood_attention2d (cpu): lse must be on the CPU");
-  STD_TORCH_CHECK(lse_in.dim() == 4 && lse_in.size(0) == B && lse_in.size(1) == NH && lse_in.size(2) == H &&
-                      lse_in.size(3) == W,
-                  "neighborhood_attention2d: lse must be (B, heads, H, W) = (", B, ", ", NH, ", ", H, ", ", W,
-                  "), got ", shape_str(lse_in));
-  binding::dtype_of(lse_in.scalar_type(), "neighborhood_attention2d: lse");
-  const Tensor dout = dout_in.scalar_type() == q.scalar_type() ? dout_in : torch::stable::to(dout_in, q.scalar_type());
-  const Tensor lse = binding::contiguous(lse_in.scalar_type() == acc ? lse_in : torch::stable::to(lse_in, acc));
+// A (B, heads, spatial...) tensor like lse, checked, in the accumulation dtype, contiguous.
+Tensor lse_like(const Tensor& t, const Tensor& q, ScalarType acc, const char* name, const char* op) {
+  STD_TORCH_CHECK(t.is_cpu(), op, " (cpu): ", name, " must be on the CPU");
+  const std::vector<int64_t> want = lse_sizes(q);
+  STD_TORCH_CHECK(sizes_of(t) == want, op, ": ", name, " must be (B, heads, ", q.dim() == 6 ? "T, " : "",
+                  "H, W), got ", shape_str(t), " for q of shape ", shape_str(q));
+  binding::dtype_of(t.scalar_type(), op);
+  return binding::contiguous(t.scalar_type() == acc ? t : torch::stable::to(t, acc));
+}
 
-  Tensor dq = binding::new_output({B, H, W, NH, D}, q.scalar_type());
-  Tensor dk = binding::new_output({B, H, W, NH, D}, q.scalar_type());
-  Tensor dv = binding::new_output({B, H, W, NH, D}, q.scalar_type());
+std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, const Tensor& q, const Tensor& k,
+                                                        const Tensor& v, const Tensor& out, const Tensor& lse_in,
+                                                        const std::optional<Tensor>& dlse_in, const Window& win,
+                                                        const std::optional<Tensor>& bias, double scale,
+                                                        bool bias_grad, const char* op) {
+  const DType dt = check_inputs(q, k, v, win, bias, op);
+  const ScalarType acc = acc_scalar_type(q.scalar_type());
+  STD_TORCH_CHECK(dout_in.is_cpu(), op, " (cpu): dout must be on the CPU");
+  STD_TORCH_CHECK(binding::same_sizes(dout_in, q), op, ": dout has shape ", shape_str(dout_in), " but q has shape ",
+                  shape_str(q));
+  binding::dtype_of(dout_in.scalar_type(), op);
+  check_like_q(out, q, "out", false, op);
+  const Tensor dout = dout_in.scalar_type() == q.scalar_type() ? dout_in : torch::stable::to(dout_in, q.scalar_type());
+  const Tensor lse = lse_like(lse_in, q, acc, "lse", op);
+  const Tensor dlse = dlse_in.has_value() ? lse_like(*dlse_in, q, acc, "dlse", op) : Tensor();
+
+  Tensor dq = binding::new_output(sizes_of(q), q.scalar_type());
+  Tensor dk = binding::new_output(sizes_of(k), q.scalar_type());
+  Tensor dv = binding::new_output(sizes_of(v), q.scalar_type());
   const bool want_db = bias_grad && bias.has_value();
   const Tensor table = bias_table(bias, acc);
   Tensor dbias = want_db ? binding::zeros(sizes_of(table), acc) : binding::zeros({0}, acc);
@@ -183,26 +248,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> na2d_bwd(const Tensor& dout_in, const
 
   BackwardArgs a{};
   a.dtype = dt;
-  a.dout = view5(dout);
-  a.q = view5(q);
-  a.k = view5(k);
-  a.v = view5(v);
-  a.out = view5(out);
+  a.dout = view6(dout);
+  a.q = view6(q);
+  a.k = view6(k);
+  a.v = view6(v);
+  a.out = view6(out);
   a.lse = lse.const_data_ptr();
+  a.dlse = dlse.defined() ? dlse.const_data_ptr() : nullptr;
   a.bias = table.defined() ? table.const_data_ptr() : nullptr;
   a.bias_heads = table.defined() ? table.size(0) : 1;
   a.dq = dq.mutable_data_ptr();
   a.dk = dk.mutable_data_ptr();
   a.dv = dv.mutable_data_ptr();
   a.dbias = want_db ? dbias.mutable_data_ptr() : nullptr;
-  a.kh = kh;
-  a.kw = kw;
-  a.dh = dh;
-  a.dw = dw;
-  a.border = border;
+  a.win = win;
   a.scale = scale;
   binding::cpu_kernels().neighborhood->backward(a, binding::cpu_parallel());
   return {dq, dk, dv, dbias};
+}
+
+std::tuple<Tensor, Tensor> na_nd_fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::vector<int64_t> kernel,
+                                     std::vector<int64_t> dilation, std::vector<int64_t> stride,
+                                     std::vector<int64_t> causal, const std::string& border,
+                                     const std::optional<Tensor>& bias, double scale) {
+  return run_forward(q, k, v, window_nd(kernel, dilation, stride, causal, border), bias, scale, kNd);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> na_nd_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                     const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                     const std::optional<Tensor>& dlse, std::vector<int64_t> kernel,
+                                                     std::vector<int64_t> dilation, std::vector<int64_t> stride,
+                                                     std::vector<int64_t> causal, const std::string& border,
+                                                     const std::optional<Tensor>& bias, double scale, bool bias_grad) {
+  return run_backward(dout, q, k, v, out, lse, dlse, window_nd(kernel, dilation, stride, causal, border), bias, scale,
+                      bias_grad, kNd);
+}
+
+std::tuple<Tensor, Tensor> na2d_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kh, int64_t kw,
+                                    int64_t dh, int64_t dw, const std::string& border,
+                                    const std::optional<Tensor>& bias, double scale) {
+  return run_forward(q, k, v, window_2d(kh, kw, dh, dw, border), bias, scale, k2d);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> na2d_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                    const Tensor& v, const Tensor& out, const Tensor& lse, int64_t kh,
+                                                    int64_t kw, int64_t dh, int64_t dw, const std::string& border,
+                                                    const std::optional<Tensor>& bias, double scale, bool bias_grad) {
+  return run_backward(dout, q, k, v, out, lse, std::nullopt, window_2d(kh, kw, dh, dw, border), bias, scale,
+                      bias_grad, k2d);
 }
 
 }  // namespace
@@ -210,6 +303,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> na2d_bwd(const Tensor& dout_in, const
 }  // namespace alterops
 
 STABLE_TORCH_LIBRARY_FRAGMENT(alterops, m) {
+  m.def(
+      "neighborhood_attention_nd_fwd(Tensor q, Tensor k, Tensor v, int[3] kernel_size, int[3] dilation, "
+      "int[3] stride, int[3] causal, str border, Tensor? bias, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "neighborhood_attention_nd_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? dlse, int[3] kernel_size, int[3] dilation, int[3] stride, int[3] causal, str border, Tensor? bias, "
+      "float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "neighborhood_attention2d_fwd(Tensor q, Tensor k, Tensor v, int kh, int kw, int dh, int dw, str border, "
       "Tensor? bias, float scale) -> (Tensor, Tensor)");
@@ -220,6 +320,8 @@ STABLE_TORCH_LIBRARY_FRAGMENT(alterops, m) {
 }
 
 STABLE_TORCH_LIBRARY_IMPL(alterops, CPU, m) {
+  m.impl("neighborhood_attention_nd_fwd", TORCH_BOX(&alterops::neighborhood::na_nd_fwd));
+  m.impl("neighborhood_attention_nd_bwd", TORCH_BOX(&alterops::neighborhood::na_nd_bwd));
   m.impl("neighborhood_attention2d_fwd", TORCH_BOX(&alterops::neighborhood::na2d_fwd));
   m.impl("neighborhood_attention2d_bwd", TORCH_BOX(&alterops::neighborhood::na2d_bwd));
 }

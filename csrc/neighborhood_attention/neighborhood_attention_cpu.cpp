@@ -1,11 +1,17 @@
-// Neighborhood attention 2D on the CPU: forward and backward, fused (no attention matrix in
-// memory beyond the k*k logits of one query row per thread). Raw pointers and strides only
-// (the arguments are described in neighborhood_attention.h); compiled once per instruction-set
-// level, which selects the AVX-512, AVX2 + FMA or generic paths below.
+// Neighborhood attention on the CPU (three spatial axes T, H, W; the 2D ops run it with T = 1):
+// forward and backward, fused (no attention matrix in memory beyond the logits of one query
+// row per thread). Raw pointers and strides only (the arguments are described in
+// neighborhood_attention.h); compiled once per instruction-set level, which selects the
+// AVX-512, AVX2 + FMA or generic paths below.
 //
-// Layout trick. The keys of query (y, x) lie on kh key rows that depend only on y, and in
-// each row at columns that depend only on x. For the "interior" columns x (whose window is
-// centred and inside the image) the column of neighbour j is x + (j - r) * dw: a fixed shift.
+// Layout trick. A "row" is one (t, y) pair. The keys of query (t, y, x) lie on kt*kh key rows
+// (the product of its T and H windows) that depend only on (t, y), and in each row at columns
+// that depend only on x; causal, strided and even windows only change which rows and columns
+// those are (a causal window near the start holds fewer: the missing slots get -inf). For the
+// "interior" columns x (every neighbour a key at x + off_j, off_j = (j - k/2) dw, or
+// (j - k + 1) dw when causal, which holds where the window is centred or ends at x, inside the
+// image, with stride 1) the column of neighbour j is a fixed shift; strided windows and the
+// border columns take the gathered path below.
 // So per (batch, head) the keys and values are packed transposed, K[y][c][x] (head-dim major,
 // columns contiguous, plus one all-zero "sink" column at x = W), and the queries of one row are
 // packed Q[c][slot] with the interior columns first, then the border columns. For a block of
@@ -20,8 +26,11 @@
 // (each key column reads the shifted dS/P and Q/dO rows), border queries go through the
 // gathered copies and are scattered back once per key row.
 // Work is split over (batch, head) pairs, and over row chunks of each pair when there are
-// fewer pairs than twice the threads; each task packs the key rows it reads. The backward's
-// tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order; its split
+// fewer pairs than twice the threads; each task packs the key rows of its key/value head
+// (heads / heads_kv query heads share one; nothing is copied to expand them). The float32
+// forward forms a long row's logits in segments of kSegmentSlots queries. The backward's
+// tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order (the query
+// heads of a key/value head, then the row chunks); its split
 // depends on the shapes only, never on the thread count, so its results are the same bits
 // whatever the number of threads. bfloat16 is computed in float, float64 in double.
 #include "neighborhood_attention.h"
@@ -119,102 +128,190 @@ static inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
   return a > b ? a : b;
 }
 
-// Key position of neighbour i of query y on one axis (may lie outside [0, L) unless clamp).
-static inline int64_t key_pos(int64_t y, int64_t i, int64_t L, int64_t k, int64_t d, int border) {
-  int64_t r = (k - 1) / 2;
-  if (border == kClamp) {
-    int64_t res = y % d;
-    int64_t ng = (L - res + d - 1) / d;
-    int64_t s = std::min(std::max<int64_t>(y / d - r, 0), ng - k);
-    return res + d * (s + i);
+// Window slot j in [0, k) of query i on one axis of length L (see neighborhood_attention.h):
+// pos[j] its key position and valid[j] whether that is a key of the query. "mask"/"zero"
+// slots outside [0, L) are not (pos lies outside); nor are the slots past the end of a causal
+// window that holds fewer than k keys (pos = i there, which keeps the bias index in the table).
+static void axis_window(int64_t i, int64_t L, int64_t k, int64_t d, int64_t s, bool causal, int border,
+                        int64_t* pos, uint8_t* valid) {
+  const int64_t left = k / 2, right = k / 2 + k % 2 - 1;
+  if (border != kClamp) {
+    for (int64_t j = 0; j < k; ++j) {
+      pos[j] = i + d * (j - left);
+      valid[j] = pos[j] >= 0 && pos[j] < L;
+    }
+    return;
   }
-  return y + d * (i - r);
+  // within i's dilation sub-grid: res + d * index, index in [0, Lg)
+  const int64_t res = i % d, Lg = (L - res + d - 1) / d, ig = i / d;
+  int64_t start, end;
+  if (!causal) {
+    const int64_t leader = std::min((ig / s) * s + s / 2, Lg - 1);
+    start = std::max<int64_t>(leader - left, 0);
+    if (leader + right >= Lg) start += Lg - right - leader - 1;
+    end = start + k;
+  } else {
+    const int64_t leader = std::min((ig / s) * s + s - 1, Lg - 1);
+    start = std::max<int64_t>(leader - left - right, 0);
+    end = std::min(ig + 1, Lg);
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    valid[j] = start + j < end;
+    pos[j] = valid[j] ? res + d * (start + j) : i;
+  }
 }
 
-// Everything that depends only on the shapes, shared by all rows.
+// Everything that depends only on the shapes, shared by all rows. A "row" is one (t, y) pair,
+// r = t * Hn + y (R of them per (batch, head)); its keys lie on nkr = kt * kh key rows (slot
+// n = it * kh + ih, key row t' * Hn + y'), and in each key row at kw columns that depend only on
+// the query column.
 template <typename T>
 struct Plan {
-  int64_t B, H, W, NH, D, kh, kw, dh, dw;
+  int64_t B, Tn, Hn, R, W, NH, NKV, G, D;  // G = NH / NKV query heads per key/value head
+  int64_t nkr, kw, dw;
   int border;
   int64_t V;        // lanes per vector
   int64_t Ws;       // query slots per row (W rounded up to V)
   int64_t Wk;       // packed key row width (W + sink, rounded up)
   int64_t xlo, n_int;  // interior columns [xlo, xlo + n_int) are slots [0, n_int)
   std::vector<int32_t> slotx;    // slot -> column (W for dummy slots)
-  std::vector<int32_t> kidx;     // [kw][Ws] key column (W = sink when outside)
-  std::vector<int64_t> off;      // [kw] interior column shift (j - r) * dw
+  std::vector<int32_t> kidx;     // [kw][Ws] key column (W = sink when not a key)
+  std::vector<int64_t> off;      // [kw] interior column shift: kidx[j][slot] = column + off[j]
   std::vector<int64_t> goff;     // [kw] j * D * V (offsets in a gathered border block)
   int64_t n_full, NG;            // contiguous (all-interior) slot blocks, border blocks
   std::vector<int32_t> bx;       // [kw][Ws] bias column index
-  std::vector<int64_t> rowpos;   // [H][kh]
-  std::vector<uint8_t> rowvalid; // [H][kh]
-  std::vector<int32_t> by;       // [H][kh]
+  std::vector<int64_t> rowpos;   // [R][nkr] key row (-1 when not a key row of the query row)
+  std::vector<uint8_t> rowvalid; // [R][nkr]
+  std::vector<int32_t> by;       // [R][nkr] bias row: at * (2kh - 1) + ah
+  int64_t nbr;                   // bias rows (2kt - 1) * (2kh - 1)
+  int64_t row_span;              // most key rows between the first and last of one query row
   int64_t nht;                   // bias tables (heads or 1)
-  std::vector<T> biascol;        // [nht][2kh-1][kw][Ws]: table value (+ -inf column mask)
+  std::vector<T> biascol;        // [nht][nbr][kw][Ws]: table value (+ -inf column mask)
+  std::vector<int64_t> row_t, row_y;  // [R] the (t, y) of each row
 
-  Plan(int64_t B_, int64_t H_, int64_t W_, int64_t NH_, int64_t D_, int64_t kh_, int64_t kw_,
-       int64_t dh_, int64_t dw_, int border_, const T* table, int64_t nht_)
-      : B(B_), H(H_), W(W_), NH(NH_), D(D_), kh(kh_), kw(kw_), dh(dh_), dw(dw_), border(border_) {
+  Plan(const View6& q, const View6& k, const Window& win, const T* table, int64_t nht_) {
+    B = q.size[0];
+    Tn = q.size[1];
+    Hn = q.size[2];
+    W = q.size[3];
+    NH = q.size[4];
+    D = q.size[5];
+    R = Tn * Hn;
+    NKV = k.size[4];
+    G = NH / NKV;
+    const int64_t kt = win.kernel[0], kh = win.kernel[1];
+    kw = win.kernel[2];
+    dw = win.dilation[2];
+    border = win.border;
+    nkr = kt * kh;
     V = VecOf<T>::N;
     Ws = (W + V - 1) / V * V;
     Wk = (W + 1 + V - 1) / V * V;
-    int64_t rw = (kw - 1) / 2, rh = (kh - 1) / 2;
-    xlo = std::min<int64_t>(rw * dw, W);
-    int64_t xhi = std::max<int64_t>(W - rw * dw, xlo);
+    // columns: key column and validity of every (neighbour, column)
+    std::vector<int64_t> cpos(W * kw);
+    std::vector<uint8_t> cval(W * kw);
+    for (int64_t x = 0; x < W; ++x)
+      axis_window(x, W, kw, dw, win.stride[2], win.causal[2] != 0, border, cpos.data() + x * kw, cval.data() + x * kw);
+    off.resize(kw);
+    for (int64_t j = 0; j < kw; ++j) off[j] = (win.causal[2] ? j - kw + 1 : j - kw / 2) * dw;
+    auto interior = [&](int64_t x) {
+      for (int64_t j = 0; j < kw; ++j)
+        if (!cval[x * kw + j] || cpos[x * kw + j] != x + off[j]) return false;
+      return true;
+    };
+    xlo = 0;
+    while (xlo < W && !interior(xlo)) ++xlo;
+    int64_t xhi = xlo;
+    while (xhi < W && interior(xhi)) ++xhi;
     n_int = xhi - xlo;
     slotx.assign(Ws, (int32_t)W);
     int64_t s = 0;
     for (int64_t x = xlo; x < xhi; ++x) slotx[s++] = (int32_t)x;
     for (int64_t x = 0; x < W; ++x)
       if (x < xlo || x >= xhi) slotx[s++] = (int32_t)x;
-    off.resize(kw);
-    for (int64_t j = 0; j < kw; ++j) off[j] = (j - rw) * dw;
     goff.resize(kw);
     for (int64_t j = 0; j < kw; ++j) goff[j] = j * D * V;
     n_full = n_int / V;
     NG = Ws / V - n_full;
     kidx.assign(kw * Ws, (int32_t)W);
-    bx.assign(kw * Ws, 0);
+    bx.assign(kw * Ws, (int32_t)(kw - 1));
     std::vector<uint8_t> colvalid(kw * Ws, 0);
     for (int64_t j = 0; j < kw; ++j)
       for (int64_t sl = 0; sl < Ws; ++sl) {
         int64_t x = slotx[sl];
         if (x >= W) continue;  // dummy slot: sink column, zero bias
-        int64_t p = key_pos(x, j, W, kw, dw, border);
-        bool ok = p >= 0 && p < W;
+        int64_t p = cpos[x * kw + j];
+        bool ok = cval[x * kw + j];
         kidx[j * Ws + sl] = ok ? (int32_t)p : (int32_t)W;
         colvalid[j * Ws + sl] = ok;
         bx[j * Ws + sl] = (int32_t)((p - x) / dw + kw - 1);
       }
-    rowpos.resize(H * kh);
-    rowvalid.resize(H * kh);
-    by.resize(H * kh);
-    for (int64_t y = 0; y < H; ++y)
-      for (int64_t i = 0; i < kh; ++i) {
-        int64_t p = key_pos(y, i, H, kh, dh, border);
-        rowpos[y * kh + i] = p;
-        rowvalid[y * kh + i] = p >= 0 && p < H;
-        by[y * kh + i] = (int32_t)((p - y) / dh + kh - 1);
+    // rows: the product of the T and H windows
+    std::vector<int64_t> tpos(Tn * kt), hpos(Hn * kh);
+    std::vector<uint8_t> tval(Tn * kt), hval(Hn * kh);
+    for (int64_t t = 0; t < Tn; ++t)
+      axis_window(t, Tn, kt, win.dilation[0], win.stride[0], win.causal[0] != 0, border, tpos.data() + t * kt,
+                  tval.data() + t * kt);
+    for (int64_t y = 0; y < Hn; ++y)
+      axis_window(y, Hn, kh, win.dilation[1], win.stride[1], win.causal[1] != 0, border, hpos.data() + y * kh,
+                  hval.data() + y * kh);
+    row_t.resize(R);
+    row_y.resize(R);
+    for (int64_t r = 0; r < R; ++r) {
+      row_t[r] = r / Hn;
+      row_y[r] = r % Hn;
+    }
+    rowpos.resize(R * nkr);
+    rowvalid.resize(R * nkr);
+    by.resize(R * nkr);
+    row_span = 1;
+    for (int64_t t = 0; t < Tn; ++t)
+      for (int64_t y = 0; y < Hn; ++y) {
+        const int64_t r = t * Hn + y;
+        int64_t lo = R, hi = -1;
+        for (int64_t it = 0; it < kt; ++it)
+          for (int64_t ih = 0; ih < kh; ++ih) {
+            const int64_t n = r * nkr + it * kh + ih;
+            const int64_t pt = tpos[t * kt + it], ph = hpos[y * kh + ih];
+            const bool ok = tval[t * kt + it] && hval[y * kh + ih];
+            rowvalid[n] = ok;
+            rowpos[n] = ok ? pt * Hn + ph : -1;
+            by[n] = (int32_t)(((pt - t) / win.dilation[0] + kt - 1) * (2 * kh - 1) + (ph - y) / win.dilation[1] + kh -
+                              1);
+            if (ok) {
+              lo = std::min(lo, rowpos[n]);
+              hi = std::max(hi, rowpos[n]);
+            }
+          }
+        row_span = std::max(row_span, hi - lo + 1);
       }
-    (void)rh;
+    nbr = (2 * kt - 1) * (2 * kh - 1);
     nht = table ? nht_ : 1;
-    int64_t tr = 2 * kh - 1, tc = 2 * kw - 1;
-    biascol.assign(nht * tr * kw * Ws, T(0));
+    const int64_t tc = 2 * kw - 1;
+    biascol.assign(nht * nbr * kw * Ws, T(0));
     const T ninf = -std::numeric_limits<T>::infinity();
     for (int64_t h = 0; h < nht; ++h)
-      for (int64_t a = 0; a < tr; ++a)
+      for (int64_t a = 0; a < nbr; ++a)
         for (int64_t j = 0; j < kw; ++j)
           for (int64_t sl = 0; sl < Ws; ++sl) {
             T val = T(0);
             if (slotx[sl] < W) {
-              if (table) val = table[(h * tr + a) * tc + bx[j * Ws + sl]];
-              if (border == kMask && !colvalid[j * Ws + sl]) val = ninf;
+              if (table) val = table[(h * nbr + a) * tc + bx[j * Ws + sl]];
+              // a "zero" key keeps its logit (0 + bias); any other non-key leaves the softmax
+              if (border != kZero && !colvalid[j * Ws + sl]) val = ninf;
             }
-            biascol[((h * tr + a) * kw + j) * Ws + sl] = val;
+            biascol[((h * nbr + a) * kw + j) * Ws + sl] = val;
           }
   }
   const T* bias_row(int64_t ht, int64_t y, int64_t i) const {
-    return biascol.data() + ((ht * (2 * kh - 1) + by[y * kh + i]) * kw) * Ws;
+    return biascol.data() + ((ht * nbr + by[y * nkr + i]) * kw) * Ws;
+  }
+  // The logits of a key row that is not one of the query row's key rows: bias for "zero"
+  // (zero keys), -inf otherwise.
+  bool dead_rows_masked() const { return border != kZero; }
+  // Element offset of row r of head h of batch b in a (B, T, H, W, heads, D) view.
+  int64_t row_off(const int64_t* st, int64_t b, int64_t r, int64_t h) const {
+    return b * st[0] + row_t[r] * st[1] + row_y[r] * st[2] + h * st[4];
   }
 };
 
@@ -374,8 +471,8 @@ template <typename T>
 struct KeyPack {
   std::vector<T> t, g;
   void alloc(const Plan<T>& pl) {
-    t.resize(pl.H * pl.D * pl.Wk);
-    g.resize(std::max<int64_t>(1, pl.H * pl.NG * pl.kw * pl.D * VecOf<T>::N));
+    t.resize(pl.R * pl.D * pl.Wk);
+    g.resize(std::max<int64_t>(1, pl.R * pl.NG * pl.kw * pl.D * VecOf<T>::N));
   }
   T* trow(const Plan<T>& pl, int64_t y) { return t.data() + y * pl.D * pl.Wk; }
   T* grow(const Plan<T>& pl, int64_t y, int64_t g_) {
@@ -384,7 +481,7 @@ struct KeyPack {
 };
 
 template <typename scalar_t, typename T>
-static void pack_keys(const View5& src, int64_t b, int64_t h, int64_t ylo, int64_t yhi, const Plan<T>& pl,
+static void pack_keys(const View6& src, int64_t b, int64_t h, int64_t ylo, int64_t yhi, const Plan<T>& pl,
                       KeyPack<T>& kp) {
   constexpr int N = VecOf<T>::N;
   const scalar_t* base = static_cast<const scalar_t*>(src.data);
@@ -393,13 +490,13 @@ static void pack_keys(const View5& src, int64_t b, int64_t h, int64_t ylo, int64
   for (int64_t y = ylo; y <= yhi; ++y) {
 #if NA_AVX2
     if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
-      if (st[4] == 1 && pl.D % 8 == 0) {
+      if (st[5] == 1 && pl.D % 8 == 0) {
         // 8 tokens by 8 channels in registers; columns past W (sink, padding) read zeros
         T* row = kp.trow(pl, y);
         const float* rows[8];
-        const scalar_t* rb = base + b * st[0] + y * st[1] + h * st[3];
+        const scalar_t* rb = base + pl.row_off(st, b, y, h);
         for (int64_t x0 = 0; x0 < pl.Wk; x0 += 8) {
-          for (int l = 0; l < 8; ++l) rows[l] = x0 + l < pl.W ? rb + (x0 + l) * st[2] : nullptr;
+          for (int l = 0; l < 8; ++l) rows[l] = x0 + l < pl.W ? rb + (x0 + l) * st[3] : nullptr;
           transpose8(rows, pl.D, 1.0f, row + x0, pl.Wk);
         }
         for (int64_t g = 0; g < pl.NG; ++g) {
@@ -420,12 +517,12 @@ static void pack_keys(const View5& src, int64_t b, int64_t h, int64_t ylo, int64
 #endif
     // read the row in its natural (x, c) order, then transpose in cache
     for (int64_t x = 0; x < pl.W; ++x) {
-      const scalar_t* s = base + b * st[0] + y * st[1] + x * st[2] + h * st[3];
+      const scalar_t* s = base + pl.row_off(st, b, y, h) + x * st[3];
       T* d = tmp.data() + x * pl.D;
-      if (st[4] == 1) {
+      if (st[5] == 1) {
         for (int64_t c = 0; c < pl.D; ++c) d[c] = static_cast<T>(s[c]);
       } else {
-        for (int64_t c = 0; c < pl.D; ++c) d[c] = static_cast<T>(s[c * st[4]]);
+        for (int64_t c = 0; c < pl.D; ++c) d[c] = static_cast<T>(s[c * st[5]]);
       }
     }
     T* row = kp.trow(pl, y);
@@ -451,19 +548,19 @@ static void pack_keys(const View5& src, int64_t b, int64_t h, int64_t ylo, int64
 
 // Pack row y of t[b, y, :, h, :] into dst[c][slot] (slot order, dummy slots zero), times mul.
 template <typename scalar_t, typename T>
-static void pack_row(const View5& t, int64_t b, int64_t y, int64_t h, const Plan<T>& pl, T mul, T* dst,
+static void pack_row(const View6& t, int64_t b, int64_t y, int64_t h, const Plan<T>& pl, T mul, T* dst,
                      int64_t dstride) {
   const scalar_t* base = static_cast<const scalar_t*>(t.data);
   const int64_t* st = t.stride;
 #if NA_AVX2
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
-    if (st[4] == 1 && pl.D % 8 == 0) {
+    if (st[5] == 1 && pl.D % 8 == 0) {
       const float* rows[8];
-      const scalar_t* rb = base + b * st[0] + y * st[1] + h * st[3];
+      const scalar_t* rb = base + pl.row_off(st, b, y, h);
       for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
         for (int l = 0; l < 8; ++l) {
           const int64_t x = pl.slotx[s0 + l];
-          rows[l] = x < pl.W ? rb + x * st[2] : nullptr;
+          rows[l] = x < pl.W ? rb + x * st[3] : nullptr;
         }
         transpose8(rows, pl.D, mul, dst + s0, dstride);
       }
@@ -477,8 +574,8 @@ static void pack_row(const View5& t, int64_t b, int64_t y, int64_t h, const Plan
       for (int64_t c = 0; c < pl.D; ++c) dst[c * dstride + sl] = T(0);
       continue;
     }
-    const scalar_t* src = base + b * st[0] + y * st[1] + x * st[2] + h * st[3];
-    for (int64_t c = 0; c < pl.D; ++c) dst[c * dstride + sl] = static_cast<T>(src[c * st[4]]) * mul;
+    const scalar_t* src = base + pl.row_off(st, b, y, h) + x * st[3];
+    for (int64_t c = 0; c < pl.D; ++c) dst[c * dstride + sl] = static_cast<T>(src[c * st[5]]) * mul;
   }
 }
 
@@ -492,34 +589,34 @@ static KeyView<T> key_view(const Plan<T>& pl, KeyPack<T>& kp, int64_t ky, int64_
 // Key rows that the query rows [y0, y1) read.
 template <typename T>
 static void key_rows(const Plan<T>& pl, int64_t y0, int64_t y1, int64_t& lo, int64_t& hi) {
-  lo = pl.H;
+  lo = pl.R;
   hi = -1;
   for (int64_t y = y0; y < y1; ++y)
-    for (int64_t i = 0; i < pl.kh; ++i)
-      if (pl.rowvalid[y * pl.kh + i]) {
-        lo = std::min(lo, pl.rowpos[y * pl.kh + i]);
-        hi = std::max(hi, pl.rowpos[y * pl.kh + i]);
+    for (int64_t i = 0; i < pl.nkr; ++i)
+      if (pl.rowvalid[y * pl.nkr + i]) {
+        lo = std::min(lo, pl.rowpos[y * pl.nkr + i]);
+        hi = std::max(hi, pl.rowpos[y * pl.nkr + i]);
       }
 }
 
-// Logits of one slot block (V queries of row y) against all neighbours -> S[kh*kw][V].
+// Logits of one slot block (V queries of row y) against all neighbours -> S[nkr*kw][V].
 template <typename T>
 static void block_logits(const Plan<T>& pl, const T* Qp, int64_t astride, KeyPack<T>& kp, int64_t ht, int64_t y,
                          int64_t ci, T* S) {
   constexpr int N = VecOf<T>::N;
   const int64_t s0 = ci * N;
   const T ninf = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < pl.kh; ++i) {
+  for (int64_t i = 0; i < pl.nkr; ++i) {
     const T* brow = pl.bias_row(ht, y, i);
     T* Si = S + i * pl.kw * N;
-    if (!pl.rowvalid[y * pl.kh + i]) {
+    if (!pl.rowvalid[y * pl.nkr + i]) {
       for (int64_t j = 0; j < pl.kw; ++j) {
-        Vec<T> b = pl.border == kMask ? splat<T>(ninf) : loadu(brow + j * pl.Ws + s0);
+        Vec<T> b = pl.dead_rows_masked() ? splat<T>(ninf) : loadu(brow + j * pl.Ws + s0);
         storeu(Si + j * N, b);
       }
       continue;
     }
-    KeyView<T> kv = key_view(pl, kp, pl.rowpos[y * pl.kh + i], ci);
+    KeyView<T> kv = key_view(pl, kp, pl.rowpos[y * pl.nkr + i], ci);
     dot_row<T>(Qp + s0, astride, pl.D, kv, pl.kw, Si);
     for (int64_t j = 0; j < pl.kw; ++j) storeu(Si + j * N, loadu(Si + j * N) + loadu(brow + j * pl.Ws + s0));
   }
@@ -538,15 +635,15 @@ static int64_t row_chunks(int64_t BH, int64_t H, const Parallel& par) {
 // Row chunks of the backward: a function of the shapes only, never of the thread count. Each
 // task sums its dK/dV/dbias contributions privately and the partials are added in chunk order,
 // so the chunking fixes the rounding; with it independent of the threads, the gradients are the
-// same bits whatever torch.set_num_threads says. A chunk packs and sums (kh - 1) dh key rows
-// beyond its own, which costs: on B=4 or 1, 56x56, 4 heads, k=7 (2 threads, AVX2) four chunks
+// same bits whatever torch.set_num_threads says. A chunk packs and sums row_span - 1 key rows
+// beyond its own ((kh - 1) dh in 2D), which costs: on B=4 or 1, 56x56, 4 heads, k=7 (2 threads, AVX2) four chunks
 // per pair made the backward 10-20% slower than one. So pairs are cut only when there are
 // fewer than kBackwardTasks of them (the split the thread-count rule gave for up to 8 threads),
-// into chunks of at least max(8, 2 (kh - 1) dh) query rows.
+// into chunks of at least max(8, 2 (row_span - 1)) query rows.
 constexpr int64_t kBackwardTasks = 16;  // also the most chunks a pair is cut into
 
-static int64_t backward_row_chunks(int64_t BH, int64_t H, int64_t kh, int64_t dh) {
-  const int64_t min_rows = std::max<int64_t>(8, 2 * (kh - 1) * dh);
+static int64_t backward_row_chunks(int64_t BH, int64_t H, int64_t row_span) {
+  const int64_t min_rows = std::max<int64_t>(8, 2 * (row_span - 1));
   if (BH >= kBackwardTasks) return 1;
   const int64_t n =
       std::max<int64_t>(1, std::min<int64_t>((kBackwardTasks + BH - 1) / BH, H / min_rows));
@@ -555,49 +652,49 @@ static int64_t backward_row_chunks(int64_t BH, int64_t H, int64_t kh, int64_t dh
 }
 
 template <typename scalar_t, typename T>
-static void forward_impl(const View5& q, const View5& k, const View5& v, scalar_t* O, T* L, const Plan<T>& pl,
+static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_t* O, T* L, const Plan<T>& pl,
                          T scale, const Parallel& par) {
   constexpr int N = VecOf<T>::N;
   const int64_t BH = pl.B * pl.NH;
-  const int64_t nchunks = row_chunks(BH, pl.H, par);
-  const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
-  const int64_t K2 = pl.kh * pl.kw;
+  const int64_t nchunks = row_chunks(BH, pl.R, par);
+  const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
+  const int64_t K2 = pl.nkr * pl.kw;
   par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<T> Kp, Vp;
     Kp.alloc(pl);
     Vp.alloc(pl);
     const int64_t nblk = pl.Ws / N;
     std::vector<T> Qp(pl.D * pl.Ws), S(K2 * pl.Ws), Ob(pl.D * pl.Ws), Linv(pl.Ws);
-    std::vector<KeyView<T>> views(nblk * pl.kh);
-    std::vector<int64_t> row_i(pl.kh);
+    std::vector<KeyView<T>> views(nblk * pl.nkr);
+    std::vector<int64_t> row_i(pl.nkr);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
-      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
-      pack_keys<scalar_t, T>(k, b, h, klo, khi, pl, Kp);
-      pack_keys<scalar_t, T>(v, b, h, klo, khi, pl, Vp);
+      pack_keys<scalar_t, T>(k, b, h / pl.G, klo, khi, pl, Kp);
+      pack_keys<scalar_t, T>(v, b, h / pl.G, klo, khi, pl, Vp);
       for (int64_t y = y0; y < y1; ++y) {
         pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data(), pl.Ws);
-        T* Lrow = L + (bh * pl.H + y) * pl.W;
+        T* Lrow = L + (bh * pl.R + y) * pl.W;
         // Logits of the whole row, key row by key row (each key row stays in L1 across blocks):
         // S[n][slot], n = i * kw + j.
         int64_t nrows = 0;
-        for (int64_t i = 0; i < pl.kh; ++i) {
+        for (int64_t i = 0; i < pl.nkr; ++i) {
           const T* brow = pl.bias_row(ht, y, i);
           T* Si = S.data() + i * pl.kw * pl.Ws;
-          if (!pl.rowvalid[y * pl.kh + i]) {
+          if (!pl.rowvalid[y * pl.nkr + i]) {
             for (int64_t j = 0; j < pl.kw; ++j)
               for (int64_t sl = 0; sl < pl.Ws; ++sl)
-                Si[j * pl.Ws + sl] = pl.border == kMask ? -std::numeric_limits<T>::infinity() : brow[j * pl.Ws + sl];
+                Si[j * pl.Ws + sl] = pl.dead_rows_masked() ? -std::numeric_limits<T>::infinity() : brow[j * pl.Ws + sl];
             continue;
           }
-          const int64_t ky = pl.rowpos[y * pl.kh + i];
+          const int64_t ky = pl.rowpos[y * pl.nkr + i];
           for (int64_t ci = 0; ci < nblk; ++ci) {
             dot_row<T>(Qp.data() + ci * N, pl.Ws, pl.D, key_view(pl, Kp, ky, ci), pl.kw, Si + ci * N, pl.Ws);
-            views[ci * pl.kh + nrows] = key_view(pl, Vp, ky, ci);
+            views[ci * pl.nkr + nrows] = key_view(pl, Vp, ky, ci);
           }
           row_i[nrows++] = i;
           for (int64_t j = 0; j < pl.kw; ++j)
@@ -626,7 +723,7 @@ static void forward_impl(const View5& q, const View5& k, const View5& v, scalar_
         // P . V, 8 channels at a time across all blocks (their value rows stay in L1)
         for (int64_t c0 = 0; c0 < pl.D; c0 += 8)
           for (int64_t ci = 0; ci < nblk; ++ci)
-            mix_cblock<T>(S.data() + ci * N, pl.Ws, views.data() + ci * pl.kh, row_i.data(), nrows, pl.kw, c0,
+            mix_cblock<T>(S.data() + ci * N, pl.Ws, views.data() + ci * pl.nkr, row_i.data(), nrows, pl.kw, c0,
                           std::min<int64_t>(8, pl.D - c0), Ob.data() + ci * N, pl.Ws);
         for (int64_t ci = 0; ci < nblk; ++ci) {
           Vec<T> inv = loadu(Linv.data() + ci * N);
@@ -637,7 +734,7 @@ static void forward_impl(const View5& q, const View5& k, const View5& v, scalar_
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {
           int64_t x = pl.slotx[sl];
           if (x >= pl.W) continue;
-          scalar_t* o = O + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
+          scalar_t* o = O + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D;
           for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(Ob[c * pl.Ws + sl]);
         }
       }
@@ -784,17 +881,22 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
   }
 }
 
+// Query slots of one row whose logits are formed together (rows longer than this are done in
+// segments).
+constexpr int64_t kSegmentSlots = 128;
+
 template <int DV>
-static void forward_f32(const View5& q, const View5& k, const View5& v, float* O, float* L,
+static void forward_f32(const View6& q, const View6& k, const View6& v, float* O, float* L,
                         const Plan<float>& pl, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  constexpr int TQ = 8;  // queries per P.V tile
-  constexpr int RG = 3;  // query rows whose logits are formed together
+  constexpr int TQ = DV >= 4 ? 6 : 8;  // queries per P.V tile (TQ * DV accumulators in registers)
+  constexpr int RG = 3;                 // query rows whose logits are formed together
+  const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
   const int64_t D = pl.D;
   const int64_t BH = pl.B * pl.NH;
-  const int64_t nchunks = row_chunks(BH, pl.H, par);
-  const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
-  const int64_t K2 = pl.kh * pl.kw;
+  const int64_t nchunks = row_chunks(BH, pl.R, par);
+  const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
+  const int64_t K2 = pl.nkr * pl.kw;
   const float* qb = static_cast<const float*>(q.data);
   const float* kb = static_cast<const float*>(k.data);
   const float* vb = static_cast<const float*>(v.data);
@@ -802,16 +904,14 @@ static void forward_f32(const View5& q, const View5& k, const View5& v, float* O
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
   bool any_bias = false;
   for (float b : pl.biascol) any_bias |= b != 0.0f;
-  const int64_t rw = (pl.kw - 1) / 2;
   par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<float> Kp;
     Kp.alloc(pl);
-    const int64_t nblk = pl.Ws / N;
 #if NA_AVX2
-    // S padded by one vector: a P.V tile copies N weights from slot sl <= Ws - 2
-    std::vector<float> Qp(RG * D * pl.Ws), S(RG * K2 * pl.Ws + N), Linv(pl.Ws), Pl(pl.kw * N);
+    // S padded by one vector: a P.V tile copies N weights from slot sl <= se - 2
+    std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW + N), Linv(pl.Ws), Pl(pl.kw * N);
 #else
-    std::vector<float> Qp(RG * D * pl.Ws), S(RG * K2 * pl.Ws), Linv(pl.Ws);
+    std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW), Linv(pl.Ws);
 #endif
     const float* rows[16];
     // The q, k, v rows that the row group kPfAhead groups ahead reads first (crossing into the
@@ -823,28 +923,33 @@ static void forward_f32(const View5& q, const View5& k, const View5& v, float* O
       int64_t step, n;
     };
     std::vector<PfRow> pfq;
+    std::vector<int64_t> pf_rows;
+    std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
     size_t pf_head = 0;
     int64_t pf_quota = 0;
     const int64_t tok_bytes = D * (int64_t)sizeof(float);
     auto pf_enqueue_group = [&](int64_t task, int64_t yg_) {
       const int64_t bh_ = task / nchunks, chunk_ = task % nchunks, b_ = bh_ / pl.NH, h_ = bh_ % pl.NH;
-      const int64_t ya = chunk_ * rows_per, yb = std::min(pl.H, ya + rows_per);
+      const int64_t ya = chunk_ * rows_per, yb = std::min(pl.R, ya + rows_per);
       const int64_t ye = std::min(yb, yg_ + RG);
-      int64_t kprev = -1, klo_ = pl.H, khi_ = -1;
+      // the key rows this group reads that the previous group of the task did not
+      const int64_t yp = std::max(ya, yg_ - RG);
+      pf_rows.clear();
       for (int64_t y = yg_; y < ye; ++y)
-        for (int64_t i = 0; i < pl.kh; ++i)
-          if (pl.rowvalid[y * pl.kh + i]) {
-            klo_ = std::min(klo_, pl.rowpos[y * pl.kh + i]);
-            khi_ = std::max(khi_, pl.rowpos[y * pl.kh + i]);
-          }
-      for (int64_t y = std::max(ya, yg_ - RG); y < yg_; ++y)
-        for (int64_t i = 0; i < pl.kh; ++i)
-          if (pl.rowvalid[y * pl.kh + i]) kprev = std::max(kprev, pl.rowpos[y * pl.kh + i]);
+        for (int64_t i = 0; i < pl.nkr; ++i)
+          if (pl.rowvalid[y * pl.nkr + i]) pf_rows.push_back(pl.rowpos[y * pl.nkr + i]);
+      std::sort(pf_rows.begin(), pf_rows.end());
+      pf_rows.erase(std::unique(pf_rows.begin(), pf_rows.end()), pf_rows.end());
       for (int64_t y = yg_; y < ye; ++y)
-        pfq.push_back({(const char*)(qb + b_ * qs[0] + h_ * qs[3] + y * qs[1]), qs[2] * 4, pl.W});
-      for (int64_t y = std::max(klo_, kprev + 1); y <= khi_; ++y) {
-        pfq.push_back({(const char*)(kb + b_ * ks[0] + h_ * ks[3] + y * ks[1]), ks[2] * 4, pl.W});
-        pfq.push_back({(const char*)(vb + b_ * vs[0] + h_ * vs[3] + y * vs[1]), vs[2] * 4, pl.W});
+        pfq.push_back({(const char*)(qb + pl.row_off(qs, b_, y, h_)), qs[3] * 4, pl.W});
+      for (const int64_t ky : pf_rows) {
+        bool read_before = false;
+        for (int64_t y = yp; y < yg_ && !read_before; ++y)
+          for (int64_t i = 0; i < pl.nkr; ++i)
+            read_before |= pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky;
+        if (read_before) continue;
+        pfq.push_back({(const char*)(kb + pl.row_off(ks, b_, ky, h_ / pl.G)), ks[3] * 4, pl.W});
+        pfq.push_back({(const char*)(vb + pl.row_off(vs, b_, ky, h_ / pl.G)), vs[3] * 4, pl.W});
       }
     };
     auto pf_step = [&](int64_t ntok) {
@@ -867,7 +972,7 @@ static void forward_f32(const View5& q, const View5& k, const View5& v, float* O
     auto pf_schedule = [&](int64_t task, int64_t yg_) {
       int64_t tt = task, yy = yg_;
       for (int64_t a = 0; a < kPfAhead; ++a) {
-        const int64_t ya = (tt % nchunks) * rows_per, yb = std::min(pl.H, ya + rows_per);
+        const int64_t ya = (tt % nchunks) * rows_per, yb = std::min(pl.R, ya + rows_per);
         yy += RG;
         if (yy >= yb) {
           ++tt;
@@ -883,7 +988,7 @@ static void forward_f32(const View5& q, const View5& k, const View5& v, float* O
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
-      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
@@ -891,18 +996,18 @@ static void forward_f32(const View5& q, const View5& k, const View5& v, float* O
         for (int64_t yy = y0; yy < std::min(y1, y0 + kPfAhead * RG); yy += RG) pf_enqueue_group(t, yy);
         pf_step(1 << 30);
       }
-      const float* kbh = kb + b * ks[0] + h * ks[3];
-      const float* vbh = vb + b * vs[0] + h * vs[3];
-      const float* qbh = qb + b * qs[0] + h * qs[3];
+      const int64_t hk = h / pl.G;
+      auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
+      auto vrow = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
       // transposed key rows (sink and padding columns zero) and the border blocks' copies,
       // packed just before the first row group that reads them (so they are still in cache)
       int64_t packed_hi = klo - 1;
       auto pack_key_rows = [&](int64_t upto) {
         for (int64_t y = packed_hi + 1; y <= upto; ++y) {
-          const float* kr = kbh + y * ks[1];
+          const float* kr = krow(y);
           float* dst = Kp.trow(pl, y);
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
-            for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[2] : nullptr;
+            for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
             NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
           }
           for (int64_t g = 0; g < pl.NG; ++g) {
@@ -910,7 +1015,7 @@ static void forward_f32(const View5& q, const View5& k, const View5& v, float* O
             float* gb = Kp.grow(pl, y, g);
             for (int64_t j = 0; j < pl.kw; ++j) {
               const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-              for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[2] : nullptr;
+              for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : nullptr;
               NA_TRANSPOSE_BLK(rows, D, 1.0f, gb + j * D * N, N);
             }
           }
@@ -920,175 +1025,186 @@ static void forward_f32(const View5& q, const View5& k, const View5& v, float* O
       (void)khi;
       for (int64_t yg = y0; yg < y1; yg += RG) {
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
-        int64_t kmin = pl.H, kmax = -1;
-        for (int64_t r = 0; r < ng; ++r) {
-          const int64_t y = yg + r;
-          const float* qr = qbh + y * qs[1];
-          for (int64_t ci = 0; ci < nblk; ++ci) {
-            const int32_t* sx = pl.slotx.data() + ci * N;
-            for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[2] : nullptr;
-            NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * pl.Ws + ci * N, pl.Ws);
+        int64_t kmin = pl.R, kmax = -1;
+        for (int64_t n = yg * pl.nkr; n < (yg + ng) * pl.nkr; ++n)
+          if (pl.rowvalid[n]) {
+            kmin = std::min(kmin, pl.rowpos[n]);
+            kmax = std::max(kmax, pl.rowpos[n]);
           }
-          for (int64_t i = 0; i < pl.kh; ++i) {
-            if (pl.rowvalid[y * pl.kh + i]) {
-              kmin = std::min(kmin, pl.rowpos[y * pl.kh + i]);
-              kmax = std::max(kmax, pl.rowpos[y * pl.kh + i]);
-              continue;
-            }
-            const float* brow = pl.bias_row(ht, y, i);
-            float* Si = S.data() + (r * pl.kh + i) * pl.kw * pl.Ws;
-            for (int64_t j = 0; j < pl.kw; ++j)
-              for (int64_t sl = 0; sl < pl.Ws; ++sl)
-                Si[j * pl.Ws + sl] = pl.border == kMask ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
-          }
-        }
         pf_schedule(t, yg);
         if (kmax > packed_hi) pack_key_rows(kmax);
-        // logits S[r][n][slot], n = i * kw + j: each key row once for all the group's rows
-        // that read it (the key vectors are loaded once for up to RG query rows)
-        for (int64_t ky = kmin; ky <= kmax; ++ky) {
-          int nr = 0;
-          const float* A[RG];
-          float* So[RG];
+        // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
+        // queries and logits stay in cache from the logits to the output
+        for (int64_t sg = 0; sg < pl.Ws; sg += SW) {
+          const int64_t se = std::min(pl.Ws, sg + SW), cb = sg / N, ce = se / N;
           for (int64_t r = 0; r < ng; ++r) {
             const int64_t y = yg + r;
-            for (int64_t i = 0; i < pl.kh; ++i)
-              if (pl.rowvalid[y * pl.kh + i] && pl.rowpos[y * pl.kh + i] == ky) {
-                A[nr] = Qp.data() + r * D * pl.Ws;
-                So[nr++] = S.data() + (r * pl.kh + i) * pl.kw * pl.Ws;
-              }
-          }
-          if (nr == 0) continue;
-          for (int64_t ci = 0; ci < nblk; ++ci) {
-            const KeyView<float> kv = key_view(pl, Kp, ky, ci);
-            const float* Ab[RG];
-            float* Sb[RG];
-            for (int a = 0; a < nr; ++a) {
-              Ab[a] = A[a] + ci * N;
-              Sb[a] = So[a] + ci * N;
+            const float* qr = qb + pl.row_off(qs, b, y, h);
+            for (int64_t ci = cb; ci < ce; ++ci) {
+              const int32_t* sx = pl.slotx.data() + ci * N;
+              for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : nullptr;
+              NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW);
             }
-            dot_row_multi(nr, Ab, pl.Ws, D, kv, pl.kw, Sb, pl.Ws);
-          }
-          pf_step(pf_quota);
-        }
-        if (any_bias)
-          for (int64_t r = 0; r < ng; ++r)
-            for (int64_t i = 0; i < pl.kh; ++i) {
-              const int64_t y = yg + r;
-              if (!pl.rowvalid[y * pl.kh + i]) continue;
+            for (int64_t i = 0; i < pl.nkr; ++i) {
+              if (pl.rowvalid[y * pl.nkr + i]) continue;
               const float* brow = pl.bias_row(ht, y, i);
-              float* Si = S.data() + (r * pl.kh + i) * pl.kw * pl.Ws;
-              for (int64_t e = 0; e < pl.kw * pl.Ws; e += N) storeu(Si + e, loadu(Si + e) + loadu(brow + e));
-            }
-        for (int64_t r = 0; r < ng; ++r) {
-          const int64_t y = yg + r;
-          float* Sy = S.data() + r * K2 * pl.Ws;
-          float* Lrow = L + (bh * pl.H + y) * pl.W;
-          // softmax per block of 16 queries (P left unnormalised; 1/l applied to the output)
-          for (int64_t ci = 0; ci < nblk; ++ci) {
-            const int64_t s0 = ci * N;
-            Vec<float> m = loadu(Sy + s0);
-            for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(Sy + n * pl.Ws + s0));
-            Vec<float> l = splat<float>(0.0f);
-            for (int64_t n = 0; n < K2; ++n) {
-              Vec<float> p = vexp(loadu(Sy + n * pl.Ws + s0) - m);
-              storeu(Sy + n * pl.Ws + s0, p);
-              l += p;
-            }
-            storeu(Linv.data() + s0, 1.0f / l);
-            for (int lane = 0; lane < N; ++lane) {
-              int64_t x = pl.slotx[s0 + lane];
-              if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
+              float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
+              for (int64_t j = 0; j < pl.kw; ++j)
+                for (int64_t sl = sg; sl < se; ++sl)
+                  Si[j * SW + sl] = pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
             }
           }
-          pf_step(pf_quota);
-          // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
-          // the remaining queries one at a time.
-          float* Orow = O + ((b * pl.H + y) * pl.W * pl.NH + h) * D;
-          const int64_t ostr = pl.NH * D;
-          const int64_t vxs = vs[2];
-          int64_t sl = 0;
+          // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
+          // rows that read it (the key vectors are loaded once for up to RG query rows)
+          for (int64_t ky = kmin; ky <= kmax; ++ky) {
+            int nr = 0;
+            const float* A[RG];
+            float* So[RG];
+            for (int64_t r = 0; r < ng; ++r) {
+              const int64_t y = yg + r;
+              for (int64_t i = 0; i < pl.nkr; ++i)
+                if (pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky) {
+                  A[nr] = Qp.data() + r * D * SW;
+                  So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
+                }
+            }
+            if (nr == 0) continue;
+            for (int64_t ci = cb; ci < ce; ++ci) {
+              const KeyView<float> kv = key_view(pl, Kp, ky, ci);
+              const float* Ab[RG];
+              float* Sb[RG];
+              for (int a = 0; a < nr; ++a) {
+                Ab[a] = A[a] + (ci - cb) * N;
+                Sb[a] = So[a] + (ci - cb) * N;
+              }
+              dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SW);
+            }
+            pf_step(pf_quota);
+          }
+          if (any_bias)
+            for (int64_t r = 0; r < ng; ++r)
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                const int64_t y = yg + r;
+                if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                const float* brow = pl.bias_row(ht, y, i);
+                float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
+                for (int64_t j = 0; j < pl.kw; ++j)
+                  for (int64_t e = sg; e < se; e += N)
+                    storeu(Si + j * SW + e, loadu(Si + j * SW + e) + loadu(brow + j * pl.Ws + e));
+              }
+          for (int64_t r = 0; r < ng; ++r) {
+            const int64_t y = yg + r;
+            float* Sy = S.data() + r * K2 * SW - sg;  // Sy[n * SW + slot]
+            float* Lrow = L + (bh * pl.R + y) * pl.W;
+            // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
+            for (int64_t ci = cb; ci < ce; ++ci) {
+              const int64_t s0 = ci * N;
+              Vec<float> m = loadu(Sy + s0);
+              for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(Sy + n * SW + s0));
+              Vec<float> l = splat<float>(0.0f);
+              for (int64_t n = 0; n < K2; ++n) {
+                Vec<float> p = vexp(loadu(Sy + n * SW + s0) - m);
+                storeu(Sy + n * SW + s0, p);
+                l += p;
+              }
+              storeu(Linv.data() + s0, 1.0f / l);
+              for (int lane = 0; lane < N; ++lane) {
+                int64_t x = pl.slotx[s0 + lane];
+                if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
+              }
+            }
+            pf_step(pf_quota);
+            // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
+            // the remaining queries one at a time.
+            float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+            const int64_t ostr = pl.NH * D;
+            const int64_t vxs = vs[3];
+            const int64_t tile_end = std::min(pl.n_int, se);
+            for (int64_t i = 0; i < pl.nkr; ++i)
+              vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
+            int64_t sl = sg;
 #if NA_AVX2
-          // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
-          // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
-          auto pv_avx2 = [&](auto tqv) {
-            constexpr int TQ2 = decltype(tqv)::value;
-            constexpr int DC = 2;
-            const int64_t x0 = pl.xlo + sl;
-            for (int dc = 0; dc < DV; dc += DC) {
-              Vec<float> acc[TQ2][DC];
-              for (int t = 0; t < TQ2; ++t)
-                for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
-              for (int64_t i = 0; i < pl.kh; ++i) {
-                if (!pl.rowvalid[y * pl.kh + i]) continue;
-                const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1] + (x0 - rw * pl.dw) * vxs + dc * N;
-                // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
-                const float* Pi = Sy + i * pl.kw * pl.Ws + sl;
-                for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * pl.Ws));
-                if (pl.dw == 1 && pl.kw == 7)
-                  pv_tile_diag<TQ2, DC, 7>(Pl.data(), N, vr, vxs, acc);
-                else if (pl.dw == 1 && pl.kw == 5)
-                  pv_tile_diag<TQ2, DC, 5>(Pl.data(), N, vr, vxs, acc);
-                else if (pl.dw == 1 && pl.kw == 3)
-                  pv_tile_diag<TQ2, DC, 3>(Pl.data(), N, vr, vxs, acc);
-                else
-                  pv_tile<TQ2, DC>(Pl.data(), N, vr, vxs, pl.dw, pl.kw, acc);
+            // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
+            // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
+            auto pv_avx2 = [&](auto tqv) {
+              constexpr int TQ2 = decltype(tqv)::value;
+              constexpr int DC = 2;
+              const int64_t x0 = pl.xlo + sl;
+              for (int dc = 0; dc < DV; dc += DC) {
+                Vec<float> acc[TQ2][DC];
+                for (int t = 0; t < TQ2; ++t)
+                  for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
+                for (int64_t i = 0; i < pl.nkr; ++i) {
+                  if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                  const float* vr = vrows[i] + (x0 + pl.off[0]) * vxs + dc * N;
+                  // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
+                  const float* Pi = Sy + i * pl.kw * SW + sl;
+                  for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * SW));
+                  if (pl.dw == 1 && pl.kw == 7)
+                    pv_tile_diag<TQ2, DC, 7>(Pl.data(), N, vr, vxs, acc);
+                  else if (pl.dw == 1 && pl.kw == 5)
+                    pv_tile_diag<TQ2, DC, 5>(Pl.data(), N, vr, vxs, acc);
+                  else if (pl.dw == 1 && pl.kw == 3)
+                    pv_tile_diag<TQ2, DC, 3>(Pl.data(), N, vr, vxs, acc);
+                  else
+                    pv_tile<TQ2, DC>(Pl.data(), N, vr, vxs, pl.dw, pl.kw, acc);
+                }
+                for (int t = 0; t < TQ2; ++t) {
+                  const Vec<float> inv = splat<float>(Linv[sl + t]);
+                  float* o = Orow + (x0 + t) * ostr + dc * N;
+                  for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
+                }
               }
-              for (int t = 0; t < TQ2; ++t) {
-                const Vec<float> inv = splat<float>(Linv[sl + t]);
-                float* o = Orow + (x0 + t) * ostr + dc * N;
-                for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
-              }
-            }
-            sl += TQ2;
-          };
-          while (sl + 6 <= pl.n_int) pv_avx2(std::integral_constant<int, 6>{});
-          while (sl + 2 <= pl.n_int) pv_avx2(std::integral_constant<int, 2>{});
-          (void)TQ;
+              sl += TQ2;
+            };
+            while (sl + 6 <= tile_end) pv_avx2(std::integral_constant<int, 6>{});
+            while (sl + 2 <= tile_end) pv_avx2(std::integral_constant<int, 2>{});
+            (void)TQ;
 #else
-          for (; sl + TQ <= pl.n_int; sl += TQ) {
-            Vec<float> acc[TQ][DV];
-            for (int t = 0; t < TQ; ++t)
-              for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-            const int64_t x0 = pl.xlo + sl;
-            for (int64_t i = 0; i < pl.kh; ++i) {
-              if (!pl.rowvalid[y * pl.kh + i]) continue;
-              const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1] + (x0 - rw * pl.dw) * vxs;
-              const float* Pi = Sy + i * pl.kw * pl.Ws + sl;
-              if (pl.dw == 1 && pl.kw == 7)
-                pv_tile_diag<TQ, DV, 7>(Pi, pl.Ws, vr, vxs, acc);
-              else if (pl.dw == 1 && pl.kw == 5)
-                pv_tile_diag<TQ, DV, 5>(Pi, pl.Ws, vr, vxs, acc);
-              else if (pl.dw == 1 && pl.kw == 3)
-                pv_tile_diag<TQ, DV, 3>(Pi, pl.Ws, vr, vxs, acc);
-              else
-                pv_tile<TQ, DV>(Pi, pl.Ws, vr, vxs, pl.dw, pl.kw, acc);
-            }
-            for (int t = 0; t < TQ; ++t) {
-              const Vec<float> inv = splat<float>(Linv[sl + t]);
-              float* o = Orow + (x0 + t) * ostr;
-              for (int d = 0; d < DV; ++d) storeu(o + d * 16, acc[t][d] * inv);
-            }
-          }
-#endif
-          for (; sl < pl.Ws; ++sl) {
-            const int64_t x = pl.slotx[sl];
-            if (x >= pl.W) continue;
-            Vec<float> acc[DV];
-            for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
-            for (int64_t i = 0; i < pl.kh; ++i) {
-              if (!pl.rowvalid[y * pl.kh + i]) continue;
-              const float* vr = vbh + pl.rowpos[y * pl.kh + i] * vs[1];
-              const float* P = Sy + i * pl.kw * pl.Ws + sl;
-              for (int64_t j = 0; j < pl.kw; ++j) {
-                const int32_t col = pl.kidx[j * pl.Ws + sl];
-                if (col >= pl.W) continue;  // outside the image: zero value
-                const Vec<float> p = splat<float>(P[j * pl.Ws]);
-                for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * N);
+            for (; sl + TQ <= tile_end; sl += TQ) {
+              Vec<float> acc[TQ][DV];
+              for (int t = 0; t < TQ; ++t)
+                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+              const int64_t x0 = pl.xlo + sl;
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                const float* vr = vrows[i] + (x0 + pl.off[0]) * vxs;
+                const float* Pi = Sy + i * pl.kw * SW + sl;
+                if (pl.dw == 1 && pl.kw == 7)
+                  pv_tile_diag<TQ, DV, 7>(Pi, SW, vr, vxs, acc);
+                else if (pl.dw == 1 && pl.kw == 5)
+                  pv_tile_diag<TQ, DV, 5>(Pi, SW, vr, vxs, acc);
+                else if (pl.dw == 1 && pl.kw == 3)
+                  pv_tile_diag<TQ, DV, 3>(Pi, SW, vr, vxs, acc);
+                else
+                  pv_tile<TQ, DV>(Pi, SW, vr, vxs, pl.dw, pl.kw, acc);
+              }
+              for (int t = 0; t < TQ; ++t) {
+                const Vec<float> inv = splat<float>(Linv[sl + t]);
+                float* o = Orow + (x0 + t) * ostr;
+                for (int d = 0; d < DV; ++d) storeu(o + d * 16, acc[t][d] * inv);
               }
             }
-            const Vec<float> inv = splat<float>(Linv[sl]);
-            for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[d] * inv);
+#endif
+            for (; sl < se; ++sl) {
+              const int64_t x = pl.slotx[sl];
+              if (x >= pl.W) continue;
+              Vec<float> acc[DV];
+              for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                const float* vr = vrows[i];
+                const float* P = Sy + i * pl.kw * SW + sl;
+                for (int64_t j = 0; j < pl.kw; ++j) {
+                  const int32_t col = pl.kidx[j * pl.Ws + sl];
+                  if (col >= pl.W) continue;  // not a key (zero value or masked)
+                  const Vec<float> p = splat<float>(P[j * SW]);
+                  for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * N);
+                }
+              }
+              const Vec<float> inv = splat<float>(Linv[sl]);
+              for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[d] * inv);
+            }
           }
         }
       }
@@ -1098,10 +1214,10 @@ static void forward_f32(const View5& q, const View5& k, const View5& v, float* O
 
 // The float32 forward (float32 inputs, head widths of float_fast_width, unit channel stride);
 // false: not taken.
-static bool forward_fast(const View5& q, const View5& k, const View5& v, float* out, float* lse,
+static bool forward_fast(const View6& q, const View6& k, const View6& v, float* out, float* lse,
                          const Plan<float>& pl, float scale, const Parallel& par) {
   if (!float_fast_width(pl.D)) return false;
-  if (q.stride[4] != 1 || k.stride[4] != 1 || v.stride[4] != 1) return false;
+  if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return false;
   // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
 #if NA_AVX2
   switch (pl.D / 16) {
@@ -1122,14 +1238,14 @@ static bool forward_fast(const View5& q, const View5& k, const View5& v, float* 
 }
 
 template <typename scalar_t, typename T>
-static void backward_impl(const View5& dout, const View5& q, const View5& k, const View5& v, const View5& out,
-                          const T* L, scalar_t* DQ, scalar_t* DK, scalar_t* DV, T* dbias, const Plan<T>& pl,
+static void backward_impl(const View6& dout, const View6& q, const View6& k, const View6& v, const View6& out,
+                          const T* L, const T* dlse, scalar_t* DQ, scalar_t* DK, scalar_t* DV, T* dbias, const Plan<T>& pl,
                           T scale, const Parallel& par) {
   constexpr int N = VecOf<T>::N;
   const int64_t BH = pl.B * pl.NH;
   const int64_t rl = pl.D * pl.Wk;  // one transposed key row
-  const int64_t nchunks = backward_row_chunks(BH, pl.H, pl.kh, pl.dh);
-  const int64_t rows_per = (pl.H + nchunks - 1) / nchunks;
+  const int64_t nchunks = backward_row_chunks(BH, pl.R, pl.row_span);
+  const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
   const int64_t ntasks = BH * nchunks;
   // Private dK/dV per task (transposed rows), reduced in a fixed order afterwards: chunk ch holds
   // the key rows [ck_lo[ch], ck_hi[ch]] its query rows read, at ck_off[ch] within its pair's
@@ -1137,27 +1253,28 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
   std::vector<int64_t> ck_lo(nchunks), ck_hi(nchunks), ck_off(nchunks);
   int64_t bh_size = 0;
   for (int64_t ch = 0; ch < nchunks; ++ch) {
-    const int64_t y0 = ch * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+    const int64_t y0 = ch * rows_per, y1 = std::min(pl.R, y0 + rows_per);
     key_rows(pl, y0, y1, ck_lo[ch], ck_hi[ch]);
     ck_off[ch] = bh_size;
     bh_size += std::max<int64_t>(0, ck_hi[ch] - ck_lo[ch] + 1) * rl;
   }
   std::vector<T> dKp(BH * bh_size, T(0)), dVp(BH * bh_size, T(0));
-  const int64_t tsize = (2 * pl.kh - 1) * (2 * pl.kw - 1);
+  const int64_t tsize = pl.nbr * (2 * pl.kw - 1);
   std::vector<T> dB(dbias ? ntasks * pl.nht * tsize : 0, T(0));
-  const int64_t K2 = pl.kh * pl.kw;
+  const int64_t K2 = pl.nkr * pl.kw;
   const scalar_t* Oin = static_cast<const scalar_t*>(out.data);
   const int64_t* ost = out.stride;
   const int64_t gsize = pl.kw * pl.D * N;
-  const int64_t reach = ((pl.kw - 1) / 2) * pl.dw;
-  const int64_t LP = (pl.xlo + reach + N - 1) / N * N;        // left margin of the row buffers
-  const int64_t qs = LP + pl.Wk + (reach + 1 + N - 1) / N * N;  // row stride with both margins
+  // how far an interior query's keys reach right and left of it
+  const int64_t rreach = std::max<int64_t>(pl.off[pl.kw - 1], 0), lreach = std::max<int64_t>(-pl.off[0], 0);
+  const int64_t LP = (pl.xlo + rreach + N - 1) / N * N;         // left margin of the row buffers
+  const int64_t qs = LP + pl.Wk + (lreach + 1 + N - 1) / N * N;  // row stride with both margins
 
   par.for_each(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<T> Kp, Vp;
     Kp.alloc(pl);
     Vp.alloc(pl);
-    std::vector<T> dKg(std::max<int64_t>(1, pl.H * pl.NG * gsize)), dVg(dKg.size());
+    std::vector<T> dKg(std::max<int64_t>(1, pl.R * pl.NG * gsize)), dVg(dKg.size());
     // Query-row buffers with zero margins, so that key-centric sums can read shifted windows.
     std::vector<T> Qbuf(pl.D * qs, T(0)), Gbuf(pl.D * qs, T(0)), Prow(K2 * qs, T(0)), dSrow(K2 * qs, T(0));
     T* Qp = Qbuf.data() + LP;
@@ -1167,17 +1284,17 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
 #if NA_AVX2
     std::vector<T> Ot(pl.D * pl.Ws), dq8(8 * pl.D);  // transposed out row; 8 dq tokens
 #endif
-    std::vector<KeyView<T>> kviews(pl.kh), vviews(pl.kh);
-    std::vector<int64_t> row_i(pl.kh);
+    std::vector<KeyView<T>> kviews(pl.nkr), vviews(pl.nkr);
+    std::vector<int64_t> row_i(pl.nkr);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
-      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.H, y0 + rows_per);
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
-      pack_keys<scalar_t, T>(k, b, h, klo, khi, pl, Kp);
-      pack_keys<scalar_t, T>(v, b, h, klo, khi, pl, Vp);
+      pack_keys<scalar_t, T>(k, b, h / pl.G, klo, khi, pl, Kp);
+      pack_keys<scalar_t, T>(v, b, h / pl.G, klo, khi, pl, Vp);
       // the border blocks' accumulators of the key rows this task reads
       std::fill(dKg.begin() + klo * pl.NG * gsize, dKg.begin() + (khi + 1) * pl.NG * gsize, T(0));
       std::fill(dVg.begin() + klo * pl.NG * gsize, dVg.begin() + (khi + 1) * pl.NG * gsize, T(0));
@@ -1188,6 +1305,7 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
       for (int64_t y = y0; y < y1; ++y) {
         pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
         pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
+        const scalar_t* Orow = Oin + pl.row_off(ost, b, y, h);
 #if NA_AVX2
         bool vec_rows = false;  // delta = rowsum(out * dout) and the dq rows with 8x8 transposes
         if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
@@ -1200,7 +1318,7 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
             }
             for (int64_t sl = 0; sl < pl.Ws; ++sl) {
               const int64_t x = pl.slotx[sl];
-              lse_s[sl] = x < pl.W ? L[(bh * pl.H + y) * pl.W + x] : T(0);
+              lse_s[sl] = x < pl.W ? L[(bh * pl.R + y) * pl.W + x] : T(0);
             }
             vec_rows = true;
           }
@@ -1214,19 +1332,25 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
             delta_s[sl] = T(0);
             continue;
           }
-          lse_s[sl] = L[(bh * pl.H + y) * pl.W + x];
-          const scalar_t* o = Oin + b * ost[0] + y * ost[1] + x * ost[2] + h * ost[3];
+          lse_s[sl] = L[(bh * pl.R + y) * pl.W + x];
+          const scalar_t* o = Orow + x * ost[3];
           T acc = 0;
-          for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[4]]) * Gp[c * qs + sl];
+          for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[5]]) * Gp[c * qs + sl];
           delta_s[sl] = acc;
         }
+        // dS = P (dP - delta + dlse): fold dlse into delta
+        if (dlse)
+          for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+            const int64_t x = pl.slotx[sl];
+            if (x < pl.W) delta_s[sl] -= dlse[(bh * pl.R + y) * pl.W + x];
+          }
         for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
           const int64_t s0 = ci * N;
           const bool contiguous = ci < pl.n_full;
           int64_t nrows = 0;
-          for (int64_t i = 0; i < pl.kh; ++i)
-            if (pl.rowvalid[y * pl.kh + i]) {
-              const int64_t ky = pl.rowpos[y * pl.kh + i];
+          for (int64_t i = 0; i < pl.nkr; ++i)
+            if (pl.rowvalid[y * pl.nkr + i]) {
+              const int64_t ky = pl.rowpos[y * pl.nkr + i];
               kviews[nrows] = key_view(pl, Kp, ky, ci);
               vviews[nrows] = key_view(pl, Vp, ky, ci);
               row_i[nrows++] = i;
@@ -1254,7 +1378,7 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
             // border block: dK += dS^T . Qscaled, dV += P^T . dO into the gathered copies
             const int64_t g = ci - pl.n_full;
             for (int64_t r = 0; r < nrows; ++r) {
-              const int64_t i = row_i[r], ky = pl.rowpos[y * pl.kh + i];
+              const int64_t i = row_i[r], ky = pl.rowpos[y * pl.nkr + i];
               T* kb = dKg.data() + (ky * pl.NG + g) * gsize;
               T* vb = dVg.data() + (ky * pl.NG + g) * gsize;
               for (int64_t j = 0; j < pl.kw; ++j) {
@@ -1271,8 +1395,8 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
           }
           if (dBt) {  // every offset, valid rows or not ("zero" keys: dP = 0, dS = -P * delta)
             const int64_t tc = 2 * pl.kw - 1;
-            for (int64_t i = 0; i < pl.kh; ++i) {
-              T* trow = dBt + ht * tsize + pl.by[y * pl.kh + i] * tc;
+            for (int64_t i = 0; i < pl.nkr; ++i) {
+              T* trow = dBt + ht * tsize + pl.by[y * pl.nkr + i] * tc;
               for (int64_t j = 0; j < pl.kw; ++j) {
                 const T* dsv = dS.data() + (i * pl.kw + j) * N;
                 const int32_t* bxj = pl.bx.data() + j * pl.Ws + s0;
@@ -1286,9 +1410,9 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
         // slot x' - off_j - xlo (zero margins outside the interior blocks): loads only, one
         // read-modify-write of each dK/dV vector per (row, key block).
         if (pl.n_full > 0) {
-          for (int64_t i = 0; i < pl.kh; ++i) {
-            if (!pl.rowvalid[y * pl.kh + i]) continue;
-            const int64_t ky = pl.rowpos[y * pl.kh + i];
+          for (int64_t i = 0; i < pl.nkr; ++i) {
+            if (!pl.rowvalid[y * pl.nkr + i]) continue;
+            const int64_t ky = pl.rowpos[y * pl.nkr + i];
             T* dKr = dKt + (ky - klo) * rl;
             T* dVr = dVt + (ky - klo) * rl;
             const int64_t xend = std::min<int64_t>(pl.Wk, pl.xlo + pl.n_full * N + pl.off[pl.kw - 1]);
@@ -1313,7 +1437,7 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
               for (int l = 0; l < 8; ++l) {
                 const int64_t x = pl.slotx[s0 + l];
                 if (x < pl.W)
-                  std::memcpy(DQ + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D, dq8.data() + l * pl.D,
+                  std::memcpy(DQ + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D, dq8.data() + l * pl.D,
                               pl.D * sizeof(float));
               }
             }
@@ -1324,7 +1448,7 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
         for (int64_t sl = 0; sl < pl.Ws; ++sl) {
           int64_t x = pl.slotx[sl];
           if (x >= pl.W) continue;
-          scalar_t* o = DQ + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
+          scalar_t* o = DQ + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D;
           for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(dQb[c * pl.Ws + sl] * scale);
         }
       }
@@ -1347,29 +1471,36 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
         }
     }
   });
-  // Reduce the row-chunk partials (fixed order) and unpack into (B, H, W, NH, D). part(a, bh, ch, y):
-  // key row y of chunk ch's dK (a = 0) or dV (a = 1) partial, nullptr when ch does not hold it.
-  auto part = [&](int a, int64_t bh, int64_t ch, int64_t y) -> const T* {
-    if (y < ck_lo[ch] || y > ck_hi[ch]) return nullptr;
-    return (a == 0 ? dKp : dVp).data() + bh * bh_size + ck_off[ch] + (y - ck_lo[ch]) * rl;
+  // Reduce the partials in a fixed order (query heads of the key/value head, then row chunks)
+  // and unpack into (B, T, H, W, heads_kv, D). parts(a, bkv, y, out): key row y of the dK (a = 0)
+  // or dV (a = 1) partials of the tasks that hold it.
+  auto parts = [&](int a, int64_t bkv, int64_t y, std::vector<const T*>& out_parts) {
+    out_parts.clear();
+    const int64_t b = bkv / pl.NKV, hk = bkv % pl.NKV;
+    for (int64_t g = 0; g < pl.G; ++g) {
+      const int64_t bh = b * pl.NH + hk * pl.G + g;
+      for (int64_t ch = 0; ch < nchunks; ++ch)
+        if (y >= ck_lo[ch] && y <= ck_hi[ch])
+          out_parts.push_back((a == 0 ? dKp : dVp).data() + bh * bh_size + ck_off[ch] + (y - ck_lo[ch]) * rl);
+    }
   };
+  const int64_t BKV = pl.B * pl.NKV;
 #if NA_AVX2
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
     if (pl.D % 8 == 0) {
-      // the same sums (chunk order), then 8 channels by 8 columns transposed in registers
-      par.for_each(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> sum(nchunks > 1 ? 2 * rl : 1), zero;
-        const int64_t ts = pl.NH * pl.D;
+      // the same sums (same order), then 8 channels by 8 columns transposed in registers
+      par.for_each(0, BKV * pl.R, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> sum(2 * rl), zero;
+        std::vector<const float*> ps;
+        const int64_t ts = pl.NKV * pl.D;
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
+          const int64_t bkv = t / pl.R, y = t % pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
           const float* src[2];
           for (int a = 0; a < 2; ++a) {
-            const float* parts[kBackwardTasks];
-            int64_t np = 0;
-            for (int64_t ch = 0; ch < nchunks; ++ch)
-              if (const float* pp = part(a, bh, ch, y)) parts[np++] = pp;
+            parts(a, bkv, y, ps);
+            const int64_t np = (int64_t)ps.size();
             if (np == 1) {
-              src[a] = parts[0];
+              src[a] = ps[0];
               continue;
             }
             if (np == 0) {  // a key row no query reads
@@ -1379,14 +1510,14 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
             }
             float* sm = sum.data() + a * rl;
             for (int64_t e = 0; e < rl; e += 8) {
-              Vec<float> acc = loadu(parts[0] + e);
-              for (int64_t pi = 1; pi < np; ++pi) acc += loadu(parts[pi] + e);
+              Vec<float> acc = loadu(ps[0] + e);
+              for (int64_t pi = 1; pi < np; ++pi) acc += loadu(ps[pi] + e);
               storeu(sm + e, acc);
             }
             src[a] = sm;
           }
           for (int a = 0; a < 2; ++a) {
-            float* orow = (a == 0 ? DK : DV) + ((b * pl.H + y) * pl.W * pl.NH + h) * pl.D;
+            float* orow = (a == 0 ? DK : DV) + ((b * pl.R + y) * pl.W * pl.NKV + hk) * pl.D;
             int64_t x0 = 0;
             const float* rows[8];
             for (; x0 + 8 <= pl.W; x0 += 8)
@@ -1403,20 +1534,16 @@ static void backward_impl(const View5& dout, const View5& q, const View5& k, con
     }
   }
 #endif
-  par.for_each(0, BH * pl.H, 1, [&](int64_t t0, int64_t t1) {
+  par.for_each(0, BKV * pl.R, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<const T*> pk, pv;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / pl.H, y = t % pl.H, b = bh / pl.NH, h = bh % pl.NH;
-      const T* pk[kBackwardTasks];
-      const T* pv[kBackwardTasks];
-      int64_t np = 0;
-      for (int64_t ch = 0; ch < nchunks; ++ch)
-        if (part(0, bh, ch, y) != nullptr) {
-          pk[np] = part(0, bh, ch, y);
-          pv[np++] = part(1, bh, ch, y);
-        }
+      const int64_t bkv = t / pl.R, y = t % pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
+      parts(0, bkv, y, pk);
+      parts(1, bkv, y, pv);
+      const int64_t np = (int64_t)pk.size();
       for (int64_t x = 0; x < pl.W; ++x) {
-        scalar_t* okk = DK + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
-        scalar_t* ovv = DV + (((b * pl.H + y) * pl.W + x) * pl.NH + h) * pl.D;
+        scalar_t* okk = DK + (((b * pl.R + y) * pl.W + x) * pl.NKV + hk) * pl.D;
+        scalar_t* ovv = DV + (((b * pl.R + y) * pl.W + x) * pl.NKV + hk) * pl.D;
         for (int64_t c = 0; c < pl.D; ++c) {
           T sk = 0, sv = 0;
           for (int64_t pi = 0; pi < np; ++pi) {
@@ -1444,9 +1571,7 @@ reduced: __attribute__((unused));
 
 template <typename scalar_t, typename T>
 static void forward_typed(const ForwardArgs& a, const Parallel& par) {
-  const View5& q = a.q;
-  Plan<T> pl(q.size[0], q.size[1], q.size[2], q.size[3], q.size[4], a.kh, a.kw, a.dh, a.dw, a.border,
-             static_cast<const T*>(a.bias), a.bias_heads);
+  Plan<T> pl(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads);
   scalar_t* out = static_cast<scalar_t*>(a.out);
   T* lse = static_cast<T*>(a.lse);
   if constexpr (std::is_same<scalar_t, float>::value)
@@ -1465,10 +1590,8 @@ void forward(const ForwardArgs& a, const Parallel& par) {
 
 template <typename scalar_t, typename T>
 static void backward_typed(const BackwardArgs& a, const Parallel& par) {
-  const View5& q = a.q;
-  Plan<T> pl(q.size[0], q.size[1], q.size[2], q.size[3], q.size[4], a.kh, a.kw, a.dh, a.dw, a.border,
-             static_cast<const T*>(a.bias), a.bias_heads);
-  backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, a.out, static_cast<const T*>(a.lse),
+  Plan<T> pl(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads);
+  backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, a.out, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
                              static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
                              static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
                              static_cast<T>(a.scale), par);

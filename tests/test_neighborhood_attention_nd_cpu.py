@@ -1,0 +1,254 @@
+"""The fused N-d neighbourhood attention CPU ops (``alterops::neighborhood_attention_nd_fwd`` /
+``_bwd``) against a float64 brute force written here: every query's window built from the
+per-axis rule (NATTEN's "clamp" with stride, causal windows and even kernels; centred "mask" and
+"zero"), its logits, softmax, output and logsumexp formed one query at a time, and the gradients
+(dq, dk, dv, dbias, with a non-zero dlse) taken by autograd through that loop.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import alterops  # noqa: F401  (loads the ops)
+from alterops import _ext
+
+pytestmark = pytest.mark.skipif(not _ext.has_op("neighborhood_attention_nd_fwd"),
+                                reason="alterops CPU kernels not built")
+
+
+def axis_keys(i, length, k, d, s, causal, border):
+    """(position, in the image) of every key of query ``i`` on one axis."""
+    left, right = k // 2, k // 2 + k % 2 - 1
+    if border != "clamp":
+        return [(i + d * (j - left), 0 <= i + d * (j - left) < length) for j in range(k)]
+    res, ig = i % d, i // d
+    n_grid = -(-(length - res) // d)
+    if causal:
+        leader = min((ig // s) * s + s - 1, n_grid - 1)
+        start, end = max(leader - left - right, 0), min(ig + 1, n_grid)
+    else:
+        leader = min((ig // s) * s + s // 2, n_grid - 1)
+        start = max(leader - left, 0)
+        if leader + right >= n_grid:
+            start += n_grid - right - leader - 1
+        end = start + k
+    return [(res + d * g, True) for g in range(start, end)]
+
+
+def brute_force(q, k, v, ks, dil, st, causal, border, bias, scale):
+    """out (B, T, H, W, heads, D) and lse (B, heads, T, H, W). Every query's key list (flat key
+    index, or a zero key, and bias cell) is built from the per-axis rule; the logits of all
+    queries are then formed from those lists at once."""
+    B, T, H, W, heads, D = q.shape
+    group = heads // k.shape[4]
+    N = T * H * W
+    kf = k.reshape(B, N, -1, D).repeat_interleave(group, dim=2)
+    vf = v.reshape(B, N, -1, D).repeat_interleave(group, dim=2)
+    sizes = (T, H, W)
+    lists = []
+    for p in itertools.product(range(T), range(H), range(W)):
+        axes = [axis_keys(p[a], sizes[a], ks[a], dil[a], st[a], causal[a], border) for a in range(3)]
+        keys = []
+        for key in itertools.product(*axes):
+            pos = [c[0] for c in key]
+            inside = all(c[1] for c in key)
+            if not inside and border == "mask":
+                continue
+            cell = [(pos[a] - p[a]) // dil[a] + ks[a] - 1 for a in range(3)]
+            flat = (pos[0] * H + pos[1]) * W + pos[2] if inside else -1  # -1: a zero key ("zero")
+            keys.append((flat, (cell[0] * (2 * ks[1] - 1) + cell[1]) * (2 * ks[2] - 1) + cell[2]))
+        lists.append(keys)
+    M = max(len(keys) for keys in lists)
+    idx = torch.zeros(N, M, dtype=torch.long)
+    cells = torch.zeros(N, M, dtype=torch.long)
+    kind = torch.zeros(N, M, dtype=torch.long)  # 0: padding, 1: key, 2: zero key
+    for n, keys in enumerate(lists):
+        for m, (flat, cell) in enumerate(keys):
+            idx[n, m] = max(flat, 0)
+            cells[n, m] = cell
+            kind[n, m] = 1 if flat >= 0 else 2
+    qf = q.reshape(B, N, heads, D)
+    s = scale * (qf.unsqueeze(2) * kf[:, idx]).sum(-1)  # (B, N, M, heads)
+    s = torch.where((kind == 1)[None, :, :, None], s, torch.zeros((), dtype=s.dtype))
+    if bias is not None:
+        s = s + bias.reshape(bias.shape[0], -1)[:, cells].permute(1, 2, 0)
+    s = s.masked_fill((kind == 0)[None, :, :, None], float("-inf"))
+    attn = torch.softmax(s, dim=2)
+    vals = torch.where((kind == 1)[None, :, :, None, None], vf[:, idx], torch.zeros((), dtype=vf.dtype))
+    out = (attn.unsqueeze(-1) * vals).sum(2).reshape(B, T, H, W, heads, D)
+    lse = torch.logsumexp(s, dim=2).permute(0, 2, 1).reshape(B, heads, T, H, W)
+    return out, lse
+
+
+def make_inputs(spatial, heads, heads_kv, D, dtype, layout, seed=0):
+    """q, k, v as views of one fused tensor ("fused"), with every other channel ("channel
+    stride"), or contiguous."""
+    g = torch.Generator().manual_seed(seed)
+    B = 2
+    if layout == "fused":
+        base = torch.randn(B, *spatial, heads + 2 * heads_kv, D, generator=g, dtype=torch.float64).to(dtype)
+        return base[..., :heads, :], base[..., heads:heads + heads_kv, :], base[..., heads + heads_kv:, :]
+    if layout == "channel stride":
+        mk = lambda h: torch.randn(B, *spatial, h, 2 * D, generator=g, dtype=torch.float64).to(dtype)[..., ::2]
+        return mk(heads), mk(heads_kv), mk(heads_kv)
+    mk = lambda h: torch.randn(B, *spatial, h, D, generator=g, dtype=torch.float64).to(dtype)
+    return mk(heads), mk(heads_kv), mk(heads_kv)
+
+
+def run_fused(q, k, v, ks, dil, st, causal, border, bias, scale, dout, dlse):
+    fwd = torch.ops.alterops.neighborhood_attention_nd_fwd
+    bwd = torch.ops.alterops.neighborhood_attention_nd_bwd
+    c = [int(x) for x in causal]
+    out, lse = fwd(q, k, v, list(ks), list(dil), list(st), c, border, bias, scale)
+    grads = bwd(dout, q, k, v, out, lse, dlse, list(ks), list(dil), list(st), c, border, bias, scale,
+                bias is not None)
+    return out, lse, grads
+
+
+# (spatial (T, H, W), kernel, dilation, stride, causal, border, heads, heads_kv, bias heads, D, layout)
+CASES = [
+    # 1-D
+    ((1, 1, 41), (1, 1, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 4, 4, 16, "fused"),
+    ((1, 1, 37), (1, 1, 6), (1, 1, 2), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 1, 16, "contiguous"),
+    ((1, 1, 29), (1, 1, 7), (1, 1, 1), (1, 1, 3), (0, 0, 0), "clamp", 4, 1, 0, 16, "fused"),
+    ((1, 1, 39), (1, 1, 5), (1, 1, 2), (1, 1, 1), (0, 0, 1), "clamp", 4, 2, 4, 16, "channel stride"),
+    ((1, 1, 27), (1, 1, 6), (1, 1, 1), (1, 1, 2), (0, 0, 1), "clamp", 4, 4, 0, 16, "fused"),
+    ((1, 1, 35), (1, 1, 7), (1, 1, 2), (1, 1, 1), (0, 0, 0), "mask", 4, 2, 4, 16, "fused"),
+    ((1, 1, 33), (1, 1, 4), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 1, 1, 16, "fused"),
+    # 2-D
+    ((1, 5, 34), (1, 3, 5), (1, 1, 2), (1, 1, 1), (0, 0, 0), "clamp", 4, 4, 4, 16, "fused"),
+    ((1, 8, 10), (1, 4, 3), (1, 1, 1), (1, 2, 3), (0, 1, 0), "clamp", 4, 2, 1, 8, "fused"),
+    ((1, 6, 9), (1, 3, 3), (1, 1, 2), (1, 1, 1), (0, 0, 0), "mask", 4, 2, 1, 8, "channel stride"),
+    ((1, 4, 26), (1, 3, 4), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 1, 4, 16, "fused"),
+    # 3-D
+    ((3, 3, 24), (3, 2, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
+    ((4, 3, 10), (2, 3, 4), (1, 1, 2), (1, 1, 2), (1, 0, 1), "clamp", 4, 4, 1, 8, "fused"),
+    ((4, 3, 7), (2, 3, 3), (2, 1, 1), (2, 3, 1), (0, 1, 0), "clamp", 4, 1, 4, 8, "contiguous"),
+    ((3, 4, 6), (3, 2, 3), (1, 2, 1), (1, 1, 1), (0, 0, 0), "mask", 4, 2, 4, 8, "fused"),
+    ((3, 3, 7), (2, 3, 3), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 4, 1, 8, "fused"),
+]
+
+
+def case_id(c):
+    sp, ks, dil, st, ca, border, heads, hkv, nb, D, layout = c
+    dims = "x".join(str(s) for s in sp)
+    return (f"{dims}-k{''.join(map(str, ks))}-d{''.join(map(str, dil))}-s{''.join(map(str, st))}"
+            f"-c{''.join(map(str, ca))}-{border}-kv{hkv}-b{nb}-{layout.replace(' ', '')}")
+
+
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def check_case(case, dtype, D=None, seed=0):
+    sp, ks, dil, st, causal, border, heads, hkv, nb, d0, layout = case
+    D = D or d0
+    q, k, v = make_inputs(sp, heads, hkv, D, dtype, layout, seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(seed + 1)
+    bias = None
+    if nb:
+        bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1, generator=g, dtype=torch.float64)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    dlse = torch.randn(q.shape[0], heads, *sp, generator=g, dtype=torch.float64)
+    scale = D ** -0.5
+    out, lse, (dq, dk, dv, dbias) = run_fused(
+        q, k, v, ks, dil, st, causal, border, None if bias is None else bias.to(acc), scale,
+        dout.to(dtype), dlse.to(acc))
+
+    # the brute force on the same (rounded) inputs, in float64
+    q64, k64, v64 = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
+    b64 = None if bias is None else bias.to(acc).to(torch.float64).requires_grad_()
+    r_out, r_lse = brute_force(q64, k64, v64, ks, dil, st, causal, border, b64, scale)
+    leaves = [q64, k64, v64] + ([b64] if b64 is not None else [])
+    r_grads = torch.autograd.grad((r_out * dout.to(dtype).to(torch.float64)).sum()
+                                  + (r_lse * dlse.to(acc).to(torch.float64)).sum(), leaves)
+
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
+    assert lse.shape == (q.shape[0], heads, *sp) and lse.dtype == acc
+    assert dk.shape == k.shape and dv.shape == v.shape and dq.dtype == dtype
+    tol = TOL[dtype]
+    got = [out, lse, dq, dk, dv] + ([dbias] if bias is not None else [])
+    names = ["out", "lse", "dq", "dk", "dv", "dbias"]
+    for name, a, b in zip(names, got, [r_out, r_lse, *r_grads]):
+        err = (a.to(torch.float64) - b).abs().max().item()
+        size = max(b.abs().max().item(), 1.0)
+        assert err <= tol * size, f"{name}: max error {err:.3g} (scale {size:.3g})"
+    if bias is None:
+        assert dbias.shape == (0,)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_float64(case):
+    check_case(case, torch.float64)
+
+
+# float32 at a width of the dedicated forward (16), a width outside it (20) and one with two
+# vectors per head on AVX-512 (32); bfloat16 at a fast width and another.
+@pytest.mark.parametrize("case", [CASES[i] for i in (0, 3, 4, 7, 10, 11, 12)], ids=case_id)
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 16), (torch.float32, 20), (torch.float32, 32),
+                                     (torch.bfloat16, 16), (torch.bfloat16, 12)], ids=str)
+def test_float32_bfloat16(case, dtype, D):
+    check_case(case, dtype, D=D)
+
+
+def test_2d_ops_match_nd():
+    """The 2D ops run the N-d kernel with T = 1: the same bits."""
+    q, k, v = make_inputs((1, 9, 30), 2, 2, 32, torch.float32, "fused")
+    bias = torch.randn(2, 1, 5, 9)
+    dout = torch.randn(q.shape)
+    out, lse, grads = run_fused(q, k, v, (1, 3, 5), (1, 2, 1), (1, 1, 1), (0, 0, 0), "mask", bias, 0.2, dout, None)
+    q2, k2, v2, dout2 = (t[:, 0] for t in (q, k, v, dout))
+    out2, lse2 = torch.ops.alterops.neighborhood_attention2d_fwd(q2, k2, v2, 3, 5, 2, 1, "mask", bias[:, 0], 0.2)
+    grads2 = torch.ops.alterops.neighborhood_attention2d_bwd(dout2, q2, k2, v2, out2, lse2, 3, 5, 2, 1, "mask",
+                                                             bias[:, 0], 0.2, True)
+    assert torch.equal(out[:, 0], out2) and torch.equal(lse[:, :, 0], lse2)
+    for a, b in zip(grads[:3], grads2[:3]):
+        assert torch.equal(a[:, 0], b)
+    assert torch.equal(grads[3][:, 0], grads2[3])
+    with pytest.raises(RuntimeError, match="odd"):
+        torch.ops.alterops.neighborhood_attention2d_fwd(q2, k2, v2, 3, 4, 2, 1, "mask", None, 0.2)
+
+
+def test_backward_same_bits_any_thread_count():
+    sp, ks, dil, st, causal, border = (2, 3, 40), (2, 3, 7), (1, 1, 1), (1, 1, 1), (1, 0, 0), "clamp"
+    q, k, v = make_inputs(sp, 4, 2, 32, torch.float32, "fused")
+    bias = torch.randn(4, 3, 5, 13)
+    dout, dlse = torch.randn(q.shape), torch.randn(2, 4, *sp)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run_fused(q, k, v, ks, dil, st, causal, border, bias, 0.25, dout, dlse))
+    finally:
+        torch.set_num_threads(before)
+    (o1, l1, g1), (o2, l2, g2) = results
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(stride=[1, 1, 4]), "stride"),
+    (dict(kernel_size=[1, 3, 50]), "clamp"),
+    (dict(border="mask", causal=[0, 0, 1]), "'mask' and 'zero'"),
+    (dict(border="edge"), "border"),
+    (dict(kernel_size=[1, 3]), "3 entries"),
+])
+def test_argument_errors(bad, match):
+    q, k, v = make_inputs((1, 5, 20), 4, 2, 8, torch.float32, "contiguous")
+    args = dict(kernel_size=[1, 3, 3], dilation=[1, 1, 1], stride=[1, 1, 1], causal=[0, 0, 0], border="clamp")
+    args.update(bad)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.alterops.neighborhood_attention_nd_fwd(q, k, v, args["kernel_size"], args["dilation"],
+                                                         args["stride"], args["causal"], args["border"], None, 1.0)
+
+
+def test_heads_not_a_multiple():
+    q, _, _ = make_inputs((1, 5, 20), 4, 4, 8, torch.float32, "contiguous")
+    k, v, _ = make_inputs((1, 5, 20), 3, 3, 8, torch.float32, "contiguous")
+    with pytest.raises(RuntimeError, match="multiple"):
+        torch.ops.alterops.neighborhood_attention_nd_fwd(q, k, v, [1, 3, 3], [1, 1, 1], [1, 1, 1], [0, 0, 0],
+                                                         "clamp", None, 1.0)

@@ -1,21 +1,30 @@
-"""Benchmark cases of neighborhood_attention2d.
+"""Benchmark cases of neighborhood_attention1d / 2d / 3d.
 
 Peers:
 
-* ``flex_attention``: ``torch.compile(flex_attention)`` with a NATTEN-style block mask (the
-  clamp rule as a ``mask_mod`` on row-major token indices, as attention-gym's ``natten.py``),
-  compiled and masked once in ``make``; inputs pre-permuted to its ``(B, heads, L, d)`` layout.
-* ``natten``: ``natten.na2d`` (clamp rule), only when ``natten`` is importable (otherwise the
-  report lists it as left out, with the reason).
+* ``flex_attention``: ``torch.compile(flex_attention)`` with a block mask of the same clamp
+  neighbourhood (NATTEN's rule for stride 1, not causal, dilation 1, per axis on row-major token
+  indices), compiled and masked once in ``make``; inputs pre-permuted to its
+  ``(B, heads, N, d)`` layout.
+* ``natten``: ``natten.na1d`` / ``na2d`` / ``na3d`` (clamp rule), only when ``natten`` is
+  importable (otherwise the report lists it as left out, with the reason). On the CPU NATTEN runs
+  FlexAttention without ``torch.compile``, which materialises the ``N x N`` scores: at the full
+  1-D shape one call takes tens of seconds and about 8 GB.
 * ``unfold_autograd``: the paper's ``ConvAttention2d`` math (``F.unfold`` with zero padding,
   einsum, softmax, einsum) differentiated by autograd; compared with ``border="zero"``.
 
-Useful FLOPs: ``4 * N * k^2 * head_dim`` per head for the forward (two products), three times
-that for forward + backward (the backward has four products, the forward two).
+Useful FLOPs: ``4 * B * heads * N * prod(kernel_size) * head_dim`` for the forward (two
+products), three times that for forward + backward (the backward has four products, the forward
+two). CPU cases are float32 and measured against the float32 matmul ceiling, GPU cases bfloat16
+against the bfloat16 one.
 
-Quick mode: the CPU cases run B=1 at 28x28 (named ``..._28x28_k7``), the GPU cases B=2.
+Quick mode: the 2-D CPU cases run B=1 at 28x28 (named ``..._28x28_k7``), the 2-D GPU cases B=2;
+the 1-D and 3-D cases run B=1 at L=512, k=33 and at 4x16x16, k=3x5x5 on every device. Names
+state the shapes built.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -25,45 +34,85 @@ import alterops as ao
 from .registry import Case, Workload, register
 
 
-def _inputs(device, dtype, B, H, W, heads, d, seed=0):
+def _inputs(device, dtype, B, spatial, heads, d, seed=0):
+    """q, k, v of shape ``(B, *spatial, heads, d)`` (heads-last)."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, H, W, heads, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+    return [torch.randn(B, *spatial, heads, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
 
 
-def _flex_peer(q, k, v, kernel, *, backward: bool):
-    """Compiled FlexAttention with a clamp (NATTEN) block mask; returns a zero-arg callable."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def clamp_neighbourhood_mask(spatial, kernel):
+    """FlexAttention ``mask_mod`` of the clamp neighbourhood (stride 1, not causal, dilation 1)
+    on row-major token indices of a map of shape ``spatial``; ``kernel`` one size per axis.
 
-    B, H, W, heads, d = q.shape
-    r = kernel // 2
+    Per axis, query ``i`` of an axis of length ``L`` with kernel ``k`` (``left = k // 2``,
+    ``right = k - 1 - left``) has the stride-group leader ``i`` itself; its window starts at
+    ``max(i - left, 0)``, moved inward to ``L - k`` when ``i + right >= L`` (then
+    ``i - left >= 0``, since ``k <= L``), so it starts at ``clamp(i - left, 0, L - k)`` and holds
+    ``k`` keys. A key is in the neighbourhood iff it is in the window on every axis.
+    """
+    spatial, kernel = tuple(spatial), tuple(kernel)
+    if len(spatial) != len(kernel) or any(not 1 <= kk <= size for kk, size in zip(kernel, spatial)):
+        raise ValueError(f"the clamp rule needs 1 <= kernel <= size per axis, got kernel {kernel} for map {spatial}")
+    steps = [1] * len(spatial)  # row-major: the token index step of one position along each axis
+    for a in range(len(spatial) - 2, -1, -1):
+        steps[a] = steps[a + 1] * spatial[a + 1]
 
-    def natten_clamp(b, h, q_idx, kv_idx):
-        qy, qx = q_idx // W, q_idx % W
-        ky, kx = kv_idx // W, kv_idx % W
-        cy = qy.clamp(r, H - 1 - r)
-        cx = qx.clamp(r, W - 1 - r)
-        return ((cy - ky).abs() <= r) & ((cx - kx).abs() <= r)
+    def mask_mod(b, h, q_idx, kv_idx):
+        inside = None
+        for size, kk, step in zip(spatial, kernel, steps):
+            qi = (q_idx // step) % size
+            ki = (kv_idx // step) % size
+            start = (qi - kk // 2).clamp(0, size - kk)
+            here = (ki >= start) & (ki < start + kk)
+            inside = here if inside is None else inside & here
+        return inside
 
-    block_mask = create_block_mask(natten_clamp, None, None, H * W, H * W, device=str(q.device))
-    flex = torch.compile(flex_attention, dynamic=False)
+    return mask_mod
 
-    def to_flex(t):
-        return t.permute(0, 3, 1, 2, 4).reshape(B, heads, H * W, d).contiguous().detach().requires_grad_(backward)
 
-    fq, fk, fv = (to_flex(t) for t in (q, k, v))
-    gout = torch.ones_like(fq)
+class _FlexPeer:
+    """Compiled FlexAttention with the clamp block mask on heads-last ``q, k, v`` of shape
+    ``(B, *spatial, heads, d)``. Calling it is the timed call (forward, and backward of a
+    ``ones`` output gradient when ``backward``). The block mask is built and the compiled
+    forward (and backward) run once here, so ``torch.compile`` costs nothing in the timed calls."""
 
-    def run():
-        out = flex(fq, fk, fv, block_mask=block_mask)
-        if backward:
-            out.backward(gout)
+    def __init__(self, q, k, v, kernel, *, backward: bool):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        self.batch, *self.spatial, self.heads, self.head_dim = q.shape
+        self.n_tokens = math.prod(self.spatial)
+        self.backward = backward
+        self.block_mask = create_block_mask(clamp_neighbourhood_mask(self.spatial, kernel), None, None,
+                                            self.n_tokens, self.n_tokens, device=str(q.device))
+        self.flex = torch.compile(flex_attention, dynamic=False)
+        self.q, self.k, self.v = (self.to_flex(t).detach().requires_grad_(backward) for t in (q, k, v))
+        self.gout = torch.ones_like(self.q)
+        self()  # compile here, once, not in the timed calls
+
+    def to_flex(self, t):
+        """``(B, *spatial, heads, d)`` -> ``(B, heads, N, d)`` contiguous."""
+        return t.movedim(-2, 1).reshape(self.batch, self.heads, self.n_tokens, self.head_dim).contiguous()
+
+    def to_ours(self, t):
+        """``(B, heads, N, d)`` -> a ``(B, *spatial, heads, d)`` view."""
+        return t.view(self.batch, self.heads, *self.spatial, self.head_dim).movedim(1, -2)
+
+    def forward(self):
+        return self.flex(self.q, self.k, self.v, block_mask=self.block_mask)
+
+    def __call__(self):
+        out = self.forward()
+        if self.backward:
+            out.backward(self.gout)
         return out
 
-    def to_ours(out):
-        return out.view(B, heads, H, W, d).permute(0, 2, 3, 1, 4)
-
-    run()  # compile here, once, not in the timed calls
-    return run, to_ours
+    def output_and_grads(self):
+        """The output and the gradients of q, k, v for the ``ones`` output gradient, in the
+        heads-last layout (``torch.autograd.grad``: the ``.grad`` the timed calls accumulate is
+        left alone)."""
+        out = self.forward()
+        grads = torch.autograd.grad(out, (self.q, self.k, self.v), self.gout)
+        return self.to_ours(out), [self.to_ours(g) for g in grads]
 
 
 def unfold_attention(q, k, v, kernel):
@@ -83,27 +132,38 @@ def unfold_attention(q, k, v, kernel):
     return out.view(B, heads, H, W, d).permute(0, 2, 3, 1, 4)
 
 
-def _make_cpu_forward(device, quick):
-    B, H, W, heads, d, kernel = (1, 28, 28, 4, 32, 7) if quick else (4, 56, 56, 4, 32, 7)
-    q, k, v = _inputs(device, torch.float32, B, H, W, heads, d)
-    flex, flex_to_ours = _flex_peer(q, k, v, kernel, backward=False)
-    peers = {"flex_attention": flex}
-    targets = {"speedup:flex_attention": 20.0, "ceiling": 0.25}
-    left_out = {}
-    try:
-        import natten  # noqa: F401
+_NEIGHBORHOOD_ATTENTION = {1: ao.neighborhood_attention1d, 2: ao.neighborhood_attention2d,
+                           3: ao.neighborhood_attention3d}
+_NATTEN_FUNCTION = {1: "na1d", 2: "na2d", 3: "na3d"}
 
-        peers["natten"] = lambda: natten.na2d(q, k, v, kernel_size=kernel)
-        targets["speedup:natten"] = 100.0
+
+def _add_natten_peer(q, k, v, kernel, peers, targets, left_out):
+    """``natten.na<n>d`` (its clamp rule) as the ``natten`` peer with a 100x speedup target, or the
+    reason it is left out."""
+    try:
+        import natten
     except ImportError as exc:
         left_out["natten"] = f"natten cannot be imported ({exc}); pip install natten"
+        return
+    attend = getattr(natten, _NATTEN_FUNCTION[q.dim() - 3])
+    peers["natten"] = lambda: attend(q, k, v, kernel_size=kernel)
+    targets["speedup:natten"] = 100.0
+
+
+def _make_cpu_forward(device, quick):
+    B, H, W, heads, d, kernel = (1, 28, 28, 4, 32, 7) if quick else (4, 56, 56, 4, 32, 7)
+    q, k, v = _inputs(device, torch.float32, B, (H, W), heads, d)
+    flex = _FlexPeer(q, k, v, (kernel, kernel), backward=False)
+    peers = {"flex_attention": flex}
+    targets = {"speedup:flex_attention": 20.0, "ceiling": 0.40}
+    left_out = {}
+    _add_natten_peer(q, k, v, kernel, peers, targets, left_out)
 
     def ours():
         return ao.neighborhood_attention2d(q, k, v, kernel)
 
     def check():
-        ref = flex_to_ours(flex())
-        torch.testing.assert_close(ours(), ref, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(ours(), flex.to_ours(flex.forward()), atol=2e-4, rtol=2e-4)
 
     N = B * H * W
     return Workload(ours=ours, peers=peers, bytes=4 * q.numel() * q.element_size(),
@@ -114,7 +174,7 @@ def _make_cpu_forward(device, quick):
 
 def _make_cpu_fwd_bwd(device, quick):
     B, H, W, heads, d, kernel = (1, 28, 28, 4, 32, 7) if quick else (4, 56, 56, 4, 32, 7)
-    q, k, v = (t.requires_grad_() for t in _inputs(device, torch.float32, B, H, W, heads, d))
+    q, k, v = (t.requires_grad_() for t in _inputs(device, torch.float32, B, (H, W), heads, d))
     gout = torch.ones_like(q)
     pq, pk, pv = (t.detach().clone().requires_grad_() for t in (q, k, v))
 
@@ -137,7 +197,7 @@ def _make_cpu_fwd_bwd(device, quick):
     N = B * H * W
     return Workload(ours=ours, peers={"unfold_autograd": unfold_peer}, bytes=8 * q.numel() * q.element_size(),
                     flops=12.0 * N * kernel * kernel * d * heads, ceiling="matmul_fp32",
-                    targets={"speedup:unfold_autograd": 20.0}, check=check,
+                    targets={"speedup:unfold_autograd": 20.0, "ceiling": 0.25}, check=check,
                     note=f"forward+backward, B={B} {H}x{W} heads={heads} d={d} k={kernel} float32, zero border",
                     label=f"na2d_fwd_bwd_zero_{H}x{W}_k{kernel}")
 
@@ -145,11 +205,11 @@ def _make_cpu_fwd_bwd(device, quick):
 def _make_gpu(device, quick, *, B, HW, heads, d, kernel, backward):
     if quick:
         B = 2
-    q, k, v = _inputs(device, torch.bfloat16, B, HW, HW, heads, d)
+    q, k, v = _inputs(device, torch.bfloat16, B, (HW, HW), heads, d)
     if backward:
         q, k, v = (t.requires_grad_() for t in (q, k, v))
     gout = torch.ones_like(q)
-    flex, flex_to_ours = _flex_peer(q, k, v, kernel, backward=backward)
+    flex = _FlexPeer(q, k, v, (kernel, kernel), backward=backward)
 
     def ours():
         out = ao.neighborhood_attention2d(q, k, v, kernel)
@@ -160,7 +220,7 @@ def _make_gpu(device, quick, *, B, HW, heads, d, kernel, backward):
     def check():
         with torch.no_grad():
             a = ao.neighborhood_attention2d(q, k, v, kernel).float()
-        b = flex_to_ours(flex()).float()
+        b = flex.to_ours(flex.forward()).float()
         torch.testing.assert_close(a, b, atol=3e-2, rtol=3e-2)
 
     N = B * HW * HW
@@ -172,8 +232,84 @@ def _make_gpu(device, quick, *, B, HW, heads, d, kernel, backward):
                                       f"heads={heads} d={d} k={kernel} bfloat16, clamp")
 
 
+# 1-D and 3-D shapes: (B, spatial, heads, head_dim, kernel_size), full size and quick
+_ND_SHAPES = {
+    1: {False: (4, (4096,), 8, 64, (65,)), True: (1, (512,), 8, 64, (33,))},
+    3: {False: (1, (8, 32, 32), 4, 32, (3, 7, 7)), True: (1, (4, 16, 16), 4, 32, (3, 5, 5))},
+}
+
+
+def _nd_names(spatial, kernel):
+    """(name part, note part) of a shape and a kernel: ``L4096_k65`` / ``L=4096 k=65`` in 1-D,
+    ``8x32x32_k3x7x7`` / ``8x32x32 k=3x7x7`` otherwise."""
+    kernel_text = "x".join(map(str, kernel))
+    if len(spatial) == 1:
+        return f"L{spatial[0]}_k{kernel_text}", f"L={spatial[0]} k={kernel_text}"
+    shape = "x".join(map(str, spatial))
+    return f"{shape}_k{kernel_text}", f"{shape} k={kernel_text}"
+
+
+def _make_nd_cpu_forward(device, quick, *, n):
+    B, spatial, heads, d, kernel = _ND_SHAPES[n][quick]
+    attend = _NEIGHBORHOOD_ATTENTION[n]
+    q, k, v = _inputs(device, torch.float32, B, spatial, heads, d)
+    flex = _FlexPeer(q, k, v, kernel, backward=False)
+    peers = {"flex_attention": flex}
+    targets = {"speedup:flex_attention": 20.0, "ceiling": 0.30}
+    left_out = {}
+    _add_natten_peer(q, k, v, kernel, peers, targets, left_out)
+
+    def ours():
+        return attend(q, k, v, kernel)
+
+    def check():
+        torch.testing.assert_close(ours(), flex.to_ours(flex.forward()), atol=2e-4, rtol=2e-4)
+
+    name, shape_note = _nd_names(spatial, kernel)
+    return Workload(ours=ours, peers=peers, bytes=4 * q.numel() * q.element_size(),
+                    flops=4.0 * B * heads * math.prod(spatial) * math.prod(kernel) * d, ceiling="matmul_fp32",
+                    targets=targets, check=check,
+                    note=f"B={B} {shape_note} heads={heads} d={d} float32, clamp",
+                    label=f"na{n}d_forward_{name}", peers_left_out=left_out)
+
+
+def _make_nd_gpu_fwd_bwd(device, quick, *, n):
+    B, spatial, heads, d, kernel = _ND_SHAPES[n][quick]
+    attend = _NEIGHBORHOOD_ATTENTION[n]
+    q, k, v = (t.requires_grad_() for t in _inputs(device, torch.bfloat16, B, spatial, heads, d))
+    gout = torch.ones_like(q)
+    flex = _FlexPeer(q, k, v, kernel, backward=True)
+
+    def ours():
+        out = attend(q, k, v, kernel)
+        out.backward(gout)
+        return out
+
+    def check():  # the output and the gradients of q, k, v, against the compiled peer's
+        out = attend(q, k, v, kernel)
+        grads = torch.autograd.grad(out, (q, k, v), gout)
+        ref_out, ref_grads = flex.output_and_grads()
+        for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+            torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2,
+                                       msg=lambda m, what=what: f"{what}: {m}")
+
+    name, shape_note = _nd_names(spatial, kernel)
+    return Workload(ours=ours, peers={"flex_attention": flex}, bytes=8 * q.numel() * q.element_size(),
+                    flops=12.0 * B * heads * math.prod(spatial) * math.prod(kernel) * d, ceiling="matmul_bf16",
+                    targets={"speedup:flex_attention": 1.5}, check=check,
+                    note=f"forward+backward, B={B} {shape_note} heads={heads} d={d} bfloat16, clamp",
+                    label=f"na{n}d_gpu_{name}_fwd_bwd")
+
+
 register(Case("neighborhood", "na2d_forward_56x56_k7", _make_cpu_forward, devices=("cpu",), max_repeats=10))
 register(Case("neighborhood", "na2d_fwd_bwd_zero_56x56_k7", _make_cpu_fwd_bwd, devices=("cpu",), max_repeats=5))
+for _n in (1, 3):
+    _name = _nd_names(_ND_SHAPES[_n][False][1], _ND_SHAPES[_n][False][4])[0]
+    register(Case("neighborhood", f"na{_n}d_forward_{_name}",
+                  lambda device, quick, _n=_n: _make_nd_cpu_forward(device, quick, n=_n), devices=("cpu",),
+                  max_repeats=10))
+    register(Case("neighborhood", f"na{_n}d_gpu_{_name}_fwd_bwd",
+                  lambda device, quick, _n=_n: _make_nd_gpu_fwd_bwd(device, quick, n=_n), devices=("cuda",)))
 for _name, _kw in (
     ("na2d_gpu_56x56_h2_d32", dict(B=64, HW=56, heads=2, d=32, kernel=7)),
     ("na2d_gpu_14x14_h12_d64", dict(B=64, HW=14, heads=12, d=64, kernel=7)),

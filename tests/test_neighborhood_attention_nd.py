@@ -121,6 +121,9 @@ CASES = [
     ((5, 4, 7), (2, 3, 5), (2, 1, 1), (2, 1, 3), (False, True, True), "clamp"),
     ((3, 5, 4), (3, 3, 2), (1, 1, 1), (1, 1, 1), (False, False, False), "zero"),
     ((4, 3, 5), (3, 3, 4), (1, 1, 1), (1, 1, 1), (False, False, False), "mask"),
+    # maps smaller than the window (allowed for the centred rules)
+    ((5,), (9,), (1,), (1,), (False,), "zero"),
+    ((3, 4), (5, 6), (1, 2), (1, 1), (False, False), "mask"),
 ]
 KV_HEADS = (4, 2, 1)
 

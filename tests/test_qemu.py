@@ -52,6 +52,13 @@ def wa(b):
     y.square().sum().backward()
     return [y.detach(), qq.grad, kk.grad, vv.grad, tt.grad]
 check("window_attention2d", wa)
+q1, k1, v1 = torch.randn(3, 2, 13, 4, 8).unbind(0)
+def na1(b):  # the N-d kernel's strided, causal, even-kernel, grouped-head path
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q1, k1[:, :, :2], v1[:, :, :2]))
+    y = alterops.neighborhood_attention1d(qq, kk, vv, kernel_size=4, stride=2, is_causal=True, backend=b)
+    y.square().sum().backward()
+    return [y.detach(), qq.grad, kk.grad, vv.grad]
+check("neighborhood_attention1d", na1)
 print("RESULT " + json.dumps(out))
 """
 

@@ -27,6 +27,11 @@ paper's ``ConvAttention2d``             ``neighborhood_attention2d(border="zero"
 NATTEN's ``NeighborhoodAttention1D/2D/  ``neighborhood_attention{1,2,3}d`` with the module's kernel,
 3D`` (0.20 and later)                   stride, dilation, causal axes and scale (natten need not be
                                         installed: matched by ``na_dim``, ``qkv``, ``proj``)
+Hugging Face DiNAT / NAT                ``neighborhood_attention2d`` with the module's kernel,
+``NeighborhoodAttentionModule``         dilation and ``rpb`` (their models' math, q/k/v
+(transformers 4.57 and 5.x; natten      projections, ``q / sqrt(d)``, softmax, weighted values),
+not needed, see                         then the module's output projection
+``alterops.compat.natten``)
 paper's ``TanhBlurBlock``               ``tanh_blur2d`` (its blur must be an ``AvgPool2d``)
 ``nn.AvgPool2d`` with stride 1          ``box_blur2d`` (the blur paper's ``AvgPool2d(2, 1, 1)``)
 =====================================  ==========================================================
@@ -52,6 +57,9 @@ per query-key pair in training), the paper modules' external ``mask``, Hugging F
 table, a timm block whose static shift mask (built for its ``input_resolution``) does not fit the
 padded size of the map it is called with. The fused forwards return ``None`` where the originals
 return attention probabilities.
+DiNAT / NAT are the exception: there those calls (probabilities requested, attention dropout active
+in training) run the models' computation through the unfused ops of ``alterops.compat.natten``
+(their own forward is broken in transformers 4.57 and 5.x) and return the probabilities.
 Numerics: Swin adds -100 to the logits of cross-region pairs of shifted windows; the op excludes
 them exactly, a difference below ``exp(-100 + spread)`` relative, where ``spread`` is the range of
 a window's logits (Swin V2: at most ``2·τ + 16`` with ``τ = exp(logit_scale) <= 100``, so below
@@ -916,3 +924,105 @@ def unswap(model: nn.Module) -> int:
             m.__dict__.pop("alterops_backend", None)
             n += 1
     return n
+
+
+
+# -----------------------------------------------------------------------------------------
+# Hugging Face DiNAT / NAT (transformers 4.x and 5.x), and the NATTEN <= 0.17 modules of
+# alterops.compat.natten
+# -----------------------------------------------------------------------------------------
+def _hf_natten_attend(a, hidden_states, output_attentions, backend):
+    """transformers' DiNAT / NAT ``NeighborhoodAttention`` ``a`` on ``(B, H, W, C)``: the model's
+    computation (:func:`alterops.compat.natten.hf_neighborhood_attention_forward`: q/k/v
+    projections, ``q / sqrt(head_dim)``, clamp-window logits plus ``rpb``, softmax, weighted values)
+    as one ``neighborhood_attention2d`` call with ``rel_pos_bias=rpb``; that unfused computation
+    itself when the probabilities are requested or the attention dropout is active in training
+    (the same dropout, exactly). Returns ``(context,)`` or ``(context, probs)``."""
+    from .compat.natten import hf_neighborhood_attention_forward
+
+    if output_attentions or (a.training and a.dropout.p > 0) or hidden_states.dim() != 4 or _collecting_attentions():
+        return hf_neighborhood_attention_forward(a, hidden_states, output_attentions)
+    heads, d = a.num_attention_heads, a.attention_head_size
+    B, H, W, _ = hidden_states.shape
+    q, k, v = _qkv_proj(hidden_states, a.query, a.key, a.value, heads)
+    out = _ops().neighborhood_attention2d(
+        q, k, v, int(a.kernel_size), int(getattr(a, "dilation", 1)), rel_pos_bias=a.rpb, scale=d ** -0.5,
+        backend=backend,
+    )
+    return (out.reshape(B, H, W, heads * d),)
+
+
+class _FusedHFNeighborhoodAttentionModule(_Fused):
+    """``NeighborhoodAttentionModule``: the fused attention (``self.self``), then ``self.output``."""
+
+    def forward(self, hidden_states, output_attentions=False):
+        outputs = _hf_natten_attend(self.self, hidden_states, output_attentions, self.__dict__.get("alterops_backend"))
+        return (self.output(outputs[0], hidden_states),) + tuple(outputs[1:])
+
+
+class _FusedHFNeighborhoodAttention(_Fused):
+    def forward(self, hidden_states, output_attentions=False):
+        return _hf_natten_attend(self, hidden_states, output_attentions, self.__dict__.get("alterops_backend"))
+
+
+def _hf_natten_check(m):
+    """None when ``m`` has the layout of transformers' DiNAT / NAT ``NeighborhoodAttention``, else why not."""
+    need = ("query", "key", "value", "rpb", "dropout", "kernel_size", "num_attention_heads", "attention_head_size")
+    if not all(hasattr(m, n) for n in need):
+        return "a NeighborhoodAttention without the attributes of transformers' DiNAT / NAT module"
+    k, d = m.kernel_size, getattr(m, "dilation", 1)
+    heads, hd = m.num_attention_heads, m.attention_head_size
+    if not (isinstance(k, int) and isinstance(d, int) and k > 1 and k % 2 == 1 and d >= 1):
+        return f"kernel {k!r} / dilation {d!r} are not an odd int > 1 and an int >= 1"
+    if not all(isinstance(l, nn.Linear) and l.out_features == heads * hd for l in (m.query, m.key, m.value)):
+        return "query / key / value are not Linear layers onto num_attention_heads x attention_head_size"
+    if not isinstance(m.rpb, torch.Tensor) or tuple(m.rpb.shape) != (heads, 2 * k - 1, 2 * k - 1):
+        return f"rpb is not a ({heads}, {2 * k - 1}, {2 * k - 1}) table (pruned heads?)"
+    if not isinstance(m.dropout, nn.Dropout):
+        return "dropout is not an nn.Dropout"
+    return None
+
+
+def _hf_natten_detail(m):
+    return f"kernel {m.kernel_size}, dilation {getattr(m, 'dilation', 1)}, heads {m.num_attention_heads}, rpb"
+
+
+def _is_transformers(m, name):
+    return type(m).__name__ == name and type(m).__module__.startswith("transformers.")
+
+
+def _match_hf_natten_module(m):
+    if not _is_transformers(m, "NeighborhoodAttentionModule"):
+        return None
+    a, out = getattr(m, "self", None), getattr(m, "output", None)
+    if a is None or out is None or not _is_transformers(a, "NeighborhoodAttention"):
+        return ("skip", "a NeighborhoodAttentionModule without transformers' self / output children")
+    why = _hf_natten_check(a)
+    if why:
+        return ("skip", why)
+    return ("fuse", "hf_natten", _hf_natten_detail(a))
+
+
+def _match_hf_natten(m):
+    if not _is_transformers(m, "NeighborhoodAttention"):
+        return None
+    why = _hf_natten_check(m)
+    if why:
+        return ("skip", why)
+    return ("fuse", "hf_natten_attention", _hf_natten_detail(m))
+
+
+def _match_compat_natten(m):
+    if type(m).__module__ != "alterops.compat.natten" or not hasattr(m, "rpb"):
+        return None
+    return ("skip", "alterops.compat.natten module: calls the fused op already (the unfused ops only while "
+                    "attention dropout is active)")
+
+
+_MIXINS["hf_natten"] = _FusedHFNeighborhoodAttentionModule
+_MIXINS["hf_natten_attention"] = _FusedHFNeighborhoodAttention
+_MATCHERS = _MATCHERS + (
+    ("attention", _match_hf_natten_module),
+    ("attention", _match_hf_natten),
+    ("attention", _match_compat_natten),
+)

@@ -1,0 +1,230 @@
+"""Triton launchers of the N-d neighbourhood attention family (``kernels/neighborhood_attention_nd.py``)
+and their registration as opaque ops:
+
+* ``alterops::neighborhood_attention_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal,
+  border, bias, scale) -> (out, lse)``
+* ``alterops::neighborhood_attention_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size,
+  dilation, stride, causal, border, bias, scale, bias_grad) -> (dq, dk, dv, dbias)``
+
+Tensors have three spatial axes: q ``(B, T, H, W, heads, D)``, k and v ``(B, T, H, W, heads_kv, D)``
+(any strides, ``heads % heads_kv == 0``), out contiguous like q, lse ``(B, heads, T, H, W)``
+float32 (natural log). ``kernel_size``, ``dilation``, ``stride``, ``causal``: one int per axis.
+``bias``: None or a contiguous float32 table ``(heads | 1, 2kt-1, 2kh-1, 2kw-1)``. The callers
+check the arguments (window sizes against the map, border with stride/causal); these functions
+compute. Dtypes: float32, float16, bfloat16; head_dim <= 256.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+
+BORDER_CODE = {"clamp": 0, "mask": 1, "zero": 2}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, border: str) -> None:
+    if q.shape[4] % k.shape[4] != 0:
+        raise ValueError(f"q's {q.shape[4]} heads are not a multiple of k/v's {k.shape[4]} heads")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"the Triton N-d neighbourhood attention takes {DTYPES}, got {q.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton N-d neighbourhood attention takes head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    if border not in BORDER_CODE:
+        raise ValueError(f"border must be one of {tuple(BORDER_CODE)}, got {border!r}")
+
+
+def _window_args(kernel_size, dilation, stride, causal) -> list[int]:
+    """The kernels' KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW."""
+    return [int(x) for x in (*kernel_size, *dilation, *stride)] + [int(bool(c)) for c in causal]
+
+
+def _bias_args(q, bias):
+    has_bias = bias is not None
+    bias_arg = bias if has_bias else q.new_zeros(1, dtype=torch.float32)
+    bias_head_stride = 0 if (not has_bias or bias.shape[0] == 1) else bias.stride(0)
+    return has_bias, bias_arg, bias_head_stride
+
+
+def _tiles(cfg: dict, T: int, H: int, W: int, prefix: str) -> int:
+    return _cdiv(T, cfg[prefix + "T"]) * _cdiv(H, cfg[prefix + "H"]) * _cdiv(W, cfg[prefix + "W"])
+
+
+def na_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale):
+    from .kernels import neighborhood_attention_nd as kern
+    from .kernels._attention_common import nonfinite_passes
+
+    _check(q, k, border)
+    B, T, H, W, heads, head_dim = q.shape
+    heads_kv = k.shape[4]
+    out = _checks.empty((B, T, H, W, heads, head_dim), like=q)
+    lse = _checks.empty((B, heads, T, H, W), like=q, dtype=torch.float32)
+    cfg = kern.pick_config("fwd", head_dim, q.dtype, kern.map_rank(T, H, W))
+    tiles = {n: cfg[n] for n in kern.TILE_KEYS}
+    has_bias, bias_arg, bias_head_stride = _bias_args(q, bias)
+    wide = kern.needs_wide(q, k, v, out)
+    # A NaN or inf in v: the plain kernel's dots would spread it to queries whose window does not
+    # hold it (their weight 0 times inf); a second launch recomputes with IEEE handling when the
+    # device-side flag says so.
+    flag, variants = nonfinite_passes(v)
+    for nonfinite in variants:
+        for bh0, grid, split in kern.launches(B * heads, _tiles(cfg, T, H, W, "TM_")):
+            kern.nand_fwd_kernel[grid](
+                q, k, v, out, lse, bias_arg, flag,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+                T, H, W, heads, heads // heads_kv, head_dim,
+                *_window_args(kernel_size, dilation, stride, causal),
+                bias_head_stride, bh0, scale * kern.LOG2E,
+                BORDER=BORDER_CODE[border], HAS_BIAS=has_bias, **tiles,
+                FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
+                WIDE=wide, SPLIT=split, NONFINITE=nonfinite,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            )
+    return out, lse
+
+
+def _axis_bias_cells(L: int, kernel: int, dilation: int, stride: int, causal: bool, border: str, device):
+    """``(cell, used)``, each ``(L, kernel)``: the bias-table row of neighbour slot j of query i
+    on one axis (slot j is the window's j-th key in dilation steps), and whether the slot is a
+    neighbour (causal windows near the start hold fewer than ``kernel`` keys). The same window
+    rule as the kernels' ``_axis_window``."""
+    i = torch.arange(L, device=device)
+    left = kernel // 2
+    right = kernel // 2 + kernel % 2 - 1
+    res, ig = i % dilation, i // dilation
+    if border == "clamp":
+        lg = (L - res + dilation - 1) // dilation
+        if causal:
+            leader = torch.minimum((ig // stride) * stride + stride - 1, lg - 1)
+            start = torch.clamp(leader - left - right, min=0)
+            count = torch.minimum(ig + 1, lg) - start
+        else:
+            leader = torch.minimum((ig // stride) * stride + stride // 2, lg - 1)
+            start = torch.clamp(leader - left, min=0)
+            start = torch.where(leader + right >= lg, start + lg - right - leader - 1, start)
+            count = torch.full_like(i, kernel)
+    else:
+        start = ig - left
+        count = torch.full_like(i, kernel)
+    j = torch.arange(kernel, device=device)
+    cell = (start - ig)[:, None] + j[None, :] + kernel - 1
+    used = j[None, :] < count[:, None]
+    return cell.clamp(0, 2 * kernel - 2), used
+
+
+def bias_grad_from_slots(ds_slots, kernel_size, dilation, stride, causal, border, table_heads):
+    """Bias-table gradient from per-(query, neighbour slot) logit gradients.
+
+    ``ds_slots``: ``(B, heads, T, H, W, kt, kh, kw)`` float32. Entry (t, y, x, a, b, c) goes to
+    table cell ``(cell_t[t, a], cell_h[y, b], cell_w[x, c])``; the sum is one one-hot contraction
+    per axis (matmuls), deterministic unlike a scatter-add with atomics.
+    """
+    B, heads, T, H, W = ds_slots.shape[:5]
+    onehot = []
+    for L, k, d, s, c in zip((T, H, W), kernel_size, dilation, stride, causal):
+        cell, used = _axis_bias_cells(L, k, d, s, bool(c), border, ds_slots.device)
+        e = torch.nn.functional.one_hot(cell, 2 * k - 1).to(ds_slots.dtype) * used[..., None]
+        onehot.append(e)  # (L, k, 2k-1)
+    g = ds_slots.sum(0)  # (heads, T, H, W, kt, kh, kw)
+    g = torch.einsum("htyxabc,xcr->htyabr", g, onehot[2])
+    g = torch.einsum("htyabr,ybq->htaqr", g, onehot[1])
+    g = torch.einsum("htaqr,tap->hpqr", g, onehot[0])
+    if table_heads == 1:
+        g = g.sum(0, keepdim=True)
+    return g.contiguous()
+
+
+def na_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias,
+                     scale, bias_grad):
+    from .kernels import neighborhood_attention_nd as kern
+
+    _check(q, k, border)
+    B, T, H, W, heads, head_dim = q.shape
+    heads_kv = k.shape[4]
+    # dS = P * (dP - delta + dlse): the kernels take delta - dlse
+    delta = (dout.float() * out.float()).sum(-1).permute(0, 4, 1, 2, 3).contiguous()  # (B, heads, T, H, W)
+    if dlse is not None:
+        delta = delta - dlse
+    dq = _checks.empty(q.shape, like=q)
+    dk = _checks.empty(k.shape, like=k)
+    dv = _checks.empty(v.shape, like=v)
+    has_bias, bias_arg, bias_head_stride = _bias_args(q, bias)
+    want_db = has_bias and bias_grad
+    kt, kh, kw = (int(x) for x in kernel_size)
+    # per-(query, slot) logit gradients for the bias table; slots that are no neighbour stay 0
+    ds_slots = torch.zeros((B, heads, T, H, W, kt, kh, kw) if want_db else (1,), device=q.device,
+                           dtype=torch.float32)
+    window = _window_args(kernel_size, dilation, stride, causal)
+    common = dict(
+        BORDER=BORDER_CODE[border], HAS_BIAS=has_bias,
+        FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
+        WIDE=kern.needs_wide(q, k, v, dout, dq, dk, dv),
+    )
+
+    def tiles(cfg):
+        return dict({n: cfg[n] for n in kern.TILE_KEYS}, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    group = heads // heads_kv
+    rank = kern.map_rank(T, H, W)
+    cfg = kern.pick_config("dq", head_dim, q.dtype, rank)
+    for bh0, grid, split in kern.launches(B * heads, _tiles(cfg, T, H, W, "TM_")):
+        kern.nand_bwd_dq_kernel[grid](
+            q, k, v, dout, lse, delta, dq, bias_arg, ds_slots,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            T, H, W, heads, group, head_dim, *window,
+            bias_head_stride, bh0, scale * kern.LOG2E, scale, STORE_DS=want_db, SPLIT=split,
+            **common, **tiles(cfg),
+        )
+    cfg = kern.pick_config("dkdv", head_dim, q.dtype, rank)
+    for bh0, grid, split in kern.launches(B * heads_kv, _tiles(cfg, T, H, W, "TN_")):
+        kern.nand_bwd_dkdv_kernel[grid](
+            q, k, v, dout, lse, delta, dk, dv, bias_arg,
+            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
+            T, H, W, heads, group, head_dim, *window,
+            bias_head_stride, bh0, scale * kern.LOG2E, scale, SPLIT=split, **common, **tiles(cfg),
+        )
+    if want_db:
+        dbias = bias_grad_from_slots(ds_slots, (kt, kh, kw), dilation, stride, causal, border, bias.shape[0])
+    else:
+        dbias = q.new_zeros((0,), dtype=torch.float32)
+    return dq, dk, dv, dbias
+
+
+# ---------------------------------------------------------------------------------------
+# Op registration: opaque ops with fake impls
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("alterops::neighborhood_attention_nd_triton_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: list[int], dilation: list[int],
+            stride: list[int], causal: list[int], border: str, bias: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return na_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale):
+    B, T, H, W, heads, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty((B, heads, T, H, W), dtype=torch.float32))
+
+
+@torch.library.custom_op("alterops::neighborhood_attention_nd_triton_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            lse: torch.Tensor, dlse: torch.Tensor | None, kernel_size: list[int], dilation: list[int],
+            stride: list[int], causal: list[int], border: str, bias: torch.Tensor | None, scale: float,
+            bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return na_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias,
+                            scale, bias_grad)
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias, scale, bias_grad):
+    db_shape = bias.shape if (bias is not None and bias_grad) else (0,)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            q.new_empty(db_shape, dtype=torch.float32))

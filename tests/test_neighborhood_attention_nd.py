@@ -174,8 +174,9 @@ def fused_in_graph(t):
 def test_forward_backward_float32(case, heads_kv, backend):
     """Output, logsumexp and every gradient (with a gradient flowing into the lse too)."""
     device = skip_unless(OP, backend, torch.float32)
-    if interpreted(backend) and heads_kv == 2:
-        pytest.skip("Triton interpreter: heads_kv 4 and 1 cover the grouping")
+    if interpreted(backend) and heads_kv != (4 if CASES.index(case) % 2 else 1):
+        pytest.skip("Triton interpreter: one grouping per case (alternating 4 and 1 kv heads); "
+                    "tests/test_neighborhood_attention_nd_triton.py has more")
     bias = {4: "head", 2: "shared", 1: None}[heads_kv]
     q, k, v, table = make(case, heads_kv, torch.float32, device, bias)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
@@ -205,6 +206,8 @@ def test_forward_backward_float32(case, heads_kv, backend):
 @pytest.mark.parametrize("case", [CASES[1], CASES[7], CASES[12], CASES[13]], ids=case_id)
 def test_other_dtypes(case, dtype, backend):
     device = skip_unless(OP, backend, dtype)
+    if interpreted(backend) and dtype == torch.float16:
+        pytest.skip("Triton interpreter: bfloat16 covers the 16-bit path")
     q, k, v, table = make(case, 2, dtype, device, "head", seed=3)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, lse = run(case, backend, *leaves, table, return_lse=True)
@@ -360,7 +363,7 @@ def test_empty_batch_and_inputs_untouched(backend):
     assert e[0].grad.shape == e[0].shape
 
 
-@pytest.mark.parametrize("backend", ("reference", "cpu"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     device = skip_unless(OP, backend, torch.float32)
     case = CASES[12]

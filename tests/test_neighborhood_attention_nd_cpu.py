@@ -1,85 +1,27 @@
 """The fused N-d neighbourhood attention CPU ops (``alterops::neighborhood_attention_nd_fwd`` /
-``_bwd``) against a float64 brute force written here: every query's window built from the
-per-axis rule (NATTEN's "clamp" with stride, causal windows and even kernels; centred "mask" and
-"zero"), its logits, softmax, output and logsumexp formed one query at a time, and the gradients
-(dq, dk, dv, dbias, with a non-zero dlse) taken by autograd through that loop.
+``_bwd``) against the float64 brute force of tests/na_brute_force.py: every query's window built
+from the per-axis rule (NATTEN's "clamp" with stride, causal windows and even kernels; centred
+"mask" and "zero"), its logits, softmax, output and logsumexp, and the gradients (dq, dk, dv,
+dbias, with a non-zero dlse) taken by autograd through it.
 """
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
 
 import alterops  # noqa: F401  (loads the ops)
 from alterops import _ext
+from na_brute_force import brute_force as shared_brute_force
 
 pytestmark = pytest.mark.skipif(not _ext.has_op("neighborhood_attention_nd_fwd"),
                                 reason="alterops CPU kernels not built")
 
 
-def axis_keys(i, length, k, d, s, causal, border):
-    """(position, in the image) of every key of query ``i`` on one axis."""
-    left, right = k // 2, k // 2 + k % 2 - 1
-    if border != "clamp":
-        return [(i + d * (j - left), 0 <= i + d * (j - left) < length) for j in range(k)]
-    res, ig = i % d, i // d
-    n_grid = -(-(length - res) // d)
-    if causal:
-        leader = min((ig // s) * s + s - 1, n_grid - 1)
-        start, end = max(leader - left - right, 0), min(ig + 1, n_grid)
-    else:
-        leader = min((ig // s) * s + s // 2, n_grid - 1)
-        start = max(leader - left, 0)
-        if leader + right >= n_grid:
-            start += n_grid - right - leader - 1
-        end = start + k
-    return [(res + d * g, True) for g in range(start, end)]
-
-
 def brute_force(q, k, v, ks, dil, st, causal, border, bias, scale):
-    """out (B, T, H, W, heads, D) and lse (B, heads, T, H, W). Every query's key list (flat key
-    index, or a zero key, and bias cell) is built from the per-axis rule; the logits of all
-    queries are then formed from those lists at once."""
-    B, T, H, W, heads, D = q.shape
-    group = heads // k.shape[4]
-    N = T * H * W
-    kf = k.reshape(B, N, -1, D).repeat_interleave(group, dim=2)
-    vf = v.reshape(B, N, -1, D).repeat_interleave(group, dim=2)
-    sizes = (T, H, W)
-    lists = []
-    for p in itertools.product(range(T), range(H), range(W)):
-        axes = [axis_keys(p[a], sizes[a], ks[a], dil[a], st[a], causal[a], border) for a in range(3)]
-        keys = []
-        for key in itertools.product(*axes):
-            pos = [c[0] for c in key]
-            inside = all(c[1] for c in key)
-            if not inside and border == "mask":
-                continue
-            cell = [(pos[a] - p[a]) // dil[a] + ks[a] - 1 for a in range(3)]
-            flat = (pos[0] * H + pos[1]) * W + pos[2] if inside else -1  # -1: a zero key ("zero")
-            keys.append((flat, (cell[0] * (2 * ks[1] - 1) + cell[1]) * (2 * ks[2] - 1) + cell[2]))
-        lists.append(keys)
-    M = max(len(keys) for keys in lists)
-    idx = torch.zeros(N, M, dtype=torch.long)
-    cells = torch.zeros(N, M, dtype=torch.long)
-    kind = torch.zeros(N, M, dtype=torch.long)  # 0: padding, 1: key, 2: zero key
-    for n, keys in enumerate(lists):
-        for m, (flat, cell) in enumerate(keys):
-            idx[n, m] = max(flat, 0)
-            cells[n, m] = cell
-            kind[n, m] = 1 if flat >= 0 else 2
-    qf = q.reshape(B, N, heads, D)
-    s = scale * (qf.unsqueeze(2) * kf[:, idx]).sum(-1)  # (B, N, M, heads)
-    s = torch.where((kind == 1)[None, :, :, None], s, torch.zeros((), dtype=s.dtype))
-    if bias is not None:
-        s = s + bias.reshape(bias.shape[0], -1)[:, cells].permute(1, 2, 0)
-    s = s.masked_fill((kind == 0)[None, :, :, None], float("-inf"))
-    attn = torch.softmax(s, dim=2)
-    vals = torch.where((kind == 1)[None, :, :, None, None], vf[:, idx], torch.zeros((), dtype=vf.dtype))
-    out = (attn.unsqueeze(-1) * vals).sum(2).reshape(B, T, H, W, heads, D)
-    lse = torch.logsumexp(s, dim=2).permute(0, 2, 1).reshape(B, heads, T, H, W)
-    return out, lse
+    """out (B, T, H, W, heads, D) and lse (B, heads, T, H, W) of the shared float64 brute force."""
+    out, lse = shared_brute_force(q, k, v, ks, dil, st, causal, border, table=bias, scale=scale)
+    return out, lse.permute(0, 4, 1, 2, 3)
 
 
 def make_inputs(spatial, heads, heads_kv, D, dtype, layout, seed=0):

@@ -4,13 +4,13 @@ written here: each query's window is built from the per-axis rule (loops over qu
 softmax runs over the gathered neighbours, and autograd gives the reference gradients."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
 from helpers import assert_close, device_for
+from na_brute_force import neighbour_table
 
 triton = pytest.importorskip("triton")
 
@@ -22,52 +22,11 @@ DEVICE = device_for("triton")
 # ---------------------------------------------------------------------------------------
 # Brute force
 # ---------------------------------------------------------------------------------------
-def axis_keys(i, length, kernel, dilation, stride, causal, border):
-    """Key positions of query i's window on one axis (outside [0, length) only for mask/zero)."""
-    res, ig = i % dilation, i // dilation
-    n_grid = math.ceil((length - res) / dilation)
-    left = kernel // 2
-    right = kernel // 2 + kernel % 2 - 1
-    if border != "clamp":
-        return [i + dilation * (j - left) for j in range(kernel)]
-    if causal:
-        leader = min((ig // stride) * stride + stride - 1, n_grid - 1)
-        start = max(leader - left - right, 0)
-        end = min(ig + 1, n_grid)
-    else:
-        leader = min((ig // stride) * stride + stride // 2, n_grid - 1)
-        start = max(leader - left, 0)
-        if leader + right >= n_grid:
-            start += n_grid - right - leader - 1
-        end = start + kernel
-    keys = [res + dilation * g for g in range(start, end)]
-    assert all(0 <= key < length for key in keys)
-    return keys
-
-
 def neighbours(shape, kernel, dilation, stride, causal, border):
-    """Per query (flat over T, H, W): key index (-1 outside the map), bias cell per axis, and
-    whether the neighbour takes part in the softmax; padded to the largest neighbourhood."""
-    T, H, W = shape
-    rows = []
-    for t, y, x in itertools.product(range(T), range(H), range(W)):
-        per_axis = [axis_keys(p, L, k, d, s, c, border)
-                    for p, L, k, d, s, c in zip((t, y, x), shape, kernel, dilation, stride, causal)]
-        row = []
-        for kt, ky, kx in itertools.product(*per_axis):
-            inside = 0 <= kt < T and 0 <= ky < H and 0 <= kx < W
-            if not inside and border == "mask":
-                continue
-            cell = tuple((kp - qp) // d + k - 1 for kp, qp, d, k in zip((kt, ky, kx), (t, y, x), dilation, kernel))
-            row.append(((kt * H + ky) * W + kx if inside else -1, cell))
-        rows.append(row)
-    n = max(len(r) for r in rows)
-    key = torch.full((len(rows), n), -1, dtype=torch.long)
-    cell = torch.zeros((len(rows), n, 3), dtype=torch.long)
-    used = torch.zeros((len(rows), n), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        for j, (kk, cc) in enumerate(row):
-            key[i, j], cell[i, j], used[i, j] = kk, torch.tensor(cc), True
+    """Per query (flat over T, H, W): key index (-1 for a zero key outside the map), bias cell per
+    axis, and whether the neighbour takes part in the softmax (tests/na_brute_force.py's tables)."""
+    idx, used, cell = neighbour_table(shape, kernel, dilation, stride, causal, border)
+    key = torch.where(idx < math.prod(shape), idx, torch.full_like(idx, -1))
     return key, cell, used
 
 

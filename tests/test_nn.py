@@ -416,7 +416,7 @@ def test_neighborhood_msa_nd_matches_its_math(ndim):
     """NeighborhoodMSA1d/2d/3d with grouped heads, stride, causal axes and even kernels: the
     output and every parameter's gradient equal the float64 computation of the module's math
     (projections, brute-force neighbourhood attention, output projection)."""
-    from test_neighborhood_attention_nd import brute_force
+    from na_brute_force import brute_force
 
     import alterops.nn as ann
 

@@ -674,7 +674,7 @@ class NattenLikeNA(torch.nn.Module):
         self.proj_drop = torch.nn.Dropout(0.0)
 
     def forward(self, x):
-        from test_neighborhood_attention_nd import brute_force
+        from na_brute_force import brute_force
 
         B, *spatial, C = x.shape
         q, k, v = self.qkv(x).reshape(B, *spatial, 3, self.num_heads, self.head_dim).unbind(-3)

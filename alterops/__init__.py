@@ -34,7 +34,6 @@ from .neighborhood_attention_nd import (  # noqa: E402
     neighborhood_attention2d,
     neighborhood_attention3d,
 )
-from . import neighborhood_attention as _neighborhood_attention_2d_kernels  # noqa: E402,F401  (its backend table)
 from .window_attention import window_attention2d  # noqa: E402
 from .statistics import (  # noqa: E402
     delta_log_amplitude,

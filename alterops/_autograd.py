@@ -42,7 +42,8 @@ def first_order_only(op: str):
             if not sources:
                 return outputs
             backend = getattr(ctx, "backend_name", "fused")
-            msg = (f"{op}: double backward (differentiating its gradient) is not supported by the "
+            name = getattr(ctx, "op_name", op)  # a Function serving several public ops names the one called
+            msg = (f"{name}: double backward (differentiating its gradient) is not supported by the "
                    f"{backend!r} backend; use backend='reference' for higher-order gradients")
             single = not isinstance(outputs, tuple)
             outs = (outputs,) if single else outputs

@@ -41,9 +41,19 @@ axis). It receives a deterministic gradient on every backend.
 Backends: ``reference`` (plain PyTorch, differentiable by autograd, every dtype; memory
 ``O(N * prod(kernel_size))``, never ``N x N``), ``cpu`` (fused C++ kernels, float32 / float64 /
 bfloat16) and ``triton`` (flash-style, float32 / float16 / bfloat16, head_dim <= 256). Automatic
-order: CUDA ``triton, reference``; CPU ``cpu, reference``. A 2-D call without the N-d options
-(odd kernels, stride 1, not causal, as many kv heads as heads, no ``return_lse``) runs the 2-D
-kernels of :mod:`alterops.neighborhood_attention`.
+order: CUDA ``triton, reference``; CPU ``cpu, reference``. One kernel family serves the three
+ops: the fused kernels take three spatial axes, and 1-D and 2-D inputs reach them as views with
+leading axes of size 1 (kernel 1).
+
+Decisions where the contract is open:
+
+* the bias table may have any floating dtype (e.g. a float32 parameter with bfloat16
+  activations); it is read in float32 (float64 for float64 inputs) and its gradient has the
+  table's dtype. It must be on the device of ``q``.
+* the fused backends save the output and the per-query logsumexp for the backward, as flash
+  attention does; memory is linear in the number of queries.
+* the bias gradient is deterministic on every backend (no atomic adds into the table), and the
+  CPU backward gives the same bits whatever the thread count.
 """
 from __future__ import annotations
 
@@ -233,8 +243,9 @@ try:  # the Triton launchers register their ops at import (Triton itself is impo
 except ImportError:
     _HAVE_TRITON_OPS = False
 
-_TABLE = register(OpBackends(
-    op="neighborhood_attention_nd",
+# One backend table per public op (the three are the same: one kernel family serves them all).
+_TABLES = {n: register(OpBackends(
+    op=f"neighborhood_attention{n}d",
     backends={
         "reference": Backend(),
         "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16),
@@ -243,14 +254,14 @@ _TABLE = register(OpBackends(
     },
     auto_cuda=("triton", "reference"),
     auto_cpu=("cpu", "reference"),
-))
+)) for n in (1, 2, 3)}
 
 
 class _NeighborhoodAttentionNd(torch.autograd.Function):
     """Fused forward/backward on three spatial axes; returns ``(out, lse)``, both differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, table, kernel_size, dilation, stride, causal, border, scale, backend):
+    def forward(ctx, q, k, v, table, kernel_size, dilation, stride, causal, border, scale, backend, op_name):
         bias = None
         if table is not None:
             cells = [2 * kk - 1 for kk in kernel_size]
@@ -263,6 +274,7 @@ class _NeighborhoodAttentionNd(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, bias)
         ctx.params = (kernel_size, dilation, stride, causal, border, scale)
         ctx.backend_name = backend
+        ctx.op_name = op_name
         ctx.table_shape = None if table is None else (table.shape, table.dtype)
         ctx.set_materialize_grads(False)
         return out, lse
@@ -287,7 +299,7 @@ class _NeighborhoodAttentionNd(torch.autograd.Function):
         if bias_grad:
             shape, dtype = ctx.table_shape
             dtable = dbias.reshape(shape).to(dtype)
-        return dq, dk, dv, dtable, None, None, None, None, None, None, None
+        return dq, dk, dv, dtable, None, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -387,13 +399,8 @@ def _neighborhood_attention(n, q, k, v, kernel_size, dilation, stride, is_causal
         n, q, k, v, kernel_size, dilation, stride, is_causal, border, rel_pos_bias, scale)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
-    heads, heads_kv, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
-    plain_2d = (n == 2 and all(kk % 2 for kk in ks) and ss == (1, 1) and cs == (False, False)
-                and heads_kv == heads and not return_lse)
-    if plain_2d:  # the 2-D kernels (their own backend table)
-        from .neighborhood_attention import _neighborhood_attention2d_checked
-        return _neighborhood_attention2d_checked(q, k, v, ks, ds, border, table, scale, backend)
-    name = _TABLE.select(backend, q.device, q.dtype)
+    heads, head_dim = q.shape[-2], q.shape[-1]
+    name = _TABLES[n].select(backend, q.device, q.dtype)
     if name == "triton" and head_dim > MAX_TRITON_HEAD_DIM:
         if backend == "triton":
             raise ValueError(f"the 'triton' backend supports head_dim <= {MAX_TRITON_HEAD_DIM}, got {head_dim}")
@@ -405,7 +412,8 @@ def _neighborhood_attention(n, q, k, v, kernel_size, dilation, stride, is_causal
     q3, k3, v3 = (t[(slice(None),) + (None,) * pad] for t in (q, k, v))
     one = (1,) * pad
     out, lse = _NeighborhoodAttentionNd.apply(q3, k3, v3, table, [*one, *ks], [*one, *ds], [*one, *ss],
-                                              [0] * pad + [int(c) for c in cs], border, scale, name)
+                                              [0] * pad + [int(c) for c in cs], border, scale, name,
+                                              f"neighborhood_attention{n}d")
     B, spatial = q.shape[0], tuple(q.shape[1:1 + n])
     out = out.reshape(B, *spatial, heads, head_dim)
     if not return_lse:

@@ -61,12 +61,12 @@ class Launched(Exception):
 
 @pytest.fixture
 def no_triton_kernels(monkeypatch):
-    from alterops import blur, neighborhood_attention, statistics, window_attention
+    from alterops import _na_nd_triton, blur, statistics, window_attention
 
     def stub(*args, **kwargs):
         raise Launched()
 
-    monkeypatch.setattr(neighborhood_attention, "_na_triton_fwd", stub)
+    monkeypatch.setattr(_na_nd_triton, "na_nd_triton_fwd", stub)
     monkeypatch.setattr(window_attention, "_triton_fwd_launch", stub)
     monkeypatch.setattr(statistics, "_delta_triton_launch", stub)
     monkeypatch.setattr(statistics, "_variance_triton_launch", stub)

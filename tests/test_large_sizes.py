@@ -134,10 +134,33 @@ def test_neighborhood_offsets_past_2_31(backend, dim):
     del storage
 
 
-def _na_total(kern, B, heads, H, W, dtype, head_dim, side):
-    cfg = kern.pick_config(head_dim, dtype)
-    th, tw = (cfg["TM_H"], cfg["TM_W"]) if side == "q" else (cfg["TN_H"], cfg["TN_W"])
-    return B * heads * (-(-H // th)) * (-(-W // tw))
+@pytest.mark.parametrize("backend", ("cpu", "triton"))
+def test_neighborhood3d_time_offsets_past_2_31(backend):
+    """The third spatial axis of the N-d kernels (T), with grouped heads: element offsets along T
+    past 2**31."""
+    from na_brute_force import brute_force as nd_brute_force
+
+    dtype = LOW[backend]
+    device = skip_unless("neighborhood_attention3d", backend, dtype)
+    if device.type != "cpu":
+        pytest.skip("the views live in host memory")
+    storage = big_storage(dtype)
+    q, dout, k, v = far_views(storage, (1, 3, 3, 3, 2, 8), 1, 4)
+    k, v = k[..., :1, :], v[..., :1, :]  # one kv head for the two query heads
+    table = torch.randn(2, 3, 3, 3, generator=torch.Generator().manual_seed(4))
+    args = ((2, 2, 2), (1, 1, 1), (1, 1, 1), (True, False, False), "clamp")
+    check_against_brute_force(
+        lambda q, k, v, t: ao.neighborhood_attention3d(q, k, v, 2, is_causal=(True, False, False), rel_pos_bias=t,
+                                                       backend=backend),
+        lambda q, k, v, t: nd_brute_force(q, k, v, *args, table=t)[0], q, k, v, dout, table)
+    del storage
+
+
+def _na_tiles(kern, H, W, dtype, head_dim, kernel):
+    """Blocks of one (batch, head) image of a 2-D call (T = 1) in kernel ``kernel``."""
+    cfg = kern.pick_config(kernel, head_dim, dtype, kern.map_rank(1, H, W))
+    th, tw = (cfg["TM_H"], cfg["TM_W"]) if kernel != "dkdv" else (cfg["TN_H"], cfg["TN_W"])
+    return -(-H // th) * (-(-W // tw))
 
 
 def check_bh_launches(launches, total_bh: int, tiles: int, what: str) -> None:
@@ -161,18 +184,18 @@ def check_bh_launches(launches, total_bh: int, tiles: int, what: str) -> None:
 @pytest.mark.parametrize("B,heads", [(65537, 1), (257, 256)], ids=["batch65537", "batch257xheads256"])
 def test_neighborhood_triton_grid_within_cuda_limits(monkeypatch, B, heads):
     skip_unless("neighborhood_attention2d", "triton", torch.float32)
-    from alterops.kernels import neighborhood_attention as kern
+    from alterops.kernels import neighborhood_attention_nd as kern
 
     recs = {}
-    for name in ("na2d_fwd_kernel", "na2d_bwd_dq_kernel", "na2d_bwd_dkdv_kernel"):
+    for name in ("nand_fwd_kernel", "nand_bwd_dq_kernel", "nand_bwd_dkdv_kernel"):
         recs[name] = Recorder(getattr(kern, name))
         monkeypatch.setattr(kern, name, recs[name])
     H = W = 3
     q = torch.zeros(B, H, W, heads, 1, requires_grad=True)
     out = ao.neighborhood_attention2d(q, q, q, 3, backend="triton")
     out.backward(torch.zeros_like(out))
-    for name, side in (("na2d_fwd_kernel", "q"), ("na2d_bwd_dq_kernel", "q"), ("na2d_bwd_dkdv_kernel", "k")):
-        tiles = _na_total(kern, 1, 1, H, W, torch.float32, 1, side)
+    for name, kernel in (("nand_fwd_kernel", "fwd"), ("nand_bwd_dq_kernel", "dq"), ("nand_bwd_dkdv_kernel", "dkdv")):
+        tiles = _na_tiles(kern, H, W, torch.float32, 1, kernel)
         check_bh_launches(recs[name].launches, B * heads, tiles, name)
 
 
@@ -180,11 +203,11 @@ def test_neighborhood_triton_split_launches_match_brute_force(monkeypatch):
     """The launches split into chunks of 3 (batch, head) pairs (as past 65535 of them): every
     kernel finds its (batch, head) from the launch's offset."""
     skip_unless("neighborhood_attention2d", "triton", torch.float16)
-    from alterops.kernels import neighborhood_attention as kern
+    from alterops.kernels import neighborhood_attention_nd as kern
 
     monkeypatch.setattr(kern, "GRID_Y_MAX", 3)
     counts = {}
-    for name in ("na2d_fwd_kernel", "na2d_bwd_dq_kernel", "na2d_bwd_dkdv_kernel"):
+    for name in ("nand_fwd_kernel", "nand_bwd_dq_kernel", "nand_bwd_dkdv_kernel"):
         real = getattr(kern, name)
 
         class Counting:

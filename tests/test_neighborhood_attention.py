@@ -287,34 +287,37 @@ def test_does_not_write_inputs():
     q, k, v, table = (t.float() for t in (q, k, v, table))
     copies = [t.clone() for t in (q, k, v, table)]
     for backend in ("reference", "cpu"):
-        if _ext.has_op("neighborhood_attention2d_fwd") or backend == "reference":
+        if _ext.has_op("neighborhood_attention_nd_fwd") or backend == "reference":
             ao.neighborhood_attention2d(q, k, v, 3, rel_pos_bias=table, backend=backend)
     for a, b in zip((q, k, v, table), copies):
         assert torch.equal(a, b)
 
 
-@pytest.mark.skipif(not _ext.has_op("neighborhood_attention2d_fwd"), reason="alterops._C not built")
+@pytest.mark.skipif(not _ext.has_op("neighborhood_attention_nd_fwd"), reason="alterops._C not built")
 def test_opcheck_cpu():
+    """The opaque ops a 2-D call runs (the N-d ops, with a leading axis of size 1)."""
     q, k, v, table = make_inputs(1, 6, 7, 2, 8, torch.float32, "cpu", "head")
-    q, k, v, table = (t.float() for t in (q, k, v, table))
+    q, k, v = (t.float().unsqueeze(1) for t in (q, k, v))
+    table = table.float().unsqueeze(1)
     for border in ("clamp", "zero"):
-        args = (q, k, v, 3, 3, 1, 1, border, table, 0.3)
-        torch.library.opcheck(torch.ops.alterops.neighborhood_attention2d_fwd.default, args)
-        out, lse = torch.ops.alterops.neighborhood_attention2d_fwd(*args)
-        torch.library.opcheck(torch.ops.alterops.neighborhood_attention2d_bwd.default,
-                              (torch.randn_like(out), q, k, v, out, lse, 3, 3, 1, 1, border, table, 0.3, True))
+        args = (q, k, v, [1, 3, 3], [1, 1, 1], [1, 1, 1], [0, 0, 0], border, table, 0.3)
+        torch.library.opcheck(torch.ops.alterops.neighborhood_attention_nd_fwd.default, args)
+        out, lse = torch.ops.alterops.neighborhood_attention_nd_fwd(*args)
+        torch.library.opcheck(torch.ops.alterops.neighborhood_attention_nd_bwd.default,
+                              (torch.randn_like(out), q, k, v, out, lse, None, *args[3:], True))
 
 
 def test_opcheck_triton():
     device = skip_unless(OP, "triton", torch.float32)
     q, k, v, table = make_inputs(1, 5, 6, 1, 16, torch.float32, device, "head")
-    q, k, v, table = (t.float().to(device) for t in (q, k, v, table))
-    args = (q, k, v, 3, 3, 1, 1, "zero", table, 0.3)
-    torch.library.opcheck(torch.ops.alterops.neighborhood_attention2d_triton_fwd.default, args,
+    q, k, v = (t.float().to(device).unsqueeze(1) for t in (q, k, v))
+    table = table.float().to(device).unsqueeze(1)
+    args = (q, k, v, [1, 3, 3], [1, 1, 1], [1, 1, 1], [0, 0, 0], "zero", table, 0.3)
+    torch.library.opcheck(torch.ops.alterops.neighborhood_attention_nd_triton_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
-    out, lse = torch.ops.alterops.neighborhood_attention2d_triton_fwd(*args)
-    torch.library.opcheck(torch.ops.alterops.neighborhood_attention2d_triton_bwd.default,
-                          (torch.randn_like(out), q, k, v, out, lse, 3, 3, 1, 1, "zero", table, 0.3, True),
+    out, lse = torch.ops.alterops.neighborhood_attention_nd_triton_fwd(*args)
+    torch.library.opcheck(torch.ops.alterops.neighborhood_attention_nd_triton_bwd.default,
+                          (torch.randn_like(out), q, k, v, out, lse, None, *args[3:], True),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -388,7 +391,7 @@ def test_natten_clamp_matches():
     assert_close(out, ref.double(), name="vs natten")
 
 
-@pytest.mark.skipif(not _ext.has_op("neighborhood_attention2d_fwd"), reason="compiled kernels not loaded")
+@pytest.mark.skipif(not _ext.has_op("neighborhood_attention_nd_fwd"), reason="compiled kernels not loaded")
 @pytest.mark.parametrize("shape,dtype,border,d,kernel,dilation", [
     ((1, 20, 23, 1), torch.float32, "clamp", 32, 5, 1),   # few (batch, head) pairs: split rows
     ((1, 40, 41, 2), torch.float64, "mask", 16, 5, 2),

@@ -23,16 +23,17 @@
 // row's logits are formed key row by key row (the key row stays in L1), the softmax runs on 16
 // queries at a time, and P.V runs 8 head-dim channels at a time across the row. The backward
 // recomputes P from the saved logsumexp; dK/dV of interior queries are summed key-centrically
-// (each key column reads the shifted dS/P and Q/dO rows), border queries go through the
-// gathered copies and are scattered back once per key row.
+// (each key column reads the shifted dS/P and Q/dO rows, for all the key rows of a query row
+// at once), border queries sum theirs per key column across the channels. Key rows are packed
+// just before the first query row that reads them, with the next row's inputs prefetched.
 // Work is split over (batch, head) pairs, and over row chunks of each pair when there are
 // fewer pairs than twice the threads; each task packs the key rows of its key/value head
 // (heads / heads_kv query heads share one; nothing is copied to expand them). The float32
 // forward forms a long row's logits in segments of kSegmentSlots queries. The backward's
 // tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order (the query
-// heads of a key/value head, then the row chunks); its split
-// depends on the shapes only, never on the thread count, so its results are the same bits
-// whatever the number of threads. bfloat16 is computed in float, float64 in double.
+// heads of a key/value head, then the row chunks; a task that is the only one of its key/value
+// head writes its dK/dV rows out itself); its split depends on the shapes only, never on the
+// thread count, so its results are the same bits whatever the number of threads. bfloat16 is computed in float, float64 in double.
 #include "neighborhood_attention.h"
 
 #include <algorithm>
@@ -41,6 +42,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -62,6 +64,13 @@
 #define NA_AVX2 0
 #define NA_VEC_BYTES 64
 #endif
+// AVX2 + FMA instructions available (the AVX2 and AVX-512 levels): 8x8 register transposes for
+// packing rows, whatever the vector width.
+#if defined(__AVX2__) && defined(__FMA__)
+#define NA_X86V3 1
+#else
+#define NA_X86V3 0
+#endif
 
 // 64-byte vectors passed by value between internal functions of the generic build: GCC notes
 // that their calling convention differs from an AVX-512 build's, which no caller outside this
@@ -80,6 +89,41 @@ struct VecOf {
 
 template <typename T>
 using Vec = typename VecOf<T>::type;
+
+// Allocator of 64-byte aligned storage: a buffer that vector loads read at multiples of the
+// vector width from its start then never splits a cache line in those loads.
+template <typename T>
+struct CacheAligned {
+  typedef T value_type;
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheAligned<U>&) const { return false; }
+};
+template <typename T>
+using Buf = std::vector<T, CacheAligned<T>>;
+
+// 64-byte aligned storage left uninitialised (for buffers that their users fill: the first
+// write then comes from the thread that uses the memory).
+template <typename T>
+class RawBuf {
+ public:
+  explicit RawBuf(size_t n)
+      : p_(static_cast<T*>(::operator new(std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(64)))) {}
+  ~RawBuf() { ::operator delete(p_, std::align_val_t(64)); }
+  RawBuf(const RawBuf&) = delete;
+  RawBuf& operator=(const RawBuf&) = delete;
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+
+ private:
+  T* p_;
+};
 
 template <typename T>
 static inline Vec<T> loadu(const T* p) {
@@ -119,7 +163,7 @@ static inline Vec<float> vexp(Vec<float> x) {
   return x < lo ? splat<float>(0.0f) : r;
 }
 static inline Vec<double> vexp(Vec<double> x) {
-  Vec<double> r;
+  Vec<double> r{};
   for (int l = 0; l < VecOf<double>::N; ++l) r[l] = std::exp(x[l]);
   return r;
 }
@@ -186,7 +230,7 @@ struct Plan {
   int64_t nbr;                   // bias rows (2kt - 1) * (2kh - 1)
   int64_t row_span;              // most key rows between the first and last of one query row
   int64_t nht;                   // bias tables (heads or 1)
-  std::vector<T> biascol;        // [nht][nbr][kw][Ws]: table value (+ -inf column mask)
+  Buf<T> biascol;                // [nht][nbr][kw][Ws]: table value (+ -inf column mask)
   std::vector<int64_t> row_t, row_y;  // [R] the (t, y) of each row
 
   Plan(const View6& q, const View6& k, const Window& win, const T* table, int64_t nht_) {
@@ -439,7 +483,72 @@ static void key_sum_row(const T* Wt, const T* A, int64_t ws, const int64_t* off,
   }
 }
 
+// key_sum_row for NI key rows whose weights Wt[a] multiply the same A (the key rows of one query
+// row): each A vector is loaded once for the NI rows. dst[a][c*dstride + 0:V] +=
+// sum_j Wt[a][j*ws - off[j] + 0:V] * A[c*ws - off[j] + 0:V], NC channels from c0.
+template <typename T, int NI, int NC>
+static inline void key_sum_multi_block(const T* const* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw,
+                                       int64_t c0, T* const* dst, int64_t dstride) {
+  Vec<T> acc[NI][NC];
+  for (int a = 0; a < NI; ++a)
+    for (int cc = 0; cc < NC; ++cc) acc[a][cc] = splat<T>(T(0));
+  for (int64_t j = 0; j < kw; ++j) {
+    const int64_t o = j * ws - off[j];
+    Vec<T> w[NI];
+    for (int a = 0; a < NI; ++a) w[a] = loadu(Wt[a] + o);
+    const T* ac = A + c0 * ws - off[j];
+    for (int cc = 0; cc < NC; ++cc) {
+      const Vec<T> av = loadu(ac + cc * ws);
+      for (int a = 0; a < NI; ++a) acc[a][cc] += w[a] * av;
+    }
+  }
+  for (int a = 0; a < NI; ++a)
+    for (int cc = 0; cc < NC; ++cc) {
+      T* d = dst[a] + (c0 + cc) * dstride;
+      storeu(d, loadu(d) + acc[a][cc]);
+    }
+}
+
+// Rows per key_sum_multi_block and channels per block: NI * NC accumulators, NI weights and one
+// A vector within the 32 zmm registers (AVX-512) or the 16 ymm registers (AVX2).
 #if NA_AVX2
+constexpr int kKeySumRows = 3, kKeySumChannels = 3;
+#else
+constexpr int kKeySumRows = 7, kKeySumChannels = 3;
+#endif
+
+template <typename T, int NI>
+static void key_sum_multi_n(const T* const* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw, int64_t D,
+                            T* const* dst, int64_t dstride) {
+  constexpr int NC = kKeySumChannels;
+  int64_t c0 = 0;
+  for (; c0 + NC <= D; c0 += NC) key_sum_multi_block<T, NI, NC>(Wt, A, ws, off, kw, c0, dst, dstride);
+  for (; c0 < D; ++c0) key_sum_multi_block<T, NI, 1>(Wt, A, ws, off, kw, c0, dst, dstride);
+}
+
+// key_sum_row for nr key rows sharing A, up to kKeySumRows at a time.
+template <typename T>
+static void key_sum_rows(const T* const* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw, int64_t D,
+                         T* const* dst, int64_t dstride, int64_t nr) {
+  for (int64_t r0 = 0; r0 < nr; r0 += kKeySumRows) {
+    const int64_t n = std::min<int64_t>(kKeySumRows, nr - r0);
+    const T* const* w = Wt + r0;
+    T* const* d = dst + r0;
+    switch (n) {
+#if !NA_AVX2
+      case 7: key_sum_multi_n<T, 7>(w, A, ws, off, kw, D, d, dstride); break;
+      case 6: key_sum_multi_n<T, 6>(w, A, ws, off, kw, D, d, dstride); break;
+      case 5: key_sum_multi_n<T, 5>(w, A, ws, off, kw, D, d, dstride); break;
+      case 4: key_sum_multi_n<T, 4>(w, A, ws, off, kw, D, d, dstride); break;
+#endif
+      case 3: key_sum_multi_n<T, 3>(w, A, ws, off, kw, D, d, dstride); break;
+      case 2: key_sum_multi_n<T, 2>(w, A, ws, off, kw, D, d, dstride); break;
+      default: key_sum_multi_n<T, 1>(w, A, ws, off, kw, D, d, dstride); break;
+    }
+  }
+}
+
+#if NA_X86V3
 // dst[c * ds + l] = mul * rows[l][c] for l < 8, c < D (D % 8 == 0); a null row reads zeros.
 static inline void transpose8(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
   const __m256 m = _mm256_set1_ps(mul);
@@ -488,7 +597,7 @@ static void pack_keys(const View6& src, int64_t b, int64_t h, int64_t ylo, int64
   const int64_t* st = src.stride;
   std::vector<T> tmp(pl.W * pl.D);
   for (int64_t y = ylo; y <= yhi; ++y) {
-#if NA_AVX2
+#if NA_X86V3
     if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
       if (st[5] == 1 && pl.D % 8 == 0) {
         // 8 tokens by 8 channels in registers; columns past W (sink, padding) read zeros
@@ -503,11 +612,11 @@ static void pack_keys(const View6& src, int64_t b, int64_t h, int64_t ylo, int64
           const int64_t s0 = (pl.n_full + g) * N;
           T* gb = kp.grow(pl, y, g);
           for (int64_t j = 0; j < pl.kw; ++j) {
+            // the key tokens of 8 slots at a time, transposed (not a key: the sink's zeros)
             const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-            for (int64_t c = 0; c < pl.D; ++c) {
-              const T* rc = row + c * pl.Wk;
-              T* d = gb + (j * pl.D + c) * N;
-              for (int l = 0; l < N; ++l) d[l] = rc[ki[l]];
+            for (int l0 = 0; l0 < N; l0 += 8) {
+              for (int l = 0; l < 8; ++l) rows[l] = ki[l0 + l] < pl.W ? rb + ki[l0 + l] * st[3] : nullptr;
+              transpose8(rows, pl.D, 1.0f, gb + j * pl.D * N + l0, N);
             }
           }
         }
@@ -552,7 +661,7 @@ static void pack_row(const View6& t, int64_t b, int64_t y, int64_t h, const Plan
                      int64_t dstride) {
   const scalar_t* base = static_cast<const scalar_t*>(t.data);
   const int64_t* st = t.stride;
-#if NA_AVX2
+#if NA_X86V3
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
     if (st[5] == 1 && pl.D % 8 == 0) {
       const float* rows[8];
@@ -664,7 +773,7 @@ static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_
     Kp.alloc(pl);
     Vp.alloc(pl);
     const int64_t nblk = pl.Ws / N;
-    std::vector<T> Qp(pl.D * pl.Ws), S(K2 * pl.Ws), Ob(pl.D * pl.Ws), Linv(pl.Ws);
+    Buf<T> Qp(pl.D * pl.Ws), S(K2 * pl.Ws), Ob(pl.D * pl.Ws), Linv(pl.Ws);
     std::vector<KeyView<T>> views(nblk * pl.nkr);
     std::vector<int64_t> row_i(pl.nkr);
     for (int64_t t = t0; t < t1; ++t) {
@@ -881,6 +990,27 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
   }
 }
 
+// pv_tile_diag for any number kw >= T of neighbours (dilation 1): columns u < T - 1 and
+// u >= kw feed fewer than T queries, the columns between feed all T.
+template <int T, int DV>
+static inline void pv_tile_diag_any(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t kw,
+                                    Vec<float> (&acc)[T][DV]) {
+  auto column = [&](int64_t u, auto full) {
+    Vec<float> vv[DV];
+    for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      if (!decltype(full)::value && (u - t < 0 || u - t >= kw)) continue;
+      const Vec<float> p = splat<float>(P[(u - t) * pstride + t]);
+      for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+    }
+  };
+  int64_t u = 0;
+  for (; u < T - 1; ++u) column(u, std::false_type{});
+  for (; u < kw; ++u) column(u, std::true_type{});
+  for (; u < kw + T - 1; ++u) column(u, std::false_type{});
+}
+
 // Query slots of one row whose logits are formed together (rows longer than this are done in
 // segments).
 constexpr int64_t kSegmentSlots = 128;
@@ -968,8 +1098,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         pf_head = 0;
       }
     };
+    // Rows of several segments are prefetched one segment ahead instead (a whole group of them
+    // ahead would not stay in L2).
+    const bool seg_pf = pl.Ws > SW;
     // the group kPfAhead ahead of (task, yg): the same task's, or the next tasks' first ones
     auto pf_schedule = [&](int64_t task, int64_t yg_) {
+      if (seg_pf) return;
       int64_t tt = task, yy = yg_;
       for (int64_t a = 0; a < kPfAhead; ++a) {
         const int64_t ya = (tt % nchunks) * rows_per, yb = std::min(pl.R, ya + rows_per);
@@ -992,7 +1126,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
-      if (t == t0) {  // this thread's first groups: prefetch them now
+      if (t == t0 && !seg_pf) {  // this thread's first groups: prefetch them now
         for (int64_t yy = y0; yy < std::min(y1, y0 + kPfAhead * RG); yy += RG) pf_enqueue_group(t, yy);
         pf_step(1 << 30);
       }
@@ -1037,6 +1171,24 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         // queries and logits stay in cache from the logits to the output
         for (int64_t sg = 0; sg < pl.Ws; sg += SW) {
           const int64_t se = std::min(pl.Ws, sg + SW), cb = sg / N, ce = se / N;
+          if (seg_pf && se < pl.Ws) {
+            // the next segment's query columns and the key/value columns it adds (interior
+            // slots: column xlo + slot), spread over this segment's key rows and query rows
+            auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
+            const int64_t ne = std::min(pl.Ws, se + SW);
+            const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
+            const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
+            for (int64_t r = 0; r < ng; ++r)
+              pfq.push_back({(const char*)(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3]), qs[3] * 4, qe - qa});
+            for (int64_t ky = kmin; ky <= kmax; ++ky) {
+              pfq.push_back({(const char*)(krow(ky) + ka * ks[3]), ks[3] * 4, ke - ka});
+              pfq.push_back({(const char*)(vrow(ky) + ka * vs[3]), vs[3] * 4, ke - ka});
+            }
+            int64_t tokens = 0;
+            for (size_t e = pf_head; e < pfq.size(); ++e) tokens += pfq[e].n;
+            // steps: one per key row and slot block, per query row and P.V tile
+            pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
+          }
           for (int64_t r = 0; r < ng; ++r) {
             const int64_t y = yg + r;
             const float* qr = qb + pl.row_off(qs, b, y, h);
@@ -1078,6 +1230,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 Sb[a] = So[a] + (ci - cb) * N;
               }
               dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SW);
+              if (seg_pf) pf_step(pf_quota);
             }
             pf_step(pf_quota);
           }
@@ -1146,6 +1299,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                     pv_tile_diag<TQ2, DC, 5>(Pl.data(), N, vr, vxs, acc);
                   else if (pl.dw == 1 && pl.kw == 3)
                     pv_tile_diag<TQ2, DC, 3>(Pl.data(), N, vr, vxs, acc);
+                  else if (pl.dw == 1 && pl.kw >= TQ2)
+                    pv_tile_diag_any<TQ2, DC>(Pl.data(), N, vr, vxs, pl.kw, acc);
                   else
                     pv_tile<TQ2, DC>(Pl.data(), N, vr, vxs, pl.dw, pl.kw, acc);
                 }
@@ -1156,12 +1311,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 }
               }
               sl += TQ2;
+              if (seg_pf) pf_step(pf_quota);
             };
             while (sl + 6 <= tile_end) pv_avx2(std::integral_constant<int, 6>{});
             while (sl + 2 <= tile_end) pv_avx2(std::integral_constant<int, 2>{});
             (void)TQ;
 #else
             for (; sl + TQ <= tile_end; sl += TQ) {
+              if (seg_pf) pf_step(pf_quota);
               Vec<float> acc[TQ][DV];
               for (int t = 0; t < TQ; ++t)
                 for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
@@ -1176,6 +1333,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   pv_tile_diag<TQ, DV, 5>(Pi, SW, vr, vxs, acc);
                 else if (pl.dw == 1 && pl.kw == 3)
                   pv_tile_diag<TQ, DV, 3>(Pi, SW, vr, vxs, acc);
+                else if (pl.dw == 1 && pl.kw >= TQ)
+                  pv_tile_diag_any<TQ, DV>(Pi, SW, vr, vxs, pl.kw, acc);
                 else
                   pv_tile<TQ, DV>(Pi, SW, vr, vxs, pl.dw, pl.kw, acc);
               }
@@ -1237,6 +1396,47 @@ static bool forward_fast(const View6& q, const View6& k, const View6& v, float* 
   return true;
 }
 
+// Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
+// prefetches would stall the loads of the work in between).
+class PrefetchQueue {
+ public:
+  // n tokens from p, step_elems elements apart
+  template <typename E>
+  void add(const E* p, int64_t step_elems, int64_t n) {
+    rows_.push_back({reinterpret_cast<const char*>(p), step_elems * (int64_t)sizeof(E), n});
+  }
+  int64_t pending() const {
+    int64_t n = 0;
+    for (size_t e = head_; e < rows_.size(); ++e) n += rows_[e].n;
+    return n;
+  }
+  // Prefetches up to ntok tokens of tok_bytes bytes each.
+  void step(int64_t ntok, int64_t tok_bytes) {
+    while (ntok > 0 && head_ < rows_.size()) {
+      Row& r = rows_[head_];
+      const int64_t m = std::min(ntok, r.n);
+      for (int64_t x = 0; x < m; ++x)
+        for (int64_t o = 0; o < tok_bytes; o += 64) __builtin_prefetch(r.p + x * r.step + o, 0, 2);
+      r.p += m * r.step;
+      r.n -= m;
+      ntok -= m;
+      if (r.n == 0) ++head_;
+    }
+    if (head_ == rows_.size()) {
+      rows_.clear();
+      head_ = 0;
+    }
+  }
+
+ private:
+  struct Row {
+    const char* p;
+    int64_t step, n;  // step in bytes
+  };
+  std::vector<Row> rows_;
+  size_t head_ = 0;
+};
+
 template <typename scalar_t, typename T>
 static void backward_impl(const View6& dout, const View6& q, const View6& k, const View6& v, const View6& out,
                           const T* L, const T* dlse, scalar_t* DQ, scalar_t* DK, scalar_t* DV, T* dbias, const Plan<T>& pl,
@@ -1258,13 +1458,64 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     ck_off[ch] = bh_size;
     bh_size += std::max<int64_t>(0, ck_hi[ch] - ck_lo[ch] + 1) * rl;
   }
-  std::vector<T> dKp(BH * bh_size, T(0)), dVp(BH * bh_size, T(0));
+  // When each key/value head has one query head and the pairs are not cut in chunks, a task's
+  // partial is the final dK/dV of its pair: each key row is written out after the last query
+  // row that reads it (while it is in cache), from a partial buffer private to the thread.
+  const bool direct = nchunks == 1 && pl.G == 1;
+  // (each task zeroes its key rows as it packs them)
+  RawBuf<T> dKp(direct ? 0 : BH * bh_size), dVp(direct ? 0 : BH * bh_size);
+  // dst[b, y, :, hk, :] = the transposed key row src[c][x] (contiguous (B, T, H, W, heads_kv, D))
+  auto write_key_row = [&](scalar_t* dst, const T* src, int64_t b, int64_t hk, int64_t y) {
+    scalar_t* orow = dst + ((b * pl.R + y) * pl.W * pl.NKV + hk) * pl.D;
+    const int64_t ts = pl.NKV * pl.D;
+#if NA_X86V3
+    if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+      if (pl.D % 8 == 0) {
+        // 8 channels by 8 columns transposed in registers
+        int64_t x0 = 0;
+        const float* rows[8];
+        for (; x0 + 8 <= pl.W; x0 += 8)
+          for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+            for (int l = 0; l < 8; ++l) rows[l] = src + (c0 + l) * pl.Wk + x0;
+            transpose8(rows, 8, 1.0f, orow + x0 * ts + c0, ts);
+          }
+        for (; x0 < pl.W; ++x0)
+          for (int64_t c = 0; c < pl.D; ++c) orow[x0 * ts + c] = src[c * pl.Wk + x0];
+        return;
+      }
+    }
+#endif
+    for (int64_t x = 0; x < pl.W; ++x)
+      for (int64_t c = 0; c < pl.D; ++c) orow[x * ts + c] = static_cast<scalar_t>(src[c * pl.Wk + x]);
+  };
+  const Buf<T> zero_row(rl, T(0));
   const int64_t tsize = pl.nbr * (2 * pl.kw - 1);
-  std::vector<T> dB(dbias ? ntasks * pl.nht * tsize : 0, T(0));
+  Buf<T> dB(dbias ? ntasks * pl.nht * tsize : 0, T(0));
   const int64_t K2 = pl.nkr * pl.kw;
   const scalar_t* Oin = static_cast<const scalar_t*>(out.data);
   const int64_t* ost = out.stride;
-  const int64_t gsize = pl.kw * pl.D * N;
+  // Border queries (the border blocks' slots from n_int on) sum their dK/dV per key column,
+  // channels contiguous: bcols the key columns they read, colmap[x] the index of column x there.
+  std::vector<int32_t> colmap(pl.W, -1), bcols;
+  std::vector<std::vector<int>> blanes(pl.NG);  // [g] the border queries' lanes of block g
+  for (int64_t g = 0; g < pl.NG; ++g)
+    for (int l = 0; l < N; ++l) {
+      const int64_t sl = (pl.n_full + g) * N + l;
+      if (sl < pl.n_int || pl.slotx[sl] >= pl.W) continue;
+      blanes[g].push_back(l);
+      for (int64_t j = 0; j < pl.kw; ++j) {
+        const int32_t col = pl.kidx[j * pl.Ws + sl];
+        if (col < pl.W && colmap[col] < 0) {
+          colmap[col] = (int32_t)bcols.size();
+          bcols.push_back(col);
+        }
+      }
+    }
+  const int64_t NB = (int64_t)bcols.size();
+  const int64_t bsize = NB * 2 * pl.D;  // per key row: [column][dK D, dV D]
+  // Lanes of the first border block that hold interior slots (their dK/dV go key-centric).
+  Buf<T> imask(N);
+  for (int l = 0; l < N; ++l) imask[l] = pl.n_full * N + l < pl.n_int ? T(1) : T(0);
   // how far an interior query's keys reach right and left of it
   const int64_t rreach = std::max<int64_t>(pl.off[pl.kw - 1], 0), lreach = std::max<int64_t>(-pl.off[0], 0);
   const int64_t LP = (pl.xlo + rreach + N - 1) / N * N;         // left margin of the row buffers
@@ -1274,18 +1525,43 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     KeyPack<T> Kp, Vp;
     Kp.alloc(pl);
     Vp.alloc(pl);
-    std::vector<T> dKg(std::max<int64_t>(1, pl.R * pl.NG * gsize)), dVg(dKg.size());
+    // The border queries' dK/dV of key row ky: bsize elements at bKV + ky * bsize.
+    Buf<T> bKV(std::max<int64_t>(1, pl.R * bsize));
+    std::vector<T> qt(pl.D), gt(pl.D);
     // Query-row buffers with zero margins, so that key-centric sums can read shifted windows.
-    std::vector<T> Qbuf(pl.D * qs, T(0)), Gbuf(pl.D * qs, T(0)), Prow(K2 * qs, T(0)), dSrow(K2 * qs, T(0));
+    Buf<T> Qbuf(pl.D * qs, T(0)), Gbuf(pl.D * qs, T(0)), Prow(K2 * qs, T(0)), dSrow(K2 * qs, T(0));
     T* Qp = Qbuf.data() + LP;
     T* Gp = Gbuf.data() + LP;
-    std::vector<T> S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
-    std::vector<T> lse_s(pl.Ws), delta_s(pl.Ws);
-#if NA_AVX2
-    std::vector<T> Ot(pl.D * pl.Ws), dq8(8 * pl.D);  // transposed out row; 8 dq tokens
+    Buf<T> S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
+    Buf<T> lse_s(pl.Ws), delta_s(pl.Ws);
+#if NA_X86V3
+    Buf<T> Ot(pl.D * pl.Ws), dq8(8 * pl.D);  // transposed out row; 8 dq tokens
 #endif
     std::vector<KeyView<T>> kviews(pl.nkr), vviews(pl.nkr);
-    std::vector<int64_t> row_i(pl.nkr);
+    std::vector<int64_t> row_i(pl.nkr), last_use(pl.R);
+    RawBuf<T> dKown(direct ? bh_size : 0), dVown(direct ? bh_size : 0);
+    std::vector<uint8_t> written(direct ? pl.R : 0);  // key rows of dK/dV written out
+    // The key-centric sums over several key rows at once (float; vector registers to hold them
+    // in the AVX2 and AVX-512 builds). The same sums in the same order as one row at a time.
+    constexpr bool multi_key_sum = NA_X86V3 && std::is_same<T, float>::value;
+    std::vector<const T*> wk(pl.nkr), wv(pl.nkr);
+    std::vector<T*> dk(pl.nkr), dv(pl.nkr);
+    // The q, dout and out rows and the key/value rows that the next query row reads first,
+    // prefetched into L2 a few tokens at a time while this row is computed.
+    PrefetchQueue pf;
+    auto pf_row = [&](int64_t task, int64_t y, int64_t packed_upto) {
+      const int64_t bh_ = task / nchunks, b_ = bh_ / pl.NH, h_ = bh_ % pl.NH;
+      pf.add(static_cast<const scalar_t*>(q.data) + pl.row_off(q.stride, b_, y, h_), q.stride[3], pl.W);
+      pf.add(static_cast<const scalar_t*>(dout.data) + pl.row_off(dout.stride, b_, y, h_), dout.stride[3], pl.W);
+      pf.add(Oin + pl.row_off(ost, b_, y, h_), ost[3], pl.W);
+      for (int64_t i = 0; i < pl.nkr; ++i) {
+        const int64_t ky = pl.rowpos[y * pl.nkr + i];
+        if (!pl.rowvalid[y * pl.nkr + i] || ky <= packed_upto) continue;
+        pf.add(static_cast<const scalar_t*>(k.data) + pl.row_off(k.stride, b_, ky, h_ / pl.G), k.stride[3], pl.W);
+        pf.add(static_cast<const scalar_t*>(v.data) + pl.row_off(v.stride, b_, ky, h_ / pl.G), v.stride[3], pl.W);
+      }
+    };
+    const int64_t tok_bytes = pl.D * (int64_t)sizeof(scalar_t);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
@@ -1293,20 +1569,48 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
-      pack_keys<scalar_t, T>(k, b, h / pl.G, klo, khi, pl, Kp);
-      pack_keys<scalar_t, T>(v, b, h / pl.G, klo, khi, pl, Vp);
-      // the border blocks' accumulators of the key rows this task reads
-      std::fill(dKg.begin() + klo * pl.NG * gsize, dKg.begin() + (khi + 1) * pl.NG * gsize, T(0));
-      std::fill(dVg.begin() + klo * pl.NG * gsize, dVg.begin() + (khi + 1) * pl.NG * gsize, T(0));
+      // the last query row of the task that reads each key row: the border queries' dK/dV are
+      // added to the key row after that row (and the row written out, direct), while in cache
+      for (int64_t ky = klo; ky <= khi; ++ky) last_use[ky] = -1;
+      for (int64_t y = y0; y < y1; ++y)
+        for (int64_t i = 0; i < pl.nkr; ++i)
+          if (pl.rowvalid[y * pl.nkr + i]) last_use[pl.rowpos[y * pl.nkr + i]] = y;
+      // key/value rows are packed (and their dK/dV accumulators zeroed) just before the first
+      // query row that reads them
+      int64_t packed_hi = klo - 1;
       // this task's dK/dV partial: key row ky at (ky - klo) * rl
-      T* dKt = dKp.data() + bh * bh_size + ck_off[chunk];
-      T* dVt = dVp.data() + bh * bh_size + ck_off[chunk];
+      T* dKt = direct ? dKown.data() : dKp.data() + bh * bh_size + ck_off[chunk];
+      T* dVt = direct ? dVown.data() : dVp.data() + bh * bh_size + ck_off[chunk];
+      if (direct) std::fill(written.begin(), written.end(), uint8_t(0));
       T* dBt = dbias ? dB.data() + t * pl.nht * tsize : nullptr;
       for (int64_t y = y0; y < y1; ++y) {
+        int64_t ylo, yhi;
+        key_rows(pl, y, y + 1, ylo, yhi);
+        if (t == t0 && y == y0) {
+          pf_row(t, y, packed_hi);
+          pf.step(pf.pending(), tok_bytes);
+        }
+        if (yhi > packed_hi) {
+          pack_keys<scalar_t, T>(k, b, h / pl.G, packed_hi + 1, yhi, pl, Kp);
+          pack_keys<scalar_t, T>(v, b, h / pl.G, packed_hi + 1, yhi, pl, Vp);
+          std::fill(bKV.begin() + (packed_hi + 1) * bsize, bKV.begin() + (yhi + 1) * bsize, T(0));
+          std::fill(dKt + (packed_hi + 1 - klo) * rl, dKt + (yhi + 1 - klo) * rl, T(0));
+          std::fill(dVt + (packed_hi + 1 - klo) * rl, dVt + (yhi + 1 - klo) * rl, T(0));
+          packed_hi = yhi;
+        }
+        // the next row of this task, or the first row of the next task
+        if (y + 1 < y1) {
+          pf_row(t, y + 1, packed_hi);
+        } else if (t + 1 < t1) {
+          const int64_t ny0 = ((t + 1) % nchunks) * rows_per;
+          if (ny0 < pl.R) pf_row(t + 1, ny0, -1);
+        }
+        // spread over the (block, key row) steps of the row
+        const int64_t pf_quota = pf.pending() / (pl.Ws / N * pl.nkr) + 1;
         pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
         pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
         const scalar_t* Orow = Oin + pl.row_off(ost, b, y, h);
-#if NA_AVX2
+#if NA_X86V3
         bool vec_rows = false;  // delta = rowsum(out * dout) and the dq rows with 8x8 transposes
         if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
           if (pl.D % 8 == 0) {
@@ -1360,8 +1664,10 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           for (int64_t n = 0; n < K2; ++n) storeu(S.data() + n * N, vexp(loadu(S.data() + n * N) - lv));
           // dP = dO . V over valid rows (invalid rows: zero values, dP = 0)
           std::fill(dS.begin(), dS.end(), T(0));
-          for (int64_t r = 0; r < nrows; ++r)
+          for (int64_t r = 0; r < nrows; ++r) {
             dot_row<T>(Gp + s0, qs, pl.D, vviews[r], pl.kw, dS.data() + row_i[r] * pl.kw * N);
+            pf.step(pf_quota, tok_bytes);
+          }
           for (int64_t n = 0; n < K2; ++n) {
             Vec<T> p = loadu(S.data() + n * N);
             storeu(dS.data() + n * N, p * (loadu(dS.data() + n * N) - dl));
@@ -1375,20 +1681,37 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
               storeu(dSrow.data() + n * qs + LP + s0, loadu(dS.data() + n * N));
             }
           } else {
-            // border block: dK += dS^T . Qscaled, dV += P^T . dO into the gathered copies
-            const int64_t g = ci - pl.n_full;
-            for (int64_t r = 0; r < nrows; ++r) {
-              const int64_t i = row_i[r], ky = pl.rowpos[y * pl.nkr + i];
-              T* kb = dKg.data() + (ky * pl.NG + g) * gsize;
-              T* vb = dVg.data() + (ky * pl.NG + g) * gsize;
-              for (int64_t j = 0; j < pl.kw; ++j) {
-                Vec<T> ds = loadu(dS.data() + (i * pl.kw + j) * N);
-                Vec<T> p = loadu(S.data() + (i * pl.kw + j) * N);
-                T* kj = kb + pl.goff[j];
-                T* vj = vb + pl.goff[j];
-                for (int64_t c = 0; c < pl.D; ++c) {
-                  storeu(kj + c * N, loadu(kj + c * N) + ds * loadu(Qp + c * qs + s0));
-                  storeu(vj + c * N, loadu(vj + c * N) + p * loadu(Gp + c * qs + s0));
+            // border block. Its interior slots: P and dS kept for the key-centric sums as above
+            // (zero in the other lanes).
+            if (s0 < pl.n_int) {
+              const Vec<T> m = loadu(imask.data());
+              for (int64_t n = 0; n < K2; ++n) {
+                storeu(Prow.data() + n * qs + LP + s0, loadu(S.data() + n * N) * m);
+                storeu(dSrow.data() + n * qs + LP + s0, loadu(dS.data() + n * N) * m);
+              }
+            }
+            // Its border queries: dK[col] += dS * Qscaled, dV[col] += P * dO per key column
+            // col, across the channels.
+            const int64_t D = pl.D;
+            for (const int l : blanes[ci - pl.n_full]) {
+              const int64_t sl = s0 + l;
+              for (int64_t c = 0; c < D; ++c) {
+                qt[c] = Qp[c * qs + sl];
+                gt[c] = Gp[c * qs + sl];
+              }
+              for (int64_t r = 0; r < nrows; ++r) {
+                const int64_t i = row_i[r], ky = pl.rowpos[y * pl.nkr + i];
+                T* bk = bKV.data() + ky * bsize;
+                for (int64_t j = 0; j < pl.kw; ++j) {
+                  const int32_t col = pl.kidx[j * pl.Ws + sl];
+                  if (col >= pl.W) continue;  // not a key
+                  const T ds = dS[(i * pl.kw + j) * N + l], p = S[(i * pl.kw + j) * N + l];
+                  T* dk = bk + colmap[col] * 2 * D;
+                  T* dv = dk + D;
+                  for (int64_t c = 0; c < D; ++c) {
+                    dk[c] += ds * qt[c];
+                    dv[c] += p * gt[c];
+                  }
                 }
               }
             }
@@ -1407,25 +1730,46 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           }
         }
         // Interior queries' dK, dV, key-centric: key column x' receives dS[i][j] * Q of query
-        // slot x' - off_j - xlo (zero margins outside the interior blocks): loads only, one
+        // slot x' - off_j - xlo (zero margins outside the interior slots): loads only, one
         // read-modify-write of each dK/dV vector per (row, key block).
-        if (pl.n_full > 0) {
-          for (int64_t i = 0; i < pl.nkr; ++i) {
-            if (!pl.rowvalid[y * pl.nkr + i]) continue;
-            const int64_t ky = pl.rowpos[y * pl.nkr + i];
-            T* dKr = dKt + (ky - klo) * rl;
-            T* dVr = dVt + (ky - klo) * rl;
-            const int64_t xend = std::min<int64_t>(pl.Wk, pl.xlo + pl.n_full * N + pl.off[pl.kw - 1]);
+        if (pl.n_int > 0) {
+          const int64_t xend = std::min<int64_t>(pl.Wk, pl.xlo + pl.n_int + pl.off[pl.kw - 1]);
+          if constexpr (multi_key_sum) {
+            // all the key rows of the query row at once: each Q / dO vector is loaded once for them
+            int64_t nr = 0;
+            for (int64_t i = 0; i < pl.nkr; ++i) {
+              if (!pl.rowvalid[y * pl.nkr + i]) continue;
+              row_i[nr++] = i;
+            }
             for (int64_t x0 = 0; x0 < xend; x0 += N) {
               const int64_t sh = LP + x0 - pl.xlo;
-              key_sum_row<T>(dSrow.data() + i * pl.kw * qs + sh, Qp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
-                             dKr + x0, pl.Wk);
-              key_sum_row<T>(Prow.data() + i * pl.kw * qs + sh, Gp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
-                             dVr + x0, pl.Wk);
+              for (int64_t r = 0; r < nr; ++r) {
+                const int64_t i = row_i[r], ky = pl.rowpos[y * pl.nkr + i];
+                wk[r] = dSrow.data() + i * pl.kw * qs + sh;
+                wv[r] = Prow.data() + i * pl.kw * qs + sh;
+                dk[r] = dKt + (ky - klo) * rl + x0;
+                dv[r] = dVt + (ky - klo) * rl + x0;
+              }
+              key_sum_rows<T>(wk.data(), Qp - LP + sh, qs, pl.off.data(), pl.kw, pl.D, dk.data(), pl.Wk, nr);
+              key_sum_rows<T>(wv.data(), Gp - LP + sh, qs, pl.off.data(), pl.kw, pl.D, dv.data(), pl.Wk, nr);
+            }
+          } else {
+            for (int64_t i = 0; i < pl.nkr; ++i) {
+              if (!pl.rowvalid[y * pl.nkr + i]) continue;
+              const int64_t ky = pl.rowpos[y * pl.nkr + i];
+              T* dKr = dKt + (ky - klo) * rl;
+              T* dVr = dVt + (ky - klo) * rl;
+              for (int64_t x0 = 0; x0 < xend; x0 += N) {
+                const int64_t sh = LP + x0 - pl.xlo;
+                key_sum_row<T>(dSrow.data() + i * pl.kw * qs + sh, Qp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
+                               dKr + x0, pl.Wk);
+                key_sum_row<T>(Prow.data() + i * pl.kw * qs + sh, Gp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
+                               dVr + x0, pl.Wk);
+              }
             }
           }
         }
-#if NA_AVX2
+#if NA_X86V3
         if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
           if (vec_rows) {
             const float* rows[8];
@@ -1451,114 +1795,113 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           scalar_t* o = DQ + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D;
           for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(dQb[c * pl.Ws + sl] * scale);
         }
-      }
-      // scatter the border blocks' dK/dV back to their key columns
-      for (int64_t ky = klo; ky <= khi; ++ky)
-        for (int64_t g = 0; g < pl.NG; ++g) {
-          const int64_t s0 = (pl.n_full + g) * N;
-          const T* kg = dKg.data() + (ky * pl.NG + g) * gsize;
-          const T* vg = dVg.data() + (ky * pl.NG + g) * gsize;
+        // add the border queries' dK/dV of the key rows no later row of the task reads to their
+        // key columns
+        for (int64_t i = 0; i < pl.nkr; ++i) {
+          const int64_t ky = pl.rowpos[y * pl.nkr + i];
+          if (!pl.rowvalid[y * pl.nkr + i] || last_use[ky] != y) continue;
+          last_use[ky] = -1;  // a key row listed twice in the query row is added once
+          const T* bk = bKV.data() + ky * bsize;
           T* kr = dKt + (ky - klo) * rl;
           T* vr = dVt + (ky - klo) * rl;
-          for (int64_t j = 0; j < pl.kw; ++j) {
-            const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-            for (int64_t c = 0; c < pl.D; ++c)
-              for (int l = 0; l < N; ++l) {
-                kr[c * pl.Wk + ki[l]] += kg[(j * pl.D + c) * N + l];
-                vr[c * pl.Wk + ki[l]] += vg[(j * pl.D + c) * N + l];
-              }
-          }
-        }
-    }
-  });
-  // Reduce the partials in a fixed order (query heads of the key/value head, then row chunks)
-  // and unpack into (B, T, H, W, heads_kv, D). parts(a, bkv, y, out): key row y of the dK (a = 0)
-  // or dV (a = 1) partials of the tasks that hold it.
-  auto parts = [&](int a, int64_t bkv, int64_t y, std::vector<const T*>& out_parts) {
-    out_parts.clear();
-    const int64_t b = bkv / pl.NKV, hk = bkv % pl.NKV;
-    for (int64_t g = 0; g < pl.G; ++g) {
-      const int64_t bh = b * pl.NH + hk * pl.G + g;
-      for (int64_t ch = 0; ch < nchunks; ++ch)
-        if (y >= ck_lo[ch] && y <= ck_hi[ch])
-          out_parts.push_back((a == 0 ? dKp : dVp).data() + bh * bh_size + ck_off[ch] + (y - ck_lo[ch]) * rl);
-    }
-  };
-  const int64_t BKV = pl.B * pl.NKV;
-#if NA_AVX2
-  if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
-    if (pl.D % 8 == 0) {
-      // the same sums (same order), then 8 channels by 8 columns transposed in registers
-      par.for_each(0, BKV * pl.R, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> sum(2 * rl), zero;
-        std::vector<const float*> ps;
-        const int64_t ts = pl.NKV * pl.D;
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t bkv = t / pl.R, y = t % pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
-          const float* src[2];
-          for (int a = 0; a < 2; ++a) {
-            parts(a, bkv, y, ps);
-            const int64_t np = (int64_t)ps.size();
-            if (np == 1) {
-              src[a] = ps[0];
-              continue;
+          for (int64_t e = 0; e < NB; ++e)
+            for (int64_t c = 0; c < pl.D; ++c) {
+              kr[c * pl.Wk + bcols[e]] += bk[e * 2 * pl.D + c];
+              vr[c * pl.Wk + bcols[e]] += bk[e * 2 * pl.D + pl.D + c];
             }
-            if (np == 0) {  // a key row no query reads
-              zero.assign(rl, 0.0f);
-              src[a] = zero.data();
-              continue;
-            }
-            float* sm = sum.data() + a * rl;
-            for (int64_t e = 0; e < rl; e += 8) {
-              Vec<float> acc = loadu(ps[0] + e);
-              for (int64_t pi = 1; pi < np; ++pi) acc += loadu(ps[pi] + e);
-              storeu(sm + e, acc);
-            }
-            src[a] = sm;
+          if (direct) {
+            write_key_row(DK, kr, b, h, ky);
+            write_key_row(DV, vr, b, h, ky);
+            written[ky] = 1;
           }
-          for (int a = 0; a < 2; ++a) {
-            float* orow = (a == 0 ? DK : DV) + ((b * pl.R + y) * pl.W * pl.NKV + hk) * pl.D;
-            int64_t x0 = 0;
-            const float* rows[8];
-            for (; x0 + 8 <= pl.W; x0 += 8)
-              for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
-                for (int l = 0; l < 8; ++l) rows[l] = src[a] + (c0 + l) * pl.Wk + x0;
-                transpose8(rows, 8, 1.0f, orow + x0 * ts + c0, ts);
-              }
-            for (; x0 < pl.W; ++x0)
-              for (int64_t c = 0; c < pl.D; ++c) orow[x0 * ts + c] = src[a][c * pl.Wk + x0];
-          }
-        }
-      });
-      goto reduced;
-    }
-  }
-#endif
-  par.for_each(0, BKV * pl.R, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<const T*> pk, pv;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bkv = t / pl.R, y = t % pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
-      parts(0, bkv, y, pk);
-      parts(1, bkv, y, pv);
-      const int64_t np = (int64_t)pk.size();
-      for (int64_t x = 0; x < pl.W; ++x) {
-        scalar_t* okk = DK + (((b * pl.R + y) * pl.W + x) * pl.NKV + hk) * pl.D;
-        scalar_t* ovv = DV + (((b * pl.R + y) * pl.W + x) * pl.NKV + hk) * pl.D;
-        for (int64_t c = 0; c < pl.D; ++c) {
-          T sk = 0, sv = 0;
-          for (int64_t pi = 0; pi < np; ++pi) {
-            sk += pk[pi][c * pl.Wk + x];
-            sv += pv[pi][c * pl.Wk + x];
-          }
-          okk[c] = static_cast<scalar_t>(sk);
-          ovv[c] = static_cast<scalar_t>(sv);
         }
       }
+      if (direct)  // key rows no query row reads
+        for (int64_t ky = 0; ky < pl.R; ++ky)
+          if (!written[ky]) {
+            write_key_row(DK, zero_row.data(), b, h, ky);
+            write_key_row(DV, zero_row.data(), b, h, ky);
+          }
     }
   });
-#if NA_AVX2
+  if (!direct) {
+    // Reduce the partials in a fixed order (query heads of the key/value head, then row chunks)
+    // and unpack into (B, T, H, W, heads_kv, D). parts(a, bkv, y, out): key row y of the dK (a = 0)
+    // or dV (a = 1) partials of the tasks that hold it.
+    auto parts = [&](int a, int64_t bkv, int64_t y, std::vector<const T*>& out_parts) {
+      out_parts.clear();
+      const int64_t b = bkv / pl.NKV, hk = bkv % pl.NKV;
+      for (int64_t g = 0; g < pl.G; ++g) {
+        const int64_t bh = b * pl.NH + hk * pl.G + g;
+        for (int64_t ch = 0; ch < nchunks; ++ch)
+          if (y >= ck_lo[ch] && y <= ck_hi[ch])
+            out_parts.push_back((a == 0 ? dKp : dVp).data() + bh * bh_size + ck_off[ch] + (y - ck_lo[ch]) * rl);
+      }
+    };
+    const int64_t BKV = pl.B * pl.NKV;
+#if NA_X86V3
+    if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+      if (pl.D % 8 == 0) {
+        // the same sums (same order), then 8 channels by 8 columns transposed in registers
+        par.for_each(0, BKV * pl.R, 1, [&](int64_t t0, int64_t t1) {
+          Buf<float> sum(2 * rl), zero;
+          std::vector<const float*> ps;
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t bkv = t / pl.R, y = t % pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
+            const float* src[2];
+            for (int a = 0; a < 2; ++a) {
+              parts(a, bkv, y, ps);
+              const int64_t np = (int64_t)ps.size();
+              if (np == 1) {
+                src[a] = ps[0];
+                continue;
+              }
+              if (np == 0) {  // a key row no query reads
+                zero.assign(rl, 0.0f);
+                src[a] = zero.data();
+                continue;
+              }
+              float* sm = sum.data() + a * rl;
+              for (int64_t e = 0; e < rl; e += VecOf<float>::N) {
+                Vec<float> acc = loadu(ps[0] + e);
+                for (int64_t pi = 1; pi < np; ++pi) acc += loadu(ps[pi] + e);
+                storeu(sm + e, acc);
+              }
+              src[a] = sm;
+            }
+            for (int a = 0; a < 2; ++a) write_key_row(a == 0 ? DK : DV, src[a], b, hk, y);
+          }
+        });
+        goto reduced;
+      }
+    }
+#endif
+    par.for_each(0, BKV * pl.R, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<const T*> pk, pv;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t bkv = t / pl.R, y = t % pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
+        parts(0, bkv, y, pk);
+        parts(1, bkv, y, pv);
+        const int64_t np = (int64_t)pk.size();
+        for (int64_t x = 0; x < pl.W; ++x) {
+          scalar_t* okk = DK + (((b * pl.R + y) * pl.W + x) * pl.NKV + hk) * pl.D;
+          scalar_t* ovv = DV + (((b * pl.R + y) * pl.W + x) * pl.NKV + hk) * pl.D;
+          for (int64_t c = 0; c < pl.D; ++c) {
+            T sk = 0, sv = 0;
+            for (int64_t pi = 0; pi < np; ++pi) {
+              sk += pk[pi][c * pl.Wk + x];
+              sv += pv[pi][c * pl.Wk + x];
+            }
+            okk[c] = static_cast<scalar_t>(sk);
+            ovv[c] = static_cast<scalar_t>(sv);
+          }
+        }
+      }
+    });
+#if NA_X86V3
 reduced: __attribute__((unused));
 #endif
+  }
   if (dbias) {
     const int64_t n = pl.nht * tsize;
     for (int64_t e = 0; e < n; ++e) dbias[e] = T(0);

@@ -135,24 +135,6 @@ def test_float32_bfloat16(case, dtype, D):
     check_case(case, dtype, D=D)
 
 
-def test_2d_ops_match_nd():
-    """The 2D ops run the N-d kernel with T = 1: the same bits."""
-    q, k, v = make_inputs((1, 9, 30), 2, 2, 32, torch.float32, "fused")
-    bias = torch.randn(2, 1, 5, 9)
-    dout = torch.randn(q.shape)
-    out, lse, grads = run_fused(q, k, v, (1, 3, 5), (1, 2, 1), (1, 1, 1), (0, 0, 0), "mask", bias, 0.2, dout, None)
-    q2, k2, v2, dout2 = (t[:, 0] for t in (q, k, v, dout))
-    out2, lse2 = torch.ops.alterops.neighborhood_attention2d_fwd(q2, k2, v2, 3, 5, 2, 1, "mask", bias[:, 0], 0.2)
-    grads2 = torch.ops.alterops.neighborhood_attention2d_bwd(dout2, q2, k2, v2, out2, lse2, 3, 5, 2, 1, "mask",
-                                                             bias[:, 0], 0.2, True)
-    assert torch.equal(out[:, 0], out2) and torch.equal(lse[:, :, 0], lse2)
-    for a, b in zip(grads[:3], grads2[:3]):
-        assert torch.equal(a[:, 0], b)
-    assert torch.equal(grads[3][:, 0], grads2[3])
-    with pytest.raises(RuntimeError, match="odd"):
-        torch.ops.alterops.neighborhood_attention2d_fwd(q2, k2, v2, 3, 4, 2, 1, "mask", None, 0.2)
-
-
 def test_backward_same_bits_any_thread_count():
     sp, ks, dil, st, causal, border = (2, 3, 40), (2, 3, 7), (1, 1, 1), (1, 1, 1), (1, 0, 0), "clamp"
     q, k, v = make_inputs(sp, 4, 2, 32, torch.float32, "fused")

@@ -1,19 +1,14 @@
-// Stable-ABI binding of the neighborhood attention CPU kernels, N-d and 2D (one kernel: the 2D
-// ops run it with a size-1 T axis):
+// Stable-ABI binding of the neighborhood attention CPU kernels (1-D, 2-D and 3-D calls all reach
+// them with three spatial axes; alterops/neighborhood_attention_nd.py adds the leading size-1 axes):
 //
 //   neighborhood_attention_nd_fwd(q, k, v, kernel_size[3], dilation[3], stride[3], causal[3],
 //                                 border, bias?, scale) -> (out, lse)
 //   neighborhood_attention_nd_bwd(dout, q, k, v, out, lse, dlse?, kernel_size[3], dilation[3],
 //                                 stride[3], causal[3], border, bias?, scale, bias_grad)
 //                                 -> (dq, dk, dv, dbias)
-//   neighborhood_attention2d_fwd(q, k, v, kh, kw, dh, dw, border, bias?, scale) -> (out, lse)
-//   neighborhood_attention2d_bwd(dout, q, k, v, out, lse, kh, kw, dh, dw, border, bias?, scale,
-//                                bias_grad) -> (dq, dk, dv, dbias)
 //
-// N-d: q (B, T, H, W, heads, D), k and v (B, T, H, W, heads_kv, D) with heads % heads_kv == 0;
-// lse (B, heads, T, H, W); bias (heads|1, 2kt-1, 2kh-1, 2kw-1). 2D: q, k, v (B, H, W, heads, D),
-// lse (B, heads, H, W), bias (heads|1, 2kh-1, 2kw-1), odd kernels, stride 1, not causal. Any
-// strides for q, k, v (passed to the kernels as they are); out, dq, dk, dv contiguous; lse in
+// q (B, T, H, W, heads, D), k and v (B, T, H, W, heads_kv, D) with heads % heads_kv == 0;
+// lse (B, heads, T, H, W); bias (heads|1, 2kt-1, 2kh-1, 2kw-1). Any strides for q, k, v (passed to the kernels as they are); out, dq, dk, dv contiguous; lse in
 // float32 (float64 for float64 inputs), natural log. bias and dlse are used in that
 // accumulation dtype. border: "clamp" | "mask" | "zero" ("mask"/"zero" with stride 1 and no
 // causal axis; see alterops/neighborhood_attention_nd.py). dbias is (0,) unless bias_grad and a
@@ -33,7 +28,6 @@ using binding::ScalarType;
 using binding::shape_str;
 
 constexpr const char* kNd = "neighborhood_attention_nd";
-constexpr const char* k2d = "neighborhood_attention2d";
 
 int32_t border_code(const std::string& b, const char* op) {
   if (b == "clamp") return kClamp;
@@ -46,10 +40,6 @@ int32_t border_code(const std::string& b, const char* op) {
 const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
 
 ScalarType acc_scalar_type(ScalarType t) { return t == ScalarType::Double ? ScalarType::Double : ScalarType::Float; }
-
-// The spatial axes of a q/k/v-like tensor: 3 for the N-d ops, 2 for the 2D ops (whose tensors
-// have no T axis).
-int spatial_axes(const char* op) { return op == k2d ? 2 : 3; }
 
 // A tensor of q's dtype on the CPU, shaped like q except (for k and v) the heads.
 void check_like_q(const Tensor& t, const Tensor& q, const char* name, bool any_heads, const char* op) {
@@ -66,24 +56,22 @@ void check_like_q(const Tensor& t, const Tensor& q, const char* name, bool any_h
 // Checks q, k, v, the window and the bias; the kernels' element type of q.
 DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Window& w, const std::optional<Tensor>& bias,
                    const char* op) {
-  const int ns = spatial_axes(op);
-  STD_TORCH_CHECK(q.dim() == ns + 3, op, ": q must be (B, ", ns == 3 ? "T, " : "", "H, W, heads, head_dim), got shape ",
-                  shape_str(q));
+  const int ns = 3;
+  STD_TORCH_CHECK(q.dim() == ns + 3, op, ": q must be (B, T, H, W, heads, head_dim), got shape ", shape_str(q));
   STD_TORCH_CHECK(q.is_cpu(), op, " (cpu): q must be on the CPU");
   const ScalarType t = q.scalar_type();
   STD_TORCH_CHECK(t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::BFloat16, op,
                   " (cpu): q must be float32, float64 or bfloat16, got ", dtype_name(t));
   const DType dt = binding::dtype_of(t, op);
-  const bool gqa = op == kNd;
-  check_like_q(k, q, "k", gqa, op);
-  check_like_q(v, q, "v", gqa, op);
+  check_like_q(k, q, "k", true, op);
+  check_like_q(v, q, "v", true, op);
   const int64_t heads = q.size(ns + 1), heads_kv = k.size(ns + 1);
   STD_TORCH_CHECK(v.size(ns + 1) == heads_kv, op, ": k has ", heads_kv, " heads but v has ", v.size(ns + 1));
   STD_TORCH_CHECK(heads_kv >= 1 && heads % heads_kv == 0, op, ": heads of q (", heads,
                   ") must be a multiple of the heads of k and v (", heads_kv, ")");
   const char* axis_name[3] = {"T", "H", "W"};
   for (int a = 0; a < 3; ++a) {
-    const int64_t L = a == 0 && ns == 2 ? 1 : q.size(1 + a - (3 - ns));
+    const int64_t L = q.size(1 + a);
     const int64_t ks = w.kernel[a], d = w.dilation[a], s = w.stride[a];
     STD_TORCH_CHECK(ks >= 1, op, ": kernel_size must be >= 1, got ", ks, " on axis ", axis_name[a]);
     STD_TORCH_CHECK(d >= 1, op, ": dilation must be >= 1, got ", d, " on axis ", axis_name[a]);
@@ -103,10 +91,9 @@ DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Wind
     const Tensor& b = *bias;
     STD_TORCH_CHECK(b.is_cpu(), op, " (cpu): bias must be on the CPU");
     bool ok = b.dim() == ns + 1 && (b.size(0) == 1 || b.size(0) == heads);
-    for (int a = 3 - ns; ok && a < 3; ++a) ok = b.size(1 + a - (3 - ns)) == 2 * w.kernel[a] - 1;
-    STD_TORCH_CHECK(ok, op, ": bias must be (heads|1, ", ns == 3 ? "2kt-1, " : "", "2kh-1, 2kw-1) = (", heads, "|1, ",
-                    ns == 3 ? std::to_string(2 * w.kernel[0] - 1) + ", " : std::string(), 2 * w.kernel[1] - 1, ", ",
-                    2 * w.kernel[2] - 1, "), got ", shape_str(b));
+    for (int a = 0; ok && a < 3; ++a) ok = b.size(1 + a) == 2 * w.kernel[a] - 1;
+    STD_TORCH_CHECK(ok, op, ": bias must be (heads|1, 2kt-1, 2kh-1, 2kw-1) = (", heads, "|1, ", 2 * w.kernel[0] - 1,
+                    ", ", 2 * w.kernel[1] - 1, ", ", 2 * w.kernel[2] - 1, "), got ", shape_str(b));
     binding::dtype_of(b.scalar_type(), op);
   }
   return dt;
@@ -130,12 +117,6 @@ Window window_nd(const std::vector<int64_t>& kernel, const std::vector<int64_t>&
   return w;
 }
 
-Window window_2d(int64_t kh, int64_t kw, int64_t dh, int64_t dw, const std::string& border) {
-  STD_TORCH_CHECK(kh >= 1 && kw >= 1 && kh % 2 == 1 && kw % 2 == 1, k2d, ": kernel sizes must be odd and >= 1, got (",
-                  kh, ", ", kw, ")");
-  return Window{{1, kh, kw}, {1, dh, dw}, {1, 1, 1}, {0, 0, 0}, border_code(border, k2d)};
-}
-
 // The bias table in the accumulation dtype, contiguous (an undefined tensor without a bias).
 Tensor bias_table(const std::optional<Tensor>& bias, ScalarType acc) {
   if (!bias.has_value()) return Tensor();
@@ -144,16 +125,13 @@ Tensor bias_table(const std::optional<Tensor>& bias, ScalarType acc) {
   return binding::contiguous(t);
 }
 
-// A (B, T, H, W, heads, D) view of a 6-d tensor, or of a 5-d (B, H, W, heads, D) one with T = 1.
+// The (B, T, H, W, heads, D) sizes and element strides of a checked 6-d tensor.
 View6 view6(const Tensor& t) {
   View6 v;
   v.data = t.const_data_ptr();
-  const int lead = 6 - (int)t.dim();  // 1 for a 5-d tensor: the T axis it lacks
   for (int d = 0; d < 6; ++d) {
-    const int src = d == 0 ? 0 : d - lead;
-    const bool missing = d >= 1 && d < 1 + lead;
-    v.size[d] = missing ? 1 : t.size(src);
-    v.stride[d] = missing ? 0 : t.stride(src);
+    v.size[d] = t.size(d);
+    v.stride[d] = t.stride(d);
   }
   return v;
 }
@@ -211,8 +189,8 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& k, const T
 Tensor lse_like(const Tensor& t, const Tensor& q, ScalarType acc, const char* name, const char* op) {
   STD_TORCH_CHECK(t.is_cpu(), op, " (cpu): ", name, " must be on the CPU");
   const std::vector<int64_t> want = lse_sizes(q);
-  STD_TORCH_CHECK(sizes_of(t) == want, op, ": ", name, " must be (B, heads, ", q.dim() == 6 ? "T, " : "",
-                  "H, W), got ", shape_str(t), " for q of shape ", shape_str(q));
+  STD_TORCH_CHECK(sizes_of(t) == want, op, ": ", name, " must be (B, heads, T, H, W), got ", shape_str(t),
+                  " for q of shape ", shape_str(q));
   binding::dtype_of(t.scalar_type(), op);
   return binding::contiguous(t.scalar_type() == acc ? t : torch::stable::to(t, acc));
 }
@@ -284,20 +262,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> na_nd_bwd(const Tensor& dout, const T
                       bias_grad, kNd);
 }
 
-std::tuple<Tensor, Tensor> na2d_fwd(const Tensor& q, const Tensor& k, const Tensor& v, int64_t kh, int64_t kw,
-                                    int64_t dh, int64_t dw, const std::string& border,
-                                    const std::optional<Tensor>& bias, double scale) {
-  return run_forward(q, k, v, window_2d(kh, kw, dh, dw, border), bias, scale, k2d);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> na2d_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                    const Tensor& v, const Tensor& out, const Tensor& lse, int64_t kh,
-                                                    int64_t kw, int64_t dh, int64_t dw, const std::string& border,
-                                                    const std::optional<Tensor>& bias, double scale, bool bias_grad) {
-  return run_backward(dout, q, k, v, out, lse, std::nullopt, window_2d(kh, kw, dh, dw, border), bias, scale,
-                      bias_grad, k2d);
-}
-
 }  // namespace
 }  // namespace neighborhood
 }  // namespace alterops
@@ -310,18 +274,9 @@ STABLE_TORCH_LIBRARY_FRAGMENT(alterops, m) {
       "neighborhood_attention_nd_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
       "Tensor? dlse, int[3] kernel_size, int[3] dilation, int[3] stride, int[3] causal, str border, Tensor? bias, "
       "float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "neighborhood_attention2d_fwd(Tensor q, Tensor k, Tensor v, int kh, int kw, int dh, int dw, str border, "
-      "Tensor? bias, float scale) -> (Tensor, Tensor)");
-  m.def(
-      "neighborhood_attention2d_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, int kh, "
-      "int kw, int dh, int dw, str border, Tensor? bias, float scale, bool bias_grad) -> (Tensor, Tensor, Tensor, "
-      "Tensor)");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(alterops, CPU, m) {
   m.impl("neighborhood_attention_nd_fwd", TORCH_BOX(&alterops::neighborhood::na_nd_fwd));
   m.impl("neighborhood_attention_nd_bwd", TORCH_BOX(&alterops::neighborhood::na_nd_bwd));
-  m.impl("neighborhood_attention2d_fwd", TORCH_BOX(&alterops::neighborhood::na2d_fwd));
-  m.impl("neighborhood_attention2d_bwd", TORCH_BOX(&alterops::neighborhood::na2d_bwd));
 }

@@ -722,7 +722,7 @@ def add_parser(bench_parser: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_sizes, default=[(32, 32)], help="map size(s): N or HxW, default 32")
     p.add_argument("--heads", type=_ints, default=[4], help="heads, default 4")
     p.add_argument("--head-dim", type=_ints, default=[32], help="head_dim, default 32")
-    p.add_argument("--kernel", type=_ints, default=[7], help="neighbourhood kernel size(s) (odd), default 7")
+    p.add_argument("--kernel", type=_ints, default=[7], help="neighbourhood kernel size(s), default 7")
     p.add_argument("--window", type=_ints, default=[7], help="window size(s), default 7")
     p.add_argument("--dilation", type=_ints, default=[1], help="neighbourhood dilation(s), default 1")
     p.add_argument("--shift", type=_ints, default=[0], help="window shift(s) (Swin's shifted windows), default 0")

@@ -117,6 +117,32 @@ def _query_range(k0, k1, L, K, DIL, S, CAUSAL, BORDER: tl.constexpr):
 
 
 @triton.jit
+def _window_codes(qt, qy, qx, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW, BORDER: tl.constexpr):
+    """Each query's window on every axis as an interval of key codes (see _codes), plus the
+    per-axis (residue, start, last) triples the key-range bounds are taken from."""
+    rt, st, et = _axis_window(qt, T, KT, DT, ST, CT, BORDER)
+    ry, sy, ey = _axis_window(qy, H, KH, DH, SH, CH, BORDER)
+    rx, sx, ex = _axis_window(qx, W, KW, DW, SW, CW, BORDER)
+    lo_t, hi_t = _codes(rt, st, et, T, DT)
+    lo_y, hi_y = _codes(ry, sy, ey, H, DH)
+    lo_x, hi_x = _codes(rx, sx, ex, W, DW)
+    return rt, st, et, ry, sy, ey, rx, sx, ex, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x
+
+
+@triton.jit
+def _query_windows(qt, qy, qx, m_ok, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW,
+                   BORDER: tl.constexpr):
+    """A query block's key-range bounds per axis (the keys any of its queries can see), each
+    query's window codes, and its window starts (sub-grid indices) per axis."""
+    rt, st, et, ry, sy, ey, rx, sx, ex, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x = _window_codes(
+        qt, qy, qx, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW, BORDER)
+    kt_lo, kt_hi = _key_range(rt, st, et, m_ok, T, DT)
+    ky_lo, ky_hi = _key_range(ry, sy, ey, m_ok, H, DH)
+    kx_lo, kx_hi = _key_range(rx, sx, ex, m_ok, W, DW)
+    return kt_lo, kt_hi, ky_lo, ky_hi, kx_lo, kx_hi, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, st, sy, sx
+
+
+@triton.jit
 def _axis_ok(ok, code, lo, hi, L):
     """``ok`` [M, N] and: key codes[N] within the windows [lo, hi][M] on one axis of length L. An
     axis of length 1 adds nothing: its only key is every query's own position."""
@@ -272,15 +298,8 @@ def nand_fwd_kernel(
     d_ok = offs_d < HD
     q = tl.load(_ptrs(Q, b, sqb, h, sqh, qt, sqt, qy, sqy, qx, sqx, offs_d, sqd, WIDE),
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    rt, st, et = _axis_window(qt, T, KT, DT, ST, CT, BORDER)
-    ry, sy, ey = _axis_window(qy, H, KH, DH, SH, CH, BORDER)
-    rx, sx, ex = _axis_window(qx, W, KW, DW, SW, CW, BORDER)
-    kt_lo, kt_hi = _key_range(rt, st, et, m_ok, T, DT)
-    ky_lo, ky_hi = _key_range(ry, sy, ey, m_ok, H, DH)
-    kx_lo, kx_hi = _key_range(rx, sx, ex, m_ok, W, DW)
-    lo_t, hi_t = _codes(rt, st, et, T, DT)
-    lo_y, hi_y = _codes(ry, sy, ey, H, DH)
-    lo_x, hi_x = _codes(rx, sx, ex, W, DW)
+    kt_lo, kt_hi, ky_lo, ky_hi, kx_lo, kx_hi, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, _, _, _ = _query_windows(
+        qt, qy, qx, m_ok, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW, BORDER)
     bias_q = _bias_query_part(qt, qy, qx, KT, KH, KW, DT, DH, DW)
     bias_base = BIAS + h * bias_hs
 
@@ -388,15 +407,8 @@ def nand_bwd_dq_kernel(
     row = ((bh.to(tl.int64) * T + qt) * H + qy) * W + qx
     lse = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
-    rt, st, et = _axis_window(qt, T, KT, DT, ST, CT, BORDER)
-    ry, sy, ey = _axis_window(qy, H, KH, DH, SH, CH, BORDER)
-    rx, sx, ex = _axis_window(qx, W, KW, DW, SW, CW, BORDER)
-    kt_lo, kt_hi = _key_range(rt, st, et, m_ok, T, DT)
-    ky_lo, ky_hi = _key_range(ry, sy, ey, m_ok, H, DH)
-    kx_lo, kx_hi = _key_range(rx, sx, ex, m_ok, W, DW)
-    lo_t, hi_t = _codes(rt, st, et, T, DT)
-    lo_y, hi_y = _codes(ry, sy, ey, H, DH)
-    lo_x, hi_x = _codes(rx, sx, ex, W, DW)
+    kt_lo, kt_hi, ky_lo, ky_hi, kx_lo, kx_hi, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, st, sy, sx = _query_windows(
+        qt, qy, qx, m_ok, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW, BORDER)
     bias_q = _bias_query_part(qt, qy, qx, KT, KH, KW, DT, DH, DW)
     bias_base = BIAS + h * bias_hs
     # the slot of a pair is slot_key_part(key) - slot_q (window starts in place of the key)
@@ -508,12 +520,8 @@ def nand_bwd_dkdv_kernel(
                     row = ((bh * T + qt) * H + qy) * W + qx
                     lse = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
                     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
-                    rt, st, et = _axis_window(qt, T, KT, DT, ST, CT, BORDER)
-                    ry, sy, ey = _axis_window(qy, H, KH, DH, SH, CH, BORDER)
-                    rx, sx, ex = _axis_window(qx, W, KW, DW, SW, CW, BORDER)
-                    lo_t, hi_t = _codes(rt, st, et, T, DT)
-                    lo_y, hi_y = _codes(ry, sy, ey, H, DH)
-                    lo_x, hi_x = _codes(rx, sx, ex, W, DW)
+                    _, _, _, _, _, _, _, _, _, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x = _window_codes(
+                        qt, qy, qx, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW, BORDER)
                     s = _mm(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
                     dp = _mm(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
                     ok = _pair_ok(n_ok, m_ok, ct, cy, cx, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, T, H, W)

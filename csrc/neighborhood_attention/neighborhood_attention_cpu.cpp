@@ -1015,6 +1015,47 @@ static inline void pv_tile_diag_any(const float* P, int64_t pstride, const float
 // segments).
 constexpr int64_t kSegmentSlots = 128;
 
+// Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
+// prefetches would stall the loads of the work in between).
+class PrefetchQueue {
+ public:
+  // n tokens from p, step_elems elements apart
+  template <typename E>
+  void add(const E* p, int64_t step_elems, int64_t n) {
+    rows_.push_back({reinterpret_cast<const char*>(p), step_elems * (int64_t)sizeof(E), n});
+  }
+  int64_t pending() const {
+    int64_t n = 0;
+    for (size_t e = head_; e < rows_.size(); ++e) n += rows_[e].n;
+    return n;
+  }
+  // Prefetches up to ntok tokens of tok_bytes bytes each.
+  void step(int64_t ntok, int64_t tok_bytes) {
+    while (ntok > 0 && head_ < rows_.size()) {
+      Row& r = rows_[head_];
+      const int64_t m = std::min(ntok, r.n);
+      for (int64_t x = 0; x < m; ++x)
+        for (int64_t o = 0; o < tok_bytes; o += 64) __builtin_prefetch(r.p + x * r.step + o, 0, 2);
+      r.p += m * r.step;
+      r.n -= m;
+      ntok -= m;
+      if (r.n == 0) ++head_;
+    }
+    if (head_ == rows_.size()) {
+      rows_.clear();
+      head_ = 0;
+    }
+  }
+
+ private:
+  struct Row {
+    const char* p;
+    int64_t step, n;  // step in bytes
+  };
+  std::vector<Row> rows_;
+  size_t head_ = 0;
+};
+
 template <int DV>
 static void forward_f32(const View6& q, const View6& k, const View6& v, float* O, float* L,
                         const Plan<float>& pl, float scale, const Parallel& par) {
@@ -1048,14 +1089,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     // next task), prefetched into L2 a few tokens at a time between this group's key rows and
     // query rows (a burst of a whole group's prefetches would stall this group's loads).
     constexpr int64_t kPfAhead = 2;
-    struct PfRow {
-      const char* p;
-      int64_t step, n;
-    };
-    std::vector<PfRow> pfq;
+    PrefetchQueue pfq;
     std::vector<int64_t> pf_rows;
     std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
-    size_t pf_head = 0;
     int64_t pf_quota = 0;
     const int64_t tok_bytes = D * (int64_t)sizeof(float);
     auto pf_enqueue_group = [&](int64_t task, int64_t yg_) {
@@ -1071,33 +1107,18 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       std::sort(pf_rows.begin(), pf_rows.end());
       pf_rows.erase(std::unique(pf_rows.begin(), pf_rows.end()), pf_rows.end());
       for (int64_t y = yg_; y < ye; ++y)
-        pfq.push_back({(const char*)(qb + pl.row_off(qs, b_, y, h_)), qs[3] * 4, pl.W});
+        pfq.add(qb + pl.row_off(qs, b_, y, h_), qs[3], pl.W);
       for (const int64_t ky : pf_rows) {
         bool read_before = false;
         for (int64_t y = yp; y < yg_ && !read_before; ++y)
           for (int64_t i = 0; i < pl.nkr; ++i)
             read_before |= pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky;
         if (read_before) continue;
-        pfq.push_back({(const char*)(kb + pl.row_off(ks, b_, ky, h_ / pl.G)), ks[3] * 4, pl.W});
-        pfq.push_back({(const char*)(vb + pl.row_off(vs, b_, ky, h_ / pl.G)), vs[3] * 4, pl.W});
+        pfq.add(kb + pl.row_off(ks, b_, ky, h_ / pl.G), ks[3], pl.W);
+        pfq.add(vb + pl.row_off(vs, b_, ky, h_ / pl.G), vs[3], pl.W);
       }
     };
-    auto pf_step = [&](int64_t ntok) {
-      while (ntok > 0 && pf_head < pfq.size()) {
-        PfRow& r = pfq[pf_head];
-        const int64_t m = std::min(ntok, r.n);
-        for (int64_t x = 0; x < m; ++x)
-          for (int64_t o = 0; o < tok_bytes; o += 64) __builtin_prefetch(r.p + x * r.step + o, 0, 2);
-        r.p += m * r.step;
-        r.n -= m;
-        ntok -= m;
-        if (r.n == 0) ++pf_head;
-      }
-      if (pf_head == pfq.size()) {
-        pfq.clear();
-        pf_head = 0;
-      }
-    };
+    auto pf_step = [&](int64_t ntok) { pfq.step(ntok, tok_bytes); };
     // Rows of several segments are prefetched one segment ahead instead (a whole group of them
     // ahead would not stay in L2).
     const bool seg_pf = pl.Ws > SW;
@@ -1115,9 +1136,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         }
       }
       pf_enqueue_group(tt, yy);
-      int64_t tokens = 0;
-      for (size_t e = pf_head; e < pfq.size(); ++e) tokens += pfq[e].n;
-      pf_quota = tokens / 12 + 1;
+      pf_quota = pfq.pending() / 12 + 1;
     };
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
@@ -1179,13 +1198,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
             const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
             for (int64_t r = 0; r < ng; ++r)
-              pfq.push_back({(const char*)(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3]), qs[3] * 4, qe - qa});
+              pfq.add(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3], qs[3], qe - qa);
             for (int64_t ky = kmin; ky <= kmax; ++ky) {
-              pfq.push_back({(const char*)(krow(ky) + ka * ks[3]), ks[3] * 4, ke - ka});
-              pfq.push_back({(const char*)(vrow(ky) + ka * vs[3]), vs[3] * 4, ke - ka});
+              pfq.add(krow(ky) + ka * ks[3], ks[3], ke - ka);
+              pfq.add(vrow(ky) + ka * vs[3], vs[3], ke - ka);
             }
-            int64_t tokens = 0;
-            for (size_t e = pf_head; e < pfq.size(); ++e) tokens += pfq[e].n;
+            const int64_t tokens = pfq.pending();
             // steps: one per key row and slot block, per query row and P.V tile
             pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
           }
@@ -1396,46 +1414,6 @@ static bool forward_fast(const View6& q, const View6& k, const View6& v, float* 
   return true;
 }
 
-// Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
-// prefetches would stall the loads of the work in between).
-class PrefetchQueue {
- public:
-  // n tokens from p, step_elems elements apart
-  template <typename E>
-  void add(const E* p, int64_t step_elems, int64_t n) {
-    rows_.push_back({reinterpret_cast<const char*>(p), step_elems * (int64_t)sizeof(E), n});
-  }
-  int64_t pending() const {
-    int64_t n = 0;
-    for (size_t e = head_; e < rows_.size(); ++e) n += rows_[e].n;
-    return n;
-  }
-  // Prefetches up to ntok tokens of tok_bytes bytes each.
-  void step(int64_t ntok, int64_t tok_bytes) {
-    while (ntok > 0 && head_ < rows_.size()) {
-      Row& r = rows_[head_];
-      const int64_t m = std::min(ntok, r.n);
-      for (int64_t x = 0; x < m; ++x)
-        for (int64_t o = 0; o < tok_bytes; o += 64) __builtin_prefetch(r.p + x * r.step + o, 0, 2);
-      r.p += m * r.step;
-      r.n -= m;
-      ntok -= m;
-      if (r.n == 0) ++head_;
-    }
-    if (head_ == rows_.size()) {
-      rows_.clear();
-      head_ = 0;
-    }
-  }
-
- private:
-  struct Row {
-    const char* p;
-    int64_t step, n;  // step in bytes
-  };
-  std::vector<Row> rows_;
-  size_t head_ = 0;
-};
 
 template <typename scalar_t, typename T>
 static void backward_impl(const View6& dout, const View6& q, const View6& k, const View6& v, const View6& out,

@@ -88,35 +88,6 @@ def na_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal, border, bia
     return out, lse
 
 
-def _axis_bias_cells(L: int, kernel: int, dilation: int, stride: int, causal: bool, border: str, device):
-    """``(cell, used)``, each ``(L, kernel)``: the bias-table row of neighbour slot j of query i
-    on one axis (slot j is the window's j-th key in dilation steps), and whether the slot is a
-    neighbour (causal windows near the start hold fewer than ``kernel`` keys). The same window
-    rule as the kernels' ``_axis_window``."""
-    i = torch.arange(L, device=device)
-    left = kernel // 2
-    right = kernel // 2 + kernel % 2 - 1
-    res, ig = i % dilation, i // dilation
-    if border == "clamp":
-        lg = (L - res + dilation - 1) // dilation
-        if causal:
-            leader = torch.minimum((ig // stride) * stride + stride - 1, lg - 1)
-            start = torch.clamp(leader - left - right, min=0)
-            count = torch.minimum(ig + 1, lg) - start
-        else:
-            leader = torch.minimum((ig // stride) * stride + stride // 2, lg - 1)
-            start = torch.clamp(leader - left, min=0)
-            start = torch.where(leader + right >= lg, start + lg - right - leader - 1, start)
-            count = torch.full_like(i, kernel)
-    else:
-        start = ig - left
-        count = torch.full_like(i, kernel)
-    j = torch.arange(kernel, device=device)
-    cell = (start - ig)[:, None] + j[None, :] + kernel - 1
-    used = j[None, :] < count[:, None]
-    return cell.clamp(0, 2 * kernel - 2), used
-
-
 def bias_grad_from_slots(ds_slots, kernel_size, dilation, stride, causal, border, table_heads):
     """Bias-table gradient from per-(query, neighbour slot) logit gradients.
 
@@ -124,10 +95,16 @@ def bias_grad_from_slots(ds_slots, kernel_size, dilation, stride, causal, border
     table cell ``(cell_t[t, a], cell_h[y, b], cell_w[x, c])``; the sum is one one-hot contraction
     per axis (matmuls), deterministic unlike a scatter-add with atomics.
     """
+    from .neighborhood_attention_nd import axis_window
+
     B, heads, T, H, W = ds_slots.shape[:5]
     onehot = []
     for L, k, d, s, c in zip((T, H, W), kernel_size, dilation, stride, causal):
-        cell, used = _axis_bias_cells(L, k, d, s, bool(c), border, ds_slots.device)
+        # slot j of query i: bias row `cell`; a slot holds a key unless it lies past the end of a
+        # short causal window ("mask"/"zero" slots outside the map keep their stored dS: 0, or the
+        # zero key's gradient)
+        _, valid, cell = axis_window(L, k, d, s, bool(c), border, ds_slots.device)
+        used = valid if border == "clamp" else torch.ones_like(valid)
         e = torch.nn.functional.one_hot(cell, 2 * k - 1).to(ds_slots.dtype) * used[..., None]
         onehot.append(e)  # (L, k, 2k-1)
     g = ds_slots.sum(0)  # (heads, T, H, W, kt, kh, kw)
@@ -196,20 +173,14 @@ def na_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, strid
 
 
 # ---------------------------------------------------------------------------------------
-# Op registration: opaque ops with fake impls
+# Op registration: opaque ops (their fake impls, shared with the CPU ops, are registered in
+# alterops/neighborhood_attention_nd.py)
 # ---------------------------------------------------------------------------------------
 @torch.library.custom_op("alterops::neighborhood_attention_nd_triton_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: list[int], dilation: list[int],
             stride: list[int], causal: list[int], border: str, bias: torch.Tensor | None,
             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return na_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale)
-
-
-@_fwd_op.register_fake
-def _(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale):
-    B, T, H, W, heads, _ = q.shape
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty((B, heads, T, H, W), dtype=torch.float32))
 
 
 @torch.library.custom_op("alterops::neighborhood_attention_nd_triton_bwd", mutates_args=())
@@ -219,12 +190,3 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return na_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias,
                             scale, bias_grad)
-
-
-@_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias, scale, bias_grad):
-    db_shape = bias.shape if (bias is not None and bias_grad) else (0,)
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
-            q.new_empty(db_shape, dtype=torch.float32))

@@ -237,11 +237,11 @@ if _ext.has_op("neighborhood_attention_nd_fwd"):
     torch.library.register_fake("alterops::neighborhood_attention_nd_fwd")(_fake_fwd)
     torch.library.register_fake("alterops::neighborhood_attention_nd_bwd")(_fake_bwd)
 
-try:  # the Triton launchers register their ops at import (Triton itself is imported lazily)
-    from . import _na_nd_triton  # noqa: F401
-    _HAVE_TRITON_OPS = True
-except ImportError:
-    _HAVE_TRITON_OPS = False
+# The Triton launchers register their ops at import (Triton itself is imported when they run);
+# both fused backends' ops have the same argument lists, hence the same fake impls.
+from . import _na_nd_triton  # noqa: E402,F401
+torch.library.register_fake("alterops::neighborhood_attention_nd_triton_fwd")(_fake_fwd)
+torch.library.register_fake("alterops::neighborhood_attention_nd_triton_bwd")(_fake_bwd)
 
 # One backend table per public op (the three are the same: one kernel family serves them all).
 _TABLES = {n: register(OpBackends(
@@ -250,7 +250,7 @@ _TABLES = {n: register(OpBackends(
         "reference": Backend(),
         "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16),
                        ops=("neighborhood_attention_nd_fwd", "neighborhood_attention_nd_bwd")),
-        **({"triton": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16))} if _HAVE_TRITON_OPS else {}),
+        "triton": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16)),
     },
     auto_cuda=("triton", "reference"),
     auto_cpu=("cpu", "reference"),

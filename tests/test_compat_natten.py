@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import alterops
 import alterops._dispatch as dispatch
+from alterops import _na_unfused
 from alterops.compat import natten as cn
 from alterops.neighborhood_attention_nd import axis_window
 from helpers import assert_close, device_for
@@ -155,31 +156,59 @@ def _tuple(v, n):
     return tuple(v) if isinstance(v, tuple) else (v,) * n
 
 
+UNFUSED_BACKENDS = ("reference", "cpu", "triton")
+
+
+def unfused_device(backend, dtype):
+    """The device the unfused ops of ``backend`` run on, or a skip saying why they cannot."""
+    device = device_for(backend)
+    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    reason = dispatch.registry()["natten_qk_av"].why_not(backend, device, compute)
+    if reason:
+        pytest.skip(reason)
+    return device
+
+
+@pytest.mark.parametrize("backend", UNFUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n,kernel,dilation,causal", CONFIGS)
-def test_qk_av_forward_backward(n, kernel, dilation, causal, dtype):
+def test_qk_av_forward_backward(n, kernel, dilation, causal, dtype, backend, monkeypatch):
+    device = unfused_device(backend, dtype)
     torch.manual_seed(n * 7 + hash(str(kernel)) % 5)
     ks, ds, cs = _tuple(kernel, n), _tuple(dilation, n), _tuple(causal, n)
     B, h, D = 2, 2, 8
     shape = (B, h, *SHAPES[n], D)
-    q, k, v = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
-    rpb = None if any(cs) else (0.5 * torch.randn(h, *(2 * x - 1 for x in ks), dtype=dtype)).requires_grad_()
+    q, k, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
+    rpb = None if any(cs) else (0.5 * torch.randn(h, *(2 * x - 1 for x in ks), dtype=dtype,
+                                                  device=device)).requires_grad_()
     qk, av = getattr(cn, f"na{n}d_qk"), getattr(cn, f"na{n}d_av")
-    logits = qk(q, k, kernel, dilation, is_causal=causal, rpb=rpb)
-    assert logits.dtype == dtype and logits.shape == (*shape[:-1], math.prod(ks))
+    ran = []
+    for prim in ("_dot", "_sum", "_scatter"):  # record which backend each primitive ran on
+        real = getattr(_na_unfused, prim)
+        monkeypatch.setattr(_na_unfused, prim, lambda b, *a, _real=real, _p=prim: ran.append((_p, b)) or _real(b, *a))
+    with alterops.set_backend(backend):
+        logits = qk(q, k, kernel, dilation, is_causal=causal, rpb=rpb)
+        assert logits.dtype == dtype and logits.shape == (*shape[:-1], math.prod(ks))
+        assert logits.device == q.device
+        attn = torch.softmax(logits.float(), -1).to(dtype).detach().requires_grad_()
+        out = av(attn, v, kernel, dilation, is_causal=causal)
+        g_logits = torch.randn(logits.shape, dtype=dtype, device=device)
+        g_out = torch.randn(shape, dtype=dtype, device=device)
+        inputs = [t for t in (q, k, rpb) if t is not None]
+        grads = torch.autograd.grad(logits, inputs, g_logits)
+        grads_av = torch.autograd.grad(out, (attn, v), g_out)
+    assert {b for _, b in ran} == {backend} and {p for p, _ in ran} == {"_dot", "_sum", "_scatter"}
+    q, k, v, attn, g_logits, g_out, logits, out = (t.cpu() for t in (q, k, v, attn, g_logits, g_out, logits, out))
+    rpb = None if rpb is None else rpb.cpu()
+    grads = [g.cpu() for g in grads]
+    grads_av = [g.cpu() for g in grads_av]
     want = ref_qk(q, k, rpb, ks, ds, cs)
     assert torch.equal(torch.isinf(logits), torch.isinf(want))
     assert_close(logits.masked_fill(torch.isinf(logits), 0), want.masked_fill(torch.isinf(want), 0), name="qk")
-    attn = torch.softmax(logits.float(), -1).to(dtype).detach().requires_grad_()
-    out = av(attn, v, kernel, dilation, is_causal=causal)
     assert out.dtype == dtype and out.shape == shape
     assert_close(out, ref_av(attn, v, ks, ds, cs), name="av")
 
-    g_logits = torch.randn(logits.shape, dtype=dtype)
-    g_out = torch.randn(shape, dtype=dtype)
     inputs = [t for t in (q, k, rpb) if t is not None]
-    grads = torch.autograd.grad(logits, inputs, g_logits)
-    grads_av = torch.autograd.grad(out, (attn, v), g_out)
     leaves64 = [t.detach().double().requires_grad_() for t in inputs]
     q64, k64 = leaves64[:2]
     want64 = ref_qk(q64, k64, leaves64[2] if rpb is not None else None, ks, ds, cs)
@@ -209,14 +238,17 @@ def test_qk_av_on_cuda(dtype):
         assert_close(t.grad, ref.grad)
 
 
-def test_gradcheck_float64():
-    q, k, v = (torch.randn(1, 2, 5, 6, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    rpb = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("backend", UNFUSED_BACKENDS)
+def test_gradcheck_float64(backend):
+    device = unfused_device(backend, torch.float64)
+    q, k, v = (torch.randn(1, 2, 5, 6, 3, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))
+    rpb = torch.randn(2, 5, 5, dtype=torch.float64, device=device, requires_grad=True)
 
     def f(q, k, v, rpb):
         return cn.na2d_av(cn.na2d_qk(q, k, 3, (1, 2), rpb=rpb).softmax(-1), v, 3, (1, 2))
 
-    assert torch.autograd.gradcheck(f, (q, k, v, rpb))
+    with alterops.set_backend(backend):
+        assert torch.autograd.gradcheck(f, (q, k, v, rpb))
 
 
 def test_additional_keys_and_values():

@@ -52,11 +52,15 @@ argument checks of ``csrc/include/natten/pytorch/helpers.h``):
   logits are computed in float32 for float16/bfloat16 inputs and returned in the query's dtype.
   ``av`` casts ``attn`` to the value's dtype and returns the value's dtype.
 
-Implementation: plain PyTorch on a neighbour gather, one kernel slot at a time, with explicit
-backward passes (deterministic on the CPU), so memory is ``O(N * prod(kernel_size))`` for the
-logits plus ``O(N * head_dim)`` at a time, on every device and dtype. The modules call the fused
-kernels instead (``alterops.neighborhood_attention{1,2,3}d``: ``cpu`` and ``triton`` backends)
-whenever attention dropout is inactive.
+Implementation: the separate ``qk`` / ``av`` ops run unfused kernels over precomputed neighbour
+tables (``alterops/_na_unfused.py``): ``cpu`` (C++, per instruction-set level) and ``triton``
+for float32/float64 computations (float16/bfloat16 inputs compute in float32), and a plain-PyTorch
+``reference`` everywhere else. The backend follows :func:`alterops.set_backend` /
+``ALTEROPS_BACKEND`` (table ``natten_qk_av`` in ``alterops info``). Memory is the logits
+``O(N * prod(kernel_size))`` plus ``O(N * head_dim)``; every backward pass is deterministic
+(no atomics: the key and value gradients are gathers over the inverse neighbourhood). The
+modules call the fused kernels instead (``alterops.neighborhood_attention{1,2,3}d``) whenever
+attention dropout is inactive.
 
 Not provided: NATTEN's nested-tensor inputs, forward-mode AD, double backward of the unfused ops,
 and the context functions of ``natten`` (``use_fused_na``, the autotuner, ...).
@@ -73,10 +77,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
+from .. import _na_unfused
 from ..neighborhood_attention_nd import (
-    axis_window,
     merge_attentions,
     neighborhood_attention1d,
     neighborhood_attention2d,
@@ -167,107 +170,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # =========================================================================================
-# Neighbourhoods: per kernel slot, the flat index of each query's neighbour
-# =========================================================================================
-def _neighbourhood(spatial, ks, ds, cs, device):
-    """``(nb, valid, cell)``, each ``(K, N)`` (K = prod(ks) slots in row-major order, N queries in
-    row-major order): the flat position of each query's neighbour in slot c, whether that slot
-    holds a key (``None`` when all do) and the flat index of its bias cell in the table
-    ``(2k0-1, 2k1-1, ...)``."""
-    n = len(spatial)
-    nb = cell = ok = None
-    for a in range(n):
-        pos, valid, bias_index = axis_window(spatial[a], ks[a], ds[a], 1, cs[a], "clamp", device)
-        shape = [1] * (2 * n)
-        shape[a], shape[n + a] = ks[a], spatial[a]
-        pos, valid, bias_index = (t.t().reshape(shape) for t in (pos, valid, bias_index))
-        nb = pos if nb is None else nb * spatial[a] + pos
-        cell = bias_index if cell is None else cell * (2 * ks[a] - 1) + bias_index
-        if cs[a]:
-            ok = valid if ok is None else ok & valid
-    K, N = math.prod(ks), math.prod(spatial)
-    full = tuple(ks) + tuple(spatial)
-    nb = nb.expand(full).reshape(K, N)
-    cell = cell.expand(full).reshape(K, N)
-    if ok is not None:
-        ok = ok.expand(full).reshape(K, N)
-    return nb, ok, cell
-
-
-class _NeighbourQK(torch.autograd.Function):
-    """``attn[b, h, p, c] = q[b, h, p] . k[b, h, nb[c, p]] + table[h, cell[c, p]]`` (``-inf`` where
-    slot c of query p holds no key). q, k ``(B, heads, N, D)``, table ``(heads, cells)`` or None."""
-
-    @staticmethod
-    def forward(ctx, q, k, table, nb, ok, cell):
-        K = nb.shape[0]
-        attn = q.new_empty(*q.shape[:3], K)
-        for c in range(K):
-            attn[..., c] = (q * k.index_select(2, nb[c])).sum(-1)
-        if table is not None:
-            attn += table[:, cell.t()].unsqueeze(0)
-        if ok is not None:
-            attn.masked_fill_(~ok.t(), float("-inf"))
-        ctx.save_for_backward(q, k, nb, ok, cell)
-        ctx.table_shape = None if table is None else table.shape
-        return attn
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        q, k, nb, ok, cell = ctx.saved_tensors
-        if ok is not None:
-            grad = grad.masked_fill(~ok.t(), 0)
-        dq = dk = dtable = None
-        K = nb.shape[0]
-        if ctx.needs_input_grad[0]:
-            dq = torch.zeros_like(q)
-            for c in range(K):
-                dq += grad[..., c, None] * k.index_select(2, nb[c])
-        if ctx.needs_input_grad[1]:
-            dk = torch.zeros_like(k)
-            for c in range(K):
-                dk.index_add_(2, nb[c], grad[..., c, None] * q)
-        if ctx.table_shape is not None and ctx.needs_input_grad[2]:
-            heads = ctx.table_shape[0]
-            dtable = grad.new_zeros(ctx.table_shape)
-            dtable.index_add_(1, cell.t().reshape(-1), grad.sum(0).reshape(heads, -1))
-        return dq, dk, dtable, None, None, None
-
-
-class _NeighbourAV(torch.autograd.Function):
-    """``out[b, h, p] = sum_c attn[b, h, p, c] * v[b, h, nb[c, p]]`` over the slots that hold a key."""
-
-    @staticmethod
-    def forward(ctx, attn, v, nb, ok):
-        if ok is not None:
-            attn = attn.masked_fill(~ok.t(), 0)
-        out = torch.zeros_like(v)
-        for c in range(nb.shape[0]):
-            out += attn[..., c, None] * v.index_select(2, nb[c])
-        ctx.save_for_backward(attn, v, nb, ok)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad):
-        attn, v, nb, ok = ctx.saved_tensors
-        dattn = dv = None
-        K = nb.shape[0]
-        if ctx.needs_input_grad[0]:
-            dattn = attn.new_empty(attn.shape)
-            for c in range(K):
-                dattn[..., c] = (grad * v.index_select(2, nb[c])).sum(-1)
-            if ok is not None:
-                dattn.masked_fill_(~ok.t(), 0)
-        if ctx.needs_input_grad[1]:
-            dv = torch.zeros_like(v)
-            for c in range(K):
-                dv.index_add_(2, nb[c], attn[..., c, None] * grad)
-        return dattn, dv, None, None
-
-
-# =========================================================================================
 # The unfused ops (heads-first)
 # =========================================================================================
 def _qk(n: int, query, key, kernel_size, dilation, additional_keys, is_causal, rpb):
@@ -294,11 +196,12 @@ def _qk(n: int, query, key, kernel_size, dilation, additional_keys, is_causal, r
     n_extra = _check_extra("additional_keys", additional_keys, query, 1)
     B, D = query.shape[0], query.shape[-1]
     compute = _compute_dtype(query.dtype)
-    nb, ok, cell = _neighbourhood(spatial, ks, ds, cs, query.device)
+    backend = _na_unfused.TABLE.select(None, query.device, compute)
+    t = _na_unfused.tables(spatial, ks, ds, cs, query.device)
     q = query.to(compute).reshape(B, heads, -1, D)
     k = key.to(compute).reshape(B, heads, -1, D)
     table = None if rpb is None else rpb.to(key.dtype).to(compute).reshape(heads, -1)
-    attn = _NeighbourQK.apply(q, k, table, nb, ok, cell)
+    attn = _na_unfused.NeighbourQK.apply(q, k, table, t, backend)
     if n_extra:
         extra = torch.matmul(q, additional_keys.to(compute).transpose(-1, -2))
         attn = torch.cat([attn, extra], dim=-1)
@@ -324,8 +227,9 @@ def _av(n: int, attn, value, kernel_size, dilation, additional_values, is_causal
     compute = _compute_dtype(value.dtype)
     a = attn.to(value.dtype).to(compute).reshape(B, heads, -1, K + n_extra)
     v = value.to(compute).reshape(B, heads, -1, D)
-    nb, ok, _ = _neighbourhood(spatial, ks, ds, cs, value.device)
-    out = _NeighbourAV.apply(a[..., :K], v, nb, ok)
+    backend = _na_unfused.TABLE.select(None, value.device, compute)
+    t = _na_unfused.tables(spatial, ks, ds, cs, value.device)
+    out = _na_unfused.NeighbourAV.apply(a[..., :K], v, t, backend)
     if n_extra:
         out = out + torch.matmul(a[..., K:], additional_values.to(compute))
     return out.reshape(value.shape).to(value.dtype)

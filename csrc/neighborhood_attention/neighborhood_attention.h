@@ -78,9 +78,66 @@ struct BackwardArgs {
   double scale;
 };
 
+// ---- Unfused ops (neighborhood_unfused_cpu.cpp; alterops/_na_unfused.py) ----------------
+// NATTEN's separate qk / av operations as gathers over precomputed neighbour tables. Tensors are
+// heads-first with the spatial axes flattened: (B, heads, N, D) rows, (B, heads, N, K) slots
+// (K neighbour slots per query). Float32 or Float64, accumulated in that type.
+
+// A (B, heads, N, D|K) tensor: data pointer, sizes and element strides.
+struct View4 {
+  const void* data;
+  int64_t size[4];
+  int64_t stride[4];
+};
+
+// out[b,h,p,c] = x[b,h,p] . y[b,h,nb[c,p]] + table[h, cell[c,p]], `fill` where ok[c,p] == 0.
+struct UnfusedDotArgs {
+  DType dtype;
+  View4 x, y;             // (B, heads, N, D)
+  const int32_t* nb;      // (K, N), every entry in [0, N)
+  const uint8_t* ok;      // (K, N) or nullptr (every slot holds a key)
+  const void* table;      // (heads, table_cells) contiguous, dtype; nullptr: none
+  int64_t table_cells;
+  const int32_t* cell;    // (K, N), entries in [0, table_cells); read only with a table
+  int64_t K;
+  double fill;
+  void* out;              // (B, heads, N, K) contiguous
+};
+
+// out[b,h,p] = sum over c with ok[c,p] of w[b,h,p,c] * y[b,h,nb[c,p]] (slot order); slots
+// without a key contribute nothing, whatever their weight.
+struct UnfusedSumArgs {
+  DType dtype;
+  View4 w;                // (B, heads, N, K)
+  View4 y;                // (B, heads, N, D)
+  const int32_t* nb;
+  const uint8_t* ok;
+  void* out;              // (B, heads, N, D) contiguous
+};
+
+// out[b,h,j] = sum over e in [rowptr[j], rowptr[j+1]) of w[b,h,p,c] * x[b,h,p], p*K + c =
+// entries[e] (entry order: one thread sums each output row, deterministic).
+struct UnfusedScatterArgs {
+  DType dtype;
+  View4 w;                // (B, heads, N, K)
+  View4 x;                // (B, heads, N, D)
+  const void* rowptr;     // (N+1,) int32 or int64 (index64)
+  const void* entries;    // (E,) same type
+  int32_t index64;
+  int64_t K;
+  void* out;              // (B, heads, N, D) contiguous
+};
+
+void unfused_dot(const UnfusedDotArgs&, const Parallel&);
+void unfused_sum(const UnfusedSumArgs&, const Parallel&);
+void unfused_scatter(const UnfusedScatterArgs&, const Parallel&);
+
 struct Kernels {
   void (*forward)(const ForwardArgs&, const Parallel&);
   void (*backward)(const BackwardArgs&, const Parallel&);
+  void (*unfused_dot)(const UnfusedDotArgs&, const Parallel&);
+  void (*unfused_sum)(const UnfusedSumArgs&, const Parallel&);
+  void (*unfused_scatter)(const UnfusedScatterArgs&, const Parallel&);
 };
 
 // The entry points of this build's level (defined in neighborhood_attention_cpu.cpp).

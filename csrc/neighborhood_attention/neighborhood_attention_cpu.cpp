@@ -1930,7 +1930,7 @@ void backward(const BackwardArgs& a, const Parallel& par) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{&forward, &backward};
+  static const Kernels k{&forward, &backward, &unfused_dot, &unfused_sum, &unfused_scatter};
   return k;
 }
 

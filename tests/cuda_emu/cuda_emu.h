@@ -5,7 +5,8 @@
 // their host conversions), then redefines the execution-space keywords to nothing and maps the
 // device built-ins onto the executor in emu_runtime.cpp: threadIdx / blockIdx / blockDim /
 // gridDim, the barriers, the warp collectives (masks checked), atomics, shared memory and the
-// few device math functions the host library lacks.
+// few device math functions the host library lacks; ptx_emu.h (included at the end) does the same
+// for the tensor-core PTX wrappers of csrc/common/cuda_ptx.cuh.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -57,7 +58,9 @@ int syncthreads(int kind, int pred, const char* file, int line);
 void syncwarp(unsigned mask, const char* file, int line);
 uint64_t warp_collective(int op, unsigned mask, uint64_t bits, int arg, int width, const char* file, int line);
 enum WarpOp : int { kSyncwarp = 0, kShflIdx, kShflUp, kShflDown, kShflXor, kBallot, kAny, kAll, kReduceAdd,
-                    kReduceMin, kReduceMax, kReduceAnd, kReduceOr, kReduceXor };
+                    kReduceMin, kReduceMax, kReduceAnd, kReduceOr, kReduceXor,
+                    // .sync.aligned matrix instructions (ptx_emu.h): the whole warp, the same call site
+                    kMma, kLdmatrix };
 enum BarKind : int { kBarPlain = 0, kBarCount, kBarAnd, kBarOr };
 
 // Shared memory.
@@ -266,3 +269,6 @@ template <typename... P>
 inline cudaError_t cudaFuncSetAttribute(void (*entry)(P...), cudaFuncAttribute attr, int value) {
   return ::cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
 }
+
+// ---- the PTX wrappers of csrc/common/cuda_ptx.cuh (mma.sync, ldmatrix, cp.async) --------------
+#include "ptx_emu.h"

@@ -25,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 # The kernels under test: this tree's csrc/, or a copy of it (tests/cuda_emu/mutations.py).
 CSRC = os.environ.get("ALTEROPS_CUDA_EMU_CSRC") or os.path.join(ROOT, "csrc")
-EMU_FILES = [os.path.join(HERE, f) for f in ("cuda_emu.h", "emu_runtime.cpp", "driver.py")]
+EMU_FILES = [os.path.join(HERE, f) for f in ("cuda_emu.h", "ptx_emu.h", "emu_runtime.cpp", "driver.py")]
 CXXFLAGS = ["-std=c++17", "-O2", "-fPIC", "-g0", "-U_FORTIFY_SOURCE", "-fno-strict-aliasing",
             "-Wno-unknown-pragmas", "-Wno-attributes"]
 LDFLAGS = ["-shared", "-Wl,-Bsymbolic"]
@@ -228,7 +228,8 @@ def _inputs_hash(cu_path: str, shim_path: str, flags: list[str], cxx: str, inc: 
     files = set(EMU_FILES) | {cu_path} | ({shim_path} if shim_path else set())
     srcdir = os.path.dirname(os.path.abspath(cu_path))
     files |= set(glob.glob(os.path.join(srcdir, "*.h")) + glob.glob(os.path.join(srcdir, "*.cuh")))
-    files |= set(glob.glob(os.path.join(CSRC, "common", "*.h")))
+    files |= set(glob.glob(os.path.join(CSRC, "common", "*.h")) +
+                 glob.glob(os.path.join(CSRC, "common", "*.cuh")))
     for f in sorted(files):
         h.update(f.encode() + b"\0")
         with open(f, "rb") as fh:

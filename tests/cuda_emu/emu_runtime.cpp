@@ -9,6 +9,11 @@
 // poison (shared memory is filled with 0xff bytes, a NaN in every float type, before each block)
 // or of another thread's stale data, under at least one of the schedules.
 //
+// The tensor-core PTX wrappers (ptx_emu.h): mma and ldmatrix are warp collectives of the whole
+// warp, computed by the last lane to arrive from every lane's operands with the fragment
+// layouts of the PTX ISA; cp.async copies are checked when issued and performed by the wait
+// that completes their group (under the random schedule: when issued).
+//
 // Every check that fails records a message in the violation log, aborts the launch (the rest
 // of the grid is skipped) and makes cudaGetLastError() report cudaErrorLaunchFailure; a launch
 // beyond the device limits is refused with the error CUDA gives and logged as well. Memory
@@ -87,6 +92,30 @@ namespace emu {
 
 enum State : int { kRunnable = 0, kAtBarrier, kAtWarpOp, kDone };
 
+// A cp.async issued and not yet performed.
+struct CpCopy {
+  char* dst;
+  const char* src;
+  int bytes;
+  bool fill;       // pred was false: zero-fill, nothing read
+  uint64_t group;  // the committed group it belongs to, kOpenGroup before the commit
+  const char* file;
+  int line;
+};
+constexpr uint64_t kOpenGroup = ~uint64_t(0);
+
+// The operands of a lane waiting at a matrix operation (on its stack while it waits).
+struct MmaOperands {
+  float* d;
+  const uint32_t* a;
+  const uint32_t* b;
+  const float* c;
+};
+struct LdmatrixOperands {
+  const void* row;
+  uint32_t* r;
+};
+
 struct Fiber {
   void* sp = nullptr;
   char* stack_lo = nullptr;  // usable stack [stack_lo, stack_hi), a guard page below
@@ -102,6 +131,11 @@ struct Fiber {
   int op = 0, arg = 0, width = 32;
   unsigned mask = 0;
   uint64_t val = 0, result = 0;
+  void* operands = nullptr;  // matrix operations: the lane's operands and results
+  // cp.async: the copies issued and not yet performed (in issue order), the groups committed
+  std::vector<CpCopy> copies;
+  uint64_t committed = 0;
+  const CpCopy* copying = nullptr;  // the copy being performed (named if it faults)
 };
 
 Fiber* g_cur = nullptr;
@@ -144,6 +178,7 @@ std::string g_launches;   // one line per launch: name grid block smem
 int g_violations = 0;
 cudaError_t g_last_error = cudaSuccess;
 uint64_t g_stat_launches = 0, g_stat_blocks = 0, g_stat_threads = 0, g_stat_switches = 0;
+uint64_t g_launch_index = 0;  // launches since emu_configure: with the seed, the random schedule of a launch
 
 // ---- the running launch ----------------------------------------------------------------
 struct Warp {
@@ -338,8 +373,22 @@ void fiber_main(Fiber* f) {
   __builtin_trap();
 }
 
-const char* op_name(int op) {
+// `arg`: for kMma the input type (MmaType), for kLdmatrix the count of matrices | 16 for .trans.
+const char* op_name(int op, int arg = 0) {
   switch (op) {
+    case kMma:
+      return arg == kMmaBF16 ? "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+                             : "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32";
+    case kLdmatrix:
+      switch (arg) {
+        case 1: return "ldmatrix.sync.aligned.m8n8.x1.shared.b16";
+        case 2: return "ldmatrix.sync.aligned.m8n8.x2.shared.b16";
+        case 4: return "ldmatrix.sync.aligned.m8n8.x4.shared.b16";
+        case 16 | 1: return "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16";
+        case 16 | 2: return "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16";
+        case 16 | 4: return "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16";
+      }
+      return "ldmatrix";
     case kSyncwarp: return "__syncwarp";
     case kShflIdx: return "__shfl_sync";
     case kShflUp: return "__shfl_up_sync";
@@ -371,7 +420,7 @@ std::string where(const Fiber* g) {
     return b;
   }
   if (g->state == kAtWarpOp) {
-    snprintf(b, sizeof b, "waits in %s (%s:%d) with mask 0x%08x", op_name(g->op), g->file, g->line, g->mask);
+    snprintf(b, sizeof b, "waits in %s (%s:%d) with mask 0x%08x", op_name(g->op, g->arg), g->file, g->line, g->mask);
     return b;
   }
   return "is running";
@@ -386,11 +435,18 @@ void warp_check_exit(Fiber* f) {
     Fiber* g = lane_fiber(f, l);
     if (g && (g->mask >> f->lane & 1u)) {
       violation("%s at %s:%d with mask 0x%08x by %s: lane %d of the mask exited without taking part",
-                op_name(g->op), g->file, g->line, g->mask, describe_thread(g).c_str(), f->lane);
+                op_name(g->op, g->arg), g->file, g->line, g->mask, describe_thread(g).c_str(), f->lane);
       return;
     }
   }
 }
+
+bool same_site(const Fiber* a, const Fiber* b) {
+  return a->line == b->line && (a->file == b->file || std::strcmp(a->file, b->file) == 0);
+}
+
+// mma / ldmatrix over the 32 lanes (defined with the memory checks below); false if it failed.
+bool complete_matrix_op(Fiber* const* lanes, const Fiber* f);
 
 // Completes the warp operation of the lanes in `mask` if all of them have arrived.
 void try_complete(Fiber* f) {
@@ -402,11 +458,19 @@ void try_complete(Fiber* f) {
     const int l = __builtin_ctz(bits);
     Fiber* g = lane_fiber(f, l);
     lanes[l] = g;
-    if (g->mask != m || g->op != f->op || (f->op != kSyncwarp && (g->width != f->width))) {
+    const bool aligned = f->op == kMma || f->op == kLdmatrix;
+    if (g->mask != m || g->op != f->op || (f->op != kSyncwarp && (g->width != f->width)) ||
+        (aligned && g->arg != f->arg)) {
       violation("warp %d: lanes disagree on a warp operation: lane %d is in %s (%s:%d) with mask 0x%08x, lane %d "
                 "in %s (%s:%d) with mask 0x%08x",
-                f->warp, f->lane, op_name(f->op), f->file, f->line, f->mask, l, op_name(g->op), g->file, g->line,
-                g->mask);
+                f->warp, f->lane, op_name(f->op, f->arg), f->file, f->line, f->mask, l, op_name(g->op, g->arg),
+                g->file, g->line, g->mask);
+      return;
+    }
+    if (aligned && !same_site(f, g)) {
+      violation("warp %d: lanes at different %s instructions (.aligned: the whole warp must execute the same "
+                "one): lane %d at %s:%d, lane %d at %s:%d",
+                f->warp, op_name(f->op, f->arg), f->lane, f->file, f->line, l, g->file, g->line);
       return;
     }
   }
@@ -417,7 +481,8 @@ void try_complete(Fiber* f) {
     if (g->mask & m) {
       violation("warp %d: lane %d waits in %s (%s:%d) with mask 0x%08x for lanes that execute %s (%s:%d) with mask "
                 "0x%08x",
-                f->warp, l, op_name(g->op), g->file, g->line, g->mask, op_name(f->op), f->file, f->line, m);
+                f->warp, l, op_name(g->op, g->arg), g->file, g->line, g->mask, op_name(f->op, f->arg), f->file,
+                f->line, m);
       return;
     }
   }
@@ -436,7 +501,7 @@ void try_complete(Fiber* f) {
       all &= p;
     }
     common = op == kAny ? any : all;
-  } else if (op >= kReduceAdd) {
+  } else if (op >= kReduceAdd && op <= kReduceXor) {
     const bool is_signed = f->arg != 0;
     uint32_t acc = 0;
     bool first = true;
@@ -461,6 +526,8 @@ void try_complete(Fiber* f) {
       }
     }
     common = acc;
+  } else if (op == kMma || op == kLdmatrix) {
+    if (!complete_matrix_op(lanes, f)) return;
   }
   for (unsigned bits = m; bits; bits &= bits - 1) {
     const int l = __builtin_ctz(bits);
@@ -549,12 +616,12 @@ void report_stuck() {
       Fiber* g = lane_fiber(warp, l);
       if (g && g->state != kAtWarpOp) {
         violation("deadlock: %s waits in %s (%s:%d) with mask 0x%08x for lane %d, which %s", describe_thread(warp).c_str(),
-                  op_name(warp->op), warp->file, warp->line, warp->mask, l, where(g).c_str());
+                  op_name(warp->op, warp->arg), warp->file, warp->line, warp->mask, l, where(g).c_str());
         return;
       }
     }
-    violation("deadlock: %s waits in %s (%s:%d) with mask 0x%08x", describe_thread(warp).c_str(), op_name(warp->op),
-              warp->file, warp->line, warp->mask);
+    violation("deadlock: %s waits in %s (%s:%d) with mask 0x%08x", describe_thread(warp).c_str(),
+              op_name(warp->op, warp->arg), warp->file, warp->line, warp->mask);
     return;
   }
   violation("deadlock in block (%u,%u,%u)", g_block_idx.x, g_block_idx.y, g_block_idx.z);
@@ -601,8 +668,159 @@ std::string describe_address(uintptr_t a) {
   return "not a buffer known to the emulator";
 }
 
+// ---- shared-memory ranges, mma and ldmatrix ----------------------------------------------------
+// [a, a + n) lies inside the launch's dynamic shared memory or inside one static __shared__ array.
+bool in_shared(uintptr_t a, size_t n) {
+  const Run& r = *g_run;
+  const uintptr_t d0 = reinterpret_cast<uintptr_t>(r.dyn);
+  if (a >= d0 && a + n <= d0 + r.dyn_bytes) return true;
+  auto it = r.statics.upper_bound(reinterpret_cast<void*>(a));
+  if (it == r.statics.begin()) return false;
+  --it;
+  const uintptr_t s0 = reinterpret_cast<uintptr_t>(it->first);
+  return a >= s0 && a + n <= s0 + it->second.first;
+}
+
+// Where [a, a + n) is, when it is not inside shared memory.
+std::string describe_not_shared(uintptr_t a, size_t n) {
+  char b[512];
+  const Run& r = *g_run;
+  const uintptr_t d0 = reinterpret_cast<uintptr_t>(r.dyn);
+  if (a >= d0 && a < d0 + r.dyn_bytes) {
+    snprintf(b, sizeof b, "bytes %td..%td of the dynamic shared memory, which has %zu bytes (requested at launch)",
+             static_cast<intptr_t>(a - d0), static_cast<intptr_t>(a - d0 + n - 1), r.dyn_bytes);
+    return b;
+  }
+  for (const auto& kv : r.statics) {
+    const uintptr_t s0 = reinterpret_cast<uintptr_t>(kv.first);
+    if (a >= s0 && a < s0 + kv.second.first) {
+      snprintf(b, sizeof b, "bytes %td..%td of a static __shared__ array of %zu bytes", static_cast<intptr_t>(a - s0),
+               static_cast<intptr_t>(a - s0 + n - 1), kv.second.first);
+      return b;
+    }
+  }
+  for (const auto& kv : g_buffers) {
+    const Buffer& B = kv.second;
+    const uintptr_t d = reinterpret_cast<uintptr_t>(B.data);
+    if (a >= d && a < d + B.bytes) {
+      snprintf(b, sizeof b, "global memory: offset %td of buffer '%s' (%zu bytes)", static_cast<intptr_t>(a - d),
+               B.name.c_str(), B.bytes);
+      return b;
+    }
+  }
+  for (const Fiber& f : g_fibers) {
+    if (a >= reinterpret_cast<uintptr_t>(f.stack_lo) && a < reinterpret_cast<uintptr_t>(f.stack_hi))
+      return "a thread's stack (local memory)";
+  }
+  return describe_address(a);
+}
+
+float f16_bits_to_float(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24, exact in float
+    const float v = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -v : v;
+  }
+  bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+float bf16_bits_to_float(uint32_t h) {
+  const uint32_t bits = h << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, D = A B + C, with the fragment
+// layouts of the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating point type"); g = lane / 4,
+// t = lane % 4, element e of a register pair in the low (e even) or high (e odd) half:
+//   A a0..a7: row g + 8 * ((e / 2) % 2), col 2t + e % 2 + 8 * (e / 4)
+//   B b0..b3: row 2t + e % 2 + 8 * (e / 2), col g
+//   C, D c0..c3: row g + 8 * (i / 2), col 2t + i % 2
+// The inputs are exact in float32 and so are their products; each output element is C + the 16
+// products added in order of k in float32. (The tensor cores sum the products with their own
+// alignment and rounding: results may differ from this in the last bits.)
+bool complete_mma(Fiber* const* lanes, int type) {
+  float A[16][16], B[16][8], C[16][8];
+  float (*cvt)(uint32_t) = type == kMmaBF16 ? bf16_bits_to_float : f16_bits_to_float;
+  for (int l = 0; l < 32; ++l) {
+    const MmaOperands* o = static_cast<const MmaOperands*>(lanes[l]->operands);
+    const int g = l >> 2, t = l & 3;
+    for (int e = 0; e < 8; ++e)
+      A[g + ((e >> 1) & 1) * 8][2 * t + (e & 1) + (e >> 2) * 8] = cvt((o->a[e >> 1] >> (16 * (e & 1))) & 0xffffu);
+    for (int e = 0; e < 4; ++e) B[2 * t + (e & 1) + (e >> 1) * 8][g] = cvt((o->b[e >> 1] >> (16 * (e & 1))) & 0xffffu);
+    for (int i = 0; i < 4; ++i) C[g + (i >> 1) * 8][2 * t + (i & 1)] = o->c[i];
+  }
+  // (every lane's C is read before any D is written: d and c may be the same array)
+  float D[16][8];
+  for (int r = 0; r < 16; ++r)
+    for (int n = 0; n < 8; ++n) {
+      float acc = C[r][n];
+      for (int k = 0; k < 16; ++k) acc += A[r][k] * B[k][n];
+      D[r][n] = acc;
+    }
+  for (int l = 0; l < 32; ++l) {
+    const MmaOperands* o = static_cast<const MmaOperands*>(lanes[l]->operands);
+    const int g = l >> 2, t = l & 3;
+    for (int i = 0; i < 4; ++i) o->d[i] = D[g + (i >> 1) * 8][2 * t + (i & 1)];
+  }
+  return true;
+}
+
+// ldmatrix.sync.aligned.m8n8.x{1,2,4}{.trans}.shared.b16 (PTX ISA, "Warp-level matrix load
+// instruction: ldmatrix"): lanes 8m..8m+7 give the rows of matrix m (16 bytes each, 16-byte aligned,
+// in shared memory); lane l receives in register m the elements 2 (l % 4), 2 (l % 4) + 1 of row l / 4
+// of matrix m, or with .trans of its transpose: rows 2 (l % 4) and 2 (l % 4) + 1 of column l / 4.
+bool complete_ldmatrix(Fiber* const* lanes, const Fiber* f) {
+  const int num = f->arg & 7;
+  const bool trans = (f->arg & 16) != 0;
+  uint16_t rows[4][8][8];
+  for (int m = 0; m < num; ++m)
+    for (int i = 0; i < 8; ++i) {
+      const Fiber* g = lanes[m * 8 + i];
+      const uintptr_t a = reinterpret_cast<uintptr_t>(static_cast<const LdmatrixOperands*>(g->operands)->row);
+      const bool misaligned = (a & 15) != 0;
+      if (misaligned || !in_shared(a, 16)) {
+        const std::string where = misaligned && in_shared(a & ~uintptr_t(15), 16) ? "in shared memory"
+                                                                                   : describe_not_shared(a, 16);
+        violation("%s at %s:%d: lane %d (%s) gives row %d of matrix %d at 0x%" PRIxPTR ", %s (%s)",
+                  op_name(f->op, f->arg), f->file, f->line, g->lane, describe_thread(g).c_str(), i, m, a,
+                  misaligned ? "not 16-byte aligned" : "not 16 bytes of shared memory", where.c_str());
+        return false;
+      }
+      std::memcpy(rows[m][i], reinterpret_cast<const void*>(a), 16);
+    }
+  for (int l = 0; l < 32; ++l) {
+    uint32_t* r = static_cast<const LdmatrixOperands*>(lanes[l]->operands)->r;
+    const int q = l >> 2, p = 2 * (l & 3);
+    for (int m = 0; m < num; ++m) {
+      const uint32_t lo = trans ? rows[m][p][q] : rows[m][q][p];
+      const uint32_t hi = trans ? rows[m][p + 1][q] : rows[m][q][p + 1];
+      r[m] = lo | (hi << 16);
+    }
+  }
+  return true;
+}
+
+bool complete_matrix_op(Fiber* const* lanes, const Fiber* f) {
+  return f->op == kMma ? complete_mma(lanes, f->arg) : complete_ldmatrix(lanes, f);
+}
+
 double g_time_limit = 120.0;  // seconds of CPU time per launch (the watchdog)
 long g_tid = 0;               // the thread running the launch
+
+// For a fault while a cp.async is performed: which one.
+std::string copy_context(const Fiber* f) {
+  if (!f->copying) return "";
+  char b[600];
+  snprintf(b, sizeof b, ", reading the %d-byte source of the cp.async issued at %s:%d", f->copying->bytes,
+           f->copying->file, f->copying->line);
+  return b;
+}
 
 extern "C" void emu_fault_landing() {
   if (g_run && g_cur) {
@@ -610,9 +828,9 @@ extern "C" void emu_fault_landing() {
       violation("kernel still running after %.0f s of CPU time (an endless loop?), %s", g_time_limit,
                 describe_thread(g_cur).c_str());
     else
-      violation("%s: invalid memory access at 0x%" PRIxPTR ": %s, by %s",
+      violation("%s: invalid memory access at 0x%" PRIxPTR ": %s, by %s%s",
                 g_fault_sig == SIGFPE ? "SIGFPE (integer division by zero?)" : "memory fault", g_fault_addr,
-                describe_address(g_fault_addr).c_str(), describe_thread(g_cur).c_str());
+                describe_address(g_fault_addr).c_str(), describe_thread(g_cur).c_str(), copy_context(g_cur).c_str());
   }
   abort_fiber();
 }
@@ -753,30 +971,42 @@ int syncthreads(int kind, int pred, const char* file, int line) {
   return static_cast<int>(f->result);
 }
 
-uint64_t warp_collective(int op, unsigned mask, uint64_t bits, int arg, int width, const char* file, int line) {
+namespace {
+
+// A warp operation by the running lane: checked, then the lane waits until the operation
+// completes (the last lane to arrive completes it for all).
+uint64_t warp_op(int op, unsigned mask, uint64_t bits, int arg, int width, void* operands, const char* file,
+                 int line) {
   Fiber* f = g_cur;
   if (!f) {
-    violation("%s called outside a kernel (%s:%d)", op_name(op), file, line);
+    violation("%s called outside a kernel (%s:%d)", op_name(op, arg), file, line);
     return 0;
   }
+  const bool aligned = op == kMma || op == kLdmatrix;
+  if (aligned && g_run->n - f->warp * 32 < 32) {
+    violation("%s at %s:%d by %s: needs the whole warp (.sync.aligned), but this warp has only %d threads "
+              "(block of %d)",
+              op_name(op, arg), file, line, describe_thread(f).c_str(), g_run->n - f->warp * 32, g_run->n);
+    abort_fiber();
+  }
   if (!(mask >> f->lane & 1u)) {
-    violation("%s at %s:%d by %s: the mask 0x%08x does not include the calling lane %d", op_name(op), file, line,
-              describe_thread(f).c_str(), mask, f->lane);
+    violation("%s at %s:%d by %s: the mask 0x%08x does not include the calling lane %d", op_name(op, arg), file,
+              line, describe_thread(f).c_str(), mask, f->lane);
     abort_fiber();
   }
   const int warp_threads = std::min(32, g_run->n - f->warp * 32);
   const unsigned exists = warp_threads == 32 ? 0xffffffffu : ((1u << warp_threads) - 1u);
   if (mask & ~exists) {
-    violation("%s at %s:%d by %s: the mask 0x%08x names lanes beyond the block's %d threads", op_name(op), file, line,
-              describe_thread(f).c_str(), mask, g_run->n);
+    violation("%s at %s:%d by %s: the mask 0x%08x names lanes beyond the block's %d threads", op_name(op, arg), file,
+              line, describe_thread(f).c_str(), mask, g_run->n);
     abort_fiber();
   }
   if (op >= kShflIdx && op <= kShflXor && (width < 1 || width > 32 || (width & (width - 1)))) {
-    violation("%s at %s:%d: width %d is not a power of 2 in [1, 32]", op_name(op), file, line, width);
+    violation("%s at %s:%d: width %d is not a power of 2 in [1, 32]", op_name(op, arg), file, line, width);
     abort_fiber();
   }
   if (const unsigned gone = mask & g_run->warps[f->warp].exited) {
-    violation("%s at %s:%d with mask 0x%08x by %s: lane %d of the mask has exited", op_name(op), file, line, mask,
+    violation("%s at %s:%d with mask 0x%08x by %s: lane %d of the mask has exited", op_name(op, arg), file, line, mask,
               describe_thread(f).c_str(), __builtin_ctz(gone));
     abort_fiber();
   }
@@ -786,6 +1016,7 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t bits, int arg, int widt
   f->val = bits;
   f->arg = arg;
   f->width = width;
+  f->operands = operands;
   f->file = file;
   f->line = line;
   clear_runnable(f);
@@ -794,10 +1025,112 @@ uint64_t warp_collective(int op, unsigned mask, uint64_t bits, int arg, int widt
   if (g_run->aborted) abort_fiber();
   yield();
   if (g_run->aborted) abort_fiber();
+  f->operands = nullptr;
   return f->result;
 }
 
+}  // namespace
+
+uint64_t warp_collective(int op, unsigned mask, uint64_t bits, int arg, int width, const char* file, int line) {
+  return warp_op(op, mask, bits, arg, width, nullptr, file, line);
+}
+
 void syncwarp(unsigned mask, const char* file, int line) { warp_collective(kSyncwarp, mask, 0, 0, 32, file, line); }
+
+// ---- the PTX wrappers (ptx_emu.h) ----------------------------------------------------------------
+void warp_mma_m16n8k16(int type, float* d, const uint32_t* a, const uint32_t* b, const float* c, const char* file,
+                       int line) {
+  MmaOperands o{d, a, b, c};
+  warp_op(kMma, 0xffffffffu, 0, type, 32, &o, file, line);
+}
+
+void warp_ldmatrix(int num, int trans, uint32_t* r, const void* row, const char* file, int line) {
+  LdmatrixOperands o{row, r};
+  warp_op(kLdmatrix, 0xffffffffu, 0, num | (trans ? 16 : 0), 32, &o, file, line);
+}
+
+namespace {
+void perform_copy(Fiber* f, const CpCopy& c) {
+  f->copying = &c;  // a fault reading the source names this copy
+  if (c.fill)
+    std::memset(c.dst, 0, static_cast<size_t>(c.bytes));
+  else
+    std::memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+  f->copying = nullptr;
+}
+}  // namespace
+
+// cp.async: checked when issued, then recorded in the thread's open group and performed (the
+// source read, the destination written) when a wait completes its group; under the random
+// schedule it is performed at once instead (hardware may land it anywhere in between: the late
+// landing shows a missing wait, the early one a buffer refilled while others still read it).
+void cp_async(void* dst, const void* src, int bytes, int pred, const char* file, int line) {
+  Fiber* f = g_cur;
+  const char* name = bytes == 16 ? "cp.async.cg.shared.global" : "cp.async.ca.shared.global";
+  if (!f) {
+    violation("%s called outside a kernel (%s:%d)", name, file, line);
+    return;
+  }
+  const uintptr_t d = reinterpret_cast<uintptr_t>(dst), s = reinterpret_cast<uintptr_t>(src);
+  const size_t n = static_cast<size_t>(bytes);
+  if (d % n || s % n) {
+    violation("%s (%d bytes) at %s:%d by %s: the %s address 0x%" PRIxPTR " is not %d-byte aligned", name, bytes, file,
+              line, describe_thread(f).c_str(), d % n ? "shared (destination)" : "global (source)", d % n ? d : s,
+              bytes);
+    abort_fiber();
+  }
+  if (!in_shared(d, n)) {
+    violation("%s (%d bytes) at %s:%d by %s: the destination 0x%" PRIxPTR " is not in shared memory (%s)", name,
+              bytes, file, line, describe_thread(f).c_str(), d, describe_not_shared(d, n).c_str());
+    abort_fiber();
+  }
+  if (pred && in_shared(s, 1)) {
+    violation("%s (%d bytes) at %s:%d by %s: the source 0x%" PRIxPTR " is in shared memory (cp.async copies from "
+              "global memory)",
+              name, bytes, file, line, describe_thread(f).c_str(), s);
+    abort_fiber();
+  }
+  const CpCopy c{static_cast<char*>(dst), static_cast<const char*>(src), bytes, !pred, kOpenGroup, file, line};
+  if (g_policy == 2)
+    perform_copy(f, c);
+  else
+    f->copies.push_back(c);
+}
+
+void cp_async_commit(const char* file, int line) {
+  Fiber* f = g_cur;
+  if (!f) {
+    violation("cp.async.commit_group called outside a kernel (%s:%d)", file, line);
+    return;
+  }
+  ++f->committed;
+  for (auto it = f->copies.rbegin(); it != f->copies.rend() && it->group == kOpenGroup; ++it) it->group = f->committed;
+}
+
+void cp_async_wait(int pending, const char* file, int line) {
+  Fiber* f = g_cur;
+  if (!f) {
+    violation("cp.async.wait_group called outside a kernel (%s:%d)", file, line);
+    return;
+  }
+  if (pending < 0) {  // wait_all = commit_group + wait_group 0
+    ++f->committed;
+    for (const CpCopy& c : f->copies) perform_copy(f, c);
+    f->copies.clear();
+    return;
+  }
+  // complete every committed group but the `pending` most recent ones, in issue order
+  const uint64_t done = f->committed > static_cast<uint64_t>(pending) ? f->committed - pending : 0;
+  size_t keep = 0;
+  for (size_t i = 0; i < f->copies.size(); ++i) {
+    const CpCopy& c = f->copies[i];
+    if (c.group != kOpenGroup && c.group <= done)
+      perform_copy(f, c);
+    else
+      f->copies[keep++] = c;
+  }
+  f->copies.resize(keep);
+}
 
 void* dynamic_smem() {
   if (!g_run) {
@@ -835,6 +1168,7 @@ std::map<const void*, int> g_max_dynamic;  // cudaFuncAttributeMaxDynamicSharedM
 cudaError_t launch(const char* name, const void* key, Thunk thunk, void* ctx, dim3 grid, dim3 block, size_t smem,
                    int max_threads, const char* file, int line) {
   ++g_stat_launches;
+  ++g_launch_index;
   {
     char b[512];
     snprintf(b, sizeof b, "%s grid=(%u,%u,%u) block=(%u,%u,%u) smem=%zu\n", name, grid.x, grid.y, grid.z, block.x,
@@ -890,7 +1224,7 @@ cudaError_t launch(const char* name, const void* key, Thunk thunk, void* ctx, di
   r.line = line;
   r.n = static_cast<int>(threads);
   r.smem_limit = opted_in ? L.smem_optin : L.smem_default;
-  r.rng = (g_seed ^ (g_stat_launches * 0x9E3779B97F4A7C15ULL)) | 1;
+  r.rng = (g_seed ^ (g_launch_index * 0x9E3779B97F4A7C15ULL)) | 1;
   setup_dynamic(r, smem);
   ensure_fibers(r.n);
   g_run = &r;
@@ -922,6 +1256,10 @@ cudaError_t launch(const char* name, const void* key, Thunk thunk, void* ctx, di
                         static_cast<unsigned>(t / (block.x * block.y))};
           f.mask = 0;
           f.op = 0;
+          f.operands = nullptr;
+          f.copies.clear();  // copies a thread never waited for are dropped (never visible)
+          f.committed = 0;
+          f.copying = nullptr;
           init_fiber(&f);
           set_runnable(&f);
         }
@@ -1052,6 +1390,7 @@ void emu_configure(int policy, unsigned long long seed, int arch) {
   emu::g_seed = seed ? seed : 1;
   emu::g_arch = arch;
   emu::g_max_dynamic.clear();
+  emu::g_launch_index = 0;
 }
 
 // The violations logged since the last call (empty string when none), then cleared.

@@ -34,6 +34,7 @@ from .neighborhood_attention_nd import (  # noqa: E402
     neighborhood_attention2d,
     neighborhood_attention3d,
 )
+from . import _na_unfused  # noqa: E402,F401  (compat.natten's qk / av kernels: the natten_qk_av table)
 from .window_attention import window_attention2d  # noqa: E402
 from .statistics import (  # noqa: E402
     delta_log_amplitude,

@@ -78,6 +78,10 @@ def tables(spatial, ks, ds, cs, device) -> Tables:
     from .neighborhood_attention_nd import axis_window
 
     n = len(spatial)
+    for a in range(n):
+        if not (ks[a] >= 1 and ds[a] >= 1 and ks[a] * ds[a] <= spatial[a]):
+            raise ValueError(f"the neighbour tables need 1 <= kernel_size * dilation <= size on every axis, got "
+                             f"kernel_size {tuple(ks)}, dilation {tuple(ds)} for a map {tuple(spatial)}")
     nb = cell = ok = None
     for a in range(n):
         pos, valid, bias_index = axis_window(spatial[a], ks[a], ds[a], 1, cs[a], "clamp", "cpu")
@@ -141,6 +145,8 @@ if _ext.has_op("na_unfused_dot"):
     torch.library.register_fake("alterops::na_unfused_dot")(fake_dot)
     torch.library.register_fake("alterops::na_unfused_sum")(fake_sum)
     torch.library.register_fake("alterops::na_unfused_scatter")(fake_scatter)
+
+from . import _na_unfused_triton  # noqa: E402,F401  (registers the Triton ops; Triton is imported when they run)
 
 
 

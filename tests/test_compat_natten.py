@@ -238,7 +238,7 @@ def test_qk_av_on_cuda(dtype):
         assert_close(t.grad, ref.grad)
 
 
-@pytest.mark.parametrize("backend", UNFUSED_BACKENDS)
+@pytest.mark.parametrize("backend", ["reference", "cpu"])  # triton: minutes under the interpreter; compared above
 def test_gradcheck_float64(backend):
     device = unfused_device(backend, torch.float64)
     q, k, v = (torch.randn(1, 2, 5, 6, 3, dtype=torch.float64, device=device, requires_grad=True) for _ in range(3))

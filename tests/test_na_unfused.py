@@ -21,9 +21,9 @@ BACKENDS = ("cpu", "triton")
 CASES = [
     ((11,), (5,), (2,), (False,)),
     ((13,), (3,), (1,), (True,)),
-    ((7, 9), (3, 5), (1, 2), (False, True)),
+    ((7, 10), (3, 5), (1, 2), (False, True)),
     ((6, 6), (3, 3), (2, 2), (False, False)),
-    ((4, 5, 6), (3, 3, 3), (1, 1, 2), (True, False, False)),
+    ((3, 4, 6), (3, 3, 3), (1, 1, 2), (True, False, False)),
 ]
 
 
@@ -177,6 +177,7 @@ def test_primitives_match_brute_force(spatial, ks, ds, cs, D, dtype, backend):
         assert torch.equal(a, b), "an input was written"
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter on NaN
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_slots_without_a_key_contribute_nothing(backend):
     """NaN / inf weights at slots without a key, and inf in the row a dead slot points at, do not
@@ -225,6 +226,11 @@ def test_empty_and_deterministic(backend):
         assert all(torch.equal(a, b) for a, b in zip(r, runs[0]))
 
 
+def test_tables_reject_windows_larger_than_the_map():
+    with pytest.raises(ValueError, match="kernel_size \\* dilation"):
+        _na_unfused.tables((3, 5), (3, 3), (1, 2), (False, False), "cpu")
+
+
 def test_cpu_rejects_bad_tables():
     """The CPU ops check every index (the process never reads out of bounds)."""
     device, dot, wsum, scatter = ops("cpu")
@@ -269,3 +275,123 @@ def test_cpu_opcheck():
     torch.library.opcheck(dot, (x, y, t.nb, t.ok, torch.randn(2, 25), t.cell, float("-inf")))
     torch.library.opcheck(wsum, (w, y, t.nb, t.ok))
     torch.library.opcheck(scatter, (w, x, t.rowptr, t.entries, 9))
+
+
+# ---------------------------------------------------------------------------------------
+# Triton specifics: index widths, offsets, launch splits, registration, argument checks
+# ---------------------------------------------------------------------------------------
+def triton_case(dtype=torch.float32, B=2, heads=3, D=100, seed=3):
+    spatial, ks, ds, cs = (7, 10), (3, 5), (1, 2), (False, True)
+    device, *_ = ops("triton")
+    g = torch.Generator().manual_seed(seed)
+    N, K = math.prod(spatial), math.prod(ks)
+    x, y = (torch.randn(B, heads, N, D, generator=g, dtype=dtype) for _ in range(2))
+    w = torch.randn(B, heads, N, K, generator=g, dtype=dtype)
+    table = torch.randn(heads, 5 * 9, generator=g, dtype=dtype)
+    t = _na_unfused.tables(spatial, ks, ds, cs, device)
+    return device, slots_of(spatial, ks, ds, cs), x, y, w, table, t
+
+
+def triton_all(x, y, w, table, t):
+    o = torch.ops.alterops
+    return [o.na_unfused_dot_triton(x, y, t.nb, t.ok, table, t.cell, float("-inf")),
+            o.na_unfused_sum_triton(w, y, t.nb, t.ok),
+            o.na_unfused_scatter_triton(w, x, t.rowptr, t.entries, t.K)]
+
+
+def test_triton_int64_tables_and_wide_offsets_give_the_same_bits(monkeypatch):
+    """int64 rowptr / entries (maps with N * K >= 2**31) and int64 offsets within a (batch, head)
+    (forced here) give the same bits as the plain runs."""
+    from alterops import _na_unfused_triton as launch
+
+    device, _, x, y, w, table, t = triton_case()
+    x, y, w, table = (a.to(device) for a in (x, y, w, table))
+    plain = triton_all(x, y, w, table, t)
+    wide_index = torch.ops.alterops.na_unfused_scatter_triton(w, x, t.rowptr.long(), t.entries.long(), t.K)
+    assert torch.equal(wide_index, plain[2])
+    monkeypatch.setattr(launch, "_INT32_LIMIT", 0)
+    for a, b in zip(plain, triton_all(x, y, w, table, t)):
+        assert torch.equal(a, b)
+
+
+def test_triton_split_launches(monkeypatch):
+    """At most 2 (batch, head) pairs per launch (as past CUDA's 65535): every launch finds its
+    pairs from its offset."""
+    from alterops.kernels import na_unfused as kern
+    from alterops.kernels import neighborhood_attention_nd as nd
+
+    device, slots, x, y, w, table, t = triton_case(torch.float64, B=5, heads=1, D=6)
+    monkeypatch.setattr(nd, "GRID_Y_MAX", 2)
+    grids = {}
+    for name in ("na_unfused_dot_kernel", "na_unfused_sum_kernel", "na_unfused_scatter_kernel"):
+        real = getattr(kern, name)
+
+        class Recording:
+            def __getitem__(self, grid, _real=real, _name=name):
+                grids.setdefault(_name, []).append(grid)
+                return _real[grid]
+
+        monkeypatch.setattr(kern, name, Recording())
+    got = triton_all(x.to(device), y.to(device), w.to(device), table.to(device), t)
+    close(got[0], brute_dot(x, y, slots, table, float("-inf")), torch.float64)
+    close(got[1], brute_sum(w, y, slots), torch.float64)
+    close(got[2], brute_scatter(w, x, slots), torch.float64)
+    assert len(grids) == 3 and all([g[1] for g in gs] == [2, 2, 1] for gs in grids.values()), grids
+
+
+def test_triton_exact_fill_and_empty_map():
+    device, dot, wsum, scatter = ops("triton")
+    t = _na_unfused.tables((5,), (3,), (1,), (True,), device)
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64, device=device)
+    got = dot(x, x, t.nb, t.ok, None, None, 0.1).cpu()
+    assert torch.all(got[:, :, ~t.ok.t().cpu()] == 0.1)  # float64's 0.1, not float32's
+    x = torch.randn(1, 2, 0, 4, device=device)
+    w = torch.randn(1, 2, 0, 3, device=device)
+    nb = torch.zeros(3, 0, dtype=torch.int32, device=device)
+    rowptr = torch.zeros(1, dtype=torch.int32, device=device)
+    entries = torch.zeros(0, dtype=torch.int32, device=device)
+    assert dot(x, x, nb, None, None, None, 0.0).shape == (1, 2, 0, 3)
+    assert wsum(w, x, nb, None).shape == (1, 2, 0, 4)
+    assert scatter(w, x, rowptr, entries, 3).shape == (1, 2, 0, 4)
+
+
+def test_triton_opcheck():
+    device, dot, wsum, scatter = ops("triton")
+    t = _na_unfused.tables((5, 6), (3, 3), (1, 2), (False, True), device)
+    x, y = (torch.randn(1, 1, 30, 8, dtype=torch.float64, device=device) for _ in range(2))
+    w = torch.randn(1, 1, 30, 9, dtype=torch.float64, device=device)
+    torch.library.opcheck(dot, (x, y, t.nb, t.ok, torch.randn(1, 25, dtype=torch.float64, device=device), t.cell,
+                                float("-inf")))
+    torch.library.opcheck(wsum, (w, y, t.nb, t.ok))
+    torch.library.opcheck(scatter, (w, x, t.rowptr, t.entries, 9))
+
+
+def test_triton_argument_checks():
+    from alterops import _na_unfused_triton as launch
+
+    device, dot, wsum, scat = ops("triton")
+    t = _na_unfused.tables((5,), (3,), (1,), (True,), device)
+    x = torch.randn(1, 2, 5, 4, device=device, dtype=torch.float64)
+    w = torch.randn(1, 2, 5, 3, device=device, dtype=torch.float64)
+    cases = [
+        (TypeError, "x must be float32 or float64", lambda: dot(x.half(), x.half(), t.nb, t.ok, None, None, 0.0)),
+        (TypeError, "y has dtype", lambda: dot(x, x.float(), t.nb, t.ok, None, None, 0.0)),
+        (ValueError, "y must have x's shape", lambda: dot(x, x[:, :1], t.nb, t.ok, None, None, 0.0)),
+        (ValueError, "y is on meta", lambda: launch.dot(x, torch.empty_like(x, device="meta"), t.nb, t.ok, None,
+                                                        None, 0.0)),
+        (TypeError, "nb must have dtype torch.int32", lambda: dot(x, x, t.nb.long(), t.ok, None, None, 0.0)),
+        (ValueError, "nb must have shape", lambda: dot(x, x, t.nb[:, :4], t.ok, None, None, 0.0)),
+        (TypeError, "ok must have dtype torch.bool", lambda: dot(x, x, t.nb, t.ok.int(), None, None, 0.0)),
+        (ValueError, "table must have 2", lambda: dot(x, x, t.nb, t.ok, torch.zeros(3, 5, dtype=torch.float64,
+                                                                                    device=device), t.cell, 0.0)),
+        (TypeError, "cell must be a torch.Tensor", lambda: dot(x, x, t.nb, t.ok, torch.zeros(
+            2, 5, dtype=torch.float64, device=device), None, 0.0)),
+        (ValueError, "w must have shape", lambda: wsum(w[..., :2], x, t.nb, t.ok)),
+        (TypeError, "w has dtype", lambda: wsum(w.float(), x, t.nb, t.ok)),
+        (ValueError, "rowptr must have shape", lambda: scat(w, x, t.rowptr[:-1], t.entries, 3)),
+        (TypeError, "entries must have dtype", lambda: scat(w, x, t.rowptr, t.entries.short(), 3)),
+        (ValueError, "w must have shape", lambda: scat(w, x, t.rowptr, t.entries, 4)),
+    ]
+    for exc, message, call in cases:
+        with pytest.raises(exc, match=message):
+            call()

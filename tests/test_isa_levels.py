@@ -31,7 +31,8 @@ pytestmark = pytest.mark.skipif(not _ext.loaded(), reason=f"compiled kernels not
 AVX_RE = re.compile(r"%[yz]mm\d|\bv[a-z0-9]+\s.*%xmm\d|%k[0-7]\b")
 AVX512_RE = re.compile(r"%zmm\d|%k[0-7]\b|\{%k[0-7]\}")
 FAMILY_TESTS = ["test_blur.py", "test_statistics.py", "test_neighborhood_attention.py",
-                "test_neighborhood_attention_nd_cpu.py", "test_window_attention.py", "test_memory.py"]
+                "test_neighborhood_attention_nd_cpu.py", "test_na_unfused.py", "test_window_attention.py",
+                "test_memory.py"]
 # What depends on the level: the tests of the `cpu` backend (parametrised or named so, and the
 # kernel-only module test_neighborhood_attention_nd_cpu.py) and the output pool the kernels write
 # into; the reference backend's cases and the argument checks run the same code at every level.

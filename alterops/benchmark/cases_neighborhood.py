@@ -301,7 +301,53 @@ def _make_nd_gpu_fwd_bwd(device, quick, *, n):
                     label=f"na{n}d_gpu_{name}_fwd_bwd")
 
 
+def _make_unfused_fwd_bwd(device, quick):
+    """NATTEN 0.17's separate ops as DiNAT calls them (``natten2dqkrpb`` -> softmax ->
+    ``natten2dav``, heads-first, dilation 2), forward + backward, on the backend automatic
+    selection picks for this device (``cpu`` / ``triton`` unfused kernels); the peer is the same
+    calls on the ``reference`` backend (plain PyTorch, one kernel slot at a time)."""
+    from ..compat import natten as cn
+
+    B, H, W, heads, d, kernel, dil = (1, 28, 28, 4, 32, 7, 2) if quick else (4, 56, 56, 4, 32, 7, 2)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, heads, H, W, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+               for _ in range(3))
+    rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).to(device=device,
+                                                                            dtype=dtype).requires_grad_()
+    gout = torch.ones_like(q)
+
+    def run():
+        attn = cn.natten2dqkrpb(q * d ** -0.5, k, rpb, kernel, dil).softmax(-1)
+        out = cn.natten2dav(attn, v, kernel, dil)
+        out.backward(gout)
+        return out
+
+    def reference():
+        with ao.set_backend("reference"):
+            return run()
+
+    def check():  # the output and every gradient, against the reference backend's
+        got = [run().detach().float()] + [t.grad.float() for t in (q, k, v, rpb)]
+        for t in (q, k, v, rpb):
+            t.grad = None
+        want = [reference().detach().float()] + [t.grad.float() for t in (q, k, v, rpb)]
+        for t in (q, k, v, rpb):
+            t.grad = None
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=2e-4 if dtype == torch.float32 else 3e-2, rtol=2e-3)
+
+    N = B * H * W
+    return Workload(ours=run, peers={"reference": reference}, bytes=8 * q.numel() * q.element_size(),
+                    flops=12.0 * N * kernel * kernel * d * heads,
+                    ceiling="matmul_fp32" if dtype == torch.float32 else "matmul_bf16",
+                    check=check, note=f"natten2dqkrpb + softmax + natten2dav, forward+backward, B={B} {H}x{W} "
+                    f"heads={heads} d={d} k={kernel} dilation={dil} {str(dtype)[6:]}",
+                    label=f"natten2d_unfused_fwd_bwd_{H}x{W}_k{kernel}")
+
+
 register(Case("neighborhood", "na2d_forward_56x56_k7", _make_cpu_forward, devices=("cpu",), max_repeats=10))
+register(Case("neighborhood", "natten2d_unfused_fwd_bwd_56x56_k7", _make_unfused_fwd_bwd, max_repeats=5))
 register(Case("neighborhood", "na2d_fwd_bwd_zero_56x56_k7", _make_cpu_fwd_bwd, devices=("cpu",), max_repeats=5))
 for _n in (1, 3):
     _name = _nd_names(_ND_SHAPES[_n][False][1], _ND_SHAPES[_n][False][4])[0]

@@ -33,8 +33,12 @@ windows up to ``max(map size, 32)`` per axis; ``scale`` must be finite.
 Backends: ``reference`` (plain PyTorch, autograd), ``cpu`` (C++,
 ``csrc/window_attention/``: float32, float64, bfloat16), ``triton`` (CUDA, or the
 interpreter: float32, float16, bfloat16; windows up to 256 tokens, head_dim up to 256; larger
-windows fall back to ``reference`` under automatic selection). Automatic order: ``cpu`` then
-``reference`` on CPU, ``triton`` then ``reference`` on CUDA. The fused backends save only
+windows fall back to ``reference`` under automatic selection), ``cuda`` (CUDA C++,
+``csrc/window_attention/window_attention_cuda.cu``: float32, float16, bfloat16; tensor cores
+for float16/bfloat16 with head_dim up to 128 on sm_80+, SIMT otherwise; windows up to 256
+tokens, head_dim up to 256, larger ones fall back to ``reference`` under automatic selection).
+Automatic order: ``cpu`` then ``reference`` on CPU, ``triton``, ``cuda``, then ``reference`` on
+CUDA (Triton first until GPU timings show the CUDA kernels faster). The fused backends save only
 q, k, v, the output and the float32 (float64) logsumexp per query for the backward, which
 returns dq, dk, dv and a deterministic gradient of the bias table (no float atomics).
 """
@@ -54,6 +58,9 @@ __all__ = ["window_attention2d", "window_attention2d_reference"]
 
 _TRITON_MAX_TOKENS = 256
 _TRITON_MAX_HEAD_DIM = 256
+_CUDA_MAX_TOKENS = 256  # window_cuda::kMaxTokens (csrc/window_attention/window_attention_cuda.h)
+_CUDA_MAX_HEAD_DIM = 256  # window_cuda::kMaxHeadDim
+_LIMITS = {"triton": (_TRITON_MAX_TOKENS, _TRITON_MAX_HEAD_DIM), "cuda": (_CUDA_MAX_TOKENS, _CUDA_MAX_HEAD_DIM)}
 _MAX_FREE_WINDOW = 32  # windows larger than the map (padded with absent tokens) up to this size
 
 
@@ -207,7 +214,9 @@ _window_attention2d_bwd_triton.register_fake(_fake_bwd)
 
 
 _OPS = {
+    # cpu and cuda share the ops: the dispatcher picks the kernel by device
     "cpu": (lambda: torch.ops.alterops.window_attention2d_fwd, lambda: torch.ops.alterops.window_attention2d_bwd),
+    "cuda": (lambda: torch.ops.alterops.window_attention2d_fwd, lambda: torch.ops.alterops.window_attention2d_bwd),
     "triton": (lambda: torch.ops.alterops.window_attention2d_fwd_triton,
                lambda: torch.ops.alterops.window_attention2d_bwd_triton),
 }
@@ -251,8 +260,10 @@ _TABLE = register(OpBackends(
         "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16),
                        ops=("window_attention2d_fwd", "window_attention2d_bwd")),
         "triton": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16)),
+        "cuda": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                        ops=("window_attention2d_fwd", "window_attention2d_bwd")),
     },
-    auto_cuda=("triton", "reference"),
+    auto_cuda=("triton", "cuda", "reference"),
     auto_cpu=("cpu", "reference"),
 ))
 
@@ -302,21 +313,22 @@ def window_attention2d(q, k, v, window_size, *, shift=0, rel_pos_bias=None, scal
             and key ``p'`` in one window gets ``table[h, dy + wh-1, dx + ww-1]``,
             ``(dy, dx) = p' - p`` in window coordinates (key minus query). Gets a gradient.
         scale: logit scale, default ``head_dim ** -0.5``.
-        backend: ``None`` (auto: cpu then reference on CPU; triton then reference on CUDA),
-            ``"reference"``, ``"cpu"`` or ``"triton"``.
+        backend: ``None`` (auto: cpu then reference on CPU; triton, cuda, then reference on
+            CUDA), ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``(B, H, W, heads, head_dim)`` contiguous, dtype of ``q``.
     """
     window_size, shift, scale = _validate(q, k, v, window_size, shift, rel_pos_bias, scale)
     name = _TABLE.select(backend, q.device, q.dtype)
-    if name == "triton":
+    if name in _LIMITS:
         wh, ww = window_size
-        if wh * ww > _TRITON_MAX_TOKENS or q.shape[4] > _TRITON_MAX_HEAD_DIM:
+        max_tokens, max_head_dim = _LIMITS[name]
+        if wh * ww > max_tokens or q.shape[4] > max_head_dim:
             if backend is not None or get_backend() is not None:
                 raise BackendUnavailableError(
-                    f"window_attention2d: the 'triton' backend handles windows of up to "
-                    f"{_TRITON_MAX_TOKENS} tokens and head_dim up to {_TRITON_MAX_HEAD_DIM}, got "
+                    f"window_attention2d: the {name!r} backend handles windows of up to "
+                    f"{max_tokens} tokens and head_dim up to {max_head_dim}, got "
                     f"window {window_size} and head_dim {q.shape[4]}")
             name = "reference"
     if name == "reference":

@@ -1,0 +1,880 @@
+// CUDA kernels of window_attention2d (see window_attention_cuda.h for the contract).
+//
+// Work decomposition. A block (128 threads, 4 warps) takes one tile of rows of one window of one
+// head of one image: query rows for the forward and the dq kernel, key rows for the dk/dv
+// kernel. Block ids run over (head, image, window, tile), tile fastest; a launch covers up to
+// 2^30 blocks and larger problems take several launches with a block offset. The window's
+// geometry is computed per block into shared memory from index arithmetic: for each of its
+// wh*ww tokens the original (y, x) = (rolled padded coordinate + shift) mod the padded size,
+// whether it is present (inside the H x W map), its shift region and its position code for the
+// bias table, so q, k, v, grad_out and out are read in place with their own element strides and
+// results are written to their final places (no rolled, padded or partitioned copies). The
+// head's bias table (at most 31 x 31 floats) is staged in shared memory too.
+//
+// Masking. Token code = (region << 16) | (iy * (2ww-1) + ix) for present tokens, -1 for absent
+// ones (padding, and rows past the window's end). Query q may attend to key k when both codes
+// are >= 0 and their regions agree; the bias of the pair is table[code_k - code_q + center]
+// (low 16 bits; key minus query). A key outside the query's allowed set takes no part at all:
+// its logit is replaced (not added to) by -inf and it is skipped in the value sums, so a NaN or
+// inf in another region's k or v never reaches the query.
+//
+// Forward: flash-style online softmax over chunks of keys; the logsumexp of each query is
+// saved, so memory is linear in the number of queries. Backward: a query-major kernel (recomputes
+// P from the logsumexp, delta = rowsum(dO * O), dP = dO V^T, dS = P (dP - delta), dq = scale dS K,
+// and the bias gradient's per-block partial sums), then a key-major kernel (dv = P^T dO, dk = scale
+// dS^T Q), then a fixed-order reduction of the partials into the table gradient. Nothing is
+// accumulated with atomics: every output element has exactly one writer and every sum has a fixed
+// order, so results are bitwise reproducible.
+//
+// SIMT path (float32 takes it; float16 / bfloat16 where the tensor cores do not apply): 32 rows
+// per block (8 per warp), chunks of 32 keys (one per lane). Operands are widened to float32 in
+// shared memory; a lane computes its key's logit for the warp's 8 rows (a dot product over
+// head_dim read from shared memory, conflict-free thanks to an odd row stride), the row
+// statistics go through warp shuffles, and the value sums run with lanes over head_dim columns
+// (C = ceil(head_dim / 32) columns per lane, a template parameter: 1, 2, 4 or 8).
+#include "window_attention_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace alterops {
+namespace window_cuda {
+namespace {
+
+constexpr int kThreads = 128;  // every kernel: 4 warps
+constexpr int kWarps = kThreads / 32;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kMaxTable = 961;                                 // (2*16-1)^2: the largest table of a <= 256-token window
+constexpr int kOwned = (kMaxTable + kThreads - 1) / kThreads;  // bias offsets per thread
+constexpr int64_t kMaxGrid = int64_t(1) << 30;                 // blocks per launch
+
+// SIMT tiles
+constexpr int kSimtRows = 8;                   // rows per warp
+constexpr int kSimtTile = kWarps * kSimtRows;  // rows per block
+constexpr int kSimtChunk = 32;                 // keys (forward, dq) or queries (dk/dv) per chunk: one per lane
+static_assert(kSimtChunk == 32, "one chunk column per lane");
+
+// ---- element types ------------------------------------------------------------------------
+template <typename T>
+__device__ __forceinline__ float to_float(T v);
+template <>
+__device__ __forceinline__ float to_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---- geometry -----------------------------------------------------------------------------
+// Element strides of a (B, H, W, heads, head_dim) tensor and of a (B, H, W, heads) one.
+struct S5 {
+  int64_t b, y, x, h, c;
+};
+struct S4 {
+  int64_t b, y, x, h;
+};
+
+// What every kernel needs about the problem (built by the launcher).
+struct Geo {
+  int64_t batch;
+  int H, W, heads, d;
+  int wh, ww, sh, sw;
+  int Hp, Wp, nWx;
+  int64_t nWin;      // windows per image
+  int N;             // tokens per window
+  int tile;          // rows per block
+  int n_tiles;       // tiles per window
+  int tw, T, center; // table row length 2ww-1, table size, index of offset (0, 0)
+  int table_heads;
+  float scale;
+};
+
+// Where a block works: image, head, window (wy, wx), tile; id = its linear block id.
+struct Pos {
+  int64_t b, id;
+  int h, tile, wy, wx;
+};
+
+__device__ __forceinline__ Pos block_pos(const Geo& g, int64_t base) {
+  Pos p;
+  int64_t id = base + int64_t(blockIdx.x);
+  p.id = id;
+  p.tile = int(id % g.n_tiles);
+  id /= g.n_tiles;
+  const int64_t win = id % g.nWin;
+  id /= g.nWin;
+  p.b = id % g.batch;
+  p.h = int(id / g.batch);
+  p.wy = int(win / g.nWx);
+  p.wx = int(win % g.nWx);
+  return p;
+}
+
+// Token codes and original coordinates of the window's N tokens, and the head's bias table.
+__device__ __forceinline__ void setup_window(const Geo& g, const Pos& p, const float* __restrict__ table, int* tok, int* ty, int* tx,
+                             float* tbl) {
+  for (int j = int(threadIdx.x); j < g.N; j += kThreads) {
+    const int iy = j / g.ww, ix = j - iy * g.ww;
+    const int r = p.wy * g.wh + iy, c = p.wx * g.ww + ix;  // rolled padded coordinates
+    int y = r + g.sh, x = c + g.sw;
+    if (y >= g.Hp) y -= g.Hp;
+    if (x >= g.Wp) x -= g.Wp;
+    const int ry = int(r >= g.Hp - g.wh) + int(g.sh > 0 && r >= g.Hp - g.sh);
+    const int rx = int(c >= g.Wp - g.ww) + int(g.sw > 0 && c >= g.Wp - g.sw);
+    tok[j] = (y < g.H && x < g.W) ? (((ry * 3 + rx) << 16) | (iy * g.tw + ix)) : -1;
+    ty[j] = y;
+    tx[j] = x;
+  }
+  if (table != nullptr) {
+    const float* src = table + int64_t(g.table_heads == 1 ? 0 : p.h) * g.T;
+    for (int i = int(threadIdx.x); i < g.T; i += kThreads) tbl[i] = src[i];
+  }
+}
+
+__device__ __forceinline__ int code_of(const int* tok, int j, int N) { return j < N ? tok[j] : -1; }
+
+__device__ __forceinline__ bool allowed(int qc, int kc) { return (qc | kc) >= 0 && (qc >> 16) == (kc >> 16); }
+
+__device__ __forceinline__ int bias_index(int qc, int kc, int center) { return (kc & 0xffff) - (qc & 0xffff) + center; }
+
+__device__ __forceinline__ int64_t in_offset(const S5& s, int64_t b, int y, int x, int h) {
+  return b * s.b + int64_t(y) * s.y + int64_t(x) * s.x + int64_t(h) * s.h;
+}
+
+// Row index of token (y, x) of image b, head h in the contiguous (B, H, W, heads) layout.
+__device__ __forceinline__ int64_t out_row(const Geo& g, int64_t b, int y, int x, int h) {
+  return ((b * g.H + y) * int64_t(g.W) + x) * g.heads + h;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+  return v;
+}
+
+// ---- shared-memory plans (the launcher sizes the launch with the same function) ---------------
+__host__ __device__ inline size_t align16(size_t n) { return (n + 15) & ~size_t(15); }
+
+// Offsets (bytes) of the parts of a kernel's dynamic shared memory: `tiles` row tiles of
+// tile_bytes each, then `extra` bytes, the bias table (T floats) and three int arrays of N.
+struct Plan {
+  size_t tile_bytes, extra, tbl, tok, ty, tx, total;
+};
+
+__host__ __device__ inline Plan make_plan(int tiles, size_t tile_bytes, size_t extra, int T, int N) {
+  Plan p;
+  p.tile_bytes = align16(tile_bytes);
+  p.extra = p.tile_bytes * size_t(tiles);
+  p.tbl = p.extra + align16(extra);
+  p.tok = p.tbl + align16(size_t(T) * sizeof(float));
+  p.ty = p.tok + align16(size_t(N) * sizeof(int));
+  p.tx = p.ty + align16(size_t(N) * sizeof(int));
+  p.total = p.tx + align16(size_t(N) * sizeof(int));
+  return p;
+}
+
+// SIMT: row tiles of kSimtTile (= kSimtChunk) rows of 32*C + 1 floats.
+__host__ __device__ inline int simt_ld(int C) { return 32 * C + 1; }
+
+enum Kind : int { kForward = 0, kDq = 1, kDkdv = 2 };
+
+__host__ __device__ inline Plan simt_plan(int kind, int C, int T, int N) {
+  const size_t tile = size_t(kSimtTile) * size_t(simt_ld(C)) * sizeof(float);
+  const size_t pw = size_t(kWarps) * kSimtRows * kSimtChunk * sizeof(float);  // one float per (row, chunk column)
+  if (kind == kForward) return make_plan(3, tile, pw, T, N);                    // Q, K, V; P
+  if (kind == kDq) return make_plan(4, tile, pw, T, N);                         // Q, dO, K, V; dS
+  return make_plan(4, tile, 2 * pw + 2 * kSimtChunk * sizeof(float), T, N);     // K, V, Q, dO; P, dS, lse, delta
+}
+
+// Loads rows row0 .. row0 + kSimtTile - 1 of the window (token index) into a float tile of
+// row stride ld, columns 0 .. width-1; absent tokens, rows past the window and columns past
+// head_dim are zeros.
+template <typename T>
+__device__ __forceinline__ void load_rows_f32(float* dst, int ld, int width, const T* __restrict__ src, const S5& s, int64_t b, int h,
+                              int row0, const int* tok, const int* ty, const int* tx, int N, int d) {
+  for (int i = int(threadIdx.x); i < kSimtTile * width; i += kThreads) {
+    const int r = i / width, c = i - r * width;
+    const int j = row0 + r;
+    float val = 0.f;
+    if (c < d && j < N && tok[j] >= 0) val = to_float(src[in_offset(s, b, ty[j], tx[j], h) + int64_t(c) * s.c]);
+    dst[r * ld + c] = val;
+  }
+}
+
+// ---- the bias gradient's per-block partial sums ---------------------------------------------
+// Adds to acc[i] (offset o = threadIdx.x + i * kThreads of the table) the dS of the pairs
+// (query q, key q + delta(o)) with q in [q0, q0 + nrows) and the key in [k0, k0 + ncols):
+// ds[(q - q0) * ldds + (key - k0)]. Each thread owns its offsets and sums in a fixed order
+// (chunks in order, queries ascending), so the result does not depend on scheduling. Pairs that
+// are not allowed hold dS = 0.
+__device__ __forceinline__ void bias_partials(float (&acc)[kOwned], const float* ds, int ldds, int q0, int nrows, int k0, int ncols,
+                              const Geo& g) {
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int o = int(threadIdx.x) + i * kThreads;
+    if (o >= g.T) break;
+    const int oy = o / g.tw - (g.wh - 1), ox = o - (o / g.tw) * g.tw - (g.ww - 1);
+    const int delta = oy * g.ww + ox;
+    int lo = q0 > k0 - delta ? q0 : k0 - delta;
+    if (lo < 0) lo = 0;
+    if (lo < -delta) lo = -delta;
+    int hi = q0 + nrows < k0 + ncols - delta ? q0 + nrows : k0 + ncols - delta;
+    if (hi > g.N) hi = g.N;
+    if (hi > g.N - delta) hi = g.N - delta;
+    float a = acc[i];
+    int qx = lo >= 0 ? lo % g.ww : 0;
+    for (int q = lo; q < hi; ++q) {
+      const int kx = qx + ox;
+      if (kx >= 0 && kx < g.ww) a += ds[(q - q0) * ldds + (q + delta - k0)];
+      if (++qx == g.ww) qx = 0;
+    }
+    acc[i] = a;
+  }
+}
+
+__device__ __forceinline__ void store_partials(const float (&acc)[kOwned], float* __restrict__ part, const Geo& g, int64_t id) {
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) {
+    const int o = int(threadIdx.x) + i * kThreads;
+    if (o < g.T) part[id * g.T + o] = acc[i];
+  }
+}
+
+// dtable[t, o] = sum over the partials of table head t (blocks [t * per, (t + 1) * per)) of
+// part[block, o]: 8 groups of threads sum strided subsets in order, then one thread adds the 8
+// group sums in order. Grid (ceil(T / 32), table_heads), block (32, 8).
+__global__ void __launch_bounds__(256) bias_reduce_kernel(const float* __restrict__ part, float* __restrict__ dtable,
+                                                          int T, int64_t per) {
+  __shared__ float sums[8][32];
+  const int lane = int(threadIdx.x), grp = int(threadIdx.y);
+  const int o = int(blockIdx.x) * 32 + lane;
+  const int64_t first = int64_t(blockIdx.y) * per;
+  float a = 0.f;
+  if (o < T)
+    for (int64_t p = grp; p < per; p += 8) a += part[(first + p) * T + o];
+  sums[grp][lane] = a;
+  __syncthreads();
+  if (grp == 0 && o < T) {
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) t += sums[i][lane];
+    dtable[int64_t(blockIdx.y) * T + o] = t;
+  }
+}
+
+// ---- SIMT forward ---------------------------------------------------------------------------
+// Block: kSimtTile query rows of one window / head / image; warp w owns rows w*8 .. w*8+7.
+// only_if: when not null, the block returns at once unless *only_if != 0 (the fix-up launch
+// after the tensor-core forward, which sets the flag when a window's v holds NaN or inf).
+template <typename T, int C>
+__global__ void __launch_bounds__(kThreads, 1)
+    fwd_simt_kernel(Geo g, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, S5 sq, S5 sk,
+                    S5 sv, const float* __restrict__ table, T* __restrict__ out, float* __restrict__ lse,
+                    const int* __restrict__ only_if, int64_t base) {
+  if (only_if != nullptr && *only_if == 0) return;
+  extern __shared__ __align__(16) unsigned char wa_smem[];
+  constexpr int LD = 32 * C + 1;
+  const Plan pl = simt_plan(kForward, C, g.T, g.N);
+  float* Qs = reinterpret_cast<float*>(wa_smem);
+  float* Ks = reinterpret_cast<float*>(wa_smem + pl.tile_bytes);
+  float* Vs = reinterpret_cast<float*>(wa_smem + 2 * pl.tile_bytes);
+  float* Ps = reinterpret_cast<float*>(wa_smem + pl.extra);
+  float* tbl = reinterpret_cast<float*>(wa_smem + pl.tbl);
+  int* tok = reinterpret_cast<int*>(wa_smem + pl.tok);
+  int* ty = reinterpret_cast<int*>(wa_smem + pl.ty);
+  int* tx = reinterpret_cast<int*>(wa_smem + pl.tx);
+
+  const Pos p = block_pos(g, base);
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5;
+  const int q0 = p.tile * kSimtTile;
+  const bool has_bias = table != nullptr;
+  setup_window(g, p, table, tok, ty, tx, tbl);
+  __syncthreads();
+  load_rows_f32(Qs, LD, 32 * C, q, sq, p.b, p.h, q0, tok, ty, tx, g.N, g.d);
+
+  int qc[kSimtRows];
+  float m[kSimtRows], l[kSimtRows], acc[kSimtRows][C];
+#pragma unroll
+  for (int i = 0; i < kSimtRows; ++i) {
+    qc[i] = code_of(tok, q0 + warp * kSimtRows + i, g.N);
+    m[i] = -INFINITY;
+    l[i] = 0.f;  // this lane's part of the row sum
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[i][c] = 0.f;
+  }
+  float* P = Ps + warp * kSimtRows * kSimtChunk;
+  const float* Qw = Qs + warp * kSimtRows * LD;
+
+  for (int k0 = 0; k0 < g.N; k0 += kSimtChunk) {
+    __syncthreads();  // the previous chunk's K / V are no longer read
+    load_rows_f32(Ks, LD, 32 * C, k, sk, p.b, p.h, k0, tok, ty, tx, g.N, g.d);
+    load_rows_f32(Vs, LD, 32 * C, v, sv, p.b, p.h, k0, tok, ty, tx, g.N, g.d);
+    __syncthreads();
+    const int kc = code_of(tok, k0 + lane, g.N);
+    float s[kSimtRows];
+#pragma unroll
+    for (int i = 0; i < kSimtRows; ++i) s[i] = 0.f;
+    for (int c = 0; c < g.d; ++c) {
+      const float kv = Ks[lane * LD + c];
+#pragma unroll
+      for (int i = 0; i < kSimtRows; ++i) s[i] = fmaf(Qw[i * LD + c], kv, s[i]);
+    }
+    unsigned amask[kSimtRows];
+#pragma unroll
+    for (int i = 0; i < kSimtRows; ++i) {
+      const bool ok = allowed(qc[i], kc);
+      float x = -INFINITY;
+      if (ok) x = s[i] * g.scale + (has_bias ? tbl[bias_index(qc[i], kc, g.center)] : 0.f);
+      const float m_new = fmaxf(m[i], warp_max(x));
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      const float pv = ok ? expf(x - m_use) : 0.f;
+      const float alpha = expf(m[i] - m_use);
+      l[i] = l[i] * alpha + pv;
+      m[i] = m_new;
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[i][c] *= alpha;
+      P[i * kSimtChunk + lane] = pv;
+      amask[i] = __ballot_sync(kFull, ok);
+    }
+    __syncwarp();
+    const int nj = g.N - k0 < kSimtChunk ? g.N - k0 : kSimtChunk;
+    for (int j = 0; j < nj; ++j) {
+      float vv[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) vv[c] = Vs[j * LD + lane + 32 * c];
+#pragma unroll
+      for (int i = 0; i < kSimtRows; ++i) {
+        if ((amask[i] >> j) & 1u) {  // only the allowed keys: no 0 * inf from an excluded value
+          const float pij = P[i * kSimtChunk + j];
+#pragma unroll
+          for (int c = 0; c < C; ++c) acc[i][c] = fmaf(pij, vv[c], acc[i][c]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kSimtRows; ++i) {
+    const float lt = warp_sum(l[i]);
+    if (qc[i] < 0) continue;
+    const int j = q0 + warp * kSimtRows + i;
+    const int64_t row = out_row(g, p.b, ty[j], tx[j], p.h);
+    const float inv = 1.f / lt;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int col = lane + 32 * c;
+      if (col < g.d) out[row * g.d + col] = from_float<T>(acc[i][c] * inv);
+    }
+    if (lane == 0) lse[row] = m[i] + logf(lt);
+  }
+}
+
+// ---- SIMT backward, query-major: delta, dq, bias partials -----------------------------------
+template <typename T, int C>
+__global__ void __launch_bounds__(kThreads, 1)
+    dq_simt_kernel(Geo g, const T* __restrict__ go, const T* __restrict__ q, const T* __restrict__ k,
+                   const T* __restrict__ v, const T* __restrict__ o, S5 sgo, S5 sq, S5 sk, S5 sv, S5 so,
+                   const float* __restrict__ lse, S4 sl, const float* __restrict__ table, float* __restrict__ delta_ws,
+                   T* __restrict__ dq, float* __restrict__ part, int64_t base) {
+  extern __shared__ __align__(16) unsigned char wa_smem[];
+  constexpr int LD = 32 * C + 1;
+  const Plan pl = simt_plan(kDq, C, g.T, g.N);
+  float* Qs = reinterpret_cast<float*>(wa_smem);
+  float* Gs = reinterpret_cast<float*>(wa_smem + pl.tile_bytes);
+  float* Ks = reinterpret_cast<float*>(wa_smem + 2 * pl.tile_bytes);
+  float* Vs = reinterpret_cast<float*>(wa_smem + 3 * pl.tile_bytes);
+  float* DS = reinterpret_cast<float*>(wa_smem + pl.extra);  // [kSimtTile][kSimtChunk]
+  float* tbl = reinterpret_cast<float*>(wa_smem + pl.tbl);
+  int* tok = reinterpret_cast<int*>(wa_smem + pl.tok);
+  int* ty = reinterpret_cast<int*>(wa_smem + pl.ty);
+  int* tx = reinterpret_cast<int*>(wa_smem + pl.tx);
+
+  const Pos p = block_pos(g, base);
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5;
+  const int q0 = p.tile * kSimtTile;
+  const bool has_bias = table != nullptr;
+  setup_window(g, p, table, tok, ty, tx, tbl);
+  __syncthreads();
+  load_rows_f32(Qs, LD, 32 * C, q, sq, p.b, p.h, q0, tok, ty, tx, g.N, g.d);
+  load_rows_f32(Gs, LD, 32 * C, go, sgo, p.b, p.h, q0, tok, ty, tx, g.N, g.d);
+  __syncthreads();
+
+  int qc[kSimtRows];
+  float ls[kSimtRows], dl[kSimtRows], acc[kSimtRows][C];
+  const float* Qw = Qs + warp * kSimtRows * LD;
+  const float* Gw = Gs + warp * kSimtRows * LD;
+#pragma unroll
+  for (int i = 0; i < kSimtRows; ++i) {
+    const int j = q0 + warp * kSimtRows + i;
+    qc[i] = code_of(tok, j, g.N);
+    float part_sum = 0.f;
+    ls[i] = 0.f;
+    if (qc[i] >= 0) {
+      const int64_t oo = in_offset(so, p.b, ty[j], tx[j], p.h);
+      for (int c = lane; c < g.d; c += 32) part_sum += Gw[i * LD + c] * to_float(o[oo + int64_t(c) * so.c]);
+      ls[i] = lse[p.b * sl.b + int64_t(ty[j]) * sl.y + int64_t(tx[j]) * sl.x + int64_t(p.h) * sl.h];
+    }
+    dl[i] = warp_sum(part_sum);  // delta = rowsum(dO * O)
+    if (qc[i] >= 0 && lane == 0) delta_ws[out_row(g, p.b, ty[j], tx[j], p.h)] = dl[i];
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[i][c] = 0.f;
+  }
+  float bacc[kOwned];
+#pragma unroll
+  for (int i = 0; i < kOwned; ++i) bacc[i] = 0.f;
+  float* DSw = DS + warp * kSimtRows * kSimtChunk;
+
+  for (int k0 = 0; k0 < g.N; k0 += kSimtChunk) {
+    __syncthreads();  // the previous chunk's K / V / dS are no longer read
+    load_rows_f32(Ks, LD, 32 * C, k, sk, p.b, p.h, k0, tok, ty, tx, g.N, g.d);
+    load_rows_f32(Vs, LD, 32 * C, v, sv, p.b, p.h, k0, tok, ty, tx, g.N, g.d);
+    __syncthreads();
+    const int kc = code_of(tok, k0 + lane, g.N);
+    float s[kSimtRows], dp[kSimtRows];
+#pragma unroll
+    for (int i = 0; i < kSimtRows; ++i) s[i] = dp[i] = 0.f;
+    for (int c = 0; c < g.d; ++c) {
+      const float kv = Ks[lane * LD + c], vv = Vs[lane * LD + c];
+#pragma unroll
+      for (int i = 0; i < kSimtRows; ++i) {
+        s[i] = fmaf(Qw[i * LD + c], kv, s[i]);
+        dp[i] = fmaf(Gw[i * LD + c], vv, dp[i]);
+      }
+    }
+    unsigned amask[kSimtRows];
+#pragma unroll
+    for (int i = 0; i < kSimtRows; ++i) {
+      const bool ok = allowed(qc[i], kc);
+      float ds = 0.f;
+      if (ok) {
+        const float x = s[i] * g.scale + (has_bias ? tbl[bias_index(qc[i], kc, g.center)] : 0.f);
+        ds = expf(x - ls[i]) * (dp[i] - dl[i]);
+      }
+      DSw[i * kSimtChunk + lane] = ds;
+      amask[i] = __ballot_sync(kFull, ok);
+    }
+    __syncwarp();
+    const int nj = g.N - k0 < kSimtChunk ? g.N - k0 : kSimtChunk;
+    for (int j = 0; j < nj; ++j) {
+      float kv[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) kv[c] = Ks[j * LD + lane + 32 * c];
+#pragma unroll
+      for (int i = 0; i < kSimtRows; ++i) {
+        if ((amask[i] >> j) & 1u) {
+          const float dsij = DSw[i * kSimtChunk + j];
+#pragma unroll
+          for (int c = 0; c < C; ++c) acc[i][c] = fmaf(dsij, kv[c], acc[i][c]);
+        }
+      }
+    }
+    if (part != nullptr) {
+      __syncthreads();  // every warp's dS rows are in place
+      bias_partials(bacc, DS, kSimtChunk, q0, kSimtTile, k0, kSimtChunk, g);
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kSimtRows; ++i) {
+    if (qc[i] < 0) continue;
+    const int j = q0 + warp * kSimtRows + i;
+    const int64_t row = out_row(g, p.b, ty[j], tx[j], p.h);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int col = lane + 32 * c;
+      if (col < g.d) dq[row * g.d + col] = from_float<T>(acc[i][c] * g.scale);
+    }
+  }
+  if (part != nullptr) store_partials(bacc, part, g, p.id);
+}
+
+// ---- SIMT backward, key-major: dk, dv -------------------------------------------------------
+// Block: kSimtTile key rows; chunks of 32 queries (one per lane).
+template <typename T, int C>
+__global__ void __launch_bounds__(kThreads, 1)
+    dkdv_simt_kernel(Geo g, const T* __restrict__ go, const T* __restrict__ q, const T* __restrict__ k,
+                     const T* __restrict__ v, S5 sgo, S5 sq, S5 sk, S5 sv, const float* __restrict__ lse, S4 sl,
+                     const float* __restrict__ table, const float* __restrict__ delta_ws, T* __restrict__ dk,
+                     T* __restrict__ dv, int64_t base) {
+  extern __shared__ __align__(16) unsigned char wa_smem[];
+  constexpr int LD = 32 * C + 1;
+  const Plan pl = simt_plan(kDkdv, C, g.T, g.N);
+  float* Ks = reinterpret_cast<float*>(wa_smem);
+  float* Vs = reinterpret_cast<float*>(wa_smem + pl.tile_bytes);
+  float* Qs = reinterpret_cast<float*>(wa_smem + 2 * pl.tile_bytes);
+  float* Gs = reinterpret_cast<float*>(wa_smem + 3 * pl.tile_bytes);
+  float* Ps = reinterpret_cast<float*>(wa_smem + pl.extra);
+  float* DS = Ps + kWarps * kSimtRows * kSimtChunk;
+  float* Ls = DS + kWarps * kSimtRows * kSimtChunk;  // lse of the chunk's queries
+  float* Dl = Ls + kSimtChunk;                        // delta of the chunk's queries
+  float* tbl = reinterpret_cast<float*>(wa_smem + pl.tbl);
+  int* tok = reinterpret_cast<int*>(wa_smem + pl.tok);
+  int* ty = reinterpret_cast<int*>(wa_smem + pl.ty);
+  int* tx = reinterpret_cast<int*>(wa_smem + pl.tx);
+
+  const Pos p = block_pos(g, base);
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5;
+  const int r0 = p.tile * kSimtTile;  // first key row
+  const bool has_bias = table != nullptr;
+  setup_window(g, p, table, tok, ty, tx, tbl);
+  __syncthreads();
+  load_rows_f32(Ks, LD, 32 * C, k, sk, p.b, p.h, r0, tok, ty, tx, g.N, g.d);
+  load_rows_f32(Vs, LD, 32 * C, v, sv, p.b, p.h, r0, tok, ty, tx, g.N, g.d);
+
+  int kc[kSimtRows];
+  float adk[kSimtRows][C], adv[kSimtRows][C];
+#pragma unroll
+  for (int i = 0; i < kSimtRows; ++i) {
+    kc[i] = code_of(tok, r0 + warp * kSimtRows + i, g.N);
+#pragma unroll
+    for (int c = 0; c < C; ++c) adk[i][c] = adv[i][c] = 0.f;
+  }
+  const float* Kw = Ks + warp * kSimtRows * LD;
+  const float* Vw = Vs + warp * kSimtRows * LD;
+  float* Pw = Ps + warp * kSimtRows * kSimtChunk;
+  float* DSw = DS + warp * kSimtRows * kSimtChunk;
+
+  for (int c0 = 0; c0 < g.N; c0 += kSimtChunk) {
+    __syncthreads();  // the previous chunk's Q / dO / lse / delta are no longer read
+    load_rows_f32(Qs, LD, 32 * C, q, sq, p.b, p.h, c0, tok, ty, tx, g.N, g.d);
+    load_rows_f32(Gs, LD, 32 * C, go, sgo, p.b, p.h, c0, tok, ty, tx, g.N, g.d);
+    if (threadIdx.x < kSimtChunk) {
+      const int j = c0 + int(threadIdx.x);
+      float lv = 0.f, dv_ = 0.f;
+      if (code_of(tok, j, g.N) >= 0) {
+        lv = lse[p.b * sl.b + int64_t(ty[j]) * sl.y + int64_t(tx[j]) * sl.x + int64_t(p.h) * sl.h];
+        dv_ = delta_ws[out_row(g, p.b, ty[j], tx[j], p.h)];
+      }
+      Ls[threadIdx.x] = lv;
+      Dl[threadIdx.x] = dv_;
+    }
+    __syncthreads();
+    const int qcl = code_of(tok, c0 + lane, g.N);  // this lane's query
+    float s[kSimtRows], dp[kSimtRows];
+#pragma unroll
+    for (int i = 0; i < kSimtRows; ++i) s[i] = dp[i] = 0.f;
+    for (int c = 0; c < g.d; ++c) {
+      const float qv = Qs[lane * LD + c], gv = Gs[lane * LD + c];
+#pragma unroll
+      for (int i = 0; i < kSimtRows; ++i) {
+        s[i] = fmaf(Kw[i * LD + c], qv, s[i]);
+        dp[i] = fmaf(Vw[i * LD + c], gv, dp[i]);
+      }
+    }
+    const float lq = Ls[lane], dq_ = Dl[lane];
+    unsigned amask[kSimtRows];
+#pragma unroll
+    for (int i = 0; i < kSimtRows; ++i) {
+      const bool ok = allowed(qcl, kc[i]);
+      float pv = 0.f, ds = 0.f;
+      if (ok) {
+        const float x = s[i] * g.scale + (has_bias ? tbl[bias_index(qcl, kc[i], g.center)] : 0.f);
+        pv = expf(x - lq);
+        ds = pv * (dp[i] - dq_);
+      }
+      Pw[i * kSimtChunk + lane] = pv;
+      DSw[i * kSimtChunk + lane] = ds;
+      amask[i] = __ballot_sync(kFull, ok);
+    }
+    __syncwarp();
+    const int nj = g.N - c0 < kSimtChunk ? g.N - c0 : kSimtChunk;
+    for (int j = 0; j < nj; ++j) {
+      float gv[C], qv[C];
+#pragma unroll
+      for (int c = 0; c < C; ++c) {
+        gv[c] = Gs[j * LD + lane + 32 * c];
+        qv[c] = Qs[j * LD + lane + 32 * c];
+      }
+#pragma unroll
+      for (int i = 0; i < kSimtRows; ++i) {
+        if ((amask[i] >> j) & 1u) {
+          const float pij = Pw[i * kSimtChunk + j], dsij = DSw[i * kSimtChunk + j];
+#pragma unroll
+          for (int c = 0; c < C; ++c) {
+            adv[i][c] = fmaf(pij, gv[c], adv[i][c]);
+            adk[i][c] = fmaf(dsij, qv[c], adk[i][c]);
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int i = 0; i < kSimtRows; ++i) {
+    if (kc[i] < 0) continue;
+    const int j = r0 + warp * kSimtRows + i;
+    const int64_t row = out_row(g, p.b, ty[j], tx[j], p.h);
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const int col = lane + 32 * c;
+      if (col < g.d) {
+        dk[row * g.d + col] = from_float<T>(adk[i][c] * g.scale);
+        dv[row * g.d + col] = from_float<T>(adv[i][c]);
+      }
+    }
+  }
+}
+
+// ---- launchers ------------------------------------------------------------------------------
+S5 strides5(const Tensor5& t) { return S5{t.stride[0], t.stride[1], t.stride[2], t.stride[3], t.stride[4]}; }
+S4 strides4(const Tensor4& t) { return S4{t.stride[0], t.stride[1], t.stride[2], t.stride[3]}; }
+
+Geo make_geo(const Problem& pr, int tile) {
+  Geo g;
+  g.batch = pr.batch;
+  g.H = int(pr.height);
+  g.W = int(pr.width);
+  g.heads = int(pr.heads);
+  g.d = int(pr.head_dim);
+  g.wh = int(pr.window_h);
+  g.ww = int(pr.window_w);
+  g.sh = int(pr.shift_h);
+  g.sw = int(pr.shift_w);
+  g.Hp = int((pr.height + pr.window_h - 1) / pr.window_h * pr.window_h);
+  g.Wp = int((pr.width + pr.window_w - 1) / pr.window_w * pr.window_w);
+  g.nWx = g.Wp / g.ww;
+  g.nWin = int64_t(g.Hp / g.wh) * g.nWx;
+  g.N = g.wh * g.ww;
+  g.tile = tile;
+  g.n_tiles = (g.N + tile - 1) / tile;
+  g.tw = 2 * g.ww - 1;
+  g.T = (2 * g.wh - 1) * g.tw;
+  g.center = (g.wh - 1) * g.tw + (g.ww - 1);
+  g.table_heads = int(pr.table_heads);
+  g.scale = float(pr.scale);
+  return g;
+}
+
+int64_t n_blocks(const Geo& g) { return int64_t(g.heads) * g.batch * g.nWin * g.n_tiles; }
+
+int simt_cols(int64_t d) { return d <= 32 ? 1 : d <= 64 ? 2 : d <= 128 ? 4 : 8; }
+
+// Opts in to more than 48 KiB of dynamic shared memory when needed.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+}
+
+unsigned grid_of(int64_t total, int64_t base) {
+  const int64_t n = total - base < kMaxGrid ? total - base : kMaxGrid;
+  return unsigned(n);
+}
+
+template <typename T, int C>
+cudaError_t forward_simt(const Problem& pr, const Tensor5& q, const Tensor5& k, const Tensor5& v, void* out, float* lse,
+                         const int* only_if, cudaStream_t stream) {
+  const Geo g = make_geo(pr, kSimtTile);
+  const size_t smem = simt_plan(kForward, C, g.T, g.N).total;
+  cudaError_t err = allow_smem(fwd_simt_kernel<T, C>, smem);
+  if (err != cudaSuccess) return err;
+  const int64_t total = n_blocks(g);
+  for (int64_t base = 0; base < total; base += kMaxGrid) {
+    fwd_simt_kernel<T, C><<<grid_of(total, base), kThreads, smem, stream>>>(
+        g, static_cast<const T*>(q.data), static_cast<const T*>(k.data), static_cast<const T*>(v.data), strides5(q),
+        strides5(k), strides5(v), pr.table, static_cast<T*>(out), lse, only_if, base);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+template <typename T, int C>
+cudaError_t backward_simt(const Problem& pr, const Tensor5& go, const Tensor5& q, const Tensor5& k, const Tensor5& v,
+                          const Tensor5& o, const Tensor4& lse, void* dq, void* dk, void* dv, float* delta_ws,
+                          float* part, cudaStream_t stream) {
+  const Geo g = make_geo(pr, kSimtTile);
+  const int64_t total = n_blocks(g);
+  {
+    const size_t smem = simt_plan(kDq, C, g.T, g.N).total;
+    cudaError_t err = allow_smem(dq_simt_kernel<T, C>, smem);
+    if (err != cudaSuccess) return err;
+    for (int64_t base = 0; base < total; base += kMaxGrid) {
+      dq_simt_kernel<T, C><<<grid_of(total, base), kThreads, smem, stream>>>(
+          g, static_cast<const T*>(go.data), static_cast<const T*>(q.data), static_cast<const T*>(k.data),
+          static_cast<const T*>(v.data), static_cast<const T*>(o.data), strides5(go), strides5(q), strides5(k),
+          strides5(v), strides5(o), lse.data, strides4(lse), pr.table, delta_ws, static_cast<T*>(dq), part, base);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+  }
+  {
+    const size_t smem = simt_plan(kDkdv, C, g.T, g.N).total;
+    cudaError_t err = allow_smem(dkdv_simt_kernel<T, C>, smem);
+    if (err != cudaSuccess) return err;
+    for (int64_t base = 0; base < total; base += kMaxGrid) {
+      dkdv_simt_kernel<T, C><<<grid_of(total, base), kThreads, smem, stream>>>(
+          g, static_cast<const T*>(go.data), static_cast<const T*>(q.data), static_cast<const T*>(k.data),
+          static_cast<const T*>(v.data), strides5(go), strides5(q), strides5(k), strides5(v), lse.data, strides4(lse),
+          pr.table, delta_ws, static_cast<T*>(dk), static_cast<T*>(dv), base);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t forward_simt_cols(const Problem& pr, const Tensor5& q, const Tensor5& k, const Tensor5& v, void* out,
+                              float* lse, const int* only_if, cudaStream_t stream) {
+  switch (simt_cols(pr.head_dim)) {
+    case 1: return forward_simt<T, 1>(pr, q, k, v, out, lse, only_if, stream);
+    case 2: return forward_simt<T, 2>(pr, q, k, v, out, lse, only_if, stream);
+    case 4: return forward_simt<T, 4>(pr, q, k, v, out, lse, only_if, stream);
+    default: return forward_simt<T, 8>(pr, q, k, v, out, lse, only_if, stream);
+  }
+}
+
+template <typename T>
+cudaError_t backward_simt_cols(const Problem& pr, const Tensor5& go, const Tensor5& q, const Tensor5& k,
+                               const Tensor5& v, const Tensor5& o, const Tensor4& lse, void* dq, void* dk, void* dv,
+                               float* delta_ws, float* part, cudaStream_t stream) {
+  switch (simt_cols(pr.head_dim)) {
+    case 1: return backward_simt<T, 1>(pr, go, q, k, v, o, lse, dq, dk, dv, delta_ws, part, stream);
+    case 2: return backward_simt<T, 2>(pr, go, q, k, v, o, lse, dq, dk, dv, delta_ws, part, stream);
+    case 4: return backward_simt<T, 4>(pr, go, q, k, v, o, lse, dq, dk, dv, delta_ws, part, stream);
+    default: return backward_simt<T, 8>(pr, go, q, k, v, o, lse, dq, dk, dv, delta_ws, part, stream);
+  }
+}
+
+// Workspace of the backward: delta (one float per query row) then the bias partials.
+struct BwdWorkspace {
+  size_t delta, part, total;
+};
+
+BwdWorkspace bwd_workspace(const Problem& pr, bool bias_grad, int tile) {
+  const Geo g = make_geo(pr, tile);
+  BwdWorkspace w;
+  w.delta = 0;
+  const size_t rows = size_t(pr.batch) * size_t(pr.height) * size_t(pr.width) * size_t(pr.heads);
+  w.part = (rows * sizeof(float) + 255) & ~size_t(255);
+  w.total = w.part + (bias_grad ? size_t(n_blocks(g)) * size_t(g.T) * sizeof(float) : 0);
+  return w;
+}
+
+int tile_of(Path path) { return path == Path::kTensorCore ? 64 : kSimtTile; }
+
+cudaError_t reduce_bias(const Problem& pr, int tile, const float* part, float* dtable, cudaStream_t stream) {
+  const Geo g = make_geo(pr, tile);
+  const int64_t per = n_blocks(g) / g.table_heads;
+  const dim3 grid(unsigned((g.T + 31) / 32), unsigned(g.table_heads));
+  bias_reduce_kernel<<<grid, dim3(32, 8), 0, stream>>>(part, dtable, g.T, per);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+const char* unsupported(const Problem& p, Path path) {
+  if (p.batch < 0 || p.height < 0 || p.width < 0 || p.heads < 0 || p.head_dim < 0) return "negative sizes";
+  if (p.window_h < 1 || p.window_w < 1) return "window_size must be >= 1";
+  if (p.window_h * p.window_w > kMaxTokens) return "windows of up to 256 tokens (wh * ww <= 256)";
+  if (p.head_dim > kMaxHeadDim) return "head_dim up to 256";
+  if (p.shift_h < 0 || p.shift_h >= p.window_h || p.shift_w < 0 || p.shift_w >= p.window_w)
+    return "shift must be in [0, window_size)";
+  if (p.height + p.window_h >= (int64_t(1) << 30) || p.width + p.window_w >= (int64_t(1) << 30))
+    return "H and W must be below 2^30";
+  if (p.heads >= (int64_t(1) << 30)) return "heads must be below 2^30";
+  if (p.table != nullptr && p.table_heads != 1 && p.table_heads != p.heads)
+    return "the bias table must have 1 or heads heads";
+  if (path == Path::kTensorCore) {
+    if (p.dtype == DType::kFloat32) return "the tensor-core kernels take float16 and bfloat16";
+    if (p.head_dim > kMaxTensorCoreHeadDim) return "the tensor-core kernels take head_dim up to 128";
+  }
+  return nullptr;
+}
+
+Path resolve_path(const Problem& p, Path requested) {
+  (void)p;
+  if (requested == Path::kAuto) return Path::kSimt;
+  return requested;
+}
+
+size_t forward_workspace_bytes(const Problem& p, Path path) {
+  (void)p;
+  (void)path;
+  return 16;
+}
+
+cudaError_t forward(const Problem& p, const Tensor5& q, const Tensor5& k, const Tensor5& v, void* out, float* lse,
+                    void* workspace, Path path, cudaStream_t stream) {
+  (void)workspace;
+  path = resolve_path(p, path);
+  if (unsupported(p, path) != nullptr) return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.height == 0 || p.width == 0 || p.heads == 0 || p.head_dim == 0) return cudaSuccess;
+  if (path != Path::kSimt) return cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat32: return forward_simt_cols<float>(p, q, k, v, out, lse, nullptr, stream);
+    case DType::kFloat16: return forward_simt_cols<__half>(p, q, k, v, out, lse, nullptr, stream);
+    case DType::kBFloat16: return forward_simt_cols<__nv_bfloat16>(p, q, k, v, out, lse, nullptr, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+size_t backward_workspace_bytes(const Problem& p, bool bias_grad, Path path) {
+  path = resolve_path(p, path);
+  return bwd_workspace(p, bias_grad, tile_of(path)).total;
+}
+
+cudaError_t backward(const Problem& p, const Tensor5& grad_out, const Tensor5& q, const Tensor5& k, const Tensor5& v,
+                     const Tensor5& out, const Tensor4& lse, void* dq, void* dk, void* dv, float* dtable,
+                     void* workspace, Path path, cudaStream_t stream) {
+  path = resolve_path(p, path);
+  if (unsupported(p, path) != nullptr) return cudaErrorInvalidValue;
+  if (dtable != nullptr && p.table == nullptr) return cudaErrorInvalidValue;
+  if (p.batch == 0 || p.height == 0 || p.width == 0 || p.heads == 0) return cudaSuccess;
+  if (p.head_dim == 0) {
+    if (dtable != nullptr) return cudaMemsetAsync(dtable, 0, size_t(p.table_heads) * size_t((2 * p.window_h - 1) * (2 * p.window_w - 1)) * sizeof(float), stream);
+    return cudaSuccess;
+  }
+  if (path != Path::kSimt) return cudaErrorInvalidValue;
+  const int tile = tile_of(path);
+  const BwdWorkspace w = bwd_workspace(p, dtable != nullptr, tile);
+  unsigned char* ws = static_cast<unsigned char*>(workspace);
+  float* delta_ws = reinterpret_cast<float*>(ws + w.delta);
+  float* part = dtable != nullptr ? reinterpret_cast<float*>(ws + w.part) : nullptr;
+  cudaError_t err = cudaErrorInvalidValue;
+  switch (p.dtype) {
+    case DType::kFloat32:
+      err = backward_simt_cols<float>(p, grad_out, q, k, v, out, lse, dq, dk, dv, delta_ws, part, stream);
+      break;
+    case DType::kFloat16:
+      err = backward_simt_cols<__half>(p, grad_out, q, k, v, out, lse, dq, dk, dv, delta_ws, part, stream);
+      break;
+    case DType::kBFloat16:
+      err = backward_simt_cols<__nv_bfloat16>(p, grad_out, q, k, v, out, lse, dq, dk, dv, delta_ws, part, stream);
+      break;
+  }
+  if (err != cudaSuccess || dtable == nullptr) return err;
+  return reduce_bias(p, tile, part, dtable, stream);
+}
+
+}  // namespace window_cuda
+}  // namespace alterops

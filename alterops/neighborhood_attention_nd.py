@@ -40,8 +40,10 @@ axis). It receives a deterministic gradient on every backend.
 
 Backends: ``reference`` (plain PyTorch, differentiable by autograd, every dtype; memory
 ``O(N * prod(kernel_size))``, never ``N x N``), ``cpu`` (fused C++ kernels, float32 / float64 /
-bfloat16) and ``triton`` (flash-style, float32 / float16 / bfloat16, head_dim <= 256). Automatic
-order: CUDA ``triton, reference``; CPU ``cpu, reference``. One kernel family serves the three
+bfloat16), ``triton`` (flash-style, float32 / float16 / bfloat16, head_dim <= 256) and ``cuda``
+(flash-style CUDA C++ kernels, float32 / float16 / bfloat16, head_dim <= 256, float32
+accumulation). Automatic order: CUDA ``triton, cuda, reference`` (Triton first until GPU timings
+show the CUDA kernels faster); CPU ``cpu, reference``. One kernel family serves the three
 ops: the fused kernels take three spatial axes, and 1-D and 2-D inputs reach them as views with
 leading axes of size 1 (kernel 1).
 
@@ -73,6 +75,7 @@ __all__ = [
 
 BORDERS = ("clamp", "mask", "zero")
 MAX_TRITON_HEAD_DIM = 256
+MAX_CUDA_HEAD_DIM = 256
 MAX_FREE_KERNEL = 31  # "mask"/"zero": kernels up to this size are accepted on any map
 
 
@@ -212,7 +215,7 @@ def merge_attentions(outputs, lses):
 
 
 # ---------------------------------------------------------------------------------------
-# Fused backends: argument lists shared by the C++ and Triton ops (three spatial axes)
+# Fused backends: argument lists shared by the C++ (CPU and CUDA) and Triton ops (three spatial axes)
 # ---------------------------------------------------------------------------------------
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -251,8 +254,11 @@ _TABLES = {n: register(OpBackends(
         "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16),
                        ops=("neighborhood_attention_nd_fwd", "neighborhood_attention_nd_bwd")),
         "triton": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16)),
+        # the same ops as "cpu": they dispatch on the device (csrc/neighborhood_attention/*_cuda*)
+        "cuda": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                        ops=("neighborhood_attention_nd_fwd", "neighborhood_attention_nd_bwd")),
     },
-    auto_cuda=("triton", "reference"),
+    auto_cuda=("triton", "cuda", "reference"),
     auto_cpu=("cpu", "reference"),
 )) for n in (1, 2, 3)}
 
@@ -266,7 +272,7 @@ class _NeighborhoodAttentionNd(torch.autograd.Function):
         if table is not None:
             cells = [2 * kk - 1 for kk in kernel_size]
             bias = table.to(_acc_dtype(q.dtype)).reshape(table.shape[0], *cells).contiguous()
-        if backend == "cpu":
+        if backend in ("cpu", "cuda"):
             op = torch.ops.alterops.neighborhood_attention_nd_fwd
         else:
             op = torch.ops.alterops.neighborhood_attention_nd_triton_fwd
@@ -289,7 +295,7 @@ class _NeighborhoodAttentionNd(torch.autograd.Function):
         if dlse is not None:
             dlse = dlse.to(lse.dtype).contiguous()
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        if ctx.backend_name == "cpu":
+        if ctx.backend_name in ("cpu", "cuda"):
             op = torch.ops.alterops.neighborhood_attention_nd_bwd
         else:
             op = torch.ops.alterops.neighborhood_attention_nd_triton_bwd
@@ -401,9 +407,10 @@ def _neighborhood_attention(n, q, k, v, kernel_size, dilation, stride, is_causal
         raise TypeError(f"return_lse must be a bool, got {return_lse!r}")
     heads, head_dim = q.shape[-2], q.shape[-1]
     name = _TABLES[n].select(backend, q.device, q.dtype)
-    if name == "triton" and head_dim > MAX_TRITON_HEAD_DIM:
-        if backend == "triton":
-            raise ValueError(f"the 'triton' backend supports head_dim <= {MAX_TRITON_HEAD_DIM}, got {head_dim}")
+    limit = {"triton": MAX_TRITON_HEAD_DIM, "cuda": MAX_CUDA_HEAD_DIM}.get(name)
+    if limit is not None and head_dim > limit:
+        if backend == name:
+            raise ValueError(f"the {name!r} backend supports head_dim <= {limit}, got {head_dim}")
         name = "reference"
     if name == "reference":
         return neighborhood_attention_nd_reference(q, k, v, ks, ds, ss, cs, border, table, scale, return_lse)
@@ -434,7 +441,7 @@ _DOC_ARGS = """
         scale: logit scale, default ``head_dim ** -0.5``.
         return_lse: also return the logsumexp ``(B, *spatial, heads)`` (float32; float64 for
             float64 inputs).
-        backend: ``None`` (auto), ``"reference"``, ``"cpu"`` or ``"triton"``.
+        backend: ``None`` (auto), ``"reference"``, ``"cpu"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``(B, *spatial, heads, head_dim)`` contiguous in the dtype of ``q``, or ``(out, lse)``.

@@ -1,0 +1,289 @@
+// CUDA implementations of neighborhood_attention_nd_fwd / neighborhood_attention_nd_bwd (schemas in
+// neighborhood_attention_binding.cpp, the CPU library), on the LibTorch stable ABI only. The same
+// argument checks as the CPU binding; q, k, v, dout and out are passed with their strides (no
+// copies); out, lse, dq, dk, dv and dbias are new contiguous tensors. bias and dlse are used in
+// float32. Kernels run on the current CUDA stream of q's device, under a guard for that device,
+// with a workspace tensor (the launchers' *_workspace_bytes) from torch's caching allocator.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/core/ScalarType.h>
+#include <torch/headeronly/util/Exception.h>
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "../common/tensor_util.h"
+#include "neighborhood_attention_cuda.h"
+
+#ifndef USE_CUDA
+#error "neighborhood_attention_cuda_binding.cpp needs -DUSE_CUDA (the CUDA entry points of torch's C shim)"
+#endif
+
+namespace alterops {
+namespace neighborhood_cuda_binding {
+
+using alterops::neighborhood_cuda::DType;
+using alterops::neighborhood_cuda::Tensor6;
+using alterops::neighborhood_cuda::Window;
+using binding::shape_str;
+using torch::headeronly::ScalarType;
+using torch::stable::Tensor;
+
+namespace {
+
+constexpr const char* kOp = "neighborhood_attention_nd";
+
+const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
+
+DType dtype_of(ScalarType t) {
+  switch (t) {
+    case ScalarType::Float: return DType::kFloat32;
+    case ScalarType::Half: return DType::kFloat16;
+    case ScalarType::BFloat16: return DType::kBFloat16;
+    default: break;
+  }
+  STD_TORCH_CHECK(false, kOp, " (cuda): q must be float32, float16 or bfloat16, got ", dtype_name(t));
+  return DType::kFloat32;
+}
+
+int32_t border_code(const std::string& b) {
+  if (b == "clamp") return neighborhood_cuda::kClamp;
+  if (b == "mask") return neighborhood_cuda::kMask;
+  if (b == "zero") return neighborhood_cuda::kZero;
+  STD_TORCH_CHECK(false, kOp, ": border must be 'clamp', 'mask' or 'zero', got '", b, "'");
+  return neighborhood_cuda::kClamp;
+}
+
+cudaStream_t current_stream(int32_t device_index) {
+  void* stream = nullptr;
+  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
+  return static_cast<cudaStream_t>(stream);
+}
+
+// A CUDA tensor on q's device.
+void check_device(const Tensor& t, const Tensor& q, const char* name) {
+  STD_TORCH_CHECK(t.is_cuda(), kOp, " (cuda): ", name, " must be a CUDA tensor");
+  STD_TORCH_CHECK(t.get_device_index() == q.get_device_index(), kOp, " (cuda): ", name, " is on cuda:",
+                  t.get_device_index(), " but q is on cuda:", q.get_device_index());
+}
+
+// A tensor of q's dtype on q's device, shaped like q except (for k and v) the heads.
+void check_like_q(const Tensor& t, const Tensor& q, const char* name, bool any_heads) {
+  check_device(t, q, name);
+  bool same = t.dim() == q.dim();
+  const int64_t head_axis = q.dim() - 2;
+  for (int64_t d = 0; same && d < q.dim(); ++d) same = t.size(d) == q.size(d) || (any_heads && d == head_axis);
+  STD_TORCH_CHECK(same, kOp, ": ", name, " has shape ", shape_str(t), " but q has shape ", shape_str(q),
+                  any_heads ? " (only the heads may differ)" : "");
+  STD_TORCH_CHECK(t.scalar_type() == q.scalar_type(), kOp, ": ", name, " has dtype ", dtype_name(t.scalar_type()),
+                  " but q has dtype ", dtype_name(q.scalar_type()));
+}
+
+void check_float(const Tensor& t, const char* name) {
+  const ScalarType s = t.scalar_type();
+  STD_TORCH_CHECK(s == ScalarType::Float || s == ScalarType::Double || s == ScalarType::Half ||
+                      s == ScalarType::BFloat16,
+                  kOp, ": ", name, " must be a floating tensor, got ", dtype_name(s));
+}
+
+Window window_nd(const std::vector<int64_t>& kernel, const std::vector<int64_t>& dilation,
+                 const std::vector<int64_t>& stride, const std::vector<int64_t>& causal, const std::string& border) {
+  const std::vector<int64_t>* lists[4] = {&kernel, &dilation, &stride, &causal};
+  const char* names[4] = {"kernel_size", "dilation", "stride", "causal"};
+  for (int i = 0; i < 4; ++i)
+    STD_TORCH_CHECK(lists[i]->size() == 3, kOp, ": ", names[i], " must have 3 entries (T, H, W), got ",
+                    lists[i]->size());
+  Window w{};
+  for (int a = 0; a < 3; ++a) {
+    w.kernel[a] = kernel[a];
+    w.dilation[a] = dilation[a];
+    w.stride[a] = stride[a];
+    w.causal[a] = static_cast<int32_t>(causal[a]);
+  }
+  w.border = border_code(border);
+  return w;
+}
+
+// Checks q, k, v, the window and the bias (as the CPU binding does); the kernels' element type.
+DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Window& w,
+                   const std::optional<Tensor>& bias) {
+  STD_TORCH_CHECK(q.dim() == 6, kOp, ": q must be (B, T, H, W, heads, head_dim), got shape ", shape_str(q));
+  STD_TORCH_CHECK(q.is_cuda(), kOp, " (cuda): q must be a CUDA tensor");
+  const DType dt = dtype_of(q.scalar_type());
+  check_like_q(k, q, "k", true);
+  check_like_q(v, q, "v", true);
+  const int64_t heads = q.size(4), heads_kv = k.size(4);
+  STD_TORCH_CHECK(v.size(4) == heads_kv, kOp, ": k has ", heads_kv, " heads but v has ", v.size(4));
+  STD_TORCH_CHECK(heads_kv >= 1 && heads % heads_kv == 0, kOp, ": heads of q (", heads,
+                  ") must be a multiple of the heads of k and v (", heads_kv, ")");
+  STD_TORCH_CHECK(q.size(5) <= neighborhood_cuda::kMaxHeadDim, kOp, " (cuda): head_dim must be <= ",
+                  neighborhood_cuda::kMaxHeadDim, ", got ", q.size(5));
+  const char* axis_name[3] = {"T", "H", "W"};
+  for (int a = 0; a < 3; ++a) {
+    const int64_t L = q.size(1 + a);
+    const int64_t ks = w.kernel[a], d = w.dilation[a], s = w.stride[a];
+    STD_TORCH_CHECK(ks >= 1, kOp, ": kernel_size must be >= 1, got ", ks, " on axis ", axis_name[a]);
+    STD_TORCH_CHECK(d >= 1, kOp, ": dilation must be >= 1, got ", d, " on axis ", axis_name[a]);
+    STD_TORCH_CHECK(s >= 1 && s <= ks, kOp, ": stride must be in [1, kernel_size] = [1, ", ks, "], got ", s,
+                    " on axis ", axis_name[a]);
+    STD_TORCH_CHECK(w.causal[a] == 0 || w.causal[a] == 1, kOp, ": causal must be 0 or 1, got ", w.causal[a]);
+    if (w.border == neighborhood_cuda::kClamp) {
+      STD_TORCH_CHECK(ks * d <= L, kOp,
+                      ": border 'clamp' needs kernel_size * dilation <= the axis length, got kernel ", ks,
+                      ", dilation ", d, " on axis ", axis_name[a], " of length ", L);
+    } else {
+      STD_TORCH_CHECK(s == 1 && w.causal[a] == 0, kOp,
+                      ": borders 'mask' and 'zero' need stride 1 and no causal axis, got stride ", s, ", causal ",
+                      w.causal[a], " on axis ", axis_name[a]);
+    }
+  }
+  if (bias.has_value()) {
+    const Tensor& b = *bias;
+    check_device(b, q, "bias");
+    bool ok = b.dim() == 4 && (b.size(0) == 1 || b.size(0) == heads);
+    for (int a = 0; ok && a < 3; ++a) ok = b.size(1 + a) == 2 * w.kernel[a] - 1;
+    STD_TORCH_CHECK(ok, kOp, ": bias must be (heads|1, 2kt-1, 2kh-1, 2kw-1) = (", heads, "|1, ",
+                    2 * w.kernel[0] - 1, ", ", 2 * w.kernel[1] - 1, ", ", 2 * w.kernel[2] - 1, "), got ",
+                    shape_str(b));
+    check_float(b, "bias");
+  }
+  return dt;
+}
+
+// t as float32, contiguous.
+Tensor float_contiguous(const Tensor& t) {
+  return binding::contiguous(t.scalar_type() == ScalarType::Float ? t : torch::stable::to(t, ScalarType::Float));
+}
+
+Tensor6 tensor6(const Tensor& t) {
+  Tensor6 v;
+  v.data = t.const_data_ptr();
+  for (int d = 0; d < 6; ++d) {
+    v.size[d] = t.size(d);
+    v.stride[d] = t.stride(d);
+  }
+  return v;
+}
+
+std::vector<int64_t> sizes_of(const Tensor& t) { return std::vector<int64_t>(t.sizes().begin(), t.sizes().end()); }
+
+// lse's shape for q: (B, heads, T, H, W).
+std::vector<int64_t> lse_sizes(const Tensor& q) { return {q.size(0), q.size(4), q.size(1), q.size(2), q.size(3)}; }
+
+// A (B, heads, T, H, W) tensor like lse on q's device, checked, as float32, contiguous.
+Tensor lse_like(const Tensor& t, const Tensor& q, const char* name) {
+  check_device(t, q, name);
+  STD_TORCH_CHECK(sizes_of(t) == lse_sizes(q), kOp, ": ", name, " must be (B, heads, T, H, W), got ", shape_str(t),
+                  " for q of shape ", shape_str(q));
+  check_float(t, name);
+  return float_contiguous(t);
+}
+
+Tensor workspace(size_t bytes, const Tensor& q) {
+  return torch::stable::empty({static_cast<int64_t>(bytes > 0 ? bytes : 1)}, ScalarType::Byte, std::nullopt,
+                              q.device());
+}
+
+std::tuple<Tensor, Tensor> na_nd_fwd(const Tensor& q, const Tensor& k, const Tensor& v, std::vector<int64_t> kernel,
+                                     std::vector<int64_t> dilation, std::vector<int64_t> stride,
+                                     std::vector<int64_t> causal, const std::string& border,
+                                     const std::optional<Tensor>& bias, double scale) {
+  const Window win = window_nd(kernel, dilation, stride, causal, border);
+  const DType dt = check_inputs(q, k, v, win, bias);
+  const int32_t device = q.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  Tensor out = binding::new_device_output(sizes_of(q), q.scalar_type(), q.device());
+  Tensor lse = binding::new_device_output(lse_sizes(q), ScalarType::Float, q.device());
+  if (out.numel() == 0) return {out, lse};
+  const Tensor table = bias.has_value() ? float_contiguous(*bias) : Tensor();
+
+  neighborhood_cuda::ForwardArgs a{};
+  a.dtype = dt;
+  a.q = tensor6(q);
+  a.k = tensor6(k);
+  a.v = tensor6(v);
+  a.out = out.mutable_data_ptr();
+  a.lse = static_cast<float*>(lse.mutable_data_ptr());
+  a.bias = table.defined() ? static_cast<const float*>(table.const_data_ptr()) : nullptr;
+  a.bias_heads = table.defined() ? table.size(0) : 1;
+  a.win = win;
+  a.scale = scale;
+  Tensor ws = workspace(neighborhood_cuda::forward_workspace_bytes(a), q);
+  const cudaError_t err = neighborhood_cuda::forward(a, ws.mutable_data_ptr(), current_stream(device));
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, "_fwd (cuda): ", cudaGetErrorString(err));
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> na_nd_bwd(const Tensor& dout_in, const Tensor& q, const Tensor& k,
+                                                     const Tensor& v, const Tensor& out, const Tensor& lse_in,
+                                                     const std::optional<Tensor>& dlse_in, std::vector<int64_t> kernel,
+                                                     std::vector<int64_t> dilation, std::vector<int64_t> stride,
+                                                     std::vector<int64_t> causal, const std::string& border,
+                                                     const std::optional<Tensor>& bias, double scale, bool bias_grad) {
+  const Window win = window_nd(kernel, dilation, stride, causal, border);
+  const DType dt = check_inputs(q, k, v, win, bias);
+  check_device(dout_in, q, "dout");
+  STD_TORCH_CHECK(binding::same_sizes(dout_in, q), kOp, ": dout has shape ", shape_str(dout_in),
+                  " but q has shape ", shape_str(q));
+  check_float(dout_in, "dout");
+  check_like_q(out, q, "out", false);
+  const int32_t device = q.get_device_index();
+  torch::stable::accelerator::DeviceGuard guard(device);
+  const Tensor dout = dout_in.scalar_type() == q.scalar_type() ? dout_in : torch::stable::to(dout_in, q.scalar_type());
+  const Tensor lse = lse_like(lse_in, q, "lse");
+  const Tensor dlse = dlse_in.has_value() ? lse_like(*dlse_in, q, "dlse") : Tensor();
+
+  Tensor dq = binding::new_device_output(sizes_of(q), q.scalar_type(), q.device());
+  Tensor dk = binding::new_device_output(sizes_of(k), q.scalar_type(), q.device());
+  Tensor dv = binding::new_device_output(sizes_of(v), q.scalar_type(), q.device());
+  const bool want_db = bias_grad && bias.has_value();
+  const Tensor table = bias.has_value() ? float_contiguous(*bias) : Tensor();
+  Tensor dbias = binding::new_device_output(want_db ? sizes_of(table) : std::vector<int64_t>{0}, ScalarType::Float,
+                                            q.device());
+  if (q.numel() == 0) {
+    torch::stable::zero_(dq);
+    torch::stable::zero_(dk);
+    torch::stable::zero_(dv);
+    if (want_db) torch::stable::zero_(dbias);
+    return {dq, dk, dv, dbias};
+  }
+
+  neighborhood_cuda::BackwardArgs a{};
+  a.dtype = dt;
+  a.dout = tensor6(dout);
+  a.q = tensor6(q);
+  a.k = tensor6(k);
+  a.v = tensor6(v);
+  a.out = tensor6(out);
+  a.lse = static_cast<const float*>(lse.const_data_ptr());
+  a.dlse = dlse.defined() ? static_cast<const float*>(dlse.const_data_ptr()) : nullptr;
+  a.bias = table.defined() ? static_cast<const float*>(table.const_data_ptr()) : nullptr;
+  a.bias_heads = table.defined() ? table.size(0) : 1;
+  a.dq = dq.mutable_data_ptr();
+  a.dk = dk.mutable_data_ptr();
+  a.dv = dv.mutable_data_ptr();
+  a.dbias = want_db ? static_cast<float*>(dbias.mutable_data_ptr()) : nullptr;
+  a.win = win;
+  a.scale = scale;
+  Tensor ws = workspace(neighborhood_cuda::backward_workspace_bytes(a), q);
+  const cudaError_t err = neighborhood_cuda::backward(a, ws.mutable_data_ptr(), current_stream(device));
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, "_bwd (cuda): ", cudaGetErrorString(err));
+  return {dq, dk, dv, dbias};
+}
+
+}  // namespace
+}  // namespace neighborhood_cuda_binding
+}  // namespace alterops
+
+STABLE_TORCH_LIBRARY_IMPL(alterops, CUDA, m) {
+  m.impl("neighborhood_attention_nd_fwd", TORCH_BOX(&alterops::neighborhood_cuda_binding::na_nd_fwd));
+  m.impl("neighborhood_attention_nd_bwd", TORCH_BOX(&alterops::neighborhood_cuda_binding::na_nd_bwd));
+}

@@ -89,28 +89,31 @@ def na_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal, border, bia
 
 
 def bias_grad_from_slots(ds_slots, kernel_size, dilation, stride, causal, border, table_heads):
-    """Bias-table gradient from per-(query, neighbour slot) logit gradients.
+    """Bias-table gradient from per-(query, neighbour slot) logit gradients, in any number of
+    spatial axes n = ``len(kernel_size)``.
 
-    ``ds_slots``: ``(B, heads, T, H, W, kt, kh, kw)`` float32. Entry (t, y, x, a, b, c) goes to
-    table cell ``(cell_t[t, a], cell_h[y, b], cell_w[x, c])``; the sum is one one-hot contraction
-    per axis (matmuls), deterministic unlike a scatter-add with atomics.
+    ``ds_slots``: ``(B, heads, *spatial, *kernel_size)``. Entry (i_0.., j_0..) goes to table cell
+    ``(cell_0[i_0, j_0], ...)`` of ``(table_heads, 2k_0-1, ...)`` (summed over the heads when
+    ``table_heads`` is 1); slots without a key (past the end of a short causal window) are left
+    out. The sum is one one-hot contraction per axis (matmuls), deterministic unlike a
+    scatter-add with atomics.
     """
     from .neighborhood_attention_nd import axis_window
 
-    B, heads, T, H, W = ds_slots.shape[:5]
-    onehot = []
-    for L, k, d, s, c in zip((T, H, W), kernel_size, dilation, stride, causal):
+    n = len(kernel_size)
+    heads, spatial, ks = ds_slots.shape[1], tuple(ds_slots.shape[2:2 + n]), tuple(kernel_size)
+    g = ds_slots.sum(0)  # (heads, L_0.., k_0..)
+    for a in range(n):
         # slot j of query i: bias row `cell`; a slot holds a key unless it lies past the end of a
         # short causal window ("mask"/"zero" slots outside the map keep their stored dS: 0, or the
         # zero key's gradient)
-        _, valid, cell = axis_window(L, k, d, s, bool(c), border, ds_slots.device)
+        _, valid, cell = axis_window(spatial[a], ks[a], dilation[a], stride[a], bool(causal[a]), border, g.device)
         used = valid if border == "clamp" else torch.ones_like(valid)
-        e = torch.nn.functional.one_hot(cell, 2 * k - 1).to(ds_slots.dtype) * used[..., None]
-        onehot.append(e)  # (L, k, 2k-1)
-    g = ds_slots.sum(0)  # (heads, T, H, W, kt, kh, kw)
-    g = torch.einsum("htyxabc,xcr->htyabr", g, onehot[2])
-    g = torch.einsum("htyabr,ybq->htaqr", g, onehot[1])
-    g = torch.einsum("htaqr,tap->hpqr", g, onehot[0])
+        onehot = torch.nn.functional.one_hot(cell, 2 * ks[a] - 1).to(g.dtype) * used[..., None]  # (L, k, 2k-1)
+        # g: (heads, L_a.., k_a.., r_0..r_{a-1}); contract (L_a, k_a) into r_a, appended last
+        g = g.movedim(1 + n - a, 2).reshape(heads, spatial[a] * ks[a], -1)
+        g = torch.einsum("hmz,mr->hzr", g, onehot.reshape(-1, 2 * ks[a] - 1))
+        g = g.reshape(heads, *spatial[a + 1:], *ks[a + 1:], *(2 * k - 1 for k in ks[:a]), 2 * ks[a] - 1)
     if table_heads == 1:
         g = g.sum(0, keepdim=True)
     return g.contiguous()

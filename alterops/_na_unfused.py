@@ -221,22 +221,13 @@ def _scatter(backend: str, w, x, t: Tables):
 
 def bias_grad(grad: Tensor, t: Tables) -> Tensor:
     """``dtable[h, cell]`` ``(heads, cells)``: the sum over batch, queries and slots of ``grad``
-    ``(B, heads, N, K)`` by bias cell (slots without a key excluded), as one one-hot contraction
-    per axis (matmuls: deterministic on every device, unlike a scatter-add)."""
-    from .neighborhood_attention_nd import axis_window
+    ``(B, heads, N, K)`` by bias cell, slots without a key excluded (the fused kernels' per-axis
+    one-hot contraction)."""
+    from ._na_nd_triton import bias_grad_from_slots
 
-    n, spatial, ks, heads = len(t.spatial), t.spatial, t.ks, grad.shape[1]
-    if t.ok is not None:
-        grad = grad.masked_fill(~t.ok.t(), 0)
-    g = grad.sum(0).reshape(heads, *spatial, *ks)
-    for a in range(n):
-        # g: (heads, L_a.., k_a.., r_0..r_{a-1}); contract (L_a, k_a) into r_a, appended last
-        _, _, cell = axis_window(spatial[a], ks[a], t.ds[a], 1, t.cs[a], "clamp", grad.device)
-        onehot = torch.nn.functional.one_hot(cell, 2 * ks[a] - 1).to(g.dtype)  # (L, k, 2k-1)
-        g = g.movedim(1 + n - a, 2).reshape(heads, spatial[a] * ks[a], -1)
-        g = torch.einsum("hmz,mr->hzr", g, onehot.reshape(-1, 2 * ks[a] - 1))
-        rest = [*spatial[a + 1:], *ks[a + 1:], *(2 * k - 1 for k in ks[:a])]
-        g = g.reshape(heads, *rest, 2 * ks[a] - 1)
+    B, heads = grad.shape[:2]
+    n = len(t.spatial)
+    g = bias_grad_from_slots(grad.reshape(B, heads, *t.spatial, *t.ks), t.ks, t.ds, (1,) * n, t.cs, "clamp", heads)
     return g.reshape(heads, -1)
 
 

@@ -10,7 +10,7 @@ from alterops import _ext
 from helpers import assert_close, assert_fused, interpreted, skip_unless
 
 OP = "neighborhood_attention2d"
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
 
 
 # ---------------------------------------------------------------------------------------
@@ -242,17 +242,17 @@ def test_reference_is_the_spec_sign_convention():
     table[0, 1 + 2, 0 + 2] = 0.0
     for backend in BACKENDS:
         try:
-            device = skip_unless(OP, backend, torch.float64 if backend != "triton" else torch.float32)
+            dt = torch.float64 if backend in ("reference", "cpu") else torch.float32
+            device = skip_unless(OP, backend, dt)
         except pytest.skip.Exception:
             continue
-        dt = torch.float64 if backend != "triton" else torch.float32
         out = ao.neighborhood_attention2d(q.to(device, dt), k.to(device, dt), v.to(device, dt), 3, border="mask",
                                           rel_pos_bias=table.to(device, dt), backend=backend)
         # interior query (2, 2) reads the value of key (3, 2)
         assert abs(out[0, 2, 2, 0, 0].item() - 17.0) < 1e-3, backend
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_head_dim_above_128(backend):
     """head_dim 160: the Triton kernels' 256-wide head_dim block, the CPU kernel's long rows."""
     case = (1, 5, 6, 2, 160, (3, 3), (1, 1), "clamp", "head")

@@ -16,7 +16,7 @@ from helpers import assert_close, assert_fused, interpreted, skip_unless
 from na_brute_force import brute_force, neighbour_table
 
 OP = "neighborhood_attention3d"  # the three ops share one backend table layout and kernels
-BACKENDS = ("reference", "cpu", "triton")
+BACKENDS = ("reference", "cpu", "triton", "cuda")
 FNS = {1: ao.neighborhood_attention1d, 2: ao.neighborhood_attention2d, 3: ao.neighborhood_attention3d}
 
 

@@ -209,7 +209,7 @@ def test_cpu_fused_qkv_view(dtype):
     _check_backend("cpu", dtype, (2, 7, 9, 2, 8, 3, 1, 2), fused=True)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_strided_inputs_match_contiguous(backend):
     """Inputs with a non-unit head_dim stride and a channels-first-like layout are read in place
     and give the same result and gradients as their contiguous copies."""
@@ -296,7 +296,7 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_bias_gradient_is_deterministic(backend):
     device = skip_unless(OP, backend, torch.float32)
     q, k, v, bias = make_inputs(2, 8, 8, 2, 8, (4, 4), 1, torch.float32, device, seed=7)
@@ -433,14 +433,14 @@ def hf_table_to_ours(hf_table, window):
     return hf_table.reshape(n, n, -1).flip(0, 1).permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 @pytest.mark.parametrize("H,W,nh,d,window,shift", [(8, 8, 2, 4, 4, 0), (8, 12, 2, 4, 4, 2), (14, 14, 1, 8, 7, 3)])
 def test_parity_with_transformers_swin(backend, H, W, nh, d, window, shift):
     pytest.importorskip("transformers")
     if interpreted(backend) and window == 7:
         pytest.skip("kept short under the Triton interpreter")
-    device = skip_unless(OP, backend, torch.float64 if backend != "triton" else torch.float32)
-    dtype = torch.float64 if backend != "triton" else torch.float32
+    dtype = torch.float64 if backend in ("reference", "cpu") else torch.float32
+    device = skip_unless(OP, backend, dtype)
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, H, W, nh, d, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(3))
     hf_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, nh, generator=g, dtype=torch.float64))
@@ -472,11 +472,11 @@ def _op_args(device, dtype, with_bias=True):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])
 def test_opcheck(backend, with_bias):
     dtype = torch.float32
     device = skip_unless(OP, backend, dtype)
-    suffix = "" if backend == "cpu" else "_triton"
+    suffix = "_triton" if backend == "triton" else ""  # cpu and cuda: one op, per-device kernels
     fwd = getattr(torch.ops.alterops, f"window_attention2d_fwd{suffix}")
     bwd = getattr(torch.ops.alterops, f"window_attention2d_bwd{suffix}")
     q, k, v, table = _op_args(device, dtype, with_bias)
@@ -488,7 +488,7 @@ def test_opcheck(backend, with_bias):
     torch.library.opcheck(bwd, bargs, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 def test_torch_compile_fullgraph(backend):
     device = skip_unless(OP, backend, torch.float32)
     q, k, v, bias = make_inputs(1, 6, 7, 2, 8, (4, 4), 2, torch.float32, device, seed=4)
@@ -545,7 +545,7 @@ def test_bad_inputs():
         ao.window_attention2d(q.half(), q.half(), q.half(), 4, backend="cpu")
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
 def test_empty_batch(backend):
     device = skip_unless(OP, backend, torch.float32)
     q, k, v, bias = make_inputs(0, 6, 7, 2, 8, (4, 4), 2, torch.float32, device)

@@ -42,8 +42,9 @@ Backends: ``reference`` (plain PyTorch, differentiable by autograd, every dtype;
 ``O(N * prod(kernel_size))``, never ``N x N``), ``cpu`` (fused C++ kernels, float32 / float64 /
 bfloat16), ``triton`` (flash-style, float32 / float16 / bfloat16, head_dim <= 256) and ``cuda``
 (flash-style CUDA C++ kernels, float32 / float16 / bfloat16, head_dim <= 256, float32
-accumulation). Automatic order: CUDA ``triton, cuda, reference`` (Triton first until GPU timings
-show the CUDA kernels faster); CPU ``cpu, reference``. One kernel family serves the three
+accumulation; float16 / bfloat16 on the tensor cores, float32 in exact SIMT arithmetic).
+Automatic order: CUDA ``triton, cuda, reference`` (Triton first until GPU timings show the CUDA
+kernels faster); CPU ``cpu, reference``. One kernel family serves the three
 ops: the fused kernels take three spatial axes, and 1-D and 2-D inputs reach them as views with
 leading axes of size 1 (kernel 1).
 

@@ -23,12 +23,15 @@
 //
 // Warp layout: a warp owns 16 rows (queries; keys in the key-side kernel) and holds its logits,
 // probabilities and accumulators in the C-fragment layout of mma.m16n8k16 (lane l: rows l/4 and
-// l/4 + 8, columns 2 (l%4) and 2 (l%4) + 1 of every 8-column tile). The products of each step are
-// SIMT products of that layout with exact float32 arithmetic (no TF32), operands converted from
-// shared memory; the probability x value product leaves out the keys outside a query's window
-// exactly, so that such keys never turn 0 * inf into NaN. (Cfg<T>::kMma selects tensor-core
-// products: mma.sync m16n8k16 from ldmatrix operands, cp.async double buffering; the forward then
-// takes the exact SIMT product only when a scan of v before it found a NaN or an infinity.)
+// l/4 + 8, columns 2 (l%4) and 2 (l%4) + 1 of every 8-column tile). float16 / bfloat16 run both
+// products of every step, forward and backward, on the tensor cores (mma.sync m16n8k16 with
+// float32 accumulators through csrc/common/cuda_ptx.cuh; operands from shared memory with
+// ldmatrix, probabilities and logit gradients packed from the accumulators; tiles brought in with
+// cp.async, double-buffered). float32 runs SIMT products of the same layout in exact float32
+// arithmetic (no TF32), one stage. The forward's probability x value product leaves out the keys
+// outside a query's window exactly (a SIMT product that skips them) for float32 always, and for
+// float16 / bfloat16 when a scan of v before the forward found a NaN or an infinity (a flag in the
+// workspace): such keys never turn 0 * inf into NaN.
 #include "neighborhood_attention_cuda.h"
 
 #include <cuda_bf16.h>
@@ -1228,9 +1231,9 @@ constexpr size_t kAlign = 256;
 // SIMT, one stage (its tiles take twice the bytes). DMAX: head_dim 1..128 -> 128, 129..256 -> 256.
 template <typename T>
 struct Cfg {
-  static constexpr bool kMma = false;
-  static constexpr int kStages = kMma ? 2 : 1;
   static constexpr bool kF32 = sizeof(T) == 4;
+  static constexpr bool kMma = !kF32;
+  static constexpr int kStages = kMma ? 2 : 1;
   // forward: 64 queries (4 warps) x TN keys
   template <int DMAX>
   static constexpr int fwd_tn() { return DMAX == 256 ? 32 : 64; }
@@ -1350,8 +1353,15 @@ bool setup(const Tensor6& q, const Tensor6& k, const Window& w, const float* bia
   return true;
 }
 
+// Lets `kernel` take `bytes` of dynamic shared memory; cudaErrorLaunchOutOfResources when the
+// current device allows less per block.
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, size_t bytes) {
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  if (bytes > size_t(optin)) return cudaErrorLaunchOutOfResources;
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 

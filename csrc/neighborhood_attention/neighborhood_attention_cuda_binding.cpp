@@ -62,6 +62,14 @@ int32_t border_code(const std::string& b) {
   return neighborhood_cuda::kClamp;
 }
 
+// The launch error as a message (with what to do when the device has too little shared memory).
+void check_launch(cudaError_t err, const char* which) {
+  STD_TORCH_CHECK(err != cudaErrorLaunchOutOfResources, kOp, which, " (cuda): ", cudaGetErrorString(err),
+                  ": the kernels for this dtype and head_dim need more shared memory per block than this GPU "
+                  "allows (they are sized for sm_80 / sm_90); use backend='triton' or 'reference'");
+  STD_TORCH_CHECK(err == cudaSuccess, kOp, which, " (cuda): ", cudaGetErrorString(err));
+}
+
 cudaStream_t current_stream(int32_t device_index) {
   void* stream = nullptr;
   STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &stream));
@@ -217,8 +225,7 @@ std::tuple<Tensor, Tensor> na_nd_fwd(const Tensor& q, const Tensor& k, const Ten
   a.win = win;
   a.scale = scale;
   Tensor ws = workspace(neighborhood_cuda::forward_workspace_bytes(a), q);
-  const cudaError_t err = neighborhood_cuda::forward(a, ws.mutable_data_ptr(), current_stream(device));
-  STD_TORCH_CHECK(err == cudaSuccess, kOp, "_fwd (cuda): ", cudaGetErrorString(err));
+  check_launch(neighborhood_cuda::forward(a, ws.mutable_data_ptr(), current_stream(device)), "_fwd");
   return {out, lse};
 }
 
@@ -274,8 +281,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> na_nd_bwd(const Tensor& dout_in, cons
   a.win = win;
   a.scale = scale;
   Tensor ws = workspace(neighborhood_cuda::backward_workspace_bytes(a), q);
-  const cudaError_t err = neighborhood_cuda::backward(a, ws.mutable_data_ptr(), current_stream(device));
-  STD_TORCH_CHECK(err == cudaSuccess, kOp, "_bwd (cuda): ", cudaGetErrorString(err));
+  check_launch(neighborhood_cuda::backward(a, ws.mutable_data_ptr(), current_stream(device)), "_bwd");
   return {dq, dk, dv, dbias};
 }
 

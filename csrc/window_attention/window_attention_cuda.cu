@@ -274,23 +274,24 @@ __device__ __forceinline__ void store_partials(const float (&acc)[kOwned], float
 
 // dtable[t, o] = sum over the partials of table head t (blocks [t * per, (t + 1) * per)) of
 // part[block, o]: 8 groups of threads sum strided subsets in order, then one thread adds the 8
-// group sums in order. Grid (ceil(T / 32), table_heads), block (32, 8).
+// group sums in order. Grid (ceil(T / 32), table heads t0 .. t0 + gridDim.y - 1), block (32, 8).
 __global__ void __launch_bounds__(256) bias_reduce_kernel(const float* __restrict__ part, float* __restrict__ dtable,
-                                                          int T, int64_t per) {
+                                                          int T, int64_t per, int64_t t0) {
   __shared__ float sums[8][32];
   const int lane = int(threadIdx.x), grp = int(threadIdx.y);
   const int o = int(blockIdx.x) * 32 + lane;
-  const int64_t first = int64_t(blockIdx.y) * per;
+  const int64_t t = t0 + int64_t(blockIdx.y);
+  const int64_t first = t * per;
   float a = 0.f;
   if (o < T)
     for (int64_t p = grp; p < per; p += 8) a += part[(first + p) * T + o];
   sums[grp][lane] = a;
   __syncthreads();
   if (grp == 0 && o < T) {
-    float t = 0.f;
+    float sum = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) t += sums[i][lane];
-    dtable[int64_t(blockIdx.y) * T + o] = t;
+    for (int i = 0; i < 8; ++i) sum += sums[i][lane];
+    dtable[t * T + o] = sum;
   }
 }
 
@@ -1450,9 +1451,36 @@ BwdWorkspace bwd_workspace(const Problem& pr, bool bias_grad, Path path) {
 cudaError_t reduce_bias(const Problem& pr, Path path, const float* part, float* dtable, cudaStream_t stream) {
   const Geo g = make_geo(pr, tile_of(path));
   const int64_t per = n_blocks(g) / g.table_heads;
-  const dim3 grid(unsigned((g.T + 31) / 32), unsigned(g.table_heads));
-  bias_reduce_kernel<<<grid, dim3(32, 8), 0, stream>>>(part, dtable, g.T, per);
-  return cudaGetLastError();
+  constexpr int64_t kMaxY = 65535;  // grid y limit
+  for (int64_t t0 = 0; t0 < g.table_heads; t0 += kMaxY) {
+    const int64_t n = g.table_heads - t0 < kMaxY ? g.table_heads - t0 : kMaxY;
+    const dim3 grid(unsigned((g.T + 31) / 32), unsigned(n));
+    bias_reduce_kernel<<<grid, dim3(32, 8), 0, stream>>>(part, dtable, g.T, per, t0);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// The most dynamic shared memory one of the path's kernels takes for `p`.
+size_t smem_needed(const Problem& p, Path path) {
+  const int T = int((2 * p.window_h - 1) * (2 * p.window_w - 1)), N = int(p.window_h * p.window_w);
+  if (path == Path::kTensorCore) {
+    const int dmax = tc_dmax(p.head_dim);
+    const int s_fwd = N > kTcFwdChunk ? 2 : 1, s_bwd = N > kTcBwdChunk ? 2 : 1;
+    size_t m = tc_plan(kForward, dmax, T, N, s_fwd).base.total;
+    const size_t dq = tc_plan(kDq, dmax, T, N, s_bwd).base.total, dkdv = tc_plan(kDkdv, dmax, T, N, s_bwd).base.total;
+    m = m > dq ? m : dq;
+    m = m > dkdv ? m : dkdv;
+    // the forward's SIMT fix-up
+    const size_t fix = simt_plan(kForward, simt_cols(p.head_dim), T, N).total;
+    return m > fix ? m : fix;
+  }
+  const int C = simt_cols(p.head_dim);
+  size_t m = simt_plan(kForward, C, T, N).total;
+  const size_t dq = simt_plan(kDq, C, T, N).total, dkdv = simt_plan(kDkdv, C, T, N).total;
+  m = m > dq ? m : dq;
+  return m > dkdv ? m : dkdv;
 }
 
 bool empty(const Problem& p) { return p.batch == 0 || p.height == 0 || p.width == 0 || p.heads == 0; }
@@ -1477,6 +1505,17 @@ const char* unsupported(const Problem& p, Path path) {
     if (p.dtype == DType::kFloat32) return "the tensor-core kernels take float16 and bfloat16";
     if (p.head_dim > kMaxTensorCoreHeadDim) return "the tensor-core kernels take head_dim up to 128";
     if (p.head_dim < 1) return "the tensor-core kernels take head_dim >= 1";
+  }
+  // Shared memory: up to ~150 KiB (the SIMT backward at head_dim > 128), within sm_80's and
+  // sm_90's opt-in limits (163 / 227 KiB) but not sm_86's or sm_89's (99 KiB).
+  int device = 0, limit = 0;
+  if (cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess) {
+    if (smem_needed(p, path == Path::kAuto ? resolve_path(p, path) : path) > size_t(limit))
+      return "this head_dim needs more shared memory per block than this GPU offers (head_dim up to 128 on GPUs "
+             "with less than 160 KiB per block)";
+  } else {
+    (void)cudaGetLastError();
   }
   return nullptr;
 }

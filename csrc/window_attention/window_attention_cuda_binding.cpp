@@ -135,7 +135,7 @@ Problem problem(const Tensor& q, const std::vector<int64_t>& window, const std::
 
 // The launchers' own limits (window tokens, head_dim, sizes), as an error naming them.
 void check_supported(const Problem& p) {
-  const char* why = window_cuda::unsupported(p, Path::kAuto);
+  const char* why = window_cuda::unsupported(p, window_cuda::resolve_path(p, Path::kAuto));
   STD_TORCH_CHECK(why == nullptr, "window_attention2d (cuda): ", why ? why : "", "; got window_size (", p.window_h,
                   ", ", p.window_w, ") and head_dim ", p.head_dim);
 }

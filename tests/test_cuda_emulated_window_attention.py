@@ -228,11 +228,12 @@ def assert_close(got, ref, unit, what, factor=4.0):
 
 # ---------------------------------------------------------------------------------------
 def check_case(lib, shape, window, shift, table_heads, dtype, layout="contiguous", path="auto", seed=0,
-               nonfinite=False, expect_path=None):
+               nonfinite=False, expect_path=None, scale=None):
     gen = torch.Generator().manual_seed(seed)
     B, H, W, nh, d = shape
     wh, ww = window
-    scale = d ** -0.5 if d else 1.0
+    if scale is None:
+        scale = d ** -0.5
     st, views, (q, k, v) = make_qkv(shape, dtype, layout, gen)
     if nonfinite:  # values only their own shift region may see (tokens of mixed windows)
         st = st.clone()
@@ -309,6 +310,12 @@ GEOMETRIES = {
     # 16x16 windows: 256 tokens, the largest table (31 x 31), an odd shift; head_dim 24 (not a
     # multiple of 16: the tensor-core path's last k step is half zeros)
     "16x16-shift": ((1, 16, 16, 1, 24), (16, 16), (7, 9), 1, "contiguous"),
+    # a window larger than the map (padded up to one window of mostly absent tokens)
+    "7x7-larger-than-map": ((2, 5, 3, 2, 16), (7, 7), (3, 2), 2, "fused"),
+    # 1x8 strips: one-row windows, shift along W only
+    "1x8-strips": ((1, 3, 19, 2, 32), (1, 8), (0, 5), 1, "contiguous"),
+    # three images, 8x8 windows with shift (4, 4), head_dim 64
+    "8x8-3-images": ((3, 16, 16, 3, 64), (8, 8), (4, 4), 3, "fused"),
 }
 
 SIMT_CASES = [(name, torch.float32) for name in GEOMETRIES] + [
@@ -372,6 +379,13 @@ def test_tensor_cores_nonfinite_values_stay_in_their_region(lib, dtype):
     """A 0 * inf in the P V product would turn the other regions' queries NaN: the tensor-core
     forward flags the window's non-finite v and the SIMT fix-up recomputes."""
     check_case(lib, (1, 8, 12, 2, 32), (4, 6), (2, 3), 2, dtype, path="tc", nonfinite=NONFINITE)
+
+
+@pytest.mark.parametrize("path", ["simt", "tc"])
+def test_scale(lib, path):
+    """A scale other than head_dim ** -0.5 (and a negative one)."""
+    check_case(lib, (1, 8, 12, 2, 32), (4, 6), (2, 3), 2, torch.bfloat16, path=path, seed=13, scale=0.71)
+    check_case(lib, (1, 8, 12, 2, 32), (4, 6), (2, 3), 0, torch.float16, path=path, seed=14, scale=-0.2)
 
 
 def test_tensor_cores_head_dim_64_and_96(lib):

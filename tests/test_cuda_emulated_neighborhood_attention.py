@@ -6,10 +6,11 @@ even and odd kernels, dilation, stride, causal axes, the three borders (maps sma
 window where the rule allows it), a bias table (per head or shared) with its gradient, grouped
 heads (heads 4 over 4, 2 and 1 key/value heads), head_dim 1, 32, 80 and 128, float32 (SIMT),
 float16 and bfloat16 (tensor cores), strided views (k and v inside one fused tensor, a transposed
-q, a dout with a non-unit head_dim stride). Each case runs under the forward, reverse and seeded
-random thread schedules (sm_90 and sm_80 limits), with guard pages around every buffer (the
-workspace included; output and workspace start as NaN) and the inputs read-only; the results must
-be bitwise identical across schedules (the kernels are deterministic: no atomics)."""
+q, a dout with a non-unit head_dim stride), batches of one and two images; NaN and infinities in
+v (the forward leaves keys outside a window out exactly). Each case runs under the forward,
+reverse and seeded random thread schedules (sm_90 and sm_80 limits), with guard pages around every
+buffer (the workspace included; output and workspace start as NaN) and the inputs read-only; the
+results must be bitwise identical across schedules (the kernels are deterministic: no atomics)."""
 import ctypes
 import math
 import os
@@ -30,6 +31,8 @@ TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 LL = ctypes.POINTER(ctypes.c_longlong)
 VP = ctypes.c_void_p
+SMEM_LIMIT = 99 * 1024  # per block: the opt-in limit of sm_86 / sm_89 (sm_80 and sm_90 allow more)
+LAUNCHES = []  # the launches of the last schedule of every run_forward / run_backward
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +111,9 @@ def run_forward(lib, views, n, window, table, bias_heads, scale):
                        o["out"].ptr, o["lse"].ptr, i["bias"].ptr if table is not None else None, bias_heads,
                        window, scale, ws.ptr)
 
-    res = driver.run_schedules(lib, inputs, {"out": (B * N * heads * D, q.dtype), "lse": (B * heads * N, torch.float32)},
-                               call)
+    outputs = {"out": (B * N * heads * D, q.dtype), "lse": (B * heads * N, torch.float32)}
+    res = driver.run_schedules(lib, inputs, outputs, call)
+    LAUNCHES.extend(lib.take_launches())
     out = res["out"].view(B, *spatial, heads, D)
     lse = res["lse"].view(B, heads, *spatial).movedim(1, -1)
     return out, lse
@@ -147,6 +151,7 @@ def run_backward(lib, views, n, window, table, bias_heads, scale, out, lse, dout
                        window, scale, ws.ptr)
 
     res = driver.run_schedules(lib, inputs, outputs, call)
+    LAUNCHES.extend(lib.take_launches())
     grads = {"dq": res["dq"].view(q.shape), "dk": res["dk"].view(views["k"][0].shape),
              "dv": res["dv"].view(views["v"][0].shape)}
     if want_db:
@@ -248,24 +253,41 @@ CASES = {
     "2d_hd1": ((7, 9), (3, 3), (1, 1), (1, 1), (False, False), "clamp", 1, 2, "heads", "fused", ALL),
     "1d_hd80": ((40,), (7,), (1,), (1,), (False,), "mask", 80, 2, "heads", "transposed", (F32, BF16)),
     "2d_hd128": ((9, 10), (3, 5), (1, 1), (1, 1), (False, False), "clamp", 128, 2, "heads", "fused", ALL),
+    "1d_hd256": ((37,), (5,), (1,), (2,), (True,), "clamp", 256, 2, "shared", "fused", ALL),
 }
+
+
+# cases run with two images (batch offsets)
+BATCH2 = {"1d_k4_s2_causal", "2d_k5_7_zero", "3d_k3_causal_t", "2d_hd128"}
 
 
 def _params():
     out = []
     for name, case in CASES.items():
         for dtype in case[-1]:
-            out.append(pytest.param(case, dtype, id=f"{name}-{str(dtype).replace('torch.', '')}"))
+            out.append(pytest.param(case, dtype, 2 if name in BATCH2 else 1,
+                                    id=f"{name}-{str(dtype).replace('torch.', '')}"))
     return out
 
 
-@pytest.mark.parametrize("case,dtype", _params())
-def test_forward_backward(lib, case, dtype):
+@pytest.mark.parametrize("case,dtype,batch", _params())
+def test_forward_backward(lib, case, dtype, batch):
     spatial, kernel, dil, stride, causal, border, D, heads_kv, bias, layout, _ = case
     seed = sum(spatial) + D + len(kernel)
     check(lib, spatial, kernel, dil, stride, causal, border, heads=4, heads_kv=heads_kv, D=D, dtype=dtype,
           bias=bias, layout=layout, dlse=seed % 2 == 0 or bias is None, strided_dout=layout == "transposed",
-          seed=seed)
+          seed=seed, B=batch)
+
+
+def test_shared_memory_per_block():
+    """Every launch of the cases above (head_dim up to 256, each dtype) fits the smallest opt-in
+    limit of the GPUs the kernels target (sm_86 / sm_89: 99 KiB per block)."""
+    import re
+
+    sizes = [int(m.group(1)) for ln in LAUNCHES for m in [re.search(r"smem=(\d+)", ln)] if m]
+    if not sizes:
+        pytest.skip("no launches recorded (run with the forward/backward cases)")
+    assert max(sizes) <= SMEM_LIMIT, [ln for ln in LAUNCHES if int(re.search(r"smem=(\d+)", ln).group(1)) > SMEM_LIMIT]
 
 
 @pytest.mark.parametrize("dtype", ALL, ids=str)

@@ -604,8 +604,21 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(kFull, v, 2);
 }
 
+// Two consecutive elements (aligned to their pair).
+__device__ __forceinline__ void store2(float* p, float a, float b) {
+  *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+template <typename H>
+__device__ __forceinline__ void store2(H* p, float a, float b) {
+  const H h[2] = {Elem<H>::from(a), Elem<H>::from(b)};
+  uint32_t u;
+  memcpy(&u, h, 4);
+  *reinterpret_cast<uint32_t*>(p) = u;
+}
+
 // The 16 rows of a warp's accumulator (times mul[i] for rows g + 8 i) to the contiguous rows at
-// element offsets row_off[i] (negative: not stored), columns < hd.
+// element offsets row_off[i] (multiples of hd; negative: not stored), columns < hd; pairs of
+// columns at once when hd is even.
 template <typename T, int NTO>
 __device__ __forceinline__ void store_rows(T* out, const float (&acc)[NTO][4], const int64_t (&row_off)[2],
                                            const float (&mul)[2], int hd, int lane) {
@@ -616,10 +629,13 @@ __device__ __forceinline__ void store_rows(T* out, const float (&acc)[NTO][4], c
     T* o = out + row_off[i];
 #pragma unroll
     for (int n = 0; n < NTO; ++n) {
+      const int col = 8 * n + 2 * t;
+      if (hd % 2 == 0) {
+        if (col < hd) store2(o + col, acc[n][2 * i] * mul[i], acc[n][2 * i + 1] * mul[i]);
+      } else {
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int col = 8 * n + 2 * t + e;
-        if (col < hd) o[col] = Elem<T>::from(acc[n][2 * i + e] * mul[i]);
+        for (int e = 0; e < 2; ++e)
+          if (col + e < hd) o[col + e] = Elem<T>::from(acc[n][2 * i + e] * mul[i]);
       }
     }
   }
@@ -671,11 +687,11 @@ __device__ __forceinline__ void tile_loop(int total, Issue&& issue, Compute&& co
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward: a tile of TM = 64 queries of one (batch, head) per block, 4 warps of 16 rows
+// Forward: a tile of TM = 16 RG queries of one (batch, head) per block, RG warps of 16 rows
 // ---------------------------------------------------------------------------------------
-template <typename T, bool MMA, int DMAX, int TN, int STAGES>
+template <typename T, bool MMA, int DMAX, int RG, int TN, int STAGES>
 __global__ void __launch_bounds__(kMaxThreads) na_fwd_kernel(const FwdParams p) {
-  constexpr int RG = 4, TM = 16 * RG, NT = TN / 8, NTO = DMAX / 8, NTHREADS = 32 * RG;
+  constexpr int TM = 16 * RG, NT = TN / 8, NTO = DMAX / 8, NTHREADS = 32 * RG;
   constexpr bool ASYNC = MMA;
   extern __shared__ __align__(16) unsigned char na_smem[];
   const Geo& c = p.c;
@@ -1133,7 +1149,8 @@ __global__ void __launch_bounds__(kMaxThreads) na_delta_kernel(const RowsParams 
     row_coords(row, p.size, ix);
     const int64_t oa = row_offset(p.a, ix), ob = row_offset(p.b, ix);
     float acc = 0.f;
-    for (int d = lane; d < p.hd; d += 32) acc = fmaf(Elem<T>::to(A[oa + d * p.a.s[5]]), Elem<T>::to(B[ob + d * p.b.s[5]]), acc);
+    for (int d = lane; d < p.hd; d += 32)
+      acc = fmaf(Elem<T>::to(A[oa + d * p.a.s[5]]), Elem<T>::to(B[ob + d * p.b.s[5]]), acc);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(kFull, acc, o);
     if (lane == 0) {
@@ -1229,24 +1246,31 @@ constexpr size_t kAlign = 256;
 
 // Kernel configurations. float16 / bfloat16: tensor cores, cp.async double buffering; float32:
 // SIMT, one stage (its tiles take twice the bytes). DMAX: head_dim 1..128 -> 128, 129..256 -> 256.
+// A block has RG row groups of 16 rows (queries; keys in the dk/dv kernel); the streamed tiles
+// (keys of the forward and dq kernels, queries of the dk/dv kernel) hold 32 or 16 rows. Every
+// configuration fits in 99 KiB of shared memory (sm_86 / sm_89 allow that much per block; at
+// head_dim 128, 16-bit: 54 / 71 / 69 KiB for the forward / dq / dk-dv kernels, so two or three
+// blocks share an sm_80 SM); small windows also waste fewer keys of their hull with short tiles.
 template <typename T>
 struct Cfg {
   static constexpr bool kF32 = sizeof(T) == 4;
   static constexpr bool kMma = !kF32;
   static constexpr int kStages = kMma ? 2 : 1;
-  // forward: 64 queries (4 warps) x TN keys
+  // forward: 16 RG queries x TN keys
   template <int DMAX>
-  static constexpr int fwd_tn() { return DMAX == 256 ? 32 : 64; }
+  static constexpr int fwd_rg() { return kF32 && DMAX == 256 ? 2 : 4; }
+  template <int DMAX>
+  static constexpr int fwd_tn() { return DMAX == 256 ? 16 : 32; }
   // dq: 16 RG queries x TN keys
   template <int DMAX>
-  static constexpr int dq_rg() { return kF32 && DMAX == 256 ? 2 : 4; }
+  static constexpr int dq_rg() { return DMAX == 256 ? 2 : 4; }
   template <int DMAX>
-  static constexpr int dq_tn() { return DMAX == 256 ? (kF32 ? 16 : 32) : (kF32 || kMma ? 64 : 32); }
+  static constexpr int dq_tn() { return DMAX == 256 || kF32 ? 16 : 32; }
   // dk / dv: 16 RG keys (2 RG warps) x TM queries
   template <int DMAX>
-  static constexpr int kv_rg() { return kF32 && DMAX == 256 ? 2 : 4; }
+  static constexpr int kv_rg() { return DMAX == 256 ? 2 : 4; }
   template <int DMAX>
-  static constexpr int kv_tm() { return DMAX == 256 ? (kF32 ? 16 : 32) : 64; }
+  static constexpr int kv_tm() { return DMAX == 256 || kF32 ? 16 : 32; }
 };
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -1317,7 +1341,8 @@ bool setup(const Tensor6& q, const Tensor6& k, const Window& w, const float* bia
            Geo& c) {
   c = Geo{};
   const int64_t B = q.size[0], heads = q.size[4], heads_kv = k.size[4], hd = q.size[5];
-  if (hd < 1 || hd > kMaxHeadDim || heads_kv < 1 || heads % heads_kv != 0 || B > kIntMax || heads > kIntMax) return false;
+  if (hd < 1 || hd > kMaxHeadDim || heads_kv < 1 || heads % heads_kv != 0 || B > kIntMax || heads > kIntMax)
+    return false;
   if (w.border != kClamp && w.border != kMask && w.border != kZero) return false;
   int64_t cells = 1, kk = 1, n = 1;
   for (int a = 0; a < 3; ++a) {
@@ -1385,7 +1410,8 @@ template <typename T, int DMAX>
 cudaError_t forward_typed(const ForwardArgs& a, Geo c, void* workspace, cudaStream_t stream) {
   using C = Cfg<T>;
   constexpr bool MMA = C::kMma;
-  constexpr int TM = 64, TN = C::template fwd_tn<DMAX>(), STAGES = C::kStages;
+  constexpr int RG = C::template fwd_rg<DMAX>(), TM = 16 * RG, TN = C::template fwd_tn<DMAX>();
+  constexpr int STAGES = C::kStages;
   const int64_t tiles = grid_tiles(c, log2_of(TM), c.qb);
   if (tiles < 0) return cudaErrorInvalidValue;
   tile_shape(c, log2_of(TN), c.kb);
@@ -1402,7 +1428,7 @@ cudaError_t forward_typed(const ForwardArgs& a, Geo c, void* workspace, cudaStre
   p.vec_v = vec_ok(a.v, sizeof(T));
   const size_t pitch = size_t(c.dp) + Elem<T>::kPad;
   const size_t smem = (TM + 2 * STAGES * TN) * pitch * sizeof(T) + TM * sizeof(RowInfo) + TN * sizeof(ColInfo);
-  cudaError_t err = allow_smem(na_fwd_kernel<T, MMA, DMAX, TN, STAGES>, smem);
+  cudaError_t err = allow_smem(na_fwd_kernel<T, MMA, DMAX, RG, TN, STAGES>, smem);
   if (err != cudaSuccess) return err;
   if (MMA) {
     RowsParams r = rows_params(a.v, nullptr, a.v.size[4]);
@@ -1417,7 +1443,7 @@ cudaError_t forward_typed(const ForwardArgs& a, Geo c, void* workspace, cudaStre
   for (int64_t bh0 = 0; bh0 < pairs; bh0 += kGridYMax) {
     p.c.bh0 = bh0;
     const dim3 grid(unsigned(tiles), unsigned(pairs - bh0 < kGridYMax ? pairs - bh0 : kGridYMax));
-    na_fwd_kernel<T, MMA, DMAX, TN, STAGES><<<grid, TM * 2, smem, stream>>>(p);
+    na_fwd_kernel<T, MMA, DMAX, RG, TN, STAGES><<<grid, 32 * RG, smem, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -17,10 +17,10 @@
 // with stride, causal windows and even kernels; a centred window for "mask" and "zero", which
 // come with stride 1 and no causal axis). The arguments are those the binding has checked; the
 // launchers refuse (cudaErrorInvalidValue) what the kernels cannot index: head_dim outside
-// [1, kMaxHeadDim], an axis of 2**30 or more positions, more query tiles than a grid holds. The
-// tiles are sized for sm_80 / sm_90 (up to about 135 KiB of shared memory per block, with the
-// opt-in); on a device that allows less per block (sm_86, sm_89: 99 KiB) the launch that needs
-// more returns cudaErrorLaunchOutOfResources.
+// [1, kMaxHeadDim], an axis of 2**30 or more positions, more query tiles than a grid holds. A
+// block takes at most 99 KiB of shared memory (the opt-in limit of sm_86 / sm_89; sm_80 and sm_90
+// allow more); on a device that allows less the launch returns cudaErrorLaunchOutOfResources.
+// The float16 / bfloat16 kernels use mma.sync m16n8k16 (sm_80 and later).
 //
 // Each launch needs a device workspace of *_workspace_bytes (may be 0; then any pointer, null
 // included), not shared between concurrent launches.

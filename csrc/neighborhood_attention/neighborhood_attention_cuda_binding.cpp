@@ -66,7 +66,7 @@ int32_t border_code(const std::string& b) {
 void check_launch(cudaError_t err, const char* which) {
   STD_TORCH_CHECK(err != cudaErrorLaunchOutOfResources, kOp, which, " (cuda): ", cudaGetErrorString(err),
                   ": the kernels for this dtype and head_dim need more shared memory per block than this GPU "
-                  "allows (they are sized for sm_80 / sm_90); use backend='triton' or 'reference'");
+                  "allows (up to 99 KiB); use backend='triton' or 'reference'");
   STD_TORCH_CHECK(err == cudaSuccess, kOp, which, " (cuda): ", cudaGetErrorString(err));
 }
 

@@ -706,8 +706,9 @@ struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) { return ptx::pack_bf162(lo, hi); }
 };
 
-// Shared memory of the tensor-core kernels: `tiles` tiles of kTcTile rows, then per stage the
-// chunk rows of `chunk_tiles` operands (and `stage_floats` floats), then `extra` bytes.
+// Shared memory of the tensor-core kernels: the block's kTcTile-row operand tiles (Q; Q and dO;
+// K and V), then `stages` chunk buffers (K and V chunks; Q and dO chunks with their lse and
+// delta), then the dq kernel's float dS tile, then the table and token arrays (make_plan).
 struct TcPlan {
   Plan base;
   size_t stage0, stage_bytes, chunk_bytes, extra_at;
@@ -780,9 +781,8 @@ __device__ __forceinline__ const uint16_t* b_kn(const uint16_t* t, int r0, int c
   return t + (r0 + (lane & 7) + (((lane >> 3) & 1) << 3)) * LD + c0 + ((lane >> 4) << 3);
 }
 
-// acc[2 np + 0/1] (n8 tiles 16 np, 16 np + 8) += A (16 x 16 rows of `at`) B for a B tile pair.
-// S-like products: acc[NT][4] += A_tile(rows r0, k over head_dim) * B[n][k]^T, for the n8 tiles
-// of nrow keys (np < nkt pairs), k16 steps kk < nk.
+// acc[NT][4] += A B^T over head_dim: A the 16 rows r0.. of tile `at`, B the [n][k] tile `bt`
+// (rows = the chunk's keys or queries), n8 tiles in pairs np < nkt, k16 steps kk < nk.
 template <typename T, int LD, int DMAX, int NT>
 __device__ __forceinline__ void mma_abt(float (&acc)[NT][4], const uint16_t* at, int r0, const uint16_t* bt, int nk,
                                         int nkt, int lane) {

@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, "csrc")),
 
 # The ops the CUDA library implements (STABLE_TORCH_LIBRARY_IMPL(alterops, CUDA, m) in
 # csrc/*/*_cuda_binding.cpp).
-CUDA_OPS = ("blur2d_forward", "blur2d_backward", "delta_log_amplitude_fwd", "feature_variance_fwd")
+CUDA_OPS = ("blur2d_forward", "blur2d_backward", "delta_log_amplitude_fwd", "feature_variance_fwd",
+            "window_attention2d_fwd", "window_attention2d_bwd", "neighborhood_attention_nd_fwd",
+            "neighborhood_attention_nd_bwd")
 
 # Shared libraries the CUDA library may need (libcudart.so.<major> is checked separately).
 ALLOWED_NEEDED = {"libtorch_cpu.so", "libtorch_cuda.so", "libc10.so", "libc10_cuda.so", "libstdc++.so.6",

@@ -152,12 +152,7 @@ struct Elem<__nv_bfloat16> {
   __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
 };
 
-// Whether a 16-bit or 32-bit float is an infinity or a NaN (exponent all ones).
-__device__ __forceinline__ bool nonfinite(float v) {
-  uint32_t u;
-  memcpy(&u, &v, 4);
-  return (u & 0x7f800000u) == 0x7f800000u;
-}
+// Whether a 16-bit float is an infinity or a NaN (exponent all ones).
 __device__ __forceinline__ bool nonfinite(__half v) {
   uint16_t u;
   memcpy(&u, &v, 2);
@@ -1430,7 +1425,7 @@ cudaError_t forward_typed(const ForwardArgs& a, Geo c, void* workspace, cudaStre
   const size_t smem = (TM + 2 * STAGES * TN) * pitch * sizeof(T) + TM * sizeof(RowInfo) + TN * sizeof(ColInfo);
   cudaError_t err = allow_smem(na_fwd_kernel<T, MMA, DMAX, RG, TN, STAGES>, smem);
   if (err != cudaSuccess) return err;
-  if (MMA) {
+  if constexpr (MMA) {  // the flag of the exact product: v holds a NaN or an infinity
     RowsParams r = rows_params(a.v, nullptr, a.v.size[4]);
     r.flag = static_cast<int*>(workspace);
     err = cudaMemsetAsync(workspace, 0, sizeof(int), stream);

@@ -124,6 +124,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# The attention ops' GPU order (the issue's rule: Triton first until a GPU run shows the CUDA C++
+# kernels faster on the bench shapes).
+ATTENTION_GPU_ORDER = ("on CUDA devices Triton before the CUDA C++ kernels: no GPU run has timed the CUDA "
+                       "kernels faster on the bench shapes yet (bench/gpu_run.sh times both); backend='cuda' "
+                       "selects them")
+
+
 @dataclass
 class OpBackends:
     """The backends of one public op and how ``auto`` orders them per device type."""
@@ -132,6 +139,8 @@ class OpBackends:
     backends: dict = field(default_factory=dict)
     auto_cuda: tuple = ("cuda", "triton", "reference")
     auto_cpu: tuple = ("cpu", "reference")
+    # Why the ``auto`` order is what it is (``alterops info`` prints it), when it is not obvious.
+    auto_why: str = ""
 
     def why_not(self, backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
         """``None`` if ``backend`` can run this op on (device, dtype), else the reason."""

@@ -51,6 +51,8 @@ def _info(args) -> int:
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
     for name, table in sorted(_dispatch.registry().items()):
         print(f"\n{name}")
+        order = f"  auto order: on cpu {' > '.join(table.auto_cpu)}, on cuda {' > '.join(table.auto_cuda)}"
+        print(order + (f". Why: {table.auto_why}" if table.auto_why else ""))
         for device in devices:
             auto = {_dispatch._dtype_name(d): table.select("auto", device, d) for d in dtypes}
             print(f"  on {device.type}: auto picks " + ", ".join(f"{d}->{b}" for d, b in auto.items()))

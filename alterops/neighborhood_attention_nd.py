@@ -67,7 +67,7 @@ import torch
 
 from . import _checks, _ext
 from ._autograd import first_order_only
-from ._dispatch import Backend, OpBackends, register
+from ._dispatch import ATTENTION_GPU_ORDER, Backend, OpBackends, register
 
 __all__ = [
     "neighborhood_attention1d", "neighborhood_attention2d", "neighborhood_attention3d",
@@ -260,6 +260,7 @@ _TABLES = {n: register(OpBackends(
                         ops=("neighborhood_attention_nd_fwd", "neighborhood_attention_nd_bwd")),
     },
     auto_cuda=("triton", "cuda", "reference"),
+    auto_why=ATTENTION_GPU_ORDER,
     auto_cpu=("cpu", "reference"),
 )) for n in (1, 2, 3)}
 

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 
 from . import _checks, _ext
 from ._autograd import first_order_only
-from ._dispatch import Backend, BackendUnavailableError, OpBackends, get_backend, register
+from ._dispatch import (ATTENTION_GPU_ORDER, Backend, BackendUnavailableError, OpBackends, get_backend,
+                        register)
 
 __all__ = ["window_attention2d", "window_attention2d_reference"]
 
@@ -264,6 +265,7 @@ _TABLE = register(OpBackends(
                         ops=("window_attention2d_fwd", "window_attention2d_bwd")),
     },
     auto_cuda=("triton", "cuda", "reference"),
+    auto_why=ATTENTION_GPU_ORDER,
     auto_cpu=("cpu", "reference"),
 ))
 

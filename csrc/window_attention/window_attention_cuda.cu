@@ -42,6 +42,7 @@
 
 #include <cstdint>
 
+#include "../common/cuda_convert.cuh"
 #include "../common/cuda_ptx.cuh"
 
 namespace alterops {
@@ -62,35 +63,8 @@ constexpr int kSimtChunk = 32;                 // keys (forward, dq) or queries 
 static_assert(kSimtChunk == 32, "one chunk column per lane");
 
 // ---- element types ------------------------------------------------------------------------
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) {
-  return v;
-}
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using cuda_util::from_float;
+using cuda_util::to_float;
 
 // ---- geometry -----------------------------------------------------------------------------
 // Element strides of a (B, H, W, heads, head_dim) tensor and of a (B, H, W, heads) one.

@@ -24,7 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 BLUR = "blur/blur_cuda.cu"
 STATS = "statistics/statistics_cuda.cu"
-TESTS = {BLUR: "tests/test_cuda_emulated_blur.py", STATS: "tests/test_cuda_emulated_statistics.py"}
+NA = "neighborhood_attention/neighborhood_attention_cuda.cu"
+WA = "window_attention/window_attention_cuda.cu"
+TESTS = {BLUR: "tests/test_cuda_emulated_blur.py", STATS: "tests/test_cuda_emulated_statistics.py",
+         NA: "tests/test_cuda_emulated_neighborhood_attention.py", WA: "tests/test_cuda_emulated_window_attention.py"}
 
 # (kind, file, description, old text (must occur exactly once), new text)
 MUTATIONS = [
@@ -80,6 +83,72 @@ MUTATIONS = [
      "    for (int s = lane; s < n; s += 32) a[s] = Acc(0);\n", ""),
     ("indexing", STATS, "delta: anti-diagonal column starts one off",
      "int col = s - y0 % n;", "int col = s + 1 - y0 % n;"),
+    # neighborhood attention
+    ("indexing", NA, "clamp window: inward shift at the map's end one too far",
+     "if (leader + right >= Lg) start += Lg - right - leader - 1;",
+     "if (leader + right >= Lg) start += Lg - right - leader;"),
+    ("indexing", NA, "dk/dv: query range search stops before a window starting at the tile's last key",
+     "    if (s <= k1) {", "    if (s < k1) {"),
+    ("indexing", NA, "dk/dv: bias cell of the query taken with the slot multipliers",
+     "bq += unsigned(gq - c.ax[a].K + 1) * unsigned(c.bm[a]);",
+     "bq += unsigned(gq - c.ax[a].K + 1) * unsigned(c.sm[a]);"),
+    ("barrier", NA, "tile loop: __syncthreads between staging a tile and computing on it removed",
+     "    __syncthreads();\n    compute(j);", "    compute(j);"),
+    ("barrier", NA, "dk/dv: __syncthreads between the query-range search (sRange) and its reads removed",
+     "    ptx::cp_async_wait<0>();\n  }\n  __syncthreads();\n  int qlo[3]",
+     "    ptx::cp_async_wait<0>();\n  }\n  int qlo[3]"),
+    ("barrier", NA, "bias gradient: __syncthreads between the per-warp sums and their total removed",
+     "  if (lane == 0) red[warp] = acc;\n  __syncthreads();", "  if (lane == 0) red[warp] = acc;"),
+    ("mask", NA, "quad row sum: shuffle mask of half a warp",
+     "  v += __shfl_xor_sync(kFull, v, 1);", "  v += __shfl_xor_sync(0x0000ffffu, v, 1);"),
+    ("shared size", NA, "dk/dv: dynamic shared memory sized for 8 ints of query info instead of 9",
+     "STAGES * 9 * KTM * sizeof(int)", "STAGES * 8 * KTM * sizeof(int)"),
+    ("tc pipeline", NA, "tile loop: cp_async_wait<2> while a tile is in flight (the current one not waited for)",
+     "        ptx::cp_async_wait<1>();", "        ptx::cp_async_wait<2>();"),
+    ("tc pipeline", NA, "mma_nt: B fragments of the two n8 tiles mixed (ldmatrix x4 registers 1 and 2 swapped)",
+     "const uint32_t b0[2] = {bf[0], bf[1]}, b1[2] = {bf[2], bf[3]};\n        mma16816<T>(acc[2 * j], af, b0);",
+     "const uint32_t b0[2] = {bf[0], bf[2]}, b1[2] = {bf[1], bf[3]};\n        mma16816<T>(acc[2 * j], af, b0);"),
+    ("reduction", NA, "forward: online-softmax rescale of the output accumulators dropped",
+     "        o[n][2 * i] *= alpha;\n        o[n][2 * i + 1] *= alpha;\n", ""),
+    ("reduction", NA, "bias gradient: a shared table sums only the first head",
+     "const int64_t count = int64_t(c.B) * nh * W;", "const int64_t count = int64_t(c.B) * W;"),
+    # window attention
+    ("indexing", WA, "shift region boundary one row late (r > Hp - sh)",
+     "int(g.sh > 0 && r >= g.Hp - g.sh)", "int(g.sh > 0 && r > g.Hp - g.sh)"),
+    ("indexing", WA, "bias cell: query minus key instead of key minus query",
+     "return (kc & 0xffff) - (qc & 0xffff) + center;", "return (qc & 0xffff) - (kc & 0xffff) + center;"),
+    ("indexing", WA, "bias partials: a key wrapping to the next window row counted (kx <= ww)",
+     "if (kx >= 0 && kx < g.ww) a += ds", "if (kx >= 0 && kx <= g.ww) a += ds"),
+    ("barrier", WA, "SIMT forward: __syncthreads between staging K / V and reading them removed",
+     "    load_rows_f32(Vs, LD, 32 * C, v, sv, p.b, p.h, k0, tok, ty, tx, g.N, g.d);\n    __syncthreads();\n"
+     "    const int kc = code_of(tok, k0 + lane, g.N);\n    float s[kSimtRows];",
+     "    load_rows_f32(Vs, LD, 32 * C, v, sv, p.b, p.h, k0, tok, ty, tx, g.N, g.d);\n"
+     "    const int kc = code_of(tok, k0 + lane, g.N);\n    float s[kSimtRows];"),
+    ("barrier", WA, "SIMT dq: __syncthreads before the bias partials read every warp's dS removed",
+     "      __syncthreads();  // every warp's dS rows are in place\n      bias_partials(bacc, DS, kSimtChunk",
+     "      bias_partials(bacc, DS, kSimtChunk"),
+    ("mma by part of a warp", WA, "tensor-core forward: 'active' per lane (its row exists) instead of per warp",
+     "const bool active = q0 + warp * 16 < g.N;  // the warp has rows in the window",
+     "const bool active = ja < g.N;  // the warp has rows in the window"),
+    ("mask", WA, "warp_max: shuffle mask of half a warp",
+     "v = fmaxf(v, __shfl_xor_sync(kFull, v, o));", "v = fmaxf(v, __shfl_xor_sync(0x0000ffffu, v, o));"),
+    ("shared size", WA, "tensor-core forward launched with one stage's shared memory (the kernel uses two)",
+     "const size_t smem = tc_plan(kForward, DMAX, g.T, g.N, nc > 1 ? 2 : 1).base.total;",
+     "const size_t smem = tc_plan(kForward, DMAX, g.T, g.N, 1).base.total;"),
+    ("tc pipeline", WA, "tensor-core forward: cp_async_wait<2> (the current chunk not waited for)",
+     "keeps wait<1> right\n    ptx::cp_async_wait<1>();", "keeps wait<1> right\n    ptx::cp_async_wait<2>();"),
+    ("tc pipeline", WA, "ldmatrix A fragment: lanes 8-15 address columns 8-15 (x4 matrix order wrong)",
+     "return t + (r0 + (lane & 15)) * LD + c0 + ((lane >> 4) << 3);",
+     "return t + (r0 + (lane & 15)) * LD + c0 + (((lane >> 3) & 1) << 3);"),
+    ("tc pipeline", WA, "mma_pb: A fragment registers 1 and 2 swapped (rows g+8 / columns 8-15)",
+     "Mma<T>::pack(pf[2 * kk][0], pf[2 * kk][1]), Mma<T>::pack(pf[2 * kk][2], pf[2 * kk][3]),\n"
+     "                           Mma<T>::pack(pf[2 * kk + 1][0], pf[2 * kk + 1][1]),",
+     "Mma<T>::pack(pf[2 * kk][0], pf[2 * kk][1]), Mma<T>::pack(pf[2 * kk + 1][0], pf[2 * kk + 1][1]),\n"
+     "                           Mma<T>::pack(pf[2 * kk][2], pf[2 * kk][3]),"),
+    ("reduction", WA, "bias table gradient: the last partial of each table head dropped",
+     "for (int64_t p = grp; p < per; p += 8)", "for (int64_t p = grp; p < per - 1; p += 8)"),
+    ("reduction", WA, "SIMT forward: online-softmax rescale of the value sums dropped",
+     "      for (int c = 0; c < C; ++c) acc[i][c] *= alpha;\n", ""),
 ]
 
 

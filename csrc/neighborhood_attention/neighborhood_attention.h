@@ -24,29 +24,10 @@
 
 #include "../common/parallel.h"
 #include "../common/scalar.h"
+#include "neighborhood_window.h"
 
 namespace alterops {
 namespace neighborhood {
-
-// Border rule (see alterops/neighborhood_attention.py).
-enum Border : int32_t { kClamp = 0, kMask = 1, kZero = 2 };
-
-// A (B, T, H, W, heads, D) tensor: data pointer, sizes and element strides.
-struct View6 {
-  const void* data;
-  int64_t size[6];
-  int64_t stride[6];
-};
-
-// The neighbourhood: per spatial axis (T, H, W) kernel size >= 1, dilation >= 1, stride in
-// [1, kernel] and causal flag (kernel * dilation <= axis length with "clamp"), and the border.
-struct Window {
-  int64_t kernel[3];
-  int64_t dilation[3];
-  int64_t stride[3];
-  int32_t causal[3];
-  int32_t border;  // Border
-};
 
 // Head widths for which float32 has a dedicated forward (D a multiple of 16, up to 64); the
 // binding runs bfloat16 forwards of these widths as float32 on float32 copies.

@@ -18,6 +18,7 @@
 
 #include "../common/binding.h"
 #include "neighborhood_attention.h"
+#include "neighborhood_window_binding.h"
 
 namespace alterops {
 namespace neighborhood {
@@ -28,14 +29,6 @@ using binding::ScalarType;
 using binding::shape_str;
 
 constexpr const char* kNd = "neighborhood_attention_nd";
-
-int32_t border_code(const std::string& b, const char* op) {
-  if (b == "clamp") return kClamp;
-  if (b == "mask") return kMask;
-  if (b == "zero") return kZero;
-  STD_TORCH_CHECK(false, op, ": border must be 'clamp', 'mask' or 'zero', got '", b, "'");
-  return kClamp;
-}
 
 const char* dtype_name(ScalarType t) { return torch::headeronly::toString(t); }
 
@@ -97,24 +90,6 @@ DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Wind
     binding::dtype_of(b.scalar_type(), op);
   }
   return dt;
-}
-
-Window window_nd(const std::vector<int64_t>& kernel, const std::vector<int64_t>& dilation,
-                 const std::vector<int64_t>& stride, const std::vector<int64_t>& causal, const std::string& border) {
-  const std::vector<int64_t>* lists[4] = {&kernel, &dilation, &stride, &causal};
-  const char* names[4] = {"kernel_size", "dilation", "stride", "causal"};
-  for (int i = 0; i < 4; ++i)
-    STD_TORCH_CHECK(lists[i]->size() == 3, kNd, ": ", names[i], " must have 3 entries (T, H, W), got ",
-                    lists[i]->size());
-  Window w{};
-  for (int a = 0; a < 3; ++a) {
-    w.kernel[a] = kernel[a];
-    w.dilation[a] = dilation[a];
-    w.stride[a] = stride[a];
-    w.causal[a] = (int32_t)causal[a];
-  }
-  w.border = border_code(border, kNd);
-  return w;
 }
 
 // The bias table in the accumulation dtype, contiguous (an undefined tensor without a bias).
@@ -249,7 +224,7 @@ std::tuple<Tensor, Tensor> na_nd_fwd(const Tensor& q, const Tensor& k, const Ten
                                      std::vector<int64_t> dilation, std::vector<int64_t> stride,
                                      std::vector<int64_t> causal, const std::string& border,
                                      const std::optional<Tensor>& bias, double scale) {
-  return run_forward(q, k, v, window_nd(kernel, dilation, stride, causal, border), bias, scale, kNd);
+  return run_forward(q, k, v, window_nd(kernel, dilation, stride, causal, border, kNd), bias, scale, kNd);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> na_nd_bwd(const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -258,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> na_nd_bwd(const Tensor& dout, const T
                                                      std::vector<int64_t> dilation, std::vector<int64_t> stride,
                                                      std::vector<int64_t> causal, const std::string& border,
                                                      const std::optional<Tensor>& bias, double scale, bool bias_grad) {
-  return run_backward(dout, q, k, v, out, lse, dlse, window_nd(kernel, dilation, stride, causal, border), bias, scale,
+  return run_backward(dout, q, k, v, out, lse, dlse, window_nd(kernel, dilation, stride, causal, border, kNd), bias, scale,
                       bias_grad, kNd);
 }
 

@@ -31,31 +31,22 @@
 
 #include <cuda_runtime.h>
 
+#include "neighborhood_window.h"
+
 namespace alterops {
 namespace neighborhood_cuda {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Border rule (as neighborhood_attention.h).
-enum Border : int32_t { kClamp = 0, kMask = 1, kZero = 2 };
+// The argument types shared with the CPU kernels (neighborhood_window.h).
+using neighborhood::Border;
+using neighborhood::kClamp;
+using neighborhood::kMask;
+using neighborhood::kZero;
+using neighborhood::Window;
+using Tensor6 = neighborhood::View6;  // a (B, T, H, W, heads, D) tensor: data, sizes, element strides
 
 constexpr int kMaxHeadDim = 256;
-
-// A (B, T, H, W, heads, D) tensor: data pointer, sizes and element strides.
-struct Tensor6 {
-  const void* data;
-  int64_t size[6];
-  int64_t stride[6];
-};
-
-// Per spatial axis (T, H, W): kernel size >= 1, dilation >= 1, stride in [1, kernel], causal 0/1.
-struct Window {
-  int64_t kernel[3];
-  int64_t dilation[3];
-  int64_t stride[3];
-  int32_t causal[3];
-  int32_t border;  // Border
-};
 
 struct ForwardArgs {
   DType dtype;          // of q, k, v and out

@@ -22,6 +22,7 @@
 
 #include "../common/tensor_util.h"
 #include "neighborhood_attention_cuda.h"
+#include "neighborhood_window_binding.h"
 
 #ifndef USE_CUDA
 #error "neighborhood_attention_cuda_binding.cpp needs -DUSE_CUDA (the CUDA entry points of torch's C shim)"
@@ -52,14 +53,6 @@ DType dtype_of(ScalarType t) {
   }
   STD_TORCH_CHECK(false, kOp, " (cuda): q must be float32, float16 or bfloat16, got ", dtype_name(t));
   return DType::kFloat32;
-}
-
-int32_t border_code(const std::string& b) {
-  if (b == "clamp") return neighborhood_cuda::kClamp;
-  if (b == "mask") return neighborhood_cuda::kMask;
-  if (b == "zero") return neighborhood_cuda::kZero;
-  STD_TORCH_CHECK(false, kOp, ": border must be 'clamp', 'mask' or 'zero', got '", b, "'");
-  return neighborhood_cuda::kClamp;
 }
 
 // The launch error as a message (with what to do when the device has too little shared memory).
@@ -100,24 +93,6 @@ void check_float(const Tensor& t, const char* name) {
   STD_TORCH_CHECK(s == ScalarType::Float || s == ScalarType::Double || s == ScalarType::Half ||
                       s == ScalarType::BFloat16,
                   kOp, ": ", name, " must be a floating tensor, got ", dtype_name(s));
-}
-
-Window window_nd(const std::vector<int64_t>& kernel, const std::vector<int64_t>& dilation,
-                 const std::vector<int64_t>& stride, const std::vector<int64_t>& causal, const std::string& border) {
-  const std::vector<int64_t>* lists[4] = {&kernel, &dilation, &stride, &causal};
-  const char* names[4] = {"kernel_size", "dilation", "stride", "causal"};
-  for (int i = 0; i < 4; ++i)
-    STD_TORCH_CHECK(lists[i]->size() == 3, kOp, ": ", names[i], " must have 3 entries (T, H, W), got ",
-                    lists[i]->size());
-  Window w{};
-  for (int a = 0; a < 3; ++a) {
-    w.kernel[a] = kernel[a];
-    w.dilation[a] = dilation[a];
-    w.stride[a] = stride[a];
-    w.causal[a] = static_cast<int32_t>(causal[a]);
-  }
-  w.border = border_code(border);
-  return w;
 }
 
 // Checks q, k, v, the window and the bias (as the CPU binding does); the kernels' element type.
@@ -204,7 +179,7 @@ std::tuple<Tensor, Tensor> na_nd_fwd(const Tensor& q, const Tensor& k, const Ten
                                      std::vector<int64_t> dilation, std::vector<int64_t> stride,
                                      std::vector<int64_t> causal, const std::string& border,
                                      const std::optional<Tensor>& bias, double scale) {
-  const Window win = window_nd(kernel, dilation, stride, causal, border);
+  const Window win = neighborhood::window_nd(kernel, dilation, stride, causal, border, kOp);
   const DType dt = check_inputs(q, k, v, win, bias);
   const int32_t device = q.get_device_index();
   torch::stable::accelerator::DeviceGuard guard(device);
@@ -235,7 +210,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> na_nd_bwd(const Tensor& dout_in, cons
                                                      std::vector<int64_t> dilation, std::vector<int64_t> stride,
                                                      std::vector<int64_t> causal, const std::string& border,
                                                      const std::optional<Tensor>& bias, double scale, bool bias_grad) {
-  const Window win = window_nd(kernel, dilation, stride, causal, border);
+  const Window win = neighborhood::window_nd(kernel, dilation, stride, causal, border, kOp);
   const DType dt = check_inputs(q, k, v, win, bias);
   check_device(dout_in, q, "dout");
   STD_TORCH_CHECK(binding::same_sizes(dout_in, q), kOp, ": dout has shape ", shape_str(dout_in),

@@ -149,7 +149,6 @@ if _ext.has_op("na_unfused_dot"):
 from . import _na_unfused_triton  # noqa: E402,F401  (registers the Triton ops; Triton is imported when they run)
 
 
-
 # ---------------------------------------------------------------------------------------
 # Reference primitives (plain PyTorch, any device; memory O(N * D) besides the outputs)
 # ---------------------------------------------------------------------------------------

@@ -58,36 +58,12 @@ DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Wind
   const DType dt = binding::dtype_of(t, op);
   check_like_q(k, q, "k", true, op);
   check_like_q(v, q, "v", true, op);
-  const int64_t heads = q.size(ns + 1), heads_kv = k.size(ns + 1);
-  STD_TORCH_CHECK(v.size(ns + 1) == heads_kv, op, ": k has ", heads_kv, " heads but v has ", v.size(ns + 1));
-  STD_TORCH_CHECK(heads_kv >= 1 && heads % heads_kv == 0, op, ": heads of q (", heads,
-                  ") must be a multiple of the heads of k and v (", heads_kv, ")");
-  const char* axis_name[3] = {"T", "H", "W"};
-  for (int a = 0; a < 3; ++a) {
-    const int64_t L = q.size(1 + a);
-    const int64_t ks = w.kernel[a], d = w.dilation[a], s = w.stride[a];
-    STD_TORCH_CHECK(ks >= 1, op, ": kernel_size must be >= 1, got ", ks, " on axis ", axis_name[a]);
-    STD_TORCH_CHECK(d >= 1, op, ": dilation must be >= 1, got ", d, " on axis ", axis_name[a]);
-    STD_TORCH_CHECK(s >= 1 && s <= ks, op, ": stride must be in [1, kernel_size] = [1, ", ks, "], got ", s,
-                    " on axis ", axis_name[a]);
-    STD_TORCH_CHECK(w.causal[a] == 0 || w.causal[a] == 1, op, ": causal must be 0 or 1, got ", w.causal[a]);
-    if (w.border == kClamp) {
-      STD_TORCH_CHECK(ks * d <= L, op, ": border 'clamp' needs kernel_size * dilation <= the axis length, got kernel ",
-                      ks, ", dilation ", d, " on axis ", axis_name[a], " of length ", L);
-    } else {
-      STD_TORCH_CHECK(s == 1 && w.causal[a] == 0, op,
-                      ": borders 'mask' and 'zero' need stride 1 and no causal axis, got stride ", s, ", causal ",
-                      w.causal[a], " on axis ", axis_name[a]);
-    }
-  }
+  check_heads(q, k, v, op);
+  check_window(q, w, op);
   if (bias.has_value()) {
-    const Tensor& b = *bias;
-    STD_TORCH_CHECK(b.is_cpu(), op, " (cpu): bias must be on the CPU");
-    bool ok = b.dim() == ns + 1 && (b.size(0) == 1 || b.size(0) == heads);
-    for (int a = 0; ok && a < 3; ++a) ok = b.size(1 + a) == 2 * w.kernel[a] - 1;
-    STD_TORCH_CHECK(ok, op, ": bias must be (heads|1, 2kt-1, 2kh-1, 2kw-1) = (", heads, "|1, ", 2 * w.kernel[0] - 1,
-                    ", ", 2 * w.kernel[1] - 1, ", ", 2 * w.kernel[2] - 1, "), got ", shape_str(b));
-    binding::dtype_of(b.scalar_type(), op);
+    STD_TORCH_CHECK(bias->is_cpu(), op, " (cpu): bias must be on the CPU");
+    check_bias_shape(*bias, q, w, op);
+    binding::dtype_of(bias->scalar_type(), op);
   }
   return dt;
 }

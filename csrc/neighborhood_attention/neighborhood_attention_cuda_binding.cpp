@@ -103,40 +103,14 @@ DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Wind
   const DType dt = dtype_of(q.scalar_type());
   check_like_q(k, q, "k", true);
   check_like_q(v, q, "v", true);
-  const int64_t heads = q.size(4), heads_kv = k.size(4);
-  STD_TORCH_CHECK(v.size(4) == heads_kv, kOp, ": k has ", heads_kv, " heads but v has ", v.size(4));
-  STD_TORCH_CHECK(heads_kv >= 1 && heads % heads_kv == 0, kOp, ": heads of q (", heads,
-                  ") must be a multiple of the heads of k and v (", heads_kv, ")");
+  neighborhood::check_heads(q, k, v, kOp);
   STD_TORCH_CHECK(q.size(5) <= neighborhood_cuda::kMaxHeadDim, kOp, " (cuda): head_dim must be <= ",
                   neighborhood_cuda::kMaxHeadDim, ", got ", q.size(5));
-  const char* axis_name[3] = {"T", "H", "W"};
-  for (int a = 0; a < 3; ++a) {
-    const int64_t L = q.size(1 + a);
-    const int64_t ks = w.kernel[a], d = w.dilation[a], s = w.stride[a];
-    STD_TORCH_CHECK(ks >= 1, kOp, ": kernel_size must be >= 1, got ", ks, " on axis ", axis_name[a]);
-    STD_TORCH_CHECK(d >= 1, kOp, ": dilation must be >= 1, got ", d, " on axis ", axis_name[a]);
-    STD_TORCH_CHECK(s >= 1 && s <= ks, kOp, ": stride must be in [1, kernel_size] = [1, ", ks, "], got ", s,
-                    " on axis ", axis_name[a]);
-    STD_TORCH_CHECK(w.causal[a] == 0 || w.causal[a] == 1, kOp, ": causal must be 0 or 1, got ", w.causal[a]);
-    if (w.border == neighborhood_cuda::kClamp) {
-      STD_TORCH_CHECK(ks * d <= L, kOp,
-                      ": border 'clamp' needs kernel_size * dilation <= the axis length, got kernel ", ks,
-                      ", dilation ", d, " on axis ", axis_name[a], " of length ", L);
-    } else {
-      STD_TORCH_CHECK(s == 1 && w.causal[a] == 0, kOp,
-                      ": borders 'mask' and 'zero' need stride 1 and no causal axis, got stride ", s, ", causal ",
-                      w.causal[a], " on axis ", axis_name[a]);
-    }
-  }
+  neighborhood::check_window(q, w, kOp);
   if (bias.has_value()) {
-    const Tensor& b = *bias;
-    check_device(b, q, "bias");
-    bool ok = b.dim() == 4 && (b.size(0) == 1 || b.size(0) == heads);
-    for (int a = 0; ok && a < 3; ++a) ok = b.size(1 + a) == 2 * w.kernel[a] - 1;
-    STD_TORCH_CHECK(ok, kOp, ": bias must be (heads|1, 2kt-1, 2kh-1, 2kw-1) = (", heads, "|1, ",
-                    2 * w.kernel[0] - 1, ", ", 2 * w.kernel[1] - 1, ", ", 2 * w.kernel[2] - 1, "), got ",
-                    shape_str(b));
-    check_float(b, "bias");
+    check_device(*bias, q, "bias");
+    neighborhood::check_bias_shape(*bias, q, w, kOp);
+    check_float(*bias, "bias");
   }
   return dt;
 }

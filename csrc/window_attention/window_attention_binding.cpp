@@ -4,6 +4,7 @@
 // fast ones), and calls the loaded level's kernels (window_attention.h).
 #include "../common/binding.h"
 #include "window_attention.h"
+#include "window_attention_args_binding.h"
 
 #include <tuple>
 
@@ -38,29 +39,15 @@ DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std:
   check_cpu(q, "q");
   check_cpu(k, "k");
   check_cpu(v, "v");
-  STD_TORCH_CHECK(q.dim() == 5, "window_attention2d: q must be (B, H, W, heads, head_dim), got shape ",
-                  binding::shape_str(q));
-  STD_TORCH_CHECK(binding::same_sizes(k, q) && binding::same_sizes(v, q), "window_attention2d: q, k, v shapes differ: ",
-                  binding::shape_str(q), ", ", binding::shape_str(k), ", ", binding::shape_str(v));
-  STD_TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
-                  "window_attention2d: q, k, v dtypes differ: ", dtype_name(q.scalar_type()), ", ",
-                  dtype_name(k.scalar_type()), ", ", dtype_name(v.scalar_type()));
+  check_qkv(q, k, v);
   const ScalarType st = q.scalar_type();
   STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::Double || st == ScalarType::BFloat16,
                   "window_attention2d: q must be float32, float64 or bfloat16 on the CPU, got ", dtype_name(st));
-  STD_TORCH_CHECK(window.size() == 2 && shift.size() == 2, "window_attention2d: window_size and shift are pairs");
-  STD_TORCH_CHECK(window[0] >= 1 && window[1] >= 1, "window_attention2d: window_size must be >= 1, got (", window[0],
-                  ", ", window[1], ")");
-  STD_TORCH_CHECK(shift[0] >= 0 && shift[0] < window[0] && shift[1] >= 0 && shift[1] < window[1],
-                  "window_attention2d: shift must be in [0, window_size), got (", shift[0], ", ", shift[1],
-                  ") for window_size (", window[0], ", ", window[1], ")");
+  check_window_shift(window, shift);
   if (bias.has_value()) {
     const Tensor& t = *bias;
     check_cpu(t, "rel_pos_bias");
-    STD_TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == q.size(3)) && t.size(1) == 2 * window[0] - 1 &&
-                        t.size(2) == 2 * window[1] - 1,
-                    "window_attention2d: rel_pos_bias must be (heads or 1, 2wh-1, 2ww-1) = (", q.size(3), " or 1, ",
-                    2 * window[0] - 1, ", ", 2 * window[1] - 1, "), got shape ", binding::shape_str(t));
+    check_bias_shape(t, q, window);
     STD_TORCH_CHECK(t.scalar_type() == acc_scalar_type(st),
                     "window_attention2d: rel_pos_bias must be float32 (float64 for float64 q), got ",
                     dtype_name(t.scalar_type()));

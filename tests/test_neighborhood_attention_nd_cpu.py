@@ -135,6 +135,24 @@ def test_float32_bfloat16(case, dtype, D):
     check_case(case, dtype, D=D)
 
 
+# 1-D windows wider than a vector of queries (kw > 16): the float32 forward forms the logits of
+# adjacent query blocks together (one key vector for every block whose window holds it), over
+# rows longer than one segment of query slots (128), with causal, even and border variants.
+WIDE_1D = [
+    ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 2, 16, "fused"),
+    ((1, 1, 181), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 2, 2, 0, 16, "contiguous"),
+    ((1, 1, 90), (1, 1, 17), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 1, 16, "fused"),
+    ((1, 1, 150), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 2, 16, "fused"),
+    ((1, 1, 267), (1, 1, 129), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 1, 16, "fused"),
+]
+
+
+@pytest.mark.parametrize("case", WIDE_1D, ids=case_id)
+@pytest.mark.parametrize("D", [16, 32, 64], ids=str)
+def test_wide_window_1d_float32(case, D):
+    check_case(case, torch.float32, D=D)
+
+
 def test_backward_same_bits_any_thread_count():
     sp, ks, dil, st, causal, border = (2, 3, 40), (2, 3, 7), (1, 1, 1), (1, 1, 1), (1, 0, 0), "clamp"
     q, k, v = make_inputs(sp, 4, 2, 32, torch.float32, "fused")

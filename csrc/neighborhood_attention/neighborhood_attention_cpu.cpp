@@ -140,6 +140,19 @@ static inline Vec<T> splat(T x) {
   return x - Vec<T>{};  // a broadcast (x - 0 folds to x; a per-lane loop compiles to masked inserts)
 }
 
+// Keeps v in a register from here on: the compiler may no longer re-read it from memory at each
+// use. (GCC otherwise folds the load into every FMA that reads the vector, so a key vector
+// shared by three query rows costs three unaligned loads, and the loads, not the FMAs, set the
+// pace.)
+template <typename V>
+static inline void pin_register(V& v) {
+#if defined(__AVX2__)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
 // exactly 0 below -87.
 static inline Vec<float> vexp(Vec<float> x) {
@@ -370,6 +383,14 @@ struct KeyView {
   const int64_t* joff;
 };
 
+// The next chunk of at most `most` of `left` neighbours, the chunks as even as they can be: 65
+// neighbours in chunks of 8 run as 8, 8, 7, ..., 7, not 8 x 8 + 1, whose last chunk is one
+// accumulator waiting on its own FMA latency for the whole channel loop.
+static inline int64_t even_chunk(int64_t left, int64_t most) {
+  const int64_t chunks = (left + most - 1) / most;
+  return (left + chunks - 1) / chunks;
+}
+
 // S[j][0:V] = sum_c A[c*Ws + 0:V] * key(j, c) for NJ neighbours.
 template <typename T, int NJ>
 static inline void dot_block(const T* A, int64_t Ws, int64_t D, const T* base, int64_t cstride, const int64_t* joff,
@@ -390,8 +411,8 @@ static inline void dot_block(const T* A, int64_t Ws, int64_t D, const T* base, i
 template <typename T>
 static void dot_row(const T* A, int64_t Ws, int64_t D, const KeyView<T>& kv, int64_t kw, T* S,
                     int64_t sstride = VecOf<T>::N) {
-  for (int64_t j0 = 0; j0 < kw; j0 += 8) {
-    int64_t nj = std::min<int64_t>(8, kw - j0);
+  for (int64_t j0 = 0, nj; j0 < kw; j0 += nj) {
+    nj = even_chunk(kw - j0, 8);
     const int64_t* jo = kv.joff + j0;
     T* s = S + j0 * sstride;
     switch (nj) {
@@ -871,7 +892,8 @@ static inline void dot_block_multi(const float* const* A, int64_t Ws, int64_t D,
     Vec<float> q[NR];
     for (int a = 0; a < NR; ++a) q[a] = loadu(A[a] + c * Ws);
     for (int jj = 0; jj < NJ; ++jj) {
-      const Vec<float> kk = loadu(kp[jj] + c * cstride);
+      Vec<float> kk = loadu(kp[jj] + c * cstride);
+      if (NR > 1) pin_register(kk);
       for (int a = 0; a < NR; ++a) acc[a][jj] += q[a] * kk;
     }
   }
@@ -885,12 +907,11 @@ static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const 
 #if NA_AVX2
   // NR * JB accumulators + NR query vectors + 1 key vector within 16 ymm registers
   constexpr int64_t JB = NR == 1 ? 8 : 4;
-  for (int64_t j0 = 0; j0 < kw; j0 += JB) {
-    const int64_t nj = std::min<int64_t>(JB, kw - j0);
 #else
-  for (int64_t j0 = 0; j0 < kw; j0 += 8) {
-    const int64_t nj = std::min<int64_t>(8, kw - j0);
+  constexpr int64_t JB = 8;
 #endif
+  for (int64_t j0 = 0, nj; j0 < kw; j0 += nj) {
+    nj = even_chunk(kw - j0, JB);
     const int64_t* jo = kv.joff + j0;
     float* s[NR];
     for (int a = 0; a < NR; ++a) s[a] = S[a] + j0 * sstride;
@@ -906,6 +927,82 @@ static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const 
       default: NA_DM(1); break;
     }
 #undef NA_DM
+  }
+}
+
+// dot_block_multi<nr, nj> for nr in 1..kSharedRows and nj in 1..8.
+#if NA_AVX2
+constexpr int kSharedRows = 3;     // nr * nj <= kSharedAcc accumulators, nr query vectors and
+constexpr int64_t kSharedAcc = 12; // one key vector within 16 ymm registers
+#else
+constexpr int kSharedRows = 5;     // ... within 32 zmm registers
+constexpr int64_t kSharedAcc = 24;
+#endif
+static void dot_block_multi_n(int nr, int64_t nj, const float* const* A, int64_t Ws, int64_t D, const float* base,
+                              int64_t cstride, const int64_t* joff, float* const* S, int64_t sstride) {
+#define NA_DM(NRV, NJV) dot_block_multi<NRV, NJV>(A, Ws, D, base, cstride, joff, S, sstride)
+#define NA_DM_J(NRV)        \
+  switch (nj) {             \
+    case 8: NA_DM(NRV, 8); break; \
+    case 7: NA_DM(NRV, 7); break; \
+    case 6: NA_DM(NRV, 6); break; \
+    case 5: NA_DM(NRV, 5); break; \
+    case 4: NA_DM(NRV, 4); break; \
+    case 3: NA_DM(NRV, 3); break; \
+    case 2: NA_DM(NRV, 2); break; \
+    default: NA_DM(NRV, 1); break; \
+  }
+  switch (nr) {
+#if !NA_AVX2
+    case 5: NA_DM_J(5); break;
+    case 4: NA_DM_J(4); break;
+#endif
+    case 3: NA_DM_J(3); break;
+    case 2: NA_DM_J(2); break;
+    default: NA_DM_J(1); break;
+  }
+#undef NA_DM_J
+#undef NA_DM
+}
+
+// Logits of nb adjacent interior slot blocks of one query row when the window is wider than a
+// block (dilation 1, kw > V). Neighbour j of block b reads the key vector at column shift
+// off[0] + b V + j, the vector that neighbour j + V of block b - 1 reads too. So the blocks run
+// as one wavefront over the shift u = b V + j in [0, kw + (nb - 1) V): each key vector is loaded
+// once for all the blocks whose window holds it (about kw / V of them), where one block at a
+// time would load one per FMA.
+// A: block 0's queries (block b at A + b V, channel stride Ws); kbase: the packed key row at
+// block 0's first column plus off[0]; S: block 0's logits (block b at S + b V, neighbour stride
+// sstride); shift: scratch of kw + (nb - 1) V entries.
+static void dot_blocks_shared(int64_t nb, const float* A, int64_t Ws, int64_t D, const float* kbase,
+                              int64_t cstride, int64_t kw, float* S, int64_t sstride, int64_t* shift) {
+  constexpr int64_t N = VecOf<float>::N;
+  const int64_t uend = kw + (nb - 1) * N;
+  for (int64_t u = 0; u < uend; ++u) shift[u] = u;
+  int64_t u0 = 0;
+  while (u0 < uend) {
+    // blocks b with 0 <= u - b V < kw: [blo, bhi], the same up to the next boundary u1
+    const int64_t bhi = std::min<int64_t>(nb - 1, u0 / N);
+    const int64_t blo = u0 >= kw ? (u0 - kw) / N + 1 : 0;
+    int64_t u1 = uend;
+    if (bhi + 1 < nb) u1 = std::min(u1, (bhi + 1) * N);
+    u1 = std::min(u1, kw + blo * N);
+    for (int64_t g0 = blo; g0 <= bhi; g0 += kSharedRows) {  // groups of at most kSharedRows blocks
+      const int na = (int)std::min<int64_t>(kSharedRows, bhi - g0 + 1);
+      const int64_t most = std::min<int64_t>(8, kSharedAcc / na);
+      const float* Ab[kSharedRows];
+      float* Sb[kSharedRows];
+      for (int64_t u = u0, nj; u < u1; u += nj) {
+        nj = even_chunk(u1 - u, most);
+        for (int a = 0; a < na; ++a) {
+          const int64_t b = g0 + a;
+          Ab[a] = A + b * N;
+          Sb[a] = S + b * N + (u - b * N) * sstride;
+        }
+        dot_block_multi_n(na, nj, Ab, Ws, D, kbase, cstride, shift + u, Sb, sstride);
+      }
+    }
+    u0 = u1;
   }
 }
 
@@ -981,7 +1078,10 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
 #pragma GCC unroll 32
   for (int u = 0; u < T + KW - 1; ++u) {
     Vec<float> vv[DV];
-    for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
+    for (int d = 0; d < DV; ++d) {
+      vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
+      pin_register(vv[d]);
+    }
 #pragma GCC unroll 16
     for (int t = (u - KW + 1 > 0 ? u - KW + 1 : 0); t <= (u < T - 1 ? u : T - 1); ++t) {
       const Vec<float> p = splat<float>(P[(u - t) * pstride + t]);
@@ -1092,6 +1192,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     PrefetchQueue pfq;
     std::vector<int64_t> pf_rows;
     std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
+    std::vector<int64_t> shift(pl.kw + SW);        // dot_blocks_shared's key shifts
     int64_t pf_quota = 0;
     const int64_t tok_bytes = D * (int64_t)sizeof(float);
     auto pf_enqueue_group = [&](int64_t task, int64_t yg_) {
@@ -1240,6 +1341,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             }
             if (nr == 0) continue;
             for (int64_t ci = cb; ci < ce; ++ci) {
+              const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
+              if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
+                dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
+                                  pl.Wk, pl.kw, So[0] + (ci - cb) * N, SW, shift.data());
+                ci += nsh - 1;
+                if (seg_pf) pf_step(pf_quota * nsh);
+                continue;
+              }
               const KeyView<float> kv = key_view(pl, Kp, ky, ci);
               const float* Ab[RG];
               float* Sb[RG];

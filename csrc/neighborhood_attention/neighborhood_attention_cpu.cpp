@@ -146,7 +146,7 @@ static inline Vec<T> splat(T x) {
 // pace.)
 template <typename V>
 static inline void pin_register(V& v) {
-#if defined(__AVX2__)
+#if defined(__AVX512F__)  // (with 16 ymm registers, AVX2 blocks have no register to spare)
   asm("" : "+v"(v));
 #else
   (void)v;

@@ -219,3 +219,13 @@ def test_bench_help_shows_examples(capsys):
     out = capsys.readouterr().out
     assert "examples:" in out and "alterops bench --quick" in out and "alterops bench --isa all" in out
     assert "--isa LEVEL" in out
+
+
+@needs_kernels
+def test_backward_case_checks_pass_after_timed_calls():
+    """The timed calls of a forward+backward case accumulate ``.grad``; its check, run after
+    them (every level of ``--isa all`` after the first), must compare fresh gradients."""
+    wl = registered("neighborhood", "natten2d_unfused_fwd_bwd_56x56_k7").make(CPU, True)
+    for _ in range(2):
+        wl.ours()
+    wl.check()

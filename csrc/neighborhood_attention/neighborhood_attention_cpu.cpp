@@ -19,7 +19,10 @@
 //   S[j][0:16] += Q[c][0:16] * K[c][x0 + off_j : x0 + off_j + 16]
 // over c (register-blocked, no horizontal sums). Blocks holding border columns read a copy of
 // their key columns gathered once per key row (out-of-image columns read the sink, so "zero"
-// keys cost nothing extra and "mask" keys get -inf from an additive column mask). A query
+// keys cost nothing extra and "mask" keys get -inf from an additive column mask). Each key
+// vector is loaded once for every query the block computes with it: for the query rows of a
+// group that share the key row (2-D, 3-D), and, when the window is wider than a block (1-D
+// kw > 16), for the adjacent blocks whose windows hold it (dot_blocks_shared). A query
 // row's logits are formed key row by key row (the key row stays in L1), the softmax runs on 16
 // queries at a time, and P.V runs 8 head-dim channels at a time across the row. The backward
 // recomputes P from the saved logsumexp; dK/dV of interior queries are summed key-centrically

@@ -153,6 +153,26 @@ def test_wide_window_1d_float32(case, D):
     check_case(case, torch.float32, D=D)
 
 
+# Maps with many query rows: the float32 backward takes the query rows in groups (3 with AVX2, 5
+# with AVX-512) whose logits, dP and dQ read each shared key row once; these cases hold several
+# groups, a last partial group, row chunks of a pair split across tasks (fewer than 16 (batch,
+# head) pairs), and key rows read by every row of a group and by one only.
+TALL = [
+    ((1, 23, 19), (1, 7, 5), (1, 2, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
+    ((1, 29, 21), (1, 7, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 1, 16, "contiguous"),
+    ((1, 17, 22), (1, 6, 3), (1, 1, 1), (1, 2, 1), (0, 1, 0), "clamp", 4, 4, 0, 16, "fused"),
+    ((1, 19, 20), (1, 5, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 4, 1, 4, 16, "channel stride"),
+    ((1, 13, 18), (1, 5, 3), (1, 2, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 2, 1, 16, "fused"),
+    ((5, 7, 18), (3, 5, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 2, 16, "fused"),
+]
+
+
+@pytest.mark.parametrize("case", TALL, ids=case_id)
+@pytest.mark.parametrize("D", [20, 32], ids=str)
+def test_tall_maps_float32(case, D):
+    check_case(case, torch.float32, D=D)
+
+
 def test_backward_same_bits_any_thread_count():
     sp, ks, dil, st, causal, border = (2, 3, 40), (2, 3, 7), (1, 1, 1), (1, 1, 1), (1, 0, 0), "clamp"
     q, k, v = make_inputs(sp, 4, 2, 32, torch.float32, "fused")

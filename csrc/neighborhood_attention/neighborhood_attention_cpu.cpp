@@ -480,14 +480,15 @@ static void mix_row(const T* P, const KeyView<T>* views, const int64_t* row_i, i
     mix_cblock<T>(P, VecOf<T>::N, views, row_i, nrows, kw, c0, std::min<int64_t>(8, D - c0), Out, out_stride);
 }
 
-// dst[c*dstride + 0:V] += sum_j Wt[j*ws - off[j] + 0:V] * A[c*ws - off[j] + 0:V], NC channels from c0.
+// dst[c*dstride + 0:V] += sum_j Wt[j*ws + 0:V] * A[c*ws - off[j] + 0:V], NC channels from c0. (The
+// weights are stored at their key columns, so their loads are aligned.)
 template <typename T, int NC>
 static inline void key_sum_block(const T* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw, int64_t c0,
                                  T* dst, int64_t dstride) {
   Vec<T> acc[NC];
   for (int cc = 0; cc < NC; ++cc) acc[cc] = splat<T>(T(0));
   for (int64_t j = 0; j < kw; ++j) {
-    Vec<T> w = loadu(Wt + j * ws - off[j]);
+    Vec<T> w = loadu(Wt + j * ws);
     const T* a = A + c0 * ws - off[j];
     for (int cc = 0; cc < NC; ++cc) acc[cc] += w * loadu(a + cc * ws);
   }
@@ -509,7 +510,7 @@ static void key_sum_row(const T* Wt, const T* A, int64_t ws, const int64_t* off,
 
 // key_sum_row for NI key rows whose weights Wt[a] multiply the same A (the key rows of one query
 // row): each A vector is loaded once for the NI rows. dst[a][c*dstride + 0:V] +=
-// sum_j Wt[a][j*ws - off[j] + 0:V] * A[c*ws - off[j] + 0:V], NC channels from c0.
+// sum_j Wt[a][j*ws + 0:V] * A[c*ws - off[j] + 0:V], NC channels from c0.
 template <typename T, int NI, int NC>
 static inline void key_sum_multi_block(const T* const* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw,
                                        int64_t c0, T* const* dst, int64_t dstride) {
@@ -517,7 +518,7 @@ static inline void key_sum_multi_block(const T* const* Wt, const T* A, int64_t w
   for (int a = 0; a < NI; ++a)
     for (int cc = 0; cc < NC; ++cc) acc[a][cc] = splat<T>(T(0));
   for (int64_t j = 0; j < kw; ++j) {
-    const int64_t o = j * ws - off[j];
+    const int64_t o = j * ws;
     Vec<T> w[NI];
     for (int a = 0; a < NI; ++a) w[a] = loadu(Wt[a] + o);
     const T* ac = A + c0 * ws - off[j];
@@ -1015,6 +1016,77 @@ static void dot_row_multi(int nr, const float* const* A, int64_t Ws, int64_t D, 
     case 3: dot_row_multi_n<3>(A, Ws, D, kv, kw, S, sstride); break;
     case 2: dot_row_multi_n<2>(A, Ws, D, kv, kw, S, sstride); break;
     default: dot_row_multi_n<1>(A, Ws, D, kv, kw, S, sstride); break;
+  }
+}
+
+// dot_row for na <= kSharedRows query rows that read the same key row: S[a][j * sstride + 0:V] =
+// sum_c A[a][c * Ws + 0:V] * kv(j, c), each key vector loaded once for the na rows. (The same
+// sums in the same order as dot_row.)
+[[maybe_unused]] static void dot_rows_shared(int na, const float* const* A, int64_t Ws, int64_t D,
+                                             const KeyView<float>& kv, int64_t kw, float* const* S, int64_t sstride) {
+  const int64_t most = std::min<int64_t>(8, kSharedAcc / na);
+  float* Sb[kSharedRows];
+  for (int64_t j0 = 0, nj; j0 < kw; j0 += nj) {
+    nj = even_chunk(kw - j0, most);
+    for (int a = 0; a < na; ++a) Sb[a] = S[a] + j0 * sstride;
+    dot_block_multi_n(na, nj, A, Ws, D, kv.base, kv.cstride, kv.joff + j0, Sb, sstride);
+  }
+}
+
+// Out[a][(c0 + cc) * os + 0:V] += sum_j P[a][j * ps + 0:V] * kv(j, c0 + cc) for NA query rows that
+// read the same key row (each key vector loaded once for them) and NC channels from c0.
+template <int NA, int NC>
+static inline void mix_block_shared(const float* const* P, int64_t ps, const KeyView<float>& kv, int64_t kw,
+                                    int64_t c0, float* const* Out, int64_t os) {
+  Vec<float> acc[NA][NC];
+  for (int a = 0; a < NA; ++a)
+    for (int cc = 0; cc < NC; ++cc) acc[a][cc] = loadu(Out[a] + (c0 + cc) * os);
+  const float* b0 = kv.base + c0 * kv.cstride;
+  for (int64_t j = 0; j < kw; ++j) {
+    Vec<float> p[NA];
+    for (int a = 0; a < NA; ++a) p[a] = loadu(P[a] + j * ps);
+    const float* kc = b0 + kv.joff[j];
+    for (int cc = 0; cc < NC; ++cc) {
+      Vec<float> kk = loadu(kc + cc * kv.cstride);
+      if (NA > 1) pin_register(kk);
+      for (int a = 0; a < NA; ++a) acc[a][cc] += p[a] * kk;
+    }
+  }
+  for (int a = 0; a < NA; ++a)
+    for (int cc = 0; cc < NC; ++cc) storeu(Out[a] + (c0 + cc) * os, acc[a][cc]);
+}
+
+// Channels per mix_block_shared for NA rows: NA * NC accumulators, NA weights and one key vector
+// within the registers.
+#if NA_AVX2
+constexpr int kMixChannels[kSharedRows + 1] = {0, 8, 4, 3};
+#else
+constexpr int kMixChannels[kSharedRows + 1] = {0, 8, 8, 8, 6, 4};
+#endif
+
+template <int NA>
+static void mix_rows_shared_n(const float* const* P, int64_t ps, const KeyView<float>& kv, int64_t kw, int64_t D,
+                              float* const* Out, int64_t os) {
+  for (int64_t c0 = 0, nc; c0 < D; c0 += nc) {
+    nc = even_chunk(D - c0, kMixChannels[NA]);
+    dispatch_nc(nc, [&](auto ncv) {
+      constexpr int NC = decltype(ncv)::value;
+      if constexpr (NC <= kMixChannels[NA]) mix_block_shared<NA, NC>(P, ps, kv, kw, c0, Out, os);
+    });
+  }
+}
+
+// Out[a] += P[a] . kv for na <= kSharedRows query rows that read the same key row (dQ = dS K).
+[[maybe_unused]] static void mix_rows_shared(int na, const float* const* P, int64_t ps, const KeyView<float>& kv,
+                                             int64_t kw, int64_t D, float* const* Out, int64_t os) {
+  switch (na) {
+#if !NA_AVX2
+    case 5: mix_rows_shared_n<5>(P, ps, kv, kw, D, Out, os); break;
+    case 4: mix_rows_shared_n<4>(P, ps, kv, kw, D, Out, os); break;
+#endif
+    case 3: mix_rows_shared_n<3>(P, ps, kv, kw, D, Out, os); break;
+    case 2: mix_rows_shared_n<2>(P, ps, kv, kw, D, Out, os); break;
+    default: mix_rows_shared_n<1>(P, ps, kv, kw, D, Out, os); break;
   }
 }
 
@@ -1609,8 +1681,19 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
   // how far an interior query's keys reach right and left of it
   const int64_t rreach = std::max<int64_t>(pl.off[pl.kw - 1], 0), lreach = std::max<int64_t>(-pl.off[0], 0);
   const int64_t LP = (pl.xlo + rreach + N - 1) / N * N;         // left margin of the row buffers
-  const int64_t qs = LP + pl.Wk + (lreach + 1 + N - 1) / N * N;  // row stride with both margins
+  // row stride with both margins; P and dS of neighbour j are kept at their key columns
+  // (query slot + xlo + off[j]), up to rreach + xlo past the last slot
+  const int64_t qs = LP + std::max(pl.Wk + (lreach + 1 + N - 1) / N * N, pl.Ws + LP);
 
+  // Query rows in groups of RG (float, AVX2 and AVX-512): a key row's key and value vectors are
+  // loaded once for all the group's rows that read it, in the logits, dP and dQ (one row at a
+  // time, every FMA waited on its own unaligned key load).
+  constexpr bool grouped = NA_X86V3 && std::is_same<T, float>::value;
+  constexpr int RG = grouped ? kSharedRows : 1;
+#if NA_X86V3
+  // delta = rowsum(out * dout) and the dq rows with 8x8 transposes
+  const bool vec_rows = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value && pl.D % 8 == 0;
+#endif
   par.for_each(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<T> Kp, Vp;
     Kp.alloc(pl);
@@ -1618,16 +1701,22 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     // The border queries' dK/dV of key row ky: bsize elements at bKV + ky * bsize.
     Buf<T> bKV(std::max<int64_t>(1, pl.R * bsize));
     std::vector<T> qt(pl.D), gt(pl.D);
-    // Query-row buffers with zero margins, so that key-centric sums can read shifted windows.
-    Buf<T> Qbuf(pl.D * qs, T(0)), Gbuf(pl.D * qs, T(0)), Prow(K2 * qs, T(0)), dSrow(K2 * qs, T(0));
-    T* Qp = Qbuf.data() + LP;
-    T* Gp = Gbuf.data() + LP;
-    Buf<T> S(K2 * N), dS(K2 * N), dQb(pl.D * pl.Ws);
-    Buf<T> lse_s(pl.Ws), delta_s(pl.Ws);
+    // Per row of a group: query-row buffers with zero margins (so that key-centric sums can read
+    // shifted windows), P and dS of the interior blocks, a block's P and dS, dQ, lse and delta.
+    Buf<T> Qbuf(RG * pl.D * qs, T(0)), Gbuf(RG * pl.D * qs, T(0)), Prow_g(RG * K2 * qs, T(0)),
+        dSrow_g(RG * K2 * qs, T(0));
+    auto Qrow = [&](int64_t r) { return Qbuf.data() + r * pl.D * qs + LP; };
+    auto Grow = [&](int64_t r) { return Gbuf.data() + r * pl.D * qs + LP; };
+    Buf<T> Sg(RG * K2 * N), dSg(RG * K2 * N), dQg(RG * pl.D * pl.Ws);
+    Buf<T> lse_g(RG * pl.Ws), delta_g(RG * pl.Ws);
 #if NA_X86V3
     Buf<T> Ot(pl.D * pl.Ws), dq8(8 * pl.D);  // transposed out row; 8 dq tokens
 #endif
-    std::vector<KeyView<T>> kviews(pl.nkr), vviews(pl.nkr);
+    struct RowPair {
+      int r, i;  // row of the group, window row
+    };
+    std::vector<std::vector<RowPair>> kpairs(pl.R);
+    std::vector<KeyView<T>> kviews(pl.nkr);
     std::vector<int64_t> row_i(pl.nkr), last_use(pl.R);
     RawBuf<T> dKown(direct ? bh_size : 0), dVown(direct ? bh_size : 0);
     std::vector<uint8_t> written(direct ? pl.R : 0);  // key rows of dK/dV written out
@@ -1673,11 +1762,12 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
       T* dVt = direct ? dVown.data() : dVp.data() + bh * bh_size + ck_off[chunk];
       if (direct) std::fill(written.begin(), written.end(), uint8_t(0));
       T* dBt = dbias ? dB.data() + t * pl.nht * tsize : nullptr;
-      for (int64_t y = y0; y < y1; ++y) {
+      for (int64_t yg = y0; yg < y1; yg += RG) {
+        const int64_t ng = std::min<int64_t>(RG, y1 - yg);
         int64_t ylo, yhi;
-        key_rows(pl, y, y + 1, ylo, yhi);
-        if (t == t0 && y == y0) {
-          pf_row(t, y, packed_hi);
+        key_rows(pl, yg, yg + ng, ylo, yhi);
+        if (t == t0 && yg == y0) {
+          for (int64_t r = 0; r < ng; ++r) pf_row(t, yg + r, packed_hi);
           pf.step(pf.pending(), tok_bytes);
         }
         if (yhi > packed_hi) {
@@ -1688,221 +1778,317 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           std::fill(dVt + (packed_hi + 1 - klo) * rl, dVt + (yhi + 1 - klo) * rl, T(0));
           packed_hi = yhi;
         }
-        // the next row of this task, or the first row of the next task
-        if (y + 1 < y1) {
-          pf_row(t, y + 1, packed_hi);
+        // the next group of this task, or the first group of the next task
+        if (yg + ng < y1) {
+          for (int64_t y = yg + ng; y < std::min(y1, yg + ng + RG); ++y) pf_row(t, y, packed_hi);
         } else if (t + 1 < t1) {
-          const int64_t ny0 = ((t + 1) % nchunks) * rows_per;
-          if (ny0 < pl.R) pf_row(t + 1, ny0, -1);
+          const int64_t ny0 = ((t + 1) % nchunks) * rows_per, ny1 = std::min(pl.R, ny0 + rows_per);
+          for (int64_t y = ny0; y < std::min(ny1, ny0 + RG); ++y) pf_row(t + 1, y, -1);
         }
-        // spread over the (block, key row) steps of the row
-        const int64_t pf_quota = pf.pending() / (pl.Ws / N * pl.nkr) + 1;
-        pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
-        pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
-        const scalar_t* Orow = Oin + pl.row_off(ost, b, y, h);
+        // spread over the (block, key row) steps of the group
+        const int64_t pf_quota = pf.pending() / (pl.Ws / N * (yhi - ylo + 1)) + 1;
+        // the (row of the group, window row) pairs that read each key row of the group
+        for (int64_t ky = ylo; ky <= yhi; ++ky) kpairs[ky - ylo].clear();
+        for (int64_t r = 0; r < ng; ++r)
+          for (int64_t i = 0; i < pl.nkr; ++i)
+            if (pl.rowvalid[(yg + r) * pl.nkr + i]) kpairs[pl.rowpos[(yg + r) * pl.nkr + i] - ylo].push_back({(int)r, (int)i});
+        for (int64_t r = 0; r < ng; ++r) {
+          const int64_t y = yg + r;
+          T* const Qp = Qrow(r);
+          T* const Gp = Grow(r);
+          T* const lse_s = lse_g.data() + r * pl.Ws;
+          T* const delta_s = delta_g.data() + r * pl.Ws;
+          pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
+          pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
+          const scalar_t* Orow = Oin + pl.row_off(ost, b, y, h);
 #if NA_X86V3
-        bool vec_rows = false;  // delta = rowsum(out * dout) and the dq rows with 8x8 transposes
-        if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
-          if (pl.D % 8 == 0) {
+          if (vec_rows) {  // delta = rowsum(out * dout), 8 channels by 8 tokens transposed
             pack_row<scalar_t, T>(out, b, y, h, pl, T(1), Ot.data(), pl.Ws);
             for (int64_t s0 = 0; s0 < pl.Ws; s0 += N) {
               Vec<T> acc = splat<T>(T(0));
               for (int64_t c = 0; c < pl.D; ++c) acc += loadu(Ot.data() + c * pl.Ws + s0) * loadu(Gp + c * qs + s0);
-              storeu(delta_s.data() + s0, acc);  // dummy slots: zero
+              storeu(delta_s + s0, acc);  // dummy slots: zero
             }
             for (int64_t sl = 0; sl < pl.Ws; ++sl) {
               const int64_t x = pl.slotx[sl];
               lse_s[sl] = x < pl.W ? L[(bh * pl.R + y) * pl.W + x] : T(0);
             }
-            vec_rows = true;
-          }
-        }
-        if (!vec_rows)
+          } else
 #endif
-        for (int64_t sl = 0; sl < pl.Ws; ++sl) {
-          int64_t x = pl.slotx[sl];
-          if (x >= pl.W) {
-            lse_s[sl] = T(0);
-            delta_s[sl] = T(0);
-            continue;
-          }
-          lse_s[sl] = L[(bh * pl.R + y) * pl.W + x];
-          const scalar_t* o = Orow + x * ost[3];
-          T acc = 0;
-          for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[5]]) * Gp[c * qs + sl];
-          delta_s[sl] = acc;
-        }
-        // dS = P (dP - delta + dlse): fold dlse into delta
-        if (dlse)
           for (int64_t sl = 0; sl < pl.Ws; ++sl) {
-            const int64_t x = pl.slotx[sl];
-            if (x < pl.W) delta_s[sl] -= dlse[(bh * pl.R + y) * pl.W + x];
+            int64_t x = pl.slotx[sl];
+            if (x >= pl.W) {
+              lse_s[sl] = T(0);
+              delta_s[sl] = T(0);
+              continue;
+            }
+            lse_s[sl] = L[(bh * pl.R + y) * pl.W + x];
+            const scalar_t* o = Orow + x * ost[3];
+            T acc = 0;
+            for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[5]]) * Gp[c * qs + sl];
+            delta_s[sl] = acc;
           }
+          // dS = P (dP - delta + dlse): fold dlse into delta
+          if (dlse)
+            for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+              const int64_t x = pl.slotx[sl];
+              if (x < pl.W) delta_s[sl] -= dlse[(bh * pl.R + y) * pl.W + x];
+            }
+        }
         for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
           const int64_t s0 = ci * N;
           const bool contiguous = ci < pl.n_full;
-          int64_t nrows = 0;
-          for (int64_t i = 0; i < pl.nkr; ++i)
-            if (pl.rowvalid[y * pl.nkr + i]) {
-              const int64_t ky = pl.rowpos[y * pl.nkr + i];
-              kviews[nrows] = key_view(pl, Kp, ky, ci);
-              vviews[nrows] = key_view(pl, Vp, ky, ci);
-              row_i[nrows++] = i;
+          // logits S = Q K + bias and dP = dO . V over valid rows (invalid rows: dP = 0)
+          for (int64_t r = 0; r < ng; ++r)
+            for (int64_t i = 0; i < pl.nkr; ++i)
+              if (!pl.rowvalid[(yg + r) * pl.nkr + i]) {
+                T* d = dSg.data() + (r * K2 + i * pl.kw) * N;
+                std::fill(d, d + pl.kw * N, T(0));
+              }
+          if constexpr (grouped) {
+            // each key row once for the group's rows that read it: its key and value vectors
+            // are loaded once for them
+            for (int64_t ky = ylo; ky <= yhi; ++ky) {
+              const auto& pr = kpairs[ky - ylo];
+              if (pr.empty()) continue;
+              const KeyView<T> kv = key_view(pl, Kp, ky, ci), vv = key_view(pl, Vp, ky, ci);
+              for (size_t a0 = 0; a0 < pr.size(); a0 += RG) {
+                const int na = (int)std::min<size_t>(RG, pr.size() - a0);
+                const T* A[RG];
+                T* So[RG];
+                for (int a = 0; a < na; ++a) {
+                  A[a] = Qrow(pr[a0 + a].r) + s0;
+                  So[a] = Sg.data() + (pr[a0 + a].r * K2 + pr[a0 + a].i * pl.kw) * N;
+                }
+                dot_rows_shared(na, A, qs, pl.D, kv, pl.kw, So, N);
+                for (int a = 0; a < na; ++a) {
+                  A[a] = Grow(pr[a0 + a].r) + s0;
+                  So[a] = dSg.data() + (pr[a0 + a].r * K2 + pr[a0 + a].i * pl.kw) * N;
+                }
+                dot_rows_shared(na, A, qs, pl.D, vv, pl.kw, So, N);
+              }
+              pf.step(pf_quota, tok_bytes);
             }
-          block_logits<T>(pl, Qp, qs, Kp, ht, y, ci, S.data());
-          Vec<T> lv = loadu(lse_s.data() + s0), dl = loadu(delta_s.data() + s0);
-          for (int64_t n = 0; n < K2; ++n) storeu(S.data() + n * N, vexp(loadu(S.data() + n * N) - lv));
-          // dP = dO . V over valid rows (invalid rows: zero values, dP = 0)
-          std::fill(dS.begin(), dS.end(), T(0));
-          for (int64_t r = 0; r < nrows; ++r) {
-            dot_row<T>(Gp + s0, qs, pl.D, vviews[r], pl.kw, dS.data() + row_i[r] * pl.kw * N);
-            pf.step(pf_quota, tok_bytes);
+            const T ninf = -std::numeric_limits<T>::infinity();
+            for (int64_t r = 0; r < ng; ++r)
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                const T* brow = pl.bias_row(ht, yg + r, i);
+                T* Si = Sg.data() + (r * K2 + i * pl.kw) * N;
+                const bool valid = pl.rowvalid[(yg + r) * pl.nkr + i];
+                for (int64_t j = 0; j < pl.kw; ++j) {
+                  const Vec<T> bj = loadu(brow + j * pl.Ws + s0);
+                  storeu(Si + j * N, valid ? loadu(Si + j * N) + bj : pl.dead_rows_masked() ? splat<T>(ninf) : bj);
+                }
+              }
+          } else {
+            for (int64_t r = 0; r < ng; ++r) {
+              const int64_t y = yg + r;
+              block_logits<T>(pl, Qrow(r), qs, Kp, ht, y, ci, Sg.data() + r * K2 * N);
+              for (int64_t i = 0; i < pl.nkr; ++i)
+                if (pl.rowvalid[y * pl.nkr + i]) {
+                  dot_row<T>(Grow(r) + s0, qs, pl.D, key_view(pl, Vp, pl.rowpos[y * pl.nkr + i], ci), pl.kw,
+                             dSg.data() + (r * K2 + i * pl.kw) * N);
+                  pf.step(pf_quota, tok_bytes);
+                }
+            }
           }
-          for (int64_t n = 0; n < K2; ++n) {
-            Vec<T> p = loadu(S.data() + n * N);
-            storeu(dS.data() + n * N, p * (loadu(dS.data() + n * N) - dl));
+          // P = exp(S - lse), dS = P (dP - delta)
+          for (int64_t r = 0; r < ng; ++r) {
+            T* S = Sg.data() + r * K2 * N;
+            T* dS = dSg.data() + r * K2 * N;
+            const Vec<T> lv = loadu(lse_g.data() + r * pl.Ws + s0), dl = loadu(delta_g.data() + r * pl.Ws + s0);
+            for (int64_t n = 0; n < K2; ++n) {
+              const Vec<T> p = vexp(loadu(S + n * N) - lv);
+              storeu(S + n * N, p);
+              storeu(dS + n * N, p * (loadu(dS + n * N) - dl));
+            }
           }
           // dQ (before the scale) = dS . K
-          mix_row<T>(dS.data(), kviews.data(), row_i.data(), nrows, pl.kw, pl.D, dQb.data() + s0, pl.Ws);
-          if (contiguous) {
-            // interior block: keep P and dS for the key-centric dK/dV sums after the row
-            for (int64_t n = 0; n < K2; ++n) {
-              storeu(Prow.data() + n * qs + LP + s0, loadu(S.data() + n * N));
-              storeu(dSrow.data() + n * qs + LP + s0, loadu(dS.data() + n * N));
+          if constexpr (grouped) {
+            for (int64_t r = 0; r < ng; ++r)
+              for (int64_t c = 0; c < pl.D; ++c) storeu(dQg.data() + (r * pl.D + c) * pl.Ws + s0, splat<T>(T(0)));
+            for (int64_t ky = ylo; ky <= yhi; ++ky) {
+              const auto& pr = kpairs[ky - ylo];
+              if (pr.empty()) continue;
+              const KeyView<T> kv = key_view(pl, Kp, ky, ci);
+              for (size_t a0 = 0; a0 < pr.size(); a0 += RG) {
+                const int na = (int)std::min<size_t>(RG, pr.size() - a0);
+                const T* P[RG];
+                T* Out[RG];
+                for (int a = 0; a < na; ++a) {
+                  P[a] = dSg.data() + (pr[a0 + a].r * K2 + pr[a0 + a].i * pl.kw) * N;
+                  Out[a] = dQg.data() + pr[a0 + a].r * pl.D * pl.Ws + s0;
+                }
+                mix_rows_shared(na, P, N, kv, pl.kw, pl.D, Out, pl.Ws);
+              }
             }
-          } else {
-            // border block. Its interior slots: P and dS kept for the key-centric sums as above
-            // (zero in the other lanes).
-            if (s0 < pl.n_int) {
-              const Vec<T> m = loadu(imask.data());
+          }
+          for (int64_t r = 0; r < ng; ++r) {
+            const int64_t y = yg + r;
+            const T* S = Sg.data() + r * K2 * N;
+            const T* dS = dSg.data() + r * K2 * N;
+            int64_t nrows = 0;
+            for (int64_t i = 0; i < pl.nkr; ++i)
+              if (pl.rowvalid[y * pl.nkr + i]) {
+                const int64_t ky = pl.rowpos[y * pl.nkr + i];
+                kviews[nrows] = key_view(pl, Kp, ky, ci);
+                row_i[nrows++] = i;
+              }
+            if constexpr (!grouped)
+              mix_row<T>(dS, kviews.data(), row_i.data(), nrows, pl.kw, pl.D, dQg.data() + r * pl.D * pl.Ws + s0, pl.Ws);
+            T* Prow = Prow_g.data() + r * K2 * qs;
+            T* dSrow = dSrow_g.data() + r * K2 * qs;
+            if (contiguous) {
+              // interior block: keep P and dS for the key-centric dK/dV sums after the row
               for (int64_t n = 0; n < K2; ++n) {
-                storeu(Prow.data() + n * qs + LP + s0, loadu(S.data() + n * N) * m);
-                storeu(dSrow.data() + n * qs + LP + s0, loadu(dS.data() + n * N) * m);
+                const int64_t e = n * qs + LP + pl.xlo + pl.off[n % pl.kw] + s0;  // at the key columns
+                storeu(Prow + e, loadu(S + n * N));
+                storeu(dSrow + e, loadu(dS + n * N));
               }
-            }
-            // Its border queries: dK[col] += dS * Qscaled, dV[col] += P * dO per key column
-            // col, across the channels.
-            const int64_t D = pl.D;
-            for (const int l : blanes[ci - pl.n_full]) {
-              const int64_t sl = s0 + l;
-              for (int64_t c = 0; c < D; ++c) {
-                qt[c] = Qp[c * qs + sl];
-                gt[c] = Gp[c * qs + sl];
+            } else {
+              // border block. Its interior slots: P and dS kept for the key-centric sums as above
+              // (zero in the other lanes).
+              if (s0 < pl.n_int) {
+                const Vec<T> m = loadu(imask.data());
+                for (int64_t n = 0; n < K2; ++n) {
+                  const int64_t e = n * qs + LP + pl.xlo + pl.off[n % pl.kw] + s0;
+                  storeu(Prow + e, loadu(S + n * N) * m);
+                  storeu(dSrow + e, loadu(dS + n * N) * m);
+                }
               }
-              for (int64_t r = 0; r < nrows; ++r) {
-                const int64_t i = row_i[r], ky = pl.rowpos[y * pl.nkr + i];
-                T* bk = bKV.data() + ky * bsize;
-                for (int64_t j = 0; j < pl.kw; ++j) {
-                  const int32_t col = pl.kidx[j * pl.Ws + sl];
-                  if (col >= pl.W) continue;  // not a key
-                  const T ds = dS[(i * pl.kw + j) * N + l], p = S[(i * pl.kw + j) * N + l];
-                  T* dk = bk + colmap[col] * 2 * D;
-                  T* dv = dk + D;
-                  for (int64_t c = 0; c < D; ++c) {
-                    dk[c] += ds * qt[c];
-                    dv[c] += p * gt[c];
+              // Its border queries: dK[col] += dS * Qscaled, dV[col] += P * dO per key column
+              // col, across the channels.
+              const int64_t D = pl.D;
+              const T* Qp = Qrow(r);
+              const T* Gp = Grow(r);
+              for (const int l : blanes[ci - pl.n_full]) {
+                const int64_t sl = s0 + l;
+                for (int64_t c = 0; c < D; ++c) {
+                  qt[c] = Qp[c * qs + sl];
+                  gt[c] = Gp[c * qs + sl];
+                }
+                for (int64_t rr = 0; rr < nrows; ++rr) {
+                  const int64_t i = row_i[rr], ky = pl.rowpos[y * pl.nkr + i];
+                  T* bk = bKV.data() + ky * bsize;
+                  for (int64_t j = 0; j < pl.kw; ++j) {
+                    const int32_t col = pl.kidx[j * pl.Ws + sl];
+                    if (col >= pl.W) continue;  // not a key
+                    const T ds = dS[(i * pl.kw + j) * N + l], p = S[(i * pl.kw + j) * N + l];
+                    T* dk = bk + colmap[col] * 2 * D;
+                    T* dv = dk + D;
+                    for (int64_t c = 0; c < D; ++c) {
+                      dk[c] += ds * qt[c];
+                      dv[c] += p * gt[c];
+                    }
                   }
                 }
               }
             }
-          }
-          if (dBt) {  // every offset, valid rows or not ("zero" keys: dP = 0, dS = -P * delta)
-            const int64_t tc = 2 * pl.kw - 1;
-            for (int64_t i = 0; i < pl.nkr; ++i) {
-              T* trow = dBt + ht * tsize + pl.by[y * pl.nkr + i] * tc;
-              for (int64_t j = 0; j < pl.kw; ++j) {
-                const T* dsv = dS.data() + (i * pl.kw + j) * N;
-                const int32_t* bxj = pl.bx.data() + j * pl.Ws + s0;
-                for (int lane = 0; lane < N; ++lane)
-                  if (pl.slotx[s0 + lane] < pl.W) trow[bxj[lane]] += dsv[lane];
+            if (dBt) {  // every offset, valid rows or not ("zero" keys: dP = 0, dS = -P * delta)
+              const int64_t tc = 2 * pl.kw - 1;
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                T* trow = dBt + ht * tsize + pl.by[y * pl.nkr + i] * tc;
+                for (int64_t j = 0; j < pl.kw; ++j) {
+                  const T* dsv = dS + (i * pl.kw + j) * N;
+                  const int32_t* bxj = pl.bx.data() + j * pl.Ws + s0;
+                  for (int lane = 0; lane < N; ++lane)
+                    if (pl.slotx[s0 + lane] < pl.W) trow[bxj[lane]] += dsv[lane];
+                }
               }
             }
           }
         }
-        // Interior queries' dK, dV, key-centric: key column x' receives dS[i][j] * Q of query
-        // slot x' - off_j - xlo (zero margins outside the interior slots): loads only, one
-        // read-modify-write of each dK/dV vector per (row, key block).
-        if (pl.n_int > 0) {
-          const int64_t xend = std::min<int64_t>(pl.Wk, pl.xlo + pl.n_int + pl.off[pl.kw - 1]);
-          if constexpr (multi_key_sum) {
-            // all the key rows of the query row at once: each Q / dO vector is loaded once for them
-            int64_t nr = 0;
-            for (int64_t i = 0; i < pl.nkr; ++i) {
-              if (!pl.rowvalid[y * pl.nkr + i]) continue;
-              row_i[nr++] = i;
-            }
-            for (int64_t x0 = 0; x0 < xend; x0 += N) {
-              const int64_t sh = LP + x0 - pl.xlo;
-              for (int64_t r = 0; r < nr; ++r) {
-                const int64_t i = row_i[r], ky = pl.rowpos[y * pl.nkr + i];
-                wk[r] = dSrow.data() + i * pl.kw * qs + sh;
-                wv[r] = Prow.data() + i * pl.kw * qs + sh;
-                dk[r] = dKt + (ky - klo) * rl + x0;
-                dv[r] = dVt + (ky - klo) * rl + x0;
+        for (int64_t r = 0; r < ng; ++r) {
+          const int64_t y = yg + r;
+          T* const Qp = Qrow(r);
+          T* const Gp = Grow(r);
+          const T* dQb = dQg.data() + r * pl.D * pl.Ws;
+          const T* Prow = Prow_g.data() + r * K2 * qs;
+          const T* dSrow = dSrow_g.data() + r * K2 * qs;
+          // Interior queries' dK, dV, key-centric: key column x' receives dS[i][j] * Q of query
+          // slot x' - off_j - xlo (zero margins outside the interior slots): loads only, one
+          // read-modify-write of each dK/dV vector per (row, key block).
+          if (pl.n_int > 0) {
+            const int64_t xend = std::min<int64_t>(pl.Wk, pl.xlo + pl.n_int + pl.off[pl.kw - 1]);
+            if constexpr (multi_key_sum) {
+              // all the key rows of the query row at once: each Q / dO vector is loaded once for them
+              int64_t nr = 0;
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                row_i[nr++] = i;
               }
-              key_sum_rows<T>(wk.data(), Qp - LP + sh, qs, pl.off.data(), pl.kw, pl.D, dk.data(), pl.Wk, nr);
-              key_sum_rows<T>(wv.data(), Gp - LP + sh, qs, pl.off.data(), pl.kw, pl.D, dv.data(), pl.Wk, nr);
-            }
-          } else {
-            for (int64_t i = 0; i < pl.nkr; ++i) {
-              if (!pl.rowvalid[y * pl.nkr + i]) continue;
-              const int64_t ky = pl.rowpos[y * pl.nkr + i];
-              T* dKr = dKt + (ky - klo) * rl;
-              T* dVr = dVt + (ky - klo) * rl;
               for (int64_t x0 = 0; x0 < xend; x0 += N) {
                 const int64_t sh = LP + x0 - pl.xlo;
-                key_sum_row<T>(dSrow.data() + i * pl.kw * qs + sh, Qp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
-                               dKr + x0, pl.Wk);
-                key_sum_row<T>(Prow.data() + i * pl.kw * qs + sh, Gp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
-                               dVr + x0, pl.Wk);
+                for (int64_t rr = 0; rr < nr; ++rr) {
+                  const int64_t i = row_i[rr], ky = pl.rowpos[y * pl.nkr + i];
+                  wk[rr] = dSrow + i * pl.kw * qs + LP + x0;
+                  wv[rr] = Prow + i * pl.kw * qs + LP + x0;
+                  dk[rr] = dKt + (ky - klo) * rl + x0;
+                  dv[rr] = dVt + (ky - klo) * rl + x0;
+                }
+                key_sum_rows<T>(wk.data(), Qp - LP + sh, qs, pl.off.data(), pl.kw, pl.D, dk.data(), pl.Wk, nr);
+                key_sum_rows<T>(wv.data(), Gp - LP + sh, qs, pl.off.data(), pl.kw, pl.D, dv.data(), pl.Wk, nr);
+              }
+            } else {
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                const int64_t ky = pl.rowpos[y * pl.nkr + i];
+                T* dKr = dKt + (ky - klo) * rl;
+                T* dVr = dVt + (ky - klo) * rl;
+                for (int64_t x0 = 0; x0 < xend; x0 += N) {
+                  const int64_t sh = LP + x0 - pl.xlo;
+                  key_sum_row<T>(dSrow + i * pl.kw * qs + LP + x0, Qp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
+                                 dKr + x0, pl.Wk);
+                  key_sum_row<T>(Prow + i * pl.kw * qs + LP + x0, Gp - LP + sh, qs, pl.off.data(), pl.kw, pl.D,
+                                 dVr + x0, pl.Wk);
+                }
               }
             }
           }
-        }
 #if NA_X86V3
-        if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
-          if (vec_rows) {
-            const float* rows[8];
-            for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
-              for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
-                for (int l = 0; l < 8; ++l) rows[l] = dQb.data() + (c0 + l) * pl.Ws + s0;
-                transpose8(rows, 8, scale, dq8.data() + c0, pl.D);  // dq8[slot][c]
-              }
-              for (int l = 0; l < 8; ++l) {
-                const int64_t x = pl.slotx[s0 + l];
-                if (x < pl.W)
-                  std::memcpy(DQ + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D, dq8.data() + l * pl.D,
-                              pl.D * sizeof(float));
+          if (vec_rows) {  // the dq rows, 8 channels by 8 tokens transposed
+            if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
+              const float* rows[8];
+              for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
+                for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+                  for (int l = 0; l < 8; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
+                  transpose8(rows, 8, scale, dq8.data() + c0, pl.D);  // dq8[slot][c]
+                }
+                for (int l = 0; l < 8; ++l) {
+                  const int64_t x = pl.slotx[s0 + l];
+                  if (x < pl.W)
+                    std::memcpy(DQ + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D, dq8.data() + l * pl.D,
+                                pl.D * sizeof(float));
+                }
               }
             }
-          }
-        }
-        if (!vec_rows)
+          } else
 #endif
-        for (int64_t sl = 0; sl < pl.Ws; ++sl) {
-          int64_t x = pl.slotx[sl];
-          if (x >= pl.W) continue;
-          scalar_t* o = DQ + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D;
-          for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(dQb[c * pl.Ws + sl] * scale);
-        }
-        // add the border queries' dK/dV of the key rows no later row of the task reads to their
-        // key columns
-        for (int64_t i = 0; i < pl.nkr; ++i) {
-          const int64_t ky = pl.rowpos[y * pl.nkr + i];
-          if (!pl.rowvalid[y * pl.nkr + i] || last_use[ky] != y) continue;
-          last_use[ky] = -1;  // a key row listed twice in the query row is added once
-          const T* bk = bKV.data() + ky * bsize;
-          T* kr = dKt + (ky - klo) * rl;
-          T* vr = dVt + (ky - klo) * rl;
-          for (int64_t e = 0; e < NB; ++e)
-            for (int64_t c = 0; c < pl.D; ++c) {
-              kr[c * pl.Wk + bcols[e]] += bk[e * 2 * pl.D + c];
-              vr[c * pl.Wk + bcols[e]] += bk[e * 2 * pl.D + pl.D + c];
+          for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+            int64_t x = pl.slotx[sl];
+            if (x >= pl.W) continue;
+            scalar_t* o = DQ + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D;
+            for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(dQb[c * pl.Ws + sl] * scale);
+          }
+          // add the border queries' dK/dV of the key rows no later row of the task reads to their
+          // key columns
+          for (int64_t i = 0; i < pl.nkr; ++i) {
+            const int64_t ky = pl.rowpos[y * pl.nkr + i];
+            if (!pl.rowvalid[y * pl.nkr + i] || last_use[ky] != y) continue;
+            last_use[ky] = -1;  // a key row listed twice in the query row is added once
+            const T* bk = bKV.data() + ky * bsize;
+            T* kr = dKt + (ky - klo) * rl;
+            T* vr = dVt + (ky - klo) * rl;
+            for (int64_t e = 0; e < NB; ++e)
+              for (int64_t c = 0; c < pl.D; ++c) {
+                kr[c * pl.Wk + bcols[e]] += bk[e * 2 * pl.D + c];
+                vr[c * pl.Wk + bcols[e]] += bk[e * 2 * pl.D + pl.D + c];
+              }
+            if (direct) {
+              write_key_row(DK, kr, b, h, ky);
+              write_key_row(DV, vr, b, h, ky);
+              written[ky] = 1;
             }
-          if (direct) {
-            write_key_row(DK, kr, b, h, ky);
-            write_key_row(DV, vr, b, h, ky);
-            written[ky] = 1;
           }
         }
       }

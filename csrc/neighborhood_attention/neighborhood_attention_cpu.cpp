@@ -25,10 +25,13 @@
 // kw > 16), for the adjacent blocks whose windows hold it (dot_blocks_shared). A query
 // row's logits are formed key row by key row (the key row stays in L1), the softmax runs on 16
 // queries at a time, and P.V runs 8 head-dim channels at a time across the row. The backward
-// recomputes P from the saved logsumexp; dK/dV of interior queries are summed key-centrically
-// (each key column reads the shifted dS/P and Q/dO rows, for all the key rows of a query row
-// at once), border queries sum theirs per key column across the channels. Key rows are packed
-// just before the first query row that reads them, with the next row's inputs prefetched.
+// recomputes P from the saved logsumexp; in float32 with AVX2/AVX-512 it takes the query rows
+// in groups (3 / 5) whose logits, dP = dO V and dQ = dS K load each shared key/value vector once
+// for the group's rows that read its key row. dK/dV of interior queries are summed
+// key-centrically (each key column reads the dS/P rows, kept at their key columns so those loads
+// are aligned, and the shifted Q/dO rows, for all the key rows of a query row at once), border
+// queries sum theirs per key column across the channels. Key rows are packed just before the
+// first query row (group) that reads them, with the next rows' inputs prefetched.
 // Work is split over (batch, head) pairs, and over row chunks of each pair when there are
 // fewer pairs than twice the threads; each task packs the key rows of its key/value head
 // (heads / heads_kv query heads share one; nothing is copied to expand them). The float32

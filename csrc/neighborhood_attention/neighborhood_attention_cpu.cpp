@@ -736,10 +736,10 @@ static void key_rows(const Plan<T>& pl, int64_t y0, int64_t y1, int64_t& lo, int
       }
 }
 
-// Logits of one slot block (V queries of row y) against all neighbours -> S[nkr*kw][V].
+// One slot block (V queries of row y) of S[nkr*kw][V] holding Q.K of its valid key rows: adds
+// the bias to those and fills the logits of the other rows (-inf, or the bias alone for "zero").
 template <typename T>
-static void block_logits(const Plan<T>& pl, const T* Qp, int64_t astride, KeyPack<T>& kp, int64_t ht, int64_t y,
-                         int64_t ci, T* S) {
+static void block_bias(const Plan<T>& pl, int64_t ht, int64_t y, int64_t ci, T* S) {
   constexpr int N = VecOf<T>::N;
   const int64_t s0 = ci * N;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -753,10 +753,20 @@ static void block_logits(const Plan<T>& pl, const T* Qp, int64_t astride, KeyPac
       }
       continue;
     }
-    KeyView<T> kv = key_view(pl, kp, pl.rowpos[y * pl.nkr + i], ci);
-    dot_row<T>(Qp + s0, astride, pl.D, kv, pl.kw, Si);
     for (int64_t j = 0; j < pl.kw; ++j) storeu(Si + j * N, loadu(Si + j * N) + loadu(brow + j * pl.Ws + s0));
   }
+}
+
+// Logits of one slot block (V queries of row y) against all neighbours -> S[nkr*kw][V].
+template <typename T>
+static void block_logits(const Plan<T>& pl, const T* Qp, int64_t astride, KeyPack<T>& kp, int64_t ht, int64_t y,
+                         int64_t ci, T* S) {
+  constexpr int N = VecOf<T>::N;
+  for (int64_t i = 0; i < pl.nkr; ++i)
+    if (pl.rowvalid[y * pl.nkr + i])
+      dot_row<T>(Qp + ci * N, astride, pl.D, key_view(pl, kp, pl.rowpos[y * pl.nkr + i], ci), pl.kw,
+                 S + i * pl.kw * N);
+  block_bias(pl, ht, y, ci, S);
 }
 
 // The forward's split: (batch, head) work in row chunks only when there are fewer (batch, head)
@@ -1718,6 +1728,8 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     struct RowPair {
       int r, i;  // row of the group, window row
     };
+    // the slot block of a pair's window row in a per-group [row][nkr * kw][V] buffer
+    auto pair_block = [&](T* buf, const RowPair& p) { return buf + (p.r * K2 + p.i * pl.kw) * N; };
     std::vector<std::vector<RowPair>> kpairs(pl.R);
     std::vector<KeyView<T>> kviews(pl.nkr);
     std::vector<int64_t> row_i(pl.nkr), last_use(pl.R);
@@ -1861,28 +1873,18 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                 T* So[RG];
                 for (int a = 0; a < na; ++a) {
                   A[a] = Qrow(pr[a0 + a].r) + s0;
-                  So[a] = Sg.data() + (pr[a0 + a].r * K2 + pr[a0 + a].i * pl.kw) * N;
+                  So[a] = pair_block(Sg.data(), pr[a0 + a]);
                 }
                 dot_rows_shared(na, A, qs, pl.D, kv, pl.kw, So, N);
                 for (int a = 0; a < na; ++a) {
                   A[a] = Grow(pr[a0 + a].r) + s0;
-                  So[a] = dSg.data() + (pr[a0 + a].r * K2 + pr[a0 + a].i * pl.kw) * N;
+                  So[a] = pair_block(dSg.data(), pr[a0 + a]);
                 }
                 dot_rows_shared(na, A, qs, pl.D, vv, pl.kw, So, N);
               }
               pf.step(pf_quota, tok_bytes);
             }
-            const T ninf = -std::numeric_limits<T>::infinity();
-            for (int64_t r = 0; r < ng; ++r)
-              for (int64_t i = 0; i < pl.nkr; ++i) {
-                const T* brow = pl.bias_row(ht, yg + r, i);
-                T* Si = Sg.data() + (r * K2 + i * pl.kw) * N;
-                const bool valid = pl.rowvalid[(yg + r) * pl.nkr + i];
-                for (int64_t j = 0; j < pl.kw; ++j) {
-                  const Vec<T> bj = loadu(brow + j * pl.Ws + s0);
-                  storeu(Si + j * N, valid ? loadu(Si + j * N) + bj : pl.dead_rows_masked() ? splat<T>(ninf) : bj);
-                }
-              }
+            for (int64_t r = 0; r < ng; ++r) block_bias(pl, ht, yg + r, ci, Sg.data() + r * K2 * N);
           } else {
             for (int64_t r = 0; r < ng; ++r) {
               const int64_t y = yg + r;
@@ -1919,7 +1921,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                 const T* P[RG];
                 T* Out[RG];
                 for (int a = 0; a < na; ++a) {
-                  P[a] = dSg.data() + (pr[a0 + a].r * K2 + pr[a0 + a].i * pl.kw) * N;
+                  P[a] = pair_block(dSg.data(), pr[a0 + a]);
                   Out[a] = dQg.data() + pr[a0 + a].r * pl.D * pl.Ws + s0;
                 }
                 mix_rows_shared(na, P, N, kv, pl.kw, pl.D, Out, pl.Ws);
@@ -1930,15 +1932,14 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
             const int64_t y = yg + r;
             const T* S = Sg.data() + r * K2 * N;
             const T* dS = dSg.data() + r * K2 * N;
-            int64_t nrows = 0;
+            int64_t nrows = 0;  // the valid window rows
             for (int64_t i = 0; i < pl.nkr; ++i)
-              if (pl.rowvalid[y * pl.nkr + i]) {
-                const int64_t ky = pl.rowpos[y * pl.nkr + i];
-                kviews[nrows] = key_view(pl, Kp, ky, ci);
-                row_i[nrows++] = i;
-              }
-            if constexpr (!grouped)
+              if (pl.rowvalid[y * pl.nkr + i]) row_i[nrows++] = i;
+            if constexpr (!grouped) {
+              for (int64_t rr = 0; rr < nrows; ++rr)
+                kviews[rr] = key_view(pl, Kp, pl.rowpos[y * pl.nkr + row_i[rr]], ci);
               mix_row<T>(dS, kviews.data(), row_i.data(), nrows, pl.kw, pl.D, dQg.data() + r * pl.D * pl.Ws + s0, pl.Ws);
+            }
             T* Prow = Prow_g.data() + r * K2 * qs;
             T* dSrow = dSrow_g.data() + r * K2 * qs;
             if (contiguous) {

@@ -16,6 +16,13 @@ import torch  # noqa: E402
 
 torch.manual_seed(0)
 
+# Under pytest-xdist (the README runs `-n logical --maxprocesses 4`) each worker process keeps
+# torch's default thread count, capped so that the workers together use about as many threads as
+# the machine has CPUs, but never below two: the kernels' multi-threaded splits still run.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _workers > 1:
+    torch.set_num_threads(max(2, min(torch.get_num_threads(), (os.cpu_count() or 2) // _workers)))
+
 
 def pytest_configure(config):
     # also when the tests run from a copy outside the source tree (against an installed wheel),

@@ -1343,15 +1343,30 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       auto vrow = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
       // transposed key rows (sink and padding columns zero) and the border blocks' copies,
       // packed just before the first row group that reads them (so they are still in cache)
+      // Rows longer than a segment have their columns packed as the segments reach them (the
+      // next segment's are prefetched; a whole row packed up front came from memory
+      // unprefetched): columns [0, packed_cols) of every packed row.
       int64_t packed_hi = klo - 1;
+      int64_t packed_cols = seg_pf ? 0 : pl.Wk;
+      auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
+        const float* kr = krow(y);
+        float* dst = Kp.trow(pl, y);
+        for (int64_t x0 = c0; x0 < c1; x0 += N) {
+          for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
+          NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
+        }
+      };
+      // columns up to upto_col (exclusive) of the packed rows
+      auto extend_cols = [&](int64_t upto_col) {
+        const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
+        if (c1 <= packed_cols) return;
+        for (int64_t y = klo; y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
+        packed_cols = c1;
+      };
       auto pack_key_rows = [&](int64_t upto) {
         for (int64_t y = packed_hi + 1; y <= upto; ++y) {
           const float* kr = krow(y);
-          float* dst = Kp.trow(pl, y);
-          for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
-            for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
-            NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
-          }
+          pack_cols(y, 0, packed_cols);
           for (int64_t g = 0; g < pl.NG; ++g) {
             const int64_t s0 = (pl.n_full + g) * N;
             float* gb = Kp.grow(pl, y, g);
@@ -1379,6 +1394,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         // queries and logits stay in cache from the logits to the output
         for (int64_t sg = 0; sg < pl.Ws; sg += SW) {
           const int64_t se = std::min(pl.Ws, sg + SW), cb = sg / N, ce = se / N;
+          // the key columns that this segment's interior blocks read (blocks [cb, ce) read
+          // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
+          if (seg_pf) extend_cols(se > pl.n_full * N ? pl.Wk : pl.xlo + se + pl.off[pl.kw - 1]);
           if (seg_pf && se < pl.Ws) {
             // the next segment's query columns and the key/value columns it adds (interior
             // slots: column xlo + slot), spread over this segment's key rows and query rows

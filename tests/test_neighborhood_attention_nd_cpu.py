@@ -153,6 +153,21 @@ def test_wide_window_1d_float32(case, D):
     check_case(case, torch.float32, D=D)
 
 
+# 2-D and 3-D maps whose rows are longer than a segment (128 query slots): the float32 forward packs
+# each key row's columns as the segments reach them, for every key row of a row group.
+LONG_ROWS = [
+    ((1, 6, 150), (1, 3, 7), (1, 2, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 2, 16, "fused"),
+    ((3, 4, 140), (2, 3, 5), (1, 1, 2), (1, 1, 1), (1, 0, 0), "clamp", 2, 2, 1, 16, "contiguous"),
+    ((1, 5, 133), (1, 3, 21), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 0, 16, "fused"),
+]
+
+
+@pytest.mark.parametrize("case", LONG_ROWS, ids=case_id)
+@pytest.mark.parametrize("D", [16, 32], ids=str)
+def test_long_rows_float32(case, D):
+    check_case(case, torch.float32, D=D)
+
+
 # Maps with many query rows: the float32 backward takes the query rows in groups (3 with AVX2, 5
 # with AVX-512) whose logits, dP and dQ read each shared key row once; these cases hold several
 # groups, a last partial group, row chunks of a pair split across tasks (fewer than 16 (batch,

@@ -57,10 +57,19 @@ def test_time_in_alterops_counts_only_alterops_ops():
         blur_only()
 
     assert time_in_alterops(torch_only, cpu) == 0.0
-    inside_blur = time_in_alterops(blur_only, cpu)
-    assert inside_blur > 0.0
+    # One thread, and several profiled calls: with other processes on the machine (the test
+    # suite runs in parallel) a multi-threaded op can wait for a descheduled thread, and one call
+    # can be slowed by any amount; the fastest "both" and the typical blur are stable.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        blur = sorted(time_in_alterops(blur_only, cpu) for _ in range(5))
+        assert blur[0] > 0.0
+        t_mm = min(time_callable(torch_only, cpu, warmup=1, min_time=0.0, max_repeats=3))
+        inside_both = min(time_in_alterops(both, cpu) for _ in range(5))
+    finally:
+        torch.set_num_threads(before)
     # the matmuls around the blur are not counted: "both" spends about as long inside alterops
-    # as the blur alone, far less than the ~3 GFLOP of matmuls take
-    t_mm = min(time_callable(torch_only, cpu, warmup=1, min_time=0.0, max_repeats=3))
-    inside_both = time_in_alterops(both, cpu)
-    assert 0.0 < inside_both < 0.5 * t_mm + 5 * inside_blur
+    # as the blur alone, far less than the ~2 GFLOP of matmuls take (counting them would put it
+    # above t_mm, over the bound)
+    assert 0.0 < inside_both < 0.5 * t_mm + 5 * blur[2]

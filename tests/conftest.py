@@ -16,9 +16,10 @@ import torch  # noqa: E402
 
 torch.manual_seed(0)
 
-# Under pytest-xdist (the README runs `-n logical --maxprocesses 4`) each worker process keeps
-# torch's default thread count, capped so that the workers together use about as many threads as
-# the machine has CPUs, but never below two: the kernels' multi-threaded splits still run.
+# Under pytest-xdist (the README runs `-n logical --maxprocesses 4 --dist worksteal`) each worker
+# process keeps torch's default thread count, capped so that the workers together use about as
+# many threads as the machine has CPUs, but never below two: the kernels' multi-threaded splits
+# still run.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
 if _workers > 1:
     torch.set_num_threads(max(2, min(torch.get_num_threads(), (os.cpu_count() or 2) // _workers)))
@@ -34,3 +35,15 @@ def pytest_configure(config):
 def pytest_addoption(parser):
     parser.addoption("--sweep-long", action="store_true", default=False,
                      help="run 10x more random configurations in tests/test_sweep.py")
+
+
+# Tests that take a minute or more each (a CUDA library build, re-runs of the CPU tests at the
+# other kernel levels, nvcc, emulated older CPUs) run first: with --dist worksteal the first
+# worker starts on them while the others take the rest (and steal the end of its queue), instead
+# of one of them starting late and leaving the others idle at the end. (A stable sort: every
+# worker collects the same order, as xdist requires.)
+_LONG_FIRST = ("test_cuda_library.py", "test_isa_levels.py", "test_nvcc_compile.py", "test_qemu.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in _LONG_FIRST)

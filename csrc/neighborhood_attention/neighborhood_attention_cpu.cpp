@@ -603,17 +603,21 @@ static inline void transpose8(const float* const* rows, int64_t D, float mul, fl
 #endif
 
 // Per-task key storage: transposed rows Kt[y][c][Wk] (sink column W = 0) and the gathered
-// border blocks Kg[y][g][j][c][V].
+// border blocks Kg[y][g][j][c][V], for `rows` key rows: key row y is kept at y mod rows (a ring
+// of the rows in use; rows = R keeps every key row of the map).
 template <typename T>
 struct KeyPack {
   std::vector<T> t, g;
-  void alloc(const Plan<T>& pl) {
-    t.resize(pl.R * pl.D * pl.Wk);
-    g.resize(std::max<int64_t>(1, pl.R * pl.NG * pl.kw * pl.D * VecOf<T>::N));
+  int64_t rows = 1;
+  void alloc(const Plan<T>& pl, int64_t ring = 0) {
+    rows = ring > 0 ? std::min(ring, pl.R) : pl.R;
+    t.resize(rows * pl.D * pl.Wk);
+    g.resize(std::max<int64_t>(1, rows * pl.NG * pl.kw * pl.D * VecOf<T>::N));
   }
-  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + y * pl.D * pl.Wk; }
+  int64_t slot(int64_t y) const { return y < rows ? y : y % rows; }
+  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * pl.D * pl.Wk; }
   T* grow(const Plan<T>& pl, int64_t y, int64_t g_) {
-    return g.data() + ((y * pl.NG + g_) * pl.kw) * pl.D * VecOf<T>::N;
+    return g.data() + ((slot(y) * pl.NG + g_) * pl.kw) * pl.D * VecOf<T>::N;
   }
 };
 
@@ -734,6 +738,31 @@ static void key_rows(const Plan<T>& pl, int64_t y0, int64_t y1, int64_t& lo, int
         lo = std::min(lo, pl.rowpos[y * pl.nkr + i]);
         hi = std::max(hi, pl.rowpos[y * pl.nkr + i]);
       }
+}
+
+// The packed key rows a task keeps (KeyPack's ring) when its query rows [y0, y1) of each row
+// chunk are taken in groups of rg and every group first packs the key rows up to the last one it
+// reads: the rows packed so far reach the running maximum of the groups' last rows, and a group
+// reads rows from its first one on, so a ring of (running maximum - first row + 1) rows holds
+// every row a group reads. (Keeping the whole map's packed rows, 1.3 MB per task for a 56 x 56
+// map with k = 7 and head_dim 32, streamed them through L2 with every task.)
+template <typename T>
+static int64_t key_ring(const Plan<T>& pl, int64_t nchunks, int64_t rows_per, int64_t rg) {
+  int64_t ring = 1;
+  for (int64_t chunk = 0; chunk < nchunks; ++chunk) {
+    const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
+    int64_t hi = -1;
+    for (int64_t yg = y0; yg < y1; yg += rg) {
+      int64_t lo = pl.R;
+      for (int64_t n = yg * pl.nkr; n < std::min(y1, yg + rg) * pl.nkr; ++n)
+        if (pl.rowvalid[n]) {
+          lo = std::min(lo, pl.rowpos[n]);
+          hi = std::max(hi, pl.rowpos[n]);
+        }
+      if (lo <= hi) ring = std::max(ring, hi - lo + 1);
+    }
+  }
+  return ring;
 }
 
 // One slot block (V queries of row y) of S[nkr*kw][V] holding Q.K of its valid key rows: adds
@@ -1263,9 +1292,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
   bool any_bias = false;
   for (float b : pl.biascol) any_bias |= b != 0.0f;
+  const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
   par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<float> Kp;
-    Kp.alloc(pl);
+    Kp.alloc(pl, ring);
 #if NA_AVX2
     // S padded by one vector: a P.V tile copies N weights from slot sl <= se - 2
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW + N), Linv(pl.Ws), Pl(pl.kw * N);
@@ -1360,11 +1390,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       auto extend_cols = [&](int64_t upto_col) {
         const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
         if (c1 <= packed_cols) return;
-        for (int64_t y = klo; y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
+        for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
         packed_cols = c1;
       };
       auto pack_key_rows = [&](int64_t upto) {
-        for (int64_t y = packed_hi + 1; y <= upto; ++y) {
+        // (rows that the ring would drop before any group reads them are skipped)
+        for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
           const float* kr = krow(y);
           pack_cols(y, 0, packed_cols);
           for (int64_t g = 0; g < pl.NG; ++g) {
@@ -1725,10 +1756,11 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
   // delta = rowsum(out * dout) and the dq rows with 8x8 transposes
   const bool vec_rows = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value && pl.D % 8 == 0;
 #endif
+  const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
   par.for_each(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<T> Kp, Vp;
-    Kp.alloc(pl);
-    Vp.alloc(pl);
+    Kp.alloc(pl, ring);
+    Vp.alloc(pl, ring);
     // The border queries' dK/dV of key row ky: bsize elements at bKV + ky * bsize.
     Buf<T> bKV(std::max<int64_t>(1, pl.R * bsize));
     std::vector<T> qt(pl.D), gt(pl.D);
@@ -1804,8 +1836,9 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           pf.step(pf.pending(), tok_bytes);
         }
         if (yhi > packed_hi) {
-          pack_keys<scalar_t, T>(k, b, h / pl.G, packed_hi + 1, yhi, pl, Kp);
-          pack_keys<scalar_t, T>(v, b, h / pl.G, packed_hi + 1, yhi, pl, Vp);
+          const int64_t pack_from = std::max(packed_hi + 1, yhi - ring + 1);  // (the ring keeps these)
+          pack_keys<scalar_t, T>(k, b, h / pl.G, pack_from, yhi, pl, Kp);
+          pack_keys<scalar_t, T>(v, b, h / pl.G, pack_from, yhi, pl, Vp);
           std::fill(bKV.begin() + (packed_hi + 1) * bsize, bKV.begin() + (yhi + 1) * bsize, T(0));
           std::fill(dKt + (packed_hi + 1 - klo) * rl, dKt + (yhi + 1 - klo) * rl, T(0));
           std::fill(dVt + (packed_hi + 1 - klo) * rl, dVt + (yhi + 1 - klo) * rl, T(0));

@@ -753,12 +753,9 @@ static int64_t key_ring(const Plan<T>& pl, int64_t nchunks, int64_t rows_per, in
     const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
     int64_t hi = -1;
     for (int64_t yg = y0; yg < y1; yg += rg) {
-      int64_t lo = pl.R;
-      for (int64_t n = yg * pl.nkr; n < std::min(y1, yg + rg) * pl.nkr; ++n)
-        if (pl.rowvalid[n]) {
-          lo = std::min(lo, pl.rowpos[n]);
-          hi = std::max(hi, pl.rowpos[n]);
-        }
+      int64_t lo, ghi;
+      key_rows(pl, yg, std::min(y1, yg + rg), lo, ghi);
+      hi = std::max(hi, ghi);
       if (lo <= hi) ring = std::max(ring, hi - lo + 1);
     }
   }
@@ -1413,12 +1410,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       (void)khi;
       for (int64_t yg = y0; yg < y1; yg += RG) {
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
-        int64_t kmin = pl.R, kmax = -1;
-        for (int64_t n = yg * pl.nkr; n < (yg + ng) * pl.nkr; ++n)
-          if (pl.rowvalid[n]) {
-            kmin = std::min(kmin, pl.rowpos[n]);
-            kmax = std::max(kmax, pl.rowpos[n]);
-          }
+        int64_t kmin, kmax;
+        key_rows(pl, yg, yg + ng, kmin, kmax);
         pf_schedule(t, yg);
         if (kmax > packed_hi) pack_key_rows(kmax);
         // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's

@@ -24,9 +24,10 @@
 // group that share the key row (2-D, 3-D), and, when the window is wider than a block (1-D
 // kw > 16), for the adjacent blocks whose windows hold it (dot_blocks_shared). A query
 // row's logits are formed key row by key row (the key row stays in L1), the softmax runs on 16
-// queries at a time, and P.V runs 8 head-dim channels at a time across the row. The backward
-// recomputes P from the saved logsumexp; in float32 with AVX2/AVX-512 it takes the query rows
-// in groups (3 / 5) whose logits, dP = dO V and dQ = dS K load each shared key/value vector once
+// queries at a time, and P.V runs 8 head-dim channels at a time across the row (border queries
+// whose clamped windows hold the same key columns in one tile). The backward recomputes P
+// from the saved logsumexp; in float32 with AVX2/AVX-512 it takes the query rows in groups
+// (3 / 5) whose logits, dP = dO V and dQ = dS K load each shared key/value vector once
 // for the group's rows that read its key row. dK/dV of interior queries are summed
 // key-centrically (each key column reads the dS/P rows, kept at their key columns so those loads
 // are aligned, and the shifted Q/dO rows, for all the key rows of a query row at once), border
@@ -1319,6 +1320,18 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   constexpr int N = VecOf<float>::N;
   constexpr int TQ = DV >= 4 ? 6 : 8;  // queries per P.V tile (TQ * DV accumulators in registers)
   constexpr int RG = 3;                 // query rows whose logits are formed together
+  // queries per shared-window P.V tile: kShared * DV accumulators and DV value vectors within
+  // the registers (32 zmm, 16 ymm)
+  constexpr int kShared = std::max(1, std::min(6, (NA_AVX2 ? 12 : 24) / DV));
+  auto dispatch_shared = [](int64_t n, auto&& f) {
+    switch (n) {
+      case 2: if constexpr (kShared >= 2) f(std::integral_constant<int, 2>{}); break;
+      case 3: if constexpr (kShared >= 3) f(std::integral_constant<int, 3>{}); break;
+      case 4: if constexpr (kShared >= 4) f(std::integral_constant<int, 4>{}); break;
+      case 5: if constexpr (kShared >= 5) f(std::integral_constant<int, 5>{}); break;
+      default: if constexpr (kShared >= 6) f(std::integral_constant<int, 6>{}); break;
+    }
+  };
   const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
   const int64_t D = pl.D;
   const int64_t BH = pl.B * pl.NH;
@@ -1576,6 +1589,48 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             for (int64_t i = 0; i < pl.nkr; ++i)
               vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
             int64_t sl = sg;
+            // whether slots a and b read the same key column for every neighbour
+            auto same_window = [&](int64_t a, int64_t b) {
+              for (int64_t j = 0; j < pl.kw; ++j)
+                if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
+              return true;
+            };
+            // P.V of the NS queries from slot sl, whose windows hold the same key columns
+            auto pv_shared = [&](auto nsv) {
+              constexpr int NS = decltype(nsv)::value;
+              Vec<float> acc[NS][DV];
+              NA_UNROLL
+              for (int t = 0; t < NS; ++t)
+                NA_UNROLL
+                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                const float* P = Sy + i * pl.kw * SW + sl;
+                for (int64_t j = 0; j < pl.kw; ++j) {
+                  const int32_t col = pl.kidx[j * pl.Ws + sl];
+                  if (col >= pl.W) continue;  // not a key (zero value or masked)
+                  Vec<float> vv[DV];
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) {
+                    vv[d] = loadu(vrows[i] + col * vxs + d * N);
+                    pin_register(vv[d]);
+                  }
+                  NA_UNROLL
+                  for (int t = 0; t < NS; ++t) {
+                    const Vec<float> p = splat<float>(P[j * SW + t]);
+                    NA_UNROLL
+                    for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+                  }
+                }
+              }
+              NA_UNROLL
+              for (int t = 0; t < NS; ++t) {
+                const Vec<float> inv = splat<float>(Linv[sl + t]);
+                float* o = Orow + pl.slotx[sl + t] * ostr;
+                NA_UNROLL
+                for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+              }
+            };
 #if NA_AVX2
             // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
             // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
@@ -1645,9 +1700,22 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               }
             }
 #endif
-            for (; sl < se; ++sl) {
+            // the other queries: runs of up to kShared slots whose windows hold the same key
+            // columns (the clamped windows at both ends of a row) in one tile that loads each
+            // value vector once for the run, single queries one at a time
+            for (; sl < se;) {
               const int64_t x = pl.slotx[sl];
-              if (x >= pl.W) continue;
+              if (x >= pl.W) {
+                ++sl;
+                continue;
+              }
+              int64_t n = 1;
+              while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
+              if (n > 1) {
+                dispatch_shared(n, pv_shared);
+                sl += n;
+                continue;
+              }
               Vec<float> acc[DV];
               for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
               for (int64_t i = 0; i < pl.nkr; ++i) {
@@ -1663,6 +1731,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               }
               const Vec<float> inv = splat<float>(Linv[sl]);
               for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[d] * inv);
+              ++sl;
             }
           }
         }

@@ -1323,15 +1323,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // queries per shared-window P.V tile: kShared * DV accumulators and DV value vectors within
   // the registers (32 zmm, 16 ymm)
   constexpr int kShared = std::max(1, std::min(6, (NA_AVX2 ? 12 : 24) / DV));
-  auto dispatch_shared = [](int64_t n, auto&& f) {
-    switch (n) {
-      case 2: if constexpr (kShared >= 2) f(std::integral_constant<int, 2>{}); break;
-      case 3: if constexpr (kShared >= 3) f(std::integral_constant<int, 3>{}); break;
-      case 4: if constexpr (kShared >= 4) f(std::integral_constant<int, 4>{}); break;
-      case 5: if constexpr (kShared >= 5) f(std::integral_constant<int, 5>{}); break;
-      default: if constexpr (kShared >= 6) f(std::integral_constant<int, 6>{}); break;
-    }
-  };
   const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
   const int64_t D = pl.D;
   const int64_t BH = pl.B * pl.NH;
@@ -1595,40 +1586,43 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
               return true;
             };
-            // P.V of the NS queries from slot sl, whose windows hold the same key columns
+            // P.V of the NS queries from slot sl, whose windows hold the same key columns (NS is
+            // at most kShared; dispatch_nc's wider instances are never called)
             auto pv_shared = [&](auto nsv) {
               constexpr int NS = decltype(nsv)::value;
-              Vec<float> acc[NS][DV];
-              NA_UNROLL
-              for (int t = 0; t < NS; ++t)
+              if constexpr (NS <= kShared) {
+                Vec<float> acc[NS][DV];
                 NA_UNROLL
-                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-              for (int64_t i = 0; i < pl.nkr; ++i) {
-                if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                const float* P = Sy + i * pl.kw * SW + sl;
-                for (int64_t j = 0; j < pl.kw; ++j) {
-                  const int32_t col = pl.kidx[j * pl.Ws + sl];
-                  if (col >= pl.W) continue;  // not a key (zero value or masked)
-                  Vec<float> vv[DV];
+                for (int t = 0; t < NS; ++t)
                   NA_UNROLL
-                  for (int d = 0; d < DV; ++d) {
-                    vv[d] = loadu(vrows[i] + col * vxs + d * N);
-                    pin_register(vv[d]);
-                  }
-                  NA_UNROLL
-                  for (int t = 0; t < NS; ++t) {
-                    const Vec<float> p = splat<float>(P[j * SW + t]);
+                  for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+                for (int64_t i = 0; i < pl.nkr; ++i) {
+                  if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                  const float* P = Sy + i * pl.kw * SW + sl;
+                  for (int64_t j = 0; j < pl.kw; ++j) {
+                    const int32_t col = pl.kidx[j * pl.Ws + sl];
+                    if (col >= pl.W) continue;  // not a key (zero value or masked)
+                    Vec<float> vv[DV];
                     NA_UNROLL
-                    for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+                    for (int d = 0; d < DV; ++d) {
+                      vv[d] = loadu(vrows[i] + col * vxs + d * N);
+                      pin_register(vv[d]);
+                    }
+                    NA_UNROLL
+                    for (int t = 0; t < NS; ++t) {
+                      const Vec<float> p = splat<float>(P[j * SW + t]);
+                      NA_UNROLL
+                      for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+                    }
                   }
                 }
-              }
-              NA_UNROLL
-              for (int t = 0; t < NS; ++t) {
-                const Vec<float> inv = splat<float>(Linv[sl + t]);
-                float* o = Orow + pl.slotx[sl + t] * ostr;
                 NA_UNROLL
-                for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                for (int t = 0; t < NS; ++t) {
+                  const Vec<float> inv = splat<float>(Linv[sl + t]);
+                  float* o = Orow + pl.slotx[sl + t] * ostr;
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                }
               }
             };
 #if NA_AVX2
@@ -1702,36 +1696,16 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
 #endif
             // the other queries: runs of up to kShared slots whose windows hold the same key
             // columns (the clamped windows at both ends of a row) in one tile that loads each
-            // value vector once for the run, single queries one at a time
-            for (; sl < se;) {
-              const int64_t x = pl.slotx[sl];
-              if (x >= pl.W) {
+            // value vector once for the run, single queries in a tile of one
+            while (sl < se) {
+              if (pl.slotx[sl] >= pl.W) {
                 ++sl;
                 continue;
               }
               int64_t n = 1;
               while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
-              if (n > 1) {
-                dispatch_shared(n, pv_shared);
-                sl += n;
-                continue;
-              }
-              Vec<float> acc[DV];
-              for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
-              for (int64_t i = 0; i < pl.nkr; ++i) {
-                if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                const float* vr = vrows[i];
-                const float* P = Sy + i * pl.kw * SW + sl;
-                for (int64_t j = 0; j < pl.kw; ++j) {
-                  const int32_t col = pl.kidx[j * pl.Ws + sl];
-                  if (col >= pl.W) continue;  // not a key (zero value or masked)
-                  const Vec<float> p = splat<float>(P[j * SW]);
-                  for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vr + col * vxs + d * N);
-                }
-              }
-              const Vec<float> inv = splat<float>(Linv[sl]);
-              for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[d] * inv);
-              ++sl;
+              dispatch_nc(n, pv_shared);
+              sl += n;
             }
           }
         }

@@ -306,16 +306,19 @@ struct Plan {
     kidx.assign(kw * Ws, (int32_t)W);
     bx.assign(kw * Ws, (int32_t)(kw - 1));
     std::vector<uint8_t> colvalid(kw * Ws, 0);
-    for (int64_t j = 0; j < kw; ++j)
-      for (int64_t sl = 0; sl < Ws; ++sl) {
-        int64_t x = slotx[sl];
-        if (x >= W) continue;  // dummy slot: sink column, zero bias
-        int64_t p = cpos[x * kw + j];
-        bool ok = cval[x * kw + j];
-        kidx[j * Ws + sl] = ok ? (int32_t)p : (int32_t)W;
-        colvalid[j * Ws + sl] = ok;
-        bx[j * Ws + sl] = (int32_t)((p - x) / dw + kw - 1);
-      }
+    // (in blocks of 16 slots, whose windows stay in L1 while each neighbour's entries are
+    // written; one division per entry only with dilation)
+    for (int64_t s0 = 0; s0 < Ws; s0 += 16)
+      for (int64_t j = 0; j < kw; ++j)
+        for (int64_t sl = s0; sl < std::min(Ws, s0 + 16); ++sl) {
+          const int64_t x = slotx[sl];
+          if (x >= W) continue;  // dummy slot: sink column, zero bias
+          const int64_t p = cpos[x * kw + j];
+          const bool ok = cval[x * kw + j];
+          kidx[j * Ws + sl] = ok ? (int32_t)p : (int32_t)W;
+          colvalid[j * Ws + sl] = ok;
+          bx[j * Ws + sl] = (int32_t)((dw == 1 ? p - x : (p - x) / dw) + kw - 1);
+        }
     // rows: the product of the T and H windows
     std::vector<int64_t> tpos(Tn * kt), hpos(Hn * kh);
     std::vector<uint8_t> tval(Tn * kt), hval(Hn * kh);

@@ -138,7 +138,13 @@ def test_float32_bfloat16(case, dtype, D):
 # 1-D windows wider than a vector of queries (kw > 16): the float32 forward forms the logits of
 # adjacent query blocks together (one key vector for every block whose window holds it), over
 # rows longer than one segment of query slots (128), with causal, even and border variants.
+# Without a bias table (and up to kw = 93 on AVX-512) the interior blocks take the band
+# logits instead (4 queries against 2-6 key vectors, a query-major softmax and P.V), the others
+# the shifted-key blocks.
 WIDE_1D = [
+    ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 0, 16, "fused"),
+    ((1, 1, 300), (1, 1, 93), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),
+    ((1, 1, 201), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 0, 16, "fused"),
     ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 2, 16, "fused"),
     ((1, 1, 181), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 2, 2, 0, 16, "contiguous"),
     ((1, 1, 90), (1, 1, 17), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 1, 16, "fused"),

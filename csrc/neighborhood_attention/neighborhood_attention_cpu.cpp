@@ -22,7 +22,9 @@
 // keys cost nothing extra and "mask" keys get -inf from an additive column mask). Each key
 // vector is loaded once for every query the block computes with it: for the query rows of a
 // group that share the key row (2-D, 3-D), and, when the window is wider than a block (1-D
-// kw > 16), for the adjacent blocks whose windows hold it (dot_blocks_shared). A query
+// kw > 16), for the adjacent blocks whose windows hold it (dot_blocks_shared; on AVX-512 the
+// interior blocks of rows with a single key row and no bias instead take band_logits: 4 queries
+// in token layout broadcast against consecutive key vectors, no query transpose). A query
 // row's logits are formed key row by key row (the key row stays in L1), the softmax runs on 16
 // queries at a time, and P.V runs 8 head-dim channels at a time across the row (border queries
 // whose clamped windows hold the same key columns in one tile). The backward recomputes P
@@ -1253,16 +1255,18 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
 
 // pv_tile_diag for any number kw >= T of neighbours (dilation 1): columns u < T - 1 and
 // u >= kw feed fewer than T queries, the columns between feed all T.
+// (query t's weights at P + t * tstride: 1 for the logits' neighbour-major layout, the row width
+// for the band logits' query-major one)
 template <int T, int DV>
 static inline void pv_tile_diag_any(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t kw,
-                                    Vec<float> (&acc)[T][DV]) {
+                                    Vec<float> (&acc)[T][DV], int64_t tstride = 1) {
   auto column = [&](int64_t u, auto full) {
     Vec<float> vv[DV];
     for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       if (!decltype(full)::value && (u - t < 0 || u - t >= kw)) continue;
-      const Vec<float> p = splat<float>(P[(u - t) * pstride + t]);
+      const Vec<float> p = splat<float>(P[(u - t) * pstride + t * tstride]);
       for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
     }
   };
@@ -1271,6 +1275,82 @@ static inline void pv_tile_diag_any(const float* P, int64_t pstride, const float
   for (; u < kw; ++u) column(u, std::true_type{});
   for (; u < kw + T - 1; ++u) column(u, std::false_type{});
 }
+
+constexpr int kBandQ = 4;  // queries per band tile: 4 * NV accumulators + NV key vectors in 32 zmm
+constexpr int kBandMaxNV = 6;
+#if defined(__AVX512F__)
+// Band logits of one key row (dilation 1, windows wider than a vector: the 1-D ops' long
+// windows). MQ adjacent interior queries (token layout, channel stride 1, query i at q + i * qxs)
+// against NV vectors of consecutive packed key columns from kt (channel stride cstride), as a
+// register-blocked matrix product: per channel, NV key vectors and MQ broadcast query values for
+// MQ * NV FMAs (no query transpose; the columns outside a query's window, at most
+// NV * V - kw - MQ + 1 per query, are computed and dropped). Query i's window (columns
+// wo + i + j of the band, j < kw) is stored scaled at C + i * cs + j; each row writes
+// [i * cs - wo - i, i * cs - wo - i + NV * V).
+template <int NV>
+static inline void band_logits(const float* q, int64_t qxs, int64_t D, const float* kt, int64_t cstride,
+                               float scale, int64_t wo, float* C, int64_t cs, bool prefetch_next) {
+  constexpr int MQ = kBandQ;
+  constexpr int N = VecOf<float>::N;
+  Vec<float> acc[MQ][NV];
+  NA_UNROLL
+  for (int i = 0; i < MQ; ++i)
+    NA_UNROLL
+    for (int n = 0; n < NV; ++n) acc[i][n] = splat<float>(0.0f);
+  for (int64_t c = 0; c < D; ++c) {
+    Vec<float> kk[NV];
+    NA_UNROLL
+    for (int n = 0; n < NV; ++n) {
+      kk[n] = loadu(kt + c * cstride + n * N);
+      pin_register(kk[n]);
+    }
+    NA_UNROLL
+    for (int i = 0; i < MQ; ++i) {
+      const Vec<float> qv = splat<float>(q[i * qxs + c]);
+      NA_UNROLL
+      for (int n = 0; n < NV; ++n) acc[i][n] += qv * kk[n];
+    }
+  }
+  const Vec<float> sv = splat<float>(scale);
+  NA_UNROLL
+  for (int i = 0; i < MQ; ++i)
+    NA_UNROLL
+    for (int n = 0; n < NV; ++n) storeu(C + i * cs - wo - i + n * N, acc[i][n] * sv);
+  // the next tile's queries into L1 (each query token is read by one tile only: its first load
+  // would stall the FMAs)
+  if (prefetch_next)
+    for (int i = 2 * MQ; i < 3 * MQ; ++i)
+      for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(q + i * qxs + c, 0, 3);
+}
+
+// Softmax of one query's kw logits at C (in place, left unnormalised): returns the max m and the
+// sum l of exp(s - m). Reads up to the next multiple of V past kw (the band row's padding).
+static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out) {
+  constexpr int N = VecOf<float>::N;
+  const int64_t kf = kw / N * N;
+  Vec<float> mv = loadu(C);
+  for (int64_t e = N; e < kf; e += N) mv = vmax<float>(mv, loadu(C + e));
+  float m = _mm512_reduce_max_ps((__m512)mv);
+  for (int64_t e = kf; e < kw; ++e) m = std::max(m, C[e]);
+  const Vec<float> ms = splat<float>(m);
+  Vec<float> lv = splat<float>(0.0f);
+  for (int64_t e = 0; e < kf; e += N) {
+    const Vec<float> p = vexp(loadu(C + e) - ms);
+    storeu(C + e, p);
+    lv += p;
+  }
+  if (kf < kw) {
+    Vec<float> p = vexp(loadu(C + kf) - ms);
+    for (int l = 0; l < N; ++l)
+      if (kf + l >= kw) p[l] = 0.0f;
+    storeu(C + kf, p);
+    lv += p;
+  }
+  const float l = _mm512_reduce_add_ps((__m512)lv);
+  m_out = m;
+  l_out = l;
+}
+#endif
 
 // Query slots of one row whose logits are formed together (rows longer than this are done in
 // segments).
@@ -1340,9 +1420,22 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   bool any_bias = false;
   for (float b : pl.biascol) any_bias |= b != 0.0f;
   const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
+  // Rows with one key row (kernel 1 on the outer axes: the 1-D ops), dilation 1, windows wider
+  // than a vector and no bias take their all-interior blocks through band_logits (AVX-512 only:
+  // 4 * band_nv accumulators need its 32 registers): band_nv key vectors per tile (0: not
+  // taken). Their logits rows are kBandCS apart in Cb, window at +32.
+  int band_nv = 0;
+  constexpr int64_t kBandCS = 32 + 16 * kBandMaxNV + 16;
+#if defined(__AVX512F__)
+  if (pl.nkr == 1 && pl.dw == 1 && pl.kw > N && !any_bias) {
+    const int64_t nv = (pl.kw + kBandQ - 1 + N - 1) / N;
+    if (nv <= kBandMaxNV && nv * N <= pl.Wk) band_nv = (int)nv;
+  }
+#endif
   par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<float> Kp;
     Kp.alloc(pl, ring);
+    std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0);
 #if NA_AVX2
     // S padded by one vector: a P.V tile copies N weights from slot sl <= se - 2
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW + N), Linv(pl.Ws), Pl(pl.kw * N);
@@ -1470,7 +1563,17 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           const int64_t se = std::min(pl.Ws, sg + SW), cb = sg / N, ce = se / N;
           // the key columns that this segment's interior blocks read (blocks [cb, ce) read
           // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
-          if (seg_pf) extend_cols(se > pl.n_full * N ? pl.Wk : pl.xlo + se + pl.off[pl.kw - 1]);
+          // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
+          int64_t gend = sg;
+          if (band_nv > 0) {
+            bool rows_ok = true;
+            for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
+            if (rows_ok) gend = std::max(sg, std::min(se, pl.n_full * N));
+          }
+          const int64_t cg = gend / N;
+          if (seg_pf)
+            extend_cols(se > pl.n_full * N ? pl.Wk
+                                           : std::min(pl.Wk, pl.xlo + se + std::max(pl.off[pl.kw - 1], pl.off[0] + band_nv * N)));
           if (seg_pf && se < pl.Ws) {
             // the next segment's query columns and the key/value columns it adds (interior
             // slots: column xlo + slot), spread over this segment's key rows and query rows
@@ -1488,10 +1591,61 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             // steps: one per key row and slot block, per query row and P.V tile
             pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
           }
+#if defined(__AVX512F__)
+          for (int64_t r = 0; r < ng && gend > sg; ++r) {
+            const int64_t y = yg + r;
+            const int64_t ky = pl.rowpos[y];
+            const float* qr = qb + pl.row_off(qs, b, y, h);
+            const float* kt = Kp.trow(pl, ky);
+            float* Lrow = L + (bh * pl.R + y) * pl.W;
+            float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+            const int64_t ostr = pl.NH * D, vxs = vs[3];
+            const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
+            auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
+            for (int64_t sl = sg; sl < gend; sl += kBandQ) {
+              // the band's first column, moved left where the band would run past the packed row
+              const int64_t want = pl.xlo + sl + pl.off[0];
+              const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
+              const float* qt = qr + (pl.xlo + sl) * qs[3];
+              switch (band_nv) {
+                case 2: band_logits<2>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
+                case 3: band_logits<3>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
+                case 4: band_logits<4>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
+                case 5: band_logits<5>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
+                default: band_logits<6>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
+              }
+              if (seg_pf && (sl - sg) % N == 0) pf_step(pf_quota);
+            }
+            for (int64_t sl = sg; sl < gend; ++sl) {
+              float m, l;
+              band_softmax(crow(sl), pl.kw, m, l);
+              Linv[sl] = 1.0f / l;
+              Lrow[pl.xlo + sl] = m + std::log(l);
+            }
+            auto pv = [&](auto tv, int64_t sl) {
+              constexpr int T = decltype(tv)::value;
+              Vec<float> acc[T][DV];
+              for (int t = 0; t < T; ++t)
+                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+              pv_tile_diag_any<T, DV>(crow(sl), 1, vr0 + sl * vxs, vxs, pl.kw, acc, kBandCS);
+              for (int t = 0; t < T; ++t) {
+                const Vec<float> inv = splat<float>(Linv[sl + t]);
+                float* o = Orow + (pl.xlo + sl + t) * ostr;
+                for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+              }
+            };
+            int64_t sl = sg;
+            for (; sl + TQ <= gend; sl += TQ) {
+              pv(std::integral_constant<int, TQ>{}, sl);
+              if (seg_pf) pf_step(pf_quota);
+            }
+            for (; sl < gend; ++sl) pv(std::integral_constant<int, 1>{}, sl);
+          }
+#endif
           for (int64_t r = 0; r < ng; ++r) {
             const int64_t y = yg + r;
             const float* qr = qb + pl.row_off(qs, b, y, h);
-            for (int64_t ci = cb; ci < ce; ++ci) {
+            for (int64_t ci = cg; ci < ce; ++ci) {
               const int32_t* sx = pl.slotx.data() + ci * N;
               for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : nullptr;
               NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW);
@@ -1520,7 +1674,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 }
             }
             if (nr == 0) continue;
-            for (int64_t ci = cb; ci < ce; ++ci) {
+            for (int64_t ci = cg; ci < ce; ++ci) {
               const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
               if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
                 dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
@@ -1557,7 +1711,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             float* Sy = S.data() + r * K2 * SW - sg;  // Sy[n * SW + slot]
             float* Lrow = L + (bh * pl.R + y) * pl.W;
             // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
-            for (int64_t ci = cb; ci < ce; ++ci) {
+            for (int64_t ci = cg; ci < ce; ++ci) {
               const int64_t s0 = ci * N;
               Vec<float> m = loadu(Sy + s0);
               for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(Sy + n * SW + s0));
@@ -1582,7 +1736,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             const int64_t tile_end = std::min(pl.n_int, se);
             for (int64_t i = 0; i < pl.nkr; ++i)
               vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
-            int64_t sl = sg;
+            int64_t sl = gend;
             // whether slots a and b read the same key column for every neighbour
             auto same_window = [&](int64_t a, int64_t b) {
               for (int64_t j = 0; j < pl.kw; ++j)

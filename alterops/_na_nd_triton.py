@@ -1,4 +1,4 @@
-"""Triton launchers of the N-d neighbourhood attention family (``kernels/neighborhood_attention_nd.py``)
+"""Triton launchers of the N-d neighbourhood attention family (``alterops/kernels/neighborhood_attention_nd.py``)
 and their registration as opaque ops:
 
 * ``alterops::neighborhood_attention_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal,

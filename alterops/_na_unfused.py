@@ -29,7 +29,7 @@ Triton devices; float32 and float64; inputs of any strides, outputs contiguous):
 
 Backends (table ``natten_qk_av`` in ``alterops info``): ``reference`` (the plain-PyTorch
 primitives below, one kernel slot at a time), ``cpu`` (``csrc/neighborhood_attention/
-neighborhood_unfused_cpu.cpp``) and ``triton`` (``kernels/na_unfused.py``). The autograd functions
+neighborhood_unfused_cpu.cpp``) and ``triton`` (``alterops/kernels/na_unfused.py``). The autograd functions
 :class:`NeighbourQK` and :class:`NeighbourAV` express each backward pass through the same three
 primitives; the bias-table gradient is a per-axis one-hot contraction (matmuls, deterministic on
 every device).

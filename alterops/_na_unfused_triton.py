@@ -1,4 +1,4 @@
-"""Triton launchers of the unfused neighbourhood-attention primitives (``kernels/na_unfused.py``;
+"""Triton launchers of the unfused neighbourhood-attention primitives (``alterops/kernels/na_unfused.py``;
 the math and the neighbour tables are in ``alterops/_na_unfused.py``) and their registration as
 opaque ops:
 

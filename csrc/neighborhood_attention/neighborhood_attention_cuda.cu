@@ -1,5 +1,5 @@
 // CUDA kernels of the N-d neighbourhood attention family (see neighborhood_attention_cuda.h for
-// the contract). The algorithm is the one of kernels/neighborhood_attention_nd.py (Triton):
+// the contract). The algorithm is the one of alterops/kernels/neighborhood_attention_nd.py (Triton):
 //
 // * Forward (flash style): a block owns a tile of TM queries of one (batch, head) and visits the
 //   key tiles of TN keys covering the hull of its queries' windows; logits stay in registers, the

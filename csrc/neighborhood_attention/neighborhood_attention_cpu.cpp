@@ -1607,13 +1607,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               const int64_t want = pl.xlo + sl + pl.off[0];
               const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
               const float* qt = qr + (pl.xlo + sl) * qs[3];
-              switch (band_nv) {
-                case 2: band_logits<2>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
-                case 3: band_logits<3>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
-                case 4: band_logits<4>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
-                case 5: band_logits<5>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
-                default: band_logits<6>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend); break;
-              }
+              // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
+              dispatch_nc(band_nv, [&](auto nvv) {
+                constexpr int NV = decltype(nvv)::value;
+                if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                  band_logits<NV>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend);
+              });
               if (seg_pf && (sl - sg) % N == 0) pf_step(pf_quota);
             }
             for (int64_t sl = sg; sl < gend; ++sl) {

@@ -167,6 +167,9 @@ static inline void pin_register(V& v) {
 // replacement pass; otherwise the array round-trips through the stack on entry and exit of every
 // block, which costs about as much as the FMAs when the block's loop is short (7 neighbours).
 #define NA_UNROLL _Pragma("GCC unroll 32")
+// Register-block kernels whose accumulators the caller owns: inlined wherever they are used (an
+// out-of-line call takes the accumulators by reference, through memory).
+#define NA_TILE static inline __attribute__((always_inline))
 
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
 // exactly 0 below -87.
@@ -1219,7 +1222,7 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
 
 // acc[t][:] += sum_j P[j * pstride + t] * V[t + j * dw][:] for T queries, DV vectors of 16 channels.
 template <int T, int DV>
-static inline void pv_tile(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t dw, int64_t kw,
+NA_TILE void pv_tile(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t dw, int64_t kw,
                            Vec<float> (&acc)[T][DV]) {
   for (int64_t j = 0; j < kw; ++j) {
     const float* pj = P + j * pstride;
@@ -1236,18 +1239,20 @@ static inline void pv_tile(const float* P, int64_t pstride, const float* V, int6
 // The same with dilation 1 and KW neighbours per key row, by key column: column u feeds queries
 // t = u - j, so each value row is loaded once per tile.
 template <int T, int DV, int KW>
-static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V, int64_t xs,
+NA_TILE void pv_tile_diag(const float* P, int64_t pstride, const float* V, int64_t xs,
                                 Vec<float> (&acc)[T][DV]) {
 #pragma GCC unroll 32
   for (int u = 0; u < T + KW - 1; ++u) {
     Vec<float> vv[DV];
+    NA_UNROLL
     for (int d = 0; d < DV; ++d) {
       vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
       pin_register(vv[d]);
     }
-#pragma GCC unroll 16
+    NA_UNROLL
     for (int t = (u - KW + 1 > 0 ? u - KW + 1 : 0); t <= (u < T - 1 ? u : T - 1); ++t) {
       const Vec<float> p = splat<float>(P[(u - t) * pstride + t]);
+      NA_UNROLL
       for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
     }
   }
@@ -1258,15 +1263,17 @@ static inline void pv_tile_diag(const float* P, int64_t pstride, const float* V,
 // (query t's weights at P + t * tstride: 1 for the logits' neighbour-major layout, the row width
 // for the band logits' query-major one)
 template <int T, int DV>
-static inline void pv_tile_diag_any(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t kw,
+NA_TILE void pv_tile_diag_any(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t kw,
                                     Vec<float> (&acc)[T][DV], int64_t tstride = 1) {
-  auto column = [&](int64_t u, auto full) {
+  auto column = [&](int64_t u, auto full) __attribute__((always_inline)) {
     Vec<float> vv[DV];
+    NA_UNROLL
     for (int d = 0; d < DV; ++d) vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
-#pragma GCC unroll 16
+    NA_UNROLL
     for (int t = 0; t < T; ++t) {
       if (!decltype(full)::value && (u - t < 0 || u - t >= kw)) continue;
       const Vec<float> p = splat<float>(P[(u - t) * pstride + t * tstride]);
+      NA_UNROLL
       for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
     }
   };
@@ -1624,12 +1631,16 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             auto pv = [&](auto tv, int64_t sl) {
               constexpr int T = decltype(tv)::value;
               Vec<float> acc[T][DV];
+              NA_UNROLL
               for (int t = 0; t < T; ++t)
+                NA_UNROLL
                 for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
               pv_tile_diag_any<T, DV>(crow(sl), 1, vr0 + sl * vxs, vxs, pl.kw, acc, kBandCS);
+              NA_UNROLL
               for (int t = 0; t < T; ++t) {
                 const Vec<float> inv = splat<float>(Linv[sl + t]);
                 float* o = Orow + (pl.xlo + sl + t) * ostr;
+                NA_UNROLL
                 for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
               }
             };
@@ -1784,71 +1795,92 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
 #if NA_AVX2
             // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
             // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
-            auto pv_avx2 = [&](auto tqv) {
+            // (one tile kernel per loop, as below for AVX-512)
+            auto pv_avx2 = [&](auto tqv, auto kern) {
               constexpr int TQ2 = decltype(tqv)::value;
               constexpr int DC = 2;
               const int64_t x0 = pl.xlo + sl;
               for (int dc = 0; dc < DV; dc += DC) {
                 Vec<float> acc[TQ2][DC];
+                NA_UNROLL
                 for (int t = 0; t < TQ2; ++t)
+                  NA_UNROLL
                   for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
                 for (int64_t i = 0; i < pl.nkr; ++i) {
                   if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                  const float* vr = vrows[i] + (x0 + pl.off[0]) * vxs + dc * N;
                   // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
                   const float* Pi = Sy + i * pl.kw * SW + sl;
                   for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * SW));
-                  if (pl.dw == 1 && pl.kw == 7)
-                    pv_tile_diag<TQ2, DC, 7>(Pl.data(), N, vr, vxs, acc);
-                  else if (pl.dw == 1 && pl.kw == 5)
-                    pv_tile_diag<TQ2, DC, 5>(Pl.data(), N, vr, vxs, acc);
-                  else if (pl.dw == 1 && pl.kw == 3)
-                    pv_tile_diag<TQ2, DC, 3>(Pl.data(), N, vr, vxs, acc);
-                  else if (pl.dw == 1 && pl.kw >= TQ2)
-                    pv_tile_diag_any<TQ2, DC>(Pl.data(), N, vr, vxs, pl.kw, acc);
-                  else
-                    pv_tile<TQ2, DC>(Pl.data(), N, vr, vxs, pl.dw, pl.kw, acc);
+                  kern(vrows[i] + (x0 + pl.off[0]) * vxs + dc * N, acc);
                 }
+                NA_UNROLL
                 for (int t = 0; t < TQ2; ++t) {
                   const Vec<float> inv = splat<float>(Linv[sl + t]);
                   float* o = Orow + (x0 + t) * ostr + dc * N;
+                  NA_UNROLL
                   for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
                 }
               }
               sl += TQ2;
               if (seg_pf) pf_step(pf_quota);
             };
-            while (sl + 6 <= tile_end) pv_avx2(std::integral_constant<int, 6>{});
-            while (sl + 2 <= tile_end) pv_avx2(std::integral_constant<int, 2>{});
+            auto pv_avx2_tiles = [&](auto tqv) {
+              constexpr int TQ2 = decltype(tqv)::value;
+              using Acc = Vec<float>[TQ2][2];
+              const float* P = Pl.data();
+              auto loop = [&](auto kern) {
+                while (sl + TQ2 <= tile_end) pv_avx2(tqv, kern);
+              };
+              if (pl.dw == 1 && pl.kw == 7)
+                loop([&](const float* V, Acc& acc) { pv_tile_diag<TQ2, 2, 7>(P, N, V, vxs, acc); });
+              else if (pl.dw == 1 && pl.kw == 5)
+                loop([&](const float* V, Acc& acc) { pv_tile_diag<TQ2, 2, 5>(P, N, V, vxs, acc); });
+              else if (pl.dw == 1 && pl.kw == 3)
+                loop([&](const float* V, Acc& acc) { pv_tile_diag<TQ2, 2, 3>(P, N, V, vxs, acc); });
+              else if (pl.dw == 1 && pl.kw >= TQ2)
+                loop([&](const float* V, Acc& acc) { pv_tile_diag_any<TQ2, 2>(P, N, V, vxs, pl.kw, acc); });
+              else
+                loop([&](const float* V, Acc& acc) { pv_tile<TQ2, 2>(P, N, V, vxs, pl.dw, pl.kw, acc); });
+            };
+            pv_avx2_tiles(std::integral_constant<int, 6>{});
+            pv_avx2_tiles(std::integral_constant<int, 2>{});
             (void)TQ;
 #else
-            for (; sl + TQ <= tile_end; sl += TQ) {
-              if (seg_pf) pf_step(pf_quota);
-              Vec<float> acc[TQ][DV];
-              for (int t = 0; t < TQ; ++t)
-                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-              const int64_t x0 = pl.xlo + sl;
-              for (int64_t i = 0; i < pl.nkr; ++i) {
-                if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                const float* vr = vrows[i] + (x0 + pl.off[0]) * vxs;
-                const float* Pi = Sy + i * pl.kw * SW + sl;
-                if (pl.dw == 1 && pl.kw == 7)
-                  pv_tile_diag<TQ, DV, 7>(Pi, SW, vr, vxs, acc);
-                else if (pl.dw == 1 && pl.kw == 5)
-                  pv_tile_diag<TQ, DV, 5>(Pi, SW, vr, vxs, acc);
-                else if (pl.dw == 1 && pl.kw == 3)
-                  pv_tile_diag<TQ, DV, 3>(Pi, SW, vr, vxs, acc);
-                else if (pl.dw == 1 && pl.kw >= TQ)
-                  pv_tile_diag_any<TQ, DV>(Pi, SW, vr, vxs, pl.kw, acc);
-                else
-                  pv_tile<TQ, DV>(Pi, SW, vr, vxs, pl.dw, pl.kw, acc);
+            // tiles of TQ queries through one tile kernel kern(P, V, acc) per loop (GCC keeps the
+            // accumulators in registers only when a single kernel updates them; with the five
+            // kernels behind a branch in the loop, every FMA went through the stack)
+            auto pv_tiles = [&](auto kern) {
+              for (; sl + TQ <= tile_end; sl += TQ) {
+                if (seg_pf) pf_step(pf_quota);
+                Vec<float> acc[TQ][DV];
+                NA_UNROLL
+                for (int t = 0; t < TQ; ++t)
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+                const int64_t x0 = pl.xlo + sl;
+                for (int64_t i = 0; i < pl.nkr; ++i)
+                  if (pl.rowvalid[y * pl.nkr + i])
+                    kern(Sy + i * pl.kw * SW + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
+                NA_UNROLL
+                for (int t = 0; t < TQ; ++t) {
+                  const Vec<float> inv = splat<float>(Linv[sl + t]);
+                  float* o = Orow + (x0 + t) * ostr;
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                }
               }
-              for (int t = 0; t < TQ; ++t) {
-                const Vec<float> inv = splat<float>(Linv[sl + t]);
-                float* o = Orow + (x0 + t) * ostr;
-                for (int d = 0; d < DV; ++d) storeu(o + d * 16, acc[t][d] * inv);
-              }
-            }
+            };
+            using Acc = Vec<float>[TQ][DV];
+            if (pl.dw == 1 && pl.kw == 7)
+              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile_diag<TQ, DV, 7>(P, SW, V, vxs, acc); });
+            else if (pl.dw == 1 && pl.kw == 5)
+              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile_diag<TQ, DV, 5>(P, SW, V, vxs, acc); });
+            else if (pl.dw == 1 && pl.kw == 3)
+              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile_diag<TQ, DV, 3>(P, SW, V, vxs, acc); });
+            else if (pl.dw == 1 && pl.kw >= TQ)
+              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile_diag_any<TQ, DV>(P, SW, V, vxs, pl.kw, acc); });
+            else
+              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile<TQ, DV>(P, SW, V, vxs, pl.dw, pl.kw, acc); });
 #endif
             // the other queries: runs of up to kShared slots whose windows hold the same key
             // columns (the clamped windows at both ends of a row) in one tile that loads each

@@ -262,6 +262,7 @@ struct Plan {
   int64_t row_span;              // most key rows between the first and last of one query row
   int64_t nht;                   // bias tables (heads or 1)
   Buf<T> biascol;                // [nht][nbr][kw][Ws]: table value (+ -inf column mask)
+  bool any_bias;                 // whether biascol has an entry other than 0
   std::vector<int64_t> row_t, row_y;  // [R] the (t, y) of each row
 
   Plan(const View6& q, const View6& k, const Window& win, const T* table, int64_t nht_) {
@@ -311,9 +312,23 @@ struct Plan {
     kidx.assign(kw * Ws, (int32_t)W);
     bx.assign(kw * Ws, (int32_t)(kw - 1));
     std::vector<uint8_t> colvalid(kw * Ws, 0);
-    // (in blocks of 16 slots, whose windows stay in L1 while each neighbour's entries are
-    // written; one division per entry only with dilation)
-    for (int64_t s0 = 0; s0 < Ws; s0 += 16)
+    // interior slots: key column x + off[j], bias column off[j] / dw + kw - 1 (plain stores: the
+    // 1-D ops' rows of thousands of slots and windows of tens of neighbours made the general
+    // loop below a serial millisecond per call)
+    for (int64_t j = 0; j < kw; ++j) {
+      const int32_t c0 = (int32_t)(xlo + off[j]), bj = (int32_t)(off[j] / dw + kw - 1);
+      int32_t* kj = kidx.data() + j * Ws;
+      int32_t* bxj = bx.data() + j * Ws;
+      uint8_t* vj = colvalid.data() + j * Ws;
+      for (int64_t sl = 0; sl < n_int; ++sl) {
+        kj[sl] = c0 + (int32_t)sl;
+        bxj[sl] = bj;
+        vj[sl] = 1;
+      }
+    }
+    // the other slots (in blocks of 16, whose windows stay in L1 while each neighbour's entries
+    // are written; one division per entry only with dilation)
+    for (int64_t s0 = n_int; s0 < Ws; s0 += 16)
       for (int64_t j = 0; j < kw; ++j)
         for (int64_t sl = s0; sl < std::min(Ws, s0 + 16); ++sl) {
           const int64_t x = slotx[sl];
@@ -366,20 +381,29 @@ struct Plan {
     nbr = (2 * kt - 1) * (2 * kh - 1);
     nht = table ? nht_ : 1;
     const int64_t tc = 2 * kw - 1;
-    biascol.assign(nht * nbr * kw * Ws, T(0));
+    biascol.resize(nht * nbr * kw * Ws);
     const T ninf = -std::numeric_limits<T>::infinity();
+    any_bias = false;
     for (int64_t h = 0; h < nht; ++h)
       for (int64_t a = 0; a < nbr; ++a)
-        for (int64_t j = 0; j < kw; ++j)
-          for (int64_t sl = 0; sl < Ws; ++sl) {
+        for (int64_t j = 0; j < kw; ++j) {
+          const T* tab = table ? table + (h * nbr + a) * tc : nullptr;
+          T* dst = biascol.data() + ((h * nbr + a) * kw + j) * Ws;
+          // interior slots: keys, all at bias column bx[j][0]
+          const T vint = tab && n_int > 0 ? tab[bx[j * Ws]] : T(0);
+          std::fill(dst, dst + n_int, vint);
+          any_bias |= n_int > 0 && vint != T(0);
+          for (int64_t sl = n_int; sl < Ws; ++sl) {
             T val = T(0);
             if (slotx[sl] < W) {
-              if (table) val = table[(h * nbr + a) * tc + bx[j * Ws + sl]];
+              if (tab) val = tab[bx[j * Ws + sl]];
               // a "zero" key keeps its logit (0 + bias); any other non-key leaves the softmax
               if (border != kZero && !colvalid[j * Ws + sl]) val = ninf;
             }
-            biascol[((h * nbr + a) * kw + j) * Ws + sl] = val;
+            dst[sl] = val;
+            any_bias |= val != T(0);
           }
+        }
   }
   const T* bias_row(int64_t ht, int64_t y, int64_t i) const {
     return biascol.data() + ((ht * nbr + by[y * nkr + i]) * kw) * Ws;
@@ -1424,8 +1448,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   const float* vb = static_cast<const float*>(v.data);
   const int64_t *qs = q.stride, *ks = k.stride, *vs = v.stride;
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
-  bool any_bias = false;
-  for (float b : pl.biascol) any_bias |= b != 0.0f;
+  const bool any_bias = pl.any_bias;
   const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
   // Rows with one key row (kernel 1 on the outer axes: the 1-D ops), dilation 1, windows wider
   // than a vector and no bias take their all-interior blocks through band_logits (AVX-512 only:

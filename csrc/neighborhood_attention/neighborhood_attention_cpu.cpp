@@ -193,6 +193,44 @@ static inline Vec<float> vexp(Vec<float> x) {
   Vec<float> r = p * scale;
   return x < lo ? splat<float>(0.0f) : r;
 }
+// log for float vectors of positive normal numbers: x = 2^e * m, m in [sqrt(1/2), sqrt(2)),
+// log(m) by the Cephes logf polynomial in m - 1 (error ~1 ulp); lanes that are not positive normal
+// numbers (never the softmax sums it takes, which are >= 1) go through std::log.
+static inline Vec<float> vlog(Vec<float> x) {
+  typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
+  const VI bad = (x < std::numeric_limits<float>::min()) | (x > std::numeric_limits<float>::max()) | (x != x);
+  bool any_bad = false;
+  for (int l = 0; l < VecOf<float>::N; ++l) any_bad |= bad[l] != 0;
+  if (any_bad) {
+    Vec<float> r;
+    for (int l = 0; l < VecOf<float>::N; ++l) r[l] = std::log(x[l]);
+    return r;
+  }
+  VI bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  VI e = ((bits >> 23) & 0xff) - 127;
+  VI mb = (bits & 0x7fffff) | 0x3f800000;  // m in [1, 2)
+  Vec<float> m;
+  std::memcpy(&m, &mb, sizeof(m));
+  const VI big = m > 1.41421356237309505f;
+  m = big ? m * 0.5f : m;
+  e -= big;  // (a true lane of a vector comparison is -1)
+  const Vec<float> f = m - 1.0f, z = f * f;
+  Vec<float> y = splat<float>(7.0376836292e-2f);
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  const Vec<float> ef = __builtin_convertvector(e, Vec<float>);
+  y += ef * -2.12194440e-4f;
+  y -= 0.5f * z;
+  return f + y + ef * 0.693359375f;
+}
 static inline Vec<double> vexp(Vec<double> x) {
   Vec<double> r{};
   for (int l = 0; l < VecOf<double>::N; ++l) r[l] = std::exp(x[l]);
@@ -1247,7 +1285,7 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
 // acc[t][:] += sum_j P[j * pstride + t] * V[t + j * dw][:] for T queries, DV vectors of 16 channels.
 template <int T, int DV>
 NA_TILE void pv_tile(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t dw, int64_t kw,
-                           Vec<float> (&acc)[T][DV]) {
+                     Vec<float> (&acc)[T][DV]) {
   for (int64_t j = 0; j < kw; ++j) {
     const float* pj = P + j * pstride;
     const float* vj = V + j * dw * xs;
@@ -1264,7 +1302,7 @@ NA_TILE void pv_tile(const float* P, int64_t pstride, const float* V, int64_t xs
 // t = u - j, so each value row is loaded once per tile.
 template <int T, int DV, int KW>
 NA_TILE void pv_tile_diag(const float* P, int64_t pstride, const float* V, int64_t xs,
-                                Vec<float> (&acc)[T][DV]) {
+                          Vec<float> (&acc)[T][DV]) {
 #pragma GCC unroll 32
   for (int u = 0; u < T + KW - 1; ++u) {
     Vec<float> vv[DV];
@@ -1288,7 +1326,7 @@ NA_TILE void pv_tile_diag(const float* P, int64_t pstride, const float* V, int64
 // for the band logits' query-major one)
 template <int T, int DV>
 NA_TILE void pv_tile_diag_any(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t kw,
-                                    Vec<float> (&acc)[T][DV], int64_t tstride = 1) {
+                              Vec<float> (&acc)[T][DV], int64_t tstride = 1) {
   auto column = [&](int64_t u, auto full) __attribute__((always_inline)) {
     Vec<float> vv[DV];
     NA_UNROLL
@@ -1383,6 +1421,36 @@ static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out
 }
 #endif
 
+// Calls loop(kern) with the P.V tile kernel of the window's shape: kern(tv, P, V, acc) adds to
+// acc[T][DC] (T = decltype(tv)::value <= tmax queries by DC channel vectors) their weights at P
+// (neighbour j of query t at P[j * pstride + t]) times the value rows from V (xs apart). GCC
+// keeps the accumulators in registers only when a single kernel updates them, so the choice is
+// made once, outside the caller's tile loop: with the five kernels behind a branch inside it,
+// every FMA of the 2-D tiles loaded and stored its accumulator through the stack.
+template <int DC, class Loop>
+static inline void with_pv_kernel(const Plan<float>& pl, int64_t pstride, int64_t xs, int tmax, Loop&& loop) {
+  if (pl.dw == 1 && pl.kw == 7)
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile_diag<decltype(tv)::value, DC, 7>(P, pstride, V, xs, acc);
+    });
+  else if (pl.dw == 1 && pl.kw == 5)
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile_diag<decltype(tv)::value, DC, 5>(P, pstride, V, xs, acc);
+    });
+  else if (pl.dw == 1 && pl.kw == 3)
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile_diag<decltype(tv)::value, DC, 3>(P, pstride, V, xs, acc);
+    });
+  else if (pl.dw == 1 && pl.kw >= tmax)
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile_diag_any<decltype(tv)::value, DC>(P, pstride, V, xs, pl.kw, acc);
+    });
+  else
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile<decltype(tv)::value, DC>(P, pstride, V, xs, pl.dw, pl.kw, acc);
+    });
+}
+
 // Query slots of one row whose logits are formed together (rows longer than this are done in
 // segments).
 constexpr int64_t kSegmentSlots = 128;
@@ -1465,7 +1533,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<float> Kp;
     Kp.alloc(pl, ring);
-    std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0);
+    std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
 #if NA_AVX2
     // S padded by one vector: a P.V tile copies N weights from slot sl <= se - 2
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW + N), Linv(pl.Ws), Pl(pl.kw * N);
@@ -1645,11 +1713,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               });
               if (seg_pf && (sl - sg) % N == 0) pf_step(pf_quota);
             }
-            for (int64_t sl = sg; sl < gend; ++sl) {
-              float m, l;
-              band_softmax(crow(sl), pl.kw, m, l);
-              Linv[sl] = 1.0f / l;
-              Lrow[pl.xlo + sl] = m + std::log(l);
+            // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
+            for (int64_t sl = sg; sl < gend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
+            for (int64_t sl = sg; sl < gend; sl += N) {  // (gend - sg is a multiple of N)
+              const Vec<float> l = loadu(Linv.data() + sl);
+              storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
+              storeu(Linv.data() + sl, 1.0f / l);
             }
             auto pv = [&](auto tv, int64_t sl) {
               constexpr int T = decltype(tv)::value;
@@ -1672,7 +1741,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               pv(std::integral_constant<int, TQ>{}, sl);
               if (seg_pf) pf_step(pf_quota);
             }
-            for (; sl < gend; ++sl) pv(std::integral_constant<int, 1>{}, sl);
+            if (sl < gend)  // the rest, fewer than TQ queries, in one narrower tile
+              dispatch_nc(gend - sl, [&](auto tv) {
+                if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
+              });
           }
 #endif
           for (int64_t r = 0; r < ng; ++r) {
@@ -1755,9 +1827,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 l += p;
               }
               storeu(Linv.data() + s0, 1.0f / l);
+              const Vec<float> lse = m + vlog(l);
               for (int lane = 0; lane < N; ++lane) {
                 int64_t x = pl.slotx[s0 + lane];
-                if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
+                if (x < pl.W) Lrow[x] = lse[lane];
               }
             }
             pf_step(pf_quota);
@@ -1834,7 +1907,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
                   const float* Pi = Sy + i * pl.kw * SW + sl;
                   for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * SW));
-                  kern(vrows[i] + (x0 + pl.off[0]) * vxs + dc * N, acc);
+                  kern(tqv, Pl.data(), vrows[i] + (x0 + pl.off[0]) * vxs + dc * N, acc);
                 }
                 NA_UNROLL
                 for (int t = 0; t < TQ2; ++t) {
@@ -1849,61 +1922,42 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             };
             auto pv_avx2_tiles = [&](auto tqv) {
               constexpr int TQ2 = decltype(tqv)::value;
-              using Acc = Vec<float>[TQ2][2];
-              const float* P = Pl.data();
-              auto loop = [&](auto kern) {
+              with_pv_kernel<2>(pl, N, vxs, TQ2, [&](auto kern) {
                 while (sl + TQ2 <= tile_end) pv_avx2(tqv, kern);
-              };
-              if (pl.dw == 1 && pl.kw == 7)
-                loop([&](const float* V, Acc& acc) { pv_tile_diag<TQ2, 2, 7>(P, N, V, vxs, acc); });
-              else if (pl.dw == 1 && pl.kw == 5)
-                loop([&](const float* V, Acc& acc) { pv_tile_diag<TQ2, 2, 5>(P, N, V, vxs, acc); });
-              else if (pl.dw == 1 && pl.kw == 3)
-                loop([&](const float* V, Acc& acc) { pv_tile_diag<TQ2, 2, 3>(P, N, V, vxs, acc); });
-              else if (pl.dw == 1 && pl.kw >= TQ2)
-                loop([&](const float* V, Acc& acc) { pv_tile_diag_any<TQ2, 2>(P, N, V, vxs, pl.kw, acc); });
-              else
-                loop([&](const float* V, Acc& acc) { pv_tile<TQ2, 2>(P, N, V, vxs, pl.dw, pl.kw, acc); });
+              });
             };
             pv_avx2_tiles(std::integral_constant<int, 6>{});
             pv_avx2_tiles(std::integral_constant<int, 2>{});
             (void)TQ;
 #else
-            // tiles of TQ queries through one tile kernel kern(P, V, acc) per loop (GCC keeps the
-            // accumulators in registers only when a single kernel updates them; with the five
-            // kernels behind a branch in the loop, every FMA went through the stack)
-            auto pv_tiles = [&](auto kern) {
-              for (; sl + TQ <= tile_end; sl += TQ) {
-                if (seg_pf) pf_step(pf_quota);
-                Vec<float> acc[TQ][DV];
+            // tiles of TQ queries, then one tile of the rest
+            auto tile = [&](auto tv, auto kern) {
+              constexpr int T = decltype(tv)::value;
+              if (seg_pf) pf_step(pf_quota);
+              Vec<float> acc[T][DV];
+              NA_UNROLL
+              for (int t = 0; t < T; ++t)
                 NA_UNROLL
-                for (int t = 0; t < TQ; ++t)
-                  NA_UNROLL
-                  for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-                const int64_t x0 = pl.xlo + sl;
-                for (int64_t i = 0; i < pl.nkr; ++i)
-                  if (pl.rowvalid[y * pl.nkr + i])
-                    kern(Sy + i * pl.kw * SW + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
+                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+              const int64_t x0 = pl.xlo + sl;
+              for (int64_t i = 0; i < pl.nkr; ++i)
+                if (pl.rowvalid[y * pl.nkr + i]) kern(tv, Sy + i * pl.kw * SW + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
+              NA_UNROLL
+              for (int t = 0; t < T; ++t) {
+                const Vec<float> inv = splat<float>(Linv[sl + t]);
+                float* o = Orow + (x0 + t) * ostr;
                 NA_UNROLL
-                for (int t = 0; t < TQ; ++t) {
-                  const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  float* o = Orow + (x0 + t) * ostr;
-                  NA_UNROLL
-                  for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
-                }
+                for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
               }
+              sl += T;
             };
-            using Acc = Vec<float>[TQ][DV];
-            if (pl.dw == 1 && pl.kw == 7)
-              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile_diag<TQ, DV, 7>(P, SW, V, vxs, acc); });
-            else if (pl.dw == 1 && pl.kw == 5)
-              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile_diag<TQ, DV, 5>(P, SW, V, vxs, acc); });
-            else if (pl.dw == 1 && pl.kw == 3)
-              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile_diag<TQ, DV, 3>(P, SW, V, vxs, acc); });
-            else if (pl.dw == 1 && pl.kw >= TQ)
-              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile_diag_any<TQ, DV>(P, SW, V, vxs, pl.kw, acc); });
-            else
-              pv_tiles([&](const float* P, const float* V, Acc& acc) { pv_tile<TQ, DV>(P, SW, V, vxs, pl.dw, pl.kw, acc); });
+            with_pv_kernel<DV>(pl, SW, vxs, TQ, [&](auto kern) {
+              while (sl + TQ <= tile_end) tile(std::integral_constant<int, TQ>{}, kern);
+              if (sl < tile_end)
+                dispatch_nc(tile_end - sl, [&](auto tv) {
+                  if constexpr (decltype(tv)::value < TQ) tile(tv, kern);
+                });
+            });
 #endif
             // the other queries: runs of up to kShared slots whose windows hold the same key
             // columns (the clamped windows at both ends of a row) in one tile that loads each

@@ -140,8 +140,15 @@ def test_float32_bfloat16(case, dtype, D):
 # rows longer than one segment of query slots (128), with causal, even and border variants.
 # Without a bias table (and up to kw = 93 on AVX-512) the interior blocks take the band
 # logits instead (4 queries against 2-6 key vectors, a query-major softmax and P.V), the others
-# the shifted-key blocks.
+# the shifted-key blocks. Rows of more than 256 query slots on the band route are split into
+# column chunks (one task per batch, chunk and head, heads innermost): the rows of 530 to 1100
+# below, with several key/value heads so that consecutive tasks read different keys.
 WIDE_1D = [
+    ((1, 1, 700), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 1, 1100), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 4, 0, 16, "contiguous"),
+    ((1, 1, 1100), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 4, 2, 0, 16, "contiguous"),
+    ((1, 1, 613), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 0, 16, "fused"),
+    ((1, 1, 530), (1, 1, 93), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),
     ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 0, 16, "fused"),
     ((1, 1, 300), (1, 1, 93), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),
     ((1, 1, 201), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 0, 16, "fused"),

@@ -1454,6 +1454,8 @@ static inline void with_pv_kernel(const Plan<float>& pl, int64_t pstride, int64_
 // Query slots of one row whose logits are formed together (rows longer than this are done in
 // segments).
 constexpr int64_t kSegmentSlots = 128;
+// Query slots per column chunk of a row on the band route (see forward_f32).
+constexpr int64_t kColumnSlots = 256;
 
 // Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
 // prefetches would stall the loads of the work in between).
@@ -1530,7 +1532,16 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     if (nv <= kBandMaxNV && nv * N <= pl.Wk) band_nv = (int)nv;
   }
 #endif
-  par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
+  // A single row on the band route (the 1-D ops) is split into column chunks of colslots slots,
+  // taken heads innermost: task (b, chunk, h). The heads of one token lie next to each other in
+  // memory; one head's pass over a chunk brings its neighbours' lines into L2 with its own, and
+  // the other heads' passes over the same chunk then find them there (a whole row per task
+  // streamed every token's lines from L3 once per head): 1-D forward 15% faster. Chunks of 256
+  // slots keep a chunk's q, k and v for 8 heads of 64 channels (about 1.9 MB) within a 2 MB L2;
+  // 128 and 512 were slower by 3-5%.
+  const int64_t ncol = band_nv > 0 && pl.R == 1 && nchunks == 1 ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
+  const int64_t colslots = ((pl.Ws + ncol - 1) / ncol + SW - 1) / SW * SW;
+  par.for_each(0, BH * nchunks * ncol, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<float> Kp;
     Kp.alloc(pl, ring);
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
@@ -1595,14 +1606,19 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       pf_enqueue_group(tt, yy);
       pf_quota = pfq.pending() / 12 + 1;
     };
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t tc = t0; tc < t1; ++tc) {
+      // t: the (batch, head, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
+      const int64_t t = ncol == 1 ? tc : (tc / (ncol * pl.NH)) * pl.NH + tc % pl.NH;
+      const int64_t col = ncol == 1 ? 0 : (tc / pl.NH) % ncol;
+      const int64_t s_lo = col * colslots, s_hi = std::min(pl.Ws, s_lo + colslots);
+      if (s_lo >= s_hi) continue;
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
       const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
-      if (t == t0 && !seg_pf) {  // this thread's first groups: prefetch them now
+      if (tc == t0 && !seg_pf) {  // this thread's first groups: prefetch them now
         for (int64_t yy = y0; yy < std::min(y1, y0 + kPfAhead * RG); yy += RG) pf_enqueue_group(t, yy);
         pf_step(1 << 30);
       }
@@ -1613,9 +1629,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       // packed just before the first row group that reads them (so they are still in cache)
       // Rows longer than a segment have their columns packed as the segments reach them (the
       // next segment's are prefetched; a whole row packed up front came from memory
-      // unprefetched): columns [0, packed_cols) of every packed row.
+      // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
+      // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
       int64_t packed_hi = klo - 1;
-      int64_t packed_cols = seg_pf ? 0 : pl.Wk;
+      const int64_t packed_lo =
+          s_lo == 0 ? 0 : std::max<int64_t>(0, std::min(pl.xlo + s_lo + pl.off[0], pl.Wk - band_nv * N) / N * N);
+      int64_t packed_cols = seg_pf ? packed_lo : pl.Wk;
       auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
         const float* kr = krow(y);
         float* dst = Kp.trow(pl, y);
@@ -1635,8 +1654,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         // (rows that the ring would drop before any group reads them are skipped)
         for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
           const float* kr = krow(y);
-          pack_cols(y, 0, packed_cols);
-          for (int64_t g = 0; g < pl.NG; ++g) {
+          pack_cols(y, packed_lo, packed_cols);
+          // (border blocks only for the chunk that holds them)
+          for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N; ++g) {
             const int64_t s0 = (pl.n_full + g) * N;
             float* gb = Kp.grow(pl, y, g);
             for (int64_t j = 0; j < pl.kw; ++j) {
@@ -1657,8 +1677,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         if (kmax > packed_hi) pack_key_rows(kmax);
         // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
         // queries and logits stay in cache from the logits to the output
-        for (int64_t sg = 0; sg < pl.Ws; sg += SW) {
-          const int64_t se = std::min(pl.Ws, sg + SW), cb = sg / N, ce = se / N;
+        for (int64_t sg = s_lo; sg < s_hi; sg += SW) {
+          const int64_t se = std::min(s_hi, sg + SW), cb = sg / N, ce = se / N;
           // the key columns that this segment's interior blocks read (blocks [cb, ce) read
           // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
           // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
@@ -1672,11 +1692,11 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           if (seg_pf)
             extend_cols(se > pl.n_full * N ? pl.Wk
                                            : std::min(pl.Wk, pl.xlo + se + std::max(pl.off[pl.kw - 1], pl.off[0] + band_nv * N)));
-          if (seg_pf && se < pl.Ws) {
+          if (seg_pf && se < s_hi) {
             // the next segment's query columns and the key/value columns it adds (interior
             // slots: column xlo + slot), spread over this segment's key rows and query rows
             auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
-            const int64_t ne = std::min(pl.Ws, se + SW);
+            const int64_t ne = std::min(s_hi, se + SW);
             const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
             const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
             for (int64_t r = 0; r < ng; ++r)

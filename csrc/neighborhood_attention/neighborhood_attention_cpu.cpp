@@ -38,7 +38,9 @@
 // Work is split over (batch, head) pairs, and over row chunks of each pair when there are
 // fewer pairs than twice the threads; each task packs the key rows of its key/value head
 // (heads / heads_kv query heads share one; nothing is copied to expand them). The float32
-// forward forms a long row's logits in segments of kSegmentSlots queries. The backward's
+// forward forms a long row's logits in segments of kSegmentSlots queries, and splits a map of
+// one long row (1-D) into column chunks taken heads innermost (batch, chunk, head), so that the
+// heads' passes over a chunk share its tokens' cache lines in L2. The backward's
 // tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order (the query
 // heads of a key/value head, then the row chunks; a task that is the only one of its key/value
 // head writes its dK/dV rows out itself); its split depends on the shapes only, never on the
@@ -1454,7 +1456,7 @@ static inline void with_pv_kernel(const Plan<float>& pl, int64_t pstride, int64_
 // Query slots of one row whose logits are formed together (rows longer than this are done in
 // segments).
 constexpr int64_t kSegmentSlots = 128;
-// Query slots per column chunk of a row on the band route (see forward_f32).
+// Query slots per column chunk of a single long row (see forward_f32).
 constexpr int64_t kColumnSlots = 256;
 
 // Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
@@ -1532,14 +1534,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     if (nv <= kBandMaxNV && nv * N <= pl.Wk) band_nv = (int)nv;
   }
 #endif
-  // A single row on the band route (the 1-D ops) is split into column chunks of colslots slots,
-  // taken heads innermost: task (b, chunk, h). The heads of one token lie next to each other in
-  // memory; one head's pass over a chunk brings its neighbours' lines into L2 with its own, and
-  // the other heads' passes over the same chunk then find them there (a whole row per task
-  // streamed every token's lines from L3 once per head): 1-D forward 15% faster. Chunks of 256
-  // slots keep a chunk's q, k and v for 8 heads of 64 channels (about 1.9 MB) within a 2 MB L2;
-  // 128 and 512 were slower by 3-5%.
-  const int64_t ncol = band_nv > 0 && pl.R == 1 && nchunks == 1 ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
+  // A single row longer than a segment (the 1-D ops) is split into column chunks of colslots
+  // slots, taken heads innermost: task (b, chunk, h). The heads of one token lie next to each
+  // other in memory; one head's pass over a chunk brings its neighbours' lines into L2 with its
+  // own, and the other heads' passes over the same chunk then find them there (a whole row per
+  // task streamed every token's lines from L3 once per head): 1-D forward 15% faster with k = 65,
+  // 7-10% with a bias table or dilation. Chunks of 256 slots keep a chunk's q, k and v for 8
+  // heads of 64 channels (about 1.9 MB) within a 2 MB L2; 128 and 512 were slower by 3-5%.
+  const int64_t ncol = pl.R == 1 && nchunks == 1 && pl.Ws > SW ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
   const int64_t colslots = ((pl.Ws + ncol - 1) / ncol + SW - 1) / SW * SW;
   par.for_each(0, BH * nchunks * ncol, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<float> Kp;

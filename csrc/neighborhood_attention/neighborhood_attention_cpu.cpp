@@ -47,6 +47,8 @@
 // thread count, so its results are the same bits whatever the number of threads. bfloat16 is computed in float, float64 in double.
 #include "neighborhood_attention.h"
 
+#include "../common/log_approx.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -195,9 +197,8 @@ static inline Vec<float> vexp(Vec<float> x) {
   Vec<float> r = p * scale;
   return x < lo ? splat<float>(0.0f) : r;
 }
-// log for float vectors of positive normal numbers: x = 2^e * m, m in [sqrt(1/2), sqrt(2)),
-// log(m) by the Cephes logf polynomial in m - 1 (error ~1 ulp); lanes that are not positive normal
-// numbers (never the softmax sums it takes, which are >= 1) go through std::log.
+// log for float vectors (log_approx, ~1 ulp); lanes that are not positive normal numbers (never
+// the softmax sums it takes, which are >= 1) go through std::log.
 static inline Vec<float> vlog(Vec<float> x) {
   typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
   const VI bad = (x < std::numeric_limits<float>::min()) | (x > std::numeric_limits<float>::max()) | (x != x);
@@ -208,30 +209,7 @@ static inline Vec<float> vlog(Vec<float> x) {
     for (int l = 0; l < VecOf<float>::N; ++l) r[l] = std::log(x[l]);
     return r;
   }
-  VI bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  VI e = ((bits >> 23) & 0xff) - 127;
-  VI mb = (bits & 0x7fffff) | 0x3f800000;  // m in [1, 2)
-  Vec<float> m;
-  std::memcpy(&m, &mb, sizeof(m));
-  const VI big = m > 1.41421356237309505f;
-  m = big ? m * 0.5f : m;
-  e -= big;  // (a true lane of a vector comparison is -1)
-  const Vec<float> f = m - 1.0f, z = f * f;
-  Vec<float> y = splat<float>(7.0376836292e-2f);
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
-  const Vec<float> ef = __builtin_convertvector(e, Vec<float>);
-  y += ef * -2.12194440e-4f;
-  y -= 0.5f * z;
-  return f + y + ef * 0.693359375f;
+  return log_approx<Vec<float>, VI>(x);
 }
 static inline Vec<double> vexp(Vec<double> x) {
   Vec<double> r{};

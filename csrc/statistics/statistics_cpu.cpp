@@ -21,6 +21,8 @@
 // in double. No planes (B*C == 0) gives NaN, as a mean over nothing.
 #include "statistics.h"
 
+#include "../common/log_approx.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,35 +45,6 @@ namespace statistics {
 
 constexpr int64_t kChunk = 64;       // planes per work item
 constexpr int64_t kVarBlock = 4096;  // elements per two-pass block of the variance
-
-// log for float, vectorisable (Cephes' logf polynomial on [sqrt(1/2), sqrt(2)), about 1 ulp).
-// Valid for normal positive finite x; callers fix up other values afterwards.
-static inline float log_approx(float x) {
-  int32_t ix;
-  std::memcpy(&ix, &x, 4);
-  // Split x = 2^e * m with m in [sqrt(1/2), sqrt(2)).
-  int32_t t = ix - 0x3f3504f3;
-  int32_t e = t >> 23;
-  int32_t im = (t & 0x007fffff) + 0x3f3504f3;
-  float m;
-  std::memcpy(&m, &im, 4);
-  float f = m - 1.0f;
-  float z = f * f;
-  float p = 7.0376836292e-2f;
-  p = p * f - 1.1514610310e-1f;
-  p = p * f + 1.1676998740e-1f;
-  p = p * f - 1.2420140846e-1f;
-  p = p * f + 1.4249322787e-1f;
-  p = p * f - 1.6668057665e-1f;
-  p = p * f + 2.0000714765e-1f;
-  p = p * f - 2.4999993993e-1f;
-  p = p * f + 3.3333331174e-1f;
-  float y = f * z * p;
-  float fe = static_cast<float>(e);
-  y += fe * -2.12194440e-4f;
-  y += -0.5f * z;
-  return f + y + fe * 0.693359375f;
-}
 
 // dst[i] = src[i] in the accumulation type, for the 16-bit inputs. float16 uses F16C's
 // vcvtph2ps where the level has it (as c10::Half's conversion does; the portable bit-twiddling

@@ -1434,8 +1434,10 @@ static inline void with_pv_kernel(const Plan<float>& pl, int64_t pstride, int64_
 // Query slots of one row whose logits are formed together (rows longer than this are done in
 // segments).
 constexpr int64_t kSegmentSlots = 128;
-// Query slots per column chunk of a single long row (see forward_f32).
+// Query slots per column chunk of a single long row (see forward_f32; a multiple of
+// kSegmentSlots).
 constexpr int64_t kColumnSlots = 256;
+static_assert(kColumnSlots % kSegmentSlots == 0, "column chunks hold whole segments");
 
 // Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
 // prefetches would stall the loads of the work in between).
@@ -1520,7 +1522,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // 7-10% with a bias table or dilation. Chunks of 256 slots keep a chunk's q, k and v for 8
   // heads of 64 channels (about 1.9 MB) within a 2 MB L2; 128 and 512 were slower by 3-5%.
   const int64_t ncol = pl.R == 1 && nchunks == 1 && pl.Ws > SW ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
-  const int64_t colslots = ((pl.Ws + ncol - 1) / ncol + SW - 1) / SW * SW;
+  const int64_t colslots = ncol == 1 ? pl.Ws : kColumnSlots;
   par.for_each(0, BH * nchunks * ncol, 1, [&](int64_t t0, int64_t t1) {
     KeyPack<float> Kp;
     Kp.alloc(pl, ring);
@@ -1591,7 +1593,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       const int64_t t = ncol == 1 ? tc : (tc / (ncol * pl.NH)) * pl.NH + tc % pl.NH;
       const int64_t col = ncol == 1 ? 0 : (tc / pl.NH) % ncol;
       const int64_t s_lo = col * colslots, s_hi = std::min(pl.Ws, s_lo + colslots);
-      if (s_lo >= s_hi) continue;
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
       const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);

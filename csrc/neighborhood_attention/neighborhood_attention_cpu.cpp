@@ -1534,60 +1534,20 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW), Linv(pl.Ws);
 #endif
     const float* rows[16];
-    // The q, k, v rows that the row group kPfAhead groups ahead reads first (crossing into the
-    // next task), prefetched into L2 a few tokens at a time between this group's key rows and
-    // query rows (a burst of a whole group's prefetches would stall this group's loads).
-    constexpr int64_t kPfAhead = 2;
+    // Rows longer than a segment have the next segment's q, k and v columns prefetched into L2
+    // a few tokens at a time while this segment is worked on (a burst of a whole segment's
+    // prefetches would stall its loads). Shorter rows are left to the hardware prefetcher:
+    // prefetching the rows of the row group two ahead made the 2-D forward 6% and the 3-D
+    // forward 10% slower.
+    const bool seg_pf = pl.Ws > SW;
     PrefetchQueue pfq;
-    std::vector<int64_t> pf_rows;
-    std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
-    std::vector<int64_t> shift(pl.kw + SW);        // dot_blocks_shared's key shifts
     int64_t pf_quota = 0;
     const int64_t tok_bytes = D * (int64_t)sizeof(float);
-    auto pf_enqueue_group = [&](int64_t task, int64_t yg_) {
-      const int64_t bh_ = task / nchunks, chunk_ = task % nchunks, b_ = bh_ / pl.NH, h_ = bh_ % pl.NH;
-      const int64_t ya = chunk_ * rows_per, yb = std::min(pl.R, ya + rows_per);
-      const int64_t ye = std::min(yb, yg_ + RG);
-      // the key rows this group reads that the previous group of the task did not
-      const int64_t yp = std::max(ya, yg_ - RG);
-      pf_rows.clear();
-      for (int64_t y = yg_; y < ye; ++y)
-        for (int64_t i = 0; i < pl.nkr; ++i)
-          if (pl.rowvalid[y * pl.nkr + i]) pf_rows.push_back(pl.rowpos[y * pl.nkr + i]);
-      std::sort(pf_rows.begin(), pf_rows.end());
-      pf_rows.erase(std::unique(pf_rows.begin(), pf_rows.end()), pf_rows.end());
-      for (int64_t y = yg_; y < ye; ++y)
-        pfq.add(qb + pl.row_off(qs, b_, y, h_), qs[3], pl.W);
-      for (const int64_t ky : pf_rows) {
-        bool read_before = false;
-        for (int64_t y = yp; y < yg_ && !read_before; ++y)
-          for (int64_t i = 0; i < pl.nkr; ++i)
-            read_before |= pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky;
-        if (read_before) continue;
-        pfq.add(kb + pl.row_off(ks, b_, ky, h_ / pl.G), ks[3], pl.W);
-        pfq.add(vb + pl.row_off(vs, b_, ky, h_ / pl.G), vs[3], pl.W);
-      }
+    auto pf_step = [&](int64_t ntok) {
+      if (seg_pf) pfq.step(ntok, tok_bytes);
     };
-    auto pf_step = [&](int64_t ntok) { pfq.step(ntok, tok_bytes); };
-    // Rows of several segments are prefetched one segment ahead instead (a whole group of them
-    // ahead would not stay in L2).
-    const bool seg_pf = pl.Ws > SW;
-    // the group kPfAhead ahead of (task, yg): the same task's, or the next tasks' first ones
-    auto pf_schedule = [&](int64_t task, int64_t yg_) {
-      if (seg_pf) return;
-      int64_t tt = task, yy = yg_;
-      for (int64_t a = 0; a < kPfAhead; ++a) {
-        const int64_t ya = (tt % nchunks) * rows_per, yb = std::min(pl.R, ya + rows_per);
-        yy += RG;
-        if (yy >= yb) {
-          ++tt;
-          if (tt >= t1) return;
-          yy = (tt % nchunks) * rows_per;
-        }
-      }
-      pf_enqueue_group(tt, yy);
-      pf_quota = pfq.pending() / 12 + 1;
-    };
+    std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
+    std::vector<int64_t> shift(pl.kw + SW);        // dot_blocks_shared's key shifts
     for (int64_t tc = t0; tc < t1; ++tc) {
       // t: the (batch, head, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
       const int64_t t = ncol == 1 ? tc : (tc / (ncol * pl.NH)) * pl.NH + tc % pl.NH;
@@ -1599,10 +1559,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
-      if (tc == t0 && !seg_pf) {  // this thread's first groups: prefetch them now
-        for (int64_t yy = y0; yy < std::min(y1, y0 + kPfAhead * RG); yy += RG) pf_enqueue_group(t, yy);
-        pf_step(1 << 30);
-      }
       const int64_t hk = h / pl.G;
       auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
       auto vrow = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
@@ -1654,7 +1610,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
         int64_t kmin, kmax;
         key_rows(pl, yg, yg + ng, kmin, kmax);
-        pf_schedule(t, yg);
         if (kmax > packed_hi) pack_key_rows(kmax);
         // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
         // queries and logits stay in cache from the logits to the output
@@ -1712,7 +1667,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 if constexpr (NV >= 2 && NV <= kBandMaxNV)
                   band_logits<NV>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend);
               });
-              if (seg_pf && (sl - sg) % N == 0) pf_step(pf_quota);
+              if ((sl - sg) % N == 0) pf_step(pf_quota);
             }
             // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
             for (int64_t sl = sg; sl < gend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
@@ -1740,7 +1695,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             int64_t sl = sg;
             for (; sl + TQ <= gend; sl += TQ) {
               pv(std::integral_constant<int, TQ>{}, sl);
-              if (seg_pf) pf_step(pf_quota);
+              pf_step(pf_quota);
             }
             if (sl < gend)  // the rest, fewer than TQ queries, in one narrower tile
               dispatch_nc(gend - sl, [&](auto tv) {
@@ -1786,7 +1741,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
                                   pl.Wk, pl.kw, So[0] + (ci - cb) * N, SW, shift.data());
                 ci += nsh - 1;
-                if (seg_pf) pf_step(pf_quota * nsh);
+                pf_step(pf_quota * nsh);
                 continue;
               }
               const KeyView<float> kv = key_view(pl, Kp, ky, ci);
@@ -1797,7 +1752,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 Sb[a] = So[a] + (ci - cb) * N;
               }
               dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SW);
-              if (seg_pf) pf_step(pf_quota);
+              pf_step(pf_quota);
             }
             pf_step(pf_quota);
           }
@@ -1919,7 +1874,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 }
               }
               sl += TQ2;
-              if (seg_pf) pf_step(pf_quota);
+              pf_step(pf_quota);
             };
             auto pv_avx2_tiles = [&](auto tqv) {
               constexpr int TQ2 = decltype(tqv)::value;
@@ -1934,7 +1889,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             // tiles of TQ queries, then one tile of the rest
             auto tile = [&](auto tv, auto kern) {
               constexpr int T = decltype(tv)::value;
-              if (seg_pf) pf_step(pf_quota);
+              pf_step(pf_quota);
               Vec<float> acc[T][DV];
               NA_UNROLL
               for (int t = 0; t < T; ++t)

@@ -1491,8 +1491,25 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   constexpr int kShared = std::max(1, std::min(6, (NA_AVX2 ? 12 : 24) / DV));
   const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
   const int64_t D = pl.D;
-  const int64_t BH = pl.B * pl.NH;
-  const int64_t nchunks = row_chunks(BH, pl.R, par);
+  // Rows no longer than a segment are taken NHG heads at a time, heads innermost: task (batch,
+  // head group, row chunk), and each row group of the task is done for each of its heads in
+  // turn. The heads of a token lie next to each other in memory, and the lines of the other
+  // heads that one head's pass brings into cache are used while they are still there (a task per
+  // head streamed each token's lines from memory once per head): 2-D forward (B = 4, 56 x 56,
+  // 4 heads, k = 7) 9-13% faster at AVX-512, 4% at AVX2. NHG is the most heads that still leave
+  // two tasks per thread: fewer tasks would split the rows into chunks that pack their halo key
+  // rows twice, and the packed rows of several heads of a 3-D window (each head's ring about
+  // 1.5 MB for 32 x 32 slices, k = (3, 7, 7)) do not fit in L2 (3-D forward 20-60% slower).
+  const bool seg_pf = pl.Ws > SW;
+  int64_t NHG = 1;
+  if (!seg_pf)
+    for (int64_t g = pl.NH; g > 1; --g)
+      if (pl.NH % g == 0 && pl.B * (pl.NH / g) >= 2 * par.num_threads) {
+        NHG = g;
+        break;
+      }
+  const int64_t ngr = pl.NH / NHG;  // head groups
+  const int64_t nchunks = row_chunks(pl.B * ngr, pl.R, par);
   const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
   const int64_t K2 = pl.nkr * pl.kw;
   const float* qb = static_cast<const float*>(q.data);
@@ -1523,9 +1540,15 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // heads of 64 channels (about 1.9 MB) within a 2 MB L2; 128 and 512 were slower by 3-5%.
   const int64_t ncol = pl.R == 1 && nchunks == 1 && pl.Ws > SW ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
   const int64_t colslots = ncol == 1 ? pl.Ws : kColumnSlots;
-  par.for_each(0, BH * nchunks * ncol, 1, [&](int64_t t0, int64_t t1) {
-    KeyPack<float> Kp;
-    Kp.alloc(pl, ring);
+  par.for_each(0, pl.B * ngr * nchunks * ncol, 1, [&](int64_t t0, int64_t t1) {
+    // per key/value head of the group: its packed key rows, the last packed row and the packed
+    // columns
+    struct HeadKeys {
+      KeyPack<float> Kp;
+      int64_t packed_hi = 0, packed_cols = 0;
+    };
+    std::vector<HeadKeys> hks(NHG);
+    for (HeadKeys& e : hks) e.Kp.alloc(pl, ring);
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
 #if NA_AVX2
     // S padded by one vector: a P.V tile copies N weights from slot sl <= se - 2
@@ -1539,7 +1562,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     // prefetches would stall its loads). Shorter rows are left to the hardware prefetcher:
     // prefetching the rows of the row group two ahead made the 2-D forward 6% and the 3-D
     // forward 10% slower.
-    const bool seg_pf = pl.Ws > SW;
     PrefetchQueue pfq;
     int64_t pf_quota = 0;
     const int64_t tok_bytes = D * (int64_t)sizeof(float);
@@ -1549,384 +1571,397 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
     std::vector<int64_t> shift(pl.kw + SW);        // dot_blocks_shared's key shifts
     for (int64_t tc = t0; tc < t1; ++tc) {
-      // t: the (batch, head, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
+      // t: the (batch, head group, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
+      // (column chunks only with NHG = 1)
       const int64_t t = ncol == 1 ? tc : (tc / (ncol * pl.NH)) * pl.NH + tc % pl.NH;
       const int64_t col = ncol == 1 ? 0 : (tc / pl.NH) % ncol;
       const int64_t s_lo = col * colslots, s_hi = std::min(pl.Ws, s_lo + colslots);
-      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
-      const int64_t ht = pl.nht == 1 ? 0 : h;
+      const int64_t bg = t / nchunks, chunk = t % nchunks, b = bg / ngr, hg = bg % ngr;
       const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
-      const int64_t hk = h / pl.G;
-      auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
-      auto vrow = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
-      // transposed key rows (sink and padding columns zero) and the border blocks' copies,
-      // packed just before the first row group that reads them (so they are still in cache)
-      // Rows longer than a segment have their columns packed as the segments reach them (the
-      // next segment's are prefetched; a whole row packed up front came from memory
-      // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
-      // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
-      int64_t packed_hi = klo - 1;
       const int64_t packed_lo =
           s_lo == 0 ? 0 : std::max<int64_t>(0, std::min(pl.xlo + s_lo + pl.off[0], pl.Wk - band_nv * N) / N * N);
-      int64_t packed_cols = seg_pf ? packed_lo : pl.Wk;
-      auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
-        const float* kr = krow(y);
-        float* dst = Kp.trow(pl, y);
-        for (int64_t x0 = c0; x0 < c1; x0 += N) {
-          for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
-          NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
-        }
-      };
-      // columns up to upto_col (exclusive) of the packed rows
-      auto extend_cols = [&](int64_t upto_col) {
-        const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
-        if (c1 <= packed_cols) return;
-        for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
-        packed_cols = c1;
-      };
-      auto pack_key_rows = [&](int64_t upto) {
-        // (rows that the ring would drop before any group reads them are skipped)
-        for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
-          const float* kr = krow(y);
-          pack_cols(y, packed_lo, packed_cols);
-          // (border blocks only for the chunk that holds them)
-          for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N; ++g) {
-            const int64_t s0 = (pl.n_full + g) * N;
-            float* gb = Kp.grow(pl, y, g);
-            for (int64_t j = 0; j < pl.kw; ++j) {
-              const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-              for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : nullptr;
-              NA_TRANSPOSE_BLK(rows, D, 1.0f, gb + j * D * N, N);
-            }
-          }
-        }
-        packed_hi = std::max(packed_hi, upto);
-      };
-      (void)khi;
+      for (HeadKeys& e : hks) {
+        e.packed_hi = klo - 1;
+        e.packed_cols = seg_pf ? packed_lo : pl.Wk;
+      }
       for (int64_t yg = y0; yg < y1; yg += RG) {
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
         int64_t kmin, kmax;
         key_rows(pl, yg, yg + ng, kmin, kmax);
-        if (kmax > packed_hi) pack_key_rows(kmax);
-        // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
-        // queries and logits stay in cache from the logits to the output
-        for (int64_t sg = s_lo; sg < s_hi; sg += SW) {
-          const int64_t se = std::min(s_hi, sg + SW), cb = sg / N, ce = se / N;
-          // the key columns that this segment's interior blocks read (blocks [cb, ce) read
-          // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
-          // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
-          int64_t gend = sg;
-          if (band_nv > 0) {
-            bool rows_ok = true;
-            for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
-            if (rows_ok) gend = std::max(sg, std::min(se, pl.n_full * N));
-          }
-          const int64_t cg = gend / N;
-          if (seg_pf)
-            extend_cols(se > pl.n_full * N ? pl.Wk
-                                           : std::min(pl.Wk, pl.xlo + se + std::max(pl.off[pl.kw - 1], pl.off[0] + band_nv * N)));
-          if (seg_pf && se < s_hi) {
-            // the next segment's query columns and the key/value columns it adds (interior
-            // slots: column xlo + slot), spread over this segment's key rows and query rows
-            auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
-            const int64_t ne = std::min(s_hi, se + SW);
-            const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
-            const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
-            for (int64_t r = 0; r < ng; ++r)
-              pfq.add(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3], qs[3], qe - qa);
-            for (int64_t ky = kmin; ky <= kmax; ++ky) {
-              pfq.add(krow(ky) + ka * ks[3], ks[3], ke - ka);
-              pfq.add(vrow(ky) + ka * vs[3], vs[3], ke - ka);
+        for (int64_t hh = 0; hh < NHG; ++hh) {
+          const int64_t h = hg * NHG + hh, bh = b * pl.NH + h, hk = h / pl.G;
+          const int64_t ht = pl.nht == 1 ? 0 : h;
+          // (heads that share a key/value head share its packed rows: the first one packs them)
+          HeadKeys& hkeys = hks[hk - hg * NHG / pl.G];
+          KeyPack<float>& Kp = hkeys.Kp;
+          int64_t& packed_hi = hkeys.packed_hi;
+          int64_t& packed_cols = hkeys.packed_cols;
+          auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
+          auto vrow = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
+          // transposed key rows (sink and padding columns zero) and the border blocks' copies,
+          // packed just before the first row group that reads them (so they are still in cache)
+          // Rows longer than a segment have their columns packed as the segments reach them (the
+          // next segment's are prefetched; a whole row packed up front came from memory
+          // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
+          // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
+          auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
+            const float* kr = krow(y);
+            float* dst = Kp.trow(pl, y);
+            for (int64_t x0 = c0; x0 < c1; x0 += N) {
+              for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
+              NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
             }
-            const int64_t tokens = pfq.pending();
-            // steps: one per key row and slot block, per query row and P.V tile
-            pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
-          }
-#if defined(__AVX512F__)
-          for (int64_t r = 0; r < ng && gend > sg; ++r) {
-            const int64_t y = yg + r;
-            const int64_t ky = pl.rowpos[y];
-            const float* qr = qb + pl.row_off(qs, b, y, h);
-            const float* kt = Kp.trow(pl, ky);
-            float* Lrow = L + (bh * pl.R + y) * pl.W;
-            float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
-            const int64_t ostr = pl.NH * D, vxs = vs[3];
-            const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
-            auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
-            for (int64_t sl = sg; sl < gend; sl += kBandQ) {
-              // the band's first column, moved left where the band would run past the packed row
-              const int64_t want = pl.xlo + sl + pl.off[0];
-              const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
-              const float* qt = qr + (pl.xlo + sl) * qs[3];
-              // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
-              dispatch_nc(band_nv, [&](auto nvv) {
-                constexpr int NV = decltype(nvv)::value;
-                if constexpr (NV >= 2 && NV <= kBandMaxNV)
-                  band_logits<NV>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS, sl + 2 * kBandQ < gend);
-              });
-              if ((sl - sg) % N == 0) pf_step(pf_quota);
-            }
-            // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
-            for (int64_t sl = sg; sl < gend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
-            for (int64_t sl = sg; sl < gend; sl += N) {  // (gend - sg is a multiple of N)
-              const Vec<float> l = loadu(Linv.data() + sl);
-              storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
-              storeu(Linv.data() + sl, 1.0f / l);
-            }
-            auto pv = [&](auto tv, int64_t sl) {
-              constexpr int T = decltype(tv)::value;
-              Vec<float> acc[T][DV];
-              NA_UNROLL
-              for (int t = 0; t < T; ++t)
-                NA_UNROLL
-                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-              pv_tile_diag_any<T, DV>(crow(sl), 1, vr0 + sl * vxs, vxs, pl.kw, acc, kBandCS);
-              NA_UNROLL
-              for (int t = 0; t < T; ++t) {
-                const Vec<float> inv = splat<float>(Linv[sl + t]);
-                float* o = Orow + (pl.xlo + sl + t) * ostr;
-                NA_UNROLL
-                for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
-              }
-            };
-            int64_t sl = sg;
-            for (; sl + TQ <= gend; sl += TQ) {
-              pv(std::integral_constant<int, TQ>{}, sl);
-              pf_step(pf_quota);
-            }
-            if (sl < gend)  // the rest, fewer than TQ queries, in one narrower tile
-              dispatch_nc(gend - sl, [&](auto tv) {
-                if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
-              });
-          }
-#endif
-          for (int64_t r = 0; r < ng; ++r) {
-            const int64_t y = yg + r;
-            const float* qr = qb + pl.row_off(qs, b, y, h);
-            for (int64_t ci = cg; ci < ce; ++ci) {
-              const int32_t* sx = pl.slotx.data() + ci * N;
-              for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : nullptr;
-              NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW);
-            }
-            for (int64_t i = 0; i < pl.nkr; ++i) {
-              if (pl.rowvalid[y * pl.nkr + i]) continue;
-              const float* brow = pl.bias_row(ht, y, i);
-              float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
-              for (int64_t j = 0; j < pl.kw; ++j)
-                for (int64_t sl = sg; sl < se; ++sl)
-                  Si[j * SW + sl] = pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
-            }
-          }
-          // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
-          // rows that read it (the key vectors are loaded once for up to RG query rows)
-          for (int64_t ky = kmin; ky <= kmax; ++ky) {
-            int nr = 0;
-            const float* A[RG];
-            float* So[RG];
-            for (int64_t r = 0; r < ng; ++r) {
-              const int64_t y = yg + r;
-              for (int64_t i = 0; i < pl.nkr; ++i)
-                if (pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky) {
-                  A[nr] = Qp.data() + r * D * SW;
-                  So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
+          };
+          // columns up to upto_col (exclusive) of the packed rows
+          auto extend_cols = [&](int64_t upto_col) {
+            const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
+            if (c1 <= packed_cols) return;
+            for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
+            packed_cols = c1;
+          };
+          auto pack_key_rows = [&](int64_t upto) {
+            // (rows that the ring would drop before any group reads them are skipped)
+            for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
+              const float* kr = krow(y);
+              pack_cols(y, packed_lo, packed_cols);
+              // (border blocks only for the chunk that holds them)
+              for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N; ++g) {
+                const int64_t s0 = (pl.n_full + g) * N;
+                float* gb = Kp.grow(pl, y, g);
+                for (int64_t j = 0; j < pl.kw; ++j) {
+                  const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+                  for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : nullptr;
+                  NA_TRANSPOSE_BLK(rows, D, 1.0f, gb + j * D * N, N);
                 }
-            }
-            if (nr == 0) continue;
-            for (int64_t ci = cg; ci < ce; ++ci) {
-              const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
-              if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
-                dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
-                                  pl.Wk, pl.kw, So[0] + (ci - cb) * N, SW, shift.data());
-                ci += nsh - 1;
-                pf_step(pf_quota * nsh);
-                continue;
-              }
-              const KeyView<float> kv = key_view(pl, Kp, ky, ci);
-              const float* Ab[RG];
-              float* Sb[RG];
-              for (int a = 0; a < nr; ++a) {
-                Ab[a] = A[a] + (ci - cb) * N;
-                Sb[a] = So[a] + (ci - cb) * N;
-              }
-              dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SW);
-              pf_step(pf_quota);
-            }
-            pf_step(pf_quota);
-          }
-          if (any_bias)
-            for (int64_t r = 0; r < ng; ++r)
-              for (int64_t i = 0; i < pl.nkr; ++i) {
-                const int64_t y = yg + r;
-                if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                const float* brow = pl.bias_row(ht, y, i);
-                float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
-                for (int64_t j = 0; j < pl.kw; ++j)
-                  for (int64_t e = sg; e < se; e += N)
-                    storeu(Si + j * SW + e, loadu(Si + j * SW + e) + loadu(brow + j * pl.Ws + e));
-              }
-          for (int64_t r = 0; r < ng; ++r) {
-            const int64_t y = yg + r;
-            float* Sy = S.data() + r * K2 * SW - sg;  // Sy[n * SW + slot]
-            float* Lrow = L + (bh * pl.R + y) * pl.W;
-            // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
-            for (int64_t ci = cg; ci < ce; ++ci) {
-              const int64_t s0 = ci * N;
-              Vec<float> m = loadu(Sy + s0);
-              for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(Sy + n * SW + s0));
-              Vec<float> l = splat<float>(0.0f);
-              for (int64_t n = 0; n < K2; ++n) {
-                Vec<float> p = vexp(loadu(Sy + n * SW + s0) - m);
-                storeu(Sy + n * SW + s0, p);
-                l += p;
-              }
-              storeu(Linv.data() + s0, 1.0f / l);
-              const Vec<float> lse = m + vlog(l);
-              for (int lane = 0; lane < N; ++lane) {
-                int64_t x = pl.slotx[s0 + lane];
-                if (x < pl.W) Lrow[x] = lse[lane];
               }
             }
-            pf_step(pf_quota);
-            // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
-            // the remaining queries one at a time.
-            float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
-            const int64_t ostr = pl.NH * D;
-            const int64_t vxs = vs[3];
-            const int64_t tile_end = std::min(pl.n_int, se);
-            for (int64_t i = 0; i < pl.nkr; ++i)
-              vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
-            int64_t sl = gend;
-            // whether slots a and b read the same key column for every neighbour
-            auto same_window = [&](int64_t a, int64_t b) {
-              for (int64_t j = 0; j < pl.kw; ++j)
-                if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
-              return true;
-            };
-            // P.V of the NS queries from slot sl, whose windows hold the same key columns (NS is
-            // at most kShared; dispatch_nc's wider instances are never called)
-            auto pv_shared = [&](auto nsv) {
-              constexpr int NS = decltype(nsv)::value;
-              if constexpr (NS <= kShared) {
-                Vec<float> acc[NS][DV];
+            packed_hi = std::max(packed_hi, upto);
+          };
+          if (kmax > packed_hi) pack_key_rows(kmax);
+          // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
+          // queries and logits stay in cache from the logits to the output
+          for (int64_t sg = s_lo; sg < s_hi; sg += SW) {
+            const int64_t se = std::min(s_hi, sg + SW), cb = sg / N, ce = se / N;
+            // the key columns that this segment's interior blocks read (blocks [cb, ce) read
+            // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
+            // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
+            int64_t gend = sg;
+            if (band_nv > 0) {
+              bool rows_ok = true;
+              for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
+              if (rows_ok) gend = std::max(sg, std::min(se, pl.n_full * N));
+            }
+            const int64_t cg = gend / N;
+            if (seg_pf)
+              extend_cols(se > pl.n_full * N ? pl.Wk
+                                             : std::min(pl.Wk, pl.xlo + se + std::max(pl.off[pl.kw - 1],
+                                                                                       pl.off[0] + band_nv * N)));
+            if (seg_pf && se < s_hi) {
+              // the next segment's query columns and the key/value columns it adds (interior
+              // slots: column xlo + slot), spread over this segment's key rows and query rows
+              auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
+              const int64_t ne = std::min(s_hi, se + SW);
+              const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
+              const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
+              for (int64_t r = 0; r < ng; ++r)
+                pfq.add(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3], qs[3], qe - qa);
+              for (int64_t ky = kmin; ky <= kmax; ++ky) {
+                pfq.add(krow(ky) + ka * ks[3], ks[3], ke - ka);
+                pfq.add(vrow(ky) + ka * vs[3], vs[3], ke - ka);
+              }
+              const int64_t tokens = pfq.pending();
+              // steps: one per key row and slot block, per query row and P.V tile
+              pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
+            }
+  #if defined(__AVX512F__)
+            for (int64_t r = 0; r < ng && gend > sg; ++r) {
+              const int64_t y = yg + r;
+              const int64_t ky = pl.rowpos[y];
+              const float* qr = qb + pl.row_off(qs, b, y, h);
+              const float* kt = Kp.trow(pl, ky);
+              float* Lrow = L + (bh * pl.R + y) * pl.W;
+              float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+              const int64_t ostr = pl.NH * D, vxs = vs[3];
+              const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
+              auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
+              for (int64_t sl = sg; sl < gend; sl += kBandQ) {
+                // the band's first column, moved left where the band would run past the packed row
+                const int64_t want = pl.xlo + sl + pl.off[0];
+                const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
+                const float* qt = qr + (pl.xlo + sl) * qs[3];
+                // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
+                dispatch_nc(band_nv, [&](auto nvv) {
+                  constexpr int NV = decltype(nvv)::value;
+                  if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                    band_logits<NV>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS,
+                                    sl + 2 * kBandQ < gend);
+                });
+                if ((sl - sg) % N == 0) pf_step(pf_quota);
+              }
+              // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
+              for (int64_t sl = sg; sl < gend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
+              for (int64_t sl = sg; sl < gend; sl += N) {  // (gend - sg is a multiple of N)
+                const Vec<float> l = loadu(Linv.data() + sl);
+                storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
+                storeu(Linv.data() + sl, 1.0f / l);
+              }
+              auto pv = [&](auto tv, int64_t sl) {
+                constexpr int T = decltype(tv)::value;
+                Vec<float> acc[T][DV];
                 NA_UNROLL
-                for (int t = 0; t < NS; ++t)
+                for (int t = 0; t < T; ++t)
                   NA_UNROLL
                   for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-                for (int64_t i = 0; i < pl.nkr; ++i) {
-                  if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                  const float* P = Sy + i * pl.kw * SW + sl;
-                  for (int64_t j = 0; j < pl.kw; ++j) {
-                    const int32_t col = pl.kidx[j * pl.Ws + sl];
-                    if (col >= pl.W) continue;  // not a key (zero value or masked)
-                    Vec<float> vv[DV];
-                    NA_UNROLL
-                    for (int d = 0; d < DV; ++d) {
-                      vv[d] = loadu(vrows[i] + col * vxs + d * N);
-                      pin_register(vv[d]);
-                    }
-                    NA_UNROLL
-                    for (int t = 0; t < NS; ++t) {
-                      const Vec<float> p = splat<float>(P[j * SW + t]);
-                      NA_UNROLL
-                      for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
-                    }
-                  }
-                }
+                pv_tile_diag_any<T, DV>(crow(sl), 1, vr0 + sl * vxs, vxs, pl.kw, acc, kBandCS);
                 NA_UNROLL
-                for (int t = 0; t < NS; ++t) {
+                for (int t = 0; t < T; ++t) {
                   const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  float* o = Orow + pl.slotx[sl + t] * ostr;
+                  float* o = Orow + (pl.xlo + sl + t) * ostr;
                   NA_UNROLL
                   for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
                 }
+              };
+              int64_t sl = sg;
+              for (; sl + TQ <= gend; sl += TQ) {
+                pv(std::integral_constant<int, TQ>{}, sl);
+                pf_step(pf_quota);
               }
-            };
-#if NA_AVX2
-            // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
-            // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
-            // (one tile kernel per loop, as below for AVX-512)
-            auto pv_avx2 = [&](auto tqv, auto kern) {
-              constexpr int TQ2 = decltype(tqv)::value;
-              constexpr int DC = 2;
-              const int64_t x0 = pl.xlo + sl;
-              for (int dc = 0; dc < DV; dc += DC) {
-                Vec<float> acc[TQ2][DC];
-                NA_UNROLL
-                for (int t = 0; t < TQ2; ++t)
-                  NA_UNROLL
-                  for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
-                for (int64_t i = 0; i < pl.nkr; ++i) {
-                  if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                  // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
-                  const float* Pi = Sy + i * pl.kw * SW + sl;
-                  for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * SW));
-                  kern(tqv, Pl.data(), vrows[i] + (x0 + pl.off[0]) * vxs + dc * N, acc);
-                }
-                NA_UNROLL
-                for (int t = 0; t < TQ2; ++t) {
-                  const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  float* o = Orow + (x0 + t) * ostr + dc * N;
-                  NA_UNROLL
-                  for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
-                }
-              }
-              sl += TQ2;
-              pf_step(pf_quota);
-            };
-            auto pv_avx2_tiles = [&](auto tqv) {
-              constexpr int TQ2 = decltype(tqv)::value;
-              with_pv_kernel<2>(pl, N, vxs, TQ2, [&](auto kern) {
-                while (sl + TQ2 <= tile_end) pv_avx2(tqv, kern);
-              });
-            };
-            pv_avx2_tiles(std::integral_constant<int, 6>{});
-            pv_avx2_tiles(std::integral_constant<int, 2>{});
-            (void)TQ;
-#else
-            // tiles of TQ queries, then one tile of the rest
-            auto tile = [&](auto tv, auto kern) {
-              constexpr int T = decltype(tv)::value;
-              pf_step(pf_quota);
-              Vec<float> acc[T][DV];
-              NA_UNROLL
-              for (int t = 0; t < T; ++t)
-                NA_UNROLL
-                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-              const int64_t x0 = pl.xlo + sl;
-              for (int64_t i = 0; i < pl.nkr; ++i)
-                if (pl.rowvalid[y * pl.nkr + i]) kern(tv, Sy + i * pl.kw * SW + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
-              NA_UNROLL
-              for (int t = 0; t < T; ++t) {
-                const Vec<float> inv = splat<float>(Linv[sl + t]);
-                float* o = Orow + (x0 + t) * ostr;
-                NA_UNROLL
-                for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
-              }
-              sl += T;
-            };
-            with_pv_kernel<DV>(pl, SW, vxs, TQ, [&](auto kern) {
-              while (sl + TQ <= tile_end) tile(std::integral_constant<int, TQ>{}, kern);
-              if (sl < tile_end)
-                dispatch_nc(tile_end - sl, [&](auto tv) {
-                  if constexpr (decltype(tv)::value < TQ) tile(tv, kern);
+              if (sl < gend)  // the rest, fewer than TQ queries, in one narrower tile
+                dispatch_nc(gend - sl, [&](auto tv) {
+                  if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
                 });
-            });
-#endif
-            // the other queries: runs of up to kShared slots whose windows hold the same key
-            // columns (the clamped windows at both ends of a row) in one tile that loads each
-            // value vector once for the run, single queries in a tile of one
-            while (sl < se) {
-              if (pl.slotx[sl] >= pl.W) {
-                ++sl;
-                continue;
+            }
+  #endif
+            for (int64_t r = 0; r < ng; ++r) {
+              const int64_t y = yg + r;
+              const float* qr = qb + pl.row_off(qs, b, y, h);
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int32_t* sx = pl.slotx.data() + ci * N;
+                for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : nullptr;
+                NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW);
               }
-              int64_t n = 1;
-              while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
-              dispatch_nc(n, pv_shared);
-              sl += n;
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                if (pl.rowvalid[y * pl.nkr + i]) continue;
+                const float* brow = pl.bias_row(ht, y, i);
+                float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
+                for (int64_t j = 0; j < pl.kw; ++j)
+                  for (int64_t sl = sg; sl < se; ++sl)
+                    Si[j * SW + sl] =
+                        pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
+              }
+            }
+            // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
+            // rows that read it (the key vectors are loaded once for up to RG query rows)
+            for (int64_t ky = kmin; ky <= kmax; ++ky) {
+              int nr = 0;
+              const float* A[RG];
+              float* So[RG];
+              for (int64_t r = 0; r < ng; ++r) {
+                const int64_t y = yg + r;
+                for (int64_t i = 0; i < pl.nkr; ++i)
+                  if (pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky) {
+                    A[nr] = Qp.data() + r * D * SW;
+                    So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
+                  }
+              }
+              if (nr == 0) continue;
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
+                if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
+                  dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
+                                    pl.Wk, pl.kw, So[0] + (ci - cb) * N, SW, shift.data());
+                  ci += nsh - 1;
+                  pf_step(pf_quota * nsh);
+                  continue;
+                }
+                const KeyView<float> kv = key_view(pl, Kp, ky, ci);
+                const float* Ab[RG];
+                float* Sb[RG];
+                for (int a = 0; a < nr; ++a) {
+                  Ab[a] = A[a] + (ci - cb) * N;
+                  Sb[a] = So[a] + (ci - cb) * N;
+                }
+                dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SW);
+                pf_step(pf_quota);
+              }
+              pf_step(pf_quota);
+            }
+            if (any_bias)
+              for (int64_t r = 0; r < ng; ++r)
+                for (int64_t i = 0; i < pl.nkr; ++i) {
+                  const int64_t y = yg + r;
+                  if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                  const float* brow = pl.bias_row(ht, y, i);
+                  float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
+                  for (int64_t j = 0; j < pl.kw; ++j)
+                    for (int64_t e = sg; e < se; e += N)
+                      storeu(Si + j * SW + e, loadu(Si + j * SW + e) + loadu(brow + j * pl.Ws + e));
+                }
+            for (int64_t r = 0; r < ng; ++r) {
+              const int64_t y = yg + r;
+              float* Sy = S.data() + r * K2 * SW - sg;  // Sy[n * SW + slot]
+              float* Lrow = L + (bh * pl.R + y) * pl.W;
+              // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int64_t s0 = ci * N;
+                Vec<float> m = loadu(Sy + s0);
+                for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(Sy + n * SW + s0));
+                Vec<float> l = splat<float>(0.0f);
+                for (int64_t n = 0; n < K2; ++n) {
+                  Vec<float> p = vexp(loadu(Sy + n * SW + s0) - m);
+                  storeu(Sy + n * SW + s0, p);
+                  l += p;
+                }
+                storeu(Linv.data() + s0, 1.0f / l);
+                const Vec<float> lse = m + vlog(l);
+                for (int lane = 0; lane < N; ++lane) {
+                  int64_t x = pl.slotx[s0 + lane];
+                  if (x < pl.W) Lrow[x] = lse[lane];
+                }
+              }
+              pf_step(pf_quota);
+              // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
+              // the remaining queries one at a time.
+              float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+              const int64_t ostr = pl.NH * D;
+              const int64_t vxs = vs[3];
+              const int64_t tile_end = std::min(pl.n_int, se);
+              for (int64_t i = 0; i < pl.nkr; ++i)
+                vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
+              int64_t sl = gend;
+              // whether slots a and b read the same key column for every neighbour
+              auto same_window = [&](int64_t a, int64_t b) {
+                for (int64_t j = 0; j < pl.kw; ++j)
+                  if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
+                return true;
+              };
+              // P.V of the NS queries from slot sl, whose windows hold the same key columns (NS is
+              // at most kShared; dispatch_nc's wider instances are never called)
+              auto pv_shared = [&](auto nsv) {
+                constexpr int NS = decltype(nsv)::value;
+                if constexpr (NS <= kShared) {
+                  Vec<float> acc[NS][DV];
+                  NA_UNROLL
+                  for (int t = 0; t < NS; ++t)
+                    NA_UNROLL
+                    for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+                  for (int64_t i = 0; i < pl.nkr; ++i) {
+                    if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                    const float* P = Sy + i * pl.kw * SW + sl;
+                    for (int64_t j = 0; j < pl.kw; ++j) {
+                      const int32_t col = pl.kidx[j * pl.Ws + sl];
+                      if (col >= pl.W) continue;  // not a key (zero value or masked)
+                      Vec<float> vv[DV];
+                      NA_UNROLL
+                      for (int d = 0; d < DV; ++d) {
+                        vv[d] = loadu(vrows[i] + col * vxs + d * N);
+                        pin_register(vv[d]);
+                      }
+                      NA_UNROLL
+                      for (int t = 0; t < NS; ++t) {
+                        const Vec<float> p = splat<float>(P[j * SW + t]);
+                        NA_UNROLL
+                        for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+                      }
+                    }
+                  }
+                  NA_UNROLL
+                  for (int t = 0; t < NS; ++t) {
+                    const Vec<float> inv = splat<float>(Linv[sl + t]);
+                    float* o = Orow + pl.slotx[sl + t] * ostr;
+                    NA_UNROLL
+                    for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                  }
+                }
+              };
+  #if NA_AVX2
+              // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
+              // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
+              // (one tile kernel per loop, as below for AVX-512)
+              auto pv_avx2 = [&](auto tqv, auto kern) {
+                constexpr int TQ2 = decltype(tqv)::value;
+                constexpr int DC = 2;
+                const int64_t x0 = pl.xlo + sl;
+                for (int dc = 0; dc < DV; dc += DC) {
+                  Vec<float> acc[TQ2][DC];
+                  NA_UNROLL
+                  for (int t = 0; t < TQ2; ++t)
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
+                  for (int64_t i = 0; i < pl.nkr; ++i) {
+                    if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                    // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
+                    const float* Pi = Sy + i * pl.kw * SW + sl;
+                    for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * SW));
+                    kern(tqv, Pl.data(), vrows[i] + (x0 + pl.off[0]) * vxs + dc * N, acc);
+                  }
+                  NA_UNROLL
+                  for (int t = 0; t < TQ2; ++t) {
+                    const Vec<float> inv = splat<float>(Linv[sl + t]);
+                    float* o = Orow + (x0 + t) * ostr + dc * N;
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
+                  }
+                }
+                sl += TQ2;
+                pf_step(pf_quota);
+              };
+              auto pv_avx2_tiles = [&](auto tqv) {
+                constexpr int TQ2 = decltype(tqv)::value;
+                with_pv_kernel<2>(pl, N, vxs, TQ2, [&](auto kern) {
+                  while (sl + TQ2 <= tile_end) pv_avx2(tqv, kern);
+                });
+              };
+              pv_avx2_tiles(std::integral_constant<int, 6>{});
+              pv_avx2_tiles(std::integral_constant<int, 2>{});
+              (void)TQ;
+  #else
+              // tiles of TQ queries, then one tile of the rest
+              auto tile = [&](auto tv, auto kern) {
+                constexpr int T = decltype(tv)::value;
+                pf_step(pf_quota);
+                Vec<float> acc[T][DV];
+                NA_UNROLL
+                for (int t = 0; t < T; ++t)
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+                const int64_t x0 = pl.xlo + sl;
+                for (int64_t i = 0; i < pl.nkr; ++i)
+                  if (pl.rowvalid[y * pl.nkr + i])
+                    kern(tv, Sy + i * pl.kw * SW + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
+                NA_UNROLL
+                for (int t = 0; t < T; ++t) {
+                  const Vec<float> inv = splat<float>(Linv[sl + t]);
+                  float* o = Orow + (x0 + t) * ostr;
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                }
+                sl += T;
+              };
+              with_pv_kernel<DV>(pl, SW, vxs, TQ, [&](auto kern) {
+                while (sl + TQ <= tile_end) tile(std::integral_constant<int, TQ>{}, kern);
+                if (sl < tile_end)
+                  dispatch_nc(tile_end - sl, [&](auto tv) {
+                    if constexpr (decltype(tv)::value < TQ) tile(tv, kern);
+                  });
+              });
+  #endif
+              // the other queries: runs of up to kShared slots whose windows hold the same key
+              // columns (the clamped windows at both ends of a row) in one tile that loads each
+              // value vector once for the run, single queries in a tile of one
+              while (sl < se) {
+                if (pl.slotx[sl] >= pl.W) {
+                  ++sl;
+                  continue;
+                }
+                int64_t n = 1;
+                while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
+                dispatch_nc(n, pv_shared);
+                sl += n;
+              }
             }
           }
         }

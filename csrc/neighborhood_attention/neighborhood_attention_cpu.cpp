@@ -2125,22 +2125,8 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     constexpr bool multi_key_sum = NA_X86V3 && std::is_same<T, float>::value;
     std::vector<const T*> wk(pl.nkr), wv(pl.nkr);
     std::vector<T*> dk(pl.nkr), dv(pl.nkr);
-    // The q, dout and out rows and the key/value rows that the next query row reads first,
-    // prefetched into L2 a few tokens at a time while this row is computed.
-    PrefetchQueue pf;
-    auto pf_row = [&](int64_t task, int64_t y, int64_t packed_upto) {
-      const int64_t bh_ = task / nchunks, b_ = bh_ / pl.NH, h_ = bh_ % pl.NH;
-      pf.add(static_cast<const scalar_t*>(q.data) + pl.row_off(q.stride, b_, y, h_), q.stride[3], pl.W);
-      pf.add(static_cast<const scalar_t*>(dout.data) + pl.row_off(dout.stride, b_, y, h_), dout.stride[3], pl.W);
-      pf.add(Oin + pl.row_off(ost, b_, y, h_), ost[3], pl.W);
-      for (int64_t i = 0; i < pl.nkr; ++i) {
-        const int64_t ky = pl.rowpos[y * pl.nkr + i];
-        if (!pl.rowvalid[y * pl.nkr + i] || ky <= packed_upto) continue;
-        pf.add(static_cast<const scalar_t*>(k.data) + pl.row_off(k.stride, b_, ky, h_ / pl.G), k.stride[3], pl.W);
-        pf.add(static_cast<const scalar_t*>(v.data) + pl.row_off(v.stride, b_, ky, h_ / pl.G), v.stride[3], pl.W);
-      }
-    };
-    const int64_t tok_bytes = pl.D * (int64_t)sizeof(scalar_t);
+    // (The next rows' q, dout, out, k and v rows are left to the hardware prefetcher: software
+    // prefetches of them, a few tokens at a time, made the backward 5-8% slower.)
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
       const int64_t ht = pl.nht == 1 ? 0 : h;
@@ -2166,10 +2152,6 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
         int64_t ylo, yhi;
         key_rows(pl, yg, yg + ng, ylo, yhi);
-        if (t == t0 && yg == y0) {
-          for (int64_t r = 0; r < ng; ++r) pf_row(t, yg + r, packed_hi);
-          pf.step(pf.pending(), tok_bytes);
-        }
         if (yhi > packed_hi) {
           const int64_t pack_from = std::max(packed_hi + 1, yhi - ring + 1);  // (the ring keeps these)
           pack_keys<scalar_t, T>(k, b, h / pl.G, pack_from, yhi, pl, Kp);
@@ -2179,15 +2161,6 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           std::fill(dVt + (packed_hi + 1 - klo) * rl, dVt + (yhi + 1 - klo) * rl, T(0));
           packed_hi = yhi;
         }
-        // the next group of this task, or the first group of the next task
-        if (yg + ng < y1) {
-          for (int64_t y = yg + ng; y < std::min(y1, yg + ng + RG); ++y) pf_row(t, y, packed_hi);
-        } else if (t + 1 < t1) {
-          const int64_t ny0 = ((t + 1) % nchunks) * rows_per, ny1 = std::min(pl.R, ny0 + rows_per);
-          for (int64_t y = ny0; y < std::min(ny1, ny0 + RG); ++y) pf_row(t + 1, y, -1);
-        }
-        // spread over the (block, key row) steps of the group
-        const int64_t pf_quota = pf.pending() / (pl.Ws / N * (yhi - ylo + 1)) + 1;
         // the (row of the group, window row) pairs that read each key row of the group
         for (int64_t ky = ylo; ky <= yhi; ++ky) kpairs[ky - ylo].clear();
         for (int64_t r = 0; r < ng; ++r)
@@ -2268,7 +2241,6 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                 }
                 dot_rows_shared(na, A, qs, pl.D, vv, pl.kw, So, N);
               }
-              pf.step(pf_quota, tok_bytes);
             }
             for (int64_t r = 0; r < ng; ++r) block_bias(pl, ht, yg + r, ci, Sg.data() + r * K2 * N);
           } else {
@@ -2279,7 +2251,6 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                 if (pl.rowvalid[y * pl.nkr + i]) {
                   dot_row<T>(Grow(r) + s0, qs, pl.D, key_view(pl, Vp, pl.rowpos[y * pl.nkr + i], ci), pl.kw,
                              dSg.data() + (r * K2 + i * pl.kw) * N);
-                  pf.step(pf_quota, tok_bytes);
                 }
             }
           }

@@ -178,6 +178,26 @@ static inline void pin_register(V& v) {
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
 // exactly 0 below -87.
 static inline Vec<float> vexp(Vec<float> x) {
+#if defined(__AVX512F__)
+  // AVX-512: the same polynomial, with the rounding and the scaling by 2^n in one instruction
+  // each (vrndscaleps, vscalefps; 2-D/3-D/1-D forward 1-3% faster), and the lanes below -87
+  // zeroed by the mask of the scaling (unordered compare: a NaN stays NaN; t held at -126 or
+  // above, so that no lane computes a denormal).
+  const __m512 xv = (__m512)x;
+  const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  const __m512 t =
+      _mm512_max_ps(_mm512_set1_ps(-126.0f), _mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec<float> f = (Vec<float>)_mm512_sub_ps(t, n) * 0.693147180559945309f;
+  Vec<float> p = splat<float>(1.0f / 720.0f);
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  return (Vec<float>)_mm512_maskz_scalef_ps(keep, (__m512)p, n);
+#else
   typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
   const Vec<float> lo = splat<float>(-87.0f);
   Vec<float> xc = x < lo ? lo : x;
@@ -196,6 +216,7 @@ static inline Vec<float> vexp(Vec<float> x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   Vec<float> r = p * scale;
   return x < lo ? splat<float>(0.0f) : r;
+#endif
 }
 // log for float vectors (log_approx, ~1 ulp); lanes that are not positive normal numbers (never
 // the softmax sums it takes, which are >= 1) go through std::log.

@@ -701,6 +701,59 @@ static inline void transpose8(const float* const* rows, int64_t D, float mul, fl
 }
 #endif
 
+// dst[c * ds + l] = mul * rows[l][c] for l < 16, c < D (D % 16 == 0); a null row reads zeros.
+static inline void transpose16(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_set1_ps(mul);
+  for (int64_t c0 = 0; c0 < D; c0 += 16) {
+    __m512 r[16], t[16];
+    for (int l = 0; l < 16; ++l) r[l] = rows[l] ? _mm512_loadu_ps(rows[l] + c0) : _mm512_setzero_ps();
+    for (int l = 0; l < 16; l += 2) {
+      t[l] = _mm512_unpacklo_ps(r[l], r[l + 1]);
+      t[l + 1] = _mm512_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 16; l += 4) {
+      r[l] = _mm512_shuffle_ps(t[l], t[l + 2], 0x44);
+      r[l + 1] = _mm512_shuffle_ps(t[l], t[l + 2], 0xEE);
+      r[l + 2] = _mm512_shuffle_ps(t[l + 1], t[l + 3], 0x44);
+      r[l + 3] = _mm512_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
+    }
+    for (int a = 0; a < 16; a += 8)
+      for (int l = 0; l < 4; ++l) {
+        t[a + l] = _mm512_shuffle_f32x4(r[a + l], r[a + 4 + l], 0x88);
+        t[a + 4 + l] = _mm512_shuffle_f32x4(r[a + l], r[a + 4 + l], 0xdd);
+      }
+    for (int l = 0; l < 8; ++l) {
+      r[l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0x88);
+      r[8 + l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0xdd);
+    }
+    for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (c0 + l) * ds, _mm512_mul_ps(r[l], m));
+  }
+#else
+  for (int l = 0; l < 16; ++l)
+    for (int64_t c = 0; c < D; ++c) dst[c * ds + l] = rows[l] ? rows[l][c] * mul : 0.0f;
+#endif
+}
+
+// one slot block of queries/keys (VecOf<float>::N columns)
+#if NA_AVX2
+#define NA_TRANSPOSE_BLK transpose8
+#else
+#define NA_TRANSPOSE_BLK transpose16
+#endif
+
+// rows[0..n) transposed by transpose16 or transpose8 (n = 16 or 8)
+[[maybe_unused]] static inline void transpose_n(int n, const float* const* rows, int64_t D, float mul, float* dst,
+                                                int64_t ds) {
+#if NA_X86V3
+  if (n == 8) {
+    transpose8(rows, D, mul, dst, ds);
+    return;
+  }
+#endif
+  transpose16(rows, D, mul, dst, ds);
+}
+
 // Per-task key storage: transposed rows Kt[y][c][Wk] (sink column W = 0) and the gathered
 // border blocks Kg[y][g][j][c][V], for `rows` key rows: key row y is kept at y mod rows (a ring
 // of the rows in use; rows = R keeps every key row of the map).
@@ -726,28 +779,30 @@ static void pack_keys(const View6& src, int64_t b, int64_t h, int64_t ylo, int64
   constexpr int N = VecOf<T>::N;
   const scalar_t* base = static_cast<const scalar_t*>(src.data);
   const int64_t* st = src.stride;
-  std::vector<T> tmp(pl.W * pl.D);
+  std::vector<T> tmp;
   for (int64_t y = ylo; y <= yhi; ++y) {
 #if NA_X86V3
     if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
       if (st[5] == 1 && pl.D % 8 == 0) {
-        // 8 tokens by 8 channels in registers; columns past W (sink, padding) read zeros
+        // tb tokens by tb channels in registers (16 with AVX-512 when D allows, else 8); columns
+        // past W (sink, padding) read zeros
+        const int tb = !NA_AVX2 && pl.D % 16 == 0 ? 16 : 8;
         T* row = kp.trow(pl, y);
-        const float* rows[8];
+        const float* rows[16];
         const scalar_t* rb = base + pl.row_off(st, b, y, h);
-        for (int64_t x0 = 0; x0 < pl.Wk; x0 += 8) {
-          for (int l = 0; l < 8; ++l) rows[l] = x0 + l < pl.W ? rb + (x0 + l) * st[3] : nullptr;
-          transpose8(rows, pl.D, 1.0f, row + x0, pl.Wk);
+        for (int64_t x0 = 0; x0 < pl.Wk; x0 += tb) {
+          for (int l = 0; l < tb; ++l) rows[l] = x0 + l < pl.W ? rb + (x0 + l) * st[3] : nullptr;
+          transpose_n(tb, rows, pl.D, 1.0f, row + x0, pl.Wk);
         }
         for (int64_t g = 0; g < pl.NG; ++g) {
           const int64_t s0 = (pl.n_full + g) * N;
           T* gb = kp.grow(pl, y, g);
           for (int64_t j = 0; j < pl.kw; ++j) {
-            // the key tokens of 8 slots at a time, transposed (not a key: the sink's zeros)
+            // the key tokens of tb slots at a time, transposed (not a key: the sink's zeros)
             const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-            for (int l0 = 0; l0 < N; l0 += 8) {
-              for (int l = 0; l < 8; ++l) rows[l] = ki[l0 + l] < pl.W ? rb + ki[l0 + l] * st[3] : nullptr;
-              transpose8(rows, pl.D, 1.0f, gb + j * pl.D * N + l0, N);
+            for (int l0 = 0; l0 < N; l0 += tb) {
+              for (int l = 0; l < tb; ++l) rows[l] = ki[l0 + l] < pl.W ? rb + ki[l0 + l] * st[3] : nullptr;
+              transpose_n(tb, rows, pl.D, 1.0f, gb + j * pl.D * N + l0, N);
             }
           }
         }
@@ -755,6 +810,7 @@ static void pack_keys(const View6& src, int64_t b, int64_t h, int64_t ylo, int64
       }
     }
 #endif
+    tmp.resize(pl.W * pl.D);
     // read the row in its natural (x, c) order, then transpose in cache
     for (int64_t x = 0; x < pl.W; ++x) {
       const scalar_t* s = base + pl.row_off(st, b, y, h) + x * st[3];
@@ -795,14 +851,15 @@ static void pack_row(const View6& t, int64_t b, int64_t y, int64_t h, const Plan
 #if NA_X86V3
   if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
     if (st[5] == 1 && pl.D % 8 == 0) {
-      const float* rows[8];
+      const int tb = !NA_AVX2 && pl.D % 16 == 0 ? 16 : 8;  // (as in pack_keys)
+      const float* rows[16];
       const scalar_t* rb = base + pl.row_off(st, b, y, h);
-      for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
-        for (int l = 0; l < 8; ++l) {
+      for (int64_t s0 = 0; s0 < pl.Ws; s0 += tb) {
+        for (int l = 0; l < tb; ++l) {
           const int64_t x = pl.slotx[s0 + l];
           rows[l] = x < pl.W ? rb + x * st[3] : nullptr;
         }
-        transpose8(rows, pl.D, mul, dst + s0, dstride);
+        transpose_n(tb, rows, pl.D, mul, dst + s0, dstride);
       }
       return;
     }
@@ -1242,46 +1299,6 @@ static void mix_rows_shared_n(const float* const* P, int64_t ps, const KeyView<f
   }
 }
 
-// dst[c * ds + l] = mul * rows[l][c] for l < 16, c < D (D % 16 == 0); a null row reads zeros.
-static inline void transpose16(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
-#if defined(__AVX512F__)
-  const __m512 m = _mm512_set1_ps(mul);
-  for (int64_t c0 = 0; c0 < D; c0 += 16) {
-    __m512 r[16], t[16];
-    for (int l = 0; l < 16; ++l) r[l] = rows[l] ? _mm512_loadu_ps(rows[l] + c0) : _mm512_setzero_ps();
-    for (int l = 0; l < 16; l += 2) {
-      t[l] = _mm512_unpacklo_ps(r[l], r[l + 1]);
-      t[l + 1] = _mm512_unpackhi_ps(r[l], r[l + 1]);
-    }
-    for (int l = 0; l < 16; l += 4) {
-      r[l] = _mm512_shuffle_ps(t[l], t[l + 2], 0x44);
-      r[l + 1] = _mm512_shuffle_ps(t[l], t[l + 2], 0xEE);
-      r[l + 2] = _mm512_shuffle_ps(t[l + 1], t[l + 3], 0x44);
-      r[l + 3] = _mm512_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
-    }
-    for (int a = 0; a < 16; a += 8)
-      for (int l = 0; l < 4; ++l) {
-        t[a + l] = _mm512_shuffle_f32x4(r[a + l], r[a + 4 + l], 0x88);
-        t[a + 4 + l] = _mm512_shuffle_f32x4(r[a + l], r[a + 4 + l], 0xdd);
-      }
-    for (int l = 0; l < 8; ++l) {
-      r[l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0x88);
-      r[8 + l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0xdd);
-    }
-    for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (c0 + l) * ds, _mm512_mul_ps(r[l], m));
-  }
-#else
-  for (int l = 0; l < 16; ++l)
-    for (int64_t c = 0; c < D; ++c) dst[c * ds + l] = rows[l] ? rows[l][c] * mul : 0.0f;
-#endif
-}
-
-// one slot block of queries/keys (VecOf<float>::N columns)
-#if NA_AVX2
-#define NA_TRANSPOSE_BLK transpose8
-#else
-#define NA_TRANSPOSE_BLK transpose16
-#endif
 
 // acc[t][:] += sum_j P[j * pstride + t] * V[t + j * dw][:] for T queries, DV vectors of 16 channels.
 template <int T, int DV>

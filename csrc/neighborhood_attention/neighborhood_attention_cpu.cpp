@@ -47,6 +47,7 @@
 // thread count, so its results are the same bits whatever the number of threads. bfloat16 is computed in float, float64 in double.
 #include "neighborhood_attention.h"
 
+#include "../common/exp_approx.h"
 #include "../common/log_approx.h"
 
 #include <algorithm>
@@ -189,13 +190,7 @@ static inline Vec<float> vexp(Vec<float> x) {
       _mm512_max_ps(_mm512_set1_ps(-126.0f), _mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const Vec<float> f = (Vec<float>)_mm512_sub_ps(t, n) * 0.693147180559945309f;
-  Vec<float> p = splat<float>(1.0f / 720.0f);
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  const Vec<float> p = exp_poly(f);
   return (Vec<float>)_mm512_maskz_scalef_ps(keep, (__m512)p, n);
 #else
   typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
@@ -204,13 +199,7 @@ static inline Vec<float> vexp(Vec<float> x) {
   Vec<float> t = xc * 1.44269504088896341f;
   VI n = __builtin_convertvector(t + 128.5f, VI) - 128;  // round to nearest
   Vec<float> f = (t - __builtin_convertvector(n, Vec<float>)) * 0.693147180559945309f;
-  Vec<float> p = splat<float>(1.0f / 720.0f);
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
+  const Vec<float> p = exp_poly(f);
   VI bits = (n + 127) << 23;
   Vec<float> scale;
   std::memcpy(&scale, &bits, sizeof(scale));

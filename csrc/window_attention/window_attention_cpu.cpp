@@ -15,6 +15,8 @@
 // shapes the fast paths do not take.
 #include "window_attention.h"
 
+#include "../common/exp_approx.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -121,13 +123,7 @@ inline float exp_approx(float x) {
   const float t = x * 1.44269504088896341f;
   const float n = std::floor(t + 0.5f);
   const float r = (t - n) * 0.693147180559945309f;
-  float p = 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float p = exp_poly(r);
   const int32_t bits = ((int32_t)n + 127) << 23;
   float s;
   std::memcpy(&s, &bits, sizeof(s));

@@ -166,29 +166,19 @@ def test_wide_window_1d_float32(case, D):
     check_case(case, torch.float32, D=D)
 
 
-# 1-D rows of several column chunks off the band route (kernels up to 16, dilation, bias
-# tables, causal windows, "mask" borders), with several key/value heads.
-LONG_1D = [
+# 2-D and 3-D maps whose rows are longer than a segment (128 query slots): the float32 forward packs
+# each key row's columns as the segments reach them, for every key row of a row group. Then 1-D
+# rows of several column chunks off the band route (kernels up to 16, dilation, bias tables,
+# causal windows, "mask" borders), with several key/value heads.
+LONG_ROWS = [
+    ((1, 6, 150), (1, 3, 7), (1, 2, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 2, 16, "fused"),
+    ((3, 4, 140), (2, 3, 5), (1, 1, 2), (1, 1, 1), (1, 0, 0), "clamp", 2, 2, 1, 16, "contiguous"),
+    ((1, 5, 133), (1, 3, 21), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 0, 16, "fused"),
     ((1, 1, 700), (1, 1, 13), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
     ((1, 1, 900), (1, 1, 33), (1, 1, 2), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "contiguous"),
     ((1, 1, 650), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
     ((1, 1, 800), (1, 1, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 2, 1, 16, "fused"),
     ((1, 1, 777), (1, 1, 10), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 4, 2, 0, 16, "contiguous"),
-]
-
-
-@pytest.mark.parametrize("case", LONG_1D, ids=case_id)
-@pytest.mark.parametrize("D", [16, 32], ids=str)
-def test_long_rows_1d_float32(case, D):
-    check_case(case, torch.float32, D=D)
-
-
-# 2-D and 3-D maps whose rows are longer than a segment (128 query slots): the float32 forward packs
-# each key row's columns as the segments reach them, for every key row of a row group.
-LONG_ROWS = [
-    ((1, 6, 150), (1, 3, 7), (1, 2, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 2, 16, "fused"),
-    ((3, 4, 140), (2, 3, 5), (1, 1, 2), (1, 1, 1), (1, 0, 0), "clamp", 2, 2, 1, 16, "contiguous"),
-    ((1, 5, 133), (1, 3, 21), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 0, 16, "fused"),
 ]
 
 

@@ -34,11 +34,13 @@
 // key-centrically (each key column reads the dS/P rows, kept at their key columns so those loads
 // are aligned, and the shifted Q/dO rows, for all the key rows of a query row at once), border
 // queries sum theirs per key column across the channels. Key rows are packed just before the
-// first query row (group) that reads them, with the next rows' inputs prefetched.
+// first query row (group) that reads them; only rows longer than a segment prefetch (the next
+// segment's inputs), the others are left to the hardware prefetcher.
 // Work is split over (batch, head) pairs, and over row chunks of each pair when there are
 // fewer pairs than twice the threads; each task packs the key rows of its key/value head
 // (heads / heads_kv query heads share one; nothing is copied to expand them). The float32
-// forward forms a long row's logits in segments of kSegmentSlots queries, and splits a map of
+// forward takes several heads per task where there are enough tasks, heads innermost within
+// each row group, forms a long row's logits in segments of kSegmentSlots queries, and splits a map of
 // one long row (1-D) into column chunks taken heads innermost (batch, chunk, head), so that the
 // heads' passes over a chunk share its tokens' cache lines in L2. The backward's
 // tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order (the query
@@ -940,8 +942,8 @@ static void block_logits(const Plan<T>& pl, const T* Qp, int64_t astride, KeyPac
   block_bias(pl, ht, y, ci, S);
 }
 
-// The forward's split: (batch, head) work in row chunks only when there are fewer (batch, head)
-// pairs than twice the threads. Every query row is computed the same way whichever task holds
+// The forward's split: (batch, head) work (or (batch, head group) work, BH being the number of
+// those) in row chunks only when there are fewer of them than twice the threads. Every query row is computed the same way whichever task holds
 // it, so the forward's results do not depend on the split.
 static int64_t row_chunks(int64_t BH, int64_t H, const Parallel& par) {
   const int64_t nthreads = par.num_threads;
@@ -1703,7 +1705,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               // steps: one per key row and slot block, per query row and P.V tile
               pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
             }
-  #if defined(__AVX512F__)
+#if defined(__AVX512F__)
             for (int64_t r = 0; r < ng && gend > sg; ++r) {
               const int64_t y = yg + r;
               const int64_t ky = pl.rowpos[y];
@@ -1761,7 +1763,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
                 });
             }
-  #endif
+#endif
             for (int64_t r = 0; r < ng; ++r) {
               const int64_t y = yg + r;
               const float* qr = qb + pl.row_off(qs, b, y, h);
@@ -1904,7 +1906,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   }
                 }
               };
-  #if NA_AVX2
+#if NA_AVX2
               // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
               // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
               // (one tile kernel per loop, as below for AVX-512)
@@ -1945,7 +1947,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               pv_avx2_tiles(std::integral_constant<int, 6>{});
               pv_avx2_tiles(std::integral_constant<int, 2>{});
               (void)TQ;
-  #else
+#else
               // tiles of TQ queries, then one tile of the rest
               auto tile = [&](auto tv, auto kern) {
                 constexpr int T = decltype(tv)::value;
@@ -1975,7 +1977,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                     if constexpr (decltype(tv)::value < TQ) tile(tv, kern);
                   });
               });
-  #endif
+#endif
               // the other queries: runs of up to kShared slots whose windows hold the same key
               // columns (the clamped windows at both ends of a row) in one tile that loads each
               // value vector once for the run, single queries in a tile of one

@@ -1401,6 +1401,26 @@ static inline void band_logits(const float* q, int64_t qxs, int64_t D, const flo
       for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(q + i * qxs + c, 0, 3);
 }
 
+// band_logits for a single query whose window may start anywhere in the band (the border
+// slots, whose clamped windows do not move with the query): its window (band columns
+// [wo, wo + kw)) stored scaled at C; writes [C - wo, C - wo + NV V).
+template <int NV>
+static inline void band_logits1(const float* q, int64_t D, const float* kt, int64_t cstride, float scale,
+                                int64_t wo, float* C) {
+  constexpr int N = VecOf<float>::N;
+  Vec<float> acc[NV];
+  NA_UNROLL
+  for (int n = 0; n < NV; ++n) acc[n] = splat<float>(0.0f);
+  for (int64_t c = 0; c < D; ++c) {
+    const Vec<float> qv = splat<float>(q[c]);
+    NA_UNROLL
+    for (int n = 0; n < NV; ++n) acc[n] += qv * loadu(kt + c * cstride + n * N);
+  }
+  const Vec<float> sv = splat<float>(scale);
+  NA_UNROLL
+  for (int n = 0; n < NV; ++n) storeu(C - wo + n * N, acc[n] * sv);
+}
+
 // Softmax of one query's kw logits at C (in place, left unnormalised): returns the max m and the
 // sum l of exp(s - m). Reads up to the next multiple of V past kw (the band row's padding).
 static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out) {
@@ -1560,6 +1580,28 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     if (nv <= kBandMaxNV && nv * N <= pl.Wk) band_nv = (int)nv;
   }
 #endif
+  // The slots of the border blocks (from block n_full: the clamped windows at both ends of the
+  // row, the interior slots of the last partial block) go through the band as well, one query at
+  // a time, when every one of their windows is kw consecutive keys of the row (the "clamp" border
+  // without causal shortening) and every query row has its key row: no gathered border blocks are
+  // then packed (for the 1-D ops' windows of 65 neighbours those were as many key transposes as
+  // the whole row, for 1.5% of its queries). bstart[sl - n_full V]: the slot's band start (-1 for
+  // a dummy slot).
+  bool band_all = band_nv > 0;
+  std::vector<int64_t> bstart;
+  if (band_all) {
+    for (int64_t n = 0; n < pl.R * pl.nkr; ++n) band_all &= pl.rowvalid[n] != 0;
+    for (int64_t sl = pl.n_full * N; sl < pl.Ws && band_all; ++sl) {
+      if (pl.slotx[sl] >= pl.W) {
+        bstart.push_back(-1);
+        continue;
+      }
+      const int64_t st = pl.kidx[sl];
+      band_all &= st + pl.kw <= pl.W;
+      for (int64_t j = 1; j < pl.kw && band_all; ++j) band_all &= pl.kidx[j * pl.Ws + sl] == st + j;
+      bstart.push_back(std::min(st, pl.Wk - band_nv * N));
+    }
+  }
   // A single row longer than a segment (the 1-D ops) is split into column chunks of colslots
   // slots, taken heads innermost: task (b, chunk, h). The heads of one token lie next to each
   // other in memory; one head's pass over a chunk brings its neighbours' lines into L2 with its
@@ -1656,8 +1698,19 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
               const float* kr = krow(y);
               pack_cols(y, packed_lo, packed_cols);
+              // border slots through the band: the columns of their bands that lie below the
+              // chunk's packed columns
+              if (band_all && s_hi > pl.n_full * N) {
+                int64_t c0 = packed_lo, c1 = 0;
+                for (int64_t st : bstart)
+                  if (st >= 0 && st < packed_lo) {
+                    c0 = std::min(c0, st / N * N);
+                    c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
+                  }
+                if (c0 < c1) pack_cols(y, c0, c1);
+              }
               // (border blocks only for the chunk that holds them)
-              for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N; ++g) {
+              for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
                 const int64_t s0 = (pl.n_full + g) * N;
                 float* gb = Kp.grow(pl, y, g);
                 for (int64_t j = 0; j < pl.kw; ++j) {
@@ -1677,11 +1730,13 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             // the key columns that this segment's interior blocks read (blocks [cb, ce) read
             // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
             // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
-            int64_t gend = sg;
+            // (and with band_all its border slots too: [iend, gend) one query at a time)
+            int64_t gend = sg, iend = sg;
             if (band_nv > 0) {
               bool rows_ok = true;
               for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
-              if (rows_ok) gend = std::max(sg, std::min(se, pl.n_full * N));
+              if (rows_ok) iend = gend = std::max(sg, std::min(se, pl.n_full * N));
+              if (band_all) gend = se;
             }
             const int64_t cg = gend / N;
             if (seg_pf)
@@ -1716,7 +1771,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               const int64_t ostr = pl.NH * D, vxs = vs[3];
               const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
               auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
-              for (int64_t sl = sg; sl < gend; sl += kBandQ) {
+              for (int64_t sl = sg; sl < iend; sl += kBandQ) {
                 // the band's first column, moved left where the band would run past the packed row
                 const int64_t want = pl.xlo + sl + pl.off[0];
                 const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
@@ -1726,13 +1781,13 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   constexpr int NV = decltype(nvv)::value;
                   if constexpr (NV >= 2 && NV <= kBandMaxNV)
                     band_logits<NV>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS,
-                                    sl + 2 * kBandQ < gend);
+                                    sl + 2 * kBandQ < iend);
                 });
                 if ((sl - sg) % N == 0) pf_step(pf_quota);
               }
               // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
-              for (int64_t sl = sg; sl < gend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
-              for (int64_t sl = sg; sl < gend; sl += N) {  // (gend - sg is a multiple of N)
+              for (int64_t sl = sg; sl < iend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
+              for (int64_t sl = sg; sl < iend; sl += N) {  // (iend - sg is a multiple of N)
                 const Vec<float> l = loadu(Linv.data() + sl);
                 storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
                 storeu(Linv.data() + sl, 1.0f / l);
@@ -1754,14 +1809,43 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 }
               };
               int64_t sl = sg;
-              for (; sl + TQ <= gend; sl += TQ) {
+              for (; sl + TQ <= iend; sl += TQ) {
                 pv(std::integral_constant<int, TQ>{}, sl);
                 pf_step(pf_quota);
               }
-              if (sl < gend)  // the rest, fewer than TQ queries, in one narrower tile
-                dispatch_nc(gend - sl, [&](auto tv) {
+              if (sl < iend)  // the rest, fewer than TQ queries, in one narrower tile
+                dispatch_nc(iend - sl, [&](auto tv) {
                   if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
                 });
+              // the border slots, one query at a time: logits of the band at its window, softmax,
+              // P.V over the window's kw value tokens
+              const float* vr = vrow(ky);
+              for (sl = iend; sl < gend; ++sl) {
+                const int64_t x = pl.slotx[sl], st0 = bstart[sl - pl.n_full * N];
+                if (x >= pl.W) continue;  // dummy slot
+                const int64_t ws = pl.kidx[sl];
+                float* C = crow(sl);
+                dispatch_nc(band_nv, [&](auto nvv) {
+                  constexpr int NV = decltype(nvv)::value;
+                  if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                    band_logits1<NV>(qr + x * qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C);
+                });
+                float m, l;
+                band_softmax(C, pl.kw, m, l);
+                Lrow[x] = m + std::log(l);
+                Vec<float> acc[DV];
+                NA_UNROLL
+                for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
+                const float* vw = vr + ws * vxs;
+                for (int64_t j = 0; j < pl.kw; ++j) {
+                  const Vec<float> p = splat<float>(C[j]);
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vw + j * vxs + d * N);
+                }
+                const Vec<float> inv = splat<float>(1.0f / l);
+                NA_UNROLL
+                for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[d] * inv);
+              }
             }
 #endif
             for (int64_t r = 0; r < ng; ++r) {

@@ -313,16 +313,20 @@ struct Plan {
     V = VecOf<T>::N;
     Ws = (W + V - 1) / V * V;
     Wk = (W + 1 + V - 1) / V * V;
-    // columns: key column and validity of every (neighbour, column)
-    std::vector<int64_t> cpos(W * kw);
-    std::vector<uint8_t> cval(W * kw);
-    for (int64_t x = 0; x < W; ++x)
-      axis_window(x, W, kw, dw, win.stride[2], win.causal[2] != 0, border, cpos.data() + x * kw, cval.data() + x * kw);
+    // columns: key column and validity of every neighbour of up to 16 columns at a time (cpos,
+    // cval: [16][kw]; a table for the whole row, megabytes for the 1-D ops' long rows and wide
+    // windows, cost more than their kernel on short batches)
+    std::vector<int64_t> cpos(16 * kw);
+    std::vector<uint8_t> cval(16 * kw);
+    auto column = [&](int64_t x, int64_t e) {
+      axis_window(x, W, kw, dw, win.stride[2], win.causal[2] != 0, border, cpos.data() + e * kw, cval.data() + e * kw);
+    };
     off.resize(kw);
     for (int64_t j = 0; j < kw; ++j) off[j] = (win.causal[2] ? j - kw + 1 : j - kw / 2) * dw;
     auto interior = [&](int64_t x) {
+      column(x, 0);
       for (int64_t j = 0; j < kw; ++j)
-        if (!cval[x * kw + j] || cpos[x * kw + j] != x + off[j]) return false;
+        if (!cval[j] || cpos[j] != x + off[j]) return false;
       return true;
     };
     xlo = 0;
@@ -358,17 +362,20 @@ struct Plan {
     }
     // the other slots (in blocks of 16, whose windows stay in L1 while each neighbour's entries
     // are written; one division per entry only with dilation)
-    for (int64_t s0 = n_int; s0 < Ws; s0 += 16)
+    for (int64_t s0 = n_int; s0 < Ws; s0 += 16) {
+      for (int64_t sl = s0; sl < std::min(Ws, s0 + 16); ++sl)
+        if (slotx[sl] < W) column(slotx[sl], sl - s0);
       for (int64_t j = 0; j < kw; ++j)
         for (int64_t sl = s0; sl < std::min(Ws, s0 + 16); ++sl) {
           const int64_t x = slotx[sl];
           if (x >= W) continue;  // dummy slot: sink column, zero bias
-          const int64_t p = cpos[x * kw + j];
-          const bool ok = cval[x * kw + j];
+          const int64_t p = cpos[(sl - s0) * kw + j];
+          const bool ok = cval[(sl - s0) * kw + j];
           kidx[j * Ws + sl] = ok ? (int32_t)p : (int32_t)W;
           colvalid[j * Ws + sl] = ok;
           bx[j * Ws + sl] = (int32_t)((dw == 1 ? p - x : (p - x) / dw) + kw - 1);
         }
+    }
     // rows: the product of the T and H windows
     std::vector<int64_t> tpos(Tn * kt), hpos(Hn * kh);
     std::vector<uint8_t> tval(Tn * kt), hval(Hn * kh);
@@ -752,10 +759,11 @@ template <typename T>
 struct KeyPack {
   std::vector<T> t, g;
   int64_t rows = 1;
-  void alloc(const Plan<T>& pl, int64_t ring = 0) {
+  // (gathered: whether the border blocks' copies are packed)
+  void alloc(const Plan<T>& pl, int64_t ring = 0, bool gathered = true) {
     rows = ring > 0 ? std::min(ring, pl.R) : pl.R;
     t.resize(rows * pl.D * pl.Wk);
-    g.resize(std::max<int64_t>(1, rows * pl.NG * pl.kw * pl.D * VecOf<T>::N));
+    g.resize(gathered ? std::max<int64_t>(1, rows * pl.NG * pl.kw * pl.D * VecOf<T>::N) : 0);
   }
   int64_t slot(int64_t y) const { return y < rows ? y : y % rows; }
   T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * pl.D * pl.Wk; }
@@ -1619,7 +1627,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       int64_t packed_hi = 0, packed_cols = 0;
     };
     std::vector<HeadKeys> hks(NHG);
-    for (HeadKeys& e : hks) e.Kp.alloc(pl, ring);
+    for (HeadKeys& e : hks) e.Kp.alloc(pl, ring, !band_all);
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
 #if NA_AVX2
     // S padded by one vector: a P.V tile copies N weights from slot sl <= se - 2

@@ -37,17 +37,17 @@ def check(path: str) -> None:
             assert req in names, f"{name} lacks {req}"
         assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names), \
             f"{name} lacks LICENSE"
-        tmp = tempfile.mkdtemp()
-        for n in names:
-            if n.endswith(".so"):
-                z.extract(n, tmp)
-                so = os.path.join(tmp, n)
-                sections = subprocess.run(["readelf", "-S", so], capture_output=True, text=True).stdout
-                assert ".debug_info" not in sections and ".symtab" not in sections, f"{n} is not stripped"
-                undefined = subprocess.run(["nm", "-D", "--undefined-only", so], capture_output=True, text=True).stdout
-                py = [s for s in undefined.split() if s.startswith("Py") or s.startswith("_Py")]
-                assert not py, f"{n} uses the Python C API: {py[:5]}"
-        shutil.rmtree(tmp)
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in names:
+                if n.endswith(".so"):
+                    z.extract(n, tmp)
+                    so = os.path.join(tmp, n)
+                    sections = subprocess.run(["readelf", "-S", so], capture_output=True, text=True).stdout
+                    assert ".debug_info" not in sections and ".symtab" not in sections, f"{n} is not stripped"
+                    undefined = subprocess.run(["nm", "-D", "--undefined-only", so], capture_output=True,
+                                               text=True).stdout
+                    py = [s for s in undefined.split() if s.startswith("Py") or s.startswith("_Py")]
+                    assert not py, f"{n} uses the Python C API: {py[:5]}"
 
 
 def main(argv: list[str]) -> int:
@@ -55,21 +55,21 @@ def main(argv: list[str]) -> int:
     assert wheels, "no wheel given"
     for wheel in wheels:
         check(wheel)
-        out = tempfile.mkdtemp()
-        cmd = [sys.executable, "-m", "auditwheel", "repair", "--only-plat", "-w", out, wheel]
-        for pattern in EXCLUDE:
-            cmd += ["--exclude", pattern]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        repaired = glob.glob(os.path.join(out, "*.whl"))
-        if proc.returncode == 0 and repaired:
-            final = os.path.join(os.path.dirname(wheel), os.path.basename(repaired[0]))
-            shutil.move(repaired[0], final)
-            if os.path.abspath(final) != os.path.abspath(wheel):
-                os.remove(wheel)
-            check(final)
-            wheel = final
-        else:
-            print(f"auditwheel could not give {os.path.basename(wheel)} a manylinux tag:\n{proc.stderr[-3000:]}")
+        with tempfile.TemporaryDirectory() as out:
+            cmd = [sys.executable, "-m", "auditwheel", "repair", "--only-plat", "-w", out, wheel]
+            for pattern in EXCLUDE:
+                cmd += ["--exclude", pattern]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            repaired = glob.glob(os.path.join(out, "*.whl"))
+            if proc.returncode == 0 and repaired:
+                final = os.path.join(os.path.dirname(wheel), os.path.basename(repaired[0]))
+                shutil.move(repaired[0], final)
+                if os.path.abspath(final) != os.path.abspath(wheel):
+                    os.remove(wheel)
+                check(final)
+                wheel = final
+            else:
+                print(f"auditwheel could not give {os.path.basename(wheel)} a manylinux tag:\n{proc.stderr[-3000:]}")
         print(f"wheel: {os.path.basename(wheel)}  {os.path.getsize(wheel) / 1e6:.2f} MB")
     return 0
 

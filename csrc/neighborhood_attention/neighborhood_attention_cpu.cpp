@@ -1372,11 +1372,11 @@ constexpr int kBandMaxNV = 6;
 // MQ * NV FMAs (no query transpose; the columns outside a query's window, at most
 // NV * V - kw - MQ + 1 per query, are computed and dropped). Query i's window (columns
 // wo + i + j of the band, j < kw) is stored scaled at C + i * cs + j; each row writes
-// [i * cs - wo - i, i * cs - wo - i + NV * V).
-template <int NV>
+// [i * cs - wo - i, i * cs - wo - i + NV * V). (MQ = 1: a single query whose window may start
+// anywhere in the band, the border slots' clamped windows that do not move with the query.)
+template <int NV, int MQ = kBandQ>
 static inline void band_logits(const float* q, int64_t qxs, int64_t D, const float* kt, int64_t cstride,
                                float scale, int64_t wo, float* C, int64_t cs, bool prefetch_next) {
-  constexpr int MQ = kBandQ;
   constexpr int N = VecOf<float>::N;
   Vec<float> acc[MQ][NV];
   NA_UNROLL
@@ -1407,26 +1407,6 @@ static inline void band_logits(const float* q, int64_t qxs, int64_t D, const flo
   if (prefetch_next)
     for (int i = 2 * MQ; i < 3 * MQ; ++i)
       for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(q + i * qxs + c, 0, 3);
-}
-
-// band_logits for a single query whose window may start anywhere in the band (the border
-// slots, whose clamped windows do not move with the query): its window (band columns
-// [wo, wo + kw)) stored scaled at C; writes [C - wo, C - wo + NV V).
-template <int NV>
-static inline void band_logits1(const float* q, int64_t D, const float* kt, int64_t cstride, float scale,
-                                int64_t wo, float* C) {
-  constexpr int N = VecOf<float>::N;
-  Vec<float> acc[NV];
-  NA_UNROLL
-  for (int n = 0; n < NV; ++n) acc[n] = splat<float>(0.0f);
-  for (int64_t c = 0; c < D; ++c) {
-    const Vec<float> qv = splat<float>(q[c]);
-    NA_UNROLL
-    for (int n = 0; n < NV; ++n) acc[n] += qv * loadu(kt + c * cstride + n * N);
-  }
-  const Vec<float> sv = splat<float>(scale);
-  NA_UNROLL
-  for (int n = 0; n < NV; ++n) storeu(C - wo + n * N, acc[n] * sv);
 }
 
 // Softmax of one query's kw logits at C (in place, left unnormalised): returns the max m and the
@@ -1836,23 +1816,19 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 dispatch_nc(band_nv, [&](auto nvv) {
                   constexpr int NV = decltype(nvv)::value;
                   if constexpr (NV >= 2 && NV <= kBandMaxNV)
-                    band_logits1<NV>(qr + x * qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C);
+                    band_logits<NV, 1>(qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C, kBandCS,
+                                       false);
                 });
                 float m, l;
                 band_softmax(C, pl.kw, m, l);
                 Lrow[x] = m + std::log(l);
-                Vec<float> acc[DV];
+                Vec<float> acc[1][DV];
                 NA_UNROLL
-                for (int d = 0; d < DV; ++d) acc[d] = splat<float>(0.0f);
-                const float* vw = vr + ws * vxs;
-                for (int64_t j = 0; j < pl.kw; ++j) {
-                  const Vec<float> p = splat<float>(C[j]);
-                  NA_UNROLL
-                  for (int d = 0; d < DV; ++d) acc[d] += p * loadu(vw + j * vxs + d * N);
-                }
+                for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
+                pv_tile<1, DV>(C, 1, vr + ws * vxs, vxs, 1, pl.kw, acc);
                 const Vec<float> inv = splat<float>(1.0f / l);
                 NA_UNROLL
-                for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[d] * inv);
+                for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[0][d] * inv);
               }
             }
 #endif

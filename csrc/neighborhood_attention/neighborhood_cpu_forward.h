@@ -1,0 +1,775 @@
+// Neighbourhood attention CPU kernels: the forward (any dtype, and the float32 fast path).
+// Part of neighborhood_attention_cpu.cpp, the one translation unit that includes it (compiled once
+// per instruction-set level; everything here has internal linkage).
+#pragma once
+
+#include "neighborhood_cpu_tiles.h"
+
+namespace alterops {
+namespace neighborhood {
+namespace {
+
+// The forward's split: (batch, head) work (or (batch, head group) work, BH being the number of
+// those) in row chunks only when there are fewer of them than twice the threads. Every query row is computed the same way whichever task holds
+// it, so the forward's results do not depend on the split.
+static int64_t row_chunks(int64_t BH, int64_t H, const Parallel& par) {
+  const int64_t nthreads = par.num_threads;
+  int64_t n = BH >= 2 * nthreads ? 1 : std::min<int64_t>(H, (2 * nthreads + BH - 1) / BH);
+  const int64_t per = (H + n - 1) / n;
+  return (H + per - 1) / per;
+}
+
+template <typename scalar_t, typename T>
+static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_t* O, T* L, const Plan<T>& pl,
+                         T scale, const Parallel& par) {
+  constexpr int N = VecOf<T>::N;
+  const int64_t BH = pl.B * pl.NH;
+  const int64_t nchunks = row_chunks(BH, pl.R, par);
+  const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
+  const int64_t K2 = pl.nkr * pl.kw;
+  par.for_each(0, BH * nchunks, 1, [&](int64_t t0, int64_t t1) {
+    KeyPack<T> Kp, Vp;
+    Kp.alloc(pl);
+    Vp.alloc(pl);
+    const int64_t nblk = pl.Ws / N;
+    Buf<T> Qp(pl.D * pl.Ws), S(K2 * pl.Ws), Ob(pl.D * pl.Ws), Linv(pl.Ws);
+    std::vector<KeyView<T>> views(nblk * pl.nkr);
+    std::vector<int64_t> row_i(pl.nkr);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
+      const int64_t ht = pl.nht == 1 ? 0 : h;
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
+      if (y0 >= y1) continue;
+      int64_t klo, khi;
+      key_rows(pl, y0, y1, klo, khi);
+      pack_keys<scalar_t, T>(k, b, h / pl.G, klo, khi, pl, Kp);
+      pack_keys<scalar_t, T>(v, b, h / pl.G, klo, khi, pl, Vp);
+      for (int64_t y = y0; y < y1; ++y) {
+        pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp.data(), pl.Ws);
+        T* Lrow = L + (bh * pl.R + y) * pl.W;
+        // Logits of the whole row, key row by key row (each key row stays in L1 across blocks):
+        // S[n][slot], n = i * kw + j.
+        int64_t nrows = 0;
+        for (int64_t i = 0; i < pl.nkr; ++i) {
+          const T* brow = pl.bias_row(ht, y, i);
+          T* Si = S.data() + i * pl.kw * pl.Ws;
+          if (!pl.rowvalid[y * pl.nkr + i]) {
+            for (int64_t j = 0; j < pl.kw; ++j)
+              for (int64_t sl = 0; sl < pl.Ws; ++sl)
+                Si[j * pl.Ws + sl] = pl.dead_rows_masked() ? -std::numeric_limits<T>::infinity() : brow[j * pl.Ws + sl];
+            continue;
+          }
+          const int64_t ky = pl.rowpos[y * pl.nkr + i];
+          for (int64_t ci = 0; ci < nblk; ++ci) {
+            dot_row<T>(Qp.data() + ci * N, pl.Ws, pl.D, key_view(pl, Kp, ky, ci), pl.kw, Si + ci * N, pl.Ws);
+            views[ci * pl.nkr + nrows] = key_view(pl, Vp, ky, ci);
+          }
+          row_i[nrows++] = i;
+          for (int64_t j = 0; j < pl.kw; ++j)
+            for (int64_t ci = 0; ci < nblk; ++ci) {
+              T* sp = Si + j * pl.Ws + ci * N;
+              storeu(sp, loadu(sp) + loadu(brow + j * pl.Ws + ci * N));
+            }
+        }
+        // softmax per block of V queries
+        for (int64_t ci = 0; ci < nblk; ++ci) {
+          const int64_t s0 = ci * N;
+          Vec<T> m = loadu(S.data() + s0);
+          for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S.data() + n * pl.Ws + s0));
+          Vec<T> l = splat<T>(T(0));
+          for (int64_t n = 0; n < K2; ++n) {
+            Vec<T> p = vexp(loadu(S.data() + n * pl.Ws + s0) - m);
+            storeu(S.data() + n * pl.Ws + s0, p);
+            l += p;
+          }
+          storeu(Linv.data() + s0, T(1) / l);
+          for (int lane = 0; lane < N; ++lane) {
+            int64_t x = pl.slotx[s0 + lane];
+            if (x < pl.W) Lrow[x] = m[lane] + std::log(l[lane]);
+          }
+        }
+        // P . V, 8 channels at a time across all blocks (their value rows stay in L1)
+        for (int64_t c0 = 0; c0 < pl.D; c0 += 8)
+          for (int64_t ci = 0; ci < nblk; ++ci)
+            mix_cblock<T>(S.data() + ci * N, pl.Ws, views.data() + ci * pl.nkr, row_i.data(), nrows, pl.kw, c0,
+                          std::min<int64_t>(8, pl.D - c0), Ob.data() + ci * N, pl.Ws);
+        for (int64_t ci = 0; ci < nblk; ++ci) {
+          Vec<T> inv = loadu(Linv.data() + ci * N);
+          for (int64_t c = 0; c < pl.D; ++c)
+            storeu(Ob.data() + c * pl.Ws + ci * N, loadu(Ob.data() + c * pl.Ws + ci * N) * inv);
+        }
+        // out is contiguous (B, H, W, NH, D)
+        for (int64_t sl = 0; sl < pl.Ws; ++sl) {
+          int64_t x = pl.slotx[sl];
+          if (x >= pl.W) continue;
+          scalar_t* o = O + (((b * pl.R + y) * pl.W + x) * pl.NH + h) * pl.D;
+          for (int64_t c = 0; c < pl.D; ++c) o[c] = static_cast<scalar_t>(Ob[c * pl.Ws + sl]);
+        }
+      }
+    }
+  });
+}
+
+// ---- float32 fast forward (head_dim a multiple of 16, up to 64, unit channel stride) ----
+// Only the keys are transposed (for the logits); queries are transposed one row at a time,
+// 16 tokens by 16 channels in registers, and P.V reads the value rows in their own (x, c)
+// layout (one head's channels are contiguous), writing the output rows directly.
+
+
+// Calls loop(kern) with the P.V tile kernel of the window's shape: kern(tv, P, V, acc) adds to
+// acc[T][DC] (T = decltype(tv)::value <= tmax queries by DC channel vectors) their weights at P
+// (neighbour j of query t at P[j * pstride + t]) times the value rows from V (xs apart). GCC
+// keeps the accumulators in registers only when a single kernel updates them, so the choice is
+// made once, outside the caller's tile loop: with the five kernels behind a branch inside it,
+// every FMA of the 2-D tiles loaded and stored its accumulator through the stack.
+template <int DC, class Loop>
+static inline void with_pv_kernel(const Plan<float>& pl, int64_t pstride, int64_t xs, int tmax, Loop&& loop) {
+  if (pl.dw == 1 && pl.kw == 7)
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile_diag<decltype(tv)::value, DC, 7>(P, pstride, V, xs, acc);
+    });
+  else if (pl.dw == 1 && pl.kw == 5)
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile_diag<decltype(tv)::value, DC, 5>(P, pstride, V, xs, acc);
+    });
+  else if (pl.dw == 1 && pl.kw == 3)
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile_diag<decltype(tv)::value, DC, 3>(P, pstride, V, xs, acc);
+    });
+  else if (pl.dw == 1 && pl.kw >= tmax)
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile_diag_any<decltype(tv)::value, DC>(P, pstride, V, xs, pl.kw, acc);
+    });
+  else
+    loop([&](auto tv, const float* P, const float* V, auto& acc) {
+      pv_tile<decltype(tv)::value, DC>(P, pstride, V, xs, pl.dw, pl.kw, acc);
+    });
+}
+
+// Query slots of one row whose logits are formed together (rows longer than this are done in
+// segments).
+constexpr int64_t kSegmentSlots = 128;
+// Query slots per column chunk of a single long row (see forward_f32; a multiple of
+// kSegmentSlots).
+constexpr int64_t kColumnSlots = 256;
+static_assert(kColumnSlots % kSegmentSlots == 0, "column chunks hold whole segments");
+
+// Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
+// prefetches would stall the loads of the work in between).
+class PrefetchQueue {
+ public:
+  // n tokens from p, step_elems elements apart
+  template <typename E>
+  void add(const E* p, int64_t step_elems, int64_t n) {
+    rows_.push_back({reinterpret_cast<const char*>(p), step_elems * (int64_t)sizeof(E), n});
+  }
+  int64_t pending() const {
+    int64_t n = 0;
+    for (size_t e = head_; e < rows_.size(); ++e) n += rows_[e].n;
+    return n;
+  }
+  // Prefetches up to ntok tokens of tok_bytes bytes each.
+  void step(int64_t ntok, int64_t tok_bytes) {
+    while (ntok > 0 && head_ < rows_.size()) {
+      Row& r = rows_[head_];
+      const int64_t m = std::min(ntok, r.n);
+      for (int64_t x = 0; x < m; ++x)
+        for (int64_t o = 0; o < tok_bytes; o += 64) __builtin_prefetch(r.p + x * r.step + o, 0, 2);
+      r.p += m * r.step;
+      r.n -= m;
+      ntok -= m;
+      if (r.n == 0) ++head_;
+    }
+    if (head_ == rows_.size()) {
+      rows_.clear();
+      head_ = 0;
+    }
+  }
+
+ private:
+  struct Row {
+    const char* p;
+    int64_t step, n;  // step in bytes
+  };
+  std::vector<Row> rows_;
+  size_t head_ = 0;
+};
+
+template <int DV>
+static void forward_f32(const View6& q, const View6& k, const View6& v, float* O, float* L,
+                        const Plan<float>& pl, float scale, const Parallel& par) {
+  constexpr int N = VecOf<float>::N;
+  constexpr int TQ = DV >= 4 ? 6 : 8;  // queries per P.V tile (TQ * DV accumulators in registers)
+  constexpr int RG = 3;                 // query rows whose logits are formed together
+  // queries per shared-window P.V tile: kShared * DV accumulators and DV value vectors within
+  // the registers (32 zmm, 16 ymm)
+  constexpr int kShared = std::max(1, std::min(6, (NA_AVX2 ? 12 : 24) / DV));
+  const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
+  const int64_t D = pl.D;
+  // Rows no longer than a segment are taken NHG heads at a time, heads innermost: task (batch,
+  // head group, row chunk), and each row group of the task is done for each of its heads in
+  // turn. The heads of a token lie next to each other in memory, and the lines of the other
+  // heads that one head's pass brings into cache are used while they are still there (a task per
+  // head streamed each token's lines from memory once per head): 2-D forward (B = 4, 56 x 56,
+  // 4 heads, k = 7) 9-13% faster at AVX-512, 4% at AVX2. NHG is the most heads that still leave
+  // two tasks per thread: fewer tasks would split the rows into chunks that pack their halo key
+  // rows twice, and the packed rows of several heads of a 3-D window (each head's ring about
+  // 1.5 MB for 32 x 32 slices, k = (3, 7, 7)) do not fit in L2 (3-D forward 20-60% slower).
+  const bool seg_pf = pl.Ws > SW;
+  int64_t NHG = 1;
+  if (!seg_pf)
+    for (int64_t g = pl.NH; g > 1; --g)
+      if (pl.NH % g == 0 && pl.B * (pl.NH / g) >= 2 * par.num_threads) {
+        NHG = g;
+        break;
+      }
+  const int64_t ngr = pl.NH / NHG;  // head groups
+  const int64_t nchunks = row_chunks(pl.B * ngr, pl.R, par);
+  const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
+  const int64_t K2 = pl.nkr * pl.kw;
+  const float* qb = static_cast<const float*>(q.data);
+  const float* kb = static_cast<const float*>(k.data);
+  const float* vb = static_cast<const float*>(v.data);
+  const int64_t *qs = q.stride, *ks = k.stride, *vs = v.stride;
+  // Bias columns are all zero without a table, except the -inf column mask of "mask".
+  const bool any_bias = pl.any_bias;
+  const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
+  // Rows with one key row (kernel 1 on the outer axes: the 1-D ops), dilation 1, windows wider
+  // than a vector and no bias take their all-interior blocks through band_logits (AVX-512 only:
+  // 4 * band_nv accumulators need its 32 registers): band_nv key vectors per tile (0: not
+  // taken). Their logits rows are kBandCS apart in Cb, window at +32.
+  int band_nv = 0;
+  constexpr int64_t kBandCS = 32 + 16 * kBandMaxNV + 16;
+#if defined(__AVX512F__)
+  if (pl.nkr == 1 && pl.dw == 1 && pl.kw > N && !any_bias) {
+    const int64_t nv = (pl.kw + kBandQ - 1 + N - 1) / N;
+    if (nv <= kBandMaxNV && nv * N <= pl.Wk) band_nv = (int)nv;
+  }
+#endif
+  // The slots of the border blocks (from block n_full: the clamped windows at both ends of the
+  // row, the interior slots of the last partial block) go through the band as well, one query at
+  // a time, when every one of their windows is kw consecutive keys of the row (the "clamp" border
+  // without causal shortening) and every query row has its key row: no gathered border blocks are
+  // then packed (for the 1-D ops' windows of 65 neighbours those were as many key transposes as
+  // the whole row, for 1.5% of its queries). bstart[sl - n_full V]: the slot's band start (-1 for
+  // a dummy slot).
+  bool band_all = band_nv > 0;
+  std::vector<int64_t> bstart;
+  if (band_all) {
+    for (int64_t n = 0; n < pl.R * pl.nkr; ++n) band_all &= pl.rowvalid[n] != 0;
+    for (int64_t sl = pl.n_full * N; sl < pl.Ws && band_all; ++sl) {
+      if (pl.slotx[sl] >= pl.W) {
+        bstart.push_back(-1);
+        continue;
+      }
+      const int64_t st = pl.kidx[sl];
+      band_all &= st + pl.kw <= pl.W;
+      for (int64_t j = 1; j < pl.kw && band_all; ++j) band_all &= pl.kidx[j * pl.Ws + sl] == st + j;
+      bstart.push_back(std::min(st, pl.Wk - band_nv * N));
+    }
+  }
+  // A single row longer than a segment (the 1-D ops) is split into column chunks of colslots
+  // slots, taken heads innermost: task (b, chunk, h). The heads of one token lie next to each
+  // other in memory; one head's pass over a chunk brings its neighbours' lines into L2 with its
+  // own, and the other heads' passes over the same chunk then find them there (a whole row per
+  // task streamed every token's lines from L3 once per head): 1-D forward 15% faster with k = 65,
+  // 7-10% with a bias table or dilation. Chunks of 256 slots keep a chunk's q, k and v for 8
+  // heads of 64 channels (about 1.9 MB) within a 2 MB L2; 128 and 512 were slower by 3-5%.
+  const int64_t ncol = pl.R == 1 && nchunks == 1 && pl.Ws > SW ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
+  const int64_t colslots = ncol == 1 ? pl.Ws : kColumnSlots;
+  par.for_each(0, pl.B * ngr * nchunks * ncol, 1, [&](int64_t t0, int64_t t1) {
+    // per key/value head of the group: its packed key rows, the last packed row and the packed
+    // columns
+    struct HeadKeys {
+      KeyPack<float> Kp;
+      int64_t packed_hi = 0, packed_cols = 0;
+    };
+    std::vector<HeadKeys> hks(NHG);
+    for (HeadKeys& e : hks) e.Kp.alloc(pl, ring, !band_all);
+    std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
+#if NA_AVX2
+    // S padded by one vector: a P.V tile copies N weights from slot sl <= se - 2
+    std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW + N), Linv(pl.Ws), Pl(pl.kw * N);
+#else
+    std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW), Linv(pl.Ws);
+#endif
+    const float* rows[16];
+    // Rows longer than a segment have the next segment's q, k and v columns prefetched into L2
+    // a few tokens at a time while this segment is worked on (a burst of a whole segment's
+    // prefetches would stall its loads). Shorter rows are left to the hardware prefetcher:
+    // prefetching the rows of the row group two ahead made the 2-D forward 6% and the 3-D
+    // forward 10% slower.
+    PrefetchQueue pfq;
+    int64_t pf_quota = 0;
+    const int64_t tok_bytes = D * (int64_t)sizeof(float);
+    auto pf_step = [&](int64_t ntok) {
+      if (seg_pf) pfq.step(ntok, tok_bytes);
+    };
+    std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
+    std::vector<int64_t> shift(pl.kw + SW);        // dot_blocks_shared's key shifts
+    for (int64_t tc = t0; tc < t1; ++tc) {
+      // t: the (batch, head group, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
+      // (column chunks only with NHG = 1)
+      const int64_t t = ncol == 1 ? tc : (tc / (ncol * pl.NH)) * pl.NH + tc % pl.NH;
+      const int64_t col = ncol == 1 ? 0 : (tc / pl.NH) % ncol;
+      const int64_t s_lo = col * colslots, s_hi = std::min(pl.Ws, s_lo + colslots);
+      const int64_t bg = t / nchunks, chunk = t % nchunks, b = bg / ngr, hg = bg % ngr;
+      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
+      if (y0 >= y1) continue;
+      int64_t klo, khi;
+      key_rows(pl, y0, y1, klo, khi);
+      const int64_t packed_lo =
+          s_lo == 0 ? 0 : std::max<int64_t>(0, std::min(pl.xlo + s_lo + pl.off[0], pl.Wk - band_nv * N) / N * N);
+      for (HeadKeys& e : hks) {
+        e.packed_hi = klo - 1;
+        e.packed_cols = seg_pf ? packed_lo : pl.Wk;
+      }
+      for (int64_t yg = y0; yg < y1; yg += RG) {
+        const int64_t ng = std::min<int64_t>(RG, y1 - yg);
+        int64_t kmin, kmax;
+        key_rows(pl, yg, yg + ng, kmin, kmax);
+        for (int64_t hh = 0; hh < NHG; ++hh) {
+          const int64_t h = hg * NHG + hh, bh = b * pl.NH + h, hk = h / pl.G;
+          const int64_t ht = pl.nht == 1 ? 0 : h;
+          // (heads that share a key/value head share its packed rows: the first one packs them)
+          HeadKeys& hkeys = hks[hk - hg * NHG / pl.G];
+          KeyPack<float>& Kp = hkeys.Kp;
+          int64_t& packed_hi = hkeys.packed_hi;
+          int64_t& packed_cols = hkeys.packed_cols;
+          auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
+          auto vrow = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
+          // transposed key rows (sink and padding columns zero) and the border blocks' copies,
+          // packed just before the first row group that reads them (so they are still in cache)
+          // Rows longer than a segment have their columns packed as the segments reach them (the
+          // next segment's are prefetched; a whole row packed up front came from memory
+          // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
+          // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
+          auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
+            const float* kr = krow(y);
+            float* dst = Kp.trow(pl, y);
+            for (int64_t x0 = c0; x0 < c1; x0 += N) {
+              for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
+              NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
+            }
+          };
+          // columns up to upto_col (exclusive) of the packed rows
+          auto extend_cols = [&](int64_t upto_col) {
+            const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
+            if (c1 <= packed_cols) return;
+            for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
+            packed_cols = c1;
+          };
+          auto pack_key_rows = [&](int64_t upto) {
+            // (rows that the ring would drop before any group reads them are skipped)
+            for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
+              const float* kr = krow(y);
+              pack_cols(y, packed_lo, packed_cols);
+              // border slots through the band: the columns of their bands that lie below the
+              // chunk's packed columns
+              if (band_all && s_hi > pl.n_full * N) {
+                int64_t c0 = packed_lo, c1 = 0;
+                for (int64_t st : bstart)
+                  if (st >= 0 && st < packed_lo) {
+                    c0 = std::min(c0, st / N * N);
+                    c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
+                  }
+                if (c0 < c1) pack_cols(y, c0, c1);
+              }
+              // (border blocks only for the chunk that holds them)
+              for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
+                const int64_t s0 = (pl.n_full + g) * N;
+                float* gb = Kp.grow(pl, y, g);
+                for (int64_t j = 0; j < pl.kw; ++j) {
+                  const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+                  for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : nullptr;
+                  NA_TRANSPOSE_BLK(rows, D, 1.0f, gb + j * D * N, N);
+                }
+              }
+            }
+            packed_hi = std::max(packed_hi, upto);
+          };
+          if (kmax > packed_hi) pack_key_rows(kmax);
+          // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
+          // queries and logits stay in cache from the logits to the output
+          for (int64_t sg = s_lo; sg < s_hi; sg += SW) {
+            const int64_t se = std::min(s_hi, sg + SW), cb = sg / N, ce = se / N;
+            // the key columns that this segment's interior blocks read (blocks [cb, ce) read
+            // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
+            // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
+            // (and with band_all its border slots too: [iend, gend) one query at a time)
+            int64_t gend = sg, iend = sg;
+            if (band_nv > 0) {
+              bool rows_ok = true;
+              for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
+              if (rows_ok) iend = gend = std::max(sg, std::min(se, pl.n_full * N));
+              if (band_all) gend = se;
+            }
+            const int64_t cg = gend / N;
+            if (seg_pf)
+              extend_cols(se > pl.n_full * N ? pl.Wk
+                                             : std::min(pl.Wk, pl.xlo + se + std::max(pl.off[pl.kw - 1],
+                                                                                       pl.off[0] + band_nv * N)));
+            if (seg_pf && se < s_hi) {
+              // the next segment's query columns and the key/value columns it adds (interior
+              // slots: column xlo + slot), spread over this segment's key rows and query rows
+              auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
+              const int64_t ne = std::min(s_hi, se + SW);
+              const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
+              const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
+              for (int64_t r = 0; r < ng; ++r)
+                pfq.add(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3], qs[3], qe - qa);
+              for (int64_t ky = kmin; ky <= kmax; ++ky) {
+                pfq.add(krow(ky) + ka * ks[3], ks[3], ke - ka);
+                pfq.add(vrow(ky) + ka * vs[3], vs[3], ke - ka);
+              }
+              const int64_t tokens = pfq.pending();
+              // steps: one per key row and slot block, per query row and P.V tile
+              pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
+            }
+#if defined(__AVX512F__)
+            for (int64_t r = 0; r < ng && gend > sg; ++r) {
+              const int64_t y = yg + r;
+              const int64_t ky = pl.rowpos[y];
+              const float* qr = qb + pl.row_off(qs, b, y, h);
+              const float* kt = Kp.trow(pl, ky);
+              float* Lrow = L + (bh * pl.R + y) * pl.W;
+              float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+              const int64_t ostr = pl.NH * D, vxs = vs[3];
+              const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
+              auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
+              for (int64_t sl = sg; sl < iend; sl += kBandQ) {
+                // the band's first column, moved left where the band would run past the packed row
+                const int64_t want = pl.xlo + sl + pl.off[0];
+                const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
+                const float* qt = qr + (pl.xlo + sl) * qs[3];
+                // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
+                dispatch_nc(band_nv, [&](auto nvv) {
+                  constexpr int NV = decltype(nvv)::value;
+                  if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                    band_logits<NV>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS,
+                                    sl + 2 * kBandQ < iend);
+                });
+                if ((sl - sg) % N == 0) pf_step(pf_quota);
+              }
+              // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
+              for (int64_t sl = sg; sl < iend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
+              for (int64_t sl = sg; sl < iend; sl += N) {  // (iend - sg is a multiple of N)
+                const Vec<float> l = loadu(Linv.data() + sl);
+                storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
+                storeu(Linv.data() + sl, 1.0f / l);
+              }
+              auto pv = [&](auto tv, int64_t sl) {
+                constexpr int T = decltype(tv)::value;
+                Vec<float> acc[T][DV];
+                NA_UNROLL
+                for (int t = 0; t < T; ++t)
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+                pv_tile_diag_any<T, DV>(crow(sl), 1, vr0 + sl * vxs, vxs, pl.kw, acc, kBandCS);
+                NA_UNROLL
+                for (int t = 0; t < T; ++t) {
+                  const Vec<float> inv = splat<float>(Linv[sl + t]);
+                  float* o = Orow + (pl.xlo + sl + t) * ostr;
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                }
+              };
+              int64_t sl = sg;
+              for (; sl + TQ <= iend; sl += TQ) {
+                pv(std::integral_constant<int, TQ>{}, sl);
+                pf_step(pf_quota);
+              }
+              if (sl < iend)  // the rest, fewer than TQ queries, in one narrower tile
+                dispatch_nc(iend - sl, [&](auto tv) {
+                  if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
+                });
+              // the border slots, one query at a time: logits of the band at its window, softmax,
+              // P.V over the window's kw value tokens
+              const float* vr = vrow(ky);
+              for (sl = iend; sl < gend; ++sl) {
+                const int64_t x = pl.slotx[sl], st0 = bstart[sl - pl.n_full * N];
+                if (x >= pl.W) continue;  // dummy slot
+                const int64_t ws = pl.kidx[sl];
+                float* C = crow(sl);
+                dispatch_nc(band_nv, [&](auto nvv) {
+                  constexpr int NV = decltype(nvv)::value;
+                  if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                    band_logits<NV, 1>(qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C, kBandCS,
+                                       false);
+                });
+                float m, l;
+                band_softmax(C, pl.kw, m, l);
+                Lrow[x] = m + std::log(l);
+                Vec<float> acc[1][DV];
+                NA_UNROLL
+                for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
+                pv_tile<1, DV>(C, 1, vr + ws * vxs, vxs, 1, pl.kw, acc);
+                const Vec<float> inv = splat<float>(1.0f / l);
+                NA_UNROLL
+                for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[0][d] * inv);
+              }
+            }
+#endif
+            for (int64_t r = 0; r < ng; ++r) {
+              const int64_t y = yg + r;
+              const float* qr = qb + pl.row_off(qs, b, y, h);
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int32_t* sx = pl.slotx.data() + ci * N;
+                for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : nullptr;
+                NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW);
+              }
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                if (pl.rowvalid[y * pl.nkr + i]) continue;
+                const float* brow = pl.bias_row(ht, y, i);
+                float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
+                for (int64_t j = 0; j < pl.kw; ++j)
+                  for (int64_t sl = sg; sl < se; ++sl)
+                    Si[j * SW + sl] =
+                        pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
+              }
+            }
+            // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
+            // rows that read it (the key vectors are loaded once for up to RG query rows)
+            for (int64_t ky = kmin; ky <= kmax; ++ky) {
+              int nr = 0;
+              const float* A[RG];
+              float* So[RG];
+              for (int64_t r = 0; r < ng; ++r) {
+                const int64_t y = yg + r;
+                for (int64_t i = 0; i < pl.nkr; ++i)
+                  if (pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky) {
+                    A[nr] = Qp.data() + r * D * SW;
+                    So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
+                  }
+              }
+              if (nr == 0) continue;
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
+                if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
+                  dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
+                                    pl.Wk, pl.kw, So[0] + (ci - cb) * N, SW, shift.data());
+                  ci += nsh - 1;
+                  pf_step(pf_quota * nsh);
+                  continue;
+                }
+                const KeyView<float> kv = key_view(pl, Kp, ky, ci);
+                const float* Ab[RG];
+                float* Sb[RG];
+                for (int a = 0; a < nr; ++a) {
+                  Ab[a] = A[a] + (ci - cb) * N;
+                  Sb[a] = So[a] + (ci - cb) * N;
+                }
+                dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SW);
+                pf_step(pf_quota);
+              }
+              pf_step(pf_quota);
+            }
+            if (any_bias)
+              for (int64_t r = 0; r < ng; ++r)
+                for (int64_t i = 0; i < pl.nkr; ++i) {
+                  const int64_t y = yg + r;
+                  if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                  const float* brow = pl.bias_row(ht, y, i);
+                  float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
+                  for (int64_t j = 0; j < pl.kw; ++j)
+                    for (int64_t e = sg; e < se; e += N)
+                      storeu(Si + j * SW + e, loadu(Si + j * SW + e) + loadu(brow + j * pl.Ws + e));
+                }
+            for (int64_t r = 0; r < ng; ++r) {
+              const int64_t y = yg + r;
+              float* Sy = S.data() + r * K2 * SW - sg;  // Sy[n * SW + slot]
+              float* Lrow = L + (bh * pl.R + y) * pl.W;
+              // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int64_t s0 = ci * N;
+                Vec<float> m = loadu(Sy + s0);
+                for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(Sy + n * SW + s0));
+                Vec<float> l = splat<float>(0.0f);
+                for (int64_t n = 0; n < K2; ++n) {
+                  Vec<float> p = vexp(loadu(Sy + n * SW + s0) - m);
+                  storeu(Sy + n * SW + s0, p);
+                  l += p;
+                }
+                storeu(Linv.data() + s0, 1.0f / l);
+                const Vec<float> lse = m + vlog(l);
+                for (int lane = 0; lane < N; ++lane) {
+                  int64_t x = pl.slotx[s0 + lane];
+                  if (x < pl.W) Lrow[x] = lse[lane];
+                }
+              }
+              pf_step(pf_quota);
+              // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
+              // the remaining queries one at a time.
+              float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+              const int64_t ostr = pl.NH * D;
+              const int64_t vxs = vs[3];
+              const int64_t tile_end = std::min(pl.n_int, se);
+              for (int64_t i = 0; i < pl.nkr; ++i)
+                vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
+              int64_t sl = gend;
+              // whether slots a and b read the same key column for every neighbour
+              auto same_window = [&](int64_t a, int64_t b) {
+                for (int64_t j = 0; j < pl.kw; ++j)
+                  if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
+                return true;
+              };
+              // P.V of the NS queries from slot sl, whose windows hold the same key columns (NS is
+              // at most kShared; dispatch_nc's wider instances are never called)
+              auto pv_shared = [&](auto nsv) {
+                constexpr int NS = decltype(nsv)::value;
+                if constexpr (NS <= kShared) {
+                  Vec<float> acc[NS][DV];
+                  NA_UNROLL
+                  for (int t = 0; t < NS; ++t)
+                    NA_UNROLL
+                    for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+                  for (int64_t i = 0; i < pl.nkr; ++i) {
+                    if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                    const float* P = Sy + i * pl.kw * SW + sl;
+                    for (int64_t j = 0; j < pl.kw; ++j) {
+                      const int32_t col = pl.kidx[j * pl.Ws + sl];
+                      if (col >= pl.W) continue;  // not a key (zero value or masked)
+                      Vec<float> vv[DV];
+                      NA_UNROLL
+                      for (int d = 0; d < DV; ++d) {
+                        vv[d] = loadu(vrows[i] + col * vxs + d * N);
+                        pin_register(vv[d]);
+                      }
+                      NA_UNROLL
+                      for (int t = 0; t < NS; ++t) {
+                        const Vec<float> p = splat<float>(P[j * SW + t]);
+                        NA_UNROLL
+                        for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+                      }
+                    }
+                  }
+                  NA_UNROLL
+                  for (int t = 0; t < NS; ++t) {
+                    const Vec<float> inv = splat<float>(Linv[sl + t]);
+                    float* o = Orow + pl.slotx[sl + t] * ostr;
+                    NA_UNROLL
+                    for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                  }
+                }
+              };
+#if NA_AVX2
+              // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
+              // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
+              // (one tile kernel per loop, as below for AVX-512)
+              auto pv_avx2 = [&](auto tqv, auto kern) {
+                constexpr int TQ2 = decltype(tqv)::value;
+                constexpr int DC = 2;
+                const int64_t x0 = pl.xlo + sl;
+                for (int dc = 0; dc < DV; dc += DC) {
+                  Vec<float> acc[TQ2][DC];
+                  NA_UNROLL
+                  for (int t = 0; t < TQ2; ++t)
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
+                  for (int64_t i = 0; i < pl.nkr; ++i) {
+                    if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                    // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
+                    const float* Pi = Sy + i * pl.kw * SW + sl;
+                    for (int64_t j = 0; j < pl.kw; ++j) storeu(Pl.data() + j * N, loadu(Pi + j * SW));
+                    kern(tqv, Pl.data(), vrows[i] + (x0 + pl.off[0]) * vxs + dc * N, acc);
+                  }
+                  NA_UNROLL
+                  for (int t = 0; t < TQ2; ++t) {
+                    const Vec<float> inv = splat<float>(Linv[sl + t]);
+                    float* o = Orow + (x0 + t) * ostr + dc * N;
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
+                  }
+                }
+                sl += TQ2;
+                pf_step(pf_quota);
+              };
+              auto pv_avx2_tiles = [&](auto tqv) {
+                constexpr int TQ2 = decltype(tqv)::value;
+                with_pv_kernel<2>(pl, N, vxs, TQ2, [&](auto kern) {
+                  while (sl + TQ2 <= tile_end) pv_avx2(tqv, kern);
+                });
+              };
+              pv_avx2_tiles(std::integral_constant<int, 6>{});
+              pv_avx2_tiles(std::integral_constant<int, 2>{});
+              (void)TQ;
+#else
+              // tiles of TQ queries, then one tile of the rest
+              auto tile = [&](auto tv, auto kern) {
+                constexpr int T = decltype(tv)::value;
+                pf_step(pf_quota);
+                Vec<float> acc[T][DV];
+                NA_UNROLL
+                for (int t = 0; t < T; ++t)
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+                const int64_t x0 = pl.xlo + sl;
+                for (int64_t i = 0; i < pl.nkr; ++i)
+                  if (pl.rowvalid[y * pl.nkr + i])
+                    kern(tv, Sy + i * pl.kw * SW + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
+                NA_UNROLL
+                for (int t = 0; t < T; ++t) {
+                  const Vec<float> inv = splat<float>(Linv[sl + t]);
+                  float* o = Orow + (x0 + t) * ostr;
+                  NA_UNROLL
+                  for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                }
+                sl += T;
+              };
+              with_pv_kernel<DV>(pl, SW, vxs, TQ, [&](auto kern) {
+                while (sl + TQ <= tile_end) tile(std::integral_constant<int, TQ>{}, kern);
+                if (sl < tile_end)
+                  dispatch_nc(tile_end - sl, [&](auto tv) {
+                    if constexpr (decltype(tv)::value < TQ) tile(tv, kern);
+                  });
+              });
+#endif
+              // the other queries: runs of up to kShared slots whose windows hold the same key
+              // columns (the clamped windows at both ends of a row) in one tile that loads each
+              // value vector once for the run, single queries in a tile of one
+              while (sl < se) {
+                if (pl.slotx[sl] >= pl.W) {
+                  ++sl;
+                  continue;
+                }
+                int64_t n = 1;
+                while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
+                dispatch_nc(n, pv_shared);
+                sl += n;
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+// The float32 forward (float32 inputs, head widths of float_fast_width, unit channel stride);
+// false: not taken.
+static bool forward_fast(const View6& q, const View6& k, const View6& v, float* out, float* lse,
+                         const Plan<float>& pl, float scale, const Parallel& par) {
+  if (!float_fast_width(pl.D)) return false;
+  if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return false;
+  // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
+#if NA_AVX2
+  switch (pl.D / 16) {
+    case 1: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
+    case 2: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
+    case 3: forward_f32<6>(q, k, v, out, lse, pl, scale, par); break;
+    default: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
+  }
+#else
+  switch (pl.D / 16) {
+    case 1: forward_f32<1>(q, k, v, out, lse, pl, scale, par); break;
+    case 2: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
+    case 3: forward_f32<3>(q, k, v, out, lse, pl, scale, par); break;
+    default: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
+  }
+#endif
+  return true;
+}
+
+}  // namespace
+}  // namespace neighborhood
+}  // namespace alterops

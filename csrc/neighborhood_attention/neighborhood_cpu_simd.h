@@ -1,0 +1,273 @@
+// Neighbourhood attention CPU kernels: the vector type of this build's level (16 floats with
+// AVX-512 and without AVX2, 8 with AVX2 + FMA), loads, stores, broadcasts, exp and log of
+// vectors, aligned buffers, and the register transposes that pack key rows.
+// Part of neighborhood_attention_cpu.cpp, the one translation unit that includes it (compiled once
+// per instruction-set level; everything here has internal linkage).
+#pragma once
+
+#include "../common/exp_approx.h"
+#include "../common/log_approx.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+// GCC 12's AVX-512 shuffle/unpack intrinsics start from _mm512_undefined_ps(), a deliberately
+// self-initialised value that -Wmaybe-uninitialized reports at every use.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+// Vector width. AVX-512 (and ISAs without AVX2) use 64-byte vectors (16 floats); AVX2 + FMA
+// without AVX-512 uses 32-byte vectors (8 floats, one ymm register each), so that the register
+// blocks below (up to ~14 live vectors) fit in the 16 ymm registers instead of spilling.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define NA_AVX2 1
+#define NA_VEC_BYTES 32
+#else
+#define NA_AVX2 0
+#define NA_VEC_BYTES 64
+#endif
+// AVX2 + FMA instructions available (the AVX2 and AVX-512 levels): 8x8 register transposes for
+// packing rows, whatever the vector width.
+#if defined(__AVX2__) && defined(__FMA__)
+#define NA_X86V3 1
+#else
+#define NA_X86V3 0
+#endif
+
+// 64-byte vectors passed by value between internal functions of the generic build: GCC notes
+// that their calling convention differs from an AVX-512 build's, which no caller outside this
+// translation unit ever sees.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace alterops {
+namespace neighborhood {
+namespace {
+
+template <typename T>
+struct VecOf {
+  static constexpr int N = NA_VEC_BYTES / sizeof(T);
+  typedef T type __attribute__((vector_size(NA_VEC_BYTES)));
+};
+
+template <typename T>
+using Vec = typename VecOf<T>::type;
+
+// Allocator of 64-byte aligned storage: a buffer that vector loads read at multiples of the
+// vector width from its start then never splits a cache line in those loads.
+template <typename T>
+struct CacheAligned {
+  typedef T value_type;
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheAligned<U>&) const { return false; }
+};
+template <typename T>
+using Buf = std::vector<T, CacheAligned<T>>;
+
+// 64-byte aligned storage left uninitialised (for buffers that their users fill: the first
+// write then comes from the thread that uses the memory).
+template <typename T>
+class RawBuf {
+ public:
+  explicit RawBuf(size_t n)
+      : p_(static_cast<T*>(::operator new(std::max<size_t>(n, 1) * sizeof(T), std::align_val_t(64)))) {}
+  ~RawBuf() { ::operator delete(p_, std::align_val_t(64)); }
+  RawBuf(const RawBuf&) = delete;
+  RawBuf& operator=(const RawBuf&) = delete;
+  T* data() { return p_; }
+  const T* data() const { return p_; }
+
+ private:
+  T* p_;
+};
+
+template <typename T>
+static inline Vec<T> loadu(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+static inline void storeu(T* p, Vec<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+static inline Vec<T> splat(T x) {
+  return x - Vec<T>{};  // a broadcast (x - 0 folds to x; a per-lane loop compiles to masked inserts)
+}
+
+// Keeps v in a register from here on: the compiler may no longer re-read it from memory at each
+// use. (GCC otherwise folds the load into every FMA that reads the vector, so a key vector
+// shared by three query rows costs three unaligned loads, and the loads, not the FMAs, set the
+// pace.)
+template <typename V>
+static inline void pin_register(V& v) {
+#if defined(__AVX512F__)  // (with 16 ymm registers, AVX2 blocks have no register to spare)
+  asm("" : "+v"(v));
+#else
+  (void)v;
+#endif
+}
+
+// Fully unrolls a loop over a register block. GCC keeps an accumulator array such as
+// acc[rows][channels] in registers only when the loops indexing it are unrolled before its scalar
+// replacement pass; otherwise the array round-trips through the stack on entry and exit of every
+// block, which costs about as much as the FMAs when the block's loop is short (7 neighbours).
+#define NA_UNROLL _Pragma("GCC unroll 32")
+// Register-block kernels whose accumulators the caller owns: inlined wherever they are used (an
+// out-of-line call takes the accumulators by reference, through memory).
+#define NA_TILE static inline __attribute__((always_inline))
+
+// exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
+// exactly 0 below -87.
+static inline Vec<float> vexp(Vec<float> x) {
+#if defined(__AVX512F__)
+  // AVX-512: the same polynomial, with the rounding and the scaling by 2^n in one instruction
+  // each (vrndscaleps, vscalefps; 2-D/3-D/1-D forward 1-3% faster), and the lanes below -87
+  // zeroed by the mask of the scaling (unordered compare: a NaN stays NaN; t held at -126 or
+  // above, so that no lane computes a denormal).
+  const __m512 xv = (__m512)x;
+  const __mmask16 keep = _mm512_cmp_ps_mask(xv, _mm512_set1_ps(-87.0f), _CMP_NLT_UQ);
+  const __m512 t =
+      _mm512_max_ps(_mm512_set1_ps(-126.0f), _mm512_mul_ps(xv, _mm512_set1_ps(1.44269504088896341f)));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec<float> f = (Vec<float>)_mm512_sub_ps(t, n) * 0.693147180559945309f;
+  const Vec<float> p = exp_poly(f);
+  return (Vec<float>)_mm512_maskz_scalef_ps(keep, (__m512)p, n);
+#else
+  typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
+  const Vec<float> lo = splat<float>(-87.0f);
+  Vec<float> xc = x < lo ? lo : x;
+  Vec<float> t = xc * 1.44269504088896341f;
+  VI n = __builtin_convertvector(t + 128.5f, VI) - 128;  // round to nearest
+  Vec<float> f = (t - __builtin_convertvector(n, Vec<float>)) * 0.693147180559945309f;
+  const Vec<float> p = exp_poly(f);
+  VI bits = (n + 127) << 23;
+  Vec<float> scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  Vec<float> r = p * scale;
+  return x < lo ? splat<float>(0.0f) : r;
+#endif
+}
+// log for float vectors (log_approx, ~1 ulp); lanes that are not positive normal numbers (never
+// the softmax sums it takes, which are >= 1) go through std::log.
+static inline Vec<float> vlog(Vec<float> x) {
+  typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
+  const VI bad = (x < std::numeric_limits<float>::min()) | (x > std::numeric_limits<float>::max()) | (x != x);
+  bool any_bad = false;
+  for (int l = 0; l < VecOf<float>::N; ++l) any_bad |= bad[l] != 0;
+  if (any_bad) {
+    Vec<float> r;
+    for (int l = 0; l < VecOf<float>::N; ++l) r[l] = std::log(x[l]);
+    return r;
+  }
+  return log_approx<Vec<float>, VI>(x);
+}
+static inline Vec<double> vexp(Vec<double> x) {
+  Vec<double> r{};
+  for (int l = 0; l < VecOf<double>::N; ++l) r[l] = std::exp(x[l]);
+  return r;
+}
+template <typename T>
+static inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
+  return a > b ? a : b;
+}
+
+#if NA_X86V3
+// dst[c * ds + l] = mul * rows[l][c] for l < 8, c < D (D % 8 == 0); a null row reads zeros.
+static inline void transpose8(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+  const __m256 m = _mm256_set1_ps(mul);
+  for (int64_t c0 = 0; c0 < D; c0 += 8) {
+    __m256 r[8], t[8];
+    for (int l = 0; l < 8; ++l) r[l] = rows[l] ? _mm256_loadu_ps(rows[l] + c0) : _mm256_setzero_ps();
+    for (int l = 0; l < 8; l += 2) {
+      t[l] = _mm256_unpacklo_ps(r[l], r[l + 1]);
+      t[l + 1] = _mm256_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 8; l += 4) {
+      r[l] = _mm256_shuffle_ps(t[l], t[l + 2], 0x44);
+      r[l + 1] = _mm256_shuffle_ps(t[l], t[l + 2], 0xEE);
+      r[l + 2] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0x44);
+      r[l + 3] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
+    }
+    // r[0..3]: channels 0,1,2,3 (+4..7 in the high halves) of rows 0-3; r[4..7]: of rows 4-7
+    for (int l = 0; l < 4; ++l) {
+      _mm256_storeu_ps(dst + (c0 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x20), m));
+      _mm256_storeu_ps(dst + (c0 + 4 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x31), m));
+    }
+  }
+}
+#endif
+
+// dst[c * ds + l] = mul * rows[l][c] for l < 16, c < D (D % 16 == 0); a null row reads zeros.
+static inline void transpose16(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
+#if defined(__AVX512F__)
+  const __m512 m = _mm512_set1_ps(mul);
+  for (int64_t c0 = 0; c0 < D; c0 += 16) {
+    __m512 r[16], t[16];
+    for (int l = 0; l < 16; ++l) r[l] = rows[l] ? _mm512_loadu_ps(rows[l] + c0) : _mm512_setzero_ps();
+    for (int l = 0; l < 16; l += 2) {
+      t[l] = _mm512_unpacklo_ps(r[l], r[l + 1]);
+      t[l + 1] = _mm512_unpackhi_ps(r[l], r[l + 1]);
+    }
+    for (int l = 0; l < 16; l += 4) {
+      r[l] = _mm512_shuffle_ps(t[l], t[l + 2], 0x44);
+      r[l + 1] = _mm512_shuffle_ps(t[l], t[l + 2], 0xEE);
+      r[l + 2] = _mm512_shuffle_ps(t[l + 1], t[l + 3], 0x44);
+      r[l + 3] = _mm512_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
+    }
+    for (int a = 0; a < 16; a += 8)
+      for (int l = 0; l < 4; ++l) {
+        t[a + l] = _mm512_shuffle_f32x4(r[a + l], r[a + 4 + l], 0x88);
+        t[a + 4 + l] = _mm512_shuffle_f32x4(r[a + l], r[a + 4 + l], 0xdd);
+      }
+    for (int l = 0; l < 8; ++l) {
+      r[l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0x88);
+      r[8 + l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0xdd);
+    }
+    for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (c0 + l) * ds, _mm512_mul_ps(r[l], m));
+  }
+#else
+  for (int l = 0; l < 16; ++l)
+    for (int64_t c = 0; c < D; ++c) dst[c * ds + l] = rows[l] ? rows[l][c] * mul : 0.0f;
+#endif
+}
+
+// one slot block of queries/keys (VecOf<float>::N columns)
+#if NA_AVX2
+#define NA_TRANSPOSE_BLK transpose8
+#else
+#define NA_TRANSPOSE_BLK transpose16
+#endif
+
+// rows[0..n) transposed by transpose16 or transpose8 (n = 16 or 8)
+[[maybe_unused]] static inline void transpose_n(int n, const float* const* rows, int64_t D, float mul, float* dst,
+                                                int64_t ds) {
+#if NA_X86V3
+  if (n == 8) {
+    transpose8(rows, D, mul, dst, ds);
+    return;
+  }
+#endif
+  transpose16(rows, D, mul, dst, ds);
+}
+
+}  // namespace
+}  // namespace neighborhood
+}  // namespace alterops

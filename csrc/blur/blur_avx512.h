@@ -70,6 +70,17 @@ static inline __m512 load_row16(const float* __restrict__ xr, int64_t start, int
   return pointwise16<ACT>(_mm512_maskz_loadu_ps(__mmask16(bits), xr + start), tau, inv_tau);
 }
 
+// The output row of a window whose last source row is zero padding: scale times the sum of the
+// ring's other K - 1 rows of horizontal sums.
+template <int K>
+static inline void emit_ring_row(const float* const* rows, int64_t Wo, __m512 scale, float* __restrict__ orow) {
+  for (int64_t o = 0; o < Wo; o += 16) {
+    __m512 v = _mm512_loadu_ps(rows[0] + o);
+    if constexpr (K == 3) v = _mm512_add_ps(v, _mm512_loadu_ps(rows[1] + o));
+    _mm512_mask_storeu_ps(orow + o, tail_mask(Wo - o), _mm512_mul_ps(scale, v));
+  }
+}
+
 // Zero padding: the padded row never goes through memory. Each 16-lane chunk of the padded row
 // is formed in a register by a masked load of x (zeros in the padding); the shifted windows
 // P[o+1..], P[o+2..] come from valignd of two consecutive chunks. This avoids the
@@ -93,11 +104,7 @@ static void forward_plane_k_zeros_avx512(const float* __restrict__ x, float* __r
     if (s < 0 || s >= H) {
       rows[K - 1] = zero;
       if (!emit) continue;
-      for (int64_t o = 0; o < Wo; o += 16) {
-        __m512 v = _mm512_loadu_ps(rows[0] + o);
-        if constexpr (K == 3) v = _mm512_add_ps(v, _mm512_loadu_ps(rows[1] + o));
-        _mm512_mask_storeu_ps(orow + o, tail_mask(Wo - o), _mm512_mul_ps(scale, v));
-      }
+      emit_ring_row<K>(rows, Wo, scale, orow);
       continue;
     }
     const float* __restrict__ xr = x + s * W;
@@ -141,11 +148,7 @@ static void forward_plane_k_avx512(const float* __restrict__ x, float* __restric
     if (s < 0) {
       rows[K - 1] = zero;
       if (!emit) continue;
-      for (int64_t o = 0; o < Wo; o += 16) {
-        __m512 v = _mm512_loadu_ps(rows[0] + o);
-        if constexpr (K == 3) v = _mm512_add_ps(v, _mm512_loadu_ps(rows[1] + o));
-        _mm512_mask_storeu_ps(orow + o, tail_mask(Wo - o), _mm512_mul_ps(scale, v));
-      }
+      emit_ring_row<K>(rows, Wo, scale, orow);
       continue;
     }
     const float* __restrict__ xr = x + s * W;

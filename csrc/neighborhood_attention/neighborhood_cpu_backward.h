@@ -160,12 +160,10 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     // (The next rows' q, dout, out, k and v rows are left to the hardware prefetcher: software
     // prefetches of them, a few tokens at a time, made the backward 5-8% slower.)
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
-      const int64_t ht = pl.nht == 1 ? 0 : h;
-      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
-      if (y0 >= y1) continue;
-      int64_t klo, khi;
-      key_rows(pl, y0, y1, klo, khi);
+      const RowTask tk = row_task(pl, t, nchunks, rows_per);
+      if (tk.y0 >= tk.y1) continue;
+      const int64_t bh = tk.bh, b = tk.b, h = tk.h, ht = tk.ht, chunk = tk.chunk, y0 = tk.y0, y1 = tk.y1;
+      const int64_t klo = tk.klo, khi = tk.khi;
       // the last query row of the task that reads each key row: the border queries' dK/dV are
       // added to the key row after that row (and the row written out, direct), while in cache
       for (int64_t ky = klo; ky <= khi; ++ky) last_use[ky] = -1;

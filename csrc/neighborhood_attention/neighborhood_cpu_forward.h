@@ -36,12 +36,9 @@ static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_
     std::vector<KeyView<T>> views(nblk * pl.nkr);
     std::vector<int64_t> row_i(pl.nkr);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH;
-      const int64_t ht = pl.nht == 1 ? 0 : h;
-      const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
-      if (y0 >= y1) continue;
-      int64_t klo, khi;
-      key_rows(pl, y0, y1, klo, khi);
+      const RowTask tk = row_task(pl, t, nchunks, rows_per);
+      if (tk.y0 >= tk.y1) continue;
+      const int64_t bh = tk.bh, b = tk.b, h = tk.h, ht = tk.ht, y0 = tk.y0, y1 = tk.y1, klo = tk.klo, khi = tk.khi;
       pack_keys<scalar_t, T>(k, b, h / pl.G, klo, khi, pl, Kp);
       pack_keys<scalar_t, T>(v, b, h / pl.G, klo, khi, pl, Vp);
       for (int64_t y = y0; y < y1; ++y) {

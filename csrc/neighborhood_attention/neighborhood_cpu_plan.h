@@ -394,6 +394,26 @@ static void key_rows(const Plan<T>& pl, int64_t y0, int64_t y1, int64_t& lo, int
       }
 }
 
+// Task t of a (batch, head, row chunk) split, nchunks chunks of rows_per query rows per pair:
+// the pair bh = (b, h), the head's bias table ht, the chunk, its query rows [y0, y1) (empty for a
+// chunk past the last row) and the key rows [klo, khi] they read.
+struct RowTask {
+  int64_t bh, b, h, ht, chunk, y0, y1, klo, khi;
+};
+template <typename T>
+static RowTask row_task(const Plan<T>& pl, int64_t t, int64_t nchunks, int64_t rows_per) {
+  RowTask r;
+  r.bh = t / nchunks;
+  r.b = r.bh / pl.NH;
+  r.h = r.bh % pl.NH;
+  r.ht = pl.nht == 1 ? 0 : r.h;
+  r.chunk = t % nchunks;
+  r.y0 = r.chunk * rows_per;
+  r.y1 = std::min(pl.R, r.y0 + rows_per);
+  key_rows(pl, r.y0, r.y1, r.klo, r.khi);
+  return r;
+}
+
 // The packed key rows a task keeps (KeyPack's ring) when its query rows [y0, y1) of each row
 // chunk are taken in groups of rg and every group first packs the key rows up to the last one it
 // reads: the rows packed so far reach the running maximum of the groups' last rows, and a group

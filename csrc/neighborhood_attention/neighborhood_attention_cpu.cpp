@@ -17,7 +17,7 @@
 // "interior" columns x (every neighbour a key at x + off_j, off_j = (j - k/2) dw, or
 // (j - k + 1) dw when causal, which holds where the window is centred or ends at x, inside the
 // image, with stride 1) the column of neighbour j is a fixed shift; strided windows and the
-// border columns take the gathered path below.
+// border columns take the gathered path described next.
 // So per (batch, head) the keys and values are packed transposed, K[y][c][x] (head-dim major,
 // columns contiguous, plus one all-zero "sink" column at x = W), and the queries of one row are
 // packed Q[c][slot] with the interior columns first, then the border columns. For a block of

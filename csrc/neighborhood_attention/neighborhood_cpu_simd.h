@@ -27,7 +27,8 @@
 
 // Vector width. AVX-512 (and ISAs without AVX2) use 64-byte vectors (16 floats); AVX2 + FMA
 // without AVX-512 uses 32-byte vectors (8 floats, one ymm register each), so that the register
-// blocks below (up to ~14 live vectors) fit in the 16 ymm registers instead of spilling.
+// blocks of neighborhood_cpu_tiles.h (up to ~14 live vectors) fit in the 16 ymm registers
+// instead of spilling.
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define NA_AVX2 1

@@ -208,17 +208,13 @@ static inline void transpose8(const float* const* rows, int64_t D, float mul, fl
       r[l + 3] = _mm256_shuffle_ps(t[l + 1], t[l + 3], 0xEE);
     }
     // r[0..3]: channels 0,1,2,3 (+4..7 in the high halves) of rows 0-3; r[4..7]: of rows 4-7
-    if (mul == 1.0f) {  // (keys, values, gradients: no multiply)
-      for (int l = 0; l < 4; ++l) {
-        _mm256_storeu_ps(dst + (c0 + l) * ds, _mm256_permute2f128_ps(r[l], r[4 + l], 0x20));
-        _mm256_storeu_ps(dst + (c0 + 4 + l) * ds, _mm256_permute2f128_ps(r[l], r[4 + l], 0x31));
-      }
-    } else {
-      for (int l = 0; l < 4; ++l) {
-        _mm256_storeu_ps(dst + (c0 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x20), m));
-        _mm256_storeu_ps(dst + (c0 + 4 + l) * ds, _mm256_mul_ps(_mm256_permute2f128_ps(r[l], r[4 + l], 0x31), m));
-      }
+    for (int l = 0; l < 4; ++l) {
+      t[l] = _mm256_permute2f128_ps(r[l], r[4 + l], 0x20);      // channel c0 + l
+      t[4 + l] = _mm256_permute2f128_ps(r[l], r[4 + l], 0x31);  // channel c0 + 4 + l
     }
+    if (mul != 1.0f)  // (only the queries carry a scale: keys, values and gradients skip this)
+      for (int l = 0; l < 8; ++l) t[l] = _mm256_mul_ps(t[l], m);
+    for (int l = 0; l < 8; ++l) _mm256_storeu_ps(dst + (c0 + l) * ds, t[l]);
   }
 }
 #endif
@@ -249,10 +245,9 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
       r[l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0x88);
       r[8 + l] = _mm512_shuffle_f32x4(t[l], t[8 + l], 0xdd);
     }
-    if (mul == 1.0f)  // (keys, values, gradients: no multiply)
-      for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (c0 + l) * ds, r[l]);
-    else
-      for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (c0 + l) * ds, _mm512_mul_ps(r[l], m));
+    if (mul != 1.0f)  // (only the queries carry a scale: keys, values and gradients skip this)
+      for (int l = 0; l < 16; ++l) r[l] = _mm512_mul_ps(r[l], m);
+    for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (c0 + l) * ds, r[l]);
   }
 #else
   for (int l = 0; l < 16; ++l)

@@ -249,15 +249,62 @@ def _block(pid, T, H, W, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
 
 
 @triton.jit
-def _zero_border_slot(qt, qy, qx, i, j, l, T, H, W, KT, KH, KW, DT, DH, DW):
+def _zero_border_slot(qt, qy, qx, i, j, l, T, H, W, KT, KH, KW, DT, DH, DW, bias_base, HAS_BIAS: tl.constexpr):
     """Whether centred-window slot (i, j, l) of queries (qt, qy, qx) lies outside the map, and
-    its flat bias-table index (offset i - KT//2 etc., plus K - 1)."""
+    its logit there in log2 units (the zero key's: the bias table's entry at offset i - KT//2
+    etc., or 0 without a table)."""
     pt = qt + (i - KT // 2) * DT
     py = qy + (j - KH // 2) * DH
     px = qx + (l - KW // 2) * DW
     out = (pt < 0) | (pt >= T) | (py < 0) | (py >= H) | (px < 0) | (px >= W)
-    cell = ((i - KT // 2 + KT - 1) * (2 * KH - 1) + (j - KH // 2 + KH - 1)) * (2 * KW - 1) + (l - KW // 2 + KW - 1)
-    return out, cell
+    z = 0.0
+    if HAS_BIAS:
+        cell = ((i - KT // 2 + KT - 1) * (2 * KH - 1) + (j - KH // 2 + KH - 1)) * (2 * KW - 1) + (l - KW // 2 + KW - 1)
+        z = tl.load(bias_base + cell) * 1.4426950408889634
+    return out, z
+
+
+@triton.jit
+def _pair_of(pid, BH0, NHEADS, SPLIT: tl.constexpr):
+    """The (batch, head) pair of program ``pid`` on grid axis 1 (from BH0 on when the pairs were
+    split over launches of at most 65535), its batch (int64) and head, NHEADS heads per batch."""
+    pair = pid
+    if SPLIT:
+        pair += BH0
+    return pair, (pair // NHEADS).to(tl.int64), pair % NHEADS
+
+
+@triton.jit
+def _range_block(t0, y0, x0, t_hi, y_hi, x_hi, d_ok, BT: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """A block of the positions that a loop over a key (or query) range visits: coordinates, which
+    lie within the range (<= its last position per axis), and the [positions, channels] load mask."""
+    t, y, x = _coords(t0, y0, x0, BT, BH, BW)
+    ok = (t <= t_hi) & (y <= y_hi) & (x <= x_hi)
+    return t, y, x, ok, ok[:, None] & d_ok[None, :]
+
+
+@triton.jit
+def _add_bias(s, ok, bias_base, bias_q, bias_k, HAS_BIAS: tl.constexpr):
+    """Logits s (log2 units) plus the bias table's entries of the in-window pairs ``ok``: cell
+    bias_q[query] + bias_k[key]."""
+    if HAS_BIAS:
+        bias = tl.load(bias_base + (bias_k[None, :] + bias_q[:, None]), mask=ok, other=0.0)
+        s = s + bias * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def _row_stats(LSE, DELTA, row, m_ok):
+    """The saved logsumexp (in log2 units) and DELTA of the queries at flat rows ``row``."""
+    lse = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
+    return lse, tl.load(DELTA + row, mask=m_ok, other=0.0)
+
+
+@triton.jit
+def _probs_and_grads(s, ok, lse, dp, delta):
+    """P = exp2(s - lse) of the in-window pairs (0 elsewhere) and dS = P (dP - DELTA)."""
+    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+    return p, p * (dp - delta[:, None])
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,12 +333,7 @@ def nand_fwd_kernel(
         if tl.load(FLAG) == 0:
             return
     BLOCK_M: tl.constexpr = TM_T * TM_H * TM_W
-    BLOCK_N: tl.constexpr = TN_T * TN_H * TN_W
-    bh = tl.program_id(1)
-    if SPLIT:  # more than 65535 (batch, head) pairs: this launch's share starts at BH0
-        bh += BH0
-    b = (bh // NH).to(tl.int64)
-    h = bh % NH
+    bh, b, h = _pair_of(tl.program_id(1), BH0, NH, SPLIT)
     hk = h // GROUP
     qt, qy, qx, m_ok = _block(tl.program_id(0), T, H, W, TM_T, TM_H, TM_W)
     offs_d = tl.arange(0, BLOCK_D)
@@ -309,18 +351,13 @@ def nand_fwd_kernel(
     for tt in range(kt_lo, kt_hi + 1, TN_T):
         for ty in range(ky_lo, ky_hi + 1, TN_H):
             for tx in range(kx_lo, kx_hi + 1, TN_W):
-                kt, ky, kx = _coords(tt, ty, tx, TN_T, TN_H, TN_W)
-                n_ok = (kt <= kt_hi) & (ky <= ky_hi) & (kx <= kx_hi)
-                kv_mask = n_ok[:, None] & d_ok[None, :]
+                kt, ky, kx, n_ok, kv_mask = _range_block(tt, ty, tx, kt_hi, ky_hi, kx_hi, d_ok, TN_T, TN_H, TN_W)
                 k = tl.load(_ptrs(K, b, skb, hk, skh, kt, skt, ky, sky, kx, skx, offs_d, skd, WIDE),
                             mask=kv_mask, other=0.0)
                 s = _mm(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
                 ok = _pair_ok(n_ok, m_ok, _key_code(kt, T, DT), _key_code(ky, H, DH), _key_code(kx, W, DW),
                               lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, T, H, W)
-                if HAS_BIAS:
-                    bias_k = _bias_key_part(kt, ky, kx, KH, KW, DT, DH, DW)
-                    bias = tl.load(bias_base + (bias_k[None, :] + bias_q[:, None]), mask=ok, other=0.0)
-                    s = s + bias * 1.4426950408889634
+                s = _add_bias(s, ok, bias_base, bias_q, _bias_key_part(kt, ky, kx, KH, KW, DT, DH, DW), HAS_BIAS)
                 s = tl.where(ok, s, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s, 1))
                 # a query with no key in this tile (yet) keeps m = -inf: shift by 0 instead
@@ -340,20 +377,16 @@ def nand_fwd_kernel(
         for i in range(KT):
             for j in range(KH):
                 for l in range(KW):
-                    pad, cell = _zero_border_slot(qt, qy, qx, i, j, l, T, H, W, KT, KH, KW, DT, DH, DW)
-                    z = 0.0
-                    if HAS_BIAS:
-                        z = tl.load(bias_base + cell) * 1.4426950408889634
+                    pad, z = _zero_border_slot(qt, qy, qx, i, j, l, T, H, W, KT, KH, KW, DT, DH, DW, bias_base,
+                                               HAS_BIAS)
                     m_p = tl.where(pad & m_ok, tl.maximum(m_p, z), m_p)
         m_new = tl.maximum(m_i, m_p)
         l_p = tl.zeros([BLOCK_M], dtype=tl.float32)
         for i in range(KT):
             for j in range(KH):
                 for l in range(KW):
-                    pad, cell = _zero_border_slot(qt, qy, qx, i, j, l, T, H, W, KT, KH, KW, DT, DH, DW)
-                    z = 0.0
-                    if HAS_BIAS:
-                        z = tl.load(bias_base + cell) * 1.4426950408889634
+                    pad, z = _zero_border_slot(qt, qy, qx, i, j, l, T, H, W, KT, KH, KW, DT, DH, DW, bias_base,
+                                               HAS_BIAS)
                     l_p += tl.where(pad & m_ok, tl.exp2(z - m_new), 0.0)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + l_p
@@ -390,12 +423,7 @@ def nand_bwd_dq_kernel(
     (query, neighbour slot) entry of DS. DELTA holds rowsum(dO * O) - dlse, so that
     dS = P * (dP - DELTA)."""
     BLOCK_M: tl.constexpr = TM_T * TM_H * TM_W
-    BLOCK_N: tl.constexpr = TN_T * TN_H * TN_W
-    bh = tl.program_id(1)
-    if SPLIT:  # more than 65535 (batch, head) pairs: this launch's share starts at BH0
-        bh += BH0
-    b = (bh // NH).to(tl.int64)
-    h = bh % NH
+    bh, b, h = _pair_of(tl.program_id(1), BH0, NH, SPLIT)
     hk = h // GROUP
     qt, qy, qx, m_ok = _block(tl.program_id(0), T, H, W, TM_T, TM_H, TM_W)
     offs_d = tl.arange(0, BLOCK_D)
@@ -405,8 +433,7 @@ def nand_bwd_dq_kernel(
     do = tl.load(_ptrs(DO, b, sdob, h, sdoh, qt, sdot, qy, sdoy, qx, sdox, offs_d, sdod, WIDE),
                  mask=md, other=0.0)
     row = ((bh.to(tl.int64) * T + qt) * H + qy) * W + qx
-    lse = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+    lse, delta = _row_stats(LSE, DELTA, row, m_ok)
     kt_lo, kt_hi, ky_lo, ky_hi, kx_lo, kx_hi, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, st, sy, sx = _query_windows(
         qt, qy, qx, m_ok, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW, BORDER)
     bias_q = _bias_query_part(qt, qy, qx, KT, KH, KW, DT, DH, DW)
@@ -419,9 +446,7 @@ def nand_bwd_dq_kernel(
     for tt in range(kt_lo, kt_hi + 1, TN_T):
         for ty in range(ky_lo, ky_hi + 1, TN_H):
             for tx in range(kx_lo, kx_hi + 1, TN_W):
-                kt, ky, kx = _coords(tt, ty, tx, TN_T, TN_H, TN_W)
-                n_ok = (kt <= kt_hi) & (ky <= ky_hi) & (kx <= kx_hi)
-                kv_mask = n_ok[:, None] & d_ok[None, :]
+                kt, ky, kx, n_ok, kv_mask = _range_block(tt, ty, tx, kt_hi, ky_hi, kx_hi, d_ok, TN_T, TN_H, TN_W)
                 k = tl.load(_ptrs(K, b, skb, hk, skh, kt, skt, ky, sky, kx, skx, offs_d, skd, WIDE),
                             mask=kv_mask, other=0.0)
                 v = tl.load(_ptrs(V, b, svb, hk, svh, kt, svt, ky, svy, kx, svx, offs_d, svd, WIDE),
@@ -430,12 +455,8 @@ def nand_bwd_dq_kernel(
                 dp = _mm(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
                 ok = _pair_ok(n_ok, m_ok, _key_code(kt, T, DT), _key_code(ky, H, DH), _key_code(kx, W, DW),
                               lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, T, H, W)
-                if HAS_BIAS:
-                    bias_k = _bias_key_part(kt, ky, kx, KH, KW, DT, DH, DW)
-                    bias = tl.load(bias_base + (bias_k[None, :] + bias_q[:, None]), mask=ok, other=0.0)
-                    s = s + bias * 1.4426950408889634
-                p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-                ds = p * (dp - delta[:, None])
+                s = _add_bias(s, ok, bias_base, bias_q, _bias_key_part(kt, ky, kx, KH, KW, DT, DH, DW), HAS_BIAS)
+                p, ds = _probs_and_grads(s, ok, lse, dp, delta)
                 dq += _mm(ds.to(k.dtype), k, FP32_DOT, UPCAST_DOT)
                 if STORE_DS:
                     slot = _slot_key_part(kt, ky, kx, KH, KW, DT, DH, DW)[None, :] - slot_q[:, None]
@@ -447,10 +468,8 @@ def nand_bwd_dq_kernel(
             for i in range(KT):
                 for j in range(KH):
                     for l in range(KW):
-                        pad, cell = _zero_border_slot(qt, qy, qx, i, j, l, T, H, W, KT, KH, KW, DT, DH, DW)
-                        z = 0.0
-                        if HAS_BIAS:
-                            z = tl.load(bias_base + cell) * 1.4426950408889634
+                        pad, z = _zero_border_slot(qt, qy, qx, i, j, l, T, H, W, KT, KH, KW, DT, DH, DW,
+                                                   bias_base, HAS_BIAS)
                         p_pad = tl.exp2(z - lse)
                         tl.store(ds_row + (i * KH + j) * KW + l, -p_pad * delta, mask=pad & m_ok)
 
@@ -478,14 +497,8 @@ def nand_bwd_dkdv_kernel(
 ):
     """One block of keys of one (batch, k/v head): dk and dv, summed over the GROUP query heads
     that read this k/v head and over the query blocks whose windows can hold these keys."""
-    BLOCK_M: tl.constexpr = TM_T * TM_H * TM_W
     BLOCK_N: tl.constexpr = TN_T * TN_H * TN_W
-    bhk = tl.program_id(1)
-    if SPLIT:  # more than 65535 (batch, head) pairs: this launch's share starts at BH0
-        bhk += BH0
-    NKV = NH // GROUP
-    b = (bhk // NKV).to(tl.int64)
-    hk = bhk % NKV
+    bhk, b, hk = _pair_of(tl.program_id(1), BH0, NH // GROUP, SPLIT)
     kt, ky, kx, n_ok = _block(tl.program_id(0), T, H, W, TN_T, TN_H, TN_W)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HD
@@ -510,27 +523,20 @@ def nand_bwd_dkdv_kernel(
         for tt in range(qt_lo, qt_hi + 1, TM_T):
             for ty in range(qy_lo, qy_hi + 1, TM_H):
                 for tx in range(qx_lo, qx_hi + 1, TM_W):
-                    qt, qy, qx = _coords(tt, ty, tx, TM_T, TM_H, TM_W)
-                    m_ok = (qt <= qt_hi) & (qy <= qy_hi) & (qx <= qx_hi)
-                    md = m_ok[:, None] & d_ok[None, :]
+                    qt, qy, qx, m_ok, md = _range_block(tt, ty, tx, qt_hi, qy_hi, qx_hi, d_ok, TM_T, TM_H, TM_W)
                     q = tl.load(_ptrs(Q, b, sqb, h, sqh, qt, sqt, qy, sqy, qx, sqx, offs_d, sqd, WIDE),
                                 mask=md, other=0.0)
                     do = tl.load(_ptrs(DO, b, sdob, h, sdoh, qt, sdot, qy, sdoy, qx, sdox, offs_d, sdod, WIDE),
                                  mask=md, other=0.0)
-                    row = ((bh * T + qt) * H + qy) * W + qx
-                    lse = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
-                    delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+                    lse, delta = _row_stats(LSE, DELTA, ((bh * T + qt) * H + qy) * W + qx, m_ok)
                     _, _, _, _, _, _, _, _, _, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x = _window_codes(
                         qt, qy, qx, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW, BORDER)
                     s = _mm(q, tl.trans(k), FP32_DOT, UPCAST_DOT) * qk_scale
                     dp = _mm(do, tl.trans(v), FP32_DOT, UPCAST_DOT)
                     ok = _pair_ok(n_ok, m_ok, ct, cy, cx, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, T, H, W)
-                    if HAS_BIAS:
-                        bias_q = _bias_query_part(qt, qy, qx, KT, KH, KW, DT, DH, DW)
-                        bias = tl.load(bias_base + (bias_k[None, :] + bias_q[:, None]), mask=ok, other=0.0)
-                        s = s + bias * 1.4426950408889634
-                    p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
-                    ds = p * (dp - delta[:, None])
+                    s = _add_bias(s, ok, bias_base, _bias_query_part(qt, qy, qx, KT, KH, KW, DT, DH, DW), bias_k,
+                                  HAS_BIAS)
+                    p, ds = _probs_and_grads(s, ok, lse, dp, delta)
                     dv += _mm(tl.trans(p.to(do.dtype)), do, FP32_DOT, UPCAST_DOT)
                     dk += _mm(tl.trans(ds.to(q.dtype)), q, FP32_DOT, UPCAST_DOT)
 

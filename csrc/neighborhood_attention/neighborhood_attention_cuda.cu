@@ -681,6 +681,25 @@ __device__ __forceinline__ void tile_loop(int total, Issue&& issue, Compute&& co
   }
 }
 
+// The forward's and dq's issue(j): the keys and values of hull tile j into stage j % STAGES of
+// sK and sV (TN rows each), of key/value head hk (P: FwdParams or BwdParams).
+template <typename T, bool ASYNC, int TN, int STAGES, typename P>
+__device__ __forceinline__ void issue_kv_tile(int j, const Hull& hl, const Geo& c, const TileGeo& tg, const P& p,
+                                              T* sK, T* sV, int pitch, int64_t b, int hk, int tid, int nthreads) {
+  int ko[3];
+  hull_tile(hl, c, j, ko);
+  T* kb = sK + (j % STAGES) * TN * pitch;
+  T* vb = sV + (j % STAGES) * TN * pitch;
+  load_rows<T, ASYNC>(kb, pitch, TN, c.kb, ko, tg, c, p.k, b, hk, p.vec_k != 0, tid, nthreads);
+  load_rows<T, ASYNC>(vb, pitch, TN, c.kb, ko, tg, c, p.v, b, hk, p.vec_v != 0, tid, nthreads);
+  if constexpr (ASYNC) ptx::cp_async_commit();
+}
+
+// Offset of query q's output row (head h of image b; -1 for a padding row q < 0).
+__device__ __forceinline__ int64_t query_row_offset(long long q, int64_t b, int h, const Geo& c) {
+  return q < 0 ? -1 : ((b * c.N + q) * c.heads + h) * c.hd;
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward: a tile of TM = 16 RG queries of one (batch, head) per block, RG warps of 16 rows
 // ---------------------------------------------------------------------------------------
@@ -717,13 +736,7 @@ __global__ void __launch_bounds__(kMaxThreads) na_fwd_kernel(const FwdParams p) 
   zero_frag(o);
 
   auto issue = [&](int j) {
-    int ko[3];
-    hull_tile(hl, c, j, ko);
-    T* kb = sK + (j % STAGES) * TN * pitch;
-    T* vb = sV + (j % STAGES) * TN * pitch;
-    load_rows<T, ASYNC>(kb, pitch, TN, c.kb, ko, tg, c, p.k, b, hk, p.vec_k != 0, tid, NTHREADS);
-    load_rows<T, ASYNC>(vb, pitch, TN, c.kb, ko, tg, c, p.v, b, hk, p.vec_v != 0, tid, NTHREADS);
-    if constexpr (ASYNC) ptx::cp_async_commit();
+    issue_kv_tile<T, ASYNC, TN, STAGES>(j, hl, c, tg, p, sK, sV, pitch, b, hk, tid, NTHREADS);
   };
   auto compute = [&](int j) {
     const T* kb = sK + (j % STAGES) * TN * pitch;
@@ -791,7 +804,7 @@ __global__ void __launch_bounds__(kMaxThreads) na_fwd_kernel(const FwdParams p) 
   for (int i = 0; i < 2; ++i) {
     const float l = quad_sum(lsum[i]);
     const long long q = sRow[r0 + 8 * i].q;
-    off[i] = q < 0 ? -1 : ((b * c.N + q) * c.heads + h) * c.hd;
+    off[i] = query_row_offset(q, b, h, c);
     inv[i] = 1.f / l;  // l = 0 (no key had weight) or NaN: the row is NaN, as the softmax's
     if (t == 0 && q >= 0) p.lse[bh * c.N + q] = (m[i] + log2f(l)) * kLn2;
   }
@@ -836,13 +849,7 @@ __global__ void __launch_bounds__(kMaxThreads) na_dq_kernel(const BwdParams p) {
   zero_frag(dq);
 
   auto issue = [&](int j) {
-    int ko[3];
-    hull_tile(hl, c, j, ko);
-    T* kb = sK + (j % STAGES) * TN * pitch;
-    T* vb = sV + (j % STAGES) * TN * pitch;
-    load_rows<T, ASYNC>(kb, pitch, TN, c.kb, ko, tg, c, p.k, b, hk, p.vec_k != 0, tid, NTHREADS);
-    load_rows<T, ASYNC>(vb, pitch, TN, c.kb, ko, tg, c, p.v, b, hk, p.vec_v != 0, tid, NTHREADS);
-    if constexpr (ASYNC) ptx::cp_async_commit();
+    issue_kv_tile<T, ASYNC, TN, STAGES>(j, hl, c, tg, p, sK, sV, pitch, b, hk, tid, NTHREADS);
   };
   auto compute = [&](int j) {
     if (j == 0) {
@@ -893,10 +900,7 @@ __global__ void __launch_bounds__(kMaxThreads) na_dq_kernel(const BwdParams p) {
   int64_t off[2];
   const float mul[2] = {c.scale, c.scale};
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const long long q = sRow[r0 + 8 * i].q;
-    off[i] = q < 0 ? -1 : ((b * c.N + q) * c.heads + h) * c.hd;
-  }
+  for (int i = 0; i < 2; ++i) off[i] = query_row_offset(sRow[r0 + 8 * i].q, b, h, c);
   store_rows<T, NTO>(static_cast<T*>(p.dq), dq, off, mul, c.hd, lane);
 }
 

@@ -45,7 +45,7 @@ def _block(PID0, R, C, BLOCK: tl.constexpr):
     ``BLOCK`` consecutive elements of an ``R x C`` plane: its plane, the block's first flat index
     (int64) and the row and column of each element (int32). Only the block start is divided in
     int64; a plane of more than 2**31 elements is addressed in int64 throughout."""
-    n = R.to(tl.int64) * C
+    n = tl.cast(R, tl.int64) * C  # tl.cast: R and C may be the constexpr 1 (a GPU launch with a 1)
     nblk = tl.cdiv(n, BLOCK)
     pid = tl.program_id(0).to(tl.int64) + PID0
     plane = pid // nblk
@@ -53,7 +53,7 @@ def _block(PID0, R, C, BLOCK: tl.constexpr):
     r0 = start // C
     # t < C + BLOCK < 2**32: unsigned 32-bit division (as fast as signed, no wrap for any C)
     t = (start - r0 * C).to(tl.uint32) + tl.arange(0, BLOCK).to(tl.uint32)
-    cu = C.to(tl.uint32)
+    cu = tl.cast(C, tl.uint32)
     return plane, start, r0.to(tl.int32) + (t // cu).to(tl.int32), (t % cu).to(tl.int32)
 
 
@@ -61,7 +61,7 @@ def _block(PID0, R, C, BLOCK: tl.constexpr):
 def _blur2d_fwd_kernel(x_ptr, out_ptr, H, W, Ho, Wo, KH, KW, SH, SW, PT, PL, MODE, PID0,
                        tau, inv_tau, scale, RELU, ACT: tl.constexpr, BLOCK: tl.constexpr):
     plane, start, oh, ow = _block(PID0, Ho, Wo, BLOCK)
-    n = Ho.to(tl.int64) * Wo
+    n = tl.cast(Ho, tl.int64) * Wo
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     x_base = x_ptr + plane * H * W
@@ -85,7 +85,7 @@ def _blur2d_fwd_kernel(x_ptr, out_ptr, H, W, Ho, Wo, KH, KW, SH, SW, PT, PL, MOD
 def _blur2d_bwd_kernel(gout_ptr, x_ptr, gin_ptr, H, W, Ho, Wo, KH, KW, SH, SW, PT, PB, PL, PR, MODE, NR, NC, PID0,
                        inv_tau, scale, RELU, ACT: tl.constexpr, BLOCK: tl.constexpr):
     plane, start, h, w = _block(PID0, H, W, BLOCK)
-    n = H.to(tl.int64) * W
+    n = tl.cast(H, tl.int64) * W
     offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     g_base = gout_ptr + plane * Ho * Wo

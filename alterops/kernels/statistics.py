@@ -69,7 +69,7 @@ def _variance_partial_kernel(x_ptr, part_ptr, P, HW, BLOCK_P: tl.constexpr, BLOC
         delta = bmean - mean
         mean = mean + delta * (nb / total)
         m2 = m2 + bm2 + delta * delta * (count * nb / total)
-    var = m2 / (HW - 1).to(tl.float32)
+    var = m2 / tl.cast(HW - 1, tl.float32)  # HW may be the constexpr 1
     var = tl.where(rmask, var, 0.0)
     tl.store(part_ptr + pid, tl.sum(var, axis=0))
 

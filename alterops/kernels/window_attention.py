@@ -59,8 +59,9 @@ DB_PARTIAL_FLOATS = 2 ** 22
 @triton.jit
 def _small_div(x, d):
     """x // d for 0 <= x < 256 and 1 <= d (exact: float32 has ample precision at this range,
-    and it costs a few instructions instead of an integer division sequence per element)."""
-    return ((x.to(tl.float32) + 0.5) * (1.0 / d.to(tl.float32))).to(tl.int32)
+    and it costs a few instructions instead of an integer division sequence per element).
+    ``d`` may be a kernel argument that a GPU launch specialises to the constexpr 1: tl.cast."""
+    return ((x.to(tl.float32) + 0.5) * (1.0 / tl.cast(d, tl.float32))).to(tl.int32)
 
 
 @triton.jit
@@ -71,8 +72,8 @@ def _carry(x, d):
 
 @triton.jit
 def _rows(pid_group, t, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP):
-    """For tile rows ``t``: batch, original (y, x), present, group (window slot and shift
-    region) and key group (-1 for absent tokens). The windows of a tile are consecutive, so the
+    """For tile rows ``t``: batch, original (y, x), present and group (window slot and shift
+    region). The windows of a tile are consecutive, so the
     window -> (batch, wy, wx) decomposition is one scalar division plus small carries."""
     slot = _small_div(t, NP)
     loc = t - slot * NP
@@ -103,8 +104,31 @@ def _rows(pid_group, t, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, 
     ry = (r >= Hp - WH).to(tl.int32) + (r >= Hp - sh).to(tl.int32)
     rx = (c >= Wp - WW).to(tl.int32) + (c >= Wp - sw).to(tl.int32)
     group = slot * 9 + ry * 3 + rx
-    kgroup = tl.where(present, group, -1)
-    return b.to(tl.int64), y.to(tl.int64), x.to(tl.int64), present, group, kgroup
+    return b.to(tl.int64), y.to(tl.int64), x.to(tl.int64), present, group
+
+
+@triton.jit
+def _allowed(gq, tq, gk, pk, tk):
+    """Query rows x key columns that attend: present keys of the query's window group, and
+    each query itself (a padded, absent query keeps itself, so every softmax row is finite).
+    (The key's presence is and-ed here rather than folded into its group with a tl.where:
+    Triton 3.6's layout pass fails on the latter in some configs.)"""
+    return ((gq[:, None] == gk[None, :]) & pk[None, :]) | (tq[:, None] == tk[None, :])
+
+
+# A GPU launch specialises every integer argument equal to 1 into a constant. For the map and
+# window geometry (a map, window or head count of 1) that buys nothing worth a variant of its
+# own, and Triton 3.6's layout pass fails on several such variants of the key/value kernel
+# (WW = 1, or H = NH = 1 with one window); the strides and n_chunk stay specialised.
+_UNSPECIALISED = ["H", "W", "NH", "Hp", "Wp", "nWx", "nWin", "n_windows", "sh", "sw", "WH", "WW", "head_dim"]
+
+
+def _strides(t):
+    """``t``'s strides with 0 for its axes of size 1 (their index is always 0): a GPU launch
+    specialises a stride of 1 into a constant, which on such an axis helps nothing and gives
+    Triton 3.6's layout pass one more variant to fail on (the key/value kernel with one head of
+    head_dim 1, where it still fails on the stride-1 x axis)."""
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
 
 
 @triton.jit
@@ -166,7 +190,7 @@ def _pv(p, v, ok, NONFINITE: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.conste
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def window_attention2d_fwd_kernel(
     Q, K, V, Bias, Out, Lse, OAcc, FLAG,
     sqb, sqy, sqx, sqh, sqd,
@@ -195,7 +219,7 @@ def window_attention2d_fwd_kernel(
     WPP = TILE // NP
     n_kc = TILE // BLOCK_M
     tq = sub * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    bq, yq, xq, pq, gq, _kq = _rows(pid_group, tq, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+    bq, yq, xq, pq, gq = _rows(pid_group, tq, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
     qrow = bq * sqb + yq * sqy + xq * sqx + h * sqh
     row = ((bq * H + yq) * W + xq) * NH + h
     # Finite start: a chunk may hold no allowed key of a row (exp(-inf - -inf) would be NaN).
@@ -203,14 +227,13 @@ def window_attention2d_fwd_kernel(
     l = tl.zeros((BLOCK_Q,), dtype=tl.float32)
     for kc in range(0, n_kc):
         tk = kc * BLOCK_M + tl.arange(0, BLOCK_M)
-        bk, yk, xk, pk, _gk, kgk = _rows(pid_group, tk, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+        bk, yk, xk, pk, gk = _rows(pid_group, tk, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
         krow = bk * skb + yk * sky + xk * skx + h * skh
         s = _dot_rows(Q, K, qrow, krow, sqd, skd, pq, pk, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
         s = s * scale
         if HAS_BIAS:
             s += tl.load(Bias + h * bias_hstride + tq[:, None] * TILE + tk[None, :])
-        # A padded (absent) query keeps itself, so every softmax row is finite.
-        allowed = (gq[:, None] == kgk[None, :]) | (tq[:, None] == tk[None, :])
+        allowed = _allowed(gq, tq, gk, pk, tk)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
@@ -235,7 +258,7 @@ def window_attention2d_fwd_kernel(
     tl.store(Lse + row, m + tl.log(l), mask=pq)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def window_attention2d_bwd_dq_kernel(
     Q, K, V, O, DO, Lse, Bias, DQ, Delta, DBiasPartial, DQAcc,
     sqb, sqy, sqx, sqh, sqd,
@@ -279,7 +302,7 @@ def window_attention2d_bwd_dq_kernel(
         # (in registers) across it, which made this loop spill.
         zero = grp // n_total
         tq_it = tq + zero
-        bq, yq, xq, pq, gq, _kq = _rows(grp, tq_it, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+        bq, yq, xq, pq, gq = _rows(grp, tq_it, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
         qrow = bq * sqb + yq * sqy + xq * sqx + h * sqh
         row = ((bq * H + yq) * W + xq) * NH + h
         grow = bq * sgb + yq * sgy + xq * sgx + h * sgh
@@ -295,14 +318,14 @@ def window_attention2d_bwd_dq_kernel(
         tl.store(Delta + row, delta, mask=pq)
         for kc in range(0, n_kc):
             tk_it = kc * BLOCK_M + tl.arange(0, BLOCK_M) + zero
-            bk, yk, xk, pk, _gk, kgk = _rows(grp, tk_it, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+            bk, yk, xk, pk, gk = _rows(grp, tk_it, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
             krow = bk * skb + yk * sky + xk * skx + h * skh
             vrow = bk * svb + yk * svy + xk * svx + h * svh
             s = _dot_rows(Q, K, qrow, krow, sqd, skd, pq, pk, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
             s = s * scale
             if HAS_BIAS:
                 s += tl.load(Bias + h * bias_hstride + tq_it[:, None] * TILE + tk_it[None, :])
-            allowed = (gq[:, None] == kgk[None, :]) | (tq_it[:, None] == tk_it[None, :])
+            allowed = _allowed(gq, tq_it, gk, pk, tk_it)
             p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
             # dP = dO V^T
             dp = _dot_rows(DO, V, grow, vrow, sgd, svd, pq, pk, head_dim, n_chunk, BLOCK_Q, BLOCK_M, DC, IEEE, UPCAST)
@@ -322,7 +345,7 @@ def window_attention2d_bwd_dq_kernel(
             tl.debug_barrier()
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_UNSPECIALISED)
 def window_attention2d_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, Bias, DK, DV, DKAcc, DVAcc,
     sqb, sqy, sqx, sqh, sqd,
@@ -346,13 +369,14 @@ def window_attention2d_bwd_dkdv_kernel(
     WPP = TILE // NP
     n_kc = TILE // BLOCK_M
     tk = sub * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    bk, yk, xk, pk, _gk, kgk = _rows(pid_group, tk, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+    bk, yk, xk, pk, gk = _rows(pid_group, tk, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+    kgk = tl.where(pk, gk, -1)  # absent keys in no group (Triton 3.6 fails on _allowed's form here)
     krow = bk * skb + yk * sky + xk * skx + h * skh
     vrow = bk * svb + yk * svy + xk * svx + h * svh
     out = ((bk * H + yk) * W + xk) * NH + h
     for kc in range(0, n_kc):
         tq = kc * BLOCK_M + tl.arange(0, BLOCK_M)
-        bq, yq, xq, pq, gq, _kq = _rows(pid_group, tq, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
+        bq, yq, xq, pq, gq = _rows(pid_group, tq, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
         qrow = bq * sqb + yq * sqy + xq * sqx + h * sqh
         qout = ((bq * H + yq) * W + xq) * NH + h
         grow = bq * sgb + yq * sgy + xq * sgx + h * sgh
@@ -361,7 +385,7 @@ def window_attention2d_bwd_dkdv_kernel(
         st = st * scale
         if HAS_BIAS:
             st += tl.load(Bias + h * bias_hstride + tq[None, :] * TILE + tk[:, None])
-        allowed = (gq[None, :] == kgk[:, None]) | (tq[None, :] == tk[:, None])
+        allowed = (gq[None, :] == kgk[:, None]) | (tq[None, :] == tk[:, None])  # _allowed, keys x queries
         pt = tl.where(allowed, tl.exp(st - lse[None, :]), 0.0)  # P^T: (keys, queries)
         ptc = pt.to(DO.dtype.element_ty)
         kcv = tl.zeros((BLOCK_Q,), dtype=tl.int32) + kc
@@ -508,7 +532,7 @@ def forward(q, k, v, bias, window_size, shift, scale):
     for nonfinite, (h0, nh) in itertools.product(variants, list(_head_chunks(NH))):
         window_attention2d_fwd_kernel[(n_groups, n_sub, nh)](
             q, k, v, bias_arg, out, lse, oacc, flag,
-            *q.stride(), *k.stride(), *v.stride(),
+            *_strides(q), *_strides(k), *_strides(v),
             H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride, T, D, cfg["NCHUNK"], h0,
             float(scale),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], DC=cfg["DC"],
@@ -576,7 +600,7 @@ def backward(grad_out, q, k, v, out, lse, bias, window_size, shift, scale, bias_
     bias_hstride = (0 if bias.shape[0] == 1 else T * T) if has_bias else 0
     geo = (H, W, NH, Hp, Wp, nWx, nWin, n_windows, sh, sw, wh, ww, bias_hstride, T, D)
     q, k, v, grad_out = _narrow_offsets(q, k, v, grad_out)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    strides = (*_strides(q), *_strides(k), *_strides(v), *_strides(grad_out))
     common = dict(BLOCK_M=cfg["BLOCK_M"], HAS_BIAS=has_bias, IEEE=q.dtype == torch.float32,
                   UPCAST=_upcast(q.dtype), SPLIT=NH > GRID_Z_MAX)
     n_sub = triton.cdiv(wpp * N, cfg["BLOCK_Q"])

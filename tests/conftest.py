@@ -15,6 +15,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 
 torch.manual_seed(0)
+# Tests compare with float64 references: on an Ampere or later GPU, cuDNN's default TF32
+# convolutions (the model tests' layers around the fused ops) would dominate the error.
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 # Under pytest-xdist (the README runs `-n logical --maxprocesses 4 --dist worksteal`) each worker
 # process keeps torch's default thread count, capped so that the workers together use about as

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import alterops as ao
-from helpers import assert_close, interpreted, skip_unless
+from helpers import assert_close, device_for, interpreted, skip_unless
 
 NAN, INF = float("nan"), float("inf")
 FUSED = ("cpu", "triton")
@@ -245,8 +245,9 @@ def _na_nonfinite(backend, border, ks, dil, where, which):
     kh, kw = (ks, ks) if isinstance(ks, int) else ks
     dh, dw = (dil, dil) if isinstance(dil, int) else dil
     q, k, v, table = _nonfinite_inputs(where, which, H, W, nh, d, kh, kw, border)
-    out = ao.neighborhood_attention2d(q, k, v, (kh, kw), (dh, dw), border=border, rel_pos_bias=table,
-                                      backend=backend)
+    dev = device_for(backend)
+    out = ao.neighborhood_attention2d(q.to(dev), k.to(dev), v.to(dev), (kh, kw), (dh, dw), border=border,
+                                      rel_pos_bias=table.to(dev), backend=backend).cpu()
     ref = attention_brute(q, k, v, table, na_pairs(H, W, kh, kw, dh, dw, border), d ** -0.5)
     _check_case(out, ref)
     if backend != "reference":  # the spec in code gives the same placement
@@ -260,7 +261,9 @@ def _wa_nonfinite(backend, window, shift, where, which):
     wh, ww = (window, window) if isinstance(window, int) else window
     sh, sw = (shift, shift) if isinstance(shift, int) else shift
     q, k, v, table = _nonfinite_inputs(where, which, H, W, nh, d, wh, ww)
-    out = ao.window_attention2d(q, k, v, (wh, ww), shift=(sh, sw), rel_pos_bias=table, backend=backend)
+    dev = device_for(backend)
+    out = ao.window_attention2d(q.to(dev), k.to(dev), v.to(dev), (wh, ww), shift=(sh, sw),
+                                rel_pos_bias=table.to(dev), backend=backend).cpu()
     ref = attention_brute(q, k, v, table, wa_pairs(H, W, wh, ww, sh, sw), d ** -0.5)
     _check_case(out, ref)
     if backend != "reference":
@@ -352,7 +355,7 @@ def _blur_nonfinite(backend, op, case, which):
     x[-1, 0, H // 2, W // 2] = vals[2]
     if which == "inf":  # +inf and -inf meeting in one window give NaN
         x[-1, 0, H // 2, W // 2 + 1] = -INF
-    out = _blur(op, x, kernel, stride, padding, mode, backend)
+    out = _blur(op, x.to(device_for(backend)), kernel, stride, padding, mode, backend).cpu()
     act = {"box": None, "tanh": "relu", "tanh_norelu": "tanh"}[op]
     ref = blur_brute(x, kernel, stride, _pads(padding, kernel), mode, act)
     if op == "box" or which != "inf":
@@ -401,7 +404,8 @@ def _large(op, backend, dtype, grad):
     q, k = q * 30, k * 30  # |q.k| up to a few thousand; scaled logits in the hundreds+
     table = _table(nh, 3, 3) * 50
     q, k, v, table = (t.to(dtype) for t in (q, k, v, table))
-    ins = [t.requires_grad_(grad) for t in (q, k, v, table)]
+    dev = device_for(backend)
+    ins = [t.to(dev).requires_grad_(grad) for t in (q, k, v, table)]
     if op == "na":
         rows = na_pairs(H, W, 3, 3, 1, 1, "mask")
 
@@ -415,9 +419,9 @@ def _large(op, backend, dtype, grad):
 
     assert (q.double() * k.double()).sum(-1).abs().max() > 1000
     out = f(*ins, backend=backend)
-    ins64 = [t.detach().double().requires_grad_(grad) for t in ins]
+    ins64 = [t.detach().double().cpu().requires_grad_(grad) for t in ins]
     ref = attention_brute(*ins64, rows, d ** -0.5)
-    naive = f(*[t.detach() for t in ins], backend="reference")
+    naive = f(*[t.detach().cpu() for t in ins], backend="reference")
     assert torch.isfinite(out).all()
     # factor 8: the fused kernels work in base 2 (log2(e) folded into the scale), where logits
     # in the thousands have twice the float32 spacing, and round once more; the CAP ceiling of
@@ -425,9 +429,9 @@ def _large(op, backend, dtype, grad):
     assert_close(out, ref, naive, factor=8.0)
     if grad:
         g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-        got = torch.autograd.grad(out, ins, g.to(out.dtype))
+        got = torch.autograd.grad(out, ins, g.to(out.dtype).to(dev))
         want = torch.autograd.grad(ref, ins64, g)
-        insr = [t.detach().requires_grad_() for t in ins]
+        insr = [t.detach().cpu().requires_grad_() for t in ins]
         naive_g = torch.autograd.grad(f(*insr, backend="reference"), insr, g.to(out.dtype))
         for n, a, b, c in zip(("dq", "dk", "dv", "dbias"), got, want, naive_g):
             assert torch.isfinite(a).all(), n
@@ -459,7 +463,8 @@ def _scaled(op, backend, scale, border="mask"):
     q, k, v = _qkv((2, H, W, nh, d), dtype=torch.float64, seed=7)
     table = _table(nh, 3, 3).double()
     dtype = torch.float64 if backend == "cpu" else torch.float32
-    ins = [t.to(dtype).requires_grad_() for t in (q, k, v, table)]
+    dev = device_for(backend)
+    ins = [t.to(dtype).to(dev).requires_grad_() for t in (q, k, v, table)]
     if op == "na":
         rows = na_pairs(H, W, 3, 3, 1, 1, border)
         out = ao.neighborhood_attention2d(*ins[:3], 3, border=border, rel_pos_bias=ins[3], scale=scale,
@@ -467,15 +472,15 @@ def _scaled(op, backend, scale, border="mask"):
     else:
         rows = wa_pairs(H, W, 3, 3, 1, 1)
         out = ao.window_attention2d(*ins[:3], 3, shift=1, rel_pos_bias=ins[3], scale=scale, backend=backend)
-    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    ins64 = [t.detach().double().cpu().requires_grad_() for t in ins]
     ref = attention_brute(*ins64, rows, scale)
     tol = 1e-9 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=tol, rtol=tol)
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    got = torch.autograd.grad(out, ins, g.to(dtype))
+    got = torch.autograd.grad(out, ins, g.to(dtype).to(dev))
     want = torch.autograd.grad(ref, ins64, g)
     for n, a, b in zip(("dq", "dk", "dv", "dbias"), got, want):
-        torch.testing.assert_close(a.double(), b, atol=tol * 10, rtol=tol * 10, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(a.double().cpu(), b, atol=tol * 10, rtol=tol * 10, msg=lambda m: f"{n}: {m}")
     if scale == 0.0:
         # zero scale, no q.k term: dq and dk are exactly zero
         assert not got[0].any() and not got[1].any()
@@ -507,7 +512,9 @@ def test_zero_scale_is_window_mean(backend):
     skip_unless("neighborhood_attention2d", backend, torch.float32)
     H, W, nh, d = 5, 5, 1, 2
     q, k, v = _qkv((1, H, W, nh, d), seed=9)
-    out = ao.neighborhood_attention2d(q * 100, k * 100, v, 3, border="clamp", scale=0.0, backend=backend)
+    dev = device_for(backend)
+    out = ao.neighborhood_attention2d((q * 100).to(dev), (k * 100).to(dev), v.to(dev), 3, border="clamp", scale=0.0,
+                                      backend=backend).cpu()
     rows = na_pairs(H, W, 3, 3, 1, 1, "clamp")
     vf = v.double().reshape(H * W, nh, d)
     want = torch.stack([vf[[key for key, _ in r]].mean(0) for r in rows]).reshape(1, H, W, nh, d)
@@ -526,7 +533,8 @@ def _partial(op, backend, subset):
     q, k, v = _qkv((1, H, W, nh, d), dtype=dtype, seed=11)
     table = _table(nh, 3, 3).to(dtype)
     names = ("q", "k", "v", "bias")
-    ins = [t.requires_grad_(n in subset) for n, t in zip(names, (q, k, v, table))]
+    dev = device_for(backend)
+    ins = [t.to(dev).requires_grad_(n in subset) for n, t in zip(names, (q, k, v, table))]
     if op == "na":
         rows = na_pairs(H, W, 3, 3, 1, 1, "zero")
         out = ao.neighborhood_attention2d(*ins[:3], 3, border="zero", rel_pos_bias=ins[3], backend=backend)
@@ -534,19 +542,19 @@ def _partial(op, backend, subset):
         rows = wa_pairs(H, W, 3, 3, 1, 1)
         out = ao.window_attention2d(*ins[:3], 3, shift=1, rel_pos_bias=ins[3], backend=backend)
     assert out.requires_grad == bool(subset)
-    ins64 = [t.detach().double().requires_grad_(n in subset) for n, t in zip(names, ins)]
+    ins64 = [t.detach().double().cpu().requires_grad_(n in subset) for n, t in zip(names, ins)]
     ref = attention_brute(*ins64, rows, d ** -0.5)
     tol = 1e-9 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(out.double(), ref.detach(), atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double().cpu(), ref.detach(), atol=tol, rtol=tol)
     if not subset:
         return
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    out.backward(g.to(dtype))
+    out.backward(g.to(dtype).to(dev))
     ref.backward(g)
     for n, a, b in zip(names, ins, ins64):
         if n in subset:
             assert a.grad is not None and a.grad.shape == a.shape and a.grad.dtype == a.dtype, n
-            torch.testing.assert_close(a.grad.double(), b.grad, atol=tol * 10, rtol=tol * 10,
+            torch.testing.assert_close(a.grad.double().cpu(), b.grad, atol=tol * 10, rtol=tol * 10,
                                        msg=lambda m: f"{n}: {m}")
         else:
             assert a.grad is None, f"{n} does not require grad but got one"
@@ -584,7 +592,7 @@ def test_bias_table_grad_only_in_its_own_dtype():
 @pytest.mark.parametrize("op", ("box", "tanh"))
 def test_blur_without_grad(backend, op):
     skip_unless("box_blur2d", backend, torch.float32)
-    x = torch.randn(1, 2, 5, 6)
+    x = torch.randn(1, 2, 5, 6, device=device_for(backend))
     out = _blur(op, x, (2, 2), (1, 1), 1, "zeros", backend)
     assert not out.requires_grad and out.grad_fn is None
 
@@ -623,9 +631,10 @@ def _second_order(op, backend, dtype, weighted_by_param):
     """d/d(inputs) of |d loss / d inputs|^2; with ``weighted_by_param`` the loss is
     ``(y * w).sum()`` with a parameter ``w`` and the second derivative is taken w.r.t. ``w``
     too (a gradient penalty)."""
-    ins = [t.to(dtype).requires_grad_() for t in _double_inputs(op)]
+    dev = device_for(backend)
+    ins = [t.to(dtype).to(dev).requires_grad_() for t in _double_inputs(op)]
     y = _double_apply(op, ins, backend)
-    w = torch.linspace(-1, 1, y.numel(), dtype=dtype).reshape(y.shape).requires_grad_(weighted_by_param)
+    w = torch.linspace(-1, 1, y.numel(), dtype=dtype, device=dev).reshape(y.shape).requires_grad_(weighted_by_param)
     grads = torch.autograd.grad((y * w).sum(), ins, create_graph=True)
     penalty = sum((t ** 2).sum() for t in grads)
     wrt = ins + ([w] if weighted_by_param else [])
@@ -653,12 +662,12 @@ def test_double_backward_raises_or_is_right(backend, op, weighted):
     # it worked: then it must be right (never zeros or None where the reference has values)
     tol = 1e-8 if dtype == torch.float64 else 1e-4
     for a, b in zip(first, first_want):
-        torch.testing.assert_close(a.double(), b, atol=tol, rtol=tol)
+        torch.testing.assert_close(a.double().cpu(), b, atol=tol, rtol=tol)
     for a, b, t in zip(got, want, ins_of(op) + [None]):
         # None (not reached) and zeros are the same second derivative; anything else must match
         if a is None and b is None:
             continue
-        a = torch.zeros_like(b if b is not None else t, dtype=torch.float64) if a is None else a.double()
+        a = torch.zeros_like(b if b is not None else t, dtype=torch.float64) if a is None else a.double().cpu()
         b = torch.zeros_like(a) if b is None else b
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 

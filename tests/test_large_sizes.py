@@ -33,8 +33,8 @@ BASE = 2**31  # storage offset of the views
 GRID_X_MAX, GRID_YZ_MAX = 2**31 - 1, 65535
 
 
-def big_storage(dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(BIG, dtype=dtype)
+def big_storage(dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    return torch.empty(BIG, dtype=dtype, device=device)
 
 
 def far_views(storage: torch.Tensor, shape, big_dim: int, count: int) -> list[torch.Tensor]:
@@ -100,10 +100,10 @@ def check_against_brute_force(op, brute, q, k, v, dout, table):
     tab = table.clone().requires_grad_()
     out = op(*leaves, tab)
     grads = torch.autograd.grad(out, leaves + [tab], dout)
-    ref_leaves = [t.detach().clone().double().requires_grad_() for t in (q, k, v)]
-    ref_tab = table.double().requires_grad_()
+    ref_leaves = [t.detach().clone().double().cpu().requires_grad_() for t in (q, k, v)]
+    ref_tab = table.double().cpu().requires_grad_()
     ref = brute(*ref_leaves, ref_tab)
-    ref_grads = torch.autograd.grad(ref, ref_leaves + [ref_tab], dout.detach().clone().double())
+    ref_grads = torch.autograd.grad(ref, ref_leaves + [ref_tab], dout.detach().clone().double().cpu())
     assert_close(out, ref, name="out")
     for name, g, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(g, r, name=name)
@@ -183,7 +183,7 @@ def check_bh_launches(launches, total_bh: int, tiles: int, what: str) -> None:
 
 @pytest.mark.parametrize("B,heads", [(65537, 1), (257, 256)], ids=["batch65537", "batch257xheads256"])
 def test_neighborhood_triton_grid_within_cuda_limits(monkeypatch, B, heads):
-    skip_unless("neighborhood_attention2d", "triton", torch.float32)
+    device = skip_unless("neighborhood_attention2d", "triton", torch.float32)
     from alterops.kernels import neighborhood_attention_nd as kern
 
     recs = {}
@@ -191,7 +191,7 @@ def test_neighborhood_triton_grid_within_cuda_limits(monkeypatch, B, heads):
         recs[name] = Recorder(getattr(kern, name))
         monkeypatch.setattr(kern, name, recs[name])
     H = W = 3
-    q = torch.zeros(B, H, W, heads, 1, requires_grad=True)
+    q = torch.zeros(B, H, W, heads, 1, device=device, requires_grad=True)
     out = ao.neighborhood_attention2d(q, q, q, 3, backend="triton")
     out.backward(torch.zeros_like(out))
     for name, kernel in (("nand_fwd_kernel", "fwd"), ("nand_bwd_dq_kernel", "dq"), ("nand_bwd_dkdv_kernel", "dkdv")):
@@ -202,7 +202,7 @@ def test_neighborhood_triton_grid_within_cuda_limits(monkeypatch, B, heads):
 def test_neighborhood_triton_split_launches_match_brute_force(monkeypatch):
     """The launches split into chunks of 3 (batch, head) pairs (as past 65535 of them): every
     kernel finds its (batch, head) from the launch's offset."""
-    skip_unless("neighborhood_attention2d", "triton", torch.float16)
+    device = skip_unless("neighborhood_attention2d", "triton", torch.float16)
     from alterops.kernels import neighborhood_attention_nd as kern
 
     monkeypatch.setattr(kern, "GRID_Y_MAX", 3)
@@ -221,9 +221,9 @@ def test_neighborhood_triton_split_launches_match_brute_force(monkeypatch):
         monkeypatch.setattr(kern, name, Counting(real, name))
     g = torch.Generator().manual_seed(5)
     B, H, W, heads, d = 2, 5, 9, 2, 8  # several tiles per (batch, head) in every kernel
-    q, k, v = (torch.randn(B, H, W, heads, d, generator=g).half() for _ in range(3))
-    table = torch.randn(heads, 5, 5, generator=g)
-    gout = torch.randn(B, H, W, heads, d, generator=g).half()
+    q, k, v = (torch.randn(B, H, W, heads, d, generator=g).half().to(device) for _ in range(3))
+    table = torch.randn(heads, 5, 5, generator=g).to(device)
+    gout = torch.randn(B, H, W, heads, d, generator=g).half().to(device)
     check_against_brute_force(
         lambda q, k, v, t: ao.neighborhood_attention2d(q, k, v, 3, border="mask", rel_pos_bias=t, backend="triton"),
         lambda q, k, v, t: na_brute_force(q, k, v, (3, 3), (1, 1), "mask", t), q, k, v, gout, table)
@@ -274,7 +274,7 @@ def test_window_offsets_past_2_31(backend, dim):
 
 
 def test_window_triton_grid_within_cuda_limits(monkeypatch):
-    skip_unless("window_attention2d", "triton", torch.float32)
+    device = skip_unless("window_attention2d", "triton", torch.float32)
     from alterops.kernels import window_attention as kern
 
     recs = {}
@@ -285,7 +285,7 @@ def test_window_triton_grid_within_cuda_limits(monkeypatch):
     for shape in ((65537, 2, 2, 1, 4), (1, 2, 2, 65537, 1)):  # > 65535 windows; > 65535 heads
         for rec in recs.values():
             rec.launches.clear()
-        q = torch.zeros(shape, requires_grad=True)
+        q = torch.zeros(shape, device=device, requires_grad=True)
         out = ao.window_attention2d(q, q, q, 2, backend="triton")
         out.backward(torch.zeros_like(out))
         for name, rec in recs.items():
@@ -302,13 +302,13 @@ def test_window_triton_grid_within_cuda_limits(monkeypatch):
 
 def test_window_triton_head_chunks_match_brute_force(monkeypatch):
     """Heads split over launches of 2 (as past 65535 heads): each launch's head offset."""
-    skip_unless("window_attention2d", "triton", torch.float32)
+    device = skip_unless("window_attention2d", "triton", torch.float32)
     from alterops.kernels import window_attention as kern
 
     monkeypatch.setattr(kern, "GRID_Z_MAX", 2)
     g = torch.Generator().manual_seed(9)
-    q, k, v, gout = (torch.randn(1, 5, 4, 3, 8, generator=g) for _ in range(4))
-    table = torch.randn(3, 5, 5, generator=g)
+    q, k, v, gout = (torch.randn(1, 5, 4, 3, 8, generator=g).to(device) for _ in range(4))
+    table = torch.randn(3, 5, 5, generator=g).to(device)
     check_against_brute_force(
         lambda q, k, v, t: ao.window_attention2d(q, k, v, 3, shift=1, rel_pos_bias=t, backend="triton"),
         lambda q, k, v, t: wa_brute_force(q, k, v, (3, 3), (1, 1), t), q, k, v, gout, table)
@@ -402,7 +402,7 @@ def test_blur_triton_backward_plane_past_2_31(monkeypatch, op):
     """The backward's last block of a plane of 2**31 + 512 elements, computed alone: the launch
     the launcher makes is run for its last program only (the interpreter could not run the
     2**23 others), into a gradient whose pages are otherwise never touched."""
-    skip_unless("box_blur2d", "triton", torch.float16)
+    device = skip_unless("box_blur2d", "triton", torch.float16)
     from alterops.kernels import blur as kb
 
     real = kb._blur2d_bwd_kernel
@@ -422,25 +422,25 @@ def test_blur_triton_backward_plane_past_2_31(monkeypatch, op):
     monkeypatch.setattr(kb, "_blur2d_bwd_kernel", LastProgram())
     H, W = 2**23 + 2, 256  # W = one backward block: the last program owns the last row
     assert kb.BLOCK_BWD == W
-    gin_storage = big_storage(torch.float16)
+    gin_storage = big_storage(torch.float16, device)
     grad_x = gin_storage[BASE:BASE + H * W].view(1, 1, H, W)
     grad_x[0, 0, -1].fill_(float("nan"))
     x = None
     g = torch.Generator().manual_seed(13)
     if op == "tanh":
-        x_storage = big_storage(torch.float16)
+        x_storage = big_storage(torch.float16, device)
         x = x_storage[BASE:BASE + H * W].view(1, 1, H, W)
         x[0, 0, -1].copy_(torch.randn(W, generator=g, dtype=torch.float64))
-    gout = torch.randn(1, 1, 3, 2, generator=g, dtype=torch.float64).half()
+    gout = torch.randn(1, 1, 3, 2, generator=g, dtype=torch.float64).half().to(device)
     kb.launch_backward(gout, x, grad_x, (2, 2), (2**22, 128), (0, 0, 0, 0), 0, 0 if op == "box" else 2, 2.0)
     assert ran == [(H * W) // W - 1]
     # last row = padded row 2**23 + 1: output row 2 (kernel row 1); columns 0, 1 -> output
     # column 0, columns 128, 129 -> output column 1, the others no output
     ref = torch.zeros(W, dtype=torch.float64)
     for c in (0, 1, 128, 129):
-        ref[c] = gout[0, 0, 2, c // 128].double() / 4
+        ref[c] = gout[0, 0, 2, c // 128].double().cpu() / 4
     if op == "tanh":
-        xv = x[0, 0, -1].double()
+        xv = x[0, 0, -1].double().cpu()
         t = torch.tanh(xv / 2.0)
         ref = ref * torch.where(t > 0, 1 - t * t, torch.zeros_like(t))
     assert_close(grad_x[0, 0, -1].clone(), ref)

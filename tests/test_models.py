@@ -22,11 +22,15 @@ def block_kinds(stage: nn.Sequential) -> str:
     return "".join("M" if isinstance(b, MSABlock) else "C" for b in stage)
 
 
+def device_of(backend: str) -> torch.device:
+    """Where a model on ``backend`` runs here: CUDA for the GPU backends on a GPU machine."""
+    return torch.device("cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu")
+
+
 def runnable(op: str, backend: str) -> bool:
     if backend == "cuda" and not torch.cuda.is_available():
         return False
-    dev = torch.device("cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu")
-    return dispatch.registry()[op].why_not(backend, dev, torch.float32) is None
+    return dispatch.registry()[op].why_not(backend, device_of(backend), torch.float32) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +162,9 @@ OPS_USED = {
 }
 
 
-def train_steps(variant: str, backend: str, steps: int, *, full: bool, size: int = 32):
+def train_steps(variant: str, backend: str, steps: int, *, full: bool, size: int = 32, device=None):
+    """``steps`` SGD steps of a net whose fused ops run on ``backend``, on ``device`` (default:
+    where that backend runs): (losses, first step's gradients on the CPU)."""
     torch.manual_seed(0)
     if full:
         model = alternet50(10, "cifar", drop_path=0.0, backend=backend, **VARIANTS[variant])
@@ -168,6 +174,8 @@ def train_steps(variant: str, backend: str, steps: int, *, full: bool, size: int
                          num_classes=10, window_size=4, backend=backend, **VARIANTS[variant])
         x = torch.randn(2, 3, size, size)  # 32: stage maps 32/16/8/4, the 3x3 clamped neighbourhood fits
     y = torch.tensor([3, 7])
+    dev = device if device is not None else device_of(backend)
+    model, x, y = model.to(dev), x.to(dev), y.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
     losses, grads = [], None
     for i in range(steps):
@@ -175,7 +183,7 @@ def train_steps(variant: str, backend: str, steps: int, *, full: bool, size: int
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
         if i == 0:
-            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            grads = {n: p.grad.cpu().clone() for n, p in model.named_parameters()}
         opt.step()
         losses.append(loss.item())
     return losses, grads
@@ -199,7 +207,10 @@ def test_training_fused_matches_reference(variant, backend):
     steps, size = 3, 32
     if backend == "triton" and not torch.cuda.is_available():  # the interpreter is slow: one step
         steps, size = 1, (32 if variant == "neighborhood" else 16)
-    ref_losses, ref_grads = train_steps(variant, "reference", steps, full=False, size=size)
+    # the reference on the same device: the rest of the net (convolutions, norms) then runs the
+    # same kernels in both, and only the fused ops differ
+    ref_losses, ref_grads = train_steps(variant, "reference", steps, full=False, size=size,
+                                        device=device_of(backend))
     losses, grads = train_steps(variant, backend, steps, full=False, size=size)
     assert steps == 1 or losses[-1] < losses[0]
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
@@ -213,7 +224,7 @@ def test_full_size_step_matches_reference(backend):
         pytest.skip(f"{backend!r} cannot run window_attention2d here")
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("the Triton interpreter is too slow for the full-size net (the small net covers it)")
-    ref_losses, ref_grads = train_steps("window", "reference", 1, full=True)
+    ref_losses, ref_grads = train_steps("window", "reference", 1, full=True, device=device_of(backend))
     losses, grads = train_steps("window", backend, 1, full=True)
     assert losses == pytest.approx(ref_losses, rel=1e-4)
     assert_grads_match(grads, ref_grads)

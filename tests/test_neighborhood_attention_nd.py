@@ -160,7 +160,7 @@ def test_merge_attentions_equals_attention_over_the_union(backend):
     q, k, v, table = make(case, 2, torch.float32, device, "head", seed=6)
     g = torch.Generator().manual_seed(7)
     B, D = q.shape[0], q.shape[-1]
-    xk, xv = torch.randn(B, 5, 2, D, generator=g), torch.randn(B, 5, 2, D, generator=g)
+    xk, xv = torch.randn(B, 5, 2, D, generator=g).to(device), torch.randn(B, 5, 2, D, generator=g).to(device)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, xk, xv, table)]
     lq, lk, lv, lxk, lxv, ltab = leaves
     na, na_lse = run(case, backend, lq, lk, lv, ltab, return_lse=True)
@@ -171,7 +171,7 @@ def test_merge_attentions_equals_attention_over_the_union(backend):
     extra_lse = torch.logsumexp(s, -1).reshape(na_lse.shape)
     out, lse = ao.merge_attentions([na, extra], [na_lse, extra_lse])
     # brute force over the union: append the extra tokens' logits to each query's window
-    q64, k64, v64, xk64, xv64, t64 = (t.detach().double().requires_grad_() for t in leaves)
+    q64, k64, v64, xk64, xv64, t64 = (t.detach().double().cpu().requires_grad_() for t in leaves)
     spatial = tuple(q.shape[1:-2])
     idx, valid, bidx = neighbour_table(spatial, *case[1:])
     N = math.prod(spatial)
@@ -189,7 +189,7 @@ def test_merge_attentions_equals_attention_over_the_union(backend):
     assert_close(out, ref, name="merged out")
     assert_close(lse, ref_lse, name="merged lse")
     gout = torch.randn(out.shape, generator=g)
-    grads = torch.autograd.grad((out * gout).sum(), leaves)
+    grads = torch.autograd.grad((out * gout.to(device)).sum(), leaves)
     refs = torch.autograd.grad((ref * gout.double()).sum(), [q64, k64, v64, xk64, xv64, t64])
     for name, a, b in zip(("dq", "dk", "dv", "dxk", "dxv", "dbias"), grads, refs):
         assert_close(a, b, name=name)

@@ -263,7 +263,7 @@ def test_fused_projection_views_and_memory_format():
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_compile_fullgraph(backend):
-    skip_unless("window_attention2d", backend, torch.float32)
+    device = skip_unless("window_attention2d", backend, torch.float32)
     skip_unless("neighborhood_attention2d", backend, torch.float32)
     skip_unless("tanh_blur2d", backend, torch.float32)
     torch.manual_seed(0)
@@ -271,9 +271,9 @@ def test_compile_fullgraph(backend):
         WindowMSA2d(6, 8, heads=2, dim_head=4, window_size=4, shift=2, backend=backend),
         NeighborhoodMSA2d(8, 8, heads=2, dim_head=4, kernel_size=3, backend=backend),
         TanhBlur2d(backend=backend),
-    )
-    x = torch.randn(2, 6, 8, 8, requires_grad=True)
-    g = torch.randn(2, 8, 9, 9)  # TanhBlur2d pads by one
+    ).to(device)
+    x = torch.randn(2, 6, 8, 8, device=device, requires_grad=True)
+    g = torch.randn(2, 8, 9, 9, device=device)  # TanhBlur2d pads by one
     params = [x] + list(model.parameters())
     y_eager = model(x)
     eager = torch.autograd.grad(y_eager, params, g)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import alterops as ao
-from helpers import skip_unless
+from helpers import device_for, skip_unless
 from test_neighborhood_attention import axis_keys  # NATTEN's window-start rule, written out
 from test_statistics import brute_force_delta  # diagonal DFT bins with explicit exponentials
 from test_window_attention import brute_force as window_brute_force  # per-query window loops
@@ -44,7 +44,7 @@ def pytest_generate_tests(metafunc):
 
 def dtypes_for(op, backend):
     return [d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-            if ao._dispatch.registry()[op].why_not(backend, torch.device("cpu"), d) is None]
+            if ao._dispatch.registry()[op].why_not(backend, device_for(backend), d) is None]
 
 
 def compare(cfg, name, out, ref, dtype, tol=TOL):
@@ -63,7 +63,7 @@ def compare(cfg, name, out, ref, dtype, tol=TOL):
 
 def check_grads(cfg, out, ref, leaves, leaves64, names, dtype, seed):
     g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    got = torch.autograd.grad(out, leaves, g.to(out.dtype), allow_unused=True)
+    got = torch.autograd.grad(out, leaves, g.to(out.dtype).to(out.device), allow_unused=True)
     want = torch.autograd.grad(ref, leaves64, g, allow_unused=True)
     for name, a, b, leaf in zip(names, got, want, leaves):
         a = torch.zeros_like(leaf) if a is None else a
@@ -72,26 +72,27 @@ def check_grads(cfg, out, ref, leaves, leaves64, names, dtype, seed):
         compare(cfg, f"d{name}", a, b, dtype, GRAD_TOL)
 
 
-def leaf(shape, gen, dtype, scale=1.0):
+def leaf(shape, gen, dtype, scale=1.0, device="cpu"):
+    """A leaf in ``dtype`` on ``device`` (where the backend runs) and its float64 CPU twin."""
     t = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
-    return t.requires_grad_(), t.detach().double().requires_grad_()
+    return t.to(device).requires_grad_(), t.detach().double().requires_grad_()
 
 
 # ---------------------------------------------------------------------------------------
 # Attention inputs in several layouts, built the same way from low-precision and float64 leaves
 # ---------------------------------------------------------------------------------------
-def attention_inputs(layout, B, H, W, heads, d, dtype, gen):
+def attention_inputs(layout, B, H, W, heads, d, dtype, gen, device):
     if layout == "qkv":  # views into a fused (B, H, W, 3, heads, d) projection
-        pairs = [leaf((B, H, W, 3, heads, d), gen, dtype)]
+        pairs = [leaf((B, H, W, 3, heads, d), gen, dtype, device=device)]
         build = lambda ls: ls[0].unbind(3)  # noqa: E731
     elif layout == "permuted":  # (B, heads, H, W, d) memory viewed heads-last
-        pairs = [leaf((B, heads, H, W, d), gen, dtype) for _ in range(3)]
+        pairs = [leaf((B, heads, H, W, d), gen, dtype, device=device) for _ in range(3)]
         build = lambda ls: [t.permute(0, 2, 3, 1, 4) for t in ls]  # noqa: E731
     elif layout == "expand":  # zero strides over the batch and the heads
-        pairs = [leaf((1, H, W, 1, d), gen, dtype) for _ in range(3)]
+        pairs = [leaf((1, H, W, 1, d), gen, dtype, device=device) for _ in range(3)]
         build = lambda ls: [t.expand(B, H, W, heads, d) for t in ls]  # noqa: E731
     else:
-        pairs = [leaf((B, H, W, heads, d), gen, dtype) for _ in range(3)]
+        pairs = [leaf((B, H, W, heads, d), gen, dtype, device=device) for _ in range(3)]
         build = lambda ls: list(ls)  # noqa: E731
     leaves, leaves64 = [p[0] for p in pairs], [p[1] for p in pairs]
     return leaves, leaves64, build
@@ -149,14 +150,15 @@ def na_config(rng, backend, small=False):
 
 
 def run_na(cfg, backend, seed):
-    skip_unless("neighborhood_attention2d", backend, cfg["dtype"])
+    device = skip_unless("neighborhood_attention2d", backend, cfg["dtype"])
     gen = torch.Generator().manual_seed(seed)
     dtype = cfg["dtype"]
     leaves, leaves64, build = attention_inputs(cfg["layout"], cfg["B"], cfg["H"], cfg["W"], cfg["heads"],
-                                               cfg["d"], dtype, gen)
+                                               cfg["d"], dtype, gen, device)
     kh, kw = cfg["kernel"]
     if cfg["bias"]:
-        t, t64 = leaf((cfg["bias"], 2 * kh - 1, 2 * kw - 1), gen, torch.float32 if dtype != torch.float64 else dtype)
+        t, t64 = leaf((cfg["bias"], 2 * kh - 1, 2 * kw - 1), gen, torch.float32 if dtype != torch.float64 else dtype,
+                      device=device)
         leaves, leaves64 = leaves + [t], leaves64 + [t64]
     table, table64 = (leaves[-1], leaves64[-1]) if cfg["bias"] else (None, None)
     n = len(leaves) - (1 if cfg["bias"] else 0)
@@ -200,16 +202,16 @@ def wa_config(rng, backend, small=False):
 
 
 def run_wa(cfg, backend, seed):
-    skip_unless("window_attention2d", backend, cfg["dtype"])
+    device = skip_unless("window_attention2d", backend, cfg["dtype"])
     gen = torch.Generator().manual_seed(seed)
     dtype = cfg["dtype"]
     leaves, leaves64, build = attention_inputs(cfg["layout"], cfg["B"], cfg["H"], cfg["W"], cfg["heads"],
-                                               cfg["d"], dtype, gen)
+                                               cfg["d"], dtype, gen, device)
     n = len(leaves)
     wh, ww = cfg["window"]
     table = table64 = None
     if cfg["bias"]:
-        table, table64 = leaf((cfg["bias"], 2 * wh - 1, 2 * ww - 1), gen, dtype, 0.5)
+        table, table64 = leaf((cfg["bias"], 2 * wh - 1, 2 * ww - 1), gen, dtype, 0.5, device)
         leaves, leaves64 = leaves + [table], leaves64 + [table64]
     q, k, v = build(leaves[:n])
     out = ao.window_attention2d(q, k, v, cfg["window"], shift=cfg["shift"], rel_pos_bias=table,
@@ -273,18 +275,18 @@ def blur_brute_force(x, op, tau, kernel, stride, pads, mode):
     return out / (kh * kw)
 
 
-def map_input(layout, shape, dtype, gen, scale=1.0):
+def map_input(layout, shape, dtype, gen, scale=1.0, device="cpu"):
     B, C, H, W = shape
     if layout == "channels_last":
-        t, t64 = leaf((B, H, W, C), gen, dtype, scale)
+        t, t64 = leaf((B, H, W, C), gen, dtype, scale, device)
         return t, t64, lambda u: u.permute(0, 3, 1, 2)
     if layout == "strided":
-        t, t64 = leaf((B, C, H, 2 * W), gen, dtype, scale)
+        t, t64 = leaf((B, C, H, 2 * W), gen, dtype, scale, device)
         return t, t64, lambda u: u[..., ::2]
     if layout == "expand":
-        t, t64 = leaf((1, C, H, W), gen, dtype, scale)
+        t, t64 = leaf((1, C, H, W), gen, dtype, scale, device)
         return t, t64, lambda u: u.expand(B, C, H, W)
-    t, t64 = leaf(shape, gen, dtype, scale)
+    t, t64 = leaf(shape, gen, dtype, scale, device)
     return t, t64, lambda u: u
 
 
@@ -319,10 +321,10 @@ def padding_of(padding, kernel):
 
 def run_blur(cfg, backend, seed):
     name = "box_blur2d" if cfg["op"] == "box" else "tanh_blur2d"
-    skip_unless(name, backend, cfg["dtype"])
+    device = skip_unless(name, backend, cfg["dtype"])
     gen = torch.Generator().manual_seed(seed)
     dtype = cfg["dtype"]
-    t, t64, build = map_input(cfg["layout"], (cfg["B"], cfg["C"], cfg["H"], cfg["W"]), dtype, gen, 3.0)
+    t, t64, build = map_input(cfg["layout"], (cfg["B"], cfg["C"], cfg["H"], cfg["W"]), dtype, gen, 3.0, device)
     args = (cfg["kernel"], cfg["stride"], cfg["padding"])
     if cfg["op"] == "box":
         out = ao.box_blur2d(build(t), *args, pad_mode=cfg["pad_mode"], backend=backend)
@@ -409,11 +411,11 @@ def stat_config(rng, backend, small=False):
 
 def run_stat(cfg, backend, seed):
     op = cfg["op"]
-    skip_unless(op, backend, cfg["dtype"])
+    device = skip_unless(op, backend, cfg["dtype"])
     gen = torch.Generator().manual_seed(seed)
     dtype = cfg["dtype"]
     B, C, H, W = cfg["B"], cfg["C"], cfg["H"], cfg["W"]
-    t, t64, build = map_input(cfg["layout"], (B, C, H, W), dtype, gen)
+    t, t64, build = map_input(cfg["layout"], (B, C, H, W), dtype, gen, device=device)
     with torch.no_grad():  # a mean offset, applied to the leaves in both precisions alike
         t += cfg["offset"]
         t64.copy_(t.double())

@@ -2,9 +2,10 @@
 # One script for a machine with an NVIDIA GPU: build the CPU and CUDA libraries into the tree,
 # run the test-suite (CUDA and Triton backends natively), run the CUDA kernels' tests under
 # compute-sanitizer, time the benchmark suite and the attention backends side by side (Triton
-# against the CUDA C++ kernels), and leave logs and results under $OUT. Copy
-# $OUT/results/bench-cuda.{json,png} and $OUT/results/attention-*.json to
-# bench/results/<device>/ and commit them with the device name.
+# against the CUDA C++ kernels, and where the time of a neighbourhood attention forward+backward
+# goes: bench/gpu_profile.py), and leave logs and results under $OUT. Copy
+# $OUT/results/bench-cuda.{json,png}, $OUT/results/attention-*.json and
+# $OUT/results/profile-fwd-bwd.txt to bench/results/<device>/ and commit them with the device name.
 #
 #   OUT=/some/dir bash bench/gpu_run.sh [build|test|sanitize|bench|all]     (default: all)
 #
@@ -82,6 +83,7 @@ phase_bench() {
   "$PY" -m alterops bench attention --device "$DEVICE" --op neighborhood --batch 64 --size 56,14 --heads 2,12 \
     --head-dim 32,64 --kernel 7 --dtype "$dtypes" --pass fwd,fwd+bwd --impl alterops-triton,alterops-cuda \
     --no-progress --out "$OUT/results/attention-neighborhood" 2>&1 | tee "$OUT/attention-neighborhood.log" || rc=1
+  if [ "$DEVICE" = cuda ]; then "$PY" bench/gpu_profile.py >"$OUT/results/profile-fwd-bwd.txt" 2>&1 || rc=1; fi
   "$PY" -m alterops bench attention --device "$DEVICE" --op window --batch 64 --size 56 --heads 3,6 \
     --head-dim 32 --window 7 --shift 0,3 --bias --dtype "$dtypes" --pass fwd,fwd+bwd \
     --impl alterops-triton,alterops-cuda --no-progress --out "$OUT/results/attention-window" 2>&1 | tee "$OUT/attention-window.log" || rc=1

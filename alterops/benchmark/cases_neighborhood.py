@@ -10,6 +10,8 @@ Peers:
   importable (otherwise the report lists it as left out, with the reason). On the CPU NATTEN runs
   FlexAttention without ``torch.compile``, which materialises the ``N x N`` scores: at the full
   1-D shape one call takes tens of seconds and about 8 GB.
+* ``alterops_cuda`` (GPU cases of ``neighborhood_attention1d/2d/3d``): the CUDA C++ backend, timed
+  beside ``auto``'s choice (Triton first on CUDA devices), with its output and gradients checked too.
 * ``unfold_autograd``: the paper's ``ConvAttention2d`` math (``F.unfold`` with zero padding,
   einsum, softmax, einsum) differentiated by autograd; compared with ``border="zero"``.
 
@@ -18,8 +20,9 @@ products), three times that for forward + backward (the backward has four produc
 two). CPU cases are float32 and measured against the float32 matmul ceiling, GPU cases bfloat16
 against the bfloat16 one.
 
-Quick mode: the 2-D CPU cases run B=1 at 28x28 (named ``..._28x28_k7``), the 2-D GPU cases B=2;
-the 1-D and 3-D cases run B=1 at L=512, k=33 and at 4x16x16, k=3x5x5 on every device. Names
+Quick mode: the 2-D CPU cases run B=1 at 28x28 (named ``..._28x28_k7``), the 2-D GPU cases B=2
+(the one at the CPU cases' shape B=1 at 28x28); the 1-D and 3-D cases run B=1 at L=512, k=33 and at
+4x16x16, k=3x5x5 on every device. Names
 state the shapes built.
 """
 from __future__ import annotations
@@ -235,6 +238,7 @@ def _make_gpu(device, quick, *, B, HW, heads, d, kernel, backward):
 # 1-D and 3-D shapes: (B, spatial, heads, head_dim, kernel_size), full size and quick
 _ND_SHAPES = {
     1: {False: (4, (4096,), 8, 64, (65,)), True: (1, (512,), 8, 64, (33,))},
+    2: {False: (4, (56, 56), 4, 32, (7, 7)), True: (1, (28, 28), 4, 32, (7, 7))},
     3: {False: (1, (8, 32, 32), 4, 32, (3, 7, 7)), True: (1, (4, 16, 16), 4, 32, (3, 5, 5))},
 }
 
@@ -279,6 +283,22 @@ def _make_nd_gpu_fwd_bwd(device, quick, *, n):
     q, k, v = (t.requires_grad_() for t in _inputs(device, torch.bfloat16, B, spatial, heads, d))
     gout = torch.ones_like(q)
     flex = _FlexPeer(q, k, v, kernel, backward=True)
+    peers = {"flex_attention": flex}
+    left_out = {}
+    # The backend ``auto`` does not pick on CUDA devices, timed beside it: the CUDA C++ kernels
+    # while Triton comes first (what decides that order), or Triton if it ever does not.
+    table = ao.neighborhood_attention_nd._TABLES[n]
+    chosen = table.select(None, q.device, q.dtype)
+    other = "cuda" if chosen != "cuda" else "triton"
+    why_not = table.why_not(other, q.device, q.dtype)
+    if why_not is None:
+        def other_backend():
+            out = attend(q, k, v, kernel, backend=other)
+            out.backward(gout)
+            return out
+        peers[f"alterops_{other}"] = other_backend
+    else:
+        left_out[f"alterops_{other}"] = why_not
 
     def ours():
         out = attend(q, k, v, kernel)
@@ -292,13 +312,20 @@ def _make_nd_gpu_fwd_bwd(device, quick, *, n):
         for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
             torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2,
                                        msg=lambda m, what=what: f"{what}: {m}")
+        if "alterops_" + other in peers:  # the other backend's output and gradients too
+            out = attend(q, k, v, kernel, backend=other)
+            grads = torch.autograd.grad(out, (q, k, v), gout)
+            for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+                torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2,
+                                           msg=lambda m, what=what: f"{other} {what}: {m}")
 
     name, shape_note = _nd_names(spatial, kernel)
-    return Workload(ours=ours, peers={"flex_attention": flex}, bytes=8 * q.numel() * q.element_size(),
+    return Workload(ours=ours, peers=peers, bytes=8 * q.numel() * q.element_size(),
                     flops=12.0 * B * heads * math.prod(spatial) * math.prod(kernel) * d, ceiling="matmul_bf16",
                     targets={"speedup:flex_attention": 1.5}, check=check,
-                    note=f"forward+backward, B={B} {shape_note} heads={heads} d={d} bfloat16, clamp",
-                    label=f"na{n}d_gpu_{name}_fwd_bwd")
+                    note=f"forward+backward, B={B} {shape_note} heads={heads} d={d} bfloat16, clamp; "
+                         f"ours = backend {chosen!r} (auto)",
+                    label=f"na{n}d_gpu_{name}_fwd_bwd", peers_left_out=left_out)
 
 
 def _make_unfused_fwd_bwd(device, quick):
@@ -351,11 +378,12 @@ def _make_unfused_fwd_bwd(device, quick):
 register(Case("neighborhood", "na2d_forward_56x56_k7", _make_cpu_forward, devices=("cpu",), max_repeats=10))
 register(Case("neighborhood", "natten2d_unfused_fwd_bwd_56x56_k7", _make_unfused_fwd_bwd, max_repeats=5))
 register(Case("neighborhood", "na2d_fwd_bwd_zero_56x56_k7", _make_cpu_fwd_bwd, devices=("cpu",), max_repeats=5))
-for _n in (1, 3):
+for _n in (1, 2, 3):
     _name = _nd_names(_ND_SHAPES[_n][False][1], _ND_SHAPES[_n][False][4])[0]
-    register(Case("neighborhood", f"na{_n}d_forward_{_name}",
-                  lambda device, quick, _n=_n: _make_nd_cpu_forward(device, quick, n=_n), devices=("cpu",),
-                  max_repeats=10))
+    if _n != 2:  # the 2-D CPU forward is na2d_forward_56x56_k7
+        register(Case("neighborhood", f"na{_n}d_forward_{_name}",
+                      lambda device, quick, _n=_n: _make_nd_cpu_forward(device, quick, n=_n), devices=("cpu",),
+                      max_repeats=10))
     register(Case("neighborhood", f"na{_n}d_gpu_{_name}_fwd_bwd",
                   lambda device, quick, _n=_n: _make_nd_gpu_fwd_bwd(device, quick, n=_n), devices=("cuda",)))
 for _name, _kw in (

@@ -125,10 +125,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 # The attention ops' GPU order (the issue's rule: Triton first until a GPU run shows the CUDA C++
-# kernels faster on the bench shapes).
-ATTENTION_GPU_ORDER = ("on CUDA devices Triton before the CUDA C++ kernels: no GPU run has timed the CUDA "
-                       "kernels faster on the bench shapes yet (bench/gpu_run.sh times both); backend='cuda' "
-                       "selects them")
+# kernels faster on the bench shapes). The first GPU run (bench/results/nvidia-h200) timed the
+# neighbourhood kernels: Triton's take less GPU time, the CUDA C++ path less host time.
+ATTENTION_GPU_ORDER = ("on CUDA devices Triton before the CUDA C++ kernels: on an H200 Triton's neighbourhood "
+                       "attention kernels take less GPU time (bench/results/nvidia-h200; window attention not timed "
+                       "there yet); at small shapes, where a call is bound by its host side, backend='cuda' is "
+                       "faster end to end (bench/gpu_run.sh times both)")
 
 
 @dataclass

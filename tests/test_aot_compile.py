@@ -19,11 +19,16 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(kernels_pkg.__path__) if n
 SHARED_LIMIT = {80: 166912, 90: 232448}
 
 
-def _run(module: str) -> list[dict]:
+def _run(module: str, *options: str, pythonpath: str | None = None) -> list[dict]:
+    """The JSON rows of ``tests/aot_compile.py [options] module`` (``pythonpath`` first on the
+    path: another Triton), run without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     script = os.path.join(os.path.dirname(__file__), "aot_compile.py")
-    proc = subprocess.run([sys.executable, script, module], capture_output=True, text=True, env=env, timeout=1200)
+    proc = subprocess.run([sys.executable, script, *options, module], capture_output=True, text=True, env=env,
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -53,12 +58,7 @@ def test_configs_compile_without_spills(module):
 def test_kernels_trace_with_integer_arguments_of_one(module):
     """A GPU launch turns every integer argument equal to 1 into a constant (the interpreter
     never does): each kernel must still trace, e.g. no ``.to()`` on such an argument."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = os.path.join(os.path.dirname(__file__), "aot_compile.py")
-    proc = subprocess.run([sys.executable, script, "--ones", module], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = _run(module, "--ones")
     kernels = {cfg["kernel"].__name__ for cfg in importlib.import_module(f"alterops.kernels.{module}").AOT_CONFIGS}
     assert {r["kernel"] for r in rows} == kernels, "every kernel of the module is traced"
     problems = [f"{r['name']} with {r['ones']} = 1: {r['error']}" for r in rows if "error" in r]
@@ -79,13 +79,7 @@ KNOWN_OLDEST_FAILURES = {("na_unfused", "scatter_fp32_d128_huge")}
 def test_oldest_triton_lowers_every_config(module):
     """With Triton 3.6.0 every config, and every kernel with integer arguments of 1, goes
     through the GPU-specific passes (to TTGIR) for sm_80 and sm_90, except the known ones."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = OLDEST_TRITON + os.pathsep + env.get("PYTHONPATH", "")
-    script = os.path.join(os.path.dirname(__file__), "aot_compile.py")
-    proc = subprocess.run([sys.executable, script, "--ttgir", module], capture_output=True, text=True, env=env,
-                          timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = _run(module, "--ttgir", pythonpath=OLDEST_TRITON)
     assert rows[0]["triton"] == OLDEST_TRITON_VERSION and rows[0]["at"].startswith(OLDEST_TRITON), rows[0]
     failed = {(r["module"], r["name"]) for r in rows[1:] if "error" in r}
     known = {k for k in KNOWN_OLDEST_FAILURES if k[0] == module}

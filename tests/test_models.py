@@ -10,6 +10,7 @@ import alterops._dispatch as dispatch
 from alterops.models import AlterNet, MSABlock, alternet50, preresnet50
 from alterops.models.preresnet import Bottleneck
 from alterops.nn import NeighborhoodMSA2d, TanhBlur2d, WindowMSA2d
+from helpers import device_for
 
 FUSED = ("cpu", "triton", "cuda")
 
@@ -22,15 +23,10 @@ def block_kinds(stage: nn.Sequential) -> str:
     return "".join("M" if isinstance(b, MSABlock) else "C" for b in stage)
 
 
-def device_of(backend: str) -> torch.device:
-    """Where a model on ``backend`` runs here: CUDA for the GPU backends on a GPU machine."""
-    return torch.device("cuda" if backend in ("cuda", "triton") and torch.cuda.is_available() else "cpu")
-
-
 def runnable(op: str, backend: str) -> bool:
     if backend == "cuda" and not torch.cuda.is_available():
         return False
-    return dispatch.registry()[op].why_not(backend, device_of(backend), torch.float32) is None
+    return dispatch.registry()[op].why_not(backend, device_for(backend), torch.float32) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,7 +170,7 @@ def train_steps(variant: str, backend: str, steps: int, *, full: bool, size: int
                          num_classes=10, window_size=4, backend=backend, **VARIANTS[variant])
         x = torch.randn(2, 3, size, size)  # 32: stage maps 32/16/8/4, the 3x3 clamped neighbourhood fits
     y = torch.tensor([3, 7])
-    dev = device if device is not None else device_of(backend)
+    dev = device if device is not None else device_for(backend)
     model, x, y = model.to(dev), x.to(dev), y.to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.02)
     losses, grads = [], None
@@ -210,7 +206,7 @@ def test_training_fused_matches_reference(variant, backend):
     # the reference on the same device: the rest of the net (convolutions, norms) then runs the
     # same kernels in both, and only the fused ops differ
     ref_losses, ref_grads = train_steps(variant, "reference", steps, full=False, size=size,
-                                        device=device_of(backend))
+                                        device=device_for(backend))
     losses, grads = train_steps(variant, backend, steps, full=False, size=size)
     assert steps == 1 or losses[-1] < losses[0]
     assert losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
@@ -224,7 +220,7 @@ def test_full_size_step_matches_reference(backend):
         pytest.skip(f"{backend!r} cannot run window_attention2d here")
     if backend == "triton" and not torch.cuda.is_available():
         pytest.skip("the Triton interpreter is too slow for the full-size net (the small net covers it)")
-    ref_losses, ref_grads = train_steps("window", "reference", 1, full=True, device=device_of(backend))
+    ref_losses, ref_grads = train_steps("window", "reference", 1, full=True, device=device_for(backend))
     losses, grads = train_steps("window", backend, 1, full=True)
     assert losses == pytest.approx(ref_losses, rel=1e-4)
     assert_grads_match(grads, ref_grads)

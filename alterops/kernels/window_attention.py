@@ -370,7 +370,7 @@ def window_attention2d_bwd_dkdv_kernel(
     n_kc = TILE // BLOCK_M
     tk = sub * BLOCK_Q + tl.arange(0, BLOCK_Q)
     bk, yk, xk, pk, gk = _rows(pid_group, tk, H, W, Hp, Wp, nWx, nWin, n_windows, sh, sw, WH, WW, NP, WPP)
-    kgk = tl.where(pk, gk, -1)  # absent keys in no group (Triton 3.6 fails on _allowed's form here)
+    kgk = tl.where(pk, gk, -1)  # absent keys in no group: _allowed's and-ed form costs this kernel registers
     krow = bk * skb + yk * sky + xk * skx + h * skh
     vrow = bk * svb + yk * svy + xk * svx + h * svh
     out = ((bk * H + yk) * W + xk) * NH + h

@@ -329,23 +329,31 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
             }
             T* Prow = Prow_g.data() + r * K2 * qs;
             T* dSrow = dSrow_g.data() + r * K2 * qs;
+            // P and dS of neighbour n = i * kw + j at its key columns: n * qs + base + off[j]
+            // (window rows and neighbours in nested loops with the bounds and offsets in locals:
+            // with n % kw and the plan's fields re-read after every store, a 64-bit division per
+            // neighbour set the pace of these copies, 8% of the 2-D backward at AVX2)
+            const int64_t kw = pl.kw, nkr = pl.nkr, base = LP + pl.xlo + s0;
+            const int64_t* const off = pl.off.data();
             if (contiguous) {
               // interior block: keep P and dS for the key-centric dK/dV sums after the row
-              for (int64_t n = 0; n < K2; ++n) {
-                const int64_t e = n * qs + LP + pl.xlo + pl.off[n % pl.kw] + s0;  // at the key columns
-                storeu(Prow + e, loadu(S + n * N));
-                storeu(dSrow + e, loadu(dS + n * N));
-              }
+              for (int64_t i = 0; i < nkr; ++i)
+                for (int64_t j = 0; j < kw; ++j) {
+                  const int64_t n = i * kw + j, e = n * qs + base + off[j];
+                  storeu(Prow + e, loadu(S + n * N));
+                  storeu(dSrow + e, loadu(dS + n * N));
+                }
             } else {
               // border block. Its interior slots: P and dS kept for the key-centric sums as above
               // (zero in the other lanes).
               if (s0 < pl.n_int) {
                 const Vec<T> m = loadu(imask.data());
-                for (int64_t n = 0; n < K2; ++n) {
-                  const int64_t e = n * qs + LP + pl.xlo + pl.off[n % pl.kw] + s0;
-                  storeu(Prow + e, loadu(S + n * N) * m);
-                  storeu(dSrow + e, loadu(dS + n * N) * m);
-                }
+                for (int64_t i = 0; i < nkr; ++i)
+                  for (int64_t j = 0; j < kw; ++j) {
+                    const int64_t n = i * kw + j, e = n * qs + base + off[j];
+                    storeu(Prow + e, loadu(S + n * N) * m);
+                    storeu(dSrow + e, loadu(dS + n * N) * m);
+                  }
               }
               // Its border queries: dK[col] += dS * Qscaled, dV[col] += P * dO per key column
               // col, across the channels.

@@ -136,8 +136,9 @@ static inline void pin_register(V& v) {
 #define NA_TILE static inline __attribute__((always_inline))
 
 // exp for float vectors: 2^n * p(f), |f| <= 1/2, degree-6 polynomial (rel. error ~2e-7);
-// exactly 0 below -87.
-static inline Vec<float> vexp(Vec<float> x) {
+// exactly 0 below -87. vexp_inline is always inlined (for loops that take one exp per vector);
+// vexp leaves the choice to the compiler.
+static inline __attribute__((always_inline)) Vec<float> vexp_inline(Vec<float> x) {
 #if defined(__AVX512F__)
   // AVX-512: the same polynomial, with the rounding and the scaling by 2^n in one instruction
   // each (vrndscaleps, vscalefps; 2-D/3-D/1-D forward 1-3% faster), and the lanes below -87
@@ -166,6 +167,7 @@ static inline Vec<float> vexp(Vec<float> x) {
   return x < lo ? splat<float>(0.0f) : r;
 #endif
 }
+static inline Vec<float> vexp(Vec<float> x) { return vexp_inline(x); }
 // log for float vectors (log_approx, ~1 ulp); lanes that are not positive normal numbers (never
 // the softmax sums it takes, which are >= 1) go through std::log.
 static inline Vec<float> vlog(Vec<float> x) {

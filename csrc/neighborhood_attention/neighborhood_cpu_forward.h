@@ -194,8 +194,7 @@ class PrefetchQueue {
 
 // Softmax of one block of query slots over its K2 logits (S[n * SW], n < K2): P = exp(S - m) in
 // place, m their maximum, l the sum of P. A function of its own, with the exp inlined into its
-// loop: in forward_f32's body GCC kept vexp out of line, a call per vector (2-D forward 5-6%
-// slower at AVX2; forcing vexp inline there instead made the 1-D forward 4% slower).
+// loop: in forward_f32's body GCC had kept vexp out of line, a call per vector.
 __attribute__((noinline)) static void softmax_block(float* S, int64_t SW, int64_t K2, Vec<float>& m_out,
                                                     Vec<float>& l_out) {
   Vec<float> m = loadu(S);
@@ -321,6 +320,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       if (seg_pf) pfq.step(ntok, tok_bytes);
     };
     std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
+    std::vector<int32_t> kwin;                 // the group's window rows by key row (below)
     std::vector<int64_t> shift(pl.kw + SW);        // dot_blocks_shared's key shifts
     for (int64_t tc = t0; tc < t1; ++tc) {
       // t: the (batch, head group, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
@@ -543,6 +543,20 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                         pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
               }
             }
+            // the window row of each row of the group that reads key row ky: kwin[(ky - kmin) * RG
+            // + r] (-1: none), found in one pass over the group's window rows (a search of every
+            // window row per key row, 27 x 3 x 21 unpredictable branches per 3-D row group, took 9%
+            // of the 3-D forward's tile time); a row that reads a key row twice keeps the search
+            kwin.assign((kmax - kmin + 1) * RG, -1);
+            bool kwin_unique = true;
+            for (int64_t r = 0; r < ng; ++r)
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                const int64_t n = (yg + r) * pl.nkr + i;
+                if (!pl.rowvalid[n]) continue;
+                int32_t& e = kwin[(pl.rowpos[n] - kmin) * RG + r];
+                kwin_unique &= e < 0;
+                e = (int32_t)i;
+              }
             // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
             // rows that read it (the key vectors are loaded once for up to RG query rows)
             for (int64_t ky = kmin; ky <= kmax; ++ky) {
@@ -551,6 +565,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               float* So[RG];
               for (int64_t r = 0; r < ng; ++r) {
                 const int64_t y = yg + r;
+                if (kwin_unique) {
+                  const int32_t i = kwin[(ky - kmin) * RG + r];
+                  if (i >= 0) {
+                    A[nr] = Qp.data() + r * D * SW;
+                    So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
+                  }
+                  continue;
+                }
                 for (int64_t i = 0; i < pl.nkr; ++i)
                   if (pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky) {
                     A[nr] = Qp.data() + r * D * SW;
@@ -671,7 +693,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 const int64_t x0 = pl.xlo + sl;
                 // (sizes and pointers in locals: the copies below are stores through which the
                 // compiler must assume the closure and the plan change, and re-read every field of
-                // them after each one: the copies took a fifth of the tiles' time)
+                // them after each one: the copies took about a sixth of the tiles' time)
                 const int64_t kw = pl.kw, nkr = pl.nkr, sw = SW;
                 const uint8_t* const valid = pl.rowvalid.data() + y * nkr;
                 float* const P = Pl.data();

@@ -546,16 +546,13 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             // the window row of each row of the group that reads key row ky: kwin[(ky - kmin) * RG
             // + r] (-1: none), found in one pass over the group's window rows (a search of every
             // window row per key row, 27 x 3 x 21 unpredictable branches per 3-D row group, took 9%
-            // of the 3-D forward's tile time); a row that reads a key row twice keeps the search
+            // of the 3-D forward's tile time). A query row reads each key row at most once: the
+            // plan's valid window rows of a row are distinct (t, y) positions.
             kwin.assign((kmax - kmin + 1) * RG, -1);
-            bool kwin_unique = true;
             for (int64_t r = 0; r < ng; ++r)
               for (int64_t i = 0; i < pl.nkr; ++i) {
                 const int64_t n = (yg + r) * pl.nkr + i;
-                if (!pl.rowvalid[n]) continue;
-                int32_t& e = kwin[(pl.rowpos[n] - kmin) * RG + r];
-                kwin_unique &= e < 0;
-                e = (int32_t)i;
+                if (pl.rowvalid[n]) kwin[(pl.rowpos[n] - kmin) * RG + r] = (int32_t)i;
               }
             // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
             // rows that read it (the key vectors are loaded once for up to RG query rows)
@@ -564,20 +561,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               const float* A[RG];
               float* So[RG];
               for (int64_t r = 0; r < ng; ++r) {
-                const int64_t y = yg + r;
-                if (kwin_unique) {
-                  const int32_t i = kwin[(ky - kmin) * RG + r];
-                  if (i >= 0) {
-                    A[nr] = Qp.data() + r * D * SW;
-                    So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
-                  }
-                  continue;
-                }
-                for (int64_t i = 0; i < pl.nkr; ++i)
-                  if (pl.rowvalid[y * pl.nkr + i] && pl.rowpos[y * pl.nkr + i] == ky) {
-                    A[nr] = Qp.data() + r * D * SW;
-                    So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
-                  }
+                const int32_t i = kwin[(ky - kmin) * RG + r];
+                if (i < 0) continue;
+                A[nr] = Qp.data() + r * D * SW;
+                So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
               }
               if (nr == 0) continue;
               for (int64_t ci = cg; ci < ce; ++ci) {

@@ -119,19 +119,19 @@ static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_
 // keeps the accumulators in registers only when a single kernel updates them, so the choice is
 // made once, outside the caller's tile loop: with the five kernels behind a branch inside it,
 // every FMA of the 2-D tiles loaded and stored its accumulator through the stack.
-template <int DC, class Loop>
+template <int DC, int PS = 0, class Loop>
 static inline void with_pv_kernel(const Plan<float>& pl, int64_t pstride, int64_t xs, int tmax, Loop&& loop) {
   if (pl.dw == 1 && pl.kw == 7)
     loop([&](auto tv, const float* P, const float* V, auto& acc) {
-      pv_tile_diag<decltype(tv)::value, DC, 7>(P, pstride, V, xs, acc);
+      pv_tile_diag<decltype(tv)::value, DC, 7, PS>(P, pstride, V, xs, acc);
     });
   else if (pl.dw == 1 && pl.kw == 5)
     loop([&](auto tv, const float* P, const float* V, auto& acc) {
-      pv_tile_diag<decltype(tv)::value, DC, 5>(P, pstride, V, xs, acc);
+      pv_tile_diag<decltype(tv)::value, DC, 5, PS>(P, pstride, V, xs, acc);
     });
   else if (pl.dw == 1 && pl.kw == 3)
     loop([&](auto tv, const float* P, const float* V, auto& acc) {
-      pv_tile_diag<decltype(tv)::value, DC, 3>(P, pstride, V, xs, acc);
+      pv_tile_diag<decltype(tv)::value, DC, 3, PS>(P, pstride, V, xs, acc);
     });
   else if (pl.dw == 1 && pl.kw >= tmax)
     loop([&](auto tv, const float* P, const float* V, auto& acc) {
@@ -219,6 +219,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // the registers (32 zmm, 16 ymm)
   constexpr int kShared = std::max(1, std::min(6, (NA_AVX2 ? 12 : 24) / DV));
   const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
+  // S's row stride. The AVX2 P.V tiles take it as a constant (32, 64 or 128), so that their
+  // weights lie at fixed offsets from one pointer: they had copied each tile's weights into a
+  // buffer of that layout first, and those copies took a fifth of the 2-D forward's tile time.
+  const int64_t SS = !NA_AVX2 ? SW : SW <= 32 ? 32 : SW <= 64 ? 64 : 128;
   const int64_t D = pl.D;
   // Rows no longer than a segment are taken NHG heads at a time, heads innermost: task (batch,
   // head group, row chunk), and each row group of the task is done for each of its heads in
@@ -301,12 +305,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     std::vector<HeadKeys> hks(NHG);
     for (HeadKeys& e : hks) e.Kp.alloc(pl, ring, !band_all);
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
-#if NA_AVX2
-    // S padded by one vector: a P.V tile copies N weights from slot sl <= se - 2
-    std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW + N), Linv(pl.Ws), Pl(pl.kw * N);
-#else
-    std::vector<float> Qp(RG * D * SW), S(RG * K2 * SW), Linv(pl.Ws);
-#endif
+    std::vector<float> Qp(RG * D * SW), S(RG * K2 * SS), Linv(pl.Ws);
     const float* rows[16];
     // Rows longer than a segment have the next segment's q, k and v columns prefetched into L2
     // a few tokens at a time while this segment is worked on (a burst of a whole segment's
@@ -536,10 +535,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               for (int64_t i = 0; i < pl.nkr; ++i) {
                 if (pl.rowvalid[y * pl.nkr + i]) continue;
                 const float* brow = pl.bias_row(ht, y, i);
-                float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
+                float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
                 for (int64_t j = 0; j < pl.kw; ++j)
                   for (int64_t sl = sg; sl < se; ++sl)
-                    Si[j * SW + sl] =
+                    Si[j * SS + sl] =
                         pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
               }
             }
@@ -564,14 +563,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 const int32_t i = kwin[(ky - kmin) * RG + r];
                 if (i < 0) continue;
                 A[nr] = Qp.data() + r * D * SW;
-                So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SW;
+                So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SS;
               }
               if (nr == 0) continue;
               for (int64_t ci = cg; ci < ce; ++ci) {
                 const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
                 if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
                   dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
-                                    pl.Wk, pl.kw, So[0] + (ci - cb) * N, SW, shift.data());
+                                    pl.Wk, pl.kw, So[0] + (ci - cb) * N, SS, shift.data());
                   ci += nsh - 1;
                   pf_step(pf_quota * nsh);
                   continue;
@@ -583,7 +582,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   Ab[a] = A[a] + (ci - cb) * N;
                   Sb[a] = So[a] + (ci - cb) * N;
                 }
-                dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SW);
+                dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SS);
                 pf_step(pf_quota);
               }
               pf_step(pf_quota);
@@ -594,20 +593,20 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   const int64_t y = yg + r;
                   if (!pl.rowvalid[y * pl.nkr + i]) continue;
                   const float* brow = pl.bias_row(ht, y, i);
-                  float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SW - sg;
+                  float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
                   for (int64_t j = 0; j < pl.kw; ++j)
                     for (int64_t e = sg; e < se; e += N)
-                      storeu(Si + j * SW + e, loadu(Si + j * SW + e) + loadu(brow + j * pl.Ws + e));
+                      storeu(Si + j * SS + e, loadu(Si + j * SS + e) + loadu(brow + j * pl.Ws + e));
                 }
             for (int64_t r = 0; r < ng; ++r) {
               const int64_t y = yg + r;
-              float* Sy = S.data() + r * K2 * SW - sg;  // Sy[n * SW + slot]
+              float* Sy = S.data() + r * K2 * SS - sg;  // Sy[n * SS + slot]
               float* Lrow = L + (bh * pl.R + y) * pl.W;
               // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
               for (int64_t ci = cg; ci < ce; ++ci) {
                 const int64_t s0 = ci * N;
                 Vec<float> m, l;
-                softmax_block(Sy + s0, SW, K2, m, l);
+                softmax_block(Sy + s0, SS, K2, m, l);
                 storeu(Linv.data() + s0, 1.0f / l);
                 const Vec<float> lse = m + vlog(l);
                 for (int lane = 0; lane < N; ++lane) {
@@ -643,7 +642,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                     for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
                   for (int64_t i = 0; i < pl.nkr; ++i) {
                     if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                    const float* P = Sy + i * pl.kw * SW + sl;
+                    const float* P = Sy + i * pl.kw * SS + sl;
                     for (int64_t j = 0; j < pl.kw; ++j) {
                       const int32_t col = pl.kidx[j * pl.Ws + sl];
                       if (col >= pl.W) continue;  // not a key (zero value or masked)
@@ -655,7 +654,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                       }
                       NA_UNROLL
                       for (int t = 0; t < NS; ++t) {
-                        const Vec<float> p = splat<float>(P[j * SW + t]);
+                        const Vec<float> p = splat<float>(P[j * SS + t]);
                         NA_UNROLL
                         for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
                       }
@@ -678,12 +677,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 constexpr int TQ2 = decltype(tqv)::value;
                 constexpr int DC = 2;
                 const int64_t x0 = pl.xlo + sl;
-                // (sizes and pointers in locals: the copies below are stores through which the
-                // compiler must assume the closure and the plan change, and re-read every field of
-                // them after each one: the copies took about a sixth of the tiles' time)
-                const int64_t kw = pl.kw, nkr = pl.nkr, sw = SW;
+                const int64_t kw = pl.kw, nkr = pl.nkr;
                 const uint8_t* const valid = pl.rowvalid.data() + y * nkr;
-                float* const P = Pl.data();
                 const float* const* const vr = vrows.data();
                 const int64_t vofs = (x0 + pl.off[0]) * vxs;
                 for (int dc = 0; dc < DV; dc += DC) {
@@ -692,13 +687,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   for (int t = 0; t < TQ2; ++t)
                     NA_UNROLL
                     for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
-                  for (int64_t i = 0; i < nkr; ++i) {
-                    if (!valid[i]) continue;
-                    // the tile's weights, copied to Pl[j][0:N] (fixed offsets: no pointer per j)
-                    const float* Pi = Sy + i * kw * sw + sl;
-                    for (int64_t j = 0; j < kw; ++j) storeu(P + j * N, loadu(Pi + j * sw));
-                    kern(tqv, P, vr[i] + vofs + dc * N, acc);
-                  }
+                  for (int64_t i = 0; i < nkr; ++i)
+                    if (valid[i]) kern(tqv, Sy + i * kw * SS + sl, vr[i] + vofs + dc * N, acc);
                   NA_UNROLL
                   for (int t = 0; t < TQ2; ++t) {
                     const Vec<float> inv = splat<float>(Linv[sl + t]);
@@ -712,9 +702,18 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               };
               auto pv_avx2_tiles = [&](auto tqv) {
                 constexpr int TQ2 = decltype(tqv)::value;
-                with_pv_kernel<2>(pl, N, vxs, TQ2, [&](auto kern) {
-                  while (sl + TQ2 <= tile_end) pv_avx2(tqv, kern);
-                });
+                auto run = [&](auto ssv) {
+                  constexpr int PS = decltype(ssv)::value;
+                  with_pv_kernel<2, PS>(pl, PS, vxs, TQ2, [&](auto kern) {
+                    while (sl + TQ2 <= tile_end) pv_avx2(tqv, kern);
+                  });
+                };
+                if (SS == 32)
+                  run(std::integral_constant<int, 32>{});
+                else if (SS == 64)
+                  run(std::integral_constant<int, 64>{});
+                else
+                  run(std::integral_constant<int, 128>{});
               };
               pv_avx2_tiles(std::integral_constant<int, 6>{});
               pv_avx2_tiles(std::integral_constant<int, 2>{});
@@ -732,7 +731,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 const int64_t x0 = pl.xlo + sl;
                 for (int64_t i = 0; i < pl.nkr; ++i)
                   if (pl.rowvalid[y * pl.nkr + i])
-                    kern(tv, Sy + i * pl.kw * SW + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
+                    kern(tv, Sy + i * pl.kw * SS + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
                 NA_UNROLL
                 for (int t = 0; t < T; ++t) {
                   const Vec<float> inv = splat<float>(Linv[sl + t]);
@@ -742,7 +741,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 }
                 sl += T;
               };
-              with_pv_kernel<DV>(pl, SW, vxs, TQ, [&](auto kern) {
+              with_pv_kernel<DV>(pl, SS, vxs, TQ, [&](auto kern) {
                 while (sl + TQ <= tile_end) tile(std::integral_constant<int, TQ>{}, kern);
                 if (sl < tile_end)
                   dispatch_nc(tile_end - sl, [&](auto tv) {

@@ -485,10 +485,12 @@ NA_TILE void pv_tile(const float* P, int64_t pstride, const float* V, int64_t xs
 }
 
 // The same with dilation 1 and KW neighbours per key row, by key column: column u feeds queries
-// t = u - j, so each value row is loaded once per tile.
-template <int T, int DV, int KW>
-NA_TILE void pv_tile_diag(const float* P, int64_t pstride, const float* V, int64_t xs,
+// t = u - j, so each value row is loaded once per tile. PS > 0: pstride is PS (the weights'
+// addresses are then constant offsets from P).
+template <int T, int DV, int KW, int PS = 0>
+NA_TILE void pv_tile_diag(const float* P, int64_t pstride_rt, const float* V, int64_t xs,
                           Vec<float> (&acc)[T][DV]) {
+  const int64_t pstride = PS > 0 ? PS : pstride_rt;
 #pragma GCC unroll 32
   for (int u = 0; u < T + KW - 1; ++u) {
     Vec<float> vv[DV];

@@ -491,12 +491,15 @@ template <int T, int DV, int KW, int PS = 0>
 NA_TILE void pv_tile_diag(const float* P, int64_t pstride_rt, const float* V, int64_t xs,
                           Vec<float> (&acc)[T][DV]) {
   const int64_t pstride = PS > 0 ? PS : pstride_rt;
+  // (one pointer stepped by xs: with V + u * xs, GCC kept the offsets of all but the first
+  // channel vector in stack slots, a load of its own for each value load)
+  const float* vu = V;
 #pragma GCC unroll 32
-  for (int u = 0; u < T + KW - 1; ++u) {
+  for (int u = 0; u < T + KW - 1; ++u, vu += xs) {
     Vec<float> vv[DV];
     NA_UNROLL
     for (int d = 0; d < DV; ++d) {
-      vv[d] = loadu(V + u * xs + d * VecOf<float>::N);
+      vv[d] = loadu(vu + d * VecOf<float>::N);
       pin_register(vv[d]);
     }
     NA_UNROLL

@@ -115,7 +115,8 @@ static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_
 
 // Calls loop(kern) with the P.V tile kernel of the window's shape: kern(tv, P, V, acc) adds to
 // acc[T][DC] (T = decltype(tv)::value <= tmax queries by DC channel vectors) their weights at P
-// (neighbour j of query t at P[j * pstride + t]) times the value rows from V (xs apart). GCC
+// (neighbour j of query t at P[j * pstride + t]; PS > 0: pstride is PS, a constant of the
+// fixed-window kernels) times the value rows from V (xs apart). GCC
 // keeps the accumulators in registers only when a single kernel updates them, so the choice is
 // made once, outside the caller's tile loop: with the five kernels behind a branch inside it,
 // every FMA of the 2-D tiles loaded and stored its accumulator through the stack.

@@ -19,6 +19,28 @@ static int64_t row_chunks(int64_t BH, int64_t H, const Parallel& par) {
   return (H + per - 1) / per;
 }
 
+// Softmax of one block of query slots over its K2 logits (S[n * stride], n < K2): P = exp(S - m)
+// in place, m their maximum, l the sum of P. A function of its own, with the float exp inlined
+// into its loop: in forward_f32's body GCC had kept vexp out of line, a call per vector.
+template <typename T>
+__attribute__((noinline)) static void softmax_block(T* S, int64_t stride, int64_t K2, Vec<T>& m_out,
+                                                    Vec<T>& l_out) {
+  Vec<T> m = loadu(S);
+  for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S + n * stride));
+  Vec<T> l = splat<T>(T(0));
+  for (int64_t n = 0; n < K2; ++n) {
+    Vec<T> p;
+    if constexpr (std::is_same<T, float>::value)
+      p = vexp_inline(loadu(S + n * stride) - m);
+    else
+      p = vexp(loadu(S + n * stride) - m);
+    storeu(S + n * stride, p);
+    l += p;
+  }
+  m_out = m;
+  l_out = l;
+}
+
 template <typename scalar_t, typename T>
 static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_t* O, T* L, const Plan<T>& pl,
                          T scale, const Parallel& par) {
@@ -71,14 +93,8 @@ static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_
         // softmax per block of V queries
         for (int64_t ci = 0; ci < nblk; ++ci) {
           const int64_t s0 = ci * N;
-          Vec<T> m = loadu(S.data() + s0);
-          for (int64_t n = 1; n < K2; ++n) m = vmax<T>(m, loadu(S.data() + n * pl.Ws + s0));
-          Vec<T> l = splat<T>(T(0));
-          for (int64_t n = 0; n < K2; ++n) {
-            Vec<T> p = vexp(loadu(S.data() + n * pl.Ws + s0) - m);
-            storeu(S.data() + n * pl.Ws + s0, p);
-            l += p;
-          }
+          Vec<T> m, l;
+          softmax_block<T>(S.data() + s0, pl.Ws, K2, m, l);
           storeu(Linv.data() + s0, T(1) / l);
           for (int lane = 0; lane < N; ++lane) {
             int64_t x = pl.slotx[s0 + lane];
@@ -192,23 +208,6 @@ class PrefetchQueue {
   std::vector<Row> rows_;
   size_t head_ = 0;
 };
-
-// Softmax of one block of query slots over its K2 logits (S[n * SW], n < K2): P = exp(S - m) in
-// place, m their maximum, l the sum of P. A function of its own, with the exp inlined into its
-// loop: in forward_f32's body GCC had kept vexp out of line, a call per vector.
-__attribute__((noinline)) static void softmax_block(float* S, int64_t SW, int64_t K2, Vec<float>& m_out,
-                                                    Vec<float>& l_out) {
-  Vec<float> m = loadu(S);
-  for (int64_t n = 1; n < K2; ++n) m = vmax<float>(m, loadu(S + n * SW));
-  Vec<float> l = splat<float>(0.0f);
-  for (int64_t n = 0; n < K2; ++n) {
-    const Vec<float> p = vexp_inline(loadu(S + n * SW) - m);
-    storeu(S + n * SW, p);
-    l += p;
-  }
-  m_out = m;
-  l_out = l;
-}
 
 template <int DV>
 static void forward_f32(const View6& q, const View6& k, const View6& v, float* O, float* L,

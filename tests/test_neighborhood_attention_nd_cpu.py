@@ -26,7 +26,7 @@ def brute_force(q, k, v, ks, dil, st, causal, border, bias, scale):
 
 def make_inputs(spatial, heads, heads_kv, D, dtype, layout, seed=0):
     """q, k, v as views of one fused tensor ("fused"), with every other channel ("channel
-    stride"), or contiguous."""
+    stride"), with each head's tokens contiguous ("head major"), or contiguous."""
     g = torch.Generator().manual_seed(seed)
     B = 2
     if layout == "fused":
@@ -34,6 +34,9 @@ def make_inputs(spatial, heads, heads_kv, D, dtype, layout, seed=0):
         return base[..., :heads, :], base[..., heads:heads + heads_kv, :], base[..., heads + heads_kv:, :]
     if layout == "channel stride":
         mk = lambda h: torch.randn(B, *spatial, h, 2 * D, generator=g, dtype=torch.float64).to(dtype)[..., ::2]
+        return mk(heads), mk(heads_kv), mk(heads_kv)
+    if layout == "head major":
+        mk = lambda h: torch.randn(B, h, *spatial, D, generator=g, dtype=torch.float64).to(dtype).movedim(1, -2)
         return mk(heads), mk(heads_kv), mk(heads_kv)
     mk = lambda h: torch.randn(B, *spatial, h, D, generator=g, dtype=torch.float64).to(dtype)
     return mk(heads), mk(heads_kv), mk(heads_kv)
@@ -206,6 +209,21 @@ TALL = [
 @pytest.mark.parametrize("D", [20, 32], ids=str)
 def test_tall_maps_float32(case, D):
     check_case(case, torch.float32, D=D)
+
+
+# Outputs of 4 MiB and more, which the AVX2 float32 forward writes with streaming stores: value
+# rows of tokens that hold several heads ("fused", "contiguous"), which the forward copies into its
+# ring of packed rows, and value rows whose tokens are contiguous ("head major"), read in place.
+LARGE = [
+    ((1, 64, 64), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 4, 0, 16, "fused"),
+    ((1, 48, 44), (1, 5, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 8, 2, 8, 64, "head major"),
+    ((1, 44, 46), (1, 7, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 8, 1, 1, 64, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("case", LARGE, ids=case_id)
+def test_large_outputs_float32(case):
+    check_case(case, torch.float32)
 
 
 def test_backward_same_bits_any_thread_count():

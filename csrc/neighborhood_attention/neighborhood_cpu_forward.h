@@ -168,6 +168,11 @@ constexpr int64_t kSegmentSlots = 128;
 constexpr int64_t kColumnSlots = 256;
 static_assert(kColumnSlots % kSegmentSlots == 0, "column chunks hold whole segments");
 
+// Tokens ahead of the packing whose lines pack_group prefetches (forward_f32).
+constexpr int64_t kPackAhead = 32;
+// Output size from which the AVX2 forward writes it with streaming stores (forward_f32).
+constexpr int64_t kStreamOutBytes = int64_t(4) << 20;
+
 // Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
 // prefetches would stall the loads of the work in between).
 class PrefetchQueue {
@@ -215,9 +220,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   constexpr int N = VecOf<float>::N;
   constexpr int TQ = DV >= 4 ? 6 : 8;  // queries per P.V tile (TQ * DV accumulators in registers)
   constexpr int RG = 3;                 // query rows whose logits are formed together
-  // queries per shared-window P.V tile: kShared * DV accumulators and DV value vectors within
-  // the registers (32 zmm, 16 ymm)
-  constexpr int kShared = std::max(1, std::min(6, (NA_AVX2 ? 12 : 24) / DV));
+  // Shared-window P.V tiles (the clamped windows at the ends of a row) take DSH channel vectors
+  // at a time and up to kShared queries: kShared * DSH accumulators, DSH value vectors and a
+  // weight within the registers (32 zmm; 16 ymm, where all DV vectors at once left one
+  // accumulator of 3 queries x 4 vectors spilled, a store and reload on every FMA of it).
+  constexpr int DSH = NA_AVX2 ? std::min(DV, 2) : DV;
+  constexpr int kShared = NA_AVX2 ? 6 : std::max(1, std::min(6, 24 / DV));
   const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
   // S's row stride. The AVX2 P.V tiles take it as a constant (32, 64 or 128), so that their
   // weights lie at fixed offsets from one pointer: they had copied each tile's weights into a
@@ -229,13 +237,16 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // turn. The heads of a token lie next to each other in memory, and the lines of the other
   // heads that one head's pass brings into cache are used while they are still there (a task per
   // head streamed each token's lines from memory once per head): 2-D forward (B = 4, 56 x 56,
-  // 4 heads, k = 7) 9-13% faster at AVX-512, 4% at AVX2. NHG is the most heads that still leave
-  // two tasks per thread: fewer tasks would split the rows into chunks that pack their halo key
-  // rows twice, and the packed rows of several heads of a 3-D window (each head's ring about
-  // 1.5 MB for 32 x 32 slices, k = (3, 7, 7)) do not fit in L2 (3-D forward 20-60% slower).
+  // 4 heads, k = 7) 9-13% faster at AVX-512 (measured before pack_group prefetched the lines
+  // it packs). NHG is the most heads that still leave two tasks per thread: fewer tasks would
+  // split the rows into chunks that pack their halo key rows twice, and the packed rows of
+  // several heads of a 3-D window (each head's ring about 1.5 MB for 32 x 32 slices,
+  // k = (3, 7, 7)) do not fit in L2 (3-D forward 20-60% slower). AVX2 takes one head per task:
+  // once pack_group prefetched its lines, the rings of one head (about 140 KB of keys and values
+  // in that 2-D case) were 8% faster than those of 4 heads (550 KB, more than Zen 3's 512 KB L2).
   const bool seg_pf = pl.Ws > SW;
   int64_t NHG = 1;
-  if (!seg_pf)
+  if (!seg_pf && !NA_AVX2)
     for (int64_t g = pl.NH; g > 1; --g)
       if (pl.NH % g == 0 && pl.B * (pl.NH / g) >= 2 * par.num_threads) {
         NHG = g;
@@ -295,15 +306,32 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // heads of 64 channels (about 1.9 MB) within a 2 MB L2; 128 and 512 were slower by 3-5%.
   const int64_t ncol = pl.R == 1 && nchunks == 1 && pl.Ws > SW ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
   const int64_t colslots = ncol == 1 ? pl.Ws : kColumnSlots;
+  // Rows no longer than a segment have their key and value rows packed a row group at a time for
+  // all the key/value heads of the task's head group (pack_group below), and the value rows are
+  // then copied into a ring beside the keys' when one head's value tokens are not contiguous
+  // (several heads per token): P.V reads its tiles from the copies.
+  const bool group_pack = !seg_pf;
+  const bool vpack = group_pack && vs[3] != D;
+  const int64_t vxs = vpack ? D : vs[3];
+  // The interior P.V tiles of AVX2 write the output with streaming stores when it is larger than
+  // kStreamOutBytes: they skip the read of each output line before its write and leave the cache to
+  // the inputs (2-D forward, B = 4, 56 x 56, 4 heads, 6.4 MB of output: 6% faster on Zen 3).
+  const bool stream_out = NA_AVX2 && pl.B * pl.R * pl.W * pl.NH * D * (int64_t)sizeof(float) >= kStreamOutBytes &&
+                          reinterpret_cast<uintptr_t>(O) % 32 == 0;
   par.for_each(0, pl.B * ngr * nchunks * ncol, 1, [&](int64_t t0, int64_t t1) {
     // per key/value head of the group: its packed key rows, the last packed row and the packed
     // columns
     struct HeadKeys {
       KeyPack<float> Kp;
+      std::vector<float> Vp;  // (vpack) the value rows, W tokens of D channels in Kp's ring slots
       int64_t packed_hi = 0, packed_cols = 0;
+      const float* vrow(const Plan<float>& pl, int64_t y) const { return Vp.data() + Kp.slot(y) * pl.W * pl.D; }
     };
     std::vector<HeadKeys> hks(NHG);
-    for (HeadKeys& e : hks) e.Kp.alloc(pl, ring, !band_all);
+    for (HeadKeys& e : hks) {
+      e.Kp.alloc(pl, ring, !band_all);
+      if (vpack) e.Vp.resize(e.Kp.rows * pl.W * D);
+    }
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SS), Linv(pl.Ws);
     const float* rows[16];
@@ -338,10 +366,69 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         e.packed_hi = klo - 1;
         e.packed_cols = seg_pf ? packed_lo : pl.Wk;
       }
+      // the border blocks' copies of key row y (kr) in Kp (only for the chunk that holds them)
+      auto pack_border_blocks = [&](KeyPack<float>& Kp, const float* kr, int64_t y) {
+        for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
+          const int64_t s0 = (pl.n_full + g) * N;
+          float* gb = Kp.grow(pl, y, g);
+          for (int64_t j = 0; j < pl.kw; ++j) {
+            const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+            for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : nullptr;
+            NA_TRANSPOSE_BLK(rows, D, 1.0f, gb + j * D * N, N);
+          }
+        }
+      };
+      // group_pack: the key rows up to upto (transposed, and the border blocks' copies) and the
+      // value rows (copied when vpack) of the group's key/value heads, 8 tokens at a time for all
+      // of them, with the lines of the tokens kPackAhead further on prefetched (running on into
+      // the next row), and the query lines of rows [yg, yg + ng) prefetched for the query
+      // transposes that follow. One head's lines of a token are 128 of its 512 bytes with 4 heads
+      // of 32 channels, so a 4 KB page holds 8 of its tokens: the hardware prefetchers lost the
+      // stream at every page, and the packing had waited on memory token by token (2-D forward,
+      // B = 4, 56 x 56, 4 heads, k = 7: 6.0 -> 5.2 ms on Zen 3, with the value copies).
+      auto pack_group = [&](int64_t upto, int64_t yg, int64_t ng) {
+        const int64_t hk0 = hg * NHG / pl.G, hk1 = (hg * NHG + NHG - 1) / pl.G;
+        const int64_t from = std::max(hks[0].packed_hi + 1, upto - hks[0].Kp.rows + 1);
+        for (int64_t y = from; y <= upto; ++y) {
+          const int64_t yq = yg + (y - from);  // the query row whose lines are prefetched with it
+          for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
+            for (int64_t hk = hk0; hk <= hk1; ++hk) {
+              const float* kr = kb + pl.row_off(ks, b, y, hk) + (x0 + kPackAhead) * ks[3];
+              const float* vr = vb + pl.row_off(vs, b, y, hk) + (x0 + kPackAhead) * vs[3];
+              for (int l = 0; l < N; ++l)
+                for (int64_t c = 0; c < D; c += 64 / (int64_t)sizeof(float)) {
+                  __builtin_prefetch(kr + l * ks[3] + c, 0, 2);
+                  __builtin_prefetch(vr + l * vs[3] + c, 0, 2);
+                }
+            }
+            if (yq < yg + ng && x0 < pl.W)
+              for (int64_t hh = 0; hh < NHG; ++hh) {
+                const float* qr = qb + pl.row_off(qs, b, yq, hg * NHG + hh) + x0 * qs[3];
+                for (int l = 0; l < N && x0 + l < pl.W; ++l)
+                  for (int64_t c = 0; c < D; c += 64 / (int64_t)sizeof(float)) __builtin_prefetch(qr + l * qs[3] + c, 0, 2);
+              }
+            for (int64_t hk = hk0; hk <= hk1; ++hk) {
+              HeadKeys& e = hks[hk - hk0];
+              const float* kr = kb + pl.row_off(ks, b, y, hk);
+              for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
+              NA_TRANSPOSE_BLK(rows, D, 1.0f, e.Kp.trow(pl, y) + x0, pl.Wk);
+              if (vpack) {
+                const float* vr = vb + pl.row_off(vs, b, y, hk);
+                float* dst = e.Vp.data() + e.Kp.slot(y) * pl.W * D;
+                for (int64_t x = x0; x < std::min(pl.W, x0 + N); ++x)
+                  for (int64_t c = 0; c < D; c += N) storeu(dst + x * D + c, loadu(vr + x * vs[3] + c));
+              }
+            }
+          }
+          for (int64_t hk = hk0; hk <= hk1; ++hk) pack_border_blocks(hks[hk - hk0].Kp, kb + pl.row_off(ks, b, y, hk), y);
+        }
+        for (int64_t hk = hk0; hk <= hk1; ++hk) hks[hk - hk0].packed_hi = std::max(hks[hk - hk0].packed_hi, upto);
+      };
       for (int64_t yg = y0; yg < y1; yg += RG) {
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
         int64_t kmin, kmax;
         key_rows(pl, yg, yg + ng, kmin, kmax);
+        if (group_pack && kmax > hks[0].packed_hi) pack_group(kmax, yg, ng);
         for (int64_t hh = 0; hh < NHG; ++hh) {
           const int64_t h = hg * NHG + hh, bh = b * pl.NH + h, hk = h / pl.G;
           const int64_t ht = pl.nht == 1 ? 0 : h;
@@ -351,7 +438,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           int64_t& packed_hi = hkeys.packed_hi;
           int64_t& packed_cols = hkeys.packed_cols;
           auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
-          auto vrow = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
+          auto vrow = [&](int64_t y) { return vpack ? hkeys.vrow(pl, y) : vb + pl.row_off(vs, b, y, hk); };
           // transposed key rows (sink and padding columns zero) and the border blocks' copies,
           // packed just before the first row group that reads them (so they are still in cache)
           // Rows longer than a segment have their columns packed as the segments reach them (the
@@ -389,16 +476,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   }
                 if (c0 < c1) pack_cols(y, c0, c1);
               }
-              // (border blocks only for the chunk that holds them)
-              for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
-                const int64_t s0 = (pl.n_full + g) * N;
-                float* gb = Kp.grow(pl, y, g);
-                for (int64_t j = 0; j < pl.kw; ++j) {
-                  const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-                  for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : nullptr;
-                  NA_TRANSPOSE_BLK(rows, D, 1.0f, gb + j * D * N, N);
-                }
-              }
+              pack_border_blocks(Kp, kr, y);
             }
             packed_hi = std::max(packed_hi, upto);
           };
@@ -448,7 +526,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               const float* kt = Kp.trow(pl, ky);
               float* Lrow = L + (bh * pl.R + y) * pl.W;
               float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
-              const int64_t ostr = pl.NH * D, vxs = vs[3];
+              const int64_t ostr = pl.NH * D;
               const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
               auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
               for (int64_t sl = sg; sl < iend; sl += kBandQ) {
@@ -619,7 +697,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               // the remaining queries one at a time.
               float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
               const int64_t ostr = pl.NH * D;
-              const int64_t vxs = vs[3];
               const int64_t tile_end = std::min(pl.n_int, se);
               for (int64_t i = 0; i < pl.nkr; ++i)
                 vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
@@ -635,37 +712,39 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               auto pv_shared = [&](auto nsv) {
                 constexpr int NS = decltype(nsv)::value;
                 if constexpr (NS <= kShared) {
-                  Vec<float> acc[NS][DV];
-                  NA_UNROLL
-                  for (int t = 0; t < NS; ++t)
+                  for (int dc = 0; dc < DV; dc += DSH) {
+                    Vec<float> acc[NS][DSH];
                     NA_UNROLL
-                    for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-                  for (int64_t i = 0; i < pl.nkr; ++i) {
-                    if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                    const float* P = Sy + i * pl.kw * SS + sl;
-                    for (int64_t j = 0; j < pl.kw; ++j) {
-                      const int32_t col = pl.kidx[j * pl.Ws + sl];
-                      if (col >= pl.W) continue;  // not a key (zero value or masked)
-                      Vec<float> vv[DV];
+                    for (int t = 0; t < NS; ++t)
                       NA_UNROLL
-                      for (int d = 0; d < DV; ++d) {
-                        vv[d] = loadu(vrows[i] + col * vxs + d * N);
-                        pin_register(vv[d]);
-                      }
-                      NA_UNROLL
-                      for (int t = 0; t < NS; ++t) {
-                        const Vec<float> p = splat<float>(P[j * SS + t]);
+                      for (int d = 0; d < DSH; ++d) acc[t][d] = splat<float>(0.0f);
+                    for (int64_t i = 0; i < pl.nkr; ++i) {
+                      if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                      const float* P = Sy + i * pl.kw * SS + sl;
+                      for (int64_t j = 0; j < pl.kw; ++j) {
+                        const int32_t col = pl.kidx[j * pl.Ws + sl];
+                        if (col >= pl.W) continue;  // not a key (zero value or masked)
+                        Vec<float> vv[DSH];
                         NA_UNROLL
-                        for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+                        for (int d = 0; d < DSH; ++d) {
+                          vv[d] = loadu(vrows[i] + col * vxs + (dc + d) * N);
+                          pin_register(vv[d]);
+                        }
+                        NA_UNROLL
+                        for (int t = 0; t < NS; ++t) {
+                          const Vec<float> p = splat<float>(P[j * SS + t]);
+                          NA_UNROLL
+                          for (int d = 0; d < DSH; ++d) acc[t][d] += p * vv[d];
+                        }
                       }
                     }
-                  }
-                  NA_UNROLL
-                  for (int t = 0; t < NS; ++t) {
-                    const Vec<float> inv = splat<float>(Linv[sl + t]);
-                    float* o = Orow + pl.slotx[sl + t] * ostr;
                     NA_UNROLL
-                    for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                    for (int t = 0; t < NS; ++t) {
+                      const Vec<float> inv = splat<float>(Linv[sl + t]);
+                      float* o = Orow + pl.slotx[sl + t] * ostr + dc * N;
+                      NA_UNROLL
+                      for (int d = 0; d < DSH; ++d) storeu(o + d * N, acc[t][d] * inv);
+                    }
                   }
                 }
               };
@@ -693,8 +772,13 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   for (int t = 0; t < TQ2; ++t) {
                     const Vec<float> inv = splat<float>(Linv[sl + t]);
                     float* o = Orow + (x0 + t) * ostr + dc * N;
-                    NA_UNROLL
-                    for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
+                    if (stream_out) {
+                      NA_UNROLL
+                      for (int d = 0; d < DC; ++d) stream_store(o + d * N, acc[t][d] * inv);
+                    } else {
+                      NA_UNROLL
+                      for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
+                    }
                   }
                 }
                 sl += TQ2;
@@ -767,6 +851,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         }
       }
     }
+    if (stream_out) stream_fence();
   });
 }
 

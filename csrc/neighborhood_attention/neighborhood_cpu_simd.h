@@ -108,6 +108,23 @@ template <typename T>
 static inline void storeu(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
+// A store that goes around the caches (p aligned to the vector): for output that the kernel
+// does not read again. stream_fence() orders a thread's streaming stores before its later stores
+// (each task calls it before it returns).
+static inline void stream_store(float* p, Vec<float> v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(p, (__m512)v);
+#elif NA_AVX2
+  _mm256_stream_ps(p, (__m256)v);
+#else
+  storeu(p, v);
+#endif
+}
+static inline void stream_fence() {
+#if NA_X86V3
+  _mm_sfence();
+#endif
+}
 template <typename T>
 static inline Vec<T> splat(T x) {
   return x - Vec<T>{};  // a broadcast (x - 0 folds to x; a per-lane loop compiles to masked inserts)

@@ -168,8 +168,6 @@ constexpr int64_t kSegmentSlots = 128;
 constexpr int64_t kColumnSlots = 256;
 static_assert(kColumnSlots % kSegmentSlots == 0, "column chunks hold whole segments");
 
-// Tokens ahead of the packing whose lines pack_group prefetches (forward_f32).
-constexpr int64_t kPackAhead = 32;
 // Output size from which the AVX2 forward writes it with streaming stores (forward_f32).
 constexpr int64_t kStreamOutBytes = int64_t(4) << 20;
 
@@ -382,10 +380,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       // value rows (copied when vpack) of the group's key/value heads, 8 tokens at a time for all
       // of them, with the lines of the tokens kPackAhead further on prefetched (running on into
       // the next row), and the query lines of rows [yg, yg + ng) prefetched for the query
-      // transposes that follow. One head's lines of a token are 128 of its 512 bytes with 4 heads
-      // of 32 channels, so a 4 KB page holds 8 of its tokens: the hardware prefetchers lost the
-      // stream at every page, and the packing had waited on memory token by token (2-D forward,
-      // B = 4, 56 x 56, 4 heads, k = 7: 6.0 -> 5.2 ms on Zen 3, with the value copies).
+      // transposes that follow (2-D forward, B = 4, 56 x 56, 4 heads, k = 7: 6.0 -> 5.2 ms on
+      // Zen 3, with the value copies).
       auto pack_group = [&](int64_t upto, int64_t yg, int64_t ng) {
         const int64_t hk0 = hg * NHG / pl.G, hk1 = (hg * NHG + NHG - 1) / pl.G;
         const int64_t from = std::max(hks[0].packed_hi + 1, upto - hks[0].Kp.rows + 1);
@@ -393,20 +389,13 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           const int64_t yq = yg + (y - from);  // the query row whose lines are prefetched with it
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
             for (int64_t hk = hk0; hk <= hk1; ++hk) {
-              const float* kr = kb + pl.row_off(ks, b, y, hk) + (x0 + kPackAhead) * ks[3];
-              const float* vr = vb + pl.row_off(vs, b, y, hk) + (x0 + kPackAhead) * vs[3];
-              for (int l = 0; l < N; ++l)
-                for (int64_t c = 0; c < D; c += 64 / (int64_t)sizeof(float)) {
-                  __builtin_prefetch(kr + l * ks[3] + c, 0, 2);
-                  __builtin_prefetch(vr + l * vs[3] + c, 0, 2);
-                }
+              prefetch_tokens(kb + pl.row_off(ks, b, y, hk) + (x0 + kPackAhead) * ks[3], ks[3], N, D);
+              prefetch_tokens(vb + pl.row_off(vs, b, y, hk) + (x0 + kPackAhead) * vs[3], vs[3], N, D);
             }
             if (yq < yg + ng && x0 < pl.W)
-              for (int64_t hh = 0; hh < NHG; ++hh) {
-                const float* qr = qb + pl.row_off(qs, b, yq, hg * NHG + hh) + x0 * qs[3];
-                for (int l = 0; l < N && x0 + l < pl.W; ++l)
-                  for (int64_t c = 0; c < D; c += 64 / (int64_t)sizeof(float)) __builtin_prefetch(qr + l * qs[3] + c, 0, 2);
-              }
+              for (int64_t hh = 0; hh < NHG; ++hh)
+                prefetch_tokens(qb + pl.row_off(qs, b, yq, hg * NHG + hh) + x0 * qs[3], qs[3],
+                                std::min<int64_t>(N, pl.W - x0), D);
             for (int64_t hk = hk0; hk <= hk1; ++hk) {
               HeadKeys& e = hks[hk - hk0];
               const float* kr = kb + pl.row_off(ks, b, y, hk);

@@ -271,6 +271,21 @@ struct KeyPack {
   }
 };
 
+// Tokens ahead of a packing loop whose lines it prefetches (the float32 forward's pack_group). With
+// several heads per token, one head's lines of a token are 128 of its 512 bytes (4 heads of 32
+// channels), a 4 KB page holds only 8 of its tokens, and the packing waits on memory: prefetching
+// 32 tokens ahead made the 2-D forward (B = 4, 56 x 56, 4 heads, k = 7, 2 threads) 5% faster on
+// Zen 3 (4.9-5.2 against 5.1-5.6 ms in alternating runs). The backward's packers gained nothing.
+constexpr int64_t kPackAhead = 32;
+
+// Prefetches (into L2) the lines of n tokens from p, step elements apart, of D channels each (unit
+// channel stride). (Addresses past the tensor are harmless: prefetches do not fault.)
+template <typename E>
+static inline void prefetch_tokens(const E* p, int64_t step, int64_t n, int64_t D) {
+  for (int64_t l = 0; l < n; ++l)
+    for (int64_t c = 0; c < D; c += 64 / (int64_t)sizeof(E)) __builtin_prefetch(p + l * step + c, 0, 2);
+}
+
 template <typename scalar_t, typename T>
 static void pack_keys(const View6& src, int64_t b, int64_t h, int64_t ylo, int64_t yhi, const Plan<T>& pl,
                       KeyPack<T>& kp) {

@@ -366,6 +366,11 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         e.packed_hi = klo - 1;
         e.packed_cols = seg_pf ? packed_lo : pl.Wk;
       }
+      // columns [x0, x0 + N) of key row y (kr) transposed into Kp (columns past W: zeros)
+      auto pack_key_block = [&](KeyPack<float>& Kp, const float* kr, int64_t y, int64_t x0) {
+        for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
+        NA_TRANSPOSE_BLK(rows, D, 1.0f, Kp.trow(pl, y) + x0, pl.Wk);
+      };
       // the border blocks' copies of key row y (kr) in Kp (only for the chunk that holds them)
       auto pack_border_blocks = [&](KeyPack<float>& Kp, const float* kr, int64_t y) {
         for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
@@ -399,9 +404,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                                 std::min<int64_t>(N, pl.W - x0), D);
             for (int64_t hk = hk0; hk <= hk1; ++hk) {
               HeadKeys& e = hks[hk - hk0];
-              const float* kr = kb + pl.row_off(ks, b, y, hk);
-              for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
-              NA_TRANSPOSE_BLK(rows, D, 1.0f, e.Kp.trow(pl, y) + x0, pl.Wk);
+              pack_key_block(e.Kp, kb + pl.row_off(ks, b, y, hk), y, x0);
               if (vpack) {
                 const float* vr = vb + pl.row_off(vs, b, y, hk);
                 float* dst = e.Vp.data() + e.Kp.slot(y) * pl.W * D;
@@ -436,12 +439,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
           // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
           auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
-            const float* kr = krow(y);
-            float* dst = Kp.trow(pl, y);
-            for (int64_t x0 = c0; x0 < c1; x0 += N) {
-              for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
-              NA_TRANSPOSE_BLK(rows, D, 1.0f, dst + x0, pl.Wk);
-            }
+            for (int64_t x0 = c0; x0 < c1; x0 += N) pack_key_block(Kp, krow(y), y, x0);
           };
           // columns up to upto_col (exclusive) of the packed rows
           auto extend_cols = [&](int64_t upto_col) {

@@ -6,7 +6,8 @@
 // (T = 1).
 //
 //   forward:  (q, k, v, bias?) -> (out, lse)
-//   backward: (dout, q, k, v, out, lse, dlse?, bias?) -> (dq, dk, dv, dbias?)
+//   backward: (dout, q, k, v, lse, dlse?, bias?) -> (dq, dk, dv, dbias?) (the op's backward
+//             also takes out, which the binding checks; the kernels never read it)
 //
 // q, dout, out: (B, T, H, W, heads, D); k, v: (B, T, H, W, heads_kv, D), heads % heads_kv == 0,
 // query head h reads key/value head h / (heads / heads_kv). Any element strides (views into a
@@ -45,8 +46,8 @@ struct ForwardArgs {
 };
 
 struct BackwardArgs {
-  DType dtype;                 // of dout, q, k, v, out, dq, dk, dv
-  View6 dout, q, k, v, out;    // dout, out: q's sizes
+  DType dtype;                 // of dout, q, k, v, dq, dk, dv
+  View6 dout, q, k, v;         // dout: q's sizes (out is not needed: delta = rowsum(P dP))
   const void* lse;             // (B, heads, T, H, W) contiguous, accumulation type
   const void* dlse;            // like lse; nullptr: zero
   const void* bias;            // as in ForwardArgs

@@ -181,7 +181,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
   a.q = view6(q);
   a.k = view6(k);
   a.v = view6(v);
-  a.out = view6(out);
   a.lse = lse.const_data_ptr();
   a.dlse = dlse.defined() ? dlse.const_data_ptr() : nullptr;
   a.bias = table.defined() ? table.const_data_ptr() : nullptr;

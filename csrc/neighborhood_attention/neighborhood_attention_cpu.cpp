@@ -86,7 +86,7 @@ void forward(const ForwardArgs& a, const Parallel& par) {
 template <typename scalar_t, typename T>
 static void backward_typed(const BackwardArgs& a, const Parallel& par) {
   Plan<T> pl(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads);
-  backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, a.out, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
+  backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
                              static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
                              static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
                              static_cast<T>(a.scale), par);

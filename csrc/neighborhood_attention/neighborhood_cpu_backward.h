@@ -29,7 +29,7 @@ static int64_t backward_row_chunks(int64_t BH, int64_t H, int64_t row_span) {
 }
 
 template <typename scalar_t, typename T>
-static void backward_impl(const View6& dout, const View6& q, const View6& k, const View6& v, const View6& out,
+static void backward_impl(const View6& dout, const View6& q, const View6& k, const View6& v,
                           const T* L, const T* dlse, scalar_t* DQ, scalar_t* DK, scalar_t* DV, T* dbias, const Plan<T>& pl,
                           T scale, const Parallel& par) {
   constexpr int N = VecOf<T>::N;
@@ -83,8 +83,6 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
   const int64_t tsize = pl.nbr * (2 * pl.kw - 1);
   Buf<T> dB(dbias ? ntasks * pl.nht * tsize : 0, T(0));
   const int64_t K2 = pl.nkr * pl.kw;
-  const scalar_t* Oin = static_cast<const scalar_t*>(out.data);
-  const int64_t* ost = out.stride;
   // Border queries (the border blocks' slots from n_int on) sum their dK/dV per key column,
   // channels contiguous: bcols the key columns they read, colmap[x] the index of column x there.
   std::vector<int32_t> colmap(pl.W, -1), bcols;
@@ -120,7 +118,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
   constexpr bool grouped = NA_X86V3 && std::is_same<T, float>::value;
   constexpr int RG = grouped ? kSharedRows : 1;
 #if NA_X86V3
-  // delta = rowsum(out * dout) and the dq rows with 8x8 transposes
+  // the dq rows with 8x8 transposes
   const bool vec_rows = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value && pl.D % 8 == 0;
 #endif
   const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
@@ -140,7 +138,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     Buf<T> Sg(RG * K2 * N), dSg(RG * K2 * N), dQg(RG * pl.D * pl.Ws);
     Buf<T> lse_g(RG * pl.Ws), delta_g(RG * pl.Ws);
 #if NA_X86V3
-    Buf<T> Ot(pl.D * pl.Ws), dq8(8 * pl.D);  // transposed out row; 8 dq tokens
+    Buf<T> dq8(8 * pl.D);  // 8 dq tokens
 #endif
     struct RowPair {
       int r, i;  // row of the group, window row
@@ -157,7 +155,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     constexpr bool multi_key_sum = NA_X86V3 && std::is_same<T, float>::value;
     std::vector<const T*> wk(pl.nkr), wv(pl.nkr);
     std::vector<T*> dk(pl.nkr), dv(pl.nkr);
-    // (The next rows' q, dout, out, k and v rows are left to the hardware prefetcher: software
+    // (The next rows' q, dout, k and v rows are left to the hardware prefetcher: software
     // prefetches of them, a few tokens at a time, made the backward 5-8% slower.)
     for (int64_t t = t0; t < t1; ++t) {
       const RowTask tk = row_task(pl, t, nchunks, rows_per);
@@ -204,40 +202,13 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           T* const delta_s = delta_g.data() + r * pl.Ws;
           pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
           pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
-          const scalar_t* Orow = Oin + pl.row_off(ost, b, y, h);
-#if NA_X86V3
-          if (vec_rows) {  // delta = rowsum(out * dout), 8 channels by 8 tokens transposed
-            pack_row<scalar_t, T>(out, b, y, h, pl, T(1), Ot.data(), pl.Ws);
-            for (int64_t s0 = 0; s0 < pl.Ws; s0 += N) {
-              Vec<T> acc = splat<T>(T(0));
-              for (int64_t c = 0; c < pl.D; ++c) acc += loadu(Ot.data() + c * pl.Ws + s0) * loadu(Gp + c * qs + s0);
-              storeu(delta_s + s0, acc);  // dummy slots: zero
-            }
-            for (int64_t sl = 0; sl < pl.Ws; ++sl) {
-              const int64_t x = pl.slotx[sl];
-              lse_s[sl] = x < pl.W ? L[(bh * pl.R + y) * pl.W + x] : T(0);
-            }
-          } else
-#endif
+          // lse, and delta's -dlse: dS = P (dP - delta + dlse) (delta = rowsum(P dP) is added
+          // with the block's P)
           for (int64_t sl = 0; sl < pl.Ws; ++sl) {
-            int64_t x = pl.slotx[sl];
-            if (x >= pl.W) {
-              lse_s[sl] = T(0);
-              delta_s[sl] = T(0);
-              continue;
-            }
-            lse_s[sl] = L[(bh * pl.R + y) * pl.W + x];
-            const scalar_t* o = Orow + x * ost[3];
-            T acc = 0;
-            for (int64_t c = 0; c < pl.D; ++c) acc += static_cast<T>(o[c * ost[5]]) * Gp[c * qs + sl];
-            delta_s[sl] = acc;
+            const int64_t x = pl.slotx[sl];
+            lse_s[sl] = x < pl.W ? L[(bh * pl.R + y) * pl.W + x] : T(0);
+            delta_s[sl] = x < pl.W && dlse ? -dlse[(bh * pl.R + y) * pl.W + x] : T(0);
           }
-          // dS = P (dP - delta + dlse): fold dlse into delta
-          if (dlse)
-            for (int64_t sl = 0; sl < pl.Ws; ++sl) {
-              const int64_t x = pl.slotx[sl];
-              if (x < pl.W) delta_s[sl] -= dlse[(bh * pl.R + y) * pl.W + x];
-            }
         }
         for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
           const int64_t s0 = ci * N;
@@ -284,16 +255,28 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                 }
             }
           }
-          // P = exp(S - lse), dS = P (dP - delta)
+          // P = exp(S - lse); delta = rowsum(P dP), which equals rowsum(out * dout) (out = P V,
+          // dP = dO . V) without reading out; dS = P (dP - delta)
           for (int64_t r = 0; r < ng; ++r) {
             T* S = Sg.data() + r * K2 * N;
             T* dS = dSg.data() + r * K2 * N;
-            const Vec<T> lv = loadu(lse_g.data() + r * pl.Ws + s0), dl = loadu(delta_g.data() + r * pl.Ws + s0);
-            for (int64_t n = 0; n < K2; ++n) {
-              const Vec<T> p = vexp(loadu(S + n * N) - lv);
-              storeu(S + n * N, p);
-              storeu(dS + n * N, p * (loadu(dS + n * N) - dl));
+            const Vec<T> lv = loadu(lse_g.data() + r * pl.Ws + s0);
+            Vec<T> a0 = splat<T>(T(0)), a1 = splat<T>(T(0));  // two chains
+            int64_t n = 0;
+            for (; n + 2 <= K2; n += 2) {
+              const Vec<T> p0 = vexp(loadu(S + n * N) - lv), p1 = vexp(loadu(S + (n + 1) * N) - lv);
+              storeu(S + n * N, p0);
+              storeu(S + (n + 1) * N, p1);
+              a0 += p0 * loadu(dS + n * N);
+              a1 += p1 * loadu(dS + (n + 1) * N);
             }
+            if (n < K2) {
+              const Vec<T> p0 = vexp(loadu(S + n * N) - lv);
+              storeu(S + n * N, p0);
+              a0 += p0 * loadu(dS + n * N);
+            }
+            const Vec<T> dl = (a0 + a1) + loadu(delta_g.data() + r * pl.Ws + s0);
+            for (n = 0; n < K2; ++n) storeu(dS + n * N, loadu(S + n * N) * (loadu(dS + n * N) - dl));
           }
           // dQ (before the scale) = dS . K
           if constexpr (grouped) {

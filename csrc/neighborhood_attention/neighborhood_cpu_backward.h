@@ -28,6 +28,67 @@ static int64_t backward_row_chunks(int64_t BH, int64_t H, int64_t row_span) {
   return (H + per - 1) / per;
 }
 
+// A border query's term of one key column: its Q / dO at qt + q (lane * D), its P / dS at
+// w within the window row's [kw][V] block (j * V + lane).
+struct BorderTerm {
+  int32_t q, w;
+};
+struct BorderCol {
+  int32_t e, t0, nt;  // the column's index in bcols; its terms [t0, t0 + nt)
+};
+
+// kv[0:D] += sum_t dS[w_t] * qt[q_t + 0:D] and kv[D:2D] += sum_t P[w_t] * gt[q_t + 0:D]: up to
+// 4 vectors of channels of each held in registers over the terms.
+template <typename T>
+static void border_column_sum(const BorderTerm* tm, int64_t nt, const T* dS, const T* P, const T* qt, const T* gt,
+                              int64_t D, T* kv) {
+  constexpr int N = VecOf<T>::N;
+  T* const dk = kv;
+  T* const dv = kv + D;
+  int64_t c0 = 0;
+  for (; c0 + 4 * N <= D; c0 += 4 * N) {
+    Vec<T> ak[4], av[4];
+    NA_UNROLL
+    for (int u = 0; u < 4; ++u) {
+      ak[u] = loadu(dk + c0 + u * N);
+      av[u] = loadu(dv + c0 + u * N);
+    }
+    for (int64_t t = 0; t < nt; ++t) {
+      const Vec<T> ds = splat<T>(dS[tm[t].w]), p = splat<T>(P[tm[t].w]);
+      const T* a = qt + tm[t].q + c0;
+      const T* b = gt + tm[t].q + c0;
+      NA_UNROLL
+      for (int u = 0; u < 4; ++u) {
+        ak[u] += ds * loadu(a + u * N);
+        av[u] += p * loadu(b + u * N);
+      }
+    }
+    NA_UNROLL
+    for (int u = 0; u < 4; ++u) {
+      storeu(dk + c0 + u * N, ak[u]);
+      storeu(dv + c0 + u * N, av[u]);
+    }
+  }
+  for (; c0 + N <= D; c0 += N) {
+    Vec<T> ak = loadu(dk + c0), av = loadu(dv + c0);
+    for (int64_t t = 0; t < nt; ++t) {
+      ak += splat<T>(dS[tm[t].w]) * loadu(qt + tm[t].q + c0);
+      av += splat<T>(P[tm[t].w]) * loadu(gt + tm[t].q + c0);
+    }
+    storeu(dk + c0, ak);
+    storeu(dv + c0, av);
+  }
+  for (; c0 < D; ++c0) {
+    T sk = dk[c0], sv = dv[c0];
+    for (int64_t t = 0; t < nt; ++t) {
+      sk += dS[tm[t].w] * qt[tm[t].q + c0];
+      sv += P[tm[t].w] * gt[tm[t].q + c0];
+    }
+    dk[c0] = sk;
+    dv[c0] = sv;
+  }
+}
+
 template <typename scalar_t, typename T>
 static void backward_impl(const View6& dout, const View6& q, const View6& k, const View6& v,
                           const T* L, const T* dlse, scalar_t* DQ, scalar_t* DK, scalar_t* DV, T* dbias, const Plan<T>& pl,
@@ -102,6 +163,24 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     }
   const int64_t NB = (int64_t)bcols.size();
   const int64_t bsize = NB * 2 * pl.D;  // per key row: [column][dK D, dV D]
+  // The same per column: bcol_of[g] the columns that block g's border queries read, each with
+  // its (lane, window column) terms in bterm[g], so that a column's dK/dV vectors are read and
+  // written once for all its terms (three per column at the 2-D case's borders) rather than once each.
+  std::vector<std::vector<BorderCol>> bcol_of(pl.NG);
+  std::vector<std::vector<BorderTerm>> bterm(pl.NG);
+  for (int64_t g = 0; g < pl.NG; ++g) {
+    std::vector<std::vector<BorderTerm>> per(NB);
+    for (const int l : blanes[g])
+      for (int64_t j = 0; j < pl.kw; ++j) {
+        const int32_t col = pl.kidx[j * pl.Ws + (pl.n_full + g) * N + l];
+        if (col < pl.W) per[colmap[col]].push_back({l * (int32_t)pl.D, (int32_t)(j * N + l)});
+      }
+    for (int64_t e = 0; e < NB; ++e)
+      if (!per[e].empty()) {
+        bcol_of[g].push_back({(int32_t)e, (int32_t)bterm[g].size(), (int32_t)per[e].size()});
+        bterm[g].insert(bterm[g].end(), per[e].begin(), per[e].end());
+      }
+  }
   // Lanes of the first border block that hold interior slots (their dK/dV go key-centric).
   Buf<T> imask(N);
   for (int l = 0; l < N; ++l) imask[l] = pl.n_full * N + l < pl.n_int ? T(1) : T(0);
@@ -128,7 +207,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     Vp.alloc(pl, ring);
     // The border queries' dK/dV of key row ky: bsize elements at bKV + ky * bsize.
     Buf<T> bKV(std::max<int64_t>(1, pl.R * bsize));
-    std::vector<T> qt(pl.D), gt(pl.D);
+    std::vector<T> qt(N * pl.D), gt(N * pl.D);  // border lanes' Q and dO, [lane][channel]
     // Per row of a group: query-row buffers with zero margins (so that key-centric sums can read
     // shifted windows), P and dS of the interior blocks, a block's P and dS, dQ, lse and delta.
     Buf<T> Qbuf(RG * pl.D * qs, T(0)), Gbuf(RG * pl.D * qs, T(0)), Prow_g(RG * K2 * qs, T(0)),
@@ -339,31 +418,21 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                   }
               }
               // Its border queries: dK[col] += dS * Qscaled, dV[col] += P * dO per key column
-              // col, across the channels.
-              const int64_t D = pl.D;
+              // col, across the channels (their Q and dO transposed to channels contiguous).
+              const int64_t g = ci - pl.n_full;
               const T* Qp = Qrow(r);
               const T* Gp = Grow(r);
-              for (const int l : blanes[ci - pl.n_full]) {
-                const int64_t sl = s0 + l;
-                for (int64_t c = 0; c < D; ++c) {
-                  qt[c] = Qp[c * qs + sl];
-                  gt[c] = Gp[c * qs + sl];
+              for (const int l : blanes[g])
+                for (int64_t c = 0; c < pl.D; ++c) {
+                  qt[l * pl.D + c] = Qp[c * qs + s0 + l];
+                  gt[l * pl.D + c] = Gp[c * qs + s0 + l];
                 }
-                for (int64_t rr = 0; rr < nrows; ++rr) {
-                  const int64_t i = row_i[rr], ky = pl.rowpos[y * pl.nkr + i];
-                  T* bk = bKV.data() + ky * bsize;
-                  for (int64_t j = 0; j < pl.kw; ++j) {
-                    const int32_t col = pl.kidx[j * pl.Ws + sl];
-                    if (col >= pl.W) continue;  // not a key
-                    const T ds = dS[(i * pl.kw + j) * N + l], p = S[(i * pl.kw + j) * N + l];
-                    T* dk = bk + colmap[col] * 2 * D;
-                    T* dv = dk + D;
-                    for (int64_t c = 0; c < D; ++c) {
-                      dk[c] += ds * qt[c];
-                      dv[c] += p * gt[c];
-                    }
-                  }
-                }
+              for (int64_t rr = 0; rr < nrows; ++rr) {
+                const int64_t i = row_i[rr], ky = pl.rowpos[y * pl.nkr + i];
+                T* bk = bKV.data() + ky * bsize;
+                for (const BorderCol& bc : bcol_of[g])
+                  border_column_sum<T>(bterm[g].data() + bc.t0, bc.nt, dS + i * pl.kw * N, S + i * pl.kw * N,
+                                       qt.data(), gt.data(), pl.D, bk + bc.e * 2 * pl.D);
               }
             }
             if (dBt) {  // every offset, valid rows or not ("zero" keys: dP = 0, dS = -P * delta)

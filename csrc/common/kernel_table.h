@@ -18,7 +18,7 @@
 namespace alterops {
 
 // Bumped whenever an args struct or a Kernels struct changes layout.
-constexpr uint32_t kKernelAbiVersion = 3;
+constexpr uint32_t kKernelAbiVersion = 4;
 
 struct KernelTable {
   uint32_t abi_version;

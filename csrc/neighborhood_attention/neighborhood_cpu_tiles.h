@@ -138,8 +138,8 @@ static void key_sum_row(const T* Wt, const T* A, int64_t ws, const int64_t* off,
 // row): each A vector is loaded once for the NI rows. dst[a][c*dstride + 0:V] +=
 // sum_j Wt[a][j*ws + 0:V] * A[c*ws - off[j] + 0:V], NC channels from c0.
 template <typename T, int NI, int NC>
-static inline void key_sum_multi_block(const T* const* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw,
-                                       int64_t c0, T* const* dst, int64_t dstride) {
+NA_TILE void key_sum_multi_block(const T* const* Wt, const T* A, int64_t ws, const int64_t* off, int64_t kw,
+                                int64_t c0, T* const* dst, int64_t dstride) {
   Vec<T> acc[NI][NC];
   NA_UNROLL
   for (int a = 0; a < NI; ++a)

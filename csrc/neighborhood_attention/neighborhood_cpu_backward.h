@@ -209,13 +209,14 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     Buf<T> bKV(std::max<int64_t>(1, pl.R * bsize));
     std::vector<T> qt(N * pl.D), gt(N * pl.D);  // border lanes' Q and dO, [lane][channel]
     // Per row of a group: query-row buffers with zero margins (so that key-centric sums can read
-    // shifted windows), P and dS of the interior blocks, a block's P and dS, dQ, lse and delta.
+    // shifted windows), P and dS of the interior blocks, a block's P and dS, dQ, lse and -dlse
+    // (zero without dlse; delta adds rowsum(P dP) to it).
     Buf<T> Qbuf(RG * pl.D * qs, T(0)), Gbuf(RG * pl.D * qs, T(0)), Prow_g(RG * K2 * qs, T(0)),
         dSrow_g(RG * K2 * qs, T(0));
     auto Qrow = [&](int64_t r) { return Qbuf.data() + r * pl.D * qs + LP; };
     auto Grow = [&](int64_t r) { return Gbuf.data() + r * pl.D * qs + LP; };
     Buf<T> Sg(RG * K2 * N), dSg(RG * K2 * N), dQg(RG * pl.D * pl.Ws);
-    Buf<T> lse_g(RG * pl.Ws), delta_g(RG * pl.Ws);
+    Buf<T> lse_g(RG * pl.Ws), ndlse_g(RG * pl.Ws);
 #if NA_X86V3
     Buf<T> dq8(8 * pl.D);  // 8 dq tokens
 #endif
@@ -278,15 +279,15 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           T* const Qp = Qrow(r);
           T* const Gp = Grow(r);
           T* const lse_s = lse_g.data() + r * pl.Ws;
-          T* const delta_s = delta_g.data() + r * pl.Ws;
+          T* const ndlse_s = ndlse_g.data() + r * pl.Ws;
           pack_row<scalar_t, T>(q, b, y, h, pl, scale, Qp, qs);
           pack_row<scalar_t, T>(dout, b, y, h, pl, T(1), Gp, qs);
-          // lse, and delta's -dlse: dS = P (dP - delta + dlse) (delta = rowsum(P dP) is added
-          // with the block's P)
+          // lse and -dlse: dS = P (dP - delta + dlse), delta = rowsum(P dP) added with the
+          // block's P
           for (int64_t sl = 0; sl < pl.Ws; ++sl) {
             const int64_t x = pl.slotx[sl];
             lse_s[sl] = x < pl.W ? L[(bh * pl.R + y) * pl.W + x] : T(0);
-            delta_s[sl] = x < pl.W && dlse ? -dlse[(bh * pl.R + y) * pl.W + x] : T(0);
+            ndlse_s[sl] = x < pl.W && dlse ? -dlse[(bh * pl.R + y) * pl.W + x] : T(0);
           }
         }
         for (int64_t ci = 0; ci * N < pl.Ws; ++ci) {
@@ -354,7 +355,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
               storeu(S + n * N, p0);
               a0 += p0 * loadu(dS + n * N);
             }
-            const Vec<T> dl = (a0 + a1) + loadu(delta_g.data() + r * pl.Ws + s0);
+            const Vec<T> dl = (a0 + a1) + loadu(ndlse_g.data() + r * pl.Ws + s0);
             for (n = 0; n < K2; ++n) storeu(dS + n * N, loadu(S + n * N) * (loadu(dS + n * N) - dl));
           }
           // dQ (before the scale) = dS . K

@@ -15,6 +15,12 @@ Peers:
 * ``unfold_autograd``: the paper's ``ConvAttention2d`` math (``F.unfold`` with zero padding,
   einsum, softmax, einsum) differentiated by autograd; compared with ``border="zero"``.
 
+Forward+backward cases time the forward and ``torch.autograd.grad`` of every input for a
+``ones`` output gradient (on every side alike): fresh gradients, as the attention bench takes them
+and as a training step gets them after ``optimizer.zero_grad()`` (``.grad`` set to ``None``).
+Calling ``.backward()`` on inputs whose ``.grad`` is already set would also time autograd adding
+each new gradient into the old one, which is not the op's work (about 1 ms of the 2-D CPU case).
+
 Useful FLOPs: ``4 * B * heads * N * prod(kernel_size) * head_dim`` for the forward (two
 products), three times that for forward + backward (the backward has four products, the forward
 two). CPU cases are float32 and measured against the float32 matmul ceiling, GPU cases bfloat16
@@ -41,6 +47,12 @@ def _inputs(device, dtype, B, spatial, heads, d, seed=0):
     """q, k, v of shape ``(B, *spatial, heads, d)`` (heads-last)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, *spatial, heads, d, generator=g).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+def _fwd_bwd(out, leaves, gout):
+    """``out`` and the gradients of ``leaves`` for the output gradient ``gout`` (not accumulated
+    into their ``.grad``)."""
+    return (out,) + torch.autograd.grad(out, leaves, gout)
 
 
 def clamp_neighbourhood_mask(spatial, kernel):
@@ -106,15 +118,13 @@ class _FlexPeer:
     def __call__(self):
         out = self.forward()
         if self.backward:
-            out.backward(self.gout)
+            return _fwd_bwd(out, (self.q, self.k, self.v), self.gout)
         return out
 
     def output_and_grads(self):
         """The output and the gradients of q, k, v for the ``ones`` output gradient, in the
-        heads-last layout (``torch.autograd.grad``: the ``.grad`` the timed calls accumulate is
-        left alone)."""
-        out = self.forward()
-        grads = torch.autograd.grad(out, (self.q, self.k, self.v), self.gout)
+        heads-last layout."""
+        out, *grads = _fwd_bwd(self.forward(), (self.q, self.k, self.v), self.gout)
         return self.to_ours(out), [self.to_ours(g) for g in grads]
 
 
@@ -182,20 +192,14 @@ def _make_cpu_fwd_bwd(device, quick):
     pq, pk, pv = (t.detach().clone().requires_grad_() for t in (q, k, v))
 
     def ours():
-        out = ao.neighborhood_attention2d(q, k, v, kernel, border="zero")
-        out.backward(gout)
-        return out
+        return _fwd_bwd(ao.neighborhood_attention2d(q, k, v, kernel, border="zero"), (q, k, v), gout)
 
     def unfold_peer():
-        out = unfold_attention(pq, pk, pv, kernel)
-        out.backward(gout)
-        return out
+        return _fwd_bwd(unfold_attention(pq, pk, pv, kernel), (pq, pk, pv), gout)
 
-    def check():
-        with torch.no_grad():
-            a = ao.neighborhood_attention2d(q, k, v, kernel, border="zero")
-            b = unfold_attention(q, k, v, kernel)
-        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    def check():  # the output and the gradients of q, k, v against the peer's
+        for what, a, b in zip(("out", "dq", "dk", "dv"), ours(), unfold_peer()):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m, what=what: f"{what}: {m}")
 
     N = B * H * W
     return Workload(ours=ours, peers={"unfold_autograd": unfold_peer}, bytes=8 * q.numel() * q.element_size(),
@@ -216,9 +220,7 @@ def _make_gpu(device, quick, *, B, HW, heads, d, kernel, backward):
 
     def ours():
         out = ao.neighborhood_attention2d(q, k, v, kernel)
-        if backward:
-            out.backward(gout)
-        return out
+        return _fwd_bwd(out, (q, k, v), gout) if backward else out
 
     def check():
         with torch.no_grad():
@@ -293,23 +295,18 @@ def _make_nd_gpu_fwd_bwd(device, quick, *, n):
     why_not = table.why_not(other, q.device, q.dtype)
     if why_not is None:
         def other_backend():
-            out = attend(q, k, v, kernel, backend=other)
-            out.backward(gout)
-            return out
+            return _fwd_bwd(attend(q, k, v, kernel, backend=other), (q, k, v), gout)
         peers[f"alterops_{other}"] = other_backend
     else:
         left_out[f"alterops_{other}"] = why_not
 
     def ours():
-        out = attend(q, k, v, kernel)
-        out.backward(gout)
-        return out
+        return _fwd_bwd(attend(q, k, v, kernel), (q, k, v), gout)
 
     def check():  # the output and the gradients of q, k, v (both timed backends) against the compiled peer's
         ref_out, ref_grads = flex.output_and_grads()
         for backend in (None, other) if "alterops_" + other in peers else (None,):
-            out = attend(q, k, v, kernel, backend=backend)
-            grads = torch.autograd.grad(out, (q, k, v), gout)
+            out, *grads = _fwd_bwd(attend(q, k, v, kernel, backend=backend), (q, k, v), gout)
             for what, a, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
                 torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2,
                                            msg=lambda m, what=what, be=backend or chosen: f"{be} {what}: {m}")
@@ -341,25 +338,16 @@ def _make_unfused_fwd_bwd(device, quick):
 
     def run():
         attn = cn.natten2dqkrpb(q * d ** -0.5, k, rpb, kernel, dil).softmax(-1)
-        out = cn.natten2dav(attn, v, kernel, dil)
-        out.backward(gout)
-        return out
+        return _fwd_bwd(cn.natten2dav(attn, v, kernel, dil), (q, k, v, rpb), gout)
 
     def reference():
         with ao.set_backend("reference"):
             return run()
 
     def check():  # the output and every gradient, against the reference backend's
-        for t in (q, k, v, rpb):  # the timed calls before this one accumulated theirs
-            t.grad = None
-        got = [run().detach().float()] + [t.grad.float() for t in (q, k, v, rpb)]
-        for t in (q, k, v, rpb):
-            t.grad = None
-        want = [reference().detach().float()] + [t.grad.float() for t in (q, k, v, rpb)]
-        for t in (q, k, v, rpb):
-            t.grad = None
+        got, want = run(), reference()
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, atol=2e-4 if dtype == torch.float32 else 3e-2, rtol=2e-3)
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-4 if dtype == torch.float32 else 3e-2, rtol=2e-3)
 
     N = B * H * W
     return Workload(ours=run, peers={"reference": reference}, bytes=8 * q.numel() * q.element_size(),

@@ -197,8 +197,15 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
   constexpr bool grouped = NA_X86V3 && std::is_same<T, float>::value;
   constexpr int RG = grouped ? kSharedRows : 1;
 #if NA_X86V3
-  // the dq rows with 8x8 transposes
+  // the dq rows with 8x8 transposes; run8[s0 / 8]: whether slots [s0, s0 + 8) are 8 consecutive
+  // tokens of the row (then transposed straight into dq)
   const bool vec_rows = std::is_same<scalar_t, float>::value && std::is_same<T, float>::value && pl.D % 8 == 0;
+  std::vector<uint8_t> run8(vec_rows ? pl.Ws / 8 : 0);
+  for (int64_t s0 = 0; s0 + 8 <= pl.Ws && vec_rows; s0 += 8) {
+    bool run = pl.slotx[s0 + 7] < pl.W;
+    for (int l = 1; l < 8; ++l) run &= pl.slotx[s0 + l] == pl.slotx[s0] + l;
+    run8[s0 / 8] = run;
+  }
 #endif
   const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
   par.for_each(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
@@ -501,7 +508,16 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           if (vec_rows) {  // the dq rows, 8 channels by 8 tokens transposed
             if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
               const float* rows[8];
+              float* const dq_row = DQ + ((b * pl.R + y) * pl.W * pl.NH + h) * pl.D;
               for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
+                if (run8[s0 / 8]) {  // 8 consecutive tokens: straight into dq
+                  float* const o = dq_row + pl.slotx[s0] * pl.NH * pl.D;
+                  for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+                    for (int l = 0; l < 8; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
+                    transpose8(rows, 8, scale, o + c0, pl.NH * pl.D);
+                  }
+                  continue;
+                }
                 for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
                   for (int l = 0; l < 8; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
                   transpose8(rows, 8, scale, dq8.data() + c0, pl.D);  // dq8[slot][c]

@@ -228,7 +228,9 @@ static void block_bias(const Plan<T>& pl, int64_t ht, int64_t y, int64_t ci, T* 
       }
       continue;
     }
-    for (int64_t j = 0; j < pl.kw; ++j) storeu(Si + j * N, loadu(Si + j * N) + loadu(brow + j * pl.Ws + s0));
+    // (all-zero bias columns: nothing to add)
+    if (pl.any_bias)
+      for (int64_t j = 0; j < pl.kw; ++j) storeu(Si + j * N, loadu(Si + j * N) + loadu(brow + j * pl.Ws + s0));
   }
 }
 

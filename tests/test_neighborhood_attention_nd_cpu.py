@@ -214,10 +214,15 @@ def test_tall_maps_float32(case, D):
 # Outputs of 4 MiB and more, which the AVX2 float32 forward writes with streaming stores: value
 # rows of tokens that hold several heads ("fused", "contiguous"), which the forward copies into its
 # ring of packed rows, and value rows whose tokens are contiguous ("head major"), read in place.
+# The AVX2 backward streams dq of 4 MiB and more (all of these), and dk and dv of 4 MiB and more
+# (the last two: written by the tasks themselves with 16 (batch, head) pairs, after the reduction
+# of the row chunks' partials with 8).
 LARGE = [
     ((1, 64, 64), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 4, 0, 16, "fused"),
     ((1, 48, 44), (1, 5, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 8, 2, 8, 64, "head major"),
     ((1, 44, 46), (1, 7, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 8, 1, 1, 64, "contiguous"),
+    ((1, 36, 37), (1, 5, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 8, 8, 0, 64, "contiguous"),
+    ((1, 40, 53), (1, 3, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 4, 4, 64, "fused"),
 ]
 
 

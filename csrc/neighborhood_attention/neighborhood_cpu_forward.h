@@ -168,9 +168,6 @@ constexpr int64_t kSegmentSlots = 128;
 constexpr int64_t kColumnSlots = 256;
 static_assert(kColumnSlots % kSegmentSlots == 0, "column chunks hold whole segments");
 
-// Output size from which the AVX2 forward writes it with streaming stores (forward_f32).
-constexpr int64_t kStreamOutBytes = int64_t(4) << 20;
-
 // Rows of tokens to prefetch into L2, issued a few tokens at a time (a burst of a whole row's
 // prefetches would stall the loads of the work in between).
 class PrefetchQueue {

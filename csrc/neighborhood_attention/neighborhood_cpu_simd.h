@@ -125,6 +125,9 @@ static inline void stream_fence() {
   _mm_sfence();
 #endif
 }
+// Output size from which the AVX2 kernels write an output with streaming stores (the forward's
+// interior P.V tiles, the backward's dq, dk and dv).
+constexpr int64_t kStreamOutBytes = int64_t(4) << 20;
 template <typename T>
 static inline Vec<T> splat(T x) {
   return x - Vec<T>{};  // a broadcast (x - 0 folds to x; a per-lane loop compiles to masked inserts)
@@ -211,6 +214,8 @@ static inline Vec<T> vmax(Vec<T> a, Vec<T> b) {
 
 #if NA_X86V3
 // dst[c * ds + l] = mul * rows[l][c] for l < 8, c < D (D % 8 == 0); a null row reads zeros.
+// Stream: with streaming stores (dst and ds aligned to 8 floats).
+template <bool Stream = false>
 static inline void transpose8(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
   const __m256 m = _mm256_set1_ps(mul);
   for (int64_t c0 = 0; c0 < D; c0 += 8) {
@@ -233,7 +238,12 @@ static inline void transpose8(const float* const* rows, int64_t D, float mul, fl
     }
     if (mul != 1.0f)  // (only the queries carry a scale: keys, values and gradients skip this)
       for (int l = 0; l < 8; ++l) t[l] = _mm256_mul_ps(t[l], m);
-    for (int l = 0; l < 8; ++l) _mm256_storeu_ps(dst + (c0 + l) * ds, t[l]);
+    for (int l = 0; l < 8; ++l) {
+      if (Stream)
+        _mm256_stream_ps(dst + (c0 + l) * ds, t[l]);
+      else
+        _mm256_storeu_ps(dst + (c0 + l) * ds, t[l]);
+    }
   }
 }
 #endif

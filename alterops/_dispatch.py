@@ -215,12 +215,23 @@ def _assume_constant_result(fn):
     return fn
 
 
+# Backends chosen so far, by (op, requested, in force, device, dtype, TRITON_INTERPRET): what can run
+# is fixed once the kernels are loaded at import, and the checks (dispatcher lookups, Triton's
+# status) took 10-20 us of every call. Only choices are kept: a request that cannot be met raises
+# again each time.
+_SELECTED: dict = {}
+
+
 @_assume_constant_result
 def _select_constant(op: str, requested: str | None, in_force: str | None, device: torch.device,
                      dtype: torch.dtype) -> str:
     # Availability checks call into the dispatcher and import Triton: not traceable, and
     # constant for the life of the process, so dynamo treats the result as a constant.
-    return _REGISTRY[op]._select(requested, in_force, device, dtype)
+    key = (op, requested, in_force, device, dtype, _config.triton_interpret())
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _SELECTED[key] = _REGISTRY[op]._select(requested, in_force, device, dtype)
+    return name
 
 
 def register(table: OpBackends) -> OpBackends:

@@ -261,6 +261,33 @@ def test_empty_batch_and_inputs_untouched(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_autograd_only_where_a_gradient_is_wanted(backend):
+    """Without an input that requires grad (or under no_grad) the public functions call the fused
+    forward directly: the same bits as the autograd path, no graph. With only the bias table
+    requiring grad, the table's gradient is the one the full graph gives."""
+    device = skip_unless(OP, backend, torch.float32)
+    case = CASES[7]
+    q, k, v, table = make(case, 2, torch.float32, device, "head", B=1)
+    plain_out, plain_lse = run(case, backend, q, k, v, table, return_lse=True)
+    assert plain_out.grad_fn is None and plain_lse.grad_fn is None
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, table)]
+    with torch.no_grad():
+        nograd_out = run(case, backend, *leaves)
+    assert nograd_out.grad_fn is None and not nograd_out.requires_grad
+    out, lse = run(case, backend, *leaves, return_lse=True)
+    assert_fused(out, backend)
+    assert torch.equal(out.detach(), plain_out) and torch.equal(lse.detach(), plain_lse)
+    assert torch.equal(nograd_out, plain_out)
+    gout, glse = torch.randn_like(out), torch.randn_like(lse)
+    want = torch.autograd.grad((out * gout).sum() + (lse * glse).sum(), leaves[3])[0]
+    tab = table.detach().clone().requires_grad_()
+    out2, lse2 = run(case, backend, q, k, v, tab, return_lse=True)
+    assert_fused(out2, backend)
+    got = torch.autograd.grad((out2 * gout).sum() + (lse2 * glse).sum(), tab)[0]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     device = skip_unless(OP, backend, torch.float32)
     case = CASES[12]

@@ -128,6 +128,11 @@ static inline void stream_fence() {
 // Output size from which the AVX2 kernels write an output with streaming stores (the forward's
 // interior P.V tiles, the backward's dq, dk and dv).
 constexpr int64_t kStreamOutBytes = int64_t(4) << 20;
+// Whether an output of `bytes` at p is written with streaming stores: AVX2, at least
+// kStreamOutBytes, aligned to the vector.
+static inline bool stream_output(const void* p, int64_t bytes) {
+  return NA_AVX2 && bytes >= kStreamOutBytes && reinterpret_cast<uintptr_t>(p) % 32 == 0;
+}
 template <typename T>
 static inline Vec<T> splat(T x) {
   return x - Vec<T>{};  // a broadcast (x - 0 folds to x; a per-lane loop compiles to masked inserts)
@@ -245,6 +250,14 @@ static inline void transpose8(const float* const* rows, int64_t D, float mul, fl
         _mm256_storeu_ps(dst + (c0 + l) * ds, t[l]);
     }
   }
+}
+// transpose8 with streaming stores or plain ones, chosen at run time.
+static inline void transpose8_to(bool stream, const float* const* rows, int64_t D, float mul, float* dst,
+                                 int64_t ds) {
+  if (stream)
+    transpose8<true>(rows, D, mul, dst, ds);
+  else
+    transpose8(rows, D, mul, dst, ds);
 }
 #endif
 

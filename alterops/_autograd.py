@@ -1,9 +1,17 @@
-"""Shared by the fused ops' ``autograd.Function``s: their backward is not differentiable."""
+"""Shared by the fused ops' ``autograd.Function``s: when to use them, and their backward is not
+differentiable."""
 from __future__ import annotations
 
 import functools
 
 import torch
+
+
+def needs_grad(*tensors) -> bool:
+    """Whether a call on ``tensors`` (``None`` entries skipped) must go through its
+    ``autograd.Function``: grad mode is on and one of them requires grad. Without it the ops call
+    their fused kernels directly (the same kernels, without the Function's per-call overhead)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class _SecondOrderError(torch.autograd.Function):

@@ -66,7 +66,7 @@ from itertools import product
 import torch
 
 from . import _checks, _ext
-from ._autograd import first_order_only
+from ._autograd import first_order_only, needs_grad
 from ._dispatch import ATTENTION_GPU_ORDER, Backend, OpBackends, register
 
 __all__ = [
@@ -430,9 +430,7 @@ def _neighborhood_attention(n, q, k, v, kernel_size, dilation, stride, is_causal
     one = (1,) * pad
     args = (q3, k3, v3, table, [*one, *ks], [*one, *ds], [*one, *ss], [0] * pad + [int(c) for c in cs], border,
             scale, name)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
-                                    (table is not None and table.requires_grad)) \
-            or torch._C._are_functorch_transforms_active():
+    if needs_grad(q, k, v, table) or torch._C._are_functorch_transforms_active():
         out, lse = _NeighborhoodAttentionNd.apply(*args, f"neighborhood_attention{n}d")
     else:  # nothing to differentiate: the op without the autograd.Function's 20-30 us per call
         out, lse, _ = _fused_forward(*args)

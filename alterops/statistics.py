@@ -49,6 +49,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import _checks, _ext
+from ._autograd import needs_grad
 from ._dispatch import Backend, OpBackends, register
 
 __all__ = [
@@ -333,19 +334,15 @@ class _FeatureVarianceFn(torch.autograd.Function):
         return tuple(out)
 
 
-def _needs_grad(xs) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-
-
 def _apply_delta(backend: str, eps: float, xs) -> list:
     # Without autograd the op is called directly (less per-call overhead; same kernels).
-    if _needs_grad(xs):
+    if needs_grad(*xs):
         return list(_DeltaLogAmplitudeFn.apply(backend, eps, *xs))
     return _fused_delta(backend, xs, eps)
 
 
 def _apply_variance(backend: str, xs) -> list:
-    if _needs_grad(xs):
+    if needs_grad(*xs):
         return list(_FeatureVarianceFn.apply(backend, *xs))
     return _fused_variance(backend, xs)
 

@@ -36,7 +36,7 @@ struct Parallel {
   // Tasks [0, n) handed out in runs, in order, to whichever thread asks first ("guided": each
   // run a 1 / (2 threads) share of the tasks left, so runs shrink from n / (2 threads) to 1):
   // f(next) runs once on each of at most n threads (its per-thread set-up done once), and
-  // next(b, e) sets [b, e) to the next run and returns false once none is left. Unlike
+  // next(t) sets t to the thread's next task and returns false once none is left. Unlike
   // for_each's fixed shares, a thread that loses its core on a busy machine takes fewer tasks
   // instead of holding back the others, while neighbouring tasks still mostly run on one thread
   // (for the cache lines they share). Results do not depend on the thread that takes a task
@@ -46,21 +46,27 @@ struct Parallel {
     if (n <= 0) return;
     const int64_t workers = std::min<int64_t>(std::max<int64_t>(num_threads, 1), n);
     std::atomic<int64_t> counter{0};
-    auto next = [&counter, n, workers](int64_t& b, int64_t& e) {
-      int64_t cur = counter.load(std::memory_order_relaxed), take;
-      do {
-        if (cur >= n) return false;
-        take = std::max<int64_t>(1, (n - cur) / (2 * workers));
-      } while (!counter.compare_exchange_weak(cur, cur + take, std::memory_order_relaxed));
-      b = cur;
-      e = cur + take;
-      return true;
+    auto run = [&] {
+      int64_t cur = 0, end = 0;  // this thread's run
+      f([&](int64_t& t) {
+        if (cur == end) {  // take the next run
+          int64_t take;
+          cur = counter.load(std::memory_order_relaxed);
+          do {
+            if (cur >= n) return false;
+            take = std::max<int64_t>(1, (n - cur) / (2 * workers));
+          } while (!counter.compare_exchange_weak(cur, cur + take, std::memory_order_relaxed));
+          end = cur + take;
+        }
+        t = cur++;
+        return true;
+      });
     };
     if (for_range == nullptr || workers <= 1) {
-      f(next);
+      run();
       return;
     }
-    for_each(0, workers, 1, [&](int64_t, int64_t) { f(next); });
+    for_each(0, workers, 1, [&](int64_t, int64_t) { run(); });
   }
 
   // f(b, e) over [0, n) in chunks of `chunk` indices handed out dynamically to the threads: a

@@ -252,8 +252,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
     std::vector<T*> dk(pl.nkr), dv(pl.nkr);
     // (The next rows' q, dout, k and v rows are left to the hardware prefetcher: software
     // prefetches of them, a few tokens at a time, made the backward 5-8% slower.)
-    for (int64_t t0 = 0, t1 = 0; next(t0, t1);)
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; next(t);) {
       const RowTask tk = row_task(pl, t, nchunks, rows_per);
       if (tk.y0 >= tk.y1) continue;
       const int64_t bh = tk.bh, b = tk.b, h = tk.h, ht = tk.ht, chunk = tk.chunk, y0 = tk.y0, y1 = tk.y1;
@@ -600,8 +599,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
         par.for_tasks(BKV * pl.R, [&](auto next) {
           Buf<float> sum(2 * rl), zero;
           std::vector<const float*> ps;
-          for (int64_t t0 = 0, t1 = 0; next(t0, t1);)
-          for (int64_t t = t0; t < t1; ++t) {
+          for (int64_t t; next(t);) {
             const int64_t bkv = t / pl.R, y = t % pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
             const float* src[2];
             for (int a = 0; a < 2; ++a) {
@@ -634,8 +632,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
 #endif
     par.for_tasks(BKV * pl.R, [&](auto next) {
       std::vector<const T*> pk, pv;
-      for (int64_t t0 = 0, t1 = 0; next(t0, t1);)
-      for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t t; next(t);) {
         const int64_t bkv = t / pl.R, y = t % pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
         parts(0, bkv, y, pk);
         parts(1, bkv, y, pv);

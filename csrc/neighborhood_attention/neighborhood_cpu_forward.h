@@ -57,8 +57,7 @@ static void forward_impl(const View6& q, const View6& k, const View6& v, scalar_
     Buf<T> Qp(pl.D * pl.Ws), S(K2 * pl.Ws), Ob(pl.D * pl.Ws), Linv(pl.Ws);
     std::vector<KeyView<T>> views(nblk * pl.nkr);
     std::vector<int64_t> row_i(pl.nkr);
-    for (int64_t t0 = 0, t1 = 0; next(t0, t1);)
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; next(t);) {
       const RowTask tk = row_task(pl, t, nchunks, rows_per);
       if (tk.y0 >= tk.y1) continue;
       const int64_t bh = tk.bh, b = tk.b, h = tk.h, ht = tk.ht, y0 = tk.y0, y1 = tk.y1, klo = tk.klo, khi = tk.khi;
@@ -346,8 +345,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     std::vector<const float*> vrows(pl.nkr);  // the value rows of the current query row
     std::vector<int32_t> kwin;                 // the group's window rows by key row (below)
     std::vector<int64_t> shift(pl.kw + SW);        // dot_blocks_shared's key shifts
-    for (int64_t t0 = 0, t1 = 0; next(t0, t1);)
-    for (int64_t tc = t0; tc < t1; ++tc) {
+    for (int64_t tc; next(tc);) {
       // t: the (batch, head group, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
       // (column chunks only with NHG = 1)
       const int64_t t = ncol == 1 ? tc : (tc / (ncol * pl.NH)) * pl.NH + tc % pl.NH;

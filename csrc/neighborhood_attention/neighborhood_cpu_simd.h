@@ -192,19 +192,8 @@ static inline __attribute__((always_inline)) Vec<float> vexp_inline(Vec<float> x
   const Vec<float> tm = x * 1.44269504088896341f + kRound;
   const Vec<float> n = tm - kRound;
   const Vec<float> r = x - n * 0.693147180559945309f;
-  const Vec<float> p = exp_poly5(r);
-  VI bits;
-  std::memcpy(&bits, &tm, sizeof(bits));
-  bits <<= 23;
-  Vec<float> scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const Vec<float> e = p * scale;
-  VI eb;
-  std::memcpy(&eb, &e, sizeof(eb));
-  eb &= ~(VI)(x < -87.0f);
-  Vec<float> out;
-  std::memcpy(&out, &eb, sizeof(out));
-  return out;
+  const Vec<float> e = exp_poly5(r) * (Vec<float>)((VI)tm << 23);  // (casts reinterpret the bits)
+  return (Vec<float>)((VI)e & ~(VI)(x < -87.0f));
 #endif
 }
 static inline Vec<float> vexp(Vec<float> x) { return vexp_inline(x); }

@@ -213,7 +213,22 @@ template <int DV>
 static void forward_f32(const View6& q, const View6& k, const View6& v, float* O, float* L,
                         const Plan<float>& pl, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  constexpr int TQ = DV >= 4 ? 6 : 8;  // queries per P.V tile (TQ * DV accumulators in registers)
+  constexpr int TQ = DV >= 4 ? 6 : 8;  // queries per band P.V tile (TQ * DV accumulators in registers)
+  // The interior P.V tiles: TQI queries by DC channel vectors (several passes for wider heads), the
+  // weights at constant offsets (SS below) and the output written with streaming stores where
+  // stream_output says so. AVX-512 had taken all DV vectors for TQ queries, with S's stride in a
+  // register and no streaming stores. On Zen 4 (2-D forward, B = 4, 56 x 56, 4 heads, d = 32,
+  // k = 7; 2 threads, medians of 3 alternating runs), each left out of the final build: these
+  // tiles with the constant stride 3.81 -> 3.27 ms, the streaming stores 3.52 -> 3.27, 12 queries
+  // per tile rather than 8 3.37 -> 3.27. (The generic build's 64-byte vectors are four SSE
+  // registers each: 12 queries spilled there, 8 are as fast as its former tiles.)
+  // (DV is even with AVX2; with 64-byte vectors an odd DV, 1 or 3, is taken in one pass.)
+  constexpr int DC = DV % 2 == 0 ? 2 : DV;
+#if defined(__AVX512F__)
+  constexpr int TQI = DC <= 2 ? 12 : 8;
+#else
+  constexpr int TQI = NA_AVX2 ? 6 : 8;
+#endif
   constexpr int RG = 3;                 // query rows whose logits are formed together
   // Shared-window P.V tiles (the clamped windows at the ends of a row) take DSH channel vectors
   // at a time and up to kShared queries: kShared * DSH accumulators, DSH value vectors and a
@@ -222,33 +237,22 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   constexpr int DSH = NA_AVX2 ? std::min(DV, 2) : DV;
   constexpr int kShared = NA_AVX2 ? 6 : std::max(1, std::min(6, 24 / DV));
   const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
-  // S's row stride. The AVX2 P.V tiles take it as a constant (32, 64 or 128), so that their
-  // weights lie at fixed offsets from one pointer: they had copied each tile's weights into a
-  // buffer of that layout first, and those copies took a fifth of the 2-D forward's tile time.
-  const int64_t SS = !NA_AVX2 ? SW : SW <= 32 ? 32 : SW <= 64 ? 64 : 128;
+  // S's row stride. The P.V tiles take it as a constant (32, 64 or 128), so that their weights
+  // lie at fixed offsets from one pointer: the AVX2 tiles had copied each tile's weights into a
+  // buffer of that layout first, and those copies took a fifth of the 2-D forward's tile time;
+  // the AVX-512 tiles, with the stride in a register, spent their time on address arithmetic
+  // and spills of the general-purpose registers.
+  const int64_t SS = SW <= 32 ? 32 : SW <= 64 ? 64 : 128;
   const int64_t D = pl.D;
-  // Rows no longer than a segment are taken NHG heads at a time, heads innermost: task (batch,
-  // head group, row chunk), and each row group of the task is done for each of its heads in
-  // turn. The heads of a token lie next to each other in memory, and the lines of the other
-  // heads that one head's pass brings into cache are used while they are still there (a task per
-  // head streamed each token's lines from memory once per head): 2-D forward (B = 4, 56 x 56,
-  // 4 heads, k = 7) 9-13% faster at AVX-512 (measured before pack_group prefetched the lines
-  // it packs). NHG is the most heads that still leave two tasks per thread: fewer tasks would
-  // split the rows into chunks that pack their halo key rows twice, and the packed rows of
-  // several heads of a 3-D window (each head's ring about 1.5 MB for 32 x 32 slices,
-  // k = (3, 7, 7)) do not fit in L2 (3-D forward 20-60% slower). AVX2 takes one head per task:
-  // once pack_group prefetched its lines, the rings of one head (about 140 KB of keys and values
-  // in that 2-D case) were 8% faster than those of 4 heads (550 KB, more than Zen 3's 512 KB L2).
+  // Tasks are (batch, head, row chunk). Tasks of several heads each, heads innermost (each row
+  // group done for every head of the task in turn, so that the lines of a token's other heads,
+  // brought into cache by one head's pass, were used while still there), were faster at AVX-512
+  // on a Xeon with 2 MB of L2 before pack_group prefetched the lines it packs. Since then one
+  // head per task is faster: 2-D forward (B = 4, 56 x 56, 4 heads, k = 7) 8% on Zen 3 at AVX2
+  // (one head's rings, about 140 KB of keys and values, against 550 KB for 4 heads and 512 KB
+  // of L2), 7-10% on Zen 4 at AVX-512 (1 MB of L2), neutral for the generic build.
   const bool seg_pf = pl.Ws > SW;
-  int64_t NHG = 1;
-  if (!seg_pf && !NA_AVX2)
-    for (int64_t g = pl.NH; g > 1; --g)
-      if (pl.NH % g == 0 && pl.B * (pl.NH / g) >= 2 * par.num_threads) {
-        NHG = g;
-        break;
-      }
-  const int64_t ngr = pl.NH / NHG;  // head groups
-  const int64_t nchunks = row_chunks(pl.B * ngr, pl.R, par);
+  const int64_t nchunks = row_chunks(pl.B * pl.NH, pl.R, par);
   const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
   const int64_t K2 = pl.nkr * pl.kw;
   const float* qb = static_cast<const float*>(q.data);
@@ -310,24 +314,22 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   const bool group_pack = !seg_pf;
   const bool vpack = group_pack && vs[3] != D;
   const int64_t vxs = vpack ? D : vs[3];
-  // The interior P.V tiles of AVX2 write the output with streaming stores when it is larger than
-  // kStreamOutBytes: they skip the read of each output line before its write and leave the cache to
-  // the inputs (2-D forward, B = 4, 56 x 56, 4 heads, 6.4 MB of output: 6% faster on Zen 3).
+  // The interior P.V tiles write the output with streaming stores (AVX2, AVX-512) when it is
+  // larger than kStreamOutBytes: they skip the read of each output line before its write and leave
+  // the cache to the inputs (2-D forward, B = 4, 56 x 56, 4 heads, 6.4 MB of output: 6% faster on
+  // Zen 3 at AVX2, 7% on Zen 4 at AVX-512).
   const bool stream_out = stream_output(O, pl.B * pl.R * pl.W * pl.NH * D * (int64_t)sizeof(float));
-  par.for_tasks(pl.B * ngr * nchunks * ncol, [&](auto next) {
-    // per key/value head of the group: its packed key rows, the last packed row and the packed
-    // columns
+  par.for_tasks(pl.B * pl.NH * nchunks * ncol, [&](auto next) {
+    // the task's key/value head: its packed key rows, the last packed row and the packed columns
     struct HeadKeys {
       KeyPack<float> Kp;
       std::vector<float> Vp;  // (vpack) the value rows, W tokens of D channels in Kp's ring slots
       int64_t packed_hi = 0, packed_cols = 0;
       const float* vrow(const Plan<float>& pl, int64_t y) const { return Vp.data() + Kp.slot(y) * pl.W * pl.D; }
     };
-    std::vector<HeadKeys> hks(NHG);
-    for (HeadKeys& e : hks) {
-      e.Kp.alloc(pl, ring, !band_all);
-      if (vpack) e.Vp.resize(e.Kp.rows * pl.W * D);
-    }
+    HeadKeys hkeys;
+    hkeys.Kp.alloc(pl, ring, !band_all);
+    if (vpack) hkeys.Vp.resize(hkeys.Kp.rows * pl.W * D);
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SS), Linv(pl.Ws);
     const float* rows[16];
@@ -346,22 +348,19 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     std::vector<int32_t> kwin;                 // the group's window rows by key row (below)
     std::vector<int64_t> shift(pl.kw + SW);        // dot_blocks_shared's key shifts
     for (int64_t tc; next(tc);) {
-      // t: the (batch, head group, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
-      // (column chunks only with NHG = 1)
+      // t: the (batch, head, row chunk) task; col: the column chunk, slots [s_lo, s_hi)
       const int64_t t = ncol == 1 ? tc : (tc / (ncol * pl.NH)) * pl.NH + tc % pl.NH;
       const int64_t col = ncol == 1 ? 0 : (tc / pl.NH) % ncol;
       const int64_t s_lo = col * colslots, s_hi = std::min(pl.Ws, s_lo + colslots);
-      const int64_t bg = t / nchunks, chunk = t % nchunks, b = bg / ngr, hg = bg % ngr;
+      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH, hk = h / pl.G;
       const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
       if (y0 >= y1) continue;
       int64_t klo, khi;
       key_rows(pl, y0, y1, klo, khi);
       const int64_t packed_lo =
           s_lo == 0 ? 0 : std::max<int64_t>(0, std::min(pl.xlo + s_lo + pl.off[0], pl.Wk - band_nv * N) / N * N);
-      for (HeadKeys& e : hks) {
-        e.packed_hi = klo - 1;
-        e.packed_cols = seg_pf ? packed_lo : pl.Wk;
-      }
+      hkeys.packed_hi = klo - 1;
+      hkeys.packed_cols = seg_pf ? packed_lo : pl.Wk;
       // columns [x0, x0 + N) of key row y (kr) transposed into Kp (columns past W: zeros)
       auto pack_key_block = [&](KeyPack<float>& Kp, const float* kr, int64_t y, int64_t x0) {
         for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
@@ -385,451 +384,404 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       // the next row), and the query lines of rows [yg, yg + ng) prefetched for the query
       // transposes that follow.
       auto pack_group = [&](int64_t upto, int64_t yg, int64_t ng) {
-        const int64_t hk0 = hg * NHG / pl.G, hk1 = (hg * NHG + NHG - 1) / pl.G;
-        const int64_t from = std::max(hks[0].packed_hi + 1, upto - hks[0].Kp.rows + 1);
+        const int64_t from = std::max(hkeys.packed_hi + 1, upto - hkeys.Kp.rows + 1);
         for (int64_t y = from; y <= upto; ++y) {
           const int64_t yq = yg + (y - from);  // the query row whose lines are prefetched with it
+          const float* kr = kb + pl.row_off(ks, b, y, hk);
+          const float* vr = vb + pl.row_off(vs, b, y, hk);
+          float* vdst = vpack ? hkeys.Vp.data() + hkeys.Kp.slot(y) * pl.W * D : nullptr;
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
-            for (int64_t hk = hk0; hk <= hk1; ++hk) {
-              prefetch_tokens(kb + pl.row_off(ks, b, y, hk) + (x0 + kPackAhead) * ks[3], ks[3], N, D);
-              prefetch_tokens(vb + pl.row_off(vs, b, y, hk) + (x0 + kPackAhead) * vs[3], vs[3], N, D);
-            }
+            prefetch_tokens(kr + (x0 + kPackAhead) * ks[3], ks[3], N, D);
+            prefetch_tokens(vr + (x0 + kPackAhead) * vs[3], vs[3], N, D);
             if (yq < yg + ng && x0 < pl.W)
-              for (int64_t hh = 0; hh < NHG; ++hh)
-                prefetch_tokens(qb + pl.row_off(qs, b, yq, hg * NHG + hh) + x0 * qs[3], qs[3],
-                                std::min<int64_t>(N, pl.W - x0), D);
-            for (int64_t hk = hk0; hk <= hk1; ++hk) {
-              HeadKeys& e = hks[hk - hk0];
-              pack_key_block(e.Kp, kb + pl.row_off(ks, b, y, hk), y, x0);
-              if (vpack) {
-                const float* vr = vb + pl.row_off(vs, b, y, hk);
-                float* dst = e.Vp.data() + e.Kp.slot(y) * pl.W * D;
-                for (int64_t x = x0; x < std::min(pl.W, x0 + N); ++x)
-                  for (int64_t c = 0; c < D; c += N) storeu(dst + x * D + c, loadu(vr + x * vs[3] + c));
-              }
-            }
+              prefetch_tokens(qb + pl.row_off(qs, b, yq, h) + x0 * qs[3], qs[3], std::min<int64_t>(N, pl.W - x0), D);
+            pack_key_block(hkeys.Kp, kr, y, x0);
+            if (vpack)
+              for (int64_t x = x0; x < std::min(pl.W, x0 + N); ++x)
+                for (int64_t c = 0; c < D; c += N) storeu(vdst + x * D + c, loadu(vr + x * vs[3] + c));
           }
-          for (int64_t hk = hk0; hk <= hk1; ++hk) pack_border_blocks(hks[hk - hk0].Kp, kb + pl.row_off(ks, b, y, hk), y);
+          pack_border_blocks(hkeys.Kp, kr, y);
         }
-        for (int64_t hk = hk0; hk <= hk1; ++hk) hks[hk - hk0].packed_hi = std::max(hks[hk - hk0].packed_hi, upto);
+        hkeys.packed_hi = std::max(hkeys.packed_hi, upto);
       };
       for (int64_t yg = y0; yg < y1; yg += RG) {
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
         int64_t kmin, kmax;
         key_rows(pl, yg, yg + ng, kmin, kmax);
-        if (group_pack && kmax > hks[0].packed_hi) pack_group(kmax, yg, ng);
-        for (int64_t hh = 0; hh < NHG; ++hh) {
-          const int64_t h = hg * NHG + hh, bh = b * pl.NH + h, hk = h / pl.G;
-          const int64_t ht = pl.nht == 1 ? 0 : h;
-          // (heads that share a key/value head share its packed rows: the first one packs them)
-          HeadKeys& hkeys = hks[hk - hg * NHG / pl.G];
-          KeyPack<float>& Kp = hkeys.Kp;
-          int64_t& packed_hi = hkeys.packed_hi;
-          int64_t& packed_cols = hkeys.packed_cols;
-          auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
-          auto vrow = [&](int64_t y) { return vpack ? hkeys.vrow(pl, y) : vb + pl.row_off(vs, b, y, hk); };
-          // transposed key rows (sink and padding columns zero) and the border blocks' copies,
-          // packed just before the first row group that reads them (so they are still in cache)
-          // Rows longer than a segment have their columns packed as the segments reach them (the
-          // next segment's are prefetched; a whole row packed up front came from memory
-          // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
-          // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
-          auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
-            for (int64_t x0 = c0; x0 < c1; x0 += N) pack_key_block(Kp, krow(y), y, x0);
-          };
-          // columns up to upto_col (exclusive) of the packed rows
-          auto extend_cols = [&](int64_t upto_col) {
-            const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
-            if (c1 <= packed_cols) return;
-            for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
-            packed_cols = c1;
-          };
-          auto pack_key_rows = [&](int64_t upto) {
-            // (rows that the ring would drop before any group reads them are skipped)
-            for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
-              const float* kr = krow(y);
-              pack_cols(y, packed_lo, packed_cols);
-              // border slots through the band: the columns of their bands that lie below the
-              // chunk's packed columns
-              if (band_all && s_hi > pl.n_full * N) {
-                int64_t c0 = packed_lo, c1 = 0;
-                for (int64_t st : bstart)
-                  if (st >= 0 && st < packed_lo) {
-                    c0 = std::min(c0, st / N * N);
-                    c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
-                  }
-                if (c0 < c1) pack_cols(y, c0, c1);
-              }
-              pack_border_blocks(Kp, kr, y);
-            }
-            packed_hi = std::max(packed_hi, upto);
-          };
-          if (kmax > packed_hi) pack_key_rows(kmax);
-          // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
-          // queries and logits stay in cache from the logits to the output
-          for (int64_t sg = s_lo; sg < s_hi; sg += SW) {
-            const int64_t se = std::min(s_hi, sg + SW), cb = sg / N, ce = se / N;
-            // the key columns that this segment's interior blocks read (blocks [cb, ce) read
-            // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
-            // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
-            // (and with band_all its border slots too: [iend, gend) one query at a time)
-            int64_t gend = sg, iend = sg;
-            if (band_nv > 0) {
-              bool rows_ok = true;
-              for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
-              if (rows_ok) iend = gend = std::max(sg, std::min(se, pl.n_full * N));
-              if (band_all) gend = se;
-            }
-            const int64_t cg = gend / N;
-            if (seg_pf)
-              extend_cols(se > pl.n_full * N ? pl.Wk
-                                             : std::min(pl.Wk, pl.xlo + se + std::max(pl.off[pl.kw - 1],
-                                                                                       pl.off[0] + band_nv * N)));
-            if (seg_pf && se < s_hi) {
-              // the next segment's query columns and the key/value columns it adds (interior
-              // slots: column xlo + slot), spread over this segment's key rows and query rows
-              auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
-              const int64_t ne = std::min(s_hi, se + SW);
-              const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
-              const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
-              for (int64_t r = 0; r < ng; ++r)
-                pfq.add(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3], qs[3], qe - qa);
-              for (int64_t ky = kmin; ky <= kmax; ++ky) {
-                pfq.add(krow(ky) + ka * ks[3], ks[3], ke - ka);
-                pfq.add(vrow(ky) + ka * vs[3], vs[3], ke - ka);
-              }
-              const int64_t tokens = pfq.pending();
-              // steps: one per key row and slot block, per query row and P.V tile
-              pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
-            }
-#if defined(__AVX512F__)
-            for (int64_t r = 0; r < ng && gend > sg; ++r) {
-              const int64_t y = yg + r;
-              const int64_t ky = pl.rowpos[y];
-              const float* qr = qb + pl.row_off(qs, b, y, h);
-              const float* kt = Kp.trow(pl, ky);
-              float* Lrow = L + (bh * pl.R + y) * pl.W;
-              float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
-              const int64_t ostr = pl.NH * D;
-              const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
-              auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
-              for (int64_t sl = sg; sl < iend; sl += kBandQ) {
-                // the band's first column, moved left where the band would run past the packed row
-                const int64_t want = pl.xlo + sl + pl.off[0];
-                const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
-                const float* qt = qr + (pl.xlo + sl) * qs[3];
-                // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
-                dispatch_nc(band_nv, [&](auto nvv) {
-                  constexpr int NV = decltype(nvv)::value;
-                  if constexpr (NV >= 2 && NV <= kBandMaxNV)
-                    band_logits<NV>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS,
-                                    sl + 2 * kBandQ < iend);
-                });
-                if ((sl - sg) % N == 0) pf_step(pf_quota);
-              }
-              // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
-              for (int64_t sl = sg; sl < iend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
-              for (int64_t sl = sg; sl < iend; sl += N) {  // (iend - sg is a multiple of N)
-                const Vec<float> l = loadu(Linv.data() + sl);
-                storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
-                storeu(Linv.data() + sl, 1.0f / l);
-              }
-              auto pv = [&](auto tv, int64_t sl) {
-                constexpr int T = decltype(tv)::value;
-                Vec<float> acc[T][DV];
-                NA_UNROLL
-                for (int t = 0; t < T; ++t)
-                  NA_UNROLL
-                  for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-                pv_tile_diag_any<T, DV>(crow(sl), 1, vr0 + sl * vxs, vxs, pl.kw, acc, kBandCS);
-                NA_UNROLL
-                for (int t = 0; t < T; ++t) {
-                  const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  float* o = Orow + (pl.xlo + sl + t) * ostr;
-                  NA_UNROLL
-                  for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+        if (group_pack && kmax > hkeys.packed_hi) pack_group(kmax, yg, ng);
+        const int64_t ht = pl.nht == 1 ? 0 : h;
+        KeyPack<float>& Kp = hkeys.Kp;
+        int64_t& packed_hi = hkeys.packed_hi;
+        int64_t& packed_cols = hkeys.packed_cols;
+        auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
+        auto vrow = [&](int64_t y) { return vpack ? hkeys.vrow(pl, y) : vb + pl.row_off(vs, b, y, hk); };
+        // transposed key rows (sink and padding columns zero) and the border blocks' copies,
+        // packed just before the first row group that reads them (so they are still in cache)
+        // Rows longer than a segment have their columns packed as the segments reach them (the
+        // next segment's are prefetched; a whole row packed up front came from memory
+        // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
+        // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
+        auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
+          for (int64_t x0 = c0; x0 < c1; x0 += N) pack_key_block(Kp, krow(y), y, x0);
+        };
+        // columns up to upto_col (exclusive) of the packed rows
+        auto extend_cols = [&](int64_t upto_col) {
+          const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
+          if (c1 <= packed_cols) return;
+          for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
+          packed_cols = c1;
+        };
+        auto pack_key_rows = [&](int64_t upto) {
+          // (rows that the ring would drop before any group reads them are skipped)
+          for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
+            const float* kr = krow(y);
+            pack_cols(y, packed_lo, packed_cols);
+            // border slots through the band: the columns of their bands that lie below the
+            // chunk's packed columns
+            if (band_all && s_hi > pl.n_full * N) {
+              int64_t c0 = packed_lo, c1 = 0;
+              for (int64_t st : bstart)
+                if (st >= 0 && st < packed_lo) {
+                  c0 = std::min(c0, st / N * N);
+                  c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
                 }
-              };
-              int64_t sl = sg;
-              for (; sl + TQ <= iend; sl += TQ) {
-                pv(std::integral_constant<int, TQ>{}, sl);
-                pf_step(pf_quota);
-              }
-              if (sl < iend)  // the rest, fewer than TQ queries, in one narrower tile
-                dispatch_nc(iend - sl, [&](auto tv) {
-                  if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
-                });
-              // the border slots, one query at a time: logits of the band at its window, softmax,
-              // P.V over the window's kw value tokens
-              const float* vr = vrow(ky);
-              for (sl = iend; sl < gend; ++sl) {
-                const int64_t x = pl.slotx[sl], st0 = bstart[sl - pl.n_full * N];
-                if (x >= pl.W) continue;  // dummy slot
-                const int64_t ws = pl.kidx[sl];
-                float* C = crow(sl);
-                dispatch_nc(band_nv, [&](auto nvv) {
-                  constexpr int NV = decltype(nvv)::value;
-                  if constexpr (NV >= 2 && NV <= kBandMaxNV)
-                    band_logits<NV, 1>(qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C, kBandCS,
-                                       false);
-                });
-                float m, l;
-                band_softmax(C, pl.kw, m, l);
-                Lrow[x] = m + std::log(l);
-                Vec<float> acc[1][DV];
-                NA_UNROLL
-                for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
-                pv_tile<1, DV>(C, 1, vr + ws * vxs, vxs, 1, pl.kw, acc);
-                const Vec<float> inv = splat<float>(1.0f / l);
-                NA_UNROLL
-                for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[0][d] * inv);
-              }
+              if (c0 < c1) pack_cols(y, c0, c1);
             }
-#endif
-            for (int64_t r = 0; r < ng; ++r) {
-              const int64_t y = yg + r;
-              const float* qr = qb + pl.row_off(qs, b, y, h);
-              for (int64_t ci = cg; ci < ce; ++ci) {
-                const int32_t* sx = pl.slotx.data() + ci * N;
-                for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : nullptr;
-                NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW);
+            pack_border_blocks(Kp, kr, y);
+          }
+          packed_hi = std::max(packed_hi, upto);
+        };
+        if (kmax > packed_hi) pack_key_rows(kmax);
+        // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
+        // queries and logits stay in cache from the logits to the output
+        for (int64_t sg = s_lo; sg < s_hi; sg += SW) {
+          const int64_t se = std::min(s_hi, sg + SW), cb = sg / N, ce = se / N;
+          // the key columns that this segment's interior blocks read (blocks [cb, ce) read
+          // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
+          // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
+          // (and with band_all its border slots too: [iend, gend) one query at a time)
+          int64_t gend = sg, iend = sg;
+          if (band_nv > 0) {
+            bool rows_ok = true;
+            for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
+            if (rows_ok) iend = gend = std::max(sg, std::min(se, pl.n_full * N));
+            if (band_all) gend = se;
+          }
+          const int64_t cg = gend / N;
+          if (seg_pf)
+            extend_cols(se > pl.n_full * N ? pl.Wk
+                                           : std::min(pl.Wk, pl.xlo + se + std::max(pl.off[pl.kw - 1],
+                                                                                     pl.off[0] + band_nv * N)));
+          if (seg_pf && se < s_hi) {
+            // the next segment's query columns and the key/value columns it adds (interior
+            // slots: column xlo + slot), spread over this segment's key rows and query rows
+            auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
+            const int64_t ne = std::min(s_hi, se + SW);
+            const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
+            const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
+            for (int64_t r = 0; r < ng; ++r)
+              pfq.add(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3], qs[3], qe - qa);
+            for (int64_t ky = kmin; ky <= kmax; ++ky) {
+              pfq.add(krow(ky) + ka * ks[3], ks[3], ke - ka);
+              pfq.add(vrow(ky) + ka * vs[3], vs[3], ke - ka);
+            }
+            const int64_t tokens = pfq.pending();
+            // steps: one per key row and slot block, per query row and P.V tile
+            pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
+          }
+#if defined(__AVX512F__)
+          for (int64_t r = 0; r < ng && gend > sg; ++r) {
+            const int64_t y = yg + r;
+            const int64_t ky = pl.rowpos[y];
+            const float* qr = qb + pl.row_off(qs, b, y, h);
+            const float* kt = Kp.trow(pl, ky);
+            float* Lrow = L + (bh * pl.R + y) * pl.W;
+            float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+            const int64_t ostr = pl.NH * D;
+            const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
+            auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
+            for (int64_t sl = sg; sl < iend; sl += kBandQ) {
+              // the band's first column, moved left where the band would run past the packed row
+              const int64_t want = pl.xlo + sl + pl.off[0];
+              const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
+              const float* qt = qr + (pl.xlo + sl) * qs[3];
+              // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
+              dispatch_nc(band_nv, [&](auto nvv) {
+                constexpr int NV = decltype(nvv)::value;
+                if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                  band_logits<NV>(qt, qs[3], D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS,
+                                  sl + 2 * kBandQ < iend);
+              });
+              if ((sl - sg) % N == 0) pf_step(pf_quota);
+            }
+            // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
+            for (int64_t sl = sg; sl < iend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
+            for (int64_t sl = sg; sl < iend; sl += N) {  // (iend - sg is a multiple of N)
+              const Vec<float> l = loadu(Linv.data() + sl);
+              storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
+              storeu(Linv.data() + sl, 1.0f / l);
+            }
+            auto pv = [&](auto tv, int64_t sl) {
+              constexpr int T = decltype(tv)::value;
+              Vec<float> acc[T][DV];
+              NA_UNROLL
+              for (int t = 0; t < T; ++t)
+                NA_UNROLL
+                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+              pv_tile_diag_any<T, DV>(crow(sl), 1, vr0 + sl * vxs, vxs, pl.kw, acc, kBandCS);
+              NA_UNROLL
+              for (int t = 0; t < T; ++t) {
+                const Vec<float> inv = splat<float>(Linv[sl + t]);
+                float* o = Orow + (pl.xlo + sl + t) * ostr;
+                NA_UNROLL
+                for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
               }
+            };
+            int64_t sl = sg;
+            for (; sl + TQ <= iend; sl += TQ) {
+              pv(std::integral_constant<int, TQ>{}, sl);
+              pf_step(pf_quota);
+            }
+            if (sl < iend)  // the rest, fewer than TQ queries, in one narrower tile
+              dispatch_nc(iend - sl, [&](auto tv) {
+                if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
+              });
+            // the border slots, one query at a time: logits of the band at its window, softmax,
+            // P.V over the window's kw value tokens
+            const float* vr = vrow(ky);
+            for (sl = iend; sl < gend; ++sl) {
+              const int64_t x = pl.slotx[sl], st0 = bstart[sl - pl.n_full * N];
+              if (x >= pl.W) continue;  // dummy slot
+              const int64_t ws = pl.kidx[sl];
+              float* C = crow(sl);
+              dispatch_nc(band_nv, [&](auto nvv) {
+                constexpr int NV = decltype(nvv)::value;
+                if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                  band_logits<NV, 1>(qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C, kBandCS,
+                                     false);
+              });
+              float m, l;
+              band_softmax(C, pl.kw, m, l);
+              Lrow[x] = m + std::log(l);
+              Vec<float> acc[1][DV];
+              NA_UNROLL
+              for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
+              pv_tile<1, DV>(C, 1, vr + ws * vxs, vxs, 1, pl.kw, acc);
+              const Vec<float> inv = splat<float>(1.0f / l);
+              NA_UNROLL
+              for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[0][d] * inv);
+            }
+          }
+#endif
+          for (int64_t r = 0; r < ng; ++r) {
+            const int64_t y = yg + r;
+            const float* qr = qb + pl.row_off(qs, b, y, h);
+            for (int64_t ci = cg; ci < ce; ++ci) {
+              const int32_t* sx = pl.slotx.data() + ci * N;
+              for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : nullptr;
+              NA_TRANSPOSE_BLK(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW);
+            }
+            for (int64_t i = 0; i < pl.nkr; ++i) {
+              if (pl.rowvalid[y * pl.nkr + i]) continue;
+              const float* brow = pl.bias_row(ht, y, i);
+              float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
+              for (int64_t j = 0; j < pl.kw; ++j)
+                for (int64_t sl = sg; sl < se; ++sl)
+                  Si[j * SS + sl] =
+                      pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
+            }
+          }
+          // the window row of each row of the group that reads key row ky: kwin[(ky - kmin) * RG
+          // + r] (-1: none), found in one pass over the group's window rows (a search of every
+          // window row per key row, 27 x 3 x 21 unpredictable branches per 3-D row group, took 9%
+          // of the 3-D forward's tile time). A query row reads each key row at most once: the
+          // plan's valid window rows of a row are distinct (t, y) positions.
+          kwin.assign((kmax - kmin + 1) * RG, -1);
+          for (int64_t r = 0; r < ng; ++r)
+            for (int64_t i = 0; i < pl.nkr; ++i) {
+              const int64_t n = (yg + r) * pl.nkr + i;
+              if (pl.rowvalid[n]) kwin[(pl.rowpos[n] - kmin) * RG + r] = (int32_t)i;
+            }
+          // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
+          // rows that read it (the key vectors are loaded once for up to RG query rows)
+          for (int64_t ky = kmin; ky <= kmax; ++ky) {
+            int nr = 0;
+            const float* A[RG];
+            float* So[RG];
+            for (int64_t r = 0; r < ng; ++r) {
+              const int32_t i = kwin[(ky - kmin) * RG + r];
+              if (i < 0) continue;
+              A[nr] = Qp.data() + r * D * SW;
+              So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SS;
+            }
+            if (nr == 0) continue;
+            for (int64_t ci = cg; ci < ce; ++ci) {
+              const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
+              if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
+                dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
+                                  pl.Wk, pl.kw, So[0] + (ci - cb) * N, SS, shift.data());
+                ci += nsh - 1;
+                pf_step(pf_quota * nsh);
+                continue;
+              }
+              const KeyView<float> kv = key_view(pl, Kp, ky, ci);
+              const float* Ab[RG];
+              float* Sb[RG];
+              for (int a = 0; a < nr; ++a) {
+                Ab[a] = A[a] + (ci - cb) * N;
+                Sb[a] = So[a] + (ci - cb) * N;
+              }
+              dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SS);
+              pf_step(pf_quota);
+            }
+            pf_step(pf_quota);
+          }
+          if (any_bias)
+            for (int64_t r = 0; r < ng; ++r)
               for (int64_t i = 0; i < pl.nkr; ++i) {
-                if (pl.rowvalid[y * pl.nkr + i]) continue;
+                const int64_t y = yg + r;
+                if (!pl.rowvalid[y * pl.nkr + i]) continue;
                 const float* brow = pl.bias_row(ht, y, i);
                 float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
                 for (int64_t j = 0; j < pl.kw; ++j)
-                  for (int64_t sl = sg; sl < se; ++sl)
-                    Si[j * SS + sl] =
-                        pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
+                  for (int64_t e = sg; e < se; e += N)
+                    storeu(Si + j * SS + e, loadu(Si + j * SS + e) + loadu(brow + j * pl.Ws + e));
+              }
+          for (int64_t r = 0; r < ng; ++r) {
+            const int64_t y = yg + r;
+            float* Sy = S.data() + r * K2 * SS - sg;  // Sy[n * SS + slot]
+            float* Lrow = L + (bh * pl.R + y) * pl.W;
+            // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
+            for (int64_t ci = cg; ci < ce; ++ci) {
+              const int64_t s0 = ci * N;
+              Vec<float> m, l;
+              softmax_block(Sy + s0, SS, K2, m, l);
+              storeu(Linv.data() + s0, 1.0f / l);
+              const Vec<float> lse = m + vlog(l);
+              for (int lane = 0; lane < N; ++lane) {
+                int64_t x = pl.slotx[s0 + lane];
+                if (x < pl.W) Lrow[x] = lse[lane];
               }
             }
-            // the window row of each row of the group that reads key row ky: kwin[(ky - kmin) * RG
-            // + r] (-1: none), found in one pass over the group's window rows (a search of every
-            // window row per key row, 27 x 3 x 21 unpredictable branches per 3-D row group, took 9%
-            // of the 3-D forward's tile time). A query row reads each key row at most once: the
-            // plan's valid window rows of a row are distinct (t, y) positions.
-            kwin.assign((kmax - kmin + 1) * RG, -1);
-            for (int64_t r = 0; r < ng; ++r)
-              for (int64_t i = 0; i < pl.nkr; ++i) {
-                const int64_t n = (yg + r) * pl.nkr + i;
-                if (pl.rowvalid[n]) kwin[(pl.rowpos[n] - kmin) * RG + r] = (int32_t)i;
-              }
-            // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
-            // rows that read it (the key vectors are loaded once for up to RG query rows)
-            for (int64_t ky = kmin; ky <= kmax; ++ky) {
-              int nr = 0;
-              const float* A[RG];
-              float* So[RG];
-              for (int64_t r = 0; r < ng; ++r) {
-                const int32_t i = kwin[(ky - kmin) * RG + r];
-                if (i < 0) continue;
-                A[nr] = Qp.data() + r * D * SW;
-                So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SS;
-              }
-              if (nr == 0) continue;
-              for (int64_t ci = cg; ci < ce; ++ci) {
-                const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
-                if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
-                  dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
-                                    pl.Wk, pl.kw, So[0] + (ci - cb) * N, SS, shift.data());
-                  ci += nsh - 1;
-                  pf_step(pf_quota * nsh);
-                  continue;
-                }
-                const KeyView<float> kv = key_view(pl, Kp, ky, ci);
-                const float* Ab[RG];
-                float* Sb[RG];
-                for (int a = 0; a < nr; ++a) {
-                  Ab[a] = A[a] + (ci - cb) * N;
-                  Sb[a] = So[a] + (ci - cb) * N;
-                }
-                dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SS);
-                pf_step(pf_quota);
-              }
-              pf_step(pf_quota);
-            }
-            if (any_bias)
-              for (int64_t r = 0; r < ng; ++r)
-                for (int64_t i = 0; i < pl.nkr; ++i) {
-                  const int64_t y = yg + r;
-                  if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                  const float* brow = pl.bias_row(ht, y, i);
-                  float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
-                  for (int64_t j = 0; j < pl.kw; ++j)
-                    for (int64_t e = sg; e < se; e += N)
-                      storeu(Si + j * SS + e, loadu(Si + j * SS + e) + loadu(brow + j * pl.Ws + e));
-                }
-            for (int64_t r = 0; r < ng; ++r) {
-              const int64_t y = yg + r;
-              float* Sy = S.data() + r * K2 * SS - sg;  // Sy[n * SS + slot]
-              float* Lrow = L + (bh * pl.R + y) * pl.W;
-              // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
-              for (int64_t ci = cg; ci < ce; ++ci) {
-                const int64_t s0 = ci * N;
-                Vec<float> m, l;
-                softmax_block(Sy + s0, SS, K2, m, l);
-                storeu(Linv.data() + s0, 1.0f / l);
-                const Vec<float> lse = m + vlog(l);
-                for (int lane = 0; lane < N; ++lane) {
-                  int64_t x = pl.slotx[s0 + lane];
-                  if (x < pl.W) Lrow[x] = lse[lane];
-                }
-              }
-              pf_step(pf_quota);
-              // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
-              // the remaining queries one at a time.
-              float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
-              const int64_t ostr = pl.NH * D;
-              const int64_t tile_end = std::min(pl.n_int, se);
-              for (int64_t i = 0; i < pl.nkr; ++i)
-                vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
-              int64_t sl = gend;
-              // whether slots a and b read the same key column for every neighbour
-              auto same_window = [&](int64_t a, int64_t b) {
-                for (int64_t j = 0; j < pl.kw; ++j)
-                  if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
-                return true;
-              };
-              // P.V of the NS queries from slot sl, whose windows hold the same key columns (NS is
-              // at most kShared; dispatch_nc's wider instances are never called)
-              auto pv_shared = [&](auto nsv) {
-                constexpr int NS = decltype(nsv)::value;
-                if constexpr (NS <= kShared) {
-                  for (int dc = 0; dc < DV; dc += DSH) {
-                    Vec<float> acc[NS][DSH];
+            pf_step(pf_quota);
+            // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
+            // the remaining queries one at a time.
+            float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+            const int64_t ostr = pl.NH * D;
+            const int64_t tile_end = std::min(pl.n_int, se);
+            for (int64_t i = 0; i < pl.nkr; ++i)
+              vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
+            int64_t sl = gend;
+            // whether slots a and b read the same key column for every neighbour
+            auto same_window = [&](int64_t a, int64_t b) {
+              for (int64_t j = 0; j < pl.kw; ++j)
+                if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
+              return true;
+            };
+            // P.V of the NS queries from slot sl, whose windows hold the same key columns (NS is
+            // at most kShared; dispatch_nc's wider instances are never called)
+            auto pv_shared = [&](auto nsv) {
+              constexpr int NS = decltype(nsv)::value;
+              if constexpr (NS <= kShared) {
+                for (int dc = 0; dc < DV; dc += DSH) {
+                  Vec<float> acc[NS][DSH];
+                  NA_UNROLL
+                  for (int t = 0; t < NS; ++t)
                     NA_UNROLL
-                    for (int t = 0; t < NS; ++t)
+                    for (int d = 0; d < DSH; ++d) acc[t][d] = splat<float>(0.0f);
+                  for (int64_t i = 0; i < pl.nkr; ++i) {
+                    if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                    const float* P = Sy + i * pl.kw * SS + sl;
+                    for (int64_t j = 0; j < pl.kw; ++j) {
+                      const int32_t col = pl.kidx[j * pl.Ws + sl];
+                      if (col >= pl.W) continue;  // not a key (zero value or masked)
+                      Vec<float> vv[DSH];
                       NA_UNROLL
-                      for (int d = 0; d < DSH; ++d) acc[t][d] = splat<float>(0.0f);
-                    for (int64_t i = 0; i < pl.nkr; ++i) {
-                      if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                      const float* P = Sy + i * pl.kw * SS + sl;
-                      for (int64_t j = 0; j < pl.kw; ++j) {
-                        const int32_t col = pl.kidx[j * pl.Ws + sl];
-                        if (col >= pl.W) continue;  // not a key (zero value or masked)
-                        Vec<float> vv[DSH];
+                      for (int d = 0; d < DSH; ++d) {
+                        vv[d] = loadu(vrows[i] + col * vxs + (dc + d) * N);
+                        pin_register(vv[d]);
+                      }
+                      NA_UNROLL
+                      for (int t = 0; t < NS; ++t) {
+                        const Vec<float> p = splat<float>(P[j * SS + t]);
                         NA_UNROLL
-                        for (int d = 0; d < DSH; ++d) {
-                          vv[d] = loadu(vrows[i] + col * vxs + (dc + d) * N);
-                          pin_register(vv[d]);
-                        }
-                        NA_UNROLL
-                        for (int t = 0; t < NS; ++t) {
-                          const Vec<float> p = splat<float>(P[j * SS + t]);
-                          NA_UNROLL
-                          for (int d = 0; d < DSH; ++d) acc[t][d] += p * vv[d];
-                        }
+                        for (int d = 0; d < DSH; ++d) acc[t][d] += p * vv[d];
                       }
                     }
-                    NA_UNROLL
-                    for (int t = 0; t < NS; ++t) {
-                      const Vec<float> inv = splat<float>(Linv[sl + t]);
-                      float* o = Orow + pl.slotx[sl + t] * ostr + dc * N;
-                      NA_UNROLL
-                      for (int d = 0; d < DSH; ++d) storeu(o + d * N, acc[t][d] * inv);
-                    }
                   }
-                }
-              };
-#if NA_AVX2
-              // tiles of TQ2 queries by DC vectors of channels (TQ2 * DC accumulators + DC value
-              // vectors + 1 weight within 16 ymm registers), then a narrower tile for the rest
-              // (one tile kernel per loop, as below for AVX-512)
-              auto pv_avx2 = [&](auto tqv, auto kern) {
-                constexpr int TQ2 = decltype(tqv)::value;
-                constexpr int DC = 2;
-                const int64_t x0 = pl.xlo + sl;
-                const int64_t kw = pl.kw, nkr = pl.nkr;
-                const uint8_t* const valid = pl.rowvalid.data() + y * nkr;
-                const float* const* const vr = vrows.data();
-                const int64_t vofs = (x0 + pl.off[0]) * vxs;
-                for (int dc = 0; dc < DV; dc += DC) {
-                  Vec<float> acc[TQ2][DC];
                   NA_UNROLL
-                  for (int t = 0; t < TQ2; ++t)
-                    NA_UNROLL
-                    for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
-                  for (int64_t i = 0; i < nkr; ++i)
-                    if (valid[i]) kern(tqv, Sy + i * kw * SS + sl, vr[i] + vofs + dc * N, acc);
-                  NA_UNROLL
-                  for (int t = 0; t < TQ2; ++t) {
+                  for (int t = 0; t < NS; ++t) {
                     const Vec<float> inv = splat<float>(Linv[sl + t]);
-                    float* o = Orow + (x0 + t) * ostr + dc * N;
-                    if (stream_out) {
-                      NA_UNROLL
-                      for (int d = 0; d < DC; ++d) stream_store(o + d * N, acc[t][d] * inv);
-                    } else {
-                      NA_UNROLL
-                      for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
-                    }
+                    float* o = Orow + pl.slotx[sl + t] * ostr + dc * N;
+                    NA_UNROLL
+                    for (int d = 0; d < DSH; ++d) storeu(o + d * N, acc[t][d] * inv);
                   }
                 }
-                sl += TQ2;
-                pf_step(pf_quota);
-              };
-              auto pv_avx2_tiles = [&](auto tqv) {
-                constexpr int TQ2 = decltype(tqv)::value;
-                auto run = [&](auto ssv) {
-                  constexpr int PS = decltype(ssv)::value;
-                  with_pv_kernel<2, PS>(pl, PS, vxs, TQ2, [&](auto kern) {
-                    while (sl + TQ2 <= tile_end) pv_avx2(tqv, kern);
-                  });
-                };
-                if (SS == 32)
-                  run(std::integral_constant<int, 32>{});
-                else if (SS == 64)
-                  run(std::integral_constant<int, 64>{});
-                else
-                  run(std::integral_constant<int, 128>{});
-              };
-              pv_avx2_tiles(std::integral_constant<int, 6>{});
-              pv_avx2_tiles(std::integral_constant<int, 2>{});
-              (void)TQ;
-#else
-              // tiles of TQ queries, then one tile of the rest
-              auto tile = [&](auto tv, auto kern) {
-                constexpr int T = decltype(tv)::value;
-                pf_step(pf_quota);
-                Vec<float> acc[T][DV];
-                NA_UNROLL
-                for (int t = 0; t < T; ++t)
-                  NA_UNROLL
-                  for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-                const int64_t x0 = pl.xlo + sl;
-                for (int64_t i = 0; i < pl.nkr; ++i)
-                  if (pl.rowvalid[y * pl.nkr + i])
-                    kern(tv, Sy + i * pl.kw * SS + sl, vrows[i] + (x0 + pl.off[0]) * vxs, acc);
-                NA_UNROLL
-                for (int t = 0; t < T; ++t) {
-                  const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  float* o = Orow + (x0 + t) * ostr;
-                  NA_UNROLL
-                  for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
-                }
-                sl += T;
-              };
-              with_pv_kernel<DV>(pl, SS, vxs, TQ, [&](auto kern) {
-                while (sl + TQ <= tile_end) tile(std::integral_constant<int, TQ>{}, kern);
-                if (sl < tile_end)
-                  dispatch_nc(tile_end - sl, [&](auto tv) {
-                    if constexpr (decltype(tv)::value < TQ) tile(tv, kern);
-                  });
-              });
-#endif
-              // the other queries: runs of up to kShared slots whose windows hold the same key
-              // columns (the clamped windows at both ends of a row) in one tile that loads each
-              // value vector once for the run, single queries in a tile of one
-              while (sl < se) {
-                if (pl.slotx[sl] >= pl.W) {
-                  ++sl;
-                  continue;
-                }
-                int64_t n = 1;
-                while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
-                dispatch_nc(n, pv_shared);
-                sl += n;
               }
+            };
+            // tiles of TQI queries by DC vectors of channels (TQI * DC accumulators, DC value
+            // vectors and a weight within the registers), then tiles of 2 for the rest; one tile
+            // kernel per loop (see with_pv_kernel)
+            auto pv_tile_run = [&](auto tqv, auto kern) {
+              constexpr int TQ2 = decltype(tqv)::value;
+              const int64_t x0 = pl.xlo + sl;
+              const int64_t kw = pl.kw, nkr = pl.nkr;
+              const uint8_t* const valid = pl.rowvalid.data() + y * nkr;
+              const float* const* const vr = vrows.data();
+              const int64_t vofs = (x0 + pl.off[0]) * vxs;
+              for (int dc = 0; dc < DV; dc += DC) {
+                Vec<float> acc[TQ2][DC];
+                NA_UNROLL
+                for (int t = 0; t < TQ2; ++t)
+                  NA_UNROLL
+                  for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
+                for (int64_t i = 0; i < nkr; ++i)
+                  if (valid[i]) kern(tqv, Sy + i * kw * SS + sl, vr[i] + vofs + dc * N, acc);
+                NA_UNROLL
+                for (int t = 0; t < TQ2; ++t) {
+                  const Vec<float> inv = splat<float>(Linv[sl + t]);
+                  float* o = Orow + (x0 + t) * ostr + dc * N;
+                  if (stream_out) {
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) stream_store(o + d * N, acc[t][d] * inv);
+                  } else {
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) storeu(o + d * N, acc[t][d] * inv);
+                  }
+                }
+              }
+              sl += TQ2;
+              pf_step(pf_quota);
+            };
+            auto pv_tiles = [&](auto tqv) {
+              constexpr int TQ2 = decltype(tqv)::value;
+              auto run = [&](auto ssv) {
+                constexpr int PS = decltype(ssv)::value;
+                with_pv_kernel<DC, PS>(pl, PS, vxs, TQ2, [&](auto kern) {
+                  while (sl + TQ2 <= tile_end) pv_tile_run(tqv, kern);
+                });
+              };
+              if (SS == 32)
+                run(std::integral_constant<int, 32>{});
+              else if (SS == 64)
+                run(std::integral_constant<int, 64>{});
+              else
+                run(std::integral_constant<int, 128>{});
+            };
+            pv_tiles(std::integral_constant<int, TQI>{});
+            pv_tiles(std::integral_constant<int, 2>{});
+            // the other queries: runs of up to kShared slots whose windows hold the same key
+            // columns (the clamped windows at both ends of a row) in one tile that loads each
+            // value vector once for the run, single queries in a tile of one
+            while (sl < se) {
+              if (pl.slotx[sl] >= pl.W) {
+                ++sl;
+                continue;
+              }
+              int64_t n = 1;
+              while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
+              dispatch_nc(n, pv_shared);
+              sl += n;
             }
           }
         }

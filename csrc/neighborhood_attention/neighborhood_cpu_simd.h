@@ -21,8 +21,10 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 // GCC 12's AVX-512 shuffle/unpack intrinsics start from _mm512_undefined_ps(), a deliberately
-// self-initialised value that -Wmaybe-uninitialized reports at every use.
+// self-initialised value that -Wmaybe-uninitialized reports at every use (and -Wuninitialized
+// where _mm512_reduce_max_ps / _mm512_reduce_add_ps take its 256-bit halves).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 
 // Vector width. AVX-512 (and ISAs without AVX2) use 64-byte vectors (16 floats); AVX2 + FMA

@@ -213,7 +213,8 @@ template <int DV>
 static void forward_f32(const View6& q, const View6& k, const View6& v, float* O, float* L,
                         const Plan<float>& pl, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  constexpr int TQ = DV >= 4 ? 6 : 8;  // queries per band P.V tile (TQ * DV accumulators in registers)
+  // queries per band P.V tile (TQ * DV accumulators in registers; the band is AVX-512 only)
+  [[maybe_unused]] constexpr int TQ = DV >= 4 ? 6 : 8;
   // The interior P.V tiles: TQI queries by DC channel vectors (several passes for wider heads), the
   // weights at constant offsets (SS below) and the output written with streaming stores where
   // stream_output says so. AVX-512 had taken all DV vectors for TQ queries, with S's stride in a
@@ -460,7 +461,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
           // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
           // (and with band_all its border slots too: [iend, gend) one query at a time)
-          int64_t gend = sg, iend = sg;
+          int64_t gend = sg;
+          [[maybe_unused]] int64_t iend = sg;  // (read by the AVX-512 band only)
           if (band_nv > 0) {
             bool rows_ok = true;
             for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;

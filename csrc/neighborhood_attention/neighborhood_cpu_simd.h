@@ -5,6 +5,12 @@
 // per instruction-set level; everything here has internal linkage).
 #pragma once
 
+// 64-byte vectors passed by value between internal functions of the generic build: GCC notes
+// that their calling convention differs from an AVX-512 build's, which no caller outside this
+// translation unit ever sees. (Before the includes: exp_approx.h's exp_poly5 is instantiated for
+// them too.)
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include "../common/exp_approx.h"
 #include "../common/log_approx.h"
 
@@ -47,10 +53,6 @@
 #define NA_X86V3 0
 #endif
 
-// 64-byte vectors passed by value between internal functions of the generic build: GCC notes
-// that their calling convention differs from an AVX-512 build's, which no caller outside this
-// translation unit ever sees.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace alterops {
 namespace neighborhood {

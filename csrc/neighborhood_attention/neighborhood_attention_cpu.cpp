@@ -45,8 +45,7 @@
 // Work is split over (batch, head) pairs, and over row chunks of each pair when there are
 // fewer pairs than twice the threads; each task packs the key rows of its key/value head
 // (heads / heads_kv query heads share one; nothing is copied to expand them). The float32
-// forward takes several heads per task where there are enough tasks, heads innermost within
-// each row group, forms a long row's logits in segments of kSegmentSlots queries, and splits a map of
+// forward forms a long row's logits in segments of kSegmentSlots queries, and splits a map of
 // one long row (1-D) into column chunks taken heads innermost (batch, chunk, head), so that the
 // heads' passes over a chunk share its tokens' cache lines in L2. The backward's
 // tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order (the query

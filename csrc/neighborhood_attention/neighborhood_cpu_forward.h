@@ -9,9 +9,9 @@ namespace alterops {
 namespace neighborhood {
 namespace {
 
-// The forward's split: (batch, head) work (or (batch, head group) work, BH being the number of
-// those) in row chunks only when there are fewer of them than twice the threads. Every query row is computed the same way whichever task holds
-// it, so the forward's results do not depend on the split.
+// The forward's split: BH (batch, head) pairs in row chunks only when there are fewer of them
+// than twice the threads. Every query row is computed the same way whichever task holds it, so
+// the forward's results do not depend on the split.
 static int64_t row_chunks(int64_t BH, int64_t H, const Parallel& par) {
   const int64_t nthreads = par.num_threads;
   int64_t n = BH >= 2 * nthreads ? 1 : std::min<int64_t>(H, (2 * nthreads + BH - 1) / BH);
@@ -306,8 +306,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // heads of 64 channels (about 1.9 MB) within a 2 MB L2; 128 and 512 were slower by 3-5%.
   const int64_t ncol = pl.R == 1 && nchunks == 1 && pl.Ws > SW ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
   const int64_t colslots = ncol == 1 ? pl.Ws : kColumnSlots;
-  // Rows no longer than a segment have their key and value rows packed a row group at a time for
-  // all the key/value heads of the task's head group (pack_group below), and the value rows are
+  // Rows no longer than a segment have their key and value rows packed a row group at a time
+  // (pack_group below), and the value rows are
   // then copied into a ring beside the keys' when one head's value tokens are not contiguous
   // (several heads per token): P.V reads its tiles from the copies (2-D forward, B = 4, 56 x 56,
   // 4 heads, k = 7: 5.4 -> 4.6 ms; 3-D, 8 x 32 x 32, k = (3, 7, 7): 10.4 -> 8.9 ms on Zen 3, in
@@ -380,10 +380,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         }
       };
       // group_pack: the key rows up to upto (transposed, and the border blocks' copies) and the
-      // value rows (copied when vpack) of the group's key/value heads, 8 tokens at a time for all
-      // of them, with the lines of the tokens kPackAhead further on prefetched (running on into
-      // the next row), and the query lines of rows [yg, yg + ng) prefetched for the query
-      // transposes that follow.
+      // value rows (copied when vpack) of the task's key/value head, a slot block of tokens at a
+      // time, with the lines of the tokens kPackAhead further on prefetched (running on into the
+      // next row), and the query lines of rows [yg, yg + ng) prefetched for the query transposes
+      // that follow.
       auto pack_group = [&](int64_t upto, int64_t yg, int64_t ng) {
         const int64_t from = std::max(hkeys.packed_hi + 1, upto - hkeys.Kp.rows + 1);
         for (int64_t y = from; y <= upto; ++y) {

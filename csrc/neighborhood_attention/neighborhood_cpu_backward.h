@@ -120,7 +120,8 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
   // (and aligned), with streaming stores where they transpose 8 tokens at a time: their lines are
   // then not read from memory before they are written, nor kept in cache in place of the inputs
   // (2-D backward, B = 4, 56 x 56, 4 heads, d = 32, 6.4 MB each: 1.5-2% faster on Zen 3 at AVX2;
-  // on Zen 4 at AVX-512, forward+backward 17.8 -> 16.8 ms with the forward's streaming stores).
+  // on Zen 4 at AVX-512, forward+backward 18.0 -> 16.7 ms with the forward's streaming stores, medians
+  // of 4 alternating runs).
   const int64_t row_bytes = pl.B * pl.R * pl.W * pl.D * (int64_t)sizeof(float);  // per head
   const bool stream_base = std::is_same<scalar_t, float>::value && pl.D % 8 == 0;
   const bool stream_dq = stream_base && stream_output(DQ, row_bytes * pl.NH);

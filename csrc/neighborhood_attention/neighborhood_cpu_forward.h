@@ -321,16 +321,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // Zen 3 at AVX2, 7% on Zen 4 at AVX-512).
   const bool stream_out = stream_output(O, pl.B * pl.R * pl.W * pl.NH * D * (int64_t)sizeof(float));
   par.for_tasks(pl.B * pl.NH * nchunks * ncol, [&](auto next) {
-    // the task's key/value head: its packed key rows, the last packed row and the packed columns
-    struct HeadKeys {
-      KeyPack<float> Kp;
-      std::vector<float> Vp;  // (vpack) the value rows, W tokens of D channels in Kp's ring slots
-      int64_t packed_hi = 0, packed_cols = 0;
-      const float* vrow(const Plan<float>& pl, int64_t y) const { return Vp.data() + Kp.slot(y) * pl.W * pl.D; }
-    };
-    HeadKeys hkeys;
-    hkeys.Kp.alloc(pl, ring, !band_all);
-    if (vpack) hkeys.Vp.resize(hkeys.Kp.rows * pl.W * D);
+    // the task's key/value head: its packed key rows, (vpack) its value rows copied beside them
+    // (W tokens of D channels in Kp's ring slots), the last packed row and the packed columns
+    KeyPack<float> Kp;
+    Kp.alloc(pl, ring, !band_all);
+    std::vector<float> Vp(vpack ? Kp.rows * pl.W * D : 0);
+    int64_t packed_hi = 0, packed_cols = 0;
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SS), Linv(pl.Ws);
     const float* rows[16];
@@ -360,15 +356,19 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       key_rows(pl, y0, y1, klo, khi);
       const int64_t packed_lo =
           s_lo == 0 ? 0 : std::max<int64_t>(0, std::min(pl.xlo + s_lo + pl.off[0], pl.Wk - band_nv * N) / N * N);
-      hkeys.packed_hi = klo - 1;
-      hkeys.packed_cols = seg_pf ? packed_lo : pl.Wk;
+      packed_hi = klo - 1;
+      packed_cols = seg_pf ? packed_lo : pl.Wk;
+      const int64_t ht = pl.nht == 1 ? 0 : h;
+      auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
+      auto vcopy = [&](int64_t y) { return Vp.data() + Kp.slot(y) * pl.W * D; };
+      auto vrow = [&](int64_t y) -> const float* { return vpack ? vcopy(y) : vb + pl.row_off(vs, b, y, hk); };
       // columns [x0, x0 + N) of key row y (kr) transposed into Kp (columns past W: zeros)
-      auto pack_key_block = [&](KeyPack<float>& Kp, const float* kr, int64_t y, int64_t x0) {
+      auto pack_key_block = [&](const float* kr, int64_t y, int64_t x0) {
         for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
         NA_TRANSPOSE_BLK(rows, D, 1.0f, Kp.trow(pl, y) + x0, pl.Wk);
       };
       // the border blocks' copies of key row y (kr) in Kp (only for the chunk that holds them)
-      auto pack_border_blocks = [&](KeyPack<float>& Kp, const float* kr, int64_t y) {
+      auto pack_border_blocks = [&](const float* kr, int64_t y) {
         for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
           const int64_t s0 = (pl.n_full + g) * N;
           float* gb = Kp.grow(pl, y, g);
@@ -385,73 +385,67 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       // next row), and the query lines of rows [yg, yg + ng) prefetched for the query transposes
       // that follow.
       auto pack_group = [&](int64_t upto, int64_t yg, int64_t ng) {
-        const int64_t from = std::max(hkeys.packed_hi + 1, upto - hkeys.Kp.rows + 1);
+        const int64_t from = std::max(packed_hi + 1, upto - Kp.rows + 1);
         for (int64_t y = from; y <= upto; ++y) {
           const int64_t yq = yg + (y - from);  // the query row whose lines are prefetched with it
-          const float* kr = kb + pl.row_off(ks, b, y, hk);
+          const float* kr = krow(y);
           const float* vr = vb + pl.row_off(vs, b, y, hk);
-          float* vdst = vpack ? hkeys.Vp.data() + hkeys.Kp.slot(y) * pl.W * D : nullptr;
+          float* vdst = vpack ? vcopy(y) : nullptr;
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
             prefetch_tokens(kr + (x0 + kPackAhead) * ks[3], ks[3], N, D);
             prefetch_tokens(vr + (x0 + kPackAhead) * vs[3], vs[3], N, D);
             if (yq < yg + ng && x0 < pl.W)
               prefetch_tokens(qb + pl.row_off(qs, b, yq, h) + x0 * qs[3], qs[3], std::min<int64_t>(N, pl.W - x0), D);
-            pack_key_block(hkeys.Kp, kr, y, x0);
+            pack_key_block(kr, y, x0);
             if (vpack)
               for (int64_t x = x0; x < std::min(pl.W, x0 + N); ++x)
                 for (int64_t c = 0; c < D; c += N) storeu(vdst + x * D + c, loadu(vr + x * vs[3] + c));
           }
-          pack_border_blocks(hkeys.Kp, kr, y);
+          pack_border_blocks(kr, y);
         }
-        hkeys.packed_hi = std::max(hkeys.packed_hi, upto);
+        packed_hi = std::max(packed_hi, upto);
+      };
+      // transposed key rows (sink and padding columns zero) and the border blocks' copies,
+      // packed just before the first row group that reads them (so they are still in cache)
+      // Rows longer than a segment have their columns packed as the segments reach them (the
+      // next segment's are prefetched; a whole row packed up front came from memory
+      // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
+      // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
+      auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
+        for (int64_t x0 = c0; x0 < c1; x0 += N) pack_key_block(krow(y), y, x0);
+      };
+      // columns up to upto_col (exclusive) of the packed rows
+      auto extend_cols = [&](int64_t upto_col) {
+        const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
+        if (c1 <= packed_cols) return;
+        for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
+        packed_cols = c1;
+      };
+      auto pack_key_rows = [&](int64_t upto) {
+        // (rows that the ring would drop before any group reads them are skipped)
+        for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
+          const float* kr = krow(y);
+          pack_cols(y, packed_lo, packed_cols);
+          // border slots through the band: the columns of their bands that lie below the
+          // chunk's packed columns
+          if (band_all && s_hi > pl.n_full * N) {
+            int64_t c0 = packed_lo, c1 = 0;
+            for (int64_t st : bstart)
+              if (st >= 0 && st < packed_lo) {
+                c0 = std::min(c0, st / N * N);
+                c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
+              }
+            if (c0 < c1) pack_cols(y, c0, c1);
+          }
+          pack_border_blocks(kr, y);
+        }
+        packed_hi = std::max(packed_hi, upto);
       };
       for (int64_t yg = y0; yg < y1; yg += RG) {
         const int64_t ng = std::min<int64_t>(RG, y1 - yg);
         int64_t kmin, kmax;
         key_rows(pl, yg, yg + ng, kmin, kmax);
-        if (group_pack && kmax > hkeys.packed_hi) pack_group(kmax, yg, ng);
-        const int64_t ht = pl.nht == 1 ? 0 : h;
-        KeyPack<float>& Kp = hkeys.Kp;
-        int64_t& packed_hi = hkeys.packed_hi;
-        int64_t& packed_cols = hkeys.packed_cols;
-        auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
-        auto vrow = [&](int64_t y) { return vpack ? hkeys.vrow(pl, y) : vb + pl.row_off(vs, b, y, hk); };
-        // transposed key rows (sink and padding columns zero) and the border blocks' copies,
-        // packed just before the first row group that reads them (so they are still in cache)
-        // Rows longer than a segment have their columns packed as the segments reach them (the
-        // next segment's are prefetched; a whole row packed up front came from memory
-        // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
-        // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
-        auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
-          for (int64_t x0 = c0; x0 < c1; x0 += N) pack_key_block(Kp, krow(y), y, x0);
-        };
-        // columns up to upto_col (exclusive) of the packed rows
-        auto extend_cols = [&](int64_t upto_col) {
-          const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
-          if (c1 <= packed_cols) return;
-          for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
-          packed_cols = c1;
-        };
-        auto pack_key_rows = [&](int64_t upto) {
-          // (rows that the ring would drop before any group reads them are skipped)
-          for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
-            const float* kr = krow(y);
-            pack_cols(y, packed_lo, packed_cols);
-            // border slots through the band: the columns of their bands that lie below the
-            // chunk's packed columns
-            if (band_all && s_hi > pl.n_full * N) {
-              int64_t c0 = packed_lo, c1 = 0;
-              for (int64_t st : bstart)
-                if (st >= 0 && st < packed_lo) {
-                  c0 = std::min(c0, st / N * N);
-                  c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
-                }
-              if (c0 < c1) pack_cols(y, c0, c1);
-            }
-            pack_border_blocks(Kp, kr, y);
-          }
-          packed_hi = std::max(packed_hi, upto);
-        };
+        if (group_pack && kmax > packed_hi) pack_group(kmax, yg, ng);
         if (kmax > packed_hi) pack_key_rows(kmax);
         // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
         // queries and logits stay in cache from the logits to the output

@@ -53,7 +53,6 @@
 #define NA_X86V3 0
 #endif
 
-
 namespace alterops {
 namespace neighborhood {
 namespace {

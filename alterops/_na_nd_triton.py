@@ -15,6 +15,8 @@ compute. Dtypes: float32, float16, bfloat16; head_dim <= 256.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _checks
@@ -22,10 +24,6 @@ from . import _checks
 BORDER_CODE = {"clamp": 0, "mask": 1, "zero": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
-
-
-def _cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, border: str) -> None:
@@ -44,46 +42,64 @@ def _window_args(kernel_size, dilation, stride, causal) -> list[int]:
     return [int(x) for x in (*kernel_size, *dilation, *stride)] + [int(bool(c)) for c in causal]
 
 
-def _bias_args(q, bias):
-    has_bias = bias is not None
-    bias_arg = bias if has_bias else q.new_zeros(1, dtype=torch.float32)
-    bias_head_stride = 0 if (not has_bias or bias.shape[0] == 1) else bias.stride(0)
-    return has_bias, bias_arg, bias_head_stride
+def _kernels():
+    """The kernels' module, imported (with Triton) on the first launch, not with alterops."""
+    global _KERNELS
+    if _KERNELS is None:
+        from .kernels import neighborhood_attention_nd
+
+        _KERNELS = neighborhood_attention_nd
+    return _KERNELS
 
 
-def _tiles(cfg: dict, T: int, H: int, W: int, prefix: str) -> int:
-    return _cdiv(T, cfg[prefix + "T"]) * _cdiv(H, cfg[prefix + "H"]) * _cdiv(W, cfg[prefix + "W"])
+_KERNELS = None
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(kernel: str, head_dim: int, dtype: torch.dtype, T: int, H: int, W: int, pairs: int):
+    """``(meta, launches)`` of ``kernel`` ("fwd", "dq" or "dkdv") on a (T, H, W) map: the tile
+    constexprs with num_warps / num_stages, and the (BH0, grid, SPLIT) of each launch over
+    ``pairs`` (batch, head) pairs. Cached: the host side of a call is part of its time."""
+    kern = _kernels()
+
+    cfg = kern.pick_config(kernel, head_dim, dtype, kern.map_rank(T, H, W))
+    meta = dict({n: cfg[n] for n in kern.TILE_KEYS}, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    pre = "TN_" if kernel == "dkdv" else "TM_"
+    tiles = _cdiv(T, cfg[pre + "T"]) * _cdiv(H, cfg[pre + "H"]) * _cdiv(W, cfg[pre + "W"])
+    return meta, tuple(kern.launches(pairs, tiles))
 
 
 def na_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale):
-    from .kernels import neighborhood_attention_nd as kern
-    from .kernels._attention_common import nonfinite_passes
+    kern = _kernels()
 
     _check(q, k, border)
     B, T, H, W, heads, head_dim = q.shape
     heads_kv = k.shape[4]
     out = _checks.empty((B, T, H, W, heads, head_dim), like=q)
     lse = _checks.empty((B, heads, T, H, W), like=q, dtype=torch.float32)
-    cfg = kern.pick_config("fwd", head_dim, q.dtype, kern.map_rank(T, H, W))
-    tiles = {n: cfg[n] for n in kern.TILE_KEYS}
-    has_bias, bias_arg, bias_head_stride = _bias_args(q, bias)
+    meta, launches = _plan("fwd", head_dim, q.dtype, T, H, W, B * heads)
+    # without a table the kernel reads no bias: any float32 pointer will do
+    bias_arg, bias_head_stride = (lse, 0) if bias is None else (bias, 0 if bias.shape[0] == 1 else bias.stride(0))
     wide = kern.needs_wide(q, k, v, out)
+    window = _window_args(kernel_size, dilation, stride, causal)
     # A NaN or inf in v: the plain kernel's dots would spread it to queries whose window does not
     # hold it (their weight 0 times inf); a second launch recomputes with IEEE handling when the
     # device-side flag says so.
-    flag, variants = nonfinite_passes(v)
+    flag, variants = kern.nonfinite_passes(v)
     for nonfinite in variants:
-        for bh0, grid, split in kern.launches(B * heads, _tiles(cfg, T, H, W, "TM_")):
+        for bh0, grid, split in launches:
             kern.nand_fwd_kernel[grid](
                 q, k, v, out, lse, bias_arg, flag,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                T, H, W, heads, heads // heads_kv, head_dim,
-                *_window_args(kernel_size, dilation, stride, causal),
+                T, H, W, heads, heads // heads_kv, head_dim, *window,
                 bias_head_stride, bh0, scale * kern.LOG2E,
-                BORDER=BORDER_CODE[border], HAS_BIAS=has_bias, **tiles,
+                BORDER=BORDER_CODE[border], HAS_BIAS=bias is not None,
                 FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
-                WIDE=wide, SPLIT=split, NONFINITE=nonfinite,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                WIDE=wide, SPLIT=split, NONFINITE=nonfinite, **meta,
             )
     return out, lse
 
@@ -121,57 +137,61 @@ def bias_grad_from_slots(ds_slots, kernel_size, dilation, stride, causal, border
 
 def na_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias,
                      scale, bias_grad):
-    from .kernels import neighborhood_attention_nd as kern
+    kern = _kernels()
 
     _check(q, k, border)
     B, T, H, W, heads, head_dim = q.shape
     heads_kv = k.shape[4]
-    # dS = P * (dP - delta + dlse): the kernels take delta - dlse
-    delta = (dout.float() * out.float()).sum(-1).permute(0, 4, 1, 2, 3).contiguous()  # (B, heads, T, H, W)
-    if dlse is not None:
-        delta = delta - dlse
+    # DELTA = rowsum(dO * O) - dlse per query, (B, heads, T, H, W): for 16-bit inputs the dq
+    # kernel computes it (and stores it for the dk/dv kernel), float32 has it computed here
+    fused_delta = q.dtype != torch.float32
+    has_dlse = fused_delta and dlse is not None
+    if fused_delta:
+        delta = _checks.empty((B, heads, T, H, W), like=q, dtype=torch.float32)
+        dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else lse  # lse: a pointer never read
+    else:
+        dlse_arg = lse
+        delta = (dout * out).sum(-1).permute(0, 4, 1, 2, 3).contiguous()
+        if dlse is not None:
+            delta = delta - dlse
     dq = _checks.empty(q.shape, like=q)
     dk = _checks.empty(k.shape, like=k)
     dv = _checks.empty(v.shape, like=v)
-    has_bias, bias_arg, bias_head_stride = _bias_args(q, bias)
+    has_bias = bias is not None
+    # without a table (or its gradient) the kernels touch no bias (no DS): any float32 pointer
+    bias_arg, bias_head_stride = (lse, 0) if not has_bias else (bias, 0 if bias.shape[0] == 1 else bias.stride(0))
     want_db = has_bias and bias_grad
     kt, kh, kw = (int(x) for x in kernel_size)
     # per-(query, slot) logit gradients for the bias table; slots that are no neighbour stay 0
-    ds_slots = torch.zeros((B, heads, T, H, W, kt, kh, kw) if want_db else (1,), device=q.device,
-                           dtype=torch.float32)
+    ds_slots = torch.zeros((B, heads, T, H, W, kt, kh, kw), device=q.device, dtype=torch.float32) if want_db else lse
     window = _window_args(kernel_size, dilation, stride, causal)
     common = dict(
         BORDER=BORDER_CODE[border], HAS_BIAS=has_bias,
         FP32_DOT=q.dtype == torch.float32, UPCAST_DOT=q.device.type == "cpu",
-        WIDE=kern.needs_wide(q, k, v, dout, dq, dk, dv),
+        WIDE=kern.needs_wide(q, k, v, out, dout, dq, dk, dv),
     )
-
-    def tiles(cfg):
-        return dict({n: cfg[n] for n in kern.TILE_KEYS}, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
     group = heads // heads_kv
-    rank = kern.map_rank(T, H, W)
-    cfg = kern.pick_config("dq", head_dim, q.dtype, rank)
-    for bh0, grid, split in kern.launches(B * heads, _tiles(cfg, T, H, W, "TM_")):
+    meta, launches = _plan("dq", head_dim, q.dtype, T, H, W, B * heads)
+    for bh0, grid, split in launches:
         kern.nand_bwd_dq_kernel[grid](
-            q, k, v, dout, lse, delta, dq, bias_arg, ds_slots,
-            *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+            q, k, v, out, dout, lse, dlse_arg, delta, dq, bias_arg, ds_slots,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride(),
             T, H, W, heads, group, head_dim, *window,
-            bias_head_stride, bh0, scale * kern.LOG2E, scale, STORE_DS=want_db, SPLIT=split,
-            **common, **tiles(cfg),
+            bias_head_stride, bh0, scale * kern.LOG2E, scale, FUSED_DELTA=fused_delta, HAS_DLSE=has_dlse,
+            STORE_DS=want_db, SPLIT=split, **common, **meta,
         )
-    cfg = kern.pick_config("dkdv", head_dim, q.dtype, rank)
-    for bh0, grid, split in kern.launches(B * heads_kv, _tiles(cfg, T, H, W, "TN_")):
+    meta, launches = _plan("dkdv", head_dim, q.dtype, T, H, W, B * heads_kv)
+    for bh0, grid, split in launches:
         kern.nand_bwd_dkdv_kernel[grid](
             q, k, v, dout, lse, delta, dk, dv, bias_arg,
             *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dk.stride(), *dv.stride(),
             T, H, W, heads, group, head_dim, *window,
-            bias_head_stride, bh0, scale * kern.LOG2E, scale, SPLIT=split, **common, **tiles(cfg),
+            bias_head_stride, bh0, scale * kern.LOG2E, scale, SPLIT=split, **common, **meta,
         )
     if want_db:
         dbias = bias_grad_from_slots(ds_slots, (kt, kh, kw), dilation, stride, causal, border, bias.shape[0])
     else:
-        dbias = q.new_zeros((0,), dtype=torch.float32)
+        dbias = q.new_empty((0,), dtype=torch.float32)
     return dq, dk, dv, dbias
 
 
@@ -193,3 +213,32 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
             bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return na_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias,
                             scale, bias_grad)
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points: the launchers themselves in eager calls, the registered ops otherwise
+# ---------------------------------------------------------------------------------------
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct(*tensors) -> bool:
+    """Whether a call may run the launcher itself instead of its registered op: an eager call on
+    plain tensors, outside torch.compile / export tracing, functorch transforms and dispatch
+    modes (FakeTensor, make_fx, FlopCounterMode, ...), which all need the op. The op's dispatch
+    (custom-op autograd and no-dynamo wrappers) costs 30-60 us of host time per call."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in _PLAIN for t in tensors if t is not None))
+
+
+def fwd(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale):
+    """``neighborhood_attention_nd_triton_fwd``, directly in eager calls."""
+    f = na_nd_triton_fwd if _direct(q, k, v, bias) else torch.ops.alterops.neighborhood_attention_nd_triton_fwd
+    return f(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale)
+
+
+def bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias, scale, bias_grad):
+    """``neighborhood_attention_nd_triton_bwd``, directly in eager calls."""
+    f = (na_nd_triton_bwd if _direct(dout, q, k, v, out, lse, dlse, bias)
+         else torch.ops.alterops.neighborhood_attention_nd_triton_bwd)
+    return f(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias, scale, bias_grad)

@@ -243,7 +243,7 @@ if _ext.has_op("neighborhood_attention_nd_fwd"):
 
 # The Triton launchers register their ops at import (Triton itself is imported when they run);
 # both fused backends' ops have the same argument lists, hence the same fake impls.
-from . import _na_nd_triton  # noqa: E402,F401
+from . import _na_nd_triton  # noqa: E402
 torch.library.register_fake("alterops::neighborhood_attention_nd_triton_fwd")(_fake_fwd)
 torch.library.register_fake("alterops::neighborhood_attention_nd_triton_bwd")(_fake_bwd)
 
@@ -272,10 +272,7 @@ def _fused_forward(q, k, v, table, kernel_size, dilation, stride, causal, border
     if table is not None:
         cells = [2 * kk - 1 for kk in kernel_size]
         bias = table.to(_acc_dtype(q.dtype)).reshape(table.shape[0], *cells).contiguous()
-    if backend in ("cpu", "cuda"):
-        op = torch.ops.alterops.neighborhood_attention_nd_fwd
-    else:
-        op = torch.ops.alterops.neighborhood_attention_nd_triton_fwd
+    op = torch.ops.alterops.neighborhood_attention_nd_fwd if backend in ("cpu", "cuda") else _na_nd_triton.fwd
     out, lse = op(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale)
     return out, lse, bias
 
@@ -305,10 +302,8 @@ class _NeighborhoodAttentionNd(torch.autograd.Function):
         if dlse is not None:
             dlse = dlse.to(lse.dtype).contiguous()
         bias_grad = bias is not None and ctx.needs_input_grad[3]
-        if ctx.backend_name in ("cpu", "cuda"):
-            op = torch.ops.alterops.neighborhood_attention_nd_bwd
-        else:
-            op = torch.ops.alterops.neighborhood_attention_nd_triton_bwd
+        fused_cpp = ctx.backend_name in ("cpu", "cuda")
+        op = torch.ops.alterops.neighborhood_attention_nd_bwd if fused_cpp else _na_nd_triton.bwd
         dq, dk, dv, dbias = op(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border,
                                bias, scale, bias_grad)
         dtable = None
@@ -326,6 +321,8 @@ _AXES = {1: "(B, L, heads, head_dim)", 2: "(B, H, W, heads, head_dim)", 3: "(B, 
 
 def _per_axis(name: str, value, n: int, *, minimum: int | None = None, kind=int) -> tuple:
     """An int (bool for ``kind=bool``) or a sequence of ``n`` of them, returned as an n-tuple."""
+    if type(value) is kind and (kind is bool or (minimum is None or value >= minimum) and value <= _checks.MAX_INT):
+        return (value,) * n  # the common case, without the checks below
     what = "a bool or a sequence of bools" if kind is bool else "an int or a sequence of ints"
 
     def ok(x):
@@ -426,7 +423,9 @@ def _neighborhood_attention(n, q, k, v, kernel_size, dilation, stride, is_causal
         return neighborhood_attention_nd_reference(q, k, v, ks, ds, ss, cs, border, table, scale, return_lse)
     # The fused kernels take three spatial axes: pad with leading axes of size 1 (kernel 1).
     pad = 3 - n
-    q3, k3, v3 = (t[(slice(None),) + (None,) * pad] for t in (q, k, v))
+    q3, k3, v3 = q, k, v
+    for _ in range(pad):
+        q3, k3, v3 = q3.unsqueeze(1), k3.unsqueeze(1), v3.unsqueeze(1)
     one = (1,) * pad
     args = (q3, k3, v3, table, [*one, *ks], [*one, *ds], [*one, *ss], [0] * pad + [int(c) for c in cs], border,
             scale, name)

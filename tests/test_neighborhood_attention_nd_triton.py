@@ -205,3 +205,56 @@ def test_opcheck():
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     torch.library.opcheck(bwd.default, (dout, q, k, v, out, lse, dlse, *window, table, 0.3, True))
     torch.library.opcheck(bwd.default, (dout, q, k, v, out, lse, None, *window, None, 0.3, False))
+
+
+def test_ieee_pass_returns_unless_the_flag_says_nonfinite(monkeypatch):
+    """The IEEE pass alone (as a GPU launches it after the plain one), on a NaN-poisoned output:
+    with the flag of finite values (the sum of v) it returns at once and leaves the output
+    untouched; with a flag of inf or NaN it computes the whole output."""
+    from alterops import _checks
+    from alterops.kernels import _attention_common, neighborhood_attention_nd as kern
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 1, 3, 7, 2, 16, generator=g).to(DEVICE) for _ in range(3))
+    window = ([1, 3, 3], [1, 1, 2], [1, 1, 1], [0, 0, 0], "clamp")
+    zeros = torch.zeros(1, 1, 3, 7, 2, 16)
+    ref = brute_force(q.cpu(), k.cpu(), v.cpu(), None, zeros, zeros[..., 0].permute(0, 4, 1, 2, 3), *window, 0.25)
+    monkeypatch.setattr(_checks, "_POISON", True)
+    for flag_value in (None, float("inf"), float("-inf"), float("nan")):
+        def ieee_only(v, flag_value=flag_value):
+            flag, _ = _attention_common.nonfinite_passes(v)
+            if flag_value is not None:
+                flag = torch.full_like(flag, flag_value)
+            return flag, [True]
+
+        monkeypatch.setattr(kern, "nonfinite_passes", ieee_only)
+        out, lse = torch.ops.alterops.neighborhood_attention_nd_triton_fwd(q, k, v, *window, None, 0.25)
+        if flag_value is None:
+            assert out.isnan().all() and lse.isnan().all(), "the IEEE pass ran with a finite flag"
+        else:
+            assert_close(out, ref[0], name=f"out, flag {flag_value}")
+            assert_close(lse, ref[1], name=f"lse, flag {flag_value}")
+
+
+def test_eager_calls_skip_the_op_and_traces_keep_it():
+    """An eager call runs the launchers without the registered ops' dispatch (host time);
+    a trace (make_fx, as torch.compile and export build on) must still see the opaque ops."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import alterops as ao
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 6, 5, 2, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    assert alterops._na_nd_triton._direct(q, k, v, None)
+
+    def step(q, k, v):
+        out = ao.neighborhood_attention2d(q, k, v, 3, backend="triton")
+        return (out,) + torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+
+    graph = make_fx(step)(q, k, v)
+    code = graph.code
+    assert "neighborhood_attention_nd_triton_fwd" in code and "neighborhood_attention_nd_triton_bwd" in code
+    eager = step(q, k, v)
+    traced = graph(q, k, v)
+    for a, b in zip(eager, traced):
+        assert torch.equal(a, b)

@@ -32,7 +32,7 @@ which the launcher sets when any tensor's offsets within an image can reach 2**3
 import triton
 import triton.language as tl
 
-from ._attention_common import nonfinite_values
+from ._attention_common import flag_clean, nonfinite_passes, nonfinite_values  # noqa: F401 (the launcher's)
 
 LOG2E = 1.4426950408889634
 
@@ -327,10 +327,10 @@ def nand_fwd_kernel(
     SPLIT: tl.constexpr, NONFINITE: tl.constexpr,
 ):
     """One block of queries of one (batch, head): out and the natural-log lse. The NONFINITE
-    variant is launched after the plain one with FLAG set on the device when v holds a NaN or
-    inf (no host sync): it returns at once otherwise, and recomputes with IEEE handling."""
+    variant is launched after the plain one: it returns at once unless FLAG (the sum of v, on the
+    device: no host sync) says v holds a NaN or inf, and then recomputes with IEEE handling."""
     if NONFINITE:
-        if tl.load(FLAG) == 0:
+        if flag_clean(FLAG):
             return
     BLOCK_M: tl.constexpr = TM_T * TM_H * TM_W
     bh, b, h = _pair_of(tl.program_id(1), BH0, NH, SPLIT)
@@ -404,24 +404,29 @@ def nand_fwd_kernel(
 
 @triton.jit
 def nand_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, BIAS, DS,
+    Q, K, V, O, DO, LSE, DLSE, DELTA, DQ, BIAS, DS,
     sqb, sqt, sqy, sqx, sqh, sqd,
     skb, skt, sky, skx, skh, skd,
     svb, svt, svy, svx, svh, svd,
+    sob, sot, soy, sox, soh, sod,
     sdob, sdot, sdoy, sdox, sdoh, sdod,
     sdqb, sdqt, sdqy, sdqx, sdqh, sdqd,
     T, H, W, NH, GROUP, HD,
     KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW,
     bias_hs, BH0, qk_scale, scale,
-    BORDER: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_DS: tl.constexpr,
+    BORDER: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED_DELTA: tl.constexpr, HAS_DLSE: tl.constexpr,
+    STORE_DS: tl.constexpr,
     TM_T: tl.constexpr, TM_H: tl.constexpr, TM_W: tl.constexpr,
     TN_T: tl.constexpr, TN_H: tl.constexpr, TN_W: tl.constexpr,
     BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr, WIDE: tl.constexpr,
     SPLIT: tl.constexpr,
 ):
     """One block of queries of one (batch, head): dq, and (STORE_DS) each logit gradient at its
-    (query, neighbour slot) entry of DS. DELTA holds rowsum(dO * O) - dlse, so that
-    dS = P * (dP - DELTA)."""
+    (query, neighbour slot) entry of DS; dS = P * (dP - DELTA), DELTA = rowsum(dO * O) - dlse.
+    FUSED_DELTA (16-bit inputs): it computes the DELTA of its queries (the dlse term when
+    HAS_DLSE) and stores it for the dk/dv kernel launched after it, in place of four tensor
+    ops on the host; float32 reads the host's DELTA (O's tile next to q and dO made the float32
+    configurations spill)."""
     BLOCK_M: tl.constexpr = TM_T * TM_H * TM_W
     bh, b, h = _pair_of(tl.program_id(1), BH0, NH, SPLIT)
     hk = h // GROUP
@@ -433,7 +438,15 @@ def nand_bwd_dq_kernel(
     do = tl.load(_ptrs(DO, b, sdob, h, sdoh, qt, sdot, qy, sdoy, qx, sdox, offs_d, sdod, WIDE),
                  mask=md, other=0.0)
     row = ((bh.to(tl.int64) * T + qt) * H + qy) * W + qx
-    lse, delta = _row_stats(LSE, DELTA, row, m_ok)
+    if FUSED_DELTA:
+        o = tl.load(_ptrs(O, b, sob, h, soh, qt, sot, qy, soy, qx, sox, offs_d, sod, WIDE), mask=md, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + row, mask=m_ok, other=0.0)
+        tl.store(DELTA + row, delta, mask=m_ok)
+    else:
+        delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + row, mask=m_ok, other=0.0) * 1.4426950408889634
     kt_lo, kt_hi, ky_lo, ky_hi, kx_lo, kx_hi, lo_t, hi_t, lo_y, hi_y, lo_x, hi_x, st, sy, sx = _query_windows(
         qt, qy, qx, m_ok, T, H, W, KT, KH, KW, DT, DH, DW, ST, SH, SW, CT, CH, CW, BORDER)
     bias_q = _bias_query_part(qt, qy, qx, KT, KH, KW, DT, DH, DW)
@@ -564,6 +577,8 @@ def needs_wide(*tensors) -> bool:
     """True when an offset within one image (all dims but the batch) of any tensor can reach
     2**31 - 1: the kernels then compute those offsets in int64."""
     for t in tensors:
+        if t.is_contiguous() and t.numel() < 2**31:  # every offset is below numel
+            continue
         if sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:]) if n > 0) >= 2**31 - 1:
             return True
     return False
@@ -641,8 +656,8 @@ def _aot_configs():
     dt_names = {"fp32": "*fp32", "bf16": "*bf16", "fp16": "*fp16"}
     torch_dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     kernels = (
-        ("fwd", nand_fwd_kernel, ("Q", "K", "V", "O"), ("LSE", "BIAS")),
-        ("bwd_dq", nand_bwd_dq_kernel, ("Q", "K", "V", "DO", "DQ"), ("LSE", "DELTA", "BIAS", "DS")),
+        ("fwd", nand_fwd_kernel, ("Q", "K", "V", "O"), ("LSE", "BIAS", "FLAG")),
+        ("bwd_dq", nand_bwd_dq_kernel, ("Q", "K", "V", "O", "DO", "DQ"), ("LSE", "DLSE", "DELTA", "BIAS", "DS")),
         ("bwd_dkdv", nand_bwd_dkdv_kernel, ("Q", "K", "V", "DO", "DK", "DV"), ("LSE", "DELTA", "BIAS")),
     )
     for rank in (1, 2, 3):
@@ -660,7 +675,7 @@ def _aot_configs():
                     if kname == "fwd":
                         constexprs["NONFINITE"] = False
                     if kname == "bwd_dq":
-                        constexprs["STORE_DS"] = True
+                        constexprs.update(STORE_DS=True, FUSED_DELTA=dname != "fp32", HAS_DLSE=False)
                     sig = {}
                     for name in kern.arg_names:
                         if name in constexprs:
@@ -669,8 +684,6 @@ def _aot_configs():
                             sig[name] = dt_names[dname]
                         elif name in f32_ptrs:
                             sig[name] = "*fp32"
-                        elif name == "FLAG":
-                            sig[name] = "*i32"
                         elif name in ("qk_scale", "scale"):
                             sig[name] = "fp32"
                         else:

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from alterops import _checks, _config
 
-from ._attention_common import nonfinite_passes, nonfinite_values
+from ._attention_common import flag_clean, nonfinite_passes, nonfinite_values
 
 # Bound on the bias-gradient partials of the dq kernel (floats): past it, each program sums the
 # dS tiles of several window groups (Swin-T stage 1 at batch 8 takes two per program).
@@ -204,11 +204,11 @@ def window_attention2d_fwd_kernel(
 ):
     """BLOCK_Q query rows of a tile against the tile's TILE keys, in chunks of BLOCK_M keys with
     an online softmax across chunks (one chunk for windows of up to 64 tokens). The NONFINITE
-    variant is launched after the plain one with FLAG set on the device when v holds a NaN or
-    inf (no host sync): it returns at once otherwise, and recomputes with IEEE handling of those
-    values (a key of another window or shift region must not turn a row NaN) when set."""
+    variant is launched after the plain one: it returns at once unless FLAG (the sum of v, on the
+    device: no host sync) says v holds a NaN or inf, and then recomputes with IEEE handling of
+    those values (a key of another window or shift region must not turn a row NaN)."""
     if NONFINITE:
-        if tl.load(FLAG) == 0:
+        if flag_clean(FLAG):
             return
     pid_group = tl.program_id(0)
     sub = tl.program_id(1)
@@ -656,7 +656,7 @@ def _aot_entry(kind: str, dtype: torch.dtype, N: int, head_dim: int, has_bias: b
     consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_Q": cfg["BLOCK_Q"], "DC": cfg["DC"],
               "HAS_BIAS": has_bias, "IEEE": dtype == torch.float32, "UPCAST": False, "SPLIT": False}
     if kind == "fwd":
-        sig = {"Q": p, "K": p, "V": p, "Bias": "*fp32", "Out": p, "Lse": "*fp32", "OAcc": "*fp32", "FLAG": "*i32",
+        sig = {"Q": p, "K": p, "V": p, "Bias": "*fp32", "Out": p, "Lse": "*fp32", "OAcc": "*fp32", "FLAG": "*fp32",
                **strides, **geo, "scale": "fp32"}
         consts["NONFINITE"] = False
     else:

@@ -1,5 +1,5 @@
-"""Shared by the fused ops' ``autograd.Function``s: when to use them, and their backward is not
-differentiable."""
+"""Shared by the fused ops' ``autograd.Function``s: when to use them, when a Triton op may skip
+its registered op's dispatch, and their backward is not differentiable."""
 from __future__ import annotations
 
 import functools
@@ -12,6 +12,34 @@ def needs_grad(*tensors) -> bool:
     ``autograd.Function``: grad mode is on and one of them requires grad. Without it the ops call
     their fused kernels directly (the same kernels, without the Function's per-call overhead)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_call_ok(args) -> bool:
+    """Whether a Triton op may run its Python launcher itself instead of its registered
+    ``torch.library.custom_op``: an eager call on plain tensors, outside torch.compile / export
+    tracing, functorch transforms and dispatch modes (FakeTensor, make_fx, FlopCounterMode,
+    ...), which all need the op. The op's dispatch (custom-op autograd and no-dynamo wrappers)
+    costs 30-60 us of host time per call."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
+
+
+def eager_or_op(launcher, op_name: str):
+    """A callable that runs ``launcher(*args)`` when :func:`direct_call_ok` and the registered
+    op ``torch.ops.alterops.<op_name>`` (same arguments, same results) otherwise."""
+
+    def call(*args):
+        if direct_call_ok(args):
+            return launcher(*args)
+        return getattr(torch.ops.alterops, op_name)(*args)
+
+    call.__name__ = call.__qualname__ = op_name
+    call.__doc__ = f"``alterops::{op_name}``, its launcher run directly in eager calls."
+    return call
 
 
 class _SecondOrderError(torch.autograd.Function):

@@ -20,6 +20,7 @@ import functools
 import torch
 
 from . import _checks
+from ._autograd import eager_or_op
 
 BORDER_CODE = {"clamp": 0, "mask": 1, "zero": 2}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -215,30 +216,6 @@ def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
                             scale, bias_grad)
 
 
-# ---------------------------------------------------------------------------------------
-# Entry points: the launchers themselves in eager calls, the registered ops otherwise
-# ---------------------------------------------------------------------------------------
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _direct(*tensors) -> bool:
-    """Whether a call may run the launcher itself instead of its registered op: an eager call on
-    plain tensors, outside torch.compile / export tracing, functorch transforms and dispatch
-    modes (FakeTensor, make_fx, FlopCounterMode, ...), which all need the op. The op's dispatch
-    (custom-op autograd and no-dynamo wrappers) costs 30-60 us of host time per call."""
-    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
-            and not torch._C._are_functorch_transforms_active()
-            and all(type(t) in _PLAIN for t in tensors if t is not None))
-
-
-def fwd(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale):
-    """``neighborhood_attention_nd_triton_fwd``, directly in eager calls."""
-    f = na_nd_triton_fwd if _direct(q, k, v, bias) else torch.ops.alterops.neighborhood_attention_nd_triton_fwd
-    return f(q, k, v, kernel_size, dilation, stride, causal, border, bias, scale)
-
-
-def bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias, scale, bias_grad):
-    """``neighborhood_attention_nd_triton_bwd``, directly in eager calls."""
-    f = (na_nd_triton_bwd if _direct(dout, q, k, v, out, lse, dlse, bias)
-         else torch.ops.alterops.neighborhood_attention_nd_triton_bwd)
-    return f(dout, q, k, v, out, lse, dlse, kernel_size, dilation, stride, causal, border, bias, scale, bias_grad)
+# eager calls run the launchers themselves (alterops._autograd.direct_call_ok)
+fwd = eager_or_op(na_nd_triton_fwd, "neighborhood_attention_nd_triton_fwd")
+bwd = eager_or_op(na_nd_triton_bwd, "neighborhood_attention_nd_triton_bwd")

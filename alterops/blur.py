@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, _ext
-from ._autograd import first_order_only
+from ._autograd import eager_or_op, first_order_only
 from ._dispatch import Backend, OpBackends, register
 
 __all__ = ["box_blur2d", "tanh_blur2d"]
@@ -135,9 +135,8 @@ def blur2d_reference(x, kernel, stride, pads, pad_mode, act=ACT_NONE, tau=10.0):
 # ---------------------------------------------------------------------------------------
 # Launchers: Triton (custom ops wrapping the kernels in alterops.kernels.blur)
 # ---------------------------------------------------------------------------------------
-@torch.library.custom_op("alterops::blur2d_forward_triton", mutates_args=())
-def _blur2d_forward_triton(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
-                           pad_mode: int, act: int, tau: float) -> torch.Tensor:
+def _blur2d_forward_triton_launch(x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                                  pad_mode: int, act: int, tau: float) -> torch.Tensor:
     from .kernels import blur as kernels
 
     x = x.contiguous()
@@ -148,6 +147,10 @@ def _blur2d_forward_triton(x: torch.Tensor, kernel_size: list[int], stride: list
     return out
 
 
+_blur2d_forward_triton = torch.library.custom_op("alterops::blur2d_forward_triton", mutates_args=())(
+    _blur2d_forward_triton_launch)
+
+
 @_blur2d_forward_triton.register_fake
 def _(x, kernel_size, stride, padding, pad_mode, act, tau):
     B, C, H, W = x.shape
@@ -155,10 +158,9 @@ def _(x, kernel_size, stride, padding, pad_mode, act, tau):
     return x.new_empty((B, C, Ho, Wo))
 
 
-@torch.library.custom_op("alterops::blur2d_backward_triton", mutates_args=())
-def _blur2d_backward_triton(grad_out: torch.Tensor, x: Optional[torch.Tensor], input_hw: list[int],
-                            kernel_size: list[int], stride: list[int], padding: list[int], pad_mode: int,
-                            act: int, tau: float) -> torch.Tensor:
+def _blur2d_backward_triton_launch(grad_out: torch.Tensor, x: Optional[torch.Tensor], input_hw: list[int],
+                                   kernel_size: list[int], stride: list[int], padding: list[int], pad_mode: int,
+                                   act: int, tau: float) -> torch.Tensor:
     from .kernels import blur as kernels
 
     grad_out = grad_out.contiguous()
@@ -168,6 +170,10 @@ def _blur2d_backward_triton(grad_out: torch.Tensor, x: Optional[torch.Tensor], i
     grad_x = _checks.empty((B, C, input_hw[0], input_hw[1]), like=grad_out)
     kernels.launch_backward(grad_out, x, grad_x, kernel_size, stride, padding, pad_mode, act, tau)
     return grad_x
+
+
+_blur2d_backward_triton = torch.library.custom_op("alterops::blur2d_backward_triton", mutates_args=())(
+    _blur2d_backward_triton_launch)
 
 
 @_blur2d_backward_triton.register_fake
@@ -196,15 +202,20 @@ if _ext.has_op("blur2d_backward"):
         return grad_out.new_empty((B, C, input_hw[0], input_hw[1]))
 
 
+# eager calls run the Triton launchers themselves (alterops._autograd.direct_call_ok)
+_TRITON_FORWARD = eager_or_op(_blur2d_forward_triton_launch, "blur2d_forward_triton")
+_TRITON_BACKWARD = eager_or_op(_blur2d_backward_triton_launch, "blur2d_backward_triton")
+
+
 def _forward_op(backend: str):
     if backend == "triton":
-        return torch.ops.alterops.blur2d_forward_triton
+        return _TRITON_FORWARD
     return torch.ops.alterops.blur2d_forward  # cpu and cuda share the op (per-device kernels)
 
 
 def _backward_op(backend: str):
     if backend == "triton":
-        return torch.ops.alterops.blur2d_backward_triton
+        return _TRITON_BACKWARD
     return torch.ops.alterops.blur2d_backward
 
 

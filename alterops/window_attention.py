@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, _ext
-from ._autograd import first_order_only
+from ._autograd import eager_or_op, first_order_only
 from ._dispatch import (ATTENTION_GPU_ORDER, Backend, BackendUnavailableError, OpBackends, get_backend,
                         register)
 
@@ -218,9 +218,11 @@ _OPS = {
     # cpu and cuda share the ops: the dispatcher picks the kernel by device
     "cpu": (lambda: torch.ops.alterops.window_attention2d_fwd, lambda: torch.ops.alterops.window_attention2d_bwd),
     "cuda": (lambda: torch.ops.alterops.window_attention2d_fwd, lambda: torch.ops.alterops.window_attention2d_bwd),
-    "triton": (lambda: torch.ops.alterops.window_attention2d_fwd_triton,
-               lambda: torch.ops.alterops.window_attention2d_bwd_triton),
+    # eager calls run the launchers themselves (alterops._autograd.direct_call_ok)
+    "triton": (lambda: _TRITON_FWD, lambda: _TRITON_BWD),
 }
+_TRITON_FWD = eager_or_op(_triton_fwd_launch, "window_attention2d_fwd_triton")
+_TRITON_BWD = eager_or_op(_triton_bwd_launch, "window_attention2d_bwd_triton")
 
 
 # =========================================================================================

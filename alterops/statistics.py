@@ -49,7 +49,7 @@ from typing import Iterable, Sequence
 import torch
 
 from . import _checks, _ext
-from ._autograd import needs_grad
+from ._autograd import eager_or_op, needs_grad
 from ._dispatch import Backend, OpBackends, register
 
 __all__ = [
@@ -259,6 +259,10 @@ def _delta_log_amplitude_triton(x: torch.Tensor, eps: float) -> torch.Tensor:
     return _delta_triton_launch(x, eps)
 
 
+# eager calls run the Triton launchers themselves (alterops._autograd.direct_call_ok)
+_TRITON_DELTA = eager_or_op(_delta_triton_launch, "delta_log_amplitude_triton")
+
+
 @_delta_log_amplitude_triton.register_fake
 def _(x, eps):
     return x.new_empty((x.shape[2] - x.shape[2] // 2,), dtype=_acc_dtype(x.dtype))
@@ -267,6 +271,9 @@ def _(x, eps):
 @torch.library.custom_op("alterops::feature_variance_triton", mutates_args=())
 def _feature_variance_triton(x: torch.Tensor) -> torch.Tensor:
     return _variance_triton_launch(x)
+
+
+_TRITON_VARIANCE = eager_or_op(_variance_triton_launch, "feature_variance_triton")
 
 
 @_feature_variance_triton.register_fake
@@ -291,13 +298,13 @@ def _fused_delta(backend: str, xs: Sequence[torch.Tensor], eps: float) -> list:
             if outs[i] is None:
                 outs[i] = _delta_closed_form(x, eps).to(_acc_dtype(x.dtype))
         return outs
-    return [torch.ops.alterops.delta_log_amplitude_triton(x, eps) for x in xs]
+    return [_TRITON_DELTA(x, eps) for x in xs]
 
 
 def _fused_variance(backend: str, xs: Sequence[torch.Tensor]) -> list:
     if backend in ("cpu", "cuda"):
         return list(torch.ops.alterops.feature_variance_fwd(list(xs)))
-    return [torch.ops.alterops.feature_variance_triton(x) for x in xs]
+    return [_TRITON_VARIANCE(x) for x in xs]
 
 
 # =========================================================================================

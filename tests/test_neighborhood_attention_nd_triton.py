@@ -5,6 +5,7 @@ softmax runs over the gathered neighbours, and autograd gives the reference grad
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -238,7 +239,8 @@ def test_ieee_pass_returns_unless_the_flag_says_nonfinite(monkeypatch):
 
 def test_eager_calls_skip_the_op_and_traces_keep_it():
     """An eager call runs the launchers without the registered ops' dispatch (host time);
-    a trace (make_fx, as torch.compile and export build on) must still see the opaque ops."""
+    a trace (make_fx, as torch.compile and export build on, and torch.jit.trace) must still
+    see the opaque ops."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     import alterops as ao
@@ -258,3 +260,16 @@ def test_eager_calls_skip_the_op_and_traces_keep_it():
     traced = graph(q, k, v)
     for a, b in zip(eager, traced):
         assert torch.equal(a, b)
+
+    # torch.jit.trace records dispatcher calls: without the op, the graph would lack the kernels
+    def forward(q, k, v):
+        return ao.neighborhood_attention2d(q, k, v, 3, backend="triton")
+
+    plain = [t.detach() for t in (q, k, v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # shape-dependent checks become constants
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace, deprecated but still used
+        jit = torch.jit.trace(forward, tuple(plain), check_trace=False)
+    assert "neighborhood_attention_nd_triton_fwd" in str(jit.graph)
+    other = [torch.randn_like(t) for t in plain]
+    assert torch.equal(jit(*other), forward(*other))

@@ -21,8 +21,8 @@ def direct_call_ok(args) -> bool:
     """Whether a Triton op may run its Python launcher itself instead of its registered
     ``torch.library.custom_op``: an eager call on plain tensors, outside torch.compile / export
     tracing, torch.jit.trace, functorch transforms and dispatch modes (FakeTensor, make_fx,
-    FlopCounterMode, ...), which all need the op. The op's dispatch (custom-op autograd and no-dynamo wrappers)
-    costs 30-60 us of host time per call."""
+    FlopCounterMode, ...), which all need the op. The op's dispatch (custom-op autograd and
+    no-dynamo wrappers) costs 30-60 us of host time per call."""
     return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._are_functorch_transforms_active() and torch._C._get_tracing_state() is None
             and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))

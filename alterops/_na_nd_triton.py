@@ -43,6 +43,14 @@ def _window_args(kernel_size, dilation, stride, causal) -> list[int]:
     return [int(x) for x in (*kernel_size, *dilation, *stride)] + [int(bool(c)) for c in causal]
 
 
+def _bias_args(bias, unused):
+    """``(pointer, head stride)`` of the bias table for the kernels; without a table they read
+    no bias, and ``unused`` (any float32 tensor of the call) stands in for the pointer."""
+    if bias is None:
+        return unused, 0
+    return bias, 0 if bias.shape[0] == 1 else bias.stride(0)
+
+
 def _kernels():
     """The kernels' module, imported (with Triton) on the first launch, not with alterops."""
     global _KERNELS
@@ -83,8 +91,7 @@ def na_nd_triton_fwd(q, k, v, kernel_size, dilation, stride, causal, border, bia
     out = _checks.empty((B, T, H, W, heads, head_dim), like=q)
     lse = _checks.empty((B, heads, T, H, W), like=q, dtype=torch.float32)
     meta, launches = _plan("fwd", head_dim, q.dtype, T, H, W, B * heads)
-    # without a table the kernel reads no bias: any float32 pointer will do
-    bias_arg, bias_head_stride = (lse, 0) if bias is None else (bias, 0 if bias.shape[0] == 1 else bias.stride(0))
+    bias_arg, bias_head_stride = _bias_args(bias, lse)
     wide = kern.needs_wide(q, k, v, out)
     window = _window_args(kernel_size, dilation, stride, causal)
     # A NaN or inf in v: the plain kernel's dots would spread it to queries whose window does not
@@ -147,11 +154,10 @@ def na_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, strid
     # kernel computes it (and stores it for the dk/dv kernel), float32 has it computed here
     fused_delta = q.dtype != torch.float32
     has_dlse = fused_delta and dlse is not None
+    dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else lse  # lse: a pointer never read
     if fused_delta:
         delta = _checks.empty((B, heads, T, H, W), like=q, dtype=torch.float32)
-        dlse_arg = dlse.to(torch.float32).contiguous() if has_dlse else lse  # lse: a pointer never read
     else:
-        dlse_arg = lse
         delta = (dout * out).sum(-1).permute(0, 4, 1, 2, 3).contiguous()
         if dlse is not None:
             delta = delta - dlse
@@ -159,11 +165,11 @@ def na_nd_triton_bwd(dout, q, k, v, out, lse, dlse, kernel_size, dilation, strid
     dk = _checks.empty(k.shape, like=k)
     dv = _checks.empty(v.shape, like=v)
     has_bias = bias is not None
-    # without a table (or its gradient) the kernels touch no bias (no DS): any float32 pointer
-    bias_arg, bias_head_stride = (lse, 0) if not has_bias else (bias, 0 if bias.shape[0] == 1 else bias.stride(0))
+    bias_arg, bias_head_stride = _bias_args(bias, lse)
     want_db = has_bias and bias_grad
     kt, kh, kw = (int(x) for x in kernel_size)
     # per-(query, slot) logit gradients for the bias table; slots that are no neighbour stay 0
+    # (without the table's gradient the kernels write no DS: lse stands in for the pointer)
     ds_slots = torch.zeros((B, heads, T, H, W, kt, kh, kw), device=q.device, dtype=torch.float32) if want_db else lse
     window = _window_args(kernel_size, dilation, stride, causal)
     common = dict(

@@ -321,7 +321,7 @@ _AXES = {1: "(B, L, heads, head_dim)", 2: "(B, H, W, heads, head_dim)", 3: "(B, 
 
 def _per_axis(name: str, value, n: int, *, minimum: int | None = None, kind=int) -> tuple:
     """An int (bool for ``kind=bool``) or a sequence of ``n`` of them, returned as an n-tuple."""
-    if type(value) is kind and (kind is bool or (minimum is None or value >= minimum) and value <= _checks.MAX_INT):
+    if type(value) is kind and (kind is bool or ((minimum is None or value >= minimum) and value <= _checks.MAX_INT)):
         return (value,) * n  # the common case, without the checks below
     what = "a bool or a sequence of bools" if kind is bool else "an int or a sequence of ints"
 

@@ -259,10 +259,6 @@ def _delta_log_amplitude_triton(x: torch.Tensor, eps: float) -> torch.Tensor:
     return _delta_triton_launch(x, eps)
 
 
-# eager calls run the Triton launchers themselves (alterops._autograd.direct_call_ok)
-_TRITON_DELTA = eager_or_op(_delta_triton_launch, "delta_log_amplitude_triton")
-
-
 @_delta_log_amplitude_triton.register_fake
 def _(x, eps):
     return x.new_empty((x.shape[2] - x.shape[2] // 2,), dtype=_acc_dtype(x.dtype))
@@ -273,12 +269,14 @@ def _feature_variance_triton(x: torch.Tensor) -> torch.Tensor:
     return _variance_triton_launch(x)
 
 
-_TRITON_VARIANCE = eager_or_op(_variance_triton_launch, "feature_variance_triton")
-
-
 @_feature_variance_triton.register_fake
 def _(x):
     return x.new_empty((), dtype=_acc_dtype(x.dtype))
+
+
+# eager calls run the Triton launchers themselves (alterops._autograd.direct_call_ok)
+_TRITON_DELTA = eager_or_op(_delta_triton_launch, "delta_log_amplitude_triton")
+_TRITON_VARIANCE = eager_or_op(_variance_triton_launch, "feature_variance_triton")
 
 
 CUDA_MAX_SIZE = {torch.float64: 256}  # delta on CUDA: per-warp shared buffers; 512 for other dtypes

@@ -214,15 +214,16 @@ def _window_attention2d_bwd_triton(
 _window_attention2d_bwd_triton.register_fake(_fake_bwd)
 
 
+# eager calls run the Triton launchers themselves (alterops._autograd.direct_call_ok)
+_TRITON_FWD = eager_or_op(_triton_fwd_launch, "window_attention2d_fwd_triton")
+_TRITON_BWD = eager_or_op(_triton_bwd_launch, "window_attention2d_bwd_triton")
+
 _OPS = {
     # cpu and cuda share the ops: the dispatcher picks the kernel by device
     "cpu": (lambda: torch.ops.alterops.window_attention2d_fwd, lambda: torch.ops.alterops.window_attention2d_bwd),
     "cuda": (lambda: torch.ops.alterops.window_attention2d_fwd, lambda: torch.ops.alterops.window_attention2d_bwd),
-    # eager calls run the launchers themselves (alterops._autograd.direct_call_ok)
     "triton": (lambda: _TRITON_FWD, lambda: _TRITON_BWD),
 }
-_TRITON_FWD = eager_or_op(_triton_fwd_launch, "window_attention2d_fwd_triton")
-_TRITON_BWD = eager_or_op(_triton_bwd_launch, "window_attention2d_bwd_triton")
 
 
 # =========================================================================================

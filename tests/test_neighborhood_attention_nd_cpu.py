@@ -231,6 +231,52 @@ def test_large_outputs_float32(case):
     check_case(case, torch.float32)
 
 
+# The AVX-512 float32 band backward (one key row per query row, its own; dilation 1; kw > 16;
+# "clamp" without causal shortening; no bias table): rows whose middle keys (seen by interior
+# queries only) are summed as P.V tiles over a ring of P and dS rows, the others ("zones") per
+# query. Rows from just wider than the window (no middle) to several ring turns (256 slots), odd and
+# even windows of 2 to 6 key vectors, head-major tokens read in place, 2-D and 3-D maps with a
+# kernel of 1 on the outer axes (several rows, each its own key row), and grouped heads with enough (batch, key/value head, row) tasks (B = 2, 8 key/value
+# heads), which sum their query heads in turn. The AVX2 and generic builds take the general
+# backward for all of them.
+BAND_BWD = [
+    ((1, 1, 66), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 1, 81), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),
+    ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "head major"),
+    ((1, 1, 613), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 1, 97), (1, 1, 20), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 1, 203), (1, 1, 17), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),
+    ((1, 1, 400), (1, 1, 93), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 4, 131), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
+    ((3, 2, 90), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),
+    ((1, 1, 170), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 8, 0, 16, "fused"),
+    ((1, 1, 77), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 8, 0, 16, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("case", BAND_BWD, ids=case_id)
+@pytest.mark.parametrize("D", [16, 48, 64], ids=str)
+def test_band_backward_float32(case, D):
+    check_case(case, torch.float32, D=D)
+
+
+def test_band_backward_same_bits_any_thread_count():
+    sp, ks, dil, st, causal, border = (1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp"
+    q, k, v = make_inputs(sp, 16, 8, 32, torch.float32, "fused")
+    dout, dlse = torch.randn(q.shape), torch.randn(2, 16, *sp)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run_fused(q, k, v, ks, dil, st, causal, border, None, 0.25, dout, dlse))
+    finally:
+        torch.set_num_threads(before)
+    (_, _, g1), (_, _, g2) = results
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
 def test_backward_same_bits_any_thread_count():
     sp, ks, dil, st, causal, border = (2, 3, 40), (2, 3, 7), (1, 1, 1), (1, 1, 1), (1, 0, 0), "clamp"
     q, k, v = make_inputs(sp, 4, 2, 32, torch.float32, "fused")

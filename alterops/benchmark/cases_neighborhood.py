@@ -279,6 +279,34 @@ def _make_nd_cpu_forward(device, quick, *, n):
                     label=f"na{n}d_forward_{name}", peers_left_out=left_out)
 
 
+def _make_nd_cpu_fwd_bwd(device, quick, *, n):
+    """Forward + backward of the N-d op on the CPU, fresh gradients as a training step gets them.
+    FlexAttention has no CPU backward (torch raises NotImplementedError), so the peer is the same
+    op on the ``reference`` backend (plain PyTorch autograd over gathered windows, memory
+    O(N * prod(kernel))), the path a CPU user would have without these kernels."""
+    B, spatial, heads, d, kernel = _ND_SHAPES[n][quick]
+    attend = _NEIGHBORHOOD_ATTENTION[n]
+    q, k, v = (t.requires_grad_() for t in _inputs(device, torch.float32, B, spatial, heads, d))
+    gout = torch.ones_like(q)
+    pq, pk, pv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+
+    def ours():
+        return _fwd_bwd(attend(q, k, v, kernel), (q, k, v), gout)
+
+    def reference():
+        return _fwd_bwd(attend(pq, pk, pv, kernel, backend="reference"), (pq, pk, pv), gout)
+
+    def check():  # the output and the gradients of q, k, v against the reference backend's
+        for what, a, b in zip(("out", "dq", "dk", "dv"), ours(), reference()):
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4, msg=lambda m, what=what: f"{what}: {m}")
+
+    name, shape_note = _nd_names(spatial, kernel)
+    return Workload(ours=ours, peers={"reference_autograd": reference}, bytes=8 * q.numel() * q.element_size(),
+                    flops=12.0 * B * heads * math.prod(spatial) * math.prod(kernel) * d, ceiling="matmul_fp32",
+                    check=check, note=f"forward+backward, B={B} {shape_note} heads={heads} d={d} float32, clamp",
+                    label=f"na{n}d_fwd_bwd_{name}")
+
+
 def _make_nd_gpu_fwd_bwd(device, quick, *, n):
     B, spatial, heads, d, kernel = _ND_SHAPES[n][quick]
     attend = _NEIGHBORHOOD_ATTENTION[n]
@@ -367,6 +395,10 @@ for _n in (1, 2, 3):
         register(Case("neighborhood", f"na{_n}d_forward_{_name}",
                       lambda device, quick, _n=_n: _make_nd_cpu_forward(device, quick, n=_n), devices=("cpu",),
                       max_repeats=10))
+        # (outside the default suite: ``alterops bench --all``)
+        register(Case("neighborhood", f"na{_n}d_fwd_bwd_{_name}",
+                      lambda device, quick, _n=_n: _make_nd_cpu_fwd_bwd(device, quick, n=_n), devices=("cpu",),
+                      default=False, max_repeats=5))
     register(Case("neighborhood", f"na{_n}d_gpu_{_name}_fwd_bwd",
                   lambda device, quick, _n=_n: _make_nd_gpu_fwd_bwd(device, quick, n=_n), devices=("cuda",)))
 for _name, _kw in (

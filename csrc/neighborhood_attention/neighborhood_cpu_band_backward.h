@@ -1,0 +1,340 @@
+// Neighbourhood attention CPU kernels: the AVX-512 band backward of long windows on one key row
+// (the 1-D ops' windows, such as 65 neighbours), float32.
+// Part of neighborhood_attention_cpu.cpp, the one translation unit that includes it (compiled once
+// per instruction-set level; everything here has internal linkage).
+//
+// The general backward (neighborhood_cpu_backward.h) forms a block of 16 queries against one
+// neighbour at a time: with a single key row per query row every FMA of its logits, dP, dQ and
+// key-centric dK/dV sums waits on a load of its own (1-D backward, B = 4, L = 4096, 8 heads,
+// d = 64, k = 65: 5x the forward's time). Here the queries of one row go as in the forward's band:
+//  * logits S and dP = dO V for 4 queries at a time against consecutive key (value) vectors
+//    (band_logits: no query transpose, each key vector loaded once for the 4 queries);
+//  * P = exp(S - lse), dS = P (dP - rowsum(P dP) + dlse), kept per query in a ring of rows
+//    (window column j at j);
+//  * dQ = dS K and the key-centric dK = dS^T Q, dV = P^T dO as P.V tiles (pv_tile_diag_any: a
+//    tile's accumulators in registers over all of its window, the value rows of the tokens read
+//    in place). For key x the queries that see it are the interior slots x - xlo - off[kw-1] ..
+//    x - xlo - off[0], and its weight from slot u0 + u is column kw - 1 - u of the slot's row:
+//    the ring rows read at a constant stride (row stride - 1), so the key-centric sums are the
+//    same tiles with other strides.
+// Keys seen by border queries (whose clamped windows do not slide with the query) or by fewer
+// than all the interior slots of their range (the ends of the row) are the "zones" [0, zl) and
+// [zr, W): their dK/dV are summed per query (all channels of a query row at once) instead.
+// Taken for float32, AVX-512, head widths of float_fast_width, unit channel strides, rows whose
+// only key row is their own, dilation 1, kw > 16 (band width up to kBandMaxNV vectors), every
+// border window kw consecutive keys (the "clamp" rule without causal shortening), no bias table
+// or bias gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's
+// query heads in order (the first stores, the next add), so the result does not depend on the
+// thread count.
+#pragma once
+
+#include "neighborhood_cpu_backward.h"
+
+namespace alterops {
+namespace neighborhood {
+namespace {
+
+#if defined(__AVX512F__)
+// The shapes' facts of the band backward; nv == 0: not taken.
+struct BandBackward {
+  int nv = 0;           // key vectors per band tile
+  int64_t zl = 0, zr = 0;  // zones: keys [0, zl) and [zr, W) summed per query
+};
+
+static BandBackward band_backward_plan(const View6& dout, const View6& q, const View6& k, const View6& v,
+                                       const Plan<float>& pl, bool want_dbias) {
+  constexpr int N = VecOf<float>::N;
+  BandBackward bb;
+  if (!float_fast_width(pl.D) || want_dbias || pl.any_bias) return bb;
+  if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1 || dout.stride[5] != 1) return bb;
+  if (pl.nkr != 1 || pl.dw != 1 || pl.kw <= N) return bb;
+  const int64_t nv = (pl.kw + kBandQ - 1 + N - 1) / N;
+  if (nv > kBandMaxNV || nv * N > pl.Wk) return bb;
+  // one task per (batch, key/value head, row): with grouped heads, enough of them
+  if (pl.G > 1 && pl.B * pl.NKV * pl.R < kBackwardTasks) return bb;
+  for (int64_t y = 0; y < pl.R; ++y)
+    if (!pl.rowvalid[y] || pl.rowpos[y] != y) return bb;
+  // keys whose seeing slots are all interior: [xlo + off[kw-1], xlo + n_int + off[0])
+  int64_t zl = pl.xlo + pl.off[pl.kw - 1], zr = pl.xlo + pl.n_int + pl.off[0];
+  for (int64_t sl = pl.n_int; sl < pl.Ws; ++sl) {
+    const int64_t x = pl.slotx[sl];
+    if (x >= pl.W) continue;  // dummy slot
+    const int64_t st = pl.kidx[sl];
+    if (st < 0 || st + pl.kw > pl.W) return bb;
+    for (int64_t j = 1; j < pl.kw; ++j)
+      if (pl.kidx[j * pl.Ws + sl] != st + j) return bb;
+    if (x < pl.xlo)
+      zl = std::max(zl, st + pl.kw);
+    else
+      zr = std::min(zr, st);
+  }
+  if (zl >= zr) zl = zr = pl.W;  // no key in the middle: one zone holds the row
+  bb.nv = (int)nv;
+  bb.zl = zl;
+  bb.zr = zr;
+  return bb;
+}
+
+template <int DV>
+static void backward_band_f32(const View6& dout, const View6& q, const View6& k, const View6& v, const float* L,
+                              const float* dlse, float* DQ, float* DK, float* DVo, const Plan<float>& pl,
+                              const BandBackward& bb, float scale, const Parallel& par) {
+  constexpr int N = VecOf<float>::N;
+  constexpr int TQ = DV >= 4 ? 6 : 8;  // queries (keys) per P.V tile: TQ * DV accumulators
+  constexpr int64_t SEG = 8 * TQ;      // slots whose rows are formed before their tiles run
+  constexpr int64_t CS = 32 + 16 * kBandMaxNV + 16;  // band scratch row stride (as the forward's)
+  const int64_t D = pl.D, W = pl.W, kw = pl.kw, Wk = pl.Wk, nv = bb.nv, zl = bb.zl, zr = bb.zr;
+  const int64_t cw = (kw + N - 1) / N * N;  // ring row width
+  // Ring of P and dS rows by interior slot: a key tile reads TQ + kw - 1 consecutive rows, so the
+  // first HIST rows are mirrored past the end (any such run is contiguous); it holds the rows of
+  // the segment being formed and of the key tiles still waiting for them.
+  const int64_t HIST = kw + TQ;
+  int64_t ring = 64;
+  while (ring < SEG + kw + 2 * TQ + 8) ring *= 2;
+  const int64_t n4 = pl.n_full * N;  // interior slots in whole blocks: band tiles of kBandQ
+  const int64_t nzone = zl + (W - zr);
+  const int64_t off0 = pl.off[0], offe = pl.off[kw - 1];
+  const float* const qb = static_cast<const float*>(q.data);
+  const float* const gb = static_cast<const float*>(dout.data);
+  const float* const kb = static_cast<const float*>(k.data);
+  const float* const vb = static_cast<const float*>(v.data);
+  const int64_t qxs = q.stride[3], gxs = dout.stride[3], kxs = k.stride[3], vxs = v.stride[3];
+  const int64_t qts = pl.NH * D, kts = pl.NKV * D;  // token strides of the outputs
+  par.for_tasks(pl.B * pl.NKV * pl.R, [&](auto next) {
+    RawBuf<float> Kt(D * Wk), Vt(D * Wk);
+    Buf<float> ringP((ring + HIST) * cw, 0.0f), ringS((ring + HIST) * cw, 0.0f);
+    Buf<float> CSb((kBandQ + 1) * CS, 0.0f), CDb((kBandQ + 1) * CS, 0.0f);
+    Buf<float> bP(cw, 0.0f), bS(cw, 0.0f);  // a border query's rows
+    Buf<float> zK(std::max<int64_t>(1, nzone * D)), zV(std::max<int64_t>(1, nzone * D));
+    const float* rows[16];
+    for (int64_t t; next(t);) {
+      const int64_t y = t % pl.R, bkv = t / pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
+      const float* const kr = kb + pl.row_off(k.stride, b, y, hk);
+      const float* const vr = vb + pl.row_off(v.stride, b, y, hk);
+      // the key and value rows transposed (channel-major, columns W.. zero) for the band logits
+      for (int64_t x0 = 0; x0 < Wk; x0 += N) {
+        for (int l = 0; l < N; ++l) rows[l] = x0 + l < W ? kr + (x0 + l) * kxs : nullptr;
+        transpose16(rows, D, 1.0f, Kt.data() + x0, Wk);
+        for (int l = 0; l < N; ++l) rows[l] = x0 + l < W ? vr + (x0 + l) * vxs : nullptr;
+        transpose16(rows, D, 1.0f, Vt.data() + x0, Wk);
+      }
+      float* const dk_row = DK + ((b * pl.R + y) * W * pl.NKV + hk) * D;
+      float* const dv_row = DVo + ((b * pl.R + y) * W * pl.NKV + hk) * D;
+      for (int64_t g = 0; g < pl.G; ++g) {
+        const int64_t h = hk * pl.G + g, bh = b * pl.NH + h;
+        const bool first = g == 0;
+        const float* const qr = qb + pl.row_off(q.stride, b, y, h);
+        const float* const gr = gb + pl.row_off(dout.stride, b, y, h);
+        const float* const Lr = L + (bh * pl.R + y) * W;
+        const float* const dlr = dlse ? dlse + (bh * pl.R + y) * W : nullptr;
+        float* const dq_row = DQ + ((b * pl.R + y) * W * pl.NH + h) * D;
+        std::fill(zK.begin(), zK.end(), 0.0f);
+        std::fill(zV.begin(), zV.end(), 0.0f);
+        auto zone_at = [&](int64_t x) { return (x < zl ? x : zl + x - zr) * D; };
+        // out[0:D] = acc * mul (the first query head) or += (the others)
+        auto put = [&](float* o, const Vec<float>* acc, float mul) {
+          const Vec<float> m = splat<float>(mul);
+          NA_UNROLL
+          for (int d = 0; d < DV; ++d) storeu(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m);
+        };
+        // P and dS of the query at column x from its logits S and dP (window column j at j):
+        // P = exp(S - lse), dS = P (dP - rowsum(P dP) + dlse); lanes past kw are zero
+        auto form_rows = [&](int64_t x, const float* S, const float* dP, float* P_out, float* dS_out) {
+          const Vec<float> lv = splat<float>(Lr[x]);
+          Vec<float> p[kBandMaxNV + 1], dp[kBandMaxNV + 1];
+          Vec<float> acc = splat<float>(0.0f);
+          const int64_t nc = cw / N;
+          for (int64_t e = 0; e < nc; ++e) {
+            const __mmask16 live = e * N + N <= kw ? (__mmask16)0xFFFF : (__mmask16)((1u << (kw - e * N)) - 1u);
+            p[e] = (Vec<float>)_mm512_maskz_mov_ps(live, (__m512)vexp(loadu(S + e * N) - lv));
+            dp[e] = (Vec<float>)_mm512_maskz_mov_ps(live, (__m512)loadu(dP + e * N));
+            acc += p[e] * dp[e];
+          }
+          const float coef = _mm512_reduce_add_ps((__m512)acc) - (dlr ? dlr[x] : 0.0f);
+          const Vec<float> cv = splat<float>(coef);
+          for (int64_t e = 0; e < nc; ++e) {
+            storeu(P_out + e * N, p[e]);
+            storeu(dS_out + e * N, p[e] * (dp[e] - cv));
+          }
+        };
+        // the zones' dK/dV of the query at column x whose window starts at ws
+        auto zone_sum = [&](int64_t x, int64_t ws, const float* P, const float* dS) {
+          if (ws >= zl && ws + kw <= zr) return;
+          Vec<float> qv[DV], gv[DV];
+          NA_UNROLL
+          for (int d = 0; d < DV; ++d) {
+            qv[d] = loadu(qr + x * qxs + d * N);
+            gv[d] = loadu(gr + x * gxs + d * N);
+          }
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t key = ws + j;
+            if (key >= zl && key < zr) continue;
+            float* zk = zK.data() + zone_at(key);
+            float* zv = zV.data() + zone_at(key);
+            const Vec<float> ds = splat<float>(dS[j]), p = splat<float>(P[j]);
+            NA_UNROLL
+            for (int d = 0; d < DV; ++d) {
+              storeu(zk + d * N, loadu(zk + d * N) + ds * qv[d]);
+              storeu(zv + d * N, loadu(zv + d * N) + p * gv[d]);
+            }
+          }
+        };
+        auto ring_row = [&](float* base, int64_t sl) { return base + (sl & (ring - 1)) * cw; };
+        // the row of slot sl is written at its ring place and, in the first HIST, mirrored
+        auto mirror = [&](int64_t sl) {
+          const int64_t pos = sl & (ring - 1);
+          if (pos < HIST) {
+            std::memcpy(ringP.data() + (pos + ring) * cw, ringP.data() + pos * cw, cw * sizeof(float));
+            std::memcpy(ringS.data() + (pos + ring) * cw, ringS.data() + pos * cw, cw * sizeof(float));
+          }
+        };
+        // band logits of one query (its window at ws, anywhere in the band) into row 0 of CSb/CDb
+        auto single_logits = [&](int64_t x, int64_t ws) {
+          const int64_t st0 = std::min(ws, Wk - nv * N);
+          dispatch_nc(nv, [&](auto nvv) {
+            constexpr int NV = decltype(nvv)::value;
+            if constexpr (NV >= 2 && NV <= kBandMaxNV) {
+              band_logits<NV, 1>(qr + x * qxs, qxs, D, Kt.data() + st0, Wk, scale, ws - st0, CSb.data() + 32, CS, false);
+              band_logits<NV, 1>(gr + x * gxs, gxs, D, Vt.data() + st0, Wk, 1.0f, ws - st0, CDb.data() + 32, CS, false);
+            }
+          });
+        };
+        // dq of T interior slots from sl: dS . K (the key tokens read in place)
+        auto dq_tile = [&](auto tv, int64_t sl) {
+          constexpr int T = decltype(tv)::value;
+          Vec<float> acc[T][DV];
+          NA_UNROLL
+          for (int i = 0; i < T; ++i)
+            NA_UNROLL
+            for (int d = 0; d < DV; ++d) acc[i][d] = splat<float>(0.0f);
+          pv_tile_diag_any<T, DV>(ring_row(ringS.data(), sl), 1, kr + (pl.xlo + sl + off0) * kxs, kxs, kw, acc, cw);
+          const Vec<float> sv = splat<float>(scale);
+          NA_UNROLL
+          for (int i = 0; i < T; ++i)
+            NA_UNROLL
+            for (int d = 0; d < DV; ++d) storeu(dq_row + (pl.xlo + sl + i) * qts + d * N, acc[i][d] * sv);
+        };
+        // dK, dV of T keys from x0 (all in [zl, zr)): the rows of slots u0.., read at column
+        // kw - 1 - u of row u0 + t + u
+        auto key_tile = [&](auto tv, int64_t x0) {
+          constexpr int T = decltype(tv)::value;
+          const int64_t u0 = x0 - pl.xlo - offe;
+          Vec<float> acc[T][DV];
+          for (int pass = 0; pass < 2; ++pass) {
+            NA_UNROLL
+            for (int i = 0; i < T; ++i)
+              NA_UNROLL
+              for (int d = 0; d < DV; ++d) acc[i][d] = splat<float>(0.0f);
+            const float* Wt = ring_row(pass == 0 ? ringS.data() : ringP.data(), u0) + kw - 1;
+            const float* A = pass == 0 ? qr + (pl.xlo + u0) * qxs : gr + (pl.xlo + u0) * gxs;
+            pv_tile_diag_any<T, DV>(Wt, cw - 1, A, pass == 0 ? qxs : gxs, kw, acc, cw);
+            float* o = pass == 0 ? dk_row : dv_row;
+            NA_UNROLL
+            for (int i = 0; i < T; ++i) put(o + (x0 + i) * kts, acc[i], pass == 0 ? scale : 1.0f);
+          }
+        };
+        int64_t kx = zl;  // the next key of the middle without its dK/dV
+        for (int64_t sa = 0; sa < pl.n_int; sa += SEG) {
+          const int64_t sb = std::min(pl.n_int, sa + SEG);
+          // the segment's rows: band tiles of kBandQ slots, then single slots
+          int64_t sl = sa;
+          for (; sl + kBandQ <= std::min(sb, n4); sl += kBandQ) {
+            const int64_t want = pl.xlo + sl + off0;
+            const int64_t start = std::min(want, Wk - nv * N), wo = want - start;
+            const bool pf = sl + 2 * kBandQ < n4;
+            dispatch_nc(nv, [&](auto nvv) {
+              constexpr int NV = decltype(nvv)::value;
+              if constexpr (NV >= 2 && NV <= kBandMaxNV) {
+                band_logits<NV>(qr + (pl.xlo + sl) * qxs, qxs, D, Kt.data() + start, Wk, scale, wo, CSb.data() + 32,
+                                CS, pf);
+                band_logits<NV>(gr + (pl.xlo + sl) * gxs, gxs, D, Vt.data() + start, Wk, 1.0f, wo, CDb.data() + 32,
+                                CS, pf);
+              }
+            });
+            for (int i = 0; i < kBandQ; ++i) {
+              form_rows(pl.xlo + sl + i, CSb.data() + 32 + i * CS, CDb.data() + 32 + i * CS,
+                        ring_row(ringP.data(), sl + i), ring_row(ringS.data(), sl + i));
+              mirror(sl + i);
+            }
+          }
+          for (; sl < sb; ++sl) {
+            single_logits(pl.xlo + sl, pl.xlo + sl + off0);
+            form_rows(pl.xlo + sl, CSb.data() + 32, CDb.data() + 32, ring_row(ringP.data(), sl),
+                      ring_row(ringS.data(), sl));
+            mirror(sl);
+          }
+          for (sl = sa; sl < sb; ++sl)
+            zone_sum(pl.xlo + sl, pl.xlo + sl + off0, ring_row(ringP.data(), sl), ring_row(ringS.data(), sl));
+          // dq of the segment
+          for (sl = sa; sl + TQ <= sb; sl += TQ) dq_tile(std::integral_constant<int, TQ>{}, sl);
+          if (sl < sb)
+            dispatch_nc(sb - sl, [&](auto tv) {
+              if constexpr (decltype(tv)::value < TQ) dq_tile(tv, sl);
+            });
+          // the middle keys whose last seeing slot is formed: x - xlo - off[0] < sb
+          const int64_t xe = std::min(zr, sb + pl.xlo + off0);
+          for (; kx + TQ <= xe; kx += TQ) key_tile(std::integral_constant<int, TQ>{}, kx);
+          if (sb == pl.n_int)
+            for (; kx < xe; kx += TQ)
+              dispatch_nc(std::min<int64_t>(TQ, xe - kx), [&](auto tv) {
+                if constexpr (decltype(tv)::value <= TQ) key_tile(tv, kx);
+              });
+        }
+        // border queries, one at a time: rows, dq, and their dK/dV (all in the zones)
+        for (int64_t sl = pl.n_int; sl < pl.Ws; ++sl) {
+          const int64_t x = pl.slotx[sl];
+          if (x >= W) continue;  // dummy slot
+          const int64_t ws = pl.kidx[sl];
+          single_logits(x, ws);
+          form_rows(x, CSb.data() + 32, CDb.data() + 32, bP.data(), bS.data());
+          Vec<float> acc[1][DV];
+          NA_UNROLL
+          for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
+          pv_tile<1, DV>(bS.data(), 1, kr + ws * kxs, kxs, 1, kw, acc);
+          const Vec<float> sv = splat<float>(scale);
+          NA_UNROLL
+          for (int d = 0; d < DV; ++d) storeu(dq_row + x * qts + d * N, acc[0][d] * sv);
+          zone_sum(x, ws, bP.data(), bS.data());
+        }
+        // the zones' keys
+        for (int64_t x = 0; x < W; ++x) {
+          if (x == zl) x = zr;
+          if (x >= W) break;
+          Vec<float> a[DV];
+          NA_UNROLL
+          for (int d = 0; d < DV; ++d) a[d] = loadu(zK.data() + zone_at(x) + d * N);
+          put(dk_row + x * kts, a, scale);
+          NA_UNROLL
+          for (int d = 0; d < DV; ++d) a[d] = loadu(zV.data() + zone_at(x) + d * N);
+          put(dv_row + x * kts, a, 1.0f);
+        }
+      }
+    }
+  });
+}
+#endif
+
+// The float32 band backward where it applies (see above); false: not taken.
+static bool backward_band(const View6& dout, const View6& q, const View6& k, const View6& v, const float* L,
+                          const float* dlse, float* DQ, float* DK, float* DV, float* dbias, const Plan<float>& pl,
+                          float scale, const Parallel& par) {
+#if defined(__AVX512F__)
+  const BandBackward bb = band_backward_plan(dout, q, k, v, pl, dbias != nullptr);
+  if (bb.nv == 0) return false;
+  switch (pl.D / 16) {
+    case 1: backward_band_f32<1>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+    case 2: backward_band_f32<2>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+    case 3: backward_band_f32<3>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+    default: backward_band_f32<4>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+  }
+  return true;
+#else
+  (void)dout, (void)q, (void)k, (void)v, (void)L, (void)dlse, (void)DQ, (void)DK, (void)DV, (void)dbias, (void)pl,
+      (void)scale, (void)par;
+  return false;
+#endif
+}
+
+}  // namespace
+}  // namespace neighborhood
+}  // namespace alterops

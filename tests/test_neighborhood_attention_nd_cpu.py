@@ -231,14 +231,14 @@ def test_large_outputs_float32(case):
     check_case(case, torch.float32)
 
 
-# The AVX-512 float32 band backward (one key row per query row, its own; dilation 1; kw > 16;
+# The float32 band backward of AVX-512 and AVX2 (one key row per query row, its own; dilation 1; kw > 16;
 # "clamp" without causal shortening; no bias table): rows whose middle keys (seen by interior
 # queries only) are summed as P.V tiles over a ring of P and dS rows, the others ("zones") per
 # query. Rows from just wider than the window (no middle) to several ring turns (256 slots), odd and
 # even windows of 2 to 6 key vectors, head-major tokens read in place, 2-D and 3-D maps with a
 # kernel of 1 on the outer axes (several rows, each its own key row), and grouped heads with enough (batch, key/value head, row) tasks (B = 2, 8 key/value
-# heads), which sum their query heads in turn. The AVX2 and generic builds take the general
-# backward for all of them.
+# heads), which sum their query heads in turn. The generic build takes the general backward for
+# all of them.
 BAND_BWD = [
     ((1, 1, 66), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
     ((1, 1, 81), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),

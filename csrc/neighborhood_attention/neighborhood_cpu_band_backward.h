@@ -1,5 +1,5 @@
-// Neighbourhood attention CPU kernels: the AVX-512 band backward of long windows on one key row
-// (the 1-D ops' windows, such as 65 neighbours), float32.
+// Neighbourhood attention CPU kernels: the band backward of long windows on one key row (the 1-D
+// ops' windows, such as 65 neighbours), float32, AVX-512 and AVX2.
 // Part of neighborhood_attention_cpu.cpp, the one translation unit that includes it (compiled once
 // per instruction-set level; everything here has internal linkage).
 //
@@ -7,8 +7,9 @@
 // neighbour at a time: with a single key row per query row every FMA of its logits, dP, dQ and
 // key-centric dK/dV sums waits on a load of its own (1-D backward, B = 4, L = 4096, 8 heads,
 // d = 64, k = 65: 5x the forward's time). Here the queries of one row go as in the forward's band:
-//  * logits S and dP = dO V for 4 queries at a time against consecutive key (value) vectors
-//    (band_logits: no query transpose, each key vector loaded once for the 4 queries);
+//  * logits S and dP = dO V for 4 queries at a time (AVX-512; 1 with AVX2's 16 registers) against
+//    consecutive key (value) vectors (band_logits: no query transpose, each key vector loaded once
+//    for the tile's queries);
 //  * P = exp(S - lse), dS = P (dP - rowsum(P dP) + dlse), kept per query in a ring of rows
 //    (window column j at j);
 //  * dQ = dS K and the key-centric dK = dS^T Q, dV = P^T dO as P.V tiles (pv_tile_diag_any: a
@@ -20,8 +21,9 @@
 // Keys seen by border queries (whose clamped windows do not slide with the query) or by fewer
 // than all the interior slots of their range (the ends of the row) are the "zones" [0, zl) and
 // [zr, W): their dK/dV are summed per query (all channels of a query row at once) instead.
-// Taken for float32, AVX-512, head widths of float_fast_width, unit channel strides, rows whose
-// only key row is their own, dilation 1, kw > 16 (band width up to kBandMaxNV vectors), every
+// Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides, rows
+// whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
+// ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every
 // border window kw consecutive keys (the "clamp" rule without causal shortening), no bias table
 // or bias gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's
 // query heads in order (the first stores, the next add), so the result does not depend on the
@@ -34,7 +36,54 @@ namespace alterops {
 namespace neighborhood {
 namespace {
 
+#if NA_X86V3
+// Queries per band tile and the widest band (vectors) of the band backward: 4 queries x 6 zmm on
+// AVX-512 (kBandQ, kBandMaxNV, as the forward), one query x 12 ymm on AVX2.
+constexpr int kBwdBandQ = NA_AVX2 ? 1 : kBandQ;
+constexpr int kBwdBandMaxNV = NA_AVX2 ? 12 : kBandMaxNV;
+
+// f(std::integral_constant<int, nv>{}) for a band width nv in 2..kBwdBandMaxNV.
+template <class Fn>
+static inline void dispatch_nv(int64_t nv, Fn&& f) {
+  switch (nv) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+#if NA_AVX2
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 9: f(std::integral_constant<int, 9>{}); break;
+    case 10: f(std::integral_constant<int, 10>{}); break;
+    case 11: f(std::integral_constant<int, 11>{}); break;
+    case 12: f(std::integral_constant<int, 12>{}); break;
+#endif
+    default: break;
+  }
+}
+
+// x with the lanes from n on (0 < n <= V) set to +0 (by their bits: NaN and inf lanes too)
+static inline Vec<float> first_lanes(Vec<float> x, int64_t n) {
 #if defined(__AVX512F__)
+  return (Vec<float>)_mm512_maskz_mov_ps((__mmask16)((1u << n) - 1u), (__m512)x);
+#else
+  typedef int32_t VI __attribute__((vector_size(NA_VEC_BYTES)));
+  const VI lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return (Vec<float>)((VI)x & (VI)(lane < (int32_t)n));
+#endif
+}
+
+static inline float lane_sum(Vec<float> x) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)x);
+#else
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+#endif
+}
+
 // The shapes' facts of the band backward; nv == 0: not taken.
 struct BandBackward {
   int nv = 0;           // key vectors per band tile
@@ -48,8 +97,8 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   if (!float_fast_width(pl.D) || want_dbias || pl.any_bias) return bb;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1 || dout.stride[5] != 1) return bb;
   if (pl.nkr != 1 || pl.dw != 1 || pl.kw <= N) return bb;
-  const int64_t nv = (pl.kw + kBandQ - 1 + N - 1) / N;
-  if (nv > kBandMaxNV || nv * N > pl.Wk) return bb;
+  const int64_t nv = (pl.kw + kBwdBandQ - 1 + N - 1) / N;
+  if (nv > kBwdBandMaxNV || nv * N > pl.Wk) return bb;
   // one task per (batch, key/value head, row): with grouped heads, enough of them
   if (pl.G > 1 && pl.B * pl.NKV * pl.R < kBackwardTasks) return bb;
   for (int64_t y = 0; y < pl.R; ++y)
@@ -80,8 +129,11 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
                               const float* dlse, float* DQ, float* DK, float* DVo, const Plan<float>& pl,
                               const BandBackward& bb, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  constexpr int TQ = DV >= 4 ? 6 : 8;  // queries (keys) per P.V tile: TQ * DV accumulators
-  constexpr int64_t SEG = 8 * TQ;      // slots whose rows are formed before their tiles run
+  constexpr int MQ = kBwdBandQ;
+  // P.V tiles: TQ queries (keys) by DC channel vectors (TQ * DC accumulators), DV / DC passes
+  constexpr int DC = NA_AVX2 ? 2 : DV;
+  constexpr int TQ = NA_AVX2 ? 6 : DV >= 4 ? 6 : 8;
+  constexpr int64_t SEG = 8 * TQ;  // slots whose rows are formed before their tiles run
   constexpr int64_t CS = 32 + 16 * kBandMaxNV + 16;  // band scratch row stride (as the forward's)
   const int64_t D = pl.D, W = pl.W, kw = pl.kw, Wk = pl.Wk, nv = bb.nv, zl = bb.zl, zr = bb.zr;
   const int64_t cw = (kw + N - 1) / N * N;  // ring row width
@@ -91,7 +143,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   const int64_t HIST = kw + TQ;
   int64_t ring = 64;
   while (ring < SEG + kw + 2 * TQ + 8) ring *= 2;
-  const int64_t n4 = pl.n_full * N;  // interior slots in whole blocks: band tiles of kBandQ
+  const int64_t n4 = pl.n_full * N;  // interior slots in whole blocks: band tiles of MQ
   const int64_t nzone = zl + (W - zr);
   const int64_t off0 = pl.off[0], offe = pl.off[kw - 1];
   const float* const qb = static_cast<const float*>(q.data);
@@ -103,7 +155,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   par.for_tasks(pl.B * pl.NKV * pl.R, [&](auto next) {
     RawBuf<float> Kt(D * Wk), Vt(D * Wk);
     Buf<float> ringP((ring + HIST) * cw, 0.0f), ringS((ring + HIST) * cw, 0.0f);
-    Buf<float> CSb((kBandQ + 1) * CS, 0.0f), CDb((kBandQ + 1) * CS, 0.0f);
+    Buf<float> CSb((MQ + 1) * CS, 0.0f), CDb((MQ + 1) * CS, 0.0f);
     Buf<float> bP(cw, 0.0f), bS(cw, 0.0f);  // a border query's rows
     Buf<float> zK(std::max<int64_t>(1, nzone * D)), zV(std::max<int64_t>(1, nzone * D));
     const float* rows[16];
@@ -114,9 +166,9 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
       // the key and value rows transposed (channel-major, columns W.. zero) for the band logits
       for (int64_t x0 = 0; x0 < Wk; x0 += N) {
         for (int l = 0; l < N; ++l) rows[l] = x0 + l < W ? kr + (x0 + l) * kxs : nullptr;
-        transpose16(rows, D, 1.0f, Kt.data() + x0, Wk);
+        NA_TRANSPOSE_BLK(rows, D, 1.0f, Kt.data() + x0, Wk);
         for (int l = 0; l < N; ++l) rows[l] = x0 + l < W ? vr + (x0 + l) * vxs : nullptr;
-        transpose16(rows, D, 1.0f, Vt.data() + x0, Wk);
+        NA_TRANSPOSE_BLK(rows, D, 1.0f, Vt.data() + x0, Wk);
       }
       float* const dk_row = DK + ((b * pl.R + y) * W * pl.NKV + hk) * D;
       float* const dv_row = DVo + ((b * pl.R + y) * W * pl.NKV + hk) * D;
@@ -132,25 +184,29 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         std::fill(zV.begin(), zV.end(), 0.0f);
         auto zone_at = [&](int64_t x) { return (x < zl ? x : zl + x - zr) * D; };
         // out[0:D] = acc * mul (the first query head) or += (the others)
-        auto put = [&](float* o, const Vec<float>* acc, float mul) {
+        auto put = [&](float* o, const auto& acc, float mul) {
+          constexpr int n = (int)(sizeof(acc) / sizeof(acc[0]));
           const Vec<float> m = splat<float>(mul);
           NA_UNROLL
-          for (int d = 0; d < DV; ++d) storeu(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m);
+          for (int d = 0; d < n; ++d) storeu(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m);
         };
         // P and dS of the query at column x from its logits S and dP (window column j at j):
         // P = exp(S - lse), dS = P (dP - rowsum(P dP) + dlse); lanes past kw are zero
         auto form_rows = [&](int64_t x, const float* S, const float* dP, float* P_out, float* dS_out) {
           const Vec<float> lv = splat<float>(Lr[x]);
-          Vec<float> p[kBandMaxNV + 1], dp[kBandMaxNV + 1];
+          Vec<float> p[kBwdBandMaxNV], dp[kBwdBandMaxNV];
           Vec<float> acc = splat<float>(0.0f);
           const int64_t nc = cw / N;
           for (int64_t e = 0; e < nc; ++e) {
-            const __mmask16 live = e * N + N <= kw ? (__mmask16)0xFFFF : (__mmask16)((1u << (kw - e * N)) - 1u);
-            p[e] = (Vec<float>)_mm512_maskz_mov_ps(live, (__m512)vexp(loadu(S + e * N) - lv));
-            dp[e] = (Vec<float>)_mm512_maskz_mov_ps(live, (__m512)loadu(dP + e * N));
+            p[e] = vexp(loadu(S + e * N) - lv);
+            dp[e] = loadu(dP + e * N);
+            if (e * N + N > kw) {
+              p[e] = first_lanes(p[e], kw - e * N);
+              dp[e] = first_lanes(dp[e], kw - e * N);
+            }
             acc += p[e] * dp[e];
           }
-          const float coef = _mm512_reduce_add_ps((__m512)acc) - (dlr ? dlr[x] : 0.0f);
+          const float coef = lane_sum(acc) - (dlr ? dlr[x] : 0.0f);
           const Vec<float> cv = splat<float>(coef);
           for (int64_t e = 0; e < nc; ++e) {
             storeu(P_out + e * N, p[e]);
@@ -191,9 +247,9 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         // band logits of one query (its window at ws, anywhere in the band) into row 0 of CSb/CDb
         auto single_logits = [&](int64_t x, int64_t ws) {
           const int64_t st0 = std::min(ws, Wk - nv * N);
-          dispatch_nc(nv, [&](auto nvv) {
+          dispatch_nv(nv, [&](auto nvv) {
             constexpr int NV = decltype(nvv)::value;
-            if constexpr (NV >= 2 && NV <= kBandMaxNV) {
+            if constexpr (NV >= 2 && NV <= kBwdBandMaxNV) {
               band_logits<NV, 1>(qr + x * qxs, qxs, D, Kt.data() + st0, Wk, scale, ws - st0, CSb.data() + 32, CS, false);
               band_logits<NV, 1>(gr + x * gxs, gxs, D, Vt.data() + st0, Wk, 1.0f, ws - st0, CDb.data() + 32, CS, false);
             }
@@ -202,56 +258,60 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         // dq of T interior slots from sl: dS . K (the key tokens read in place)
         auto dq_tile = [&](auto tv, int64_t sl) {
           constexpr int T = decltype(tv)::value;
-          Vec<float> acc[T][DV];
-          NA_UNROLL
-          for (int i = 0; i < T; ++i)
-            NA_UNROLL
-            for (int d = 0; d < DV; ++d) acc[i][d] = splat<float>(0.0f);
-          pv_tile_diag_any<T, DV>(ring_row(ringS.data(), sl), 1, kr + (pl.xlo + sl + off0) * kxs, kxs, kw, acc, cw);
           const Vec<float> sv = splat<float>(scale);
-          NA_UNROLL
-          for (int i = 0; i < T; ++i)
+          for (int c0 = 0; c0 < DV; c0 += DC) {
+            Vec<float> acc[T][DC];
             NA_UNROLL
-            for (int d = 0; d < DV; ++d) storeu(dq_row + (pl.xlo + sl + i) * qts + d * N, acc[i][d] * sv);
+            for (int i = 0; i < T; ++i)
+              NA_UNROLL
+              for (int d = 0; d < DC; ++d) acc[i][d] = splat<float>(0.0f);
+            pv_tile_diag_any<T, DC>(ring_row(ringS.data(), sl), 1, kr + (pl.xlo + sl + off0) * kxs + c0 * N, kxs, kw,
+                                    acc, cw);
+            NA_UNROLL
+            for (int i = 0; i < T; ++i)
+              NA_UNROLL
+              for (int d = 0; d < DC; ++d) storeu(dq_row + (pl.xlo + sl + i) * qts + (c0 + d) * N, acc[i][d] * sv);
+          }
         };
         // dK, dV of T keys from x0 (all in [zl, zr)): the rows of slots u0.., read at column
         // kw - 1 - u of row u0 + t + u
         auto key_tile = [&](auto tv, int64_t x0) {
           constexpr int T = decltype(tv)::value;
           const int64_t u0 = x0 - pl.xlo - offe;
-          Vec<float> acc[T][DV];
-          for (int pass = 0; pass < 2; ++pass) {
-            NA_UNROLL
-            for (int i = 0; i < T; ++i)
+          Vec<float> acc[T][DC];
+          for (int pass = 0; pass < 2; ++pass)
+            for (int c0 = 0; c0 < DV; c0 += DC) {
               NA_UNROLL
-              for (int d = 0; d < DV; ++d) acc[i][d] = splat<float>(0.0f);
-            const float* Wt = ring_row(pass == 0 ? ringS.data() : ringP.data(), u0) + kw - 1;
-            const float* A = pass == 0 ? qr + (pl.xlo + u0) * qxs : gr + (pl.xlo + u0) * gxs;
-            pv_tile_diag_any<T, DV>(Wt, cw - 1, A, pass == 0 ? qxs : gxs, kw, acc, cw);
-            float* o = pass == 0 ? dk_row : dv_row;
-            NA_UNROLL
-            for (int i = 0; i < T; ++i) put(o + (x0 + i) * kts, acc[i], pass == 0 ? scale : 1.0f);
-          }
+              for (int i = 0; i < T; ++i)
+                NA_UNROLL
+                for (int d = 0; d < DC; ++d) acc[i][d] = splat<float>(0.0f);
+              const float* Wt = ring_row(pass == 0 ? ringS.data() : ringP.data(), u0) + kw - 1;
+              const float* A = (pass == 0 ? qr + (pl.xlo + u0) * qxs : gr + (pl.xlo + u0) * gxs) + c0 * N;
+              pv_tile_diag_any<T, DC>(Wt, cw - 1, A, pass == 0 ? qxs : gxs, kw, acc, cw);
+              float* o = (pass == 0 ? dk_row : dv_row) + c0 * N;
+              NA_UNROLL
+              for (int i = 0; i < T; ++i) put(o + (x0 + i) * kts, acc[i], pass == 0 ? scale : 1.0f);
+            }
         };
         int64_t kx = zl;  // the next key of the middle without its dK/dV
         for (int64_t sa = 0; sa < pl.n_int; sa += SEG) {
           const int64_t sb = std::min(pl.n_int, sa + SEG);
-          // the segment's rows: band tiles of kBandQ slots, then single slots
+          // the segment's rows: band tiles of MQ slots, then single slots
           int64_t sl = sa;
-          for (; sl + kBandQ <= std::min(sb, n4); sl += kBandQ) {
+          for (; sl + MQ <= std::min(sb, n4); sl += MQ) {
             const int64_t want = pl.xlo + sl + off0;
             const int64_t start = std::min(want, Wk - nv * N), wo = want - start;
-            const bool pf = sl + 2 * kBandQ < n4;
-            dispatch_nc(nv, [&](auto nvv) {
+            const bool pf = sl + 2 * MQ < n4;
+            dispatch_nv(nv, [&](auto nvv) {
               constexpr int NV = decltype(nvv)::value;
-              if constexpr (NV >= 2 && NV <= kBandMaxNV) {
-                band_logits<NV>(qr + (pl.xlo + sl) * qxs, qxs, D, Kt.data() + start, Wk, scale, wo, CSb.data() + 32,
-                                CS, pf);
-                band_logits<NV>(gr + (pl.xlo + sl) * gxs, gxs, D, Vt.data() + start, Wk, 1.0f, wo, CDb.data() + 32,
-                                CS, pf);
+              if constexpr (NV >= 2 && NV <= kBwdBandMaxNV) {
+                band_logits<NV, MQ>(qr + (pl.xlo + sl) * qxs, qxs, D, Kt.data() + start, Wk, scale, wo,
+                                    CSb.data() + 32, CS, pf);
+                band_logits<NV, MQ>(gr + (pl.xlo + sl) * gxs, gxs, D, Vt.data() + start, Wk, 1.0f, wo,
+                                    CDb.data() + 32, CS, pf);
               }
             });
-            for (int i = 0; i < kBandQ; ++i) {
+            for (int i = 0; i < MQ; ++i) {
               form_rows(pl.xlo + sl + i, CSb.data() + 32 + i * CS, CDb.data() + 32 + i * CS,
                         ring_row(ringP.data(), sl + i), ring_row(ringS.data(), sl + i));
               mirror(sl + i);
@@ -290,7 +350,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           Vec<float> acc[1][DV];
           NA_UNROLL
           for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
-          pv_tile<1, DV>(bS.data(), 1, kr + ws * kxs, kxs, 1, kw, acc);
+          pv_tile<1, DV>(bS.data(), 1, kr + ws * kxs, kxs, 1, kw, acc);  // (AVX2: DV <= 8 accumulators)
           const Vec<float> sv = splat<float>(scale);
           NA_UNROLL
           for (int d = 0; d < DV; ++d) storeu(dq_row + x * qts + d * N, acc[0][d] * sv);
@@ -318,14 +378,16 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
 static bool backward_band(const View6& dout, const View6& q, const View6& k, const View6& v, const float* L,
                           const float* dlse, float* DQ, float* DK, float* DV, float* dbias, const Plan<float>& pl,
                           float scale, const Parallel& par) {
-#if defined(__AVX512F__)
+#if NA_X86V3
   const BandBackward bb = band_backward_plan(dout, q, k, v, pl, dbias != nullptr);
   if (bb.nv == 0) return false;
+  // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
+  constexpr int M = NA_AVX2 ? 2 : 1;
   switch (pl.D / 16) {
-    case 1: backward_band_f32<1>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
-    case 2: backward_band_f32<2>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
-    case 3: backward_band_f32<3>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
-    default: backward_band_f32<4>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+    case 1: backward_band_f32<M>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+    case 2: backward_band_f32<2 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+    case 3: backward_band_f32<3 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+    default: backward_band_f32<4 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
   }
   return true;
 #else

@@ -540,7 +540,7 @@ NA_TILE void pv_tile_diag_any(const float* P, int64_t pstride, const float* V, i
 
 constexpr int kBandQ = 4;  // queries per band tile: 4 * NV accumulators + NV key vectors in 32 zmm
 constexpr int kBandMaxNV = 6;
-#if defined(__AVX512F__)
+#if NA_X86V3
 // Band logits of one key row (dilation 1, windows wider than a vector: the 1-D ops' long
 // windows). MQ adjacent interior queries (token layout, channel stride 1, query i at q + i * qxs)
 // against NV vectors of consecutive packed key columns from kt (channel stride cstride), as a
@@ -550,6 +550,7 @@ constexpr int kBandMaxNV = 6;
 // wo + i + j of the band, j < kw) is stored scaled at C + i * cs + j; each row writes
 // [i * cs - wo - i, i * cs - wo - i + NV * V). (MQ = 1: a single query whose window may start
 // anywhere in the band, the border slots' clamped windows that do not move with the query.)
+// (Also built for AVX2, where the band backward takes it with MQ = 1: NV <= 12 accumulators.)
 template <int NV, int MQ = kBandQ>
 static inline void band_logits(const float* q, int64_t qxs, int64_t D, const float* kt, int64_t cstride,
                                float scale, int64_t wo, float* C, int64_t cs, bool prefetch_next) {
@@ -584,7 +585,9 @@ static inline void band_logits(const float* q, int64_t qxs, int64_t D, const flo
     for (int i = 2 * MQ; i < 3 * MQ; ++i)
       for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(q + i * qxs + c, 0, 3);
 }
+#endif
 
+#if defined(__AVX512F__)
 // Softmax of one query's kw logits at C (in place, left unnormalised): returns the max m and the
 // sum l of exp(s - m). Reads up to the next multiple of V past kw (the band row's padding).
 static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out) {

@@ -237,8 +237,9 @@ def test_large_outputs_float32(case):
 # query. Rows from just wider than the window (no middle) to several ring turns (256 slots), odd and
 # even windows of 2 to 6 key vectors, head-major tokens read in place, 2-D and 3-D maps with a
 # kernel of 1 on the outer axes (several rows, each its own key row), and grouped heads with enough (batch, key/value head, row) tasks (B = 2, 8 key/value
-# heads), which sum their query heads in turn. The generic build takes the general backward for
-# all of them.
+# heads), which sum their query heads in turn; then the same with bias tables (the table's values in
+# the logits, its gradient summed per task, then over the tasks in order). The generic build takes
+# the general backward for all of them.
 BAND_BWD = [
     ((1, 1, 66), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
     ((1, 1, 81), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),
@@ -251,6 +252,13 @@ BAND_BWD = [
     ((3, 2, 90), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "contiguous"),
     ((1, 1, 170), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 8, 0, 16, "fused"),
     ((1, 1, 77), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 8, 0, 16, "contiguous"),
+    # with a bias table (per head or shared) and its gradient
+    ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 2, 16, "fused"),
+    ((1, 1, 66), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 1, 16, "contiguous"),
+    ((1, 1, 613), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 1, 16, "head major"),
+    ((3, 2, 90), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 2, 16, "fused"),
+    ((1, 1, 170), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 8, 16, 16, "fused"),
+    ((1, 1, 300), (1, 1, 93), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 8, 1, 16, "contiguous"),
 ]
 
 
@@ -263,13 +271,13 @@ def test_band_backward_float32(case, D):
 def test_band_backward_same_bits_any_thread_count():
     sp, ks, dil, st, causal, border = (1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp"
     q, k, v = make_inputs(sp, 16, 8, 32, torch.float32, "fused")
-    dout, dlse = torch.randn(q.shape), torch.randn(2, 16, *sp)
+    dout, dlse, bias = torch.randn(q.shape), torch.randn(2, 16, *sp), torch.randn(16, 1, 1, 129)
     before = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(run_fused(q, k, v, ks, dil, st, causal, border, None, 0.25, dout, dlse))
+            results.append(run_fused(q, k, v, ks, dil, st, causal, border, bias, 0.25, dout, dlse))
     finally:
         torch.set_num_threads(before)
     (_, _, g1), (_, _, g2) = results

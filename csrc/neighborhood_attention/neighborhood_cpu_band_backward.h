@@ -24,8 +24,8 @@
 // Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides, rows
 // whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
 // ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every
-// border window kw consecutive keys (the "clamp" rule without causal shortening), no bias table
-// or bias gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's
+// border window kw consecutive keys (the "clamp" rule without causal shortening); with or without
+// a bias table and its gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's
 // query heads in order (the first stores, the next add), so the result does not depend on the
 // thread count.
 #pragma once
@@ -75,10 +75,10 @@ struct BandBackward {
 };
 
 static BandBackward band_backward_plan(const View6& dout, const View6& q, const View6& k, const View6& v,
-                                       const Plan<float>& pl, bool want_dbias) {
+                                       const Plan<float>& pl) {
   constexpr int N = VecOf<float>::N;
   BandBackward bb;
-  if (!float_fast_width(pl.D) || want_dbias || pl.any_bias) return bb;
+  if (!float_fast_width(pl.D)) return bb;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1 || dout.stride[5] != 1) return bb;
   if (pl.nkr != 1 || pl.dw != 1 || pl.kw <= N) return bb;
   const int64_t nv = (pl.kw + kBwdBandQ - 1 + N - 1) / N;
@@ -110,8 +110,8 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
 
 template <int DV>
 static void backward_band_f32(const View6& dout, const View6& q, const View6& k, const View6& v, const float* L,
-                              const float* dlse, float* DQ, float* DK, float* DVo, const Plan<float>& pl,
-                              const BandBackward& bb, float scale, const Parallel& par) {
+                              const float* dlse, float* DQ, float* DK, float* DVo, float* dbias,
+                              const Plan<float>& pl, const BandBackward& bb, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
   constexpr int MQ = kBwdBandQ;
   // P.V tiles: TQ queries (keys) by DC channel vectors (TQ * DC accumulators), DV / DC passes
@@ -136,12 +136,21 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   const float* const vb = static_cast<const float*>(v.data);
   const int64_t qxs = q.stride[3], gxs = dout.stride[3], kxs = k.stride[3], vxs = v.stride[3];
   const int64_t qts = pl.NH * D, kts = pl.NKV * D;  // token strides of the outputs
-  par.for_tasks(pl.B * pl.NKV * pl.R, [&](auto next) {
+  // Bias table: its values join the logits (an interior query's neighbour j at table column
+  // bx[j][0] for every interior slot; a border slot's at bx[j][slot]); its gradient is summed per
+  // task (interior queries per neighbour first) into dB[task][table head][column], then over the
+  // tasks in order.
+  const bool has_bias = pl.any_bias;
+  const int64_t ntasks = pl.B * pl.NKV * pl.R, tc = 2 * kw - 1, tsize = pl.nht * tc;
+  Buf<float> dB(dbias ? ntasks * tsize : 0, 0.0f);
+  par.for_tasks(ntasks, [&](auto next) {
     RawBuf<float> Kt(D * Wk), Vt(D * Wk);
     Buf<float> ringP((ring + HIST) * cw, 0.0f), ringS((ring + HIST) * cw, 0.0f);
     Buf<float> CSb((MQ + 1) * CS, 0.0f), CDb((MQ + 1) * CS, 0.0f);
     Buf<float> bP(cw, 0.0f), bS(cw, 0.0f);  // a border query's rows
     Buf<float> zK(std::max<int64_t>(1, nzone * D)), zV(std::max<int64_t>(1, nzone * D));
+    // the interior queries' bias row and sum of dS, a border query's bias row (window column j at j)
+    Buf<float> bint(cw, 0.0f), dsum(cw, 0.0f), bbord(cw, 0.0f);
     const float* rows[16];
     for (int64_t t; next(t);) {
       const int64_t y = t % pl.R, bkv = t / pl.R, b = bkv / pl.NKV, hk = bkv % pl.NKV;
@@ -164,6 +173,12 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         const float* const Lr = L + (bh * pl.R + y) * W;
         const float* const dlr = dlse ? dlse + (bh * pl.R + y) * W : nullptr;
         float* const dq_row = DQ + ((b * pl.R + y) * W * pl.NH + h) * D;
+        const int64_t ht = pl.nht == 1 ? 0 : h;
+        const float* const brow = pl.bias_row(ht, y, 0);  // [kw][Ws]
+        float* const dBt = dbias ? dB.data() + t * tsize + ht * tc : nullptr;
+        if (has_bias && pl.n_int > 0)
+          for (int64_t j = 0; j < kw; ++j) bint[j] = brow[j * pl.Ws];
+        if (dBt) std::fill(dsum.begin(), dsum.end(), 0.0f);
         std::fill(zK.begin(), zK.end(), 0.0f);
         std::fill(zV.begin(), zV.end(), 0.0f);
         auto zone_at = [&](int64_t x) { return (x < zl ? x : zl + x - zr) * D; };
@@ -174,15 +189,19 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           NA_UNROLL
           for (int d = 0; d < n; ++d) storeu(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m);
         };
-        // P and dS of the query at column x from its logits S and dP (window column j at j):
-        // P = exp(S - lse), dS = P (dP - rowsum(P dP) + dlse); lanes past kw are zero
-        auto form_rows = [&](int64_t x, const float* S, const float* dP, float* P_out, float* dS_out) {
+        // P and dS of the query at column x from its logits S (plus the bias row Bj, when there is
+        // a table) and dP (window column j at j): P = exp(S - lse), dS = P (dP - rowsum(P dP) + dlse);
+        // lanes past kw are zero. An interior query's dS is added to dsum for the table's gradient.
+        auto form_rows = [&](int64_t x, const float* S, const float* dP, float* P_out, float* dS_out,
+                             const float* Bj, bool interior) {
           const Vec<float> lv = splat<float>(Lr[x]);
           Vec<float> p[kBwdBandMaxNV], dp[kBwdBandMaxNV];
           Vec<float> acc = splat<float>(0.0f);
           const int64_t nc = cw / N;
           for (int64_t e = 0; e < nc; ++e) {
-            p[e] = vexp(loadu(S + e * N) - lv);
+            Vec<float> sv = loadu(S + e * N);
+            if (has_bias) sv += loadu(Bj + e * N);
+            p[e] = vexp(sv - lv);
             dp[e] = loadu(dP + e * N);
             if (e * N + N > kw) {
               p[e] = first_lanes(p[e], kw - e * N);
@@ -193,8 +212,10 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           const float coef = lane_sum(acc) - (dlr ? dlr[x] : 0.0f);
           const Vec<float> cv = splat<float>(coef);
           for (int64_t e = 0; e < nc; ++e) {
+            const Vec<float> ds = p[e] * (dp[e] - cv);
             storeu(P_out + e * N, p[e]);
-            storeu(dS_out + e * N, p[e] * (dp[e] - cv));
+            storeu(dS_out + e * N, ds);
+            if (dBt && interior) storeu(dsum.data() + e * N, loadu(dsum.data() + e * N) + ds);
           }
         };
         // the zones' dK/dV of the query at column x whose window starts at ws
@@ -298,14 +319,14 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
             logits(std::integral_constant<int, MQ>{}, pl.xlo + sl, start, wo, sl + 2 * MQ < n4);
             for (int i = 0; i < MQ; ++i) {
               form_rows(pl.xlo + sl + i, CSb.data() + 32 + i * CS, CDb.data() + 32 + i * CS,
-                        ring_row(ringP.data(), sl + i), ring_row(ringS.data(), sl + i));
+                        ring_row(ringP.data(), sl + i), ring_row(ringS.data(), sl + i), bint.data(), true);
               mirror(sl + i);
             }
           }
           for (; sl < sb; ++sl) {
             single_logits(pl.xlo + sl, pl.xlo + sl + off0);
             form_rows(pl.xlo + sl, CSb.data() + 32, CDb.data() + 32, ring_row(ringP.data(), sl),
-                      ring_row(ringS.data(), sl));
+                      ring_row(ringS.data(), sl), bint.data(), true);
             mirror(sl);
           }
           for (sl = sa; sl < sb; ++sl)
@@ -331,7 +352,11 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           if (x >= W) continue;  // dummy slot
           const int64_t ws = pl.kidx[sl];
           single_logits(x, ws);
-          form_rows(x, CSb.data() + 32, CDb.data() + 32, bP.data(), bS.data());
+          if (has_bias)
+            for (int64_t j = 0; j < kw; ++j) bbord[j] = brow[j * pl.Ws + sl];
+          form_rows(x, CSb.data() + 32, CDb.data() + 32, bP.data(), bS.data(), bbord.data(), false);
+          if (dBt)
+            for (int64_t j = 0; j < kw; ++j) dBt[pl.bx[j * pl.Ws + sl]] += bS[j];
           Vec<float> acc[1][DV];
           NA_UNROLL
           for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
@@ -341,6 +366,8 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           for (int d = 0; d < DV; ++d) storeu(dq_row + x * qts + d * N, acc[0][d] * sv);
           zone_sum(x, ws, bP.data(), bS.data());
         }
+        if (dBt && pl.n_int > 0)
+          for (int64_t j = 0; j < kw; ++j) dBt[pl.bx[j * pl.Ws]] += dsum[j];
         // the zones' keys
         for (int64_t x = 0; x < W; ++x) {
           if (x == zl) x = zr;
@@ -356,6 +383,12 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
       }
     }
   });
+  if (dbias)
+    for (int64_t e = 0; e < tsize; ++e) {
+      float s = 0.0f;
+      for (int64_t t = 0; t < ntasks; ++t) s += dB[t * tsize + e];
+      dbias[e] = s;
+    }
 }
 #endif
 
@@ -364,15 +397,15 @@ static bool backward_band(const View6& dout, const View6& q, const View6& k, con
                           const float* dlse, float* DQ, float* DK, float* DV, float* dbias, const Plan<float>& pl,
                           float scale, const Parallel& par) {
 #if NA_X86V3
-  const BandBackward bb = band_backward_plan(dout, q, k, v, pl, dbias != nullptr);
+  const BandBackward bb = band_backward_plan(dout, q, k, v, pl);
   if (bb.nv == 0) return false;
   // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
   constexpr int M = NA_AVX2 ? 2 : 1;
   switch (pl.D / 16) {
-    case 1: backward_band_f32<M>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
-    case 2: backward_band_f32<2 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
-    case 3: backward_band_f32<3 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
-    default: backward_band_f32<4 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, pl, bb, scale, par); break;
+    case 1: backward_band_f32<M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 2: backward_band_f32<2 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 3: backward_band_f32<3 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    default: backward_band_f32<4 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
   }
   return true;
 #else

@@ -263,14 +263,15 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
   const bool any_bias = pl.any_bias;
   const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
-  // Rows with one key row (kernel 1 on the outer axes: the 1-D ops), dilation 1, windows wider
-  // than a vector and no bias take their all-interior blocks through band_logits (AVX-512 only:
-  // 4 * band_nv accumulators need its 32 registers): band_nv key vectors per tile (0: not
-  // taken). Their logits rows are kBandCS apart in Cb, window at +32.
+  // Rows with one key row (kernel 1 on the outer axes: the 1-D ops), dilation 1 and windows wider
+  // than a vector take their all-interior blocks through band_logits (AVX-512 only: 4 * band_nv
+  // accumulators need its 32 registers): band_nv key vectors per tile (0: not taken). Their
+  // logits rows are kBandCS apart in Cb, window at +32; a bias table's row (the same for every
+  // interior slot) is added to each before its softmax.
   int band_nv = 0;
   constexpr int64_t kBandCS = 32 + 16 * kBandMaxNV + 16;
 #if defined(__AVX512F__)
-  if (pl.nkr == 1 && pl.dw == 1 && pl.kw > N && !any_bias) {
+  if (pl.nkr == 1 && pl.dw == 1 && pl.kw > N) {
     const int64_t nv = (pl.kw + kBandQ - 1 + N - 1) / N;
     if (nv <= kBandMaxNV && nv * N <= pl.Wk) band_nv = (int)nv;
   }
@@ -329,6 +330,13 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     int64_t packed_hi = 0, packed_cols = 0;
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SS), Linv(pl.Ws);
+    // the band's bias rows (window column j at j, zero past kw): interior slots', a border slot's
+    std::vector<float> bint(band_nv && any_bias ? (pl.kw + N - 1) / N * N : 0),
+        bbord(band_nv && any_bias ? (pl.kw + N - 1) / N * N : 0);
+    // C[0:kw] += B[0:kw] (B padded with zeros to whole vectors)
+    auto add_bias_row = [&](float* C, const float* B) {
+      for (int64_t e = 0; e < pl.kw; e += N) storeu(C + e, loadu(C + e) + loadu(B + e));
+    };
     const float* rows[16];
     // Rows longer than a segment have the next segment's q, k and v columns prefetched into L2
     // a few tokens at a time while this segment is worked on (a burst of a whole segment's
@@ -510,6 +518,11 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               });
               if ((sl - sg) % N == 0) pf_step(pf_quota);
             }
+            const float* brow = any_bias ? pl.bias_row(ht, y, 0) : nullptr;
+            if (any_bias && iend > sg) {
+              for (int64_t j = 0; j < pl.kw; ++j) bint[j] = brow[j * pl.Ws];
+              for (int64_t sl = sg; sl < iend; ++sl) add_bias_row(crow(sl), bint.data());
+            }
             // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
             for (int64_t sl = sg; sl < iend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
             for (int64_t sl = sg; sl < iend; sl += N) {  // (iend - sg is a multiple of N)
@@ -556,6 +569,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                   band_logits<NV, 1>(qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C, kBandCS,
                                      false);
               });
+              if (any_bias) {
+                for (int64_t j = 0; j < pl.kw; ++j) bbord[j] = brow[j * pl.Ws + sl];
+                add_bias_row(C, bbord.data());
+              }
               float m, l;
               band_softmax(C, pl.kw, m, l);
               Lrow[x] = m + std::log(l);
@@ -640,7 +657,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 const float* brow = pl.bias_row(ht, y, i);
                 float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
                 for (int64_t j = 0; j < pl.kw; ++j)
-                  for (int64_t e = sg; e < se; e += N)
+                  for (int64_t e = gend; e < se; e += N)  // (the band's slots [sg, gend) add theirs)
                     storeu(Si + j * SS + e, loadu(Si + j * SS + e) + loadu(brow + j * pl.Ws + e));
               }
           for (int64_t r = 0; r < ng; ++r) {

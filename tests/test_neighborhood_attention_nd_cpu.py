@@ -268,28 +268,17 @@ def test_band_backward_float32(case, D):
     check_case(case, torch.float32, D=D)
 
 
-def test_band_backward_same_bits_any_thread_count():
-    sp, ks, dil, st, causal, border = (1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp"
-    q, k, v = make_inputs(sp, 16, 8, 32, torch.float32, "fused")
-    dout, dlse, bias = torch.randn(q.shape), torch.randn(2, 16, *sp), torch.randn(16, 1, 1, 129)
-    before = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            results.append(run_fused(q, k, v, ks, dil, st, causal, border, bias, 0.25, dout, dlse))
-    finally:
-        torch.set_num_threads(before)
-    (_, _, g1), (_, _, g2) = results
-    for a, b in zip(g1, g2):
-        assert torch.equal(a, b)
-
-
-def test_backward_same_bits_any_thread_count():
-    sp, ks, dil, st, causal, border = (2, 3, 40), (2, 3, 7), (1, 1, 1), (1, 1, 1), (1, 0, 0), "clamp"
-    q, k, v = make_inputs(sp, 4, 2, 32, torch.float32, "fused")
-    bias = torch.randn(4, 3, 5, 13)
-    dout, dlse = torch.randn(q.shape), torch.randn(2, 4, *sp)
+# The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped
+# heads, bias table) and the band route (1-D, grouped heads summed in turn, bias table).
+@pytest.mark.parametrize("sp,ks,causal,heads,heads_kv,bias_shape", [
+    ((2, 3, 40), (2, 3, 7), (1, 0, 0), 4, 2, (4, 3, 5, 13)),
+    ((1, 1, 300), (1, 1, 65), (0, 0, 0), 16, 8, (16, 1, 1, 129)),
+], ids=["general", "band"])
+def test_backward_same_bits_any_thread_count(sp, ks, causal, heads, heads_kv, bias_shape):
+    dil, st, border = (1, 1, 1), (1, 1, 1), "clamp"
+    q, k, v = make_inputs(sp, heads, heads_kv, 32, torch.float32, "fused")
+    bias = torch.randn(bias_shape)
+    dout, dlse = torch.randn(q.shape), torch.randn(2, heads, *sp)
     before = torch.get_num_threads()
     results = []
     try:

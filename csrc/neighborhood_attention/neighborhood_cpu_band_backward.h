@@ -7,7 +7,7 @@
 // neighbour at a time: with a single key row per query row every FMA of its logits, dP, dQ and
 // key-centric dK/dV sums waits on a load of its own (1-D backward, B = 4, L = 4096, 8 heads,
 // d = 64, k = 65: 5x the forward's time). Here the queries of one row go as in the forward's band:
-//  * logits S and dP = dO V for 4 queries at a time (AVX-512; 1 with AVX2's 16 registers) against
+//  * logits S and dP = dO V for 4 queries at a time (AVX-512; 2 with AVX2's 16 registers) against
 //    consecutive key (value) vectors (band_logits: no query transpose, each key vector loaded once
 //    for the tile's queries);
 //  * P = exp(S - lse), dS = P (dP - rowsum(P dP) + dlse), kept per query in a ring of rows
@@ -23,11 +23,11 @@
 // [zr, W): their dK/dV are summed per query (all channels of a query row at once) instead.
 // Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides, rows
 // whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
-// ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every
-// border window kw consecutive keys (the "clamp" rule without causal shortening); with or without
-// a bias table and its gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's
-// query heads in order (the first stores, the next add), so the result does not depend on the
-// thread count.
+// ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every border window kw
+// consecutive keys (the "clamp" rule without causal shortening); with or without a bias table and
+// its gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's query
+// heads in order (the first stores, the next add), so the result does not depend on the thread
+// count.
 #pragma once
 
 #include "neighborhood_cpu_backward.h"

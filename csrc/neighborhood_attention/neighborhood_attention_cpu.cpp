@@ -9,7 +9,7 @@
 //   neighborhood_cpu_tiles.h     register-blocked tiles of the logits, P.V, dS.K and dK/dV sums
 //   neighborhood_cpu_forward.h   forward: any dtype, and the float32 fast path
 //   neighborhood_cpu_backward.h  backward
-//   neighborhood_cpu_band_backward.h  float32 backward of long windows on one key row (1-D), AVX-512/AVX2
+//   neighborhood_cpu_band_backward.h  float32 backward of long 1-D windows (AVX-512, AVX2)
 //
 // Layout trick. A "row" is one (t, y) pair. The keys of query (t, y, x) lie on kt*kh key rows
 // (the product of its T and H windows) that depend only on (t, y), and in each row at columns
@@ -40,11 +40,12 @@
 // for the group's rows that read its key row. dK/dV of interior queries are summed
 // key-centrically (each key column reads the dS/P rows, kept at their key columns so those loads
 // are aligned, and the shifted Q/dO rows, for all the key rows of a query row at once), border
-// queries sum theirs per key column across the channels. With AVX-512 or AVX2, rows whose only key row
-// is their own and windows wider than a vector (the 1-D ops) take the band backward instead: logits
-// and dP as the forward's band, dQ and the key-centric dK/dV as P.V tiles over a ring of P and dS rows. Key rows are packed just before the
-// first query row (group) that reads them; only rows longer than a segment prefetch (the next
-// segment's inputs), the others are left to the hardware prefetcher.
+// queries sum theirs per key column across the channels. With AVX-512 or AVX2, rows whose only
+// key row is their own and windows wider than a vector (the 1-D ops) take the band backward
+// instead: logits and dP as the forward's band, dQ and the key-centric dK/dV as P.V tiles over a
+// ring of P and dS rows. Key rows are packed just before the first query row (group) that reads
+// them; only rows longer than a segment prefetch (the next segment's inputs), the others are left
+// to the hardware prefetcher.
 // Work is split over (batch, head) pairs, and over row chunks of each pair when there are
 // fewer pairs than twice the threads; each task packs the key rows of its key/value head
 // (heads / heads_kv query heads share one; nothing is copied to expand them). The float32

@@ -92,10 +92,8 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   for (int64_t sl = pl.n_int; sl < pl.Ws; ++sl) {
     const int64_t x = pl.slotx[sl];
     if (x >= pl.W) continue;  // dummy slot
+    if (!pl.window_is_run(sl)) return bb;
     const int64_t st = pl.kidx[sl];
-    if (st < 0 || st + pl.kw > pl.W) return bb;
-    for (int64_t j = 1; j < pl.kw; ++j)
-      if (pl.kidx[j * pl.Ws + sl] != st + j) return bb;
     if (x < pl.xlo)
       zl = std::max(zl, st + pl.kw);
     else
@@ -176,8 +174,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         const int64_t ht = pl.nht == 1 ? 0 : h;
         const float* const brow = pl.bias_row(ht, y, 0);  // [kw][Ws]
         float* const dBt = dbias ? dB.data() + t * tsize + ht * tc : nullptr;
-        if (has_bias && pl.n_int > 0)
-          for (int64_t j = 0; j < kw; ++j) bint[j] = brow[j * pl.Ws];
+        if (has_bias && pl.n_int > 0) pl.window_bias(brow, 0, bint.data());
         if (dBt) std::fill(dsum.begin(), dsum.end(), 0.0f);
         std::fill(zK.begin(), zK.end(), 0.0f);
         std::fill(zV.begin(), zV.end(), 0.0f);
@@ -352,8 +349,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           if (x >= W) continue;  // dummy slot
           const int64_t ws = pl.kidx[sl];
           single_logits(x, ws);
-          if (has_bias)
-            for (int64_t j = 0; j < kw; ++j) bbord[j] = brow[j * pl.Ws + sl];
+          if (has_bias) pl.window_bias(brow, sl, bbord.data());
           form_rows(x, CSb.data() + 32, CDb.data() + 32, bP.data(), bS.data(), bbord.data(), false);
           if (dBt)
             for (int64_t j = 0; j < kw; ++j) dBt[pl.bx[j * pl.Ws + sl]] += bS[j];

@@ -292,10 +292,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         bstart.push_back(-1);
         continue;
       }
-      const int64_t st = pl.kidx[sl];
-      band_all &= st + pl.kw <= pl.W;
-      for (int64_t j = 1; j < pl.kw && band_all; ++j) band_all &= pl.kidx[j * pl.Ws + sl] == st + j;
-      bstart.push_back(std::min(st, pl.Wk - band_nv * N));
+      band_all &= pl.window_is_run(sl);
+      bstart.push_back(std::min<int64_t>(pl.kidx[sl], pl.Wk - band_nv * N));
     }
   }
   // A single row longer than a segment (the 1-D ops) is split into column chunks of colslots
@@ -520,7 +518,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             }
             const float* brow = any_bias ? pl.bias_row(ht, y, 0) : nullptr;
             if (any_bias && iend > sg) {
-              for (int64_t j = 0; j < pl.kw; ++j) bint[j] = brow[j * pl.Ws];
+              pl.window_bias(brow, 0, bint.data());
               for (int64_t sl = sg; sl < iend; ++sl) add_bias_row(crow(sl), bint.data());
             }
             // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
@@ -570,7 +568,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                                      false);
               });
               if (any_bias) {
-                for (int64_t j = 0; j < pl.kw; ++j) bbord[j] = brow[j * pl.Ws + sl];
+                pl.window_bias(brow, sl, bbord.data());
                 add_bias_row(C, bbord.data());
               }
               float m, l;

@@ -223,6 +223,19 @@ struct Plan {
   const T* bias_row(int64_t ht, int64_t y, int64_t i) const {
     return biascol.data() + ((ht * nbr + by[y * nkr + i]) * kw) * Ws;
   }
+  // dst[j] (j < kw) = the bias of slot sl's neighbour j in a row of bias_row() ([kw][Ws])
+  void window_bias(const T* brow, int64_t sl, T* dst) const {
+    for (int64_t j = 0; j < kw; ++j) dst[j] = brow[j * Ws + sl];
+  }
+  // Whether slot sl's window on its key row is kw consecutive keys of the row (the band's windows:
+  // the "clamp" border without causal shortening, dilation 1).
+  bool window_is_run(int64_t sl) const {
+    const int64_t st = kidx[sl];
+    if (st + kw > W) return false;
+    for (int64_t j = 1; j < kw; ++j)
+      if (kidx[j * Ws + sl] != st + j) return false;
+    return true;
+  }
   // The logits of a key row that is not one of the query row's key rows: bias for "zero"
   // (zero keys), -inf otherwise.
   bool dead_rows_masked() const { return border != kZero; }

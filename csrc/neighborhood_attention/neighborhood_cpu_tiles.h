@@ -550,7 +550,7 @@ constexpr int kBandMaxNV = 6;
 // wo + i + j of the band, j < kw) is stored scaled at C + i * cs + j; each row writes
 // [i * cs - wo - i, i * cs - wo - i + NV * V). (MQ = 1: a single query whose window may start
 // anywhere in the band, the border slots' clamped windows that do not move with the query.)
-// (Also built for AVX2, where the band backward takes it with MQ = 1: NV <= 12 accumulators.)
+// (Also built for AVX2, where the band backward takes it with MQ = 2 and NV <= 6.)
 template <int NV, int MQ = kBandQ>
 static inline void band_logits(const float* q, int64_t qxs, int64_t D, const float* kt, int64_t cstride,
                                float scale, int64_t wo, float* C, int64_t cs, bool prefetch_next) {

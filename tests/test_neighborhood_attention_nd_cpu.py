@@ -86,7 +86,7 @@ def case_id(c):
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
-def check_case(case, dtype, D=None, seed=0):
+def check_case(case, dtype, D=None, seed=0, dout_layout="dense"):
     sp, ks, dil, st, causal, border, heads, hkv, nb, d0, layout = case
     D = D or d0
     q, k, v = make_inputs(sp, heads, hkv, D, dtype, layout, seed)
@@ -96,11 +96,23 @@ def check_case(case, dtype, D=None, seed=0):
     if nb:
         bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1, generator=g, dtype=torch.float64)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    if dout_layout == "channels expanded":  # one value per token and head, stride 0 along head_dim
+        dout = dout[..., :1].expand(q.shape)
+    elif dout_layout == "all expanded":  # the gradient of out.sum()
+        dout = torch.ones(1, dtype=torch.float64).expand(q.shape)
     dlse = torch.randn(q.shape[0], heads, *sp, generator=g, dtype=torch.float64)
     scale = D ** -0.5
+    dout_in = dout.to(dtype)
+    if dout_layout == "channel stride 3":  # every third element of a wider buffer
+        dout_in = torch.zeros(*q.shape[:-1], 3 * D, dtype=dtype)[..., ::3]
+        dout_in.copy_(dout)
+    elif dout_layout != "dense":
+        dout_in = dout[(0,) * dout.dim()].to(dtype).expand(q.shape) if dout_layout == "all expanded" else \
+            dout[..., :1].to(dtype).expand(q.shape)
+    assert dout_layout == "dense" or dout_in.stride(-1) != 1
     out, lse, (dq, dk, dv, dbias) = run_fused(
         q, k, v, ks, dil, st, causal, border, None if bias is None else bias.to(acc), scale,
-        dout.to(dtype), dlse.to(acc))
+        dout_in, dlse.to(acc))
 
     # the brute force on the same (rounded) inputs, in float64
     q64, k64, v64 = (t.detach().to(torch.float64).requires_grad_() for t in (q, k, v))
@@ -266,6 +278,15 @@ BAND_BWD = [
 @pytest.mark.parametrize("D", [16, 48, 64], ids=str)
 def test_band_backward_float32(case, D):
     check_case(case, torch.float32, D=D)
+
+
+# The band backward with a dout whose channels are not contiguous (copied a row at a time): the
+# expanded gradients of out.sum() and of a per-token loss, and a strided view. The general backward
+# reads every stride in place; one of its cases too.
+@pytest.mark.parametrize("case", [BAND_BWD[i] for i in (0, 2, 3, 9, 11, 15)] + [CASES[7]], ids=case_id)
+@pytest.mark.parametrize("dout_layout", ["all expanded", "channels expanded", "channel stride 3"])
+def test_backward_dout_channel_strides(case, dout_layout):
+    check_case(case, torch.float32, D=32, dout_layout=dout_layout)
 
 
 # The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped

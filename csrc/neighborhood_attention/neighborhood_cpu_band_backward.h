@@ -21,7 +21,8 @@
 // Keys seen by border queries (whose clamped windows do not slide with the query) or by fewer
 // than all the interior slots of their range (the ends of the row) are the "zones" [0, zl) and
 // [zr, W): their dK/dV are summed per query (all channels of a query row at once) instead.
-// Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides, rows
+// Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides of q, k
+// and v (a dout without them, such as the expanded gradient of out.sum(), is copied per row), rows
 // whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
 // ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every border window kw
 // consecutive keys (the "clamp" rule without causal shortening); with or without a bias table and
@@ -79,7 +80,7 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   constexpr int N = VecOf<float>::N;
   BandBackward bb;
   if (!float_fast_width(pl.D)) return bb;
-  if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1 || dout.stride[5] != 1) return bb;
+  if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return bb;  // (dout: copied when not)
   if (pl.nkr != 1 || pl.dw != 1 || pl.kw <= N) return bb;
   const int64_t nv = (pl.kw + kBwdBandQ - 1 + N - 1) / N;
   if (nv > kBwdBandMaxNV || nv * N > pl.Wk) return bb;
@@ -132,7 +133,10 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   const float* const gb = static_cast<const float*>(dout.data);
   const float* const kb = static_cast<const float*>(k.data);
   const float* const vb = static_cast<const float*>(v.data);
-  const int64_t qxs = q.stride[3], gxs = dout.stride[3], kxs = k.stride[3], vxs = v.stride[3];
+  // dout whose channels are not contiguous (the expanded gradient of out.sum() or out.mean()) is
+  // copied a row at a time into a buffer of the task
+  const bool g_copy = dout.stride[5] != 1;
+  const int64_t qxs = q.stride[3], gxs = g_copy ? D : dout.stride[3], kxs = k.stride[3], vxs = v.stride[3];
   const int64_t qts = pl.NH * D, kts = pl.NKV * D;  // token strides of the outputs
   // Bias table: its values join the logits (an interior query's neighbour j at table column
   // bx[j][0] for every interior slot; a border slot's at bx[j][slot]); its gradient is summed per
@@ -142,7 +146,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   const int64_t ntasks = pl.B * pl.NKV * pl.R, tc = 2 * kw - 1, tsize = pl.nht * tc;
   Buf<float> dB(dbias ? ntasks * tsize : 0, 0.0f);
   par.for_tasks(ntasks, [&](auto next) {
-    RawBuf<float> Kt(D * Wk), Vt(D * Wk);
+    RawBuf<float> Kt(D * Wk), Vt(D * Wk), Gt(g_copy ? W * D : 1);  // (only tokens 0..W-1 are read)
     Buf<float> ringP((ring + HIST) * cw, 0.0f), ringS((ring + HIST) * cw, 0.0f);
     Buf<float> CSb((MQ + 1) * CS, 0.0f), CDb((MQ + 1) * CS, 0.0f);
     Buf<float> bP(cw, 0.0f), bS(cw, 0.0f);  // a border query's rows
@@ -167,7 +171,12 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         const int64_t h = hk * pl.G + g, bh = b * pl.NH + h;
         const bool first = g == 0;
         const float* const qr = qb + pl.row_off(q.stride, b, y, h);
-        const float* const gr = gb + pl.row_off(dout.stride, b, y, h);
+        const float* gr = gb + pl.row_off(dout.stride, b, y, h);
+        if (g_copy) {
+          for (int64_t x = 0; x < W; ++x)
+            for (int64_t c = 0; c < D; ++c) Gt.data()[x * D + c] = gr[x * dout.stride[3] + c * dout.stride[5]];
+          gr = Gt.data();
+        }
         const float* const Lr = L + (bh * pl.R + y) * W;
         const float* const dlr = dlse ? dlse + (bh * pl.R + y) * W : nullptr;
         float* const dq_row = DQ + ((b * pl.R + y) * W * pl.NH + h) * D;

@@ -280,6 +280,36 @@ def test_band_backward_float32(case, D):
     check_case(case, torch.float32, D=D)
 
 
+# Dilated maps run as one op of dilation 1 per dilation sub-grid (strided views in, outputs copied
+# into place, dbias summed over the sub-grids): the forward where every dilated axis's shortest
+# sub-grid (length // dilation) holds a window (always with "clamp"), the float32 backward of 1-D
+# windows of the band's width (kw > 16) on sub-grids of two windows (the first four cases).
+# Sub-grids of unequal lengths (length not a multiple of the dilation), causal and strided
+# windows, "mask" / "zero", bias tables and grouped heads. The last two cases ("mask" / "zero"
+# windows longer than a sub-grid) stay on the dilated map in both directions.
+DILATED = [
+    ((1, 1, 301), (1, 1, 33), (1, 1, 2), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
+    ((1, 1, 250), (1, 1, 18), (1, 1, 3), (1, 1, 4), (0, 0, 1), "clamp", 4, 4, 1, 16, "contiguous"),
+    ((1, 1, 331), (1, 1, 25), (1, 1, 4), (1, 1, 1), (0, 0, 0), "zero", 2, 1, 2, 16, "fused"),
+    ((1, 1, 331), (1, 1, 25), (1, 1, 4), (1, 1, 1), (0, 0, 0), "mask", 2, 2, 1, 16, "head major"),
+    ((1, 30, 29), (1, 5, 3), (1, 2, 3), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "channel stride"),
+    ((1, 23, 40), (1, 3, 4), (1, 3, 2), (1, 2, 3), (0, 1, 0), "clamp", 4, 4, 0, 16, "fused"),
+    ((9, 13, 22), (2, 3, 3), (2, 2, 3), (1, 1, 1), (0, 0, 0), "zero", 4, 4, 1, 8, "fused"),
+    ((1, 20, 21), (1, 3, 3), (1, 2, 4), (1, 1, 1), (0, 0, 0), "mask", 4, 2, 4, 16, "fused"),
+    ((1, 1, 200), (1, 1, 20), (1, 1, 7), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 2, 16, "fused"),
+    ((7, 9, 26), (2, 3, 5), (2, 1, 2), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 8, "fused"),
+    ((1, 1, 20), (1, 1, 7), (1, 1, 4), (1, 1, 1), (0, 0, 0), "mask", 4, 2, 4, 16, "fused"),
+    ((1, 9, 10), (1, 5, 5), (1, 3, 2), (1, 1, 1), (0, 0, 0), "zero", 4, 4, 1, 16, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("case", DILATED, ids=case_id)
+@pytest.mark.parametrize("dtype,D", [(torch.float64, None), (torch.float32, 16), (torch.float32, 32),
+                                     (torch.float32, 20), (torch.bfloat16, 16)], ids=str)
+def test_dilated_subgrids(case, dtype, D):
+    check_case(case, dtype, D=D)
+
+
 # The band backward with a dout whose channels are not contiguous (copied a row at a time): the
 # expanded gradients of out.sum() and of a per-token loss, and a strided view. The general backward
 # reads every stride in place; one of its cases too.
@@ -290,13 +320,15 @@ def test_backward_dout_channel_strides(case, dout_layout):
 
 
 # The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped
-# heads, bias table) and the band route (1-D, grouped heads summed in turn, bias table).
-@pytest.mark.parametrize("sp,ks,causal,heads,heads_kv,bias_shape", [
-    ((2, 3, 40), (2, 3, 7), (1, 0, 0), 4, 2, (4, 3, 5, 13)),
-    ((1, 1, 300), (1, 1, 65), (0, 0, 0), 16, 8, (16, 1, 1, 129)),
-], ids=["general", "band"])
-def test_backward_same_bits_any_thread_count(sp, ks, causal, heads, heads_kv, bias_shape):
-    dil, st, border = (1, 1, 1), (1, 1, 1), "clamp"
+# heads, bias table), the band route (1-D, grouped heads summed in turn, bias table) and the
+# dilation sub-grids (dbias summed over them in order).
+@pytest.mark.parametrize("sp,ks,dil,causal,heads,heads_kv,bias_shape", [
+    ((2, 3, 40), (2, 3, 7), (1, 1, 1), (1, 0, 0), 4, 2, (4, 3, 5, 13)),
+    ((1, 1, 300), (1, 1, 65), (1, 1, 1), (0, 0, 0), 16, 8, (16, 1, 1, 129)),
+    ((1, 1, 301), (1, 1, 33), (1, 1, 2), (0, 0, 0), 16, 8, (1, 1, 1, 65)),
+], ids=["general", "band", "dilation sub-grids"])
+def test_backward_same_bits_any_thread_count(sp, ks, dil, causal, heads, heads_kv, bias_shape):
+    st, border = (1, 1, 1), "clamp"
     q, k, v = make_inputs(sp, heads, heads_kv, 32, torch.float32, "fused")
     bias = torch.randn(bias_shape)
     dout, dlse = torch.randn(q.shape), torch.randn(2, heads, *sp)

@@ -69,6 +69,12 @@ static inline float lane_sum(Vec<float> x) {
 #endif
 }
 
+// Whether a window of kw keys has the band backward's width (the other conditions are below).
+static bool band_backward_width(int64_t kw) {
+  constexpr int N = VecOf<float>::N;
+  return kw > N && (kw + kBwdBandQ - 1 + N - 1) / N <= kBwdBandMaxNV;
+}
+
 // The shapes' facts of the band backward; nv == 0: not taken.
 struct BandBackward {
   int nv = 0;           // key vectors per band tile
@@ -81,9 +87,9 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   BandBackward bb;
   if (!float_fast_width(pl.D)) return bb;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return bb;  // (dout: copied when not)
-  if (pl.nkr != 1 || pl.dw != 1 || pl.kw <= N) return bb;
+  if (pl.nkr != 1 || pl.dw != 1 || !band_backward_width(pl.kw)) return bb;
   const int64_t nv = (pl.kw + kBwdBandQ - 1 + N - 1) / N;
-  if (nv > kBwdBandMaxNV || nv * N > pl.Wk) return bb;
+  if (nv * N > pl.Wk) return bb;
   // one task per (batch, key/value head, row): with grouped heads, enough of them
   if (pl.G > 1 && pl.B * pl.NKV * pl.R < kBackwardTasks) return bb;
   for (int64_t y = 0; y < pl.R; ++y)

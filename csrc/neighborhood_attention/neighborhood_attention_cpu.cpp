@@ -126,15 +126,17 @@ void backward_dense(const BackwardArgs& a, const Parallel& par) {
 // groups that share key rows); the dilated map otherwise interleaves rows and columns that share
 // no keys. dbias is summed over the sub-grids in their order (deterministic).
 // An axis of kernel 1 has the query alone for its window whatever its dilation: it is not split.
-// Taken where it paid (Zen 4, 2 threads, float32, both builds timed in turns in one process):
-// the forward when every split axis's shortest sub-grid (length // dilation) holds a window
-// (2-D 56x56, k = 7, dilation 2 / 4 / 8: 6.3 -> 5.7, 8.0 -> 6.2, 11.0 -> 9.3 ms; 2-D 28x28, 8
-// heads, dilation 4: 5.6 -> 4.2; 3-D 8x32x32, k = (3, 7, 7), dilation (1, 2, 2): 11.2 -> 7.4;
-// 1-D L = 4096, k = 65, dilation 2: 28.8 -> 25.0; k = 33, dilation 4: 17.9 -> 18.6, the output
-// copy), the backward only where the sub-grids take the band backward (float32, only the W
-// axis split, a window of its width, sub-grids of at least two windows: 1-D k = 65, dilation 2,
-// forward+backward 144 -> 98 ms; k = 33, dilation 4: 83 -> 68). Elsewhere the dilated backward
-// was as fast or faster (2-D 56x56 dilation 2: 10% faster than on the sub-grids).
+// Taken where it paid (Zen 4, 2 threads, float32, both builds timed in turns in one process;
+// bench/results/cpu-amd-epyc-avx512-2core/neighborhood/dilation-subgrids-ab.json): the forward
+// when every split axis's shortest sub-grid (length // dilation) holds a window. AVX-512, before
+// -> after: 2-D 56x56, k = 7, dilation 2 / 4 / 8: 6.1 -> 5.5, 7.2 -> 5.6, 10.2 -> 9.1 ms; 3-D
+// 8x32x32, k = (3, 7, 7), dilation (1, 2, 2): 9.3 -> 6.3; 1-D L = 4096, k = 65, dilation 2:
+// 28.1 -> 26.3; but k = 33, dilation 4: 18.1 -> 19.2 (the output copy). AVX2: 2-D dilation 8:
+// 10.6 -> 8.9, 3-D 10.9 -> 8.6, 1-D 35.4 -> 31.8, but 2-D dilation 2: 5.7 -> 6.2 ms. The
+// backward only where the sub-grids take the band backward (float32, only the W axis split, a
+// window of its width, sub-grids of at least two windows): 1-D k = 65, dilation 2, forward +
+// backward 130 -> 101 ms (AVX2 139 -> 122); k = 33, dilation 4: 75 -> 68. Elsewhere the dilated
+// backward was as fast or faster than the sub-grids' (2-D 56x56, dilation 2: 10%).
 static bool split_axis(const Window& w, int a) { return w.dilation[a] > 1 && w.kernel[a] > 1; }
 
 static bool subgrids_forward(const View6& q, const Window& w) {

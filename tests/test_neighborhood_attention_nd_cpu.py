@@ -244,7 +244,7 @@ def test_large_outputs_float32(case):
 
 
 # The float32 band backward of AVX-512 and AVX2 (one key row per query row, its own; dilation 1; kw > 16;
-# "clamp" without causal shortening; no bias table): rows whose middle keys (seen by interior
+# "clamp", causal windows too; no bias table): rows whose middle keys (seen by interior
 # queries only) are summed as P.V tiles over a ring of P and dS rows, the others ("zones") per
 # query. Rows from just wider than the window (no middle) to several ring turns (256 slots), odd and
 # even windows of 2 to 6 key vectors, head-major tokens read in place, 2-D and 3-D maps with a
@@ -271,6 +271,12 @@ BAND_BWD = [
     ((3, 2, 90), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 2, 16, "fused"),
     ((1, 1, 170), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 8, 16, 16, "fused"),
     ((1, 1, 300), (1, 1, 93), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 16, 8, 1, 16, "contiguous"),
+    # causal: the windows near the start hold fewer keys (their other slots masked by -inf)
+    ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 1, 66), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 2, 2, 2, 16, "contiguous"),
+    ((1, 1, 613), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 2, 2, 1, 16, "head major"),
+    ((3, 2, 90), (1, 1, 33), (1, 1, 1), (1, 1, 3), (0, 0, 1), "clamp", 2, 2, 2, 16, "fused"),
+    ((1, 1, 170), (1, 1, 17), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 16, 8, 16, 16, "fused"),
 ]
 
 

@@ -25,8 +25,9 @@
 // and v (a dout without them, such as the expanded gradient of out.sum(), is copied per row), rows
 // whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
 // ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every border window kw
-// consecutive keys (the "clamp" rule without causal shortening); with or without a bias table and
-// its gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's query
+// consecutive keys (the "clamp" rule), or fewer followed by slots masked with -inf (causal
+// windows near the start: their logits are formed over kw columns and the mask zeroes P and dS);
+// with or without a bias table and its gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's query
 // heads in order (the first stores, the next add), so the result does not depend on the thread
 // count.
 #pragma once
@@ -99,7 +100,7 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   for (int64_t sl = pl.n_int; sl < pl.Ws; ++sl) {
     const int64_t x = pl.slotx[sl];
     if (x >= pl.W) continue;  // dummy slot
-    if (!pl.window_is_run(sl)) return bb;
+    if (!pl.window_is_run(sl, true)) return bb;
     const int64_t st = pl.kidx[sl];
     if (x < pl.xlo)
       zl = std::max(zl, st + pl.kw);

@@ -228,12 +228,18 @@ struct Plan {
     for (int64_t j = 0; j < kw; ++j) dst[j] = brow[j * Ws + sl];
   }
   // Whether slot sl's window on its key row is kw consecutive keys of the row (the band's windows:
-  // the "clamp" border without causal shortening, dilation 1).
-  bool window_is_run(int64_t sl) const {
+  // the "clamp" border without causal shortening, dilation 1), or, with masked_tail, a shorter
+  // run of them followed by non-keys whose bias columns hold -inf (the causal windows near the
+  // start of the row): either way the kw columns from the first key lie in the row.
+  bool window_is_run(int64_t sl, bool masked_tail = false) const {
     const int64_t st = kidx[sl];
     if (st + kw > W) return false;
-    for (int64_t j = 1; j < kw; ++j)
-      if (kidx[j * Ws + sl] != st + j) return false;
+    int64_t j = 1;
+    while (j < kw && kidx[j * Ws + sl] == st + j) ++j;
+    if (j == kw) return true;
+    if (!masked_tail || border == kZero) return false;  // ("zero" non-keys are zero keys, not masked)
+    for (; j < kw; ++j)
+      if (kidx[j * Ws + sl] != W) return false;
     return true;
   }
   // The logits of a key row that is not one of the query row's key rows: bias for "zero"

@@ -172,6 +172,13 @@ WIDE_1D = [
     ((1, 1, 90), (1, 1, 17), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 1, 16, "fused"),
     ((1, 1, 150), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 2, 16, "fused"),
     ((1, 1, 267), (1, 1, 129), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 1, 16, "fused"),
+    # strided windows: nearly every slot a border slot through the band, the adjacent queries of a
+    # stride group together, over rows of several column chunks (each packing its own bands' keys)
+    ((1, 1, 1100), (1, 1, 33), (1, 1, 1), (1, 1, 2), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 1, 700), (1, 1, 65), (1, 1, 1), (1, 1, 4), (0, 0, 0), "clamp", 2, 2, 2, 16, "contiguous"),
+    ((1, 1, 613), (1, 1, 40), (1, 1, 1), (1, 1, 40), (0, 0, 0), "clamp", 2, 1, 1, 16, "head major"),
+    ((1, 1, 530), (1, 1, 17), (1, 1, 1), (1, 1, 3), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 1, 300), (1, 1, 93), (1, 1, 1), (1, 1, 7), (0, 0, 0), "clamp", 2, 2, 2, 16, "fused"),
 ]
 
 

@@ -277,8 +277,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   }
 #endif
   // The slots of the border blocks (from block n_full: the clamped windows at both ends of the
-  // row, the interior slots of the last partial block) go through the band as well, one query at
-  // a time, when every one of their windows is kw consecutive keys of the row (the "clamp" border
+  // row, the interior slots of the last partial block, nearly every slot of a strided window) go
+  // through the band as well, one query at a time or adjacent queries of one window together,
+  // when every one of their windows is kw consecutive keys of the row (the "clamp" border
   // without causal shortening) and every query row has its key row: no gathered border blocks are
   // then packed (for the 1-D ops' windows of 65 neighbours those were as many key transposes as
   // the whole row, for 1.5% of its queries). bstart[sl - n_full V]: the slot's band start (-1 for
@@ -362,6 +363,15 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       key_rows(pl, y0, y1, klo, khi);
       const int64_t packed_lo =
           s_lo == 0 ? 0 : std::max<int64_t>(0, std::min(pl.xlo + s_lo + pl.off[0], pl.Wk - band_nv * N) / N * N);
+      // band_all: the end of the bands of the border slots among slots [sa, sb) (a stride's
+      // windows make nearly every slot a border slot: each chunk packs the columns of its own)
+      const int64_t nfN = pl.n_full * N;
+      auto band_hi = [&](int64_t sa, int64_t sb) {
+        int64_t hi = 0;
+        for (int64_t sl = std::max(sa, nfN); sl < sb; ++sl)
+          hi = std::max(hi, bstart[sl - nfN] + band_nv * N);
+        return std::min(hi, pl.Wk);
+      };
       packed_hi = klo - 1;
       packed_cols = seg_pf ? packed_lo : pl.Wk;
       const int64_t ht = pl.nht == 1 ? 0 : h;
@@ -432,15 +442,17 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
         for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
           const float* kr = krow(y);
           pack_cols(y, packed_lo, packed_cols);
-          // border slots through the band: the columns of their bands that lie below the
-          // chunk's packed columns
-          if (band_all && s_hi > pl.n_full * N) {
+          // border slots of the chunk through the band: the columns of their bands that lie below
+          // the chunk's packed columns
+          if (band_all && s_hi > nfN) {
             int64_t c0 = packed_lo, c1 = 0;
-            for (int64_t st : bstart)
+            for (int64_t sl = std::max(s_lo, nfN); sl < s_hi; ++sl) {
+              const int64_t st = bstart[sl - nfN];
               if (st >= 0 && st < packed_lo) {
                 c0 = std::min(c0, st / N * N);
                 c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
               }
+            }
             if (c0 < c1) pack_cols(y, c0, c1);
           }
           pack_border_blocks(kr, y);
@@ -471,9 +483,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           }
           const int64_t cg = gend / N;
           if (seg_pf)
-            extend_cols(se > pl.n_full * N ? pl.Wk
-                                           : std::min(pl.Wk, pl.xlo + se + std::max(pl.off[pl.kw - 1],
-                                                                                     pl.off[0] + band_nv * N)));
+            extend_cols(
+                se > nfN && !band_all
+                    ? pl.Wk
+                    : std::max(std::min(pl.Wk, pl.xlo + std::min(se, pl.n_int) + std::max(pl.off[pl.kw - 1],
+                                                                                          pl.off[0] + band_nv * N)),
+                               band_hi(sg, se)));
           if (seg_pf && se < s_hi) {
             // the next segment's query columns and the key/value columns it adds (interior
             // slots: column xlo + slot), spread over this segment's key rows and query rows
@@ -553,34 +568,58 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               dispatch_nc(iend - sl, [&](auto tv) {
                 if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
               });
-            // the border slots, one query at a time: logits of the band at its window, softmax,
-            // P.V over the window's kw value tokens
+            // the border slots: logits of the band at their window, softmax, P.V over the
+            // window's kw value tokens, one query at a time or, for up to kBandQ adjacent
+            // columns with one window (a stride group), together (the key and value vectors
+            // loaded once for the group: 1-D, L = 4096, k = 65, stride 2 / 4, forward 2.1 / 2.7x
+            // as fast as one query at a time)
             const float* vr = vrow(ky);
-            for (sl = iend; sl < gend; ++sl) {
+            for (sl = iend; sl < gend;) {
               const int64_t x = pl.slotx[sl], st0 = bstart[sl - pl.n_full * N];
-              if (x >= pl.W) continue;  // dummy slot
-              const int64_t ws = pl.kidx[sl];
-              float* C = crow(sl);
-              dispatch_nc(band_nv, [&](auto nvv) {
-                constexpr int NV = decltype(nvv)::value;
-                if constexpr (NV >= 2 && NV <= kBandMaxNV)
-                  band_logits<NV, 1>(qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C, kBandCS,
-                                     false);
-              });
-              if (any_bias) {
-                pl.window_bias(brow, sl, bbord.data());
-                add_bias_row(C, bbord.data());
+              if (x >= pl.W) {  // dummy slot
+                ++sl;
+                continue;
               }
-              float m, l;
-              band_softmax(C, pl.kw, m, l);
-              Lrow[x] = m + std::log(l);
-              Vec<float> acc[1][DV];
-              NA_UNROLL
-              for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
-              pv_tile<1, DV>(C, 1, vr + ws * vxs, vxs, 1, pl.kw, acc);
-              const Vec<float> inv = splat<float>(1.0f / l);
-              NA_UNROLL
-              for (int d = 0; d < DV; ++d) storeu(Orow + x * ostr + d * N, acc[0][d] * inv);
+              const int64_t ws = pl.kidx[sl];
+              int64_t ng = 1;
+              while (ng < kBandQ && sl + ng < gend && pl.slotx[sl + ng] == x + ng && pl.kidx[sl + ng] == ws) ++ng;
+              float* C = crow(sl);
+              dispatch_nc(ng, [&](auto tv) {
+                constexpr int T = decltype(tv)::value;
+                if constexpr (T <= kBandQ) {
+                  dispatch_nc(band_nv, [&](auto nvv) {
+                    constexpr int NV = decltype(nvv)::value;
+                    if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                      band_logits<NV, T, 0>(qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C, kBandCS,
+                                            false);
+                  });
+                  float inv[T];
+                  for (int t = 0; t < T; ++t) {
+                    float* Ct = C + t * kBandCS;
+                    if (any_bias) {
+                      pl.window_bias(brow, sl + t, bbord.data());
+                      add_bias_row(Ct, bbord.data());
+                    }
+                    float m, l;
+                    band_softmax(Ct, pl.kw, m, l);
+                    Lrow[x + t] = m + std::log(l);
+                    inv[t] = 1.0f / l;
+                  }
+                  Vec<float> acc[T][DV];
+                  NA_UNROLL
+                  for (int t = 0; t < T; ++t)
+                    NA_UNROLL
+                    for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
+                  pv_tile_shared<T, DV>(C, 1, vr + ws * vxs, vxs, pl.kw, acc, kBandCS);
+                  NA_UNROLL
+                  for (int t = 0; t < T; ++t) {
+                    const Vec<float> iv = splat<float>(inv[t]);
+                    NA_UNROLL
+                    for (int d = 0; d < DV; ++d) storeu(Orow + (x + t) * ostr + d * N, acc[t][d] * iv);
+                  }
+                }
+              });
+              sl += ng;
             }
           }
 #endif

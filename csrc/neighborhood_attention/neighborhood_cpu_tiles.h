@@ -538,6 +538,24 @@ NA_TILE void pv_tile_diag_any(const float* P, int64_t pstride, const float* V, i
   for (; u < kw + T - 1; ++u) column(u, std::false_type{});
 }
 
+// acc[t][:] += sum_j P[j * pstride + t * tstride] * V[j * xs][:] for T queries that share one
+// window of kw value tokens (a stride group's): each value vector is loaded once per tile.
+template <int T, int DV>
+NA_TILE void pv_tile_shared(const float* P, int64_t pstride, const float* V, int64_t xs, int64_t kw,
+                            Vec<float> (&acc)[T][DV], int64_t tstride) {
+  for (int64_t j = 0; j < kw; ++j) {
+    Vec<float> vv[DV];
+    NA_UNROLL
+    for (int d = 0; d < DV; ++d) vv[d] = loadu(V + j * xs + d * VecOf<float>::N);
+    NA_UNROLL
+    for (int t = 0; t < T; ++t) {
+      const Vec<float> p = splat<float>(P[j * pstride + t * tstride]);
+      NA_UNROLL
+      for (int d = 0; d < DV; ++d) acc[t][d] += p * vv[d];
+    }
+  }
+}
+
 constexpr int kBandQ = 4;  // queries per band tile: 4 * NV accumulators + NV key vectors in 32 zmm
 constexpr int kBandMaxNV = 6;
 #if NA_X86V3
@@ -549,9 +567,10 @@ constexpr int kBandMaxNV = 6;
 // NV * V - kw - MQ + 1 per query, are computed and dropped). Query i's window (columns
 // wo + i + j of the band, j < kw) is stored scaled at C + i * cs + j; each row writes
 // [i * cs - wo - i, i * cs - wo - i + NV * V). (MQ = 1: a single query whose window may start
-// anywhere in the band, the border slots' clamped windows that do not move with the query.)
+// anywhere in the band, the border slots' clamped windows that do not move with the query.
+// STEP = 0: MQ adjacent queries that share one window, columns wo + j, such as a stride group's.)
 // (Also built for AVX2, where the band backward takes it with MQ = 2 and NV <= 6.)
-template <int NV, int MQ = kBandQ>
+template <int NV, int MQ = kBandQ, int STEP = 1>
 static inline void band_logits(const float* q, int64_t qxs, int64_t D, const float* kt, int64_t cstride,
                                float scale, int64_t wo, float* C, int64_t cs, bool prefetch_next) {
   constexpr int N = VecOf<float>::N;
@@ -578,7 +597,7 @@ static inline void band_logits(const float* q, int64_t qxs, int64_t D, const flo
   NA_UNROLL
   for (int i = 0; i < MQ; ++i)
     NA_UNROLL
-    for (int n = 0; n < NV; ++n) storeu(C + i * cs - wo - i + n * N, acc[i][n] * sv);
+    for (int n = 0; n < NV; ++n) storeu(C + i * cs - wo - i * STEP + n * N, acc[i][n] * sv);
   // the next tile's queries into L1 (each query token is read by one tile only: its first load
   // would stall the FMAs)
   if (prefetch_next)

@@ -194,6 +194,22 @@ static View6 sub_view(const View6& t, const int64_t r[3], const int64_t n[3], co
   return s;
 }
 
+// s.q, s.k, s.v: the views of sub-grid (r, n) of a's (ForwardArgs or BackwardArgs).
+template <class Args>
+static void sub_qkv(Args& s, const Args& a, const SubGrids& sg, const int64_t r[3], const int64_t n[3], int64_t es) {
+  s.q = sub_view(a.q, r, n, sg.d, es);
+  s.k = sub_view(a.k, r, n, sg.d, es);
+  s.v = sub_view(a.v, r, n, sg.d, es);
+}
+
+// o[e] = p[e] (first) or o[e] + p[e] for e < n.
+template <typename T>
+static void store_or_add(void* o, const void* p, int64_t n, bool first) {
+  T* ot = static_cast<T*>(o);
+  const T* pt = static_cast<const T*>(p);
+  for (int64_t e = 0; e < n; ++e) ot[e] = first ? pt[e] : ot[e] + pt[e];
+}
+
 // f(full, sub) for each position of sub-grid (r, n) in a contiguous (B, T, H, W) map: its index
 // there and in the sub-grid's own contiguous (B, n0, n1, n2) map (a (B, T, H, W, heads, D)
 // tensor has a token of heads * D elements per position; lse, (B, heads, T, H, W), is such a map
@@ -241,9 +257,7 @@ void forward(const ForwardArgs& a, const Parallel& par) {
   for (int64_t g = 0; g < sg.count(); ++g) {
     sg.at(g, r, n);
     if (n[0] * n[1] * n[2] == 0) continue;
-    s.q = sub_view(a.q, r, n, sg.d, es);
-    s.k = sub_view(a.k, r, n, sg.d, es);
-    s.v = sub_view(a.v, r, n, sg.d, es);
+    sub_qkv(s, a, sg, r, n, es);
     forward_dense(s, par);
     scatter(a.out, out.data(), B, sg, r, n, NH * D * es, par);
     scatter(a.lse, lse.data(), B * NH, sg, r, n, as, par);
@@ -278,9 +292,7 @@ void backward(const BackwardArgs& a, const Parallel& par) {
     sg.at(g, r, n);
     if (n[0] * n[1] * n[2] == 0) continue;
     s.dout = sub_view(a.dout, r, n, sg.d, es);
-    s.q = sub_view(a.q, r, n, sg.d, es);
-    s.k = sub_view(a.k, r, n, sg.d, es);
-    s.v = sub_view(a.v, r, n, sg.d, es);
+    sub_qkv(s, a, sg, r, n, es);
     gather(a.lse, lse.data(), B * NH, sg, r, n, as, par);
     if (a.dlse) gather(a.dlse, dlse.data(), B * NH, sg, r, n, as, par);
     backward_dense(s, par);
@@ -288,15 +300,10 @@ void backward(const BackwardArgs& a, const Parallel& par) {
     scatter(a.dk, dk.data(), B, sg, r, n, NKV * D * es, par);
     scatter(a.dv, dv.data(), B, sg, r, n, NKV * D * es, par);
     if (a.dbias) {
-      if (as == 8) {
-        double* o = static_cast<double*>(a.dbias);
-        const double* p = reinterpret_cast<const double*>(db.data());
-        for (int64_t e = 0; e < table; ++e) o[e] = first ? p[e] : o[e] + p[e];
-      } else {
-        float* o = static_cast<float*>(a.dbias);
-        const float* p = reinterpret_cast<const float*>(db.data());
-        for (int64_t e = 0; e < table; ++e) o[e] = first ? p[e] : o[e] + p[e];
-      }
+      if (as == 8)
+        store_or_add<double>(a.dbias, db.data(), table, first);
+      else
+        store_or_add<float>(a.dbias, db.data(), table, first);
     }
     first = false;
   }

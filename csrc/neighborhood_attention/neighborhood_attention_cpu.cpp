@@ -151,7 +151,8 @@ static bool subgrids_forward(const View6& q, const Window& w) {
 
 static bool subgrids_backward(const View6& q, const Window& w, DType dtype) {
 #if NA_X86V3
-  return dtype == DType::Float32 && w.kernel[0] == 1 && w.kernel[1] == 1 && split_axis(w, 2) && band_backward_width(w.kernel[2]) && q.size[3] / w.dilation[2] >= 2 * w.kernel[2];
+  return dtype == DType::Float32 && w.kernel[0] == 1 && w.kernel[1] == 1 && split_axis(w, 2) &&
+         band_backward_nv(w.kernel[2]) > 0 && q.size[3] / w.dilation[2] >= 2 * w.kernel[2];
 #else
   (void)q, (void)w, (void)dtype;
   return false;

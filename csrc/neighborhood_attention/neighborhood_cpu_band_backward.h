@@ -27,9 +27,9 @@
 // ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every border window kw
 // consecutive keys (the "clamp" rule), or fewer followed by slots masked with -inf (causal
 // windows near the start: their logits are formed over kw columns and the mask zeroes P and dS);
-// with or without a bias table and its gradient. Tasks are (batch, key/value head, row); a task sums its key/value head's query
-// heads in order (the first stores, the next add), so the result does not depend on the thread
-// count.
+// with or without a bias table and its gradient. Tasks are (batch, key/value head, row); a task
+// sums its key/value head's query heads in order (the first stores, the next add), so the result
+// does not depend on the thread count.
 #pragma once
 
 #include "neighborhood_cpu_backward.h"
@@ -70,10 +70,12 @@ static inline float lane_sum(Vec<float> x) {
 #endif
 }
 
-// Whether a window of kw keys has the band backward's width (the other conditions are below).
-static bool band_backward_width(int64_t kw) {
+// Key vectors per band tile for a window of kw keys, 0 where the band backward does not take that
+// width (the other conditions are in band_backward_plan).
+static int band_backward_nv(int64_t kw) {
   constexpr int N = VecOf<float>::N;
-  return kw > N && (kw + kBwdBandQ - 1 + N - 1) / N <= kBwdBandMaxNV;
+  const int64_t nv = (kw + kBwdBandQ - 1 + N - 1) / N;
+  return kw > N && nv <= kBwdBandMaxNV ? (int)nv : 0;
 }
 
 // The shapes' facts of the band backward; nv == 0: not taken.
@@ -88,9 +90,8 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   BandBackward bb;
   if (!float_fast_width(pl.D)) return bb;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return bb;  // (dout: copied when not)
-  if (pl.nkr != 1 || pl.dw != 1 || !band_backward_width(pl.kw)) return bb;
-  const int64_t nv = (pl.kw + kBwdBandQ - 1 + N - 1) / N;
-  if (nv * N > pl.Wk) return bb;
+  const int nv = band_backward_nv(pl.kw);
+  if (pl.nkr != 1 || pl.dw != 1 || nv == 0 || nv * N > pl.Wk) return bb;
   // one task per (batch, key/value head, row): with grouped heads, enough of them
   if (pl.G > 1 && pl.B * pl.NKV * pl.R < kBackwardTasks) return bb;
   for (int64_t y = 0; y < pl.R; ++y)
@@ -108,7 +109,7 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
       zr = std::min(zr, st);
   }
   if (zl >= zr) zl = zr = pl.W;  // no key in the middle: one zone holds the row
-  bb.nv = (int)nv;
+  bb.nv = nv;
   bb.zl = zl;
   bb.zr = zr;
   return bb;

@@ -97,18 +97,16 @@ def check_case(case, dtype, D=None, seed=0, dout_layout="dense"):
         bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1, generator=g, dtype=torch.float64)
     dout = torch.randn(q.shape, generator=g, dtype=torch.float64)
     if dout_layout == "channels expanded":  # one value per token and head, stride 0 along head_dim
-        dout = dout[..., :1].expand(q.shape)
+        dout = dout[..., :1]
     elif dout_layout == "all expanded":  # the gradient of out.sum()
-        dout = torch.ones(1, dtype=torch.float64).expand(q.shape)
+        dout = torch.ones((1,) * q.dim(), dtype=torch.float64)
     dlse = torch.randn(q.shape[0], heads, *sp, generator=g, dtype=torch.float64)
     scale = D ** -0.5
-    dout_in = dout.to(dtype)
+    dout_in = dout.to(dtype).expand(q.shape)  # (expanded after the cast, which would copy it)
+    dout = dout.expand(q.shape)
     if dout_layout == "channel stride 3":  # every third element of a wider buffer
         dout_in = torch.zeros(*q.shape[:-1], 3 * D, dtype=dtype)[..., ::3]
         dout_in.copy_(dout)
-    elif dout_layout != "dense":
-        dout_in = dout[(0,) * dout.dim()].to(dtype).expand(q.shape) if dout_layout == "all expanded" else \
-            dout[..., :1].to(dtype).expand(q.shape)
     assert dout_layout == "dense" or dout_in.stride(-1) != 1
     out, lse, (dq, dk, dv, dbias) = run_fused(
         q, k, v, ks, dil, st, causal, border, None if bias is None else bias.to(acc), scale,

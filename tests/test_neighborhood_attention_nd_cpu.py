@@ -321,6 +321,41 @@ def test_dilated_subgrids(case, dtype, D):
     check_case(case, dtype, D=D)
 
 
+# bfloat16 backward of windows along W alone wider than 16 keys at the fast widths (D % 16 == 0,
+# D <= 64): the binding widens the inputs, so the gradients are the float32 backward's (the band
+# backward, the dilation sub-grids) rounded to bfloat16, bit for bit; elsewhere (D = 20 here) the
+# bfloat16 kernels run. Both against the float64 brute force. The forward widens at the fast widths.
+BF16_BWD = [BAND_BWD[i] for i in (0, 3, 7, 9, 11, 17, 20)] + [WIDE_1D[10], DILATED[0]]
+@pytest.mark.parametrize("case", BF16_BWD, ids=case_id)
+@pytest.mark.parametrize("D", [16, 64, 20], ids=str)
+def test_backward_bfloat16(case, D):
+    check_case(case, torch.bfloat16, D=D)
+    sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case
+    q, k, v = make_inputs(sp, heads, hkv, D, torch.bfloat16, layout, 3)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1, generator=g) if nb else None
+    dout = torch.randn(q.shape, generator=g).to(torch.bfloat16)
+    dlse = torch.randn(q.shape[0], heads, *sp, generator=g)
+    f32 = [t.float() for t in (q, k, v)]
+    fwd = torch.ops.alterops.neighborhood_attention_nd_fwd
+    bwd = torch.ops.alterops.neighborhood_attention_nd_bwd
+    window = (list(ks), list(dil), list(st), [int(x) for x in causal], border, bias, D ** -0.5)
+    out, lse = fwd(q, k, v, *window)
+    if D % 16 == 0:
+        out32, lse32 = fwd(*f32, *window)
+        assert torch.equal(out, out32.to(torch.bfloat16)) and torch.equal(lse, lse32)
+    # the backward of the same out and lse in both dtypes
+    got = bwd(dout, q, k, v, out, lse, dlse, *window, bias is not None)
+    want = bwd(dout.float(), *f32, out.float(), lse, dlse, *window, bias is not None)
+    widened = D % 16 == 0 and ks[0] == ks[1] == 1 and ks[2] > 16
+    for name, a, b in zip(["dq", "dk", "dv"], got[:3], want[:3]):
+        assert a.dtype == torch.bfloat16
+        if widened:
+            assert torch.equal(a, b.to(torch.bfloat16)), name
+    if widened:
+        assert torch.equal(got[3], want[3])
+
+
 # The band backward with a dout whose channels are not contiguous (copied a row at a time): the
 # expanded gradients of out.sum() and of a per-token loss, and a strided view. The general backward
 # reads every stride in place; one of its cases too.

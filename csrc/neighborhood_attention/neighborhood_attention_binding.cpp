@@ -175,23 +175,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
     return {dq, dk, dv, dbias};
   }
 
+  // bfloat16 windows along W alone wider than 16 keys (the 1-D ops' long windows), at the fast
+  // widths: the float32 backward on float32 copies from the output pool, its gradients rounded
+  // back. The bfloat16 kernels compute in float32 too, but only float32 has the band backward (and
+  // the dilation sub-grids that lead to it): 1-D forward+backward (B = 4, L = 4096, 8 heads, d = 64,
+  // k = 65) 173-177 -> 87-98 ms on Zen 4, float32 70-85 (bf16-backward-widen-ab.json under
+  // bench/results/cpu-amd-epyc-avx512-2core/neighborhood). Elsewhere the seven copies cost more than
+  // the float32 routes gain (widening every bfloat16 backward: 2-D 56x56, d = 32, k = 7,
+  // 19.8 -> 23.1 ms; 3-D level).
+  const bool widen = dt == DType::BFloat16 && float_fast_width(q.size(q.dim() - 1)) && win.kernel[0] == 1 &&
+                     win.kernel[1] == 1 && win.kernel[2] > 16;
+  auto wide = [&](const Tensor& t) { return widen ? binding::float_copy(t) : t; };
+  auto wide_out = [&](const Tensor& t) { return widen ? binding::new_output(sizes_of(t), ScalarType::Float) : t; };
+  const Tensor doutf = wide(dout), qf = wide(q), kf = wide(k), vf = wide(v);
+  Tensor dqf = wide_out(dq), dkf = wide_out(dk), dvf = wide_out(dv);
+
   BackwardArgs a{};
-  a.dtype = dt;
-  a.dout = view6(dout);
-  a.q = view6(q);
-  a.k = view6(k);
-  a.v = view6(v);
+  a.dtype = widen ? DType::Float32 : dt;
+  a.dout = view6(doutf);
+  a.q = view6(qf);
+  a.k = view6(kf);
+  a.v = view6(vf);
   a.lse = lse.const_data_ptr();
   a.dlse = dlse.defined() ? dlse.const_data_ptr() : nullptr;
   a.bias = table.defined() ? table.const_data_ptr() : nullptr;
   a.bias_heads = table.defined() ? table.size(0) : 1;
-  a.dq = dq.mutable_data_ptr();
-  a.dk = dk.mutable_data_ptr();
-  a.dv = dv.mutable_data_ptr();
+  a.dq = dqf.mutable_data_ptr();
+  a.dk = dkf.mutable_data_ptr();
+  a.dv = dvf.mutable_data_ptr();
   a.dbias = want_db ? dbias.mutable_data_ptr() : nullptr;
   a.win = win;
   a.scale = scale;
   binding::cpu_kernels().neighborhood->backward(a, binding::cpu_parallel());
+  if (widen) {
+    binding::copy_into(dq, dqf);
+    binding::copy_into(dk, dkf);
+    binding::copy_into(dv, dvf);
+  }
   return {dq, dk, dv, dbias};
 }
 

@@ -56,9 +56,10 @@
 // heads of a key/value head, then the row chunks; a task that is the only one of its key/value
 // head writes its dK/dV rows out itself); its split depends on the shapes only, never on the
 // thread count, so its results are the same bits whatever the number of threads. bfloat16 is
-// computed in float, float64 in double. Dilated maps: the forward (and the float32 backward of
-// long 1-D windows) runs once per dilation sub-grid, on strided views, as an op of dilation 1
-// (see "dilation as sub-grids" below).
+// computed in float (the binding hands the float32 kernels float32 copies instead where they pay:
+// the forward at the fast widths, the backward of long windows along W), float64 in double.
+// Dilated maps: the forward (and the float32 backward of long 1-D windows) runs once per dilation
+// sub-grid, on strided views, as an op of dilation 1 (see "dilation as sub-grids" below).
 
 #include "neighborhood_attention.h"
 #include "neighborhood_cpu_backward.h"

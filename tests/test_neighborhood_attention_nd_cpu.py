@@ -228,6 +228,20 @@ def test_tall_maps_float32(case, D):
     check_case(case, torch.float32, D=D)
 
 
+# Heads of 96 and 128 channels on the float32 forward's fast path (their P.V tiles in two passes of
+# half the channels): the 1-D band with its border slots and stride groups, bias tables and
+# causal windows; 2-D and 3-D interior tiles, clamped windows shared by the queries at the ends
+# of a row, "mask" / "zero", grouped heads; bfloat16 (widened) at 128.
+WIDE_HEADS = ([WIDE_1D[i] for i in (0, 2, 3, 8, 12, 13, 16)] + [LONG_ROWS[i] for i in (0, 1, 2)]
+              + [TALL[i] for i in (0, 3, 4, 5)] + [CASES[i] for i in (2, 9, 12)])
+
+
+@pytest.mark.parametrize("case", WIDE_HEADS, ids=case_id)
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 96), (torch.float32, 128), (torch.bfloat16, 128)], ids=str)
+def test_wide_heads(case, dtype, D):
+    check_case(case, dtype, D=D)
+
+
 # Outputs of 4 MiB and more, which the AVX2 float32 forward writes with streaming stores: value
 # rows of tokens that hold several heads ("fused", "contiguous"), which the forward copies into its
 # ring of packed rows, and value rows whose tokens are contiguous ("head major"), read in place.

@@ -21,7 +21,7 @@
 // Keys seen by border queries (whose clamped windows do not slide with the query) or by fewer
 // than all the interior slots of their range (the ends of the row) are the "zones" [0, zl) and
 // [zr, W): their dK/dV are summed per query (all channels of a query row at once) instead.
-// Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides of q, k
+// Taken for float32, AVX-512 or AVX2, head widths of float_band_width, unit channel strides of q, k
 // and v (a dout without them, such as the expanded gradient of out.sum(), is copied per row), rows
 // whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
 // ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every border window kw
@@ -88,7 +88,7 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
                                        const Plan<float>& pl) {
   constexpr int N = VecOf<float>::N;
   BandBackward bb;
-  if (!float_fast_width(pl.D)) return bb;
+  if (!float_band_width(pl.D)) return bb;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return bb;  // (dout: copied when not)
   const int nv = band_backward_nv(pl.kw);
   if (pl.nkr != 1 || pl.dw != 1 || nv == 0 || nv * N > pl.Wk) return bb;

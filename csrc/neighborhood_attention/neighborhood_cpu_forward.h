@@ -213,8 +213,13 @@ template <int DV>
 static void forward_f32(const View6& q, const View6& k, const View6& v, float* O, float* L,
                         const Plan<float>& pl, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  // queries per band P.V tile (TQ * DV accumulators in registers; the band is AVX-512 only)
-  [[maybe_unused]] constexpr int TQ = DV >= 4 ? 6 : 8;
+  // The band's P.V tiles take DB channel vectors at a time (all DV up to 4, then halves: heads of
+  // 96 and 128 channels in two passes) and TQ queries: TQ * DB accumulators in registers (the band
+  // is AVX-512 only). Heads of 96 and 128 took the general forward before (Zen 4, 2 threads,
+  // same-process A/B, AVX-512: 1-D L = 4096, k = 65, 4 heads of 128: 51.5 -> 17.8 ms; 2-D 56 x 56,
+  // k = 7, one head of 128: 7.5 -> 2.8 ms; AVX2 69.5 -> 24.0 and 6.8 -> 3.5 ms).
+  [[maybe_unused]] constexpr int DB = DV > 4 ? DV / 2 : DV;
+  [[maybe_unused]] constexpr int TQ = DB >= 4 ? 6 : 8;
   // The interior P.V tiles: TQI queries by DC channel vectors (several passes for wider heads), the
   // weights at constant offsets (SS below) and the output written with streaming stores where
   // stream_output says so. AVX-512 had taken all DV vectors for TQ queries, with S's stride in a
@@ -235,8 +240,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // at a time and up to kShared queries: kShared * DSH accumulators, DSH value vectors and a
   // weight within the registers (32 zmm; 16 ymm, where all DV vectors at once left one
   // accumulator of 3 queries x 4 vectors spilled, a store and reload on every FMA of it).
-  constexpr int DSH = NA_AVX2 ? std::min(DV, 2) : DV;
-  constexpr int kShared = NA_AVX2 ? 6 : std::max(1, std::min(6, 24 / DV));
+  // (AVX-512: all DV vectors up to 4, then halves, as the band's DB.)
+  constexpr int DSH = NA_AVX2 ? std::min(DV, 2) : DV > 4 ? DV / 2 : DV;
+  constexpr int kShared = NA_AVX2 ? 6 : std::max(1, std::min(6, 24 / DSH));
   const int64_t SW = std::min<int64_t>(pl.Ws, kSegmentSlots);
   // S's row stride. The P.V tiles take it as a constant (32, 64 or 128), so that their weights
   // lie at fixed offsets from one pointer: the AVX2 tiles had copied each tile's weights into a
@@ -545,18 +551,20 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             }
             auto pv = [&](auto tv, int64_t sl) {
               constexpr int T = decltype(tv)::value;
-              Vec<float> acc[T][DV];
-              NA_UNROLL
-              for (int t = 0; t < T; ++t)
+              for (int dc = 0; dc < DV; dc += DB) {
+                Vec<float> acc[T][DB];
                 NA_UNROLL
-                for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-              pv_tile_diag_any<T, DV>(crow(sl), 1, vr0 + sl * vxs, vxs, pl.kw, acc, kBandCS);
-              NA_UNROLL
-              for (int t = 0; t < T; ++t) {
-                const Vec<float> inv = splat<float>(Linv[sl + t]);
-                float* o = Orow + (pl.xlo + sl + t) * ostr;
+                for (int t = 0; t < T; ++t)
+                  NA_UNROLL
+                  for (int d = 0; d < DB; ++d) acc[t][d] = splat<float>(0.0f);
+                pv_tile_diag_any<T, DB>(crow(sl), 1, vr0 + sl * vxs + dc * N, vxs, pl.kw, acc, kBandCS);
                 NA_UNROLL
-                for (int d = 0; d < DV; ++d) storeu(o + d * N, acc[t][d] * inv);
+                for (int t = 0; t < T; ++t) {
+                  const Vec<float> inv = splat<float>(Linv[sl + t]);
+                  float* o = Orow + (pl.xlo + sl + t) * ostr + dc * N;
+                  NA_UNROLL
+                  for (int d = 0; d < DB; ++d) storeu(o + d * N, acc[t][d] * inv);
+                }
               }
             };
             int64_t sl = sg;
@@ -608,17 +616,19 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                     Lrow[x + t] = m + std::log(l);
                     inv[t] = 1.0f / l;
                   }
-                  Vec<float> acc[T][DV];
-                  NA_UNROLL
-                  for (int t = 0; t < T; ++t)
+                  for (int dc = 0; dc < DV; dc += DB) {
+                    Vec<float> acc[T][DB];
                     NA_UNROLL
-                    for (int d = 0; d < DV; ++d) acc[t][d] = splat<float>(0.0f);
-                  pv_tile_shared<T, DV>(C, 1, vr + ws * vxs, vxs, pl.kw, acc, kBandCS);
-                  NA_UNROLL
-                  for (int t = 0; t < T; ++t) {
-                    const Vec<float> iv = splat<float>(inv[t]);
+                    for (int t = 0; t < T; ++t)
+                      NA_UNROLL
+                      for (int d = 0; d < DB; ++d) acc[t][d] = splat<float>(0.0f);
+                    pv_tile_shared<T, DB>(C, 1, vr + ws * vxs + dc * N, vxs, pl.kw, acc, kBandCS);
                     NA_UNROLL
-                    for (int d = 0; d < DV; ++d) storeu(Orow + (x + t) * ostr + d * N, acc[t][d] * iv);
+                    for (int t = 0; t < T; ++t) {
+                      const Vec<float> iv = splat<float>(inv[t]);
+                      NA_UNROLL
+                      for (int d = 0; d < DB; ++d) storeu(Orow + (x + t) * ostr + (dc + d) * N, acc[t][d] * iv);
+                    }
                   }
                 }
               });
@@ -856,14 +866,18 @@ static bool forward_fast(const View6& q, const View6& k, const View6& v, float* 
     case 1: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
     case 2: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
     case 3: forward_f32<6>(q, k, v, out, lse, pl, scale, par); break;
-    default: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
+    case 4: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
+    case 6: forward_f32<12>(q, k, v, out, lse, pl, scale, par); break;
+    default: forward_f32<16>(q, k, v, out, lse, pl, scale, par); break;
   }
 #else
   switch (pl.D / 16) {
     case 1: forward_f32<1>(q, k, v, out, lse, pl, scale, par); break;
     case 2: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
     case 3: forward_f32<3>(q, k, v, out, lse, pl, scale, par); break;
-    default: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
+    case 4: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
+    case 6: forward_f32<6>(q, k, v, out, lse, pl, scale, par); break;
+    default: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
   }
 #endif
   return true;

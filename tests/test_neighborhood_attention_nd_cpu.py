@@ -228,20 +228,6 @@ def test_tall_maps_float32(case, D):
     check_case(case, torch.float32, D=D)
 
 
-# Heads of 96 and 128 channels on the float32 forward's fast path (their P.V tiles in two passes of
-# half the channels): the 1-D band with its border slots and stride groups, bias tables and
-# causal windows; 2-D and 3-D interior tiles, clamped windows shared by the queries at the ends
-# of a row, "mask" / "zero", grouped heads; bfloat16 (widened) at 128.
-WIDE_HEADS = ([WIDE_1D[i] for i in (0, 2, 3, 8, 12, 13, 16)] + [LONG_ROWS[i] for i in (0, 1, 2)]
-              + [TALL[i] for i in (0, 3, 4, 5)] + [CASES[i] for i in (2, 9, 12)])
-
-
-@pytest.mark.parametrize("case", WIDE_HEADS, ids=case_id)
-@pytest.mark.parametrize("dtype,D", [(torch.float32, 96), (torch.float32, 128), (torch.bfloat16, 128)], ids=str)
-def test_wide_heads(case, dtype, D):
-    check_case(case, dtype, D=D)
-
-
 # Outputs of 4 MiB and more, which the AVX2 float32 forward writes with streaming stores: value
 # rows of tokens that hold several heads ("fused", "contiguous"), which the forward copies into its
 # ring of packed rows, and value rows whose tokens are contiguous ("head major"), read in place.
@@ -335,13 +321,28 @@ def test_dilated_subgrids(case, dtype, D):
     check_case(case, dtype, D=D)
 
 
-# bfloat16 backward of windows along W alone wider than 16 keys at the fast widths (D % 16 == 0,
-# D <= 64): the binding widens the inputs, so the gradients are the float32 backward's (the band
-# backward, the dilation sub-grids) rounded to bfloat16, bit for bit; elsewhere (D = 20 here) the
-# bfloat16 kernels run. Both against the float64 brute force. The forward widens at the fast widths.
+# Heads of 96 and 128 channels on the float32 forward's fast path and the band backward (their P.V
+# tiles in passes of half the channels): the 1-D band with its border slots, zones and stride
+# groups, bias tables, causal windows, grouped heads; 2-D and 3-D interior tiles, clamped windows
+# shared by the queries at the ends of a row, "mask" / "zero"; bfloat16 (widened) at 128.
+WIDE_HEADS = ([WIDE_1D[i] for i in (0, 2, 3, 8, 12, 13, 16)] + [BAND_BWD[i] for i in (0, 6, 9, 11, 17)]
+              + [LONG_ROWS[i] for i in (0, 1, 2)] + [TALL[i] for i in (0, 3, 4, 5)] + [CASES[i] for i in (2, 9, 12)])
+
+
+@pytest.mark.parametrize("case", WIDE_HEADS, ids=case_id)
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 96), (torch.float32, 128), (torch.bfloat16, 128)], ids=str)
+def test_wide_heads(case, dtype, D):
+    check_case(case, dtype, D=D)
+
+
+# bfloat16 backward of windows along W alone wider than 16 keys at the fast widths (D % 16 == 0 up
+# to 64, and 96 and 128): the binding widens the inputs, so the gradients are the float32
+# backward's (the band backward, the dilation sub-grids) rounded to bfloat16, bit for bit;
+# elsewhere (D = 20 here) the bfloat16 kernels run. Both against the float64 brute force. The
+# forward widens at the fast widths.
 BF16_BWD = [BAND_BWD[i] for i in (0, 3, 7, 9, 11, 17, 20)] + [WIDE_1D[10], DILATED[0]]
 @pytest.mark.parametrize("case", BF16_BWD, ids=case_id)
-@pytest.mark.parametrize("D", [16, 64, 20], ids=str)
+@pytest.mark.parametrize("D", [16, 64, 128, 20], ids=str)
 def test_backward_bfloat16(case, D):
     check_case(case, torch.bfloat16, D=D)
     sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case
@@ -361,7 +362,7 @@ def test_backward_bfloat16(case, D):
     # the backward of the same out and lse in both dtypes
     got = bwd(dout, q, k, v, out, lse, dlse, *window, bias is not None)
     want = bwd(dout.float(), *f32, out.float(), lse, dlse, *window, bias is not None)
-    widened = D % 16 == 0 and ks[0] == ks[1] == 1 and ks[2] > 16
+    widened = D % 16 == 0 and (D <= 64 or D in (96, 128)) and ks[0] == ks[1] == 1 and ks[2] > 16
     for name, a, b in zip(["dq", "dk", "dv"], got[:3], want[:3]):
         assert a.dtype == torch.bfloat16
         if widened:

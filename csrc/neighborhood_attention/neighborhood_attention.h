@@ -30,12 +30,10 @@
 namespace alterops {
 namespace neighborhood {
 
-// Head widths for which float32 has a dedicated forward: multiples of 16 up to 64, and 96 and 128
-// (their P.V tiles in two passes of half the channels); the binding runs bfloat16 forwards of
-// these widths as float32 on float32 copies.
+// Head widths for which float32 has a dedicated forward and band backward: multiples of 16 up to
+// 64, and 96 and 128 (their P.V tiles in passes of half the channels); the binding runs bfloat16
+// forwards of these widths as float32 on float32 copies.
 inline bool float_fast_width(int64_t D) { return D % 16 == 0 && (D <= 64 || D == 96 || D == 128); }
-// Head widths of the float32 band backward (multiples of 16 up to 64).
-inline bool float_band_width(int64_t D) { return D % 16 == 0 && D <= 64; }
 
 struct ForwardArgs {
   DType dtype;            // of q, k, v and out: Float32, Float64 or BFloat16

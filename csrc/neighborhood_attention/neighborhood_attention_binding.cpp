@@ -183,7 +183,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
   // bench/results/cpu-amd-epyc-avx512-2core/neighborhood). Elsewhere the seven copies cost more than
   // the float32 routes gain (widening every bfloat16 backward: 2-D 56x56, d = 32, k = 7,
   // 19.8 -> 23.1 ms; 3-D level).
-  const bool widen = dt == DType::BFloat16 && float_band_width(q.size(q.dim() - 1)) && win.kernel[0] == 1 &&
+  const bool widen = dt == DType::BFloat16 && float_fast_width(q.size(q.dim() - 1)) && win.kernel[0] == 1 &&
                      win.kernel[1] == 1 && win.kernel[2] > 16;
   auto wide = [&](const Tensor& t) { return widen ? binding::float_copy(t) : t; };
   auto wide_out = [&](const Tensor& t) { return widen ? binding::new_output(sizes_of(t), ScalarType::Float) : t; };

@@ -21,7 +21,7 @@
 // Keys seen by border queries (whose clamped windows do not slide with the query) or by fewer
 // than all the interior slots of their range (the ends of the row) are the "zones" [0, zl) and
 // [zr, W): their dK/dV are summed per query (all channels of a query row at once) instead.
-// Taken for float32, AVX-512 or AVX2, head widths of float_band_width, unit channel strides of q, k
+// Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides of q, k
 // and v (a dout without them, such as the expanded gradient of out.sum(), is copied per row), rows
 // whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
 // ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every border window kw
@@ -88,7 +88,7 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
                                        const Plan<float>& pl) {
   constexpr int N = VecOf<float>::N;
   BandBackward bb;
-  if (!float_band_width(pl.D)) return bb;
+  if (!float_fast_width(pl.D)) return bb;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return bb;  // (dout: copied when not)
   const int nv = band_backward_nv(pl.kw);
   if (pl.nkr != 1 || pl.dw != 1 || nv == 0 || nv * N > pl.Wk) return bb;
@@ -122,8 +122,14 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   constexpr int N = VecOf<float>::N;
   constexpr int MQ = kBwdBandQ;
   // P.V tiles: TQ queries (keys) by DC channel vectors (TQ * DC accumulators), DV / DC passes
-  constexpr int DC = NA_AVX2 ? 2 : DV;
-  constexpr int TQ = NA_AVX2 ? 6 : DV >= 4 ? 6 : 8;
+  // (AVX-512: all DV vectors up to 4, then halves, for heads of 96 and 128 channels, which took the
+  // general backward before: 1-D forward+backward, L = 4096, k = 65, 4 heads of 128, 123 -> 70 ms,
+  // AVX2 128 -> 93 ms; same-process A/B on Zen 4)
+  constexpr int DC = NA_AVX2 ? 2 : DV > 4 ? DV / 2 : DV;
+  constexpr int TQ = NA_AVX2 ? 6 : DC >= 4 ? 6 : 8;
+  // a border query's dq and zone sums: DB channel vectors at a time (all of them but with AVX2's
+  // 16 registers at 128 channels: two passes)
+  constexpr int DB = NA_AVX2 && DV > 8 ? DV / 2 : DV;
   constexpr int64_t SEG = 8 * TQ;  // slots whose rows are formed before their tiles run
   constexpr int64_t CS = 32 + 16 * kBandMaxNV + 16;  // band scratch row stride (as the forward's)
   const int64_t D = pl.D, W = pl.W, kw = pl.kw, Wk = pl.Wk, nv = bb.nv, zl = bb.zl, zr = bb.zr;
@@ -235,22 +241,24 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         // the zones' dK/dV of the query at column x whose window starts at ws
         auto zone_sum = [&](int64_t x, int64_t ws, const float* P, const float* dS) {
           if (ws >= zl && ws + kw <= zr) return;
-          Vec<float> qv[DV], gv[DV];
-          NA_UNROLL
-          for (int d = 0; d < DV; ++d) {
-            qv[d] = loadu(qr + x * qxs + d * N);
-            gv[d] = loadu(gr + x * gxs + d * N);
-          }
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t key = ws + j;
-            if (key >= zl && key < zr) continue;
-            float* zk = zK.data() + zone_at(key);
-            float* zv = zV.data() + zone_at(key);
-            const Vec<float> ds = splat<float>(dS[j]), p = splat<float>(P[j]);
+          for (int c0 = 0; c0 < DV; c0 += DB) {
+            Vec<float> qv[DB], gv[DB];
             NA_UNROLL
-            for (int d = 0; d < DV; ++d) {
-              storeu(zk + d * N, loadu(zk + d * N) + ds * qv[d]);
-              storeu(zv + d * N, loadu(zv + d * N) + p * gv[d]);
+            for (int d = 0; d < DB; ++d) {
+              qv[d] = loadu(qr + x * qxs + (c0 + d) * N);
+              gv[d] = loadu(gr + x * gxs + (c0 + d) * N);
+            }
+            for (int64_t j = 0; j < kw; ++j) {
+              const int64_t key = ws + j;
+              if (key >= zl && key < zr) continue;
+              float* zk = zK.data() + zone_at(key) + c0 * N;
+              float* zv = zV.data() + zone_at(key) + c0 * N;
+              const Vec<float> ds = splat<float>(dS[j]), p = splat<float>(P[j]);
+              NA_UNROLL
+              for (int d = 0; d < DB; ++d) {
+                storeu(zk + d * N, loadu(zk + d * N) + ds * qv[d]);
+                storeu(zv + d * N, loadu(zv + d * N) + p * gv[d]);
+              }
             }
           }
         };
@@ -370,13 +378,15 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           form_rows(x, CSb.data() + 32, CDb.data() + 32, bP.data(), bS.data(), bbord.data(), false);
           if (dBt)
             for (int64_t j = 0; j < kw; ++j) dBt[pl.bx[j * pl.Ws + sl]] += bS[j];
-          Vec<float> acc[1][DV];
-          NA_UNROLL
-          for (int d = 0; d < DV; ++d) acc[0][d] = splat<float>(0.0f);
-          pv_tile<1, DV>(bS.data(), 1, kr + ws * kxs, kxs, 1, kw, acc);  // (AVX2: DV <= 8 accumulators)
           const Vec<float> sv = splat<float>(scale);
-          NA_UNROLL
-          for (int d = 0; d < DV; ++d) storeu(dq_row + x * qts + d * N, acc[0][d] * sv);
+          for (int c0 = 0; c0 < DV; c0 += DB) {
+            Vec<float> acc[1][DB];
+            NA_UNROLL
+            for (int d = 0; d < DB; ++d) acc[0][d] = splat<float>(0.0f);
+            pv_tile<1, DB>(bS.data(), 1, kr + ws * kxs + c0 * N, kxs, 1, kw, acc);
+            NA_UNROLL
+            for (int d = 0; d < DB; ++d) storeu(dq_row + x * qts + (c0 + d) * N, acc[0][d] * sv);
+          }
           zone_sum(x, ws, bP.data(), bS.data());
         }
         if (dBt && pl.n_int > 0)
@@ -418,7 +428,9 @@ static bool backward_band(const View6& dout, const View6& q, const View6& k, con
     case 1: backward_band_f32<M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
     case 2: backward_band_f32<2 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
     case 3: backward_band_f32<3 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    default: backward_band_f32<4 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 4: backward_band_f32<4 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 6: backward_band_f32<6 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    default: backward_band_f32<8 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
   }
   return true;
 #else

@@ -20,7 +20,9 @@
 //    same tiles with other strides.
 // Keys seen by border queries (whose clamped windows do not slide with the query) or by fewer
 // than all the interior slots of their range (the ends of the row) are the "zones" [0, zl) and
-// [zr, W): their dK/dV are summed per query (all channels of a query row at once) instead.
+// [zr, W): their dK/dV are summed per query instead, up to kBwdBandQ adjacent border queries that
+// share a window (a stride group) together (with strided windows nearly every query is a border
+// query and every key a zone key).
 // Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides of q, k
 // and v (a dout without them, such as the expanded gradient of out.sum(), is copied per row), rows
 // whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
@@ -127,9 +129,10 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   // AVX2 128 -> 93 ms; same-process A/B on Zen 4)
   constexpr int DC = NA_AVX2 ? 2 : DV > 4 ? DV / 2 : DV;
   constexpr int TQ = NA_AVX2 ? 6 : DC >= 4 ? 6 : 8;
-  // a border query's dq and zone sums: DB channel vectors at a time (all of them but with AVX2's
-  // 16 registers at 128 channels: two passes)
-  constexpr int DB = NA_AVX2 && DV > 8 ? DV / 2 : DV;
+  // Border queries (up to MQ sharing a window): dq in tiles of DG channel vectors (MQ * DG
+  // accumulators), the zone sums DZ at a time (2 * MQ * DZ query and dout vectors in registers)
+  constexpr int DG = NA_AVX2 ? (DV % 4 == 0 ? 4 : 2) : DC;
+  constexpr int DZ = DV % 2 == 0 ? 2 : 1;
   constexpr int64_t SEG = 8 * TQ;  // slots whose rows are formed before their tiles run
   constexpr int64_t CS = 32 + 16 * kBandMaxNV + 16;  // band scratch row stride (as the forward's)
   const int64_t D = pl.D, W = pl.W, kw = pl.kw, Wk = pl.Wk, nv = bb.nv, zl = bb.zl, zr = bb.zr;
@@ -163,7 +166,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
     RawBuf<float> Kt(D * Wk), Vt(D * Wk), Gt(g_copy ? W * D : 1);  // (only tokens 0..W-1 are read)
     Buf<float> ringP((ring + HIST) * cw, 0.0f), ringS((ring + HIST) * cw, 0.0f);
     Buf<float> CSb((MQ + 1) * CS, 0.0f), CDb((MQ + 1) * CS, 0.0f);
-    Buf<float> bP(cw, 0.0f), bS(cw, 0.0f);  // a border query's rows
+    Buf<float> bP(MQ * cw, 0.0f), bS(MQ * cw, 0.0f);  // the border queries' rows
     Buf<float> zK(std::max<int64_t>(1, nzone * D)), zV(std::max<int64_t>(1, nzone * D));
     // the interior queries' bias row and sum of dS, a border query's bias row (window column j at j)
     Buf<float> bint(cw, 0.0f), dsum(cw, 0.0f), bbord(cw, 0.0f);
@@ -238,26 +241,45 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
             if (dBt && interior) storeu(dsum.data() + e * N, loadu(dsum.data() + e * N) + ds);
           }
         };
-        // the zones' dK/dV of the query at column x whose window starts at ws
-        auto zone_sum = [&](int64_t x, int64_t ws, const float* P, const float* dS) {
+        // the zones' dK/dV of the T queries at columns x.. whose window starts at ws (query t's P and
+        // dS rows at P + t * rs, dS + t * rs): per zone key, the queries' terms summed in registers,
+        // DZ channel vectors at a time
+        auto zone_sum = [&](auto tv, int64_t x, int64_t ws, const float* P, const float* dS, int64_t rs) {
+          constexpr int T = decltype(tv)::value;
           if (ws >= zl && ws + kw <= zr) return;
-          for (int c0 = 0; c0 < DV; c0 += DB) {
-            Vec<float> qv[DB], gv[DB];
+          for (int c0 = 0; c0 < DV; c0 += DZ) {
+            Vec<float> qv[T][DZ], gv[T][DZ];
             NA_UNROLL
-            for (int d = 0; d < DB; ++d) {
-              qv[d] = loadu(qr + x * qxs + (c0 + d) * N);
-              gv[d] = loadu(gr + x * gxs + (c0 + d) * N);
-            }
+            for (int t = 0; t < T; ++t)
+              NA_UNROLL
+              for (int d = 0; d < DZ; ++d) {
+                qv[t][d] = loadu(qr + (x + t) * qxs + (c0 + d) * N);
+                gv[t][d] = loadu(gr + (x + t) * gxs + (c0 + d) * N);
+              }
             for (int64_t j = 0; j < kw; ++j) {
               const int64_t key = ws + j;
               if (key >= zl && key < zr) continue;
               float* zk = zK.data() + zone_at(key) + c0 * N;
               float* zv = zV.data() + zone_at(key) + c0 * N;
-              const Vec<float> ds = splat<float>(dS[j]), p = splat<float>(P[j]);
+              Vec<float> ak[DZ], av[DZ];
               NA_UNROLL
-              for (int d = 0; d < DB; ++d) {
-                storeu(zk + d * N, loadu(zk + d * N) + ds * qv[d]);
-                storeu(zv + d * N, loadu(zv + d * N) + p * gv[d]);
+              for (int d = 0; d < DZ; ++d) {
+                ak[d] = loadu(zk + d * N);
+                av[d] = loadu(zv + d * N);
+              }
+              NA_UNROLL
+              for (int t = 0; t < T; ++t) {
+                const Vec<float> ds = splat<float>(dS[t * rs + j]), p = splat<float>(P[t * rs + j]);
+                NA_UNROLL
+                for (int d = 0; d < DZ; ++d) {
+                  ak[d] += ds * qv[t][d];
+                  av[d] += p * gv[t][d];
+                }
+              }
+              NA_UNROLL
+              for (int d = 0; d < DZ; ++d) {
+                storeu(zk + d * N, ak[d]);
+                storeu(zv + d * N, av[d]);
               }
             }
           }
@@ -274,23 +296,26 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         // S (scaled) and dP of Q queries from q/dout token x (the first one's window at band column
         // wo from start) into rows 0..Q-1 of CSb / CDb: the band in passes of at most kBandMaxNV
         // vectors (AVX2: two)
-        auto logits = [&](auto qv, int64_t x, int64_t start, int64_t wo, bool pf) {
-          constexpr int Q = decltype(qv)::value;
+        auto logits = [&](auto qv, int64_t x, int64_t start, int64_t wo, bool pf, auto stepv) {
+          constexpr int Q = decltype(qv)::value, STEP = decltype(stepv)::value;
           const int64_t p1 = nv <= kBandMaxNV ? nv : (nv + 1) / 2;
           for (int64_t n0 = 0; n0 < nv; n0 += p1)
             dispatch_nc(std::min(p1, nv - n0), [&](auto nvv) {
               constexpr int NV = decltype(nvv)::value;
               if constexpr (NV <= kBandMaxNV) {
                 const int64_t st = start + n0 * N, w = wo - n0 * N;
-                band_logits<NV, Q>(qr + x * qxs, qxs, D, Kt.data() + st, Wk, scale, w, CSb.data() + 32, CS, pf && n0 == 0);
-                band_logits<NV, Q>(gr + x * gxs, gxs, D, Vt.data() + st, Wk, 1.0f, w, CDb.data() + 32, CS, pf && n0 == 0);
+                band_logits<NV, Q, STEP>(qr + x * qxs, qxs, D, Kt.data() + st, Wk, scale, w, CSb.data() + 32, CS,
+                                         pf && n0 == 0);
+                band_logits<NV, Q, STEP>(gr + x * gxs, gxs, D, Vt.data() + st, Wk, 1.0f, w, CDb.data() + 32, CS,
+                                         pf && n0 == 0);
               }
             });
         };
-        // one query (its window at ws, anywhere in the band) into row 0 of CSb/CDb
-        auto single_logits = [&](int64_t x, int64_t ws) {
+        // T adjacent queries from column x sharing one window at ws (anywhere in the band; T = 1:
+        // one query) into rows 0..T-1 of CSb/CDb
+        auto shared_logits = [&](auto tv, int64_t x, int64_t ws) {
           const int64_t st0 = std::min(ws, Wk - nv * N);
-          logits(std::integral_constant<int, 1>{}, x, st0, ws - st0, false);
+          logits(tv, x, st0, ws - st0, false, std::integral_constant<int, 0>{});
         };
         // dq of T interior slots from sl: dS . K (the key tokens read in place)
         auto dq_tile = [&](auto tv, int64_t sl) {
@@ -338,7 +363,8 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           for (; sl + MQ <= std::min(sb, n4); sl += MQ) {
             const int64_t want = pl.xlo + sl + off0;
             const int64_t start = std::min(want, Wk - nv * N), wo = want - start;
-            logits(std::integral_constant<int, MQ>{}, pl.xlo + sl, start, wo, sl + 2 * MQ < n4);
+            logits(std::integral_constant<int, MQ>{}, pl.xlo + sl, start, wo, sl + 2 * MQ < n4,
+                   std::integral_constant<int, 1>{});
             for (int i = 0; i < MQ; ++i) {
               form_rows(pl.xlo + sl + i, CSb.data() + 32 + i * CS, CDb.data() + 32 + i * CS,
                         ring_row(ringP.data(), sl + i), ring_row(ringS.data(), sl + i), bint.data(), true);
@@ -346,13 +372,14 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
             }
           }
           for (; sl < sb; ++sl) {
-            single_logits(pl.xlo + sl, pl.xlo + sl + off0);
+            shared_logits(std::integral_constant<int, 1>{}, pl.xlo + sl, pl.xlo + sl + off0);
             form_rows(pl.xlo + sl, CSb.data() + 32, CDb.data() + 32, ring_row(ringP.data(), sl),
                       ring_row(ringS.data(), sl), bint.data(), true);
             mirror(sl);
           }
           for (sl = sa; sl < sb; ++sl)
-            zone_sum(pl.xlo + sl, pl.xlo + sl + off0, ring_row(ringP.data(), sl), ring_row(ringS.data(), sl));
+            zone_sum(std::integral_constant<int, 1>{}, pl.xlo + sl, pl.xlo + sl + off0, ring_row(ringP.data(), sl),
+                     ring_row(ringS.data(), sl), 0);
           // dq of the segment
           for (sl = sa; sl + TQ <= sb; sl += TQ) dq_tile(std::integral_constant<int, TQ>{}, sl);
           if (sl < sb)
@@ -368,26 +395,48 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
                 if constexpr (decltype(tv)::value <= TQ) key_tile(tv, kx);
               });
         }
-        // border queries, one at a time: rows, dq, and their dK/dV (all in the zones)
-        for (int64_t sl = pl.n_int; sl < pl.Ws; ++sl) {
+        // border queries: rows, dq, and their dK/dV (all in the zones), up to MQ adjacent queries
+        // that share one window (a stride group) together: their logits against each key vector
+        // loaded once, dq as a shared-window P.V tile, each zone key's dK/dV loaded and stored once
+        for (int64_t sl = pl.n_int; sl < pl.Ws;) {
           const int64_t x = pl.slotx[sl];
-          if (x >= W) continue;  // dummy slot
-          const int64_t ws = pl.kidx[sl];
-          single_logits(x, ws);
-          if (has_bias) pl.window_bias(brow, sl, bbord.data());
-          form_rows(x, CSb.data() + 32, CDb.data() + 32, bP.data(), bS.data(), bbord.data(), false);
-          if (dBt)
-            for (int64_t j = 0; j < kw; ++j) dBt[pl.bx[j * pl.Ws + sl]] += bS[j];
-          const Vec<float> sv = splat<float>(scale);
-          for (int c0 = 0; c0 < DV; c0 += DB) {
-            Vec<float> acc[1][DB];
-            NA_UNROLL
-            for (int d = 0; d < DB; ++d) acc[0][d] = splat<float>(0.0f);
-            pv_tile<1, DB>(bS.data(), 1, kr + ws * kxs + c0 * N, kxs, 1, kw, acc);
-            NA_UNROLL
-            for (int d = 0; d < DB; ++d) storeu(dq_row + x * qts + (c0 + d) * N, acc[0][d] * sv);
+          if (x >= W) {  // dummy slot
+            ++sl;
+            continue;
           }
-          zone_sum(x, ws, bP.data(), bS.data());
+          const int64_t ws = pl.kidx[sl];
+          int64_t ng = 1;
+          while (ng < MQ && sl + ng < pl.Ws && x + ng < W && pl.slotx[sl + ng] == x + ng && pl.kidx[sl + ng] == ws)
+            ++ng;
+          dispatch_nc(ng, [&](auto tv) {
+            constexpr int T = decltype(tv)::value;
+            if constexpr (T <= MQ) {
+              shared_logits(tv, x, ws);
+              for (int t = 0; t < T; ++t) {
+                if (has_bias) pl.window_bias(brow, sl + t, bbord.data());
+                float* const St = bS.data() + t * cw;
+                form_rows(x + t, CSb.data() + 32 + t * CS, CDb.data() + 32 + t * CS, bP.data() + t * cw, St,
+                          bbord.data(), false);
+                if (dBt)
+                  for (int64_t j = 0; j < kw; ++j) dBt[pl.bx[j * pl.Ws + sl + t]] += St[j];
+              }
+              const Vec<float> sv = splat<float>(scale);
+              for (int c0 = 0; c0 < DV; c0 += DG) {
+                Vec<float> acc[T][DG];
+                NA_UNROLL
+                for (int t = 0; t < T; ++t)
+                  NA_UNROLL
+                  for (int d = 0; d < DG; ++d) acc[t][d] = splat<float>(0.0f);
+                pv_tile_shared<T, DG>(bS.data(), 1, kr + ws * kxs + c0 * N, kxs, kw, acc, cw);
+                NA_UNROLL
+                for (int t = 0; t < T; ++t)
+                  NA_UNROLL
+                  for (int d = 0; d < DG; ++d) storeu(dq_row + (x + t) * qts + (c0 + d) * N, acc[t][d] * sv);
+              }
+              zone_sum(tv, x, ws, bP.data(), bS.data(), cw);
+            }
+          });
+          sl += ng;
         }
         if (dBt && pl.n_int > 0)
           for (int64_t j = 0; j < kw; ++j) dBt[pl.bx[j * pl.Ws]] += dsum[j];

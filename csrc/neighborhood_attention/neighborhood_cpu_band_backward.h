@@ -62,16 +62,6 @@ static inline Vec<float> first_lanes(Vec<float> x, int64_t n) {
 #endif
 }
 
-static inline float lane_sum(Vec<float> x) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps((__m512)x);
-#else
-  const __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
-  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
-#endif
-}
-
 // Key vectors per band tile for a window of kw keys, 0 where the band backward does not take that
 // width (the other conditions are in band_backward_plan).
 static int band_backward_nv(int64_t kw) {

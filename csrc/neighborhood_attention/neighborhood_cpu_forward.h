@@ -220,6 +220,11 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // k = 7, one head of 128: 7.5 -> 2.8 ms; AVX2 69.5 -> 24.0 and 6.8 -> 3.5 ms).
   [[maybe_unused]] constexpr int DB = DV > 4 ? DV / 2 : DV;
   [[maybe_unused]] constexpr int TQ = DB >= 4 ? 6 : 8;
+  // The border slots' band (AVX-512, and AVX2 for rows without interior blocks): up to kGroupQ
+  // queries of one window together, their P.V tiles DBG channel vectors at a time (AVX2's 16
+  // registers: 2 queries, 4 vectors).
+  [[maybe_unused]] constexpr int kGroupQ = NA_AVX2 ? 2 : kBandQ;
+  [[maybe_unused]] constexpr int DBG = NA_AVX2 ? (DV % 4 == 0 ? 4 : 2) : DB;
   // The interior P.V tiles: TQI queries by DC channel vectors (several passes for wider heads), the
   // weights at constant offsets (SS below) and the output written with streaming stores where
   // stream_output says so. AVX-512 had taken all DV vectors for TQ queries, with S's stride in a
@@ -280,6 +285,16 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   if (pl.nkr == 1 && pl.dw == 1 && pl.kw > N) {
     const int64_t nv = (pl.kw + kBandQ - 1 + N - 1) / N;
     if (nv <= kBandMaxNV && nv * N <= pl.Wk) band_nv = (int)nv;
+  }
+#elif NA_AVX2
+  // AVX2 has no interior band, but rows without interior blocks (strided windows, which make
+  // nearly every slot a border slot) take the border slots' band below (band_all), in passes of
+  // at most kBandMaxNV vectors. Their gathered border blocks had copied each block's kw key
+  // columns for every query of the block: the 1-D forward (B = 4, L = 4096, 8 heads, d = 64,
+  // k = 65) took 1506 ms with stride 2 against 25.5 ms with stride 1.
+  if (pl.nkr == 1 && pl.dw == 1 && pl.kw > N && pl.n_full == 0) {
+    const int64_t nv = (pl.kw + N - 1) / N;
+    if (nv <= 2 * kBandMaxNV && nv * N <= pl.Wk) band_nv = (int)nv;
   }
 #endif
   // The slots of the border blocks (from block n_full: the clamped windows at both ends of the
@@ -512,7 +527,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             // steps: one per key row and slot block, per query row and P.V tile
             pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
           }
-#if defined(__AVX512F__)
+#if NA_X86V3
           for (int64_t r = 0; r < ng && gend > sg; ++r) {
             const int64_t y = yg + r;
             const int64_t ky = pl.rowpos[y];
@@ -523,6 +538,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             const int64_t ostr = pl.NH * D;
             const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
             auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
+            const float* brow = any_bias ? pl.bias_row(ht, y, 0) : nullptr;
+#if defined(__AVX512F__)  // (the interior slots: AVX-512 only)
             for (int64_t sl = sg; sl < iend; sl += kBandQ) {
               // the band's first column, moved left where the band would run past the packed row
               const int64_t want = pl.xlo + sl + pl.off[0];
@@ -537,7 +554,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               });
               if ((sl - sg) % N == 0) pf_step(pf_quota);
             }
-            const float* brow = any_bias ? pl.bias_row(ht, y, 0) : nullptr;
             if (any_bias && iend > sg) {
               pl.window_bias(brow, 0, bint.data());
               for (int64_t sl = sg; sl < iend; ++sl) add_bias_row(crow(sl), bint.data());
@@ -576,6 +592,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               dispatch_nc(iend - sl, [&](auto tv) {
                 if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
               });
+#endif
             // the border slots: logits of the band at their window, softmax, P.V over the
             // window's kw value tokens, one query at a time or, for up to kBandQ adjacent
             // columns with one window (a stride group), together (the key and value vectors
@@ -583,7 +600,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             // slots' bands, the 1-D forward, L = 4096, k = 65, stride 2 / 4, ran 1.8 / 2.3x as
             // fast as with whole rows packed per chunk and one query at a time.)
             const float* vr = vrow(ky);
-            for (sl = iend; sl < gend;) {
+            for (int64_t sl = iend; sl < gend;) {
               const int64_t x = pl.slotx[sl], st0 = bstart[sl - pl.n_full * N];
               if (x >= pl.W) {  // dummy slot
                 ++sl;
@@ -591,19 +608,22 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               }
               const int64_t ws = pl.kidx[sl];
               int64_t ng = 1;
-              while (ng < kBandQ && sl + ng < gend && x + ng < pl.W && pl.slotx[sl + ng] == x + ng &&
+              while (ng < kGroupQ && sl + ng < gend && x + ng < pl.W && pl.slotx[sl + ng] == x + ng &&
                      pl.kidx[sl + ng] == ws)
                 ++ng;
               float* C = crow(sl);
               dispatch_nc(ng, [&](auto tv) {
                 constexpr int T = decltype(tv)::value;
-                if constexpr (T <= kBandQ) {
-                  dispatch_nc(band_nv, [&](auto nvv) {
-                    constexpr int NV = decltype(nvv)::value;
-                    if constexpr (NV >= 2 && NV <= kBandMaxNV)
-                      band_logits<NV, T, 0>(qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C, kBandCS,
-                                            false);
-                  });
+                if constexpr (T <= kGroupQ) {
+                  // (AVX2: bands of more than kBandMaxNV vectors in two passes)
+                  const int64_t p1 = band_nv <= kBandMaxNV ? band_nv : (band_nv + 1) / 2;
+                  for (int64_t n0 = 0; n0 < band_nv; n0 += p1)
+                    dispatch_nc(std::min<int64_t>(p1, band_nv - n0), [&](auto nvv) {
+                      constexpr int NV = decltype(nvv)::value;
+                      if constexpr (NV <= kBandMaxNV)
+                        band_logits<NV, T, 0>(qr + x * qs[3], qs[3], D, kt + st0 + n0 * N, pl.Wk, scale,
+                                              ws - st0 - n0 * N, C, kBandCS, false);
+                    });
                   float inv[T];
                   for (int t = 0; t < T; ++t) {
                     float* Ct = C + t * kBandCS;
@@ -616,18 +636,18 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                     Lrow[x + t] = m + std::log(l);
                     inv[t] = 1.0f / l;
                   }
-                  for (int dc = 0; dc < DV; dc += DB) {
-                    Vec<float> acc[T][DB];
+                  for (int dc = 0; dc < DV; dc += DBG) {
+                    Vec<float> acc[T][DBG];
                     NA_UNROLL
                     for (int t = 0; t < T; ++t)
                       NA_UNROLL
-                      for (int d = 0; d < DB; ++d) acc[t][d] = splat<float>(0.0f);
-                    pv_tile_shared<T, DB>(C, 1, vr + ws * vxs + dc * N, vxs, pl.kw, acc, kBandCS);
+                      for (int d = 0; d < DBG; ++d) acc[t][d] = splat<float>(0.0f);
+                    pv_tile_shared<T, DBG>(C, 1, vr + ws * vxs + dc * N, vxs, pl.kw, acc, kBandCS);
                     NA_UNROLL
                     for (int t = 0; t < T; ++t) {
                       const Vec<float> iv = splat<float>(inv[t]);
                       NA_UNROLL
-                      for (int d = 0; d < DB; ++d) storeu(Orow + (x + t) * ostr + (dc + d) * N, acc[t][d] * iv);
+                      for (int d = 0; d < DBG; ++d) storeu(Orow + (x + t) * ostr + (dc + d) * N, acc[t][d] * iv);
                     }
                   }
                 }

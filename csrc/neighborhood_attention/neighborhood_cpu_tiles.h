@@ -606,7 +606,28 @@ static inline void band_logits(const float* q, int64_t qxs, int64_t D, const flo
 }
 #endif
 
+#if NA_X86V3
+// The sum and the maximum of a vector's lanes.
+static inline float lane_sum(Vec<float> x) {
 #if defined(__AVX512F__)
+  return _mm512_reduce_add_ps((__m512)x);
+#else
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
+  const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)));
+#endif
+}
+
+static inline float lane_max(Vec<float> x) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps((__m512)x);
+#else
+  const __m128 h = _mm_max_ps(_mm256_castps256_ps128((__m256)x), _mm256_extractf128_ps((__m256)x, 1));
+  const __m128 q = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_max_ss(q, _mm_shuffle_ps(q, q, 1)));
+#endif
+}
+
 // Softmax of one query's kw logits at C (in place, left unnormalised): returns the max m and the
 // sum l of exp(s - m). Reads up to the next multiple of V past kw (the band row's padding).
 static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out) {
@@ -614,7 +635,7 @@ static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out
   const int64_t kf = kw / N * N;
   Vec<float> mv = loadu(C);
   for (int64_t e = N; e < kf; e += N) mv = vmax<float>(mv, loadu(C + e));
-  float m = _mm512_reduce_max_ps((__m512)mv);
+  float m = lane_max(mv);
   for (int64_t e = kf; e < kw; ++e) m = std::max(m, C[e]);
   const Vec<float> ms = splat<float>(m);
   Vec<float> lv = splat<float>(0.0f);
@@ -630,7 +651,7 @@ static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out
     storeu(C + kf, p);
     lv += p;
   }
-  const float l = _mm512_reduce_add_ps((__m512)lv);
+  const float l = lane_sum(lv);
   m_out = m;
   l_out = l;
 }

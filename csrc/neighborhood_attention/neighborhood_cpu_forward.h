@@ -213,9 +213,9 @@ template <int DV>
 static void forward_f32(const View6& q, const View6& k, const View6& v, float* O, float* L,
                         const Plan<float>& pl, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  // The band's P.V tiles take DB channel vectors at a time (all DV up to 4, then halves: heads of
-  // 96 and 128 channels in two passes) and TQ queries: TQ * DB accumulators in registers (the band
-  // is AVX-512 only). Heads of 96 and 128 took the general forward before (Zen 4, 2 threads,
+  // The interior band's P.V tiles take DB channel vectors at a time (all DV up to 4, then halves:
+  // heads of 96 and 128 channels in two passes) and TQ queries: TQ * DB accumulators in registers
+  // (the interior band is AVX-512 only). Heads of 96 and 128 took the general forward before (Zen 4, 2 threads,
   // same-process A/B, AVX-512: 1-D L = 4096, k = 65, 4 heads of 128: 51.5 -> 17.8 ms; 2-D 56 x 56,
   // k = 7, one head of 128: 7.5 -> 2.8 ms; AVX2 69.5 -> 24.0 and 6.8 -> 3.5 ms).
   [[maybe_unused]] constexpr int DB = DV > 4 ? DV / 2 : DV;
@@ -536,10 +536,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             float* Lrow = L + (bh * pl.R + y) * pl.W;
             float* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
             const int64_t ostr = pl.NH * D;
-            const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
             auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
             const float* brow = any_bias ? pl.bias_row(ht, y, 0) : nullptr;
 #if defined(__AVX512F__)  // (the interior slots: AVX-512 only)
+            const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
             for (int64_t sl = sg; sl < iend; sl += kBandQ) {
               // the band's first column, moved left where the band would run past the packed row
               const int64_t want = pl.xlo + sl + pl.off[0];
@@ -594,7 +594,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               });
 #endif
             // the border slots: logits of the band at their window, softmax, P.V over the
-            // window's kw value tokens, one query at a time or, for up to kBandQ adjacent
+            // window's kw value tokens, one query at a time or, for up to kGroupQ adjacent
             // columns with one window (a stride group), together (the key and value vectors
             // loaded once for the group). (With this and each chunk packing only its own border
             // slots' bands, the 1-D forward, L = 4096, k = 65, stride 2 / 4, ran 1.8 / 2.3x as

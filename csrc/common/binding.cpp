@@ -269,6 +269,14 @@ Tensor float_copy(const Tensor& t) {
   return f;
 }
 
+Tensor float_copy_if(bool widen, const Tensor& t) { return widen ? float_copy(t) : t; }
+
+Tensor float_output_if(bool widen, const Tensor& out) {
+  if (!widen) return out;
+  std::vector<int64_t> sizes(out.sizes().begin(), out.sizes().end());
+  return new_output(sizes, ScalarType::Float);
+}
+
 Tensor zeros(const std::vector<int64_t>& sizes, ScalarType dtype) {
   Tensor z = torch::stable::empty(sizes, dtype, std::nullopt, torch::stable::Device(torch::headeronly::DeviceType::CPU));
   torch::stable::zero_(z);

@@ -42,6 +42,11 @@ ScalarType scalar_type_of(DType t);
 Tensor new_output(const std::vector<int64_t>& sizes, ScalarType dtype);
 // A contiguous float32 copy of `t` from the pool (how 16-bit inputs reach float32 kernels).
 Tensor float_copy(const Tensor& t);
+// With widen, float_copy(t); otherwise t itself.
+Tensor float_copy_if(bool widen, const Tensor& t);
+// With widen, a new float32 output of out's sizes (the kernel writes it; copy_into then rounds it
+// into out); otherwise out itself.
+Tensor float_output_if(bool widen, const Tensor& out);
 // A zero-filled contiguous CPU tensor (not pooled).
 Tensor zeros(const std::vector<int64_t>& sizes, ScalarType dtype);
 // Copies src into dst (dtype conversion included).

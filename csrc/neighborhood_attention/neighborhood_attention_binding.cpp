@@ -185,10 +185,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
   // 19.8 -> 23.1 ms; 3-D level).
   const bool widen = dt == DType::BFloat16 && float_fast_width(q.size(q.dim() - 1)) && win.kernel[0] == 1 &&
                      win.kernel[1] == 1 && win.kernel[2] > 16;
-  auto wide = [&](const Tensor& t) { return widen ? binding::float_copy(t) : t; };
-  auto wide_out = [&](const Tensor& t) { return widen ? binding::new_output(sizes_of(t), ScalarType::Float) : t; };
-  const Tensor doutf = wide(dout), qf = wide(q), kf = wide(k), vf = wide(v);
-  Tensor dqf = wide_out(dq), dkf = wide_out(dk), dvf = wide_out(dv);
+  const Tensor doutf = binding::float_copy_if(widen, dout), qf = binding::float_copy_if(widen, q),
+               kf = binding::float_copy_if(widen, k), vf = binding::float_copy_if(widen, v);
+  Tensor dqf = binding::float_output_if(widen, dq), dkf = binding::float_output_if(widen, dk),
+         dvf = binding::float_output_if(widen, dv);
 
   BackwardArgs a{};
   a.dtype = widen ? DType::Float32 : dt;

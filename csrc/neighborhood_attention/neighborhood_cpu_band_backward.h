@@ -288,18 +288,10 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         // vectors (AVX2: two)
         auto logits = [&](auto qv, int64_t x, int64_t start, int64_t wo, bool pf, auto stepv) {
           constexpr int Q = decltype(qv)::value, STEP = decltype(stepv)::value;
-          const int64_t p1 = nv <= kBandMaxNV ? nv : (nv + 1) / 2;
-          for (int64_t n0 = 0; n0 < nv; n0 += p1)
-            dispatch_nc(std::min(p1, nv - n0), [&](auto nvv) {
-              constexpr int NV = decltype(nvv)::value;
-              if constexpr (NV <= kBandMaxNV) {
-                const int64_t st = start + n0 * N, w = wo - n0 * N;
-                band_logits<NV, Q, STEP>(qr + x * qxs, qxs, D, Kt.data() + st, Wk, scale, w, CSb.data() + 32, CS,
-                                         pf && n0 == 0);
-                band_logits<NV, Q, STEP>(gr + x * gxs, gxs, D, Vt.data() + st, Wk, 1.0f, w, CDb.data() + 32, CS,
-                                         pf && n0 == 0);
-              }
-            });
+          band_logits_passes<Q, STEP>(nv, qr + x * qxs, qxs, D, Kt.data() + start, Wk, scale, wo, CSb.data() + 32, CS,
+                                      pf);
+          band_logits_passes<Q, STEP>(nv, gr + x * gxs, gxs, D, Vt.data() + start, Wk, 1.0f, wo, CDb.data() + 32, CS,
+                                      pf);
         };
         // T adjacent queries from column x sharing one window at ws (anywhere in the band; T = 1:
         // one query) into rows 0..T-1 of CSb/CDb

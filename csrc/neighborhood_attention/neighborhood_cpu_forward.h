@@ -616,14 +616,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 constexpr int T = decltype(tv)::value;
                 if constexpr (T <= kGroupQ) {
                   // (AVX2: bands of more than kBandMaxNV vectors in two passes)
-                  const int64_t p1 = band_nv <= kBandMaxNV ? band_nv : (band_nv + 1) / 2;
-                  for (int64_t n0 = 0; n0 < band_nv; n0 += p1)
-                    dispatch_nc(std::min<int64_t>(p1, band_nv - n0), [&](auto nvv) {
-                      constexpr int NV = decltype(nvv)::value;
-                      if constexpr (NV <= kBandMaxNV)
-                        band_logits<NV, T, 0>(qr + x * qs[3], qs[3], D, kt + st0 + n0 * N, pl.Wk, scale,
-                                              ws - st0 - n0 * N, C, kBandCS, false);
-                    });
+                  band_logits_passes<T, 0>(band_nv, qr + x * qs[3], qs[3], D, kt + st0, pl.Wk, scale, ws - st0, C,
+                                           kBandCS, false);
                   float inv[T];
                   for (int t = 0; t < T; ++t) {
                     float* Ct = C + t * kBandCS;

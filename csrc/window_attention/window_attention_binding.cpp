@@ -137,10 +137,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(Tensor grad_out, Tensor q, Tensor
   std::optional<Tensor> table;
   if (rel_pos_bias.has_value()) table = binding::contiguous(*rel_pos_bias);
   const bool widen = st == ScalarType::BFloat16;  // as in the forward
-  auto wide = [&](const Tensor& t) { return widen ? binding::float_copy(t) : t; };
-  auto wide_out = [&](const Tensor& t) { return widen ? binding::new_output(sizes, ScalarType::Float) : t; };
-  const Tensor gf = wide(grad_out), qf = wide(q), kf = wide(k), vf = wide(v), of = wide(out);
-  Tensor dqf = wide_out(dq), dkf = wide_out(dk), dvf = wide_out(dv);
+  const Tensor gf = binding::float_copy_if(widen, grad_out), qf = binding::float_copy_if(widen, q),
+               kf = binding::float_copy_if(widen, k), vf = binding::float_copy_if(widen, v),
+               of = binding::float_copy_if(widen, out);
+  Tensor dqf = binding::float_output_if(widen, dq), dkf = binding::float_output_if(widen, dk),
+         dvf = binding::float_output_if(widen, dv);
   BackwardArgs a;
   a.p = problem(q, window_size, shift, scale, dt, table);
   a.grad_out = strided(gf);

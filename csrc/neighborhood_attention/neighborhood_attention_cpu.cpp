@@ -99,10 +99,16 @@ static void backward_typed(const BackwardArgs& a, const Parallel& par) {
                       static_cast<T*>(a.dq), static_cast<T*>(a.dk), static_cast<T*>(a.dv), static_cast<T*>(a.dbias),
                       pl, static_cast<T>(a.scale), par))
       return;
-  backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
-                             static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
-                             static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
-                             static_cast<T>(a.scale), par);
+  auto run = [&](const Plan<T>& p) {
+    backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
+                               static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
+                               static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), p, static_cast<T>(a.scale),
+                               par);
+  };
+  if (a.win.border == kZero)  // every column interior, on key rows with zero margins: no border blocks
+    run(Plan<T>(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads, true));
+  else
+    run(pl);
 }
 
 void backward_dense(const BackwardArgs& a, const Parallel& par) {

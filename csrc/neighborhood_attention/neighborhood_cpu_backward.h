@@ -196,7 +196,9 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
   for (int l = 0; l < N; ++l) imask[l] = pl.n_full * N + l < pl.n_int ? T(1) : T(0);
   // how far an interior query's keys reach right and left of it
   const int64_t rreach = std::max<int64_t>(pl.off[pl.kw - 1], 0), lreach = std::max<int64_t>(-pl.off[0], 0);
-  const int64_t LP = (pl.xlo + rreach + N - 1) / N * N;         // left margin of the row buffers
+  // left margin of the row buffers (P and dS at key columns down to xlo - lreach, Q and dO at
+  // slots down to -rreach)
+  const int64_t LP = (std::max(pl.xlo + rreach, lreach - pl.xlo) + N - 1) / N * N;
   // row stride with both margins; P and dS of neighbour j are kept at their key columns
   // (query slot + xlo + off[j]), up to rreach + xlo past the last slot
   const int64_t qs = LP + std::max(pl.Wk + (lreach + 1 + N - 1) / N * N, pl.Ws + LP);
@@ -416,7 +418,9 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
             const int64_t kw = pl.kw, nkr = pl.nkr, base = LP + pl.xlo + s0;
             const int64_t* const off = pl.off.data();
             if (contiguous) {
-              // interior block: keep P and dS for the key-centric dK/dV sums after the row
+              // interior block: keep P and dS for the key-centric dK/dV sums after the row (the
+              // dummy lanes of a zero_rows plan's last block, with zero Q and dO and zero bias,
+              // have finite P and S = 0, dS = 0: their terms there are zero)
               for (int64_t i = 0; i < nkr; ++i)
                 for (int64_t j = 0; j < kw; ++j) {
                   const int64_t n = i * kw + j, e = n * qs + base + off[j];

@@ -55,7 +55,9 @@ struct Plan {
   int border;
   int64_t V;        // lanes per vector
   int64_t Ws;       // query slots per row (W rounded up to V)
-  int64_t Wk;       // packed key row width (W + sink, rounded up)
+  int64_t Wk;       // packed key row width (W + sink, rounded up; see zero_rows)
+  int64_t kml = 0;  // zero columns before each packed key row (zero_rows)
+  bool zero_rows = false;  // "zero" border with every column interior (see the constructor)
   int64_t xlo, n_int;  // interior columns [xlo, xlo + n_int) are slots [0, n_int)
   std::vector<int32_t> slotx;    // slot -> column (W for dummy slots)
   std::vector<int32_t> kidx;     // [kw][Ws] key column (W = sink when not a key)
@@ -73,7 +75,14 @@ struct Plan {
   bool any_bias;                 // whether biascol has an entry other than 0
   std::vector<int64_t> row_t, row_y;  // [R] the (t, y) of each row
 
-  Plan(const View6& q, const View6& k, const Window& win, const T* table, int64_t nht_) {
+  // zero_rows_if ("zero" border only): every column is an interior slot, reading its window's
+  // columns outside [0, W) as zero keys from the packed key rows' zero margins: kml columns before
+  // each row, and Wk wide enough that a channel's last columns are zeros for the next channel's
+  // negative columns and the last slot block's window stays in the row. Then no slot block is a
+  // border block (the last one, partly past W, is contiguous too: its dummy lanes have zero q and
+  // dout). For the backward's general route (backward_impl), which needs no other change for it
+  // (the forward's routes read key columns in ways that assume no margins).
+  Plan(const View6& q, const View6& k, const Window& win, const T* table, int64_t nht_, bool zero_rows_if = false) {
     B = q.size[0];
     Tn = q.size[1];
     Hn = q.size[2];
@@ -107,10 +116,19 @@ struct Plan {
         if (!cval[j] || cpos[j] != x + off[j]) return false;
       return true;
     };
+    zero_rows = zero_rows_if && border == kZero;
     xlo = 0;
-    while (xlo < W && !interior(xlo)) ++xlo;
-    int64_t xhi = xlo;
-    while (xhi < W && interior(xhi)) ++xhi;
+    int64_t xhi = W;
+    if (zero_rows) {
+      const int64_t lreach = std::max<int64_t>(-off[0], 0), rreach = std::max<int64_t>(off[kw - 1], 0);
+      Wk = std::max({W + 1, W + lreach, Ws + rreach});
+      Wk = (Wk + V - 1) / V * V;
+      kml = (lreach + V - 1) / V * V;
+    } else {
+      while (xlo < W && !interior(xlo)) ++xlo;
+      xhi = xlo;
+      while (xhi < W && interior(xhi)) ++xhi;
+    }
     n_int = xhi - xlo;
     slotx.assign(Ws, (int32_t)W);
     int64_t s = 0;
@@ -119,7 +137,7 @@ struct Plan {
       if (x < xlo || x >= xhi) slotx[s++] = (int32_t)x;
     goff.resize(kw);
     for (int64_t j = 0; j < kw; ++j) goff[j] = j * D * V;
-    n_full = n_int / V;
+    n_full = zero_rows ? Ws / V : n_int / V;
     NG = Ws / V - n_full;
     kidx.assign(kw * Ws, (int32_t)W);
     bx.assign(kw * Ws, (int32_t)(kw - 1));
@@ -134,6 +152,7 @@ struct Plan {
       uint8_t* vj = colvalid.data() + j * Ws;
       for (int64_t sl = 0; sl < n_int; ++sl) {
         kj[sl] = c0 + (int32_t)sl;
+        if (zero_rows && (kj[sl] < 0 || kj[sl] >= W)) kj[sl] = (int32_t)W;  // (a zero key: the sink)
         bxj[sl] = bj;
         vj[sl] = 1;
       }
@@ -277,14 +296,16 @@ template <typename T>
 struct KeyPack {
   std::vector<T> t, g;
   int64_t rows = 1;
+  int64_t kml = 0;  // the plan's zero columns before each row (never written)
   // (gathered: whether the border blocks' copies are packed)
   void alloc(const Plan<T>& pl, int64_t ring = 0, bool gathered = true) {
     rows = ring > 0 ? std::min(ring, pl.R) : pl.R;
-    t.resize(rows * pl.D * pl.Wk);
+    t.resize(rows * (pl.kml + pl.D * pl.Wk));
+    kml = pl.kml;
     g.resize(gathered ? std::max<int64_t>(1, rows * pl.NG * pl.kw * pl.D * VecOf<T>::N) : 0);
   }
   int64_t slot(int64_t y) const { return y < rows ? y : y % rows; }
-  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * pl.D * pl.Wk; }
+  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * (kml + pl.D * pl.Wk) + kml; }
   T* grow(const Plan<T>& pl, int64_t y, int64_t g_) {
     return g.data() + ((slot(y) * pl.NG + g_) * pl.kw) * pl.D * VecOf<T>::N;
   }

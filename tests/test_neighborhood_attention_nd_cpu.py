@@ -67,10 +67,12 @@ CASES = [
     ((1, 8, 10), (1, 4, 3), (1, 1, 1), (1, 2, 3), (0, 1, 0), "clamp", 4, 2, 1, 8, "fused"),
     ((1, 6, 9), (1, 3, 3), (1, 1, 2), (1, 1, 1), (0, 0, 0), "mask", 4, 2, 1, 8, "channel stride"),
     ((1, 4, 26), (1, 3, 4), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 1, 4, 16, "fused"),
-    # "zero" backward on key rows with zero margins: dilated windows reaching past both ends, a
-    # last slot block partly past the row; a map narrower than the window
+    # "zero" / "mask" backward on key rows with zero margins: dilated windows reaching past both
+    # ends, a last slot block partly past the row; maps narrower than the window
     ((1, 7, 37), (1, 3, 5), (1, 2, 3), (1, 1, 1), (0, 0, 0), "zero", 4, 2, 4, 16, "fused"),
     ((1, 4, 5), (1, 5, 7), (1, 1, 2), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 2, 8, "channel stride"),
+    ((1, 6, 35), (1, 3, 5), (1, 2, 3), (1, 1, 1), (0, 0, 0), "mask", 4, 4, 4, 16, "fused"),
+    ((1, 5, 6), (1, 3, 9), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 0, 8, "contiguous"),
     # 3-D
     ((3, 3, 24), (3, 2, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
     ((4, 3, 10), (2, 3, 4), (1, 1, 2), (1, 1, 2), (1, 0, 1), "clamp", 4, 4, 1, 8, "fused"),

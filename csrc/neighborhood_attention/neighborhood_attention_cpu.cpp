@@ -105,7 +105,7 @@ static void backward_typed(const BackwardArgs& a, const Parallel& par) {
                                static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), p, static_cast<T>(a.scale),
                                par);
   };
-  if (a.win.border == kZero)  // every column interior, on key rows with zero margins: no border blocks
+  if (a.win.border != kClamp)  // every column interior, on key rows with zero margins: no border blocks
     run(Plan<T>(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads, true));
   else
     run(pl);

@@ -420,7 +420,8 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
             if (contiguous) {
               // interior block: keep P and dS for the key-centric dK/dV sums after the row (the
               // dummy lanes of a zero_rows plan's last block, with zero Q and dO and zero bias,
-              // have finite P and S = 0, dS = 0: their terms there are zero)
+              // have S = 0, P finite and dS = 0: their terms there are zero; a "mask" slot's
+              // columns outside the map have P = dS = 0)
               for (int64_t i = 0; i < nkr; ++i)
                 for (int64_t j = 0; j < kw; ++j) {
                   const int64_t n = i * kw + j, e = n * qs + base + off[j];

@@ -57,7 +57,7 @@ struct Plan {
   int64_t Ws;       // query slots per row (W rounded up to V)
   int64_t Wk;       // packed key row width (W + sink, rounded up; see zero_rows)
   int64_t kml = 0;  // zero columns before each packed key row (zero_rows)
-  bool zero_rows = false;  // "zero" border with every column interior (see the constructor)
+  bool zero_rows = false;  // "zero"/"mask" border with every column interior (see the constructor)
   int64_t xlo, n_int;  // interior columns [xlo, xlo + n_int) are slots [0, n_int)
   std::vector<int32_t> slotx;    // slot -> column (W for dummy slots)
   std::vector<int32_t> kidx;     // [kw][Ws] key column (W = sink when not a key)
@@ -75,8 +75,9 @@ struct Plan {
   bool any_bias;                 // whether biascol has an entry other than 0
   std::vector<int64_t> row_t, row_y;  // [R] the (t, y) of each row
 
-  // zero_rows_if ("zero" border only): every column is an interior slot, reading its window's
-  // columns outside [0, W) as zero keys from the packed key rows' zero margins: kml columns before
+  // zero_rows_if ("zero" and "mask" borders): every column is an interior slot, reading its window's
+  // columns outside [0, W) as zero keys from the packed key rows' zero margins ("mask": with a
+  // -inf bias in those slots' bias columns, so that they leave the softmax): kml columns before
   // each row, and Wk wide enough that a channel's last columns are zeros for the next channel's
   // negative columns and the last slot block's window stays in the row. Then no slot block is a
   // border block (the last one, partly past W, is contiguous too: its dummy lanes have zero q and
@@ -116,7 +117,7 @@ struct Plan {
         if (!cval[j] || cpos[j] != x + off[j]) return false;
       return true;
     };
-    zero_rows = zero_rows_if && border == kZero;
+    zero_rows = zero_rows_if && border != kClamp;
     xlo = 0;
     int64_t xhi = W;
     if (zero_rows) {
@@ -152,9 +153,12 @@ struct Plan {
       uint8_t* vj = colvalid.data() + j * Ws;
       for (int64_t sl = 0; sl < n_int; ++sl) {
         kj[sl] = c0 + (int32_t)sl;
-        if (zero_rows && (kj[sl] < 0 || kj[sl] >= W)) kj[sl] = (int32_t)W;  // (a zero key: the sink)
         bxj[sl] = bj;
         vj[sl] = 1;
+        if (zero_rows && (kj[sl] < 0 || kj[sl] >= W)) {  // not a key: the sink
+          kj[sl] = (int32_t)W;
+          vj[sl] = 0;
+        }
       }
     }
     // the other slots (in blocks of 16, whose windows stay in L1 while each neighbour's entries
@@ -227,6 +231,12 @@ struct Plan {
           const T vint = tab && n_int > 0 ? tab[bx[j * Ws]] : T(0);
           std::fill(dst, dst + n_int, vint);
           any_bias |= n_int > 0 && vint != T(0);
+          if (zero_rows && border == kMask)  // ("mask": the columns outside the map leave the softmax)
+            for (int64_t sl = 0; sl < n_int; ++sl)
+              if (!colvalid[j * Ws + sl]) {
+                dst[sl] = ninf;
+                any_bias = true;
+              }
           for (int64_t sl = n_int; sl < Ws; ++sl) {
             T val = T(0);
             if (slotx[sl] < W) {

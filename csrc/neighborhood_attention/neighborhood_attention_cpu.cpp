@@ -93,22 +93,17 @@ void forward_dense(const ForwardArgs& a, const Parallel& par) {
 
 template <typename scalar_t, typename T>
 static void backward_typed(const BackwardArgs& a, const Parallel& par) {
-  Plan<T> pl(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads);
+  // "zero"/"mask": every column interior, on key rows with zero margins (no border blocks)
+  Plan<T> pl(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads, true);
   if constexpr (std::is_same<scalar_t, float>::value)
     if (backward_band(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
                       static_cast<T*>(a.dq), static_cast<T*>(a.dk), static_cast<T*>(a.dv), static_cast<T*>(a.dbias),
                       pl, static_cast<T>(a.scale), par))
       return;
-  auto run = [&](const Plan<T>& p) {
-    backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
-                               static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
-                               static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), p, static_cast<T>(a.scale),
-                               par);
-  };
-  if (a.win.border != kClamp)  // every column interior, on key rows with zero margins: no border blocks
-    run(Plan<T>(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads, true));
-  else
-    run(pl);
+  backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
+                             static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
+                             static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
+                             static_cast<T>(a.scale), par);
 }
 
 void backward_dense(const BackwardArgs& a, const Parallel& par) {

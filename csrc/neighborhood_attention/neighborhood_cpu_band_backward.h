@@ -84,6 +84,10 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return bb;  // (dout: copied when not)
   const int nv = band_backward_nv(pl.kw);
   if (pl.nkr != 1 || pl.dw != 1 || nv == 0 || nv * N > pl.Wk) return bb;
+  // (a zero_rows plan's windows read key columns outside the row, which the band's own key rows,
+  // packed without margins, do not have; without it, "zero"/"mask" rows have border slots whose
+  // windows are not runs of keys, which the band does not take either)
+  if (pl.zero_rows) return bb;
   // one task per (batch, key/value head, row): with grouped heads, enough of them
   if (pl.G > 1 && pl.B * pl.NKV * pl.R < kBackwardTasks) return bb;
   for (int64_t y = 0; y < pl.R; ++y)

@@ -82,7 +82,7 @@ struct Plan {
   // negative columns and the last slot block's window stays in the row. Then no slot block is a
   // border block (the last one, partly past W, is contiguous too: its dummy lanes have zero q and
   // dout). For the backward's general route (backward_impl), which needs no other change for it
-  // (the forward's routes read key columns in ways that assume no margins).
+  // (the forward's routes and the band backward read key columns in ways that assume no margins).
   Plan(const View6& q, const View6& k, const Window& win, const T* table, int64_t nht_, bool zero_rows_if = false) {
     B = q.size[0];
     Tn = q.size[1];
@@ -306,16 +306,14 @@ template <typename T>
 struct KeyPack {
   std::vector<T> t, g;
   int64_t rows = 1;
-  int64_t kml = 0;  // the plan's zero columns before each row (never written)
   // (gathered: whether the border blocks' copies are packed)
   void alloc(const Plan<T>& pl, int64_t ring = 0, bool gathered = true) {
     rows = ring > 0 ? std::min(ring, pl.R) : pl.R;
-    t.resize(rows * (pl.kml + pl.D * pl.Wk));
-    kml = pl.kml;
+    t.resize(rows * (pl.kml + pl.D * pl.Wk));  // (the kml columns before each row are never written)
     g.resize(gathered ? std::max<int64_t>(1, rows * pl.NG * pl.kw * pl.D * VecOf<T>::N) : 0);
   }
   int64_t slot(int64_t y) const { return y < rows ? y : y % rows; }
-  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * (kml + pl.D * pl.Wk) + kml; }
+  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * (pl.kml + pl.D * pl.Wk) + pl.kml; }
   T* grow(const Plan<T>& pl, int64_t y, int64_t g_) {
     return g.data() + ((slot(y) * pl.NG + g_) * pl.kw) * pl.D * VecOf<T>::N;
   }

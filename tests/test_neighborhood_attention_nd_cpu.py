@@ -327,6 +327,32 @@ def test_dilated_subgrids(case, dtype, D):
     check_case(case, dtype, D=D)
 
 
+# Maps whose windows are whole cells (every axis of kernel 1, or "clamp" with length == kernel *
+# dilation: each dilation sub-grid is one window, whatever the stride), which float32 runs as dense
+# attention per cell (forward and backward; bfloat16's forward is widened to it): NAT's last stage,
+# DiNAT's dilated layers (dilations differing per axis), 3-D, even kernels, an axis of kernel 1 with
+# and without dilation, cells of more than four vectors of queries (144 members), grouped heads,
+# shared and per-head bias tables, strided windows (which change nothing here), and one layout with
+# a channel stride (which takes the general routes).
+WHOLE = [
+    ((1, 7, 7), (1, 7, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 4, 4, 32, "fused"),
+    ((1, 14, 21), (1, 7, 7), (1, 2, 3), (1, 2, 3), (0, 0, 0), "clamp", 4, 2, 1, 16, "contiguous"),
+    ((3, 14, 7), (3, 7, 7), (1, 2, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 1, 2, 16, "head major"),
+    ((5, 8, 6), (1, 8, 6), (1, 1, 1), (1, 3, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
+    ((1, 1, 26), (1, 1, 13), (1, 1, 2), (1, 1, 3), (0, 0, 0), "clamp", 4, 4, 0, 48, "fused"),
+    ((4, 9, 20), (1, 3, 5), (3, 3, 4), (1, 1, 1), (0, 0, 0), "clamp", 4, 4, 4, 16, "fused"),
+    ((1, 12, 24), (1, 12, 12), (1, 1, 2), (1, 5, 7), (0, 0, 0), "clamp", 2, 2, 1, 16, "contiguous"),
+    ((1, 14, 14), (1, 7, 7), (1, 2, 2), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "channel stride"),
+]
+
+
+@pytest.mark.parametrize("case", WHOLE, ids=case_id)
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 16), (torch.float32, 48), (torch.float32, 64),
+                                     (torch.bfloat16, 32)], ids=str)
+def test_whole_window_cells(case, dtype, D):
+    check_case(case, dtype, D=D)
+
+
 # Heads of 96 and 128 channels on the float32 forward's fast path and the band backward (their P.V
 # tiles in passes of half the channels): the 1-D band with its border slots, zones and stride
 # groups, bias tables, causal windows, grouped heads; 2-D and 3-D interior tiles, clamped windows
@@ -393,12 +419,14 @@ def test_backward_dout_channel_strides(case, dout_layout):
 
 # The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped
 # heads, bias table), the band route (1-D, grouped heads summed in turn, bias table) and the
-# dilation sub-grids (dbias summed over them in order).
+# dilation sub-grids (dbias summed over them in order), and the whole-window cells (dbias per task,
+# summed in task order).
 @pytest.mark.parametrize("sp,ks,dil,causal,heads,heads_kv,bias_shape", [
     ((2, 3, 40), (2, 3, 7), (1, 1, 1), (1, 0, 0), 4, 2, (4, 3, 5, 13)),
     ((1, 1, 300), (1, 1, 65), (1, 1, 1), (0, 0, 0), 16, 8, (16, 1, 1, 129)),
     ((1, 1, 301), (1, 1, 33), (1, 1, 2), (0, 0, 0), 16, 8, (1, 1, 1, 65)),
-], ids=["general", "band", "dilation sub-grids"])
+    ((1, 28, 28), (1, 7, 7), (1, 4, 4), (0, 0, 0), 8, 4, (8, 1, 13, 13)),
+], ids=["general", "band", "dilation sub-grids", "whole-window cells"])
 def test_backward_same_bits_any_thread_count(sp, ks, dil, causal, heads, heads_kv, bias_shape):
     st, border = (1, 1, 1), "clamp"
     q, k, v = make_inputs(sp, heads, heads_kv, 32, torch.float32, "fused")

@@ -35,6 +35,22 @@ namespace neighborhood {
 // forwards of these widths as float32 on float32 copies.
 inline bool float_fast_width(int64_t D) { return D % 16 == 0 && (D <= 64 || D == 96 || D == 128); }
 
+// Whether the map (T, H, W lengths L) falls apart into cells whose every query's window is the
+// whole cell: every axis has kernel 1, or the "clamp" border, no causal window and length ==
+// kernel * dilation (each dilation sub-grid one window long), at least one axis of the second
+// kind, and at most 512 positions per cell. The float32 kernels run such maps as dense attention
+// per cell (neighborhood_cpu_cells.h); the binding widens bfloat16 to them.
+inline bool whole_window_cells(const int64_t L[3], const Window& w) {
+  if (w.border != kClamp) return false;
+  int64_t n = 1;
+  for (int a = 0; a < 3; ++a) {
+    if (w.kernel[a] == 1) continue;
+    if (w.causal[a] || L[a] != w.kernel[a] * w.dilation[a]) return false;
+    n *= w.kernel[a];
+  }
+  return n > 1 && n <= 512;
+}
+
 struct ForwardArgs {
   DType dtype;            // of q, k, v and out: Float32, Float64 or BFloat16
   View6 q, k, v;          // k, v: heads_kv heads, otherwise q's sizes

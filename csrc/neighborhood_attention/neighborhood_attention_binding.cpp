@@ -183,8 +183,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
   // bench/results/cpu-amd-epyc-avx512-2core/neighborhood). Elsewhere the seven copies cost more than
   // the float32 routes gain (widening every bfloat16 backward: 2-D 56x56, d = 32, k = 7,
   // 19.8 -> 23.1 ms; 3-D level).
-  const bool widen = dt == DType::BFloat16 && float_fast_width(q.size(q.dim() - 1)) && win.kernel[0] == 1 &&
-                     win.kernel[1] == 1 && win.kernel[2] > 16;
+  // Likewise maps of whole-window cells (whole_window_cells), which only float32 runs as dense
+  // attention per cell.
+  const View6 qv = view6(q);
+  const bool widen = dt == DType::BFloat16 && float_fast_width(q.size(q.dim() - 1)) &&
+                     ((win.kernel[0] == 1 && win.kernel[1] == 1 && win.kernel[2] > 16) ||
+                      whole_window_cells(qv.size + 1, win));
   const Tensor doutf = binding::float_copy_if(widen, dout), qf = binding::float_copy_if(widen, q),
                kf = binding::float_copy_if(widen, k), vf = binding::float_copy_if(widen, v);
   Tensor dqf = binding::float_output_if(widen, dq), dkf = binding::float_output_if(widen, dk),

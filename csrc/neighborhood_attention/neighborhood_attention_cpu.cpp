@@ -10,6 +10,7 @@
 //   neighborhood_cpu_forward.h   forward: any dtype, and the float32 fast path
 //   neighborhood_cpu_backward.h  backward
 //   neighborhood_cpu_band_backward.h  float32 backward of long 1-D windows (AVX-512, AVX2)
+//   neighborhood_cpu_cells.h     float32 maps whose windows are whole cells (dense per cell)
 //
 // Layout trick. A "row" is one (t, y) pair. The keys of query (t, y, x) lie on kt*kh key rows
 // (the product of its T and H windows) that depend only on (t, y), and in each row at columns
@@ -64,6 +65,7 @@
 #include "neighborhood_attention.h"
 #include "neighborhood_cpu_backward.h"
 #include "neighborhood_cpu_band_backward.h"
+#include "neighborhood_cpu_cells.h"
 #include "neighborhood_cpu_forward.h"
 
 namespace alterops {
@@ -245,6 +247,7 @@ static void gather(const void* full, void* sub, int64_t B, const SubGrids& sg, c
 }
 
 void forward(const ForwardArgs& a, const Parallel& par) {
+  if (a.dtype == DType::Float32 && cells_route(a.q, a.k, a.v, nullptr, a.win)) return forward_cells(a, par);
   if (!subgrids_forward(a.q, a.win)) return forward_dense(a, par);
   const SubGrids sg = subgrids(a.q, a.win);
   const int64_t B = a.q.size[0], NH = a.q.size[4], D = a.q.size[5];
@@ -268,6 +271,7 @@ void forward(const ForwardArgs& a, const Parallel& par) {
 }
 
 void backward(const BackwardArgs& a, const Parallel& par) {
+  if (a.dtype == DType::Float32 && cells_route(a.q, a.k, a.v, &a.dout, a.win)) return backward_cells(a, par);
   if (!subgrids_backward(a.q, a.win, a.dtype)) return backward_dense(a, par);
   const SubGrids sg = subgrids(a.q, a.win);
   const int64_t B = a.q.size[0], NH = a.q.size[4], NKV = a.k.size[4], D = a.q.size[5];

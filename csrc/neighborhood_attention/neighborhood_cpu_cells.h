@@ -47,7 +47,6 @@ template <int DC>
 constexpr int cell_tq() {
   return kCellAcc / DC > 0 ? kCellAcc / DC : 1;
 }
-constexpr int kCellTQMax = cell_tq<1>();
 // Whether the float32 op with these inputs takes the cell route (see the top of this file).
 static bool cells_route(const View6& q, const View6& k, const View6& v, const View6* dout, const Window& w) {
   return whole_window_cells(q.size + 1, w) && q.size[5] % 16 == 0 && q.stride[5] == 1 && k.stride[5] == 1 &&
@@ -111,15 +110,36 @@ struct Cells {
     const int64_t c2 = c % cnt[2], c1 = c / cnt[2] % cnt[1], c0 = c / (cnt[2] * cnt[1]);
     return (c0 * L[1] + c1) * L[2] + c2;
   }
-  // element offset in tensor t of (batch b, head h, flattened position p)
-  static int64_t offset(const View6& t, int64_t b, int64_t h, int64_t p, const int64_t L[3]) {
-    const int64_t x = p % L[2], y = p / L[2] % L[1], tt = p / (L[2] * L[1]);
-    return b * t.stride[0] + tt * t.stride[1] + y * t.stride[2] + x * t.stride[3] + h * t.stride[4];
+};
+
+// The tokens of one tensor's cells: rows(b, h, cell, r) sets r[n] to member n's token (head h).
+struct CellRows {
+  const float* data;
+  const int64_t* st;  // the view's strides
+  const Cells* c;
+  std::vector<int64_t> rel;  // [N] member offset from the cell's base
+  CellRows(const View6& t, const Cells& cells) : data(static_cast<const float*>(t.data)), st(t.stride), c(&cells) {
+    rel.resize(c->N);
+    for (int64_t n = 0; n < c->N; ++n) {
+      int64_t i[3];
+      c->member(n, i);
+      rel[n] = i[0] * c->step[0] * st[1] + i[1] * c->step[1] * st[2] + i[2] * c->step[2] * st[3];
+    }
   }
-  // rows[n] = the token of member n of the cell at flattened base p0 in t (batch b, head h)
-  void rows(const View6& t, int64_t b, int64_t h, int64_t p0, const float** r) const {
-    const float* base = static_cast<const float*>(t.data);
-    for (int64_t n = 0; n < N; ++n) r[n] = base + offset(t, b, h, p0 + mflat[n], L);
+  const float* base(int64_t b, int64_t h, int64_t cell) const {
+    const int64_t c2 = cell % c->cnt[2], c1 = cell / c->cnt[2] % c->cnt[1], c0 = cell / (c->cnt[2] * c->cnt[1]);
+    return data + b * st[0] + c0 * st[1] + c1 * st[2] + c2 * st[3] + h * st[4];
+  }
+  void rows(int64_t b, int64_t h, int64_t cell, const float** r) const {
+    const float* p = base(b, h, cell);
+    for (int64_t n = 0; n < c->N; ++n) r[n] = p + rel[n];
+  }
+  // Prefetches the cell's tokens into L1 (a cell's tokens lie far apart when dilated: the hardware
+  // prefetchers do not follow them).
+  void prefetch(int64_t b, int64_t h, int64_t cell) const {
+    const float* p = base(b, h, cell);
+    for (int64_t n = 0; n < c->N; ++n)
+      for (int64_t e = 0; e < c->D; e += 16) __builtin_prefetch(p + rel[n] + e, 0, 3);
   }
 };
 
@@ -210,24 +230,30 @@ static inline void with_cell_dc(int64_t DV, F&& f) {
     f(std::integral_constant<int, 1>{});
 }
 
-// For t < nt rows (TQ at a time): out(t) receives acc[t][d] for the channel block at c0, where acc
-// sums nm weighted rows X (weights W[t * wt + m * wm]); store(t, c0, acc_row) writes them.
-// W must be readable TQ - 1 rows past nt (the callers' padding).
+// For t < nt rows: acc[t][d] for the channel blocks at c0 = dc V, where acc sums nm weighted rows
+// X (weights W[t * wt + m * wm]); store(t, c0, acc_row, DC) writes them. Rows in tiles of TQ, then
+// of 4, then one at a time (a cell of 49 queries is 4 tiles of 12 and one row at AVX-512).
 template <class Store>
 static void cell_mix_rows(const float* W, int64_t wt, int64_t wm, int64_t nt, int64_t nm, const float* const* X,
                           int64_t DV, const Store& store) {
   constexpr int V = VecOf<float>::N;
   with_cell_dc(DV, [&](auto dcv) {
     constexpr int DC = decltype(dcv)::value;
-    constexpr int TQ = cell_tq<DC>();
-    for (int64_t dc = 0; dc < DV; dc += DC)
-      for (int64_t t0 = 0; t0 < nt; t0 += TQ) {
-        Vec<float> acc[TQ][DC];
-        cell_mix<TQ, DC>(W + t0 * wt, wt, wm, nm, X, dc * V, acc);
-        NA_UNROLL
-        for (int t = 0; t < TQ; ++t)
-          if (t0 + t < nt) store(t0 + t, dc * V, acc[t], std::integral_constant<int, DC>{});
-      }
+    for (int64_t dc = 0; dc < DV; dc += DC) {
+      int64_t t0 = 0;
+      auto tiles = [&](auto tqv) {
+        constexpr int TQ = decltype(tqv)::value;
+        for (; t0 + TQ <= nt; t0 += TQ) {
+          Vec<float> acc[TQ][DC];
+          cell_mix<TQ, DC>(W + t0 * wt, wt, wm, nm, X, dc * V, acc);
+          NA_UNROLL
+          for (int t = 0; t < TQ; ++t) store(t0 + t, dc * V, acc[t], std::integral_constant<int, DC>{});
+        }
+      };
+      tiles(std::integral_constant<int, cell_tq<DC>()>{});
+      if constexpr (cell_tq<DC>() > 4) tiles(std::integral_constant<int, 4>{});
+      if constexpr (cell_tq<DC>() > 1) tiles(std::integral_constant<int, 1>{});
+    }
   });
 }
 
@@ -236,10 +262,9 @@ struct CellBufs {
   Buf<float> xt, dot, s, p, lv, dlv, inv, dkv;
   std::vector<const float*> qr, kr, vr, dr;
   CellBufs(const Cells& c, bool backward) {
-    const int64_t rows = c.N + kCellTQMax;  // (cell_mix_rows reads TQ - 1 rows past the last)
     xt.assign(c.D * c.Np, 0.0f);
-    s.assign(rows * c.Np + kCellTQMax, 0.0f);
-    p.assign(rows * c.Np + kCellTQMax, 0.0f);
+    s.assign(c.N * c.Np, 0.0f);
+    p.assign(c.N * c.Np, 0.0f);
     lv.assign(c.Np, 0.0f);
     inv.assign(c.Np, 0.0f);
     qr.resize(c.N + VecOf<float>::N);
@@ -285,15 +310,25 @@ static void forward_cells(const ForwardArgs& a, const Parallel& par) {
   const Buf<float> bm = table ? cell_bias(c, table, a.bias_heads) : Buf<float>();
   float* out = static_cast<float*>(a.out);
   float* lse = static_cast<float*>(a.lse);
-  par.for_tasks(c.B * c.NH * c.ncell, [&](auto next) {
+  const CellRows qrows(a.q, c), krows(a.k, c), vrows(a.v, c);
+  const int64_t ntask = c.B * c.NH * c.ncell;
+  par.for_tasks(ntask, [&](auto next) {
     CellBufs w(c, false);
     int64_t task;
     while (next(task)) {
       const int64_t h = task % c.NH, cell = task / c.NH % c.ncell, b = task / (c.ncell * c.NH);
       const int64_t hk = h / c.G, p0 = c.cell_flat(cell);
-      c.rows(a.q, b, h, p0, w.qr.data());
-      c.rows(a.k, b, hk, p0, w.kr.data());
-      c.rows(a.v, b, hk, p0, w.vr.data());
+      qrows.rows(b, h, cell, w.qr.data());
+      krows.rows(b, hk, cell, w.kr.data());
+      vrows.rows(b, hk, cell, w.vr.data());
+      if (task + 1 < ntask) {  // the next task's tokens (most often the next one this thread takes)
+        const int64_t h1 = (task + 1) % c.NH, cell1 = (task + 1) / c.NH % c.ncell, b1 = (task + 1) / (c.ncell * c.NH);
+        qrows.prefetch(b1, h1, cell1);
+        if (h1 / c.G != hk || cell1 != cell) {
+          krows.prefetch(b1, h1 / c.G, cell1);
+          vrows.prefetch(b1, h1 / c.G, cell1);
+        }
+      }
       cell_transpose(c, w.qr.data(), scale, w.xt.data());
       float* S = w.s.data();
       cell_logits(w.kr.data(), c.N, w.xt.data(), c.Np, c.D, S);
@@ -347,6 +382,7 @@ static void backward_cells(const BackwardArgs& a, const Parallel& par) {
   const int64_t runs = (c.ncell + cpt - 1) / cpt, ntask = BK * runs;
   const int64_t gb = a.bias_heads == 1 ? 1 : c.G;  // dbias tables per task
   Buf<float> dbp(dbias ? ntask * gb * c.nbt : 0, 0.0f);
+  const CellRows qrows(a.q, c), krows(a.k, c), vrows(a.v, c), drows(a.dout, c);
   par.for_tasks(ntask, [&](auto next) {
     CellBufs w(c, true);
     int64_t task;
@@ -355,14 +391,32 @@ static void backward_cells(const BackwardArgs& a, const Parallel& par) {
       float* dbt = dbias ? dbp.data() + task * gb * c.nbt : nullptr;
       for (int64_t cell = run * cpt; cell < std::min(c.ncell, (run + 1) * cpt); ++cell) {
         const int64_t p0 = c.cell_flat(cell);
-        c.rows(a.k, b, hk, p0, w.kr.data());
-        c.rows(a.v, b, hk, p0, w.vr.data());
+        krows.rows(b, hk, cell, w.kr.data());
+        vrows.rows(b, hk, cell, w.vr.data());
         float* dK = w.dkv.data();
         float* dV = dK + c.N * c.D;
         for (int64_t g = 0; g < c.G; ++g) {
           const int64_t h = hk * c.G + g;
-          c.rows(a.q, b, h, p0, w.qr.data());
-          c.rows(a.dout, b, h, p0, w.dr.data());
+          qrows.rows(b, h, cell, w.qr.data());
+          drows.rows(b, h, cell, w.dr.data());
+          if (g + 1 < c.G) {  // the next query head's tokens
+            qrows.prefetch(b, h + 1, cell);
+            drows.prefetch(b, h + 1, cell);
+          } else {  // the next cell's: this task's next, or the next task's first
+            int64_t b1 = b, hk1 = hk, cell1 = cell + 1;
+            if (cell1 == std::min(c.ncell, (run + 1) * cpt)) {
+              const int64_t t1 = task + 1;
+              hk1 = t1 % c.NKV;
+              cell1 = t1 / c.NKV % runs * cpt;
+              b1 = t1 / (runs * c.NKV);
+            }
+            if (b1 < c.B) {
+              krows.prefetch(b1, hk1, cell1);
+              vrows.prefetch(b1, hk1, cell1);
+              qrows.prefetch(b1, hk1 * c.G, cell1);
+              drows.prefetch(b1, hk1 * c.G, cell1);
+            }
+          }
           cell_transpose(c, w.qr.data(), scale, w.xt.data());
           cell_transpose(c, w.dr.data(), 1.0f, w.dot.data());
           float* P = w.p.data();

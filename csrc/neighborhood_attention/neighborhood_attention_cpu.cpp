@@ -61,6 +61,8 @@
 // the forward at the fast widths, the backward of long windows along W), float64 in double.
 // Dilated maps: the forward (and the float32 backward of long 1-D windows) runs once per dilation
 // sub-grid, on strided views, as an op of dilation 1 (see "dilation as sub-grids" below).
+// Maps whose every window is a whole cell (each dilated axis one window long per sub-grid, or kernel
+// 1) run in float32 as dense attention per cell instead, both ways (neighborhood_cpu_cells.h).
 
 #include "neighborhood_attention.h"
 #include "neighborhood_cpu_backward.h"

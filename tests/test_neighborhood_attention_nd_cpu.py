@@ -288,6 +288,11 @@ BAND_BWD = [
     ((1, 1, 613), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 2, 2, 1, 16, "head major"),
     ((3, 2, 90), (1, 1, 33), (1, 1, 1), (1, 1, 3), (0, 0, 1), "clamp", 2, 2, 2, 16, "fused"),
     ((1, 1, 170), (1, 1, 17), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 16, 8, 16, 16, "fused"),
+    # grouped heads with few key/value heads (fewer than 16 tasks of a key/value head's row): a task
+    # per query head, dK/dV slices summed afterwards
+    ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
+    ((1, 1, 170), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 6, 1, 1, 16, "contiguous"),
+    ((1, 3, 90), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "head major"),
 ]
 
 
@@ -418,7 +423,8 @@ def test_backward_dout_channel_strides(case, dout_layout):
 
 
 # The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped
-# heads, bias table), the band route (1-D, grouped heads summed in turn, bias table) and the
+# heads, bias table), the band route (1-D, grouped heads summed in turn, bias table; and with few
+# key/value heads, a task per query head with its dK/dV slices summed afterwards), the
 # dilation sub-grids (dbias summed over them in order), and the whole-window cells (dbias per task,
 # summed in task order).
 @pytest.mark.parametrize("sp,ks,dil,causal,heads,heads_kv,bias_shape", [
@@ -426,7 +432,8 @@ def test_backward_dout_channel_strides(case, dout_layout):
     ((1, 1, 300), (1, 1, 65), (1, 1, 1), (0, 0, 0), 16, 8, (16, 1, 1, 129)),
     ((1, 1, 301), (1, 1, 33), (1, 1, 2), (0, 0, 0), 16, 8, (1, 1, 1, 65)),
     ((1, 28, 28), (1, 7, 7), (1, 4, 4), (0, 0, 0), 8, 4, (8, 1, 13, 13)),
-], ids=["general", "band", "dilation sub-grids", "whole-window cells"])
+    ((1, 1, 300), (1, 1, 65), (1, 1, 1), (0, 0, 0), 8, 2, (8, 1, 1, 129)),
+], ids=["general", "band", "dilation sub-grids", "whole-window cells", "band, a task per query head"])
 def test_backward_same_bits_any_thread_count(sp, ks, dil, causal, heads, heads_kv, bias_shape):
     st, border = (1, 1, 1), "clamp"
     q, k, v = make_inputs(sp, heads, heads_kv, 32, torch.float32, "fused")

@@ -222,7 +222,8 @@ def test_bench_help_shows_examples(capsys):
 
 
 @needs_kernels
-@pytest.mark.parametrize("name", ["natten2d_unfused_fwd_bwd_56x56_k7", "na2d_fwd_bwd_zero_56x56_k7"])
+@pytest.mark.parametrize("name", ["natten2d_unfused_fwd_bwd_56x56_k7", "na2d_fwd_bwd_zero_56x56_k7",
+                                  "na2d_dinat_fwd_bwd_56x56_k7_dil8"])
 def test_backward_cases_time_fresh_gradients(name):
     """A forward+backward case's timed calls (ours and every peer) return the output and fresh
     gradients, the same on every call (nothing accumulates into ``.grad`` between them, which

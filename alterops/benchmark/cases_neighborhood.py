@@ -14,6 +14,10 @@ Peers:
   beside ``auto``'s choice (Triton first on CUDA devices), with its output and gradients checked too.
 * ``unfold_autograd``: the paper's ``ConvAttention2d`` math (``F.unfold`` with zero padding,
   einsum, softmax, einsum) differentiated by autograd; compared with ``border="zero"``.
+* ``reference`` (the DiNAT cases): the ``reference`` backend, plain PyTorch (autograd for the
+  backward). The DiNAT cases are a dilated layer of DiNAT at 224x224 input (stage 1: 56x56, 2
+  heads, k=7, dilation 8, where each dilation sub-grid is one window); FlexAttention is left out of
+  them (its block mask here is the dilation-1 rule).
 
 Forward+backward cases time the forward and ``torch.autograd.grad`` of every input for a
 ``ones`` output gradient (on every side alike): fresh gradients, as the attention bench takes them
@@ -26,7 +30,8 @@ products), three times that for forward + backward (the backward has four produc
 two). CPU cases are float32 and measured against the float32 matmul ceiling, GPU cases bfloat16
 against the bfloat16 one.
 
-Quick mode: the 2-D CPU cases run B=1 at 28x28 (named ``..._28x28_k7``), the 2-D GPU cases B=2
+Quick mode: the 2-D CPU cases run B=1 at 28x28 (named ``..._28x28_k7``; the DiNAT ones with
+dilation 4), the 2-D GPU cases B=2
 (the one at the CPU cases' shape B=1 at 28x28); the 1-D and 3-D cases run B=1 at L=512, k=33 and at
 4x16x16, k=3x5x5 on every device. Names
 state the shapes built.
@@ -150,7 +155,7 @@ _NEIGHBORHOOD_ATTENTION = {1: ao.neighborhood_attention1d, 2: ao.neighborhood_at
 _NATTEN_FUNCTION = {1: "na1d", 2: "na2d", 3: "na3d"}
 
 
-def _add_natten_peer(q, k, v, kernel, peers, targets, left_out):
+def _add_natten_peer(q, k, v, kernel, peers, targets, left_out, dilation=1):
     """``natten.na<n>d`` (its clamp rule) as the ``natten`` peer with a 100x speedup target, or the
     reason it is left out."""
     try:
@@ -159,7 +164,7 @@ def _add_natten_peer(q, k, v, kernel, peers, targets, left_out):
         left_out["natten"] = f"natten cannot be imported ({exc}); pip install natten"
         return
     attend = getattr(natten, _NATTEN_FUNCTION[q.dim() - 3])
-    peers["natten"] = lambda: attend(q, k, v, kernel_size=kernel)
+    peers["natten"] = lambda: attend(q, k, v, kernel_size=kernel, dilation=dilation)
     targets["speedup:natten"] = 100.0
 
 
@@ -207,6 +212,40 @@ def _make_cpu_fwd_bwd(device, quick):
                     targets={"speedup:unfold_autograd": 20.0, "ceiling": 0.25}, check=check,
                     note=f"forward+backward, B={B} {H}x{W} heads={heads} d={d} k={kernel} float32, zero border",
                     label=f"na2d_fwd_bwd_zero_{H}x{W}_k{kernel}")
+
+
+def _make_cpu_dinat(device, quick, *, backward):
+    """A dilated layer of DiNAT at 224x224 input, stage 1: B=4, 56x56, 2 heads, d=32, k=7, dilation 8
+    (each 7x7 dilation sub-grid one window: alterops runs it as dense attention per sub-grid); quick:
+    B=1, 28x28, dilation 4. Peers: the ``reference`` backend (plain PyTorch; autograd for the
+    backward) and, for the forward, natten's ``na2d`` with the same dilation."""
+    B, HW, heads, d, kernel, dil = (1, 28, 2, 32, 7, 4) if quick else (4, 56, 2, 32, 7, 8)
+    q, k, v = _inputs(device, torch.float32, B, (HW, HW), heads, d)
+    if backward:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    gout = torch.ones_like(q)
+
+    def run(backend):
+        out = ao.neighborhood_attention2d(q, k, v, kernel, dil, backend=backend)
+        return _fwd_bwd(out, (q, k, v), gout) if backward else out
+
+    def check():  # the output (and the gradients of q, k, v) against the reference backend's
+        got, want = run("cpu"), run("reference")
+        for a, b in zip(got, want) if backward else [(got, want)]:
+            torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+
+    peers = {"reference": lambda: run("reference")}
+    targets, left_out = {}, {}
+    if not backward:
+        _add_natten_peer(q, k, v, kernel, peers, targets, left_out, dilation=dil)
+    N = B * HW * HW
+    what = "fwd_bwd" if backward else "forward"
+    return Workload(ours=lambda: run("cpu"), peers=peers, bytes=(8 if backward else 4) * q.numel() * q.element_size(),
+                    flops=(12.0 if backward else 4.0) * N * kernel * kernel * d * heads, ceiling="matmul_fp32",
+                    targets=targets, check=check,
+                    note=f"{'forward+backward' if backward else 'forward'}, DiNAT dilated layer, B={B} {HW}x{HW} "
+                         f"heads={heads} d={d} k={kernel} dilation={dil} float32, clamp",
+                    label=f"na2d_dinat_{what}_{HW}x{HW}_k{kernel}_dil{dil}", peers_left_out=left_out)
 
 
 def _make_gpu(device, quick, *, B, HW, heads, d, kernel, backward):
@@ -389,6 +428,10 @@ def _make_unfused_fwd_bwd(device, quick):
 register(Case("neighborhood", "na2d_forward_56x56_k7", _make_cpu_forward, devices=("cpu",), max_repeats=10))
 register(Case("neighborhood", "natten2d_unfused_fwd_bwd_56x56_k7", _make_unfused_fwd_bwd, max_repeats=5))
 register(Case("neighborhood", "na2d_fwd_bwd_zero_56x56_k7", _make_cpu_fwd_bwd, devices=("cpu",), max_repeats=5))
+register(Case("neighborhood", "na2d_dinat_forward_56x56_k7_dil8",
+              lambda device, quick: _make_cpu_dinat(device, quick, backward=False), devices=("cpu",), max_repeats=10))
+register(Case("neighborhood", "na2d_dinat_fwd_bwd_56x56_k7_dil8",
+              lambda device, quick: _make_cpu_dinat(device, quick, backward=True), devices=("cpu",), max_repeats=10))
 for _n in (1, 2, 3):
     _name = _nd_names(_ND_SHAPES[_n][False][1], _ND_SHAPES[_n][False][4])[0]
     if _n != 2:  # the 2-D CPU forward is na2d_forward_56x56_k7

@@ -156,9 +156,10 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   // stores, the next add). With grouped heads and fewer such tasks than kBackwardTasks (1-D maps
   // with few key/value heads: B = 4, 2 of them, 8 tasks), one task per query head instead, each
   // storing its dK/dV into its own slice of DKs/DVs ([G][B][R][W][NKV][D]), summed over the slices
-  // in order afterwards (the additions one task summing them would make, in the same order). (Those shapes had
-  // taken the general backward: 1-D, B = 4, L = 4096, 8 heads on 2 key/value heads, d = 64, k = 65,
-  // forward+backward 150 ms against 86 ms for 8 key/value heads.) The split depends on the shapes only.
+  // in order afterwards (the additions one task summing them would make, in the same order).
+  // (Those shapes had taken the general backward: 1-D, B = 4, L = 4096, 8 heads on 2 key/value
+  // heads, d = 64, k = 65, forward+backward 150 ms against 86 ms for 8 key/value heads.) The split
+  // depends on the shapes only.
   const bool split = pl.G > 1 && pl.B * pl.NKV * pl.R < kBackwardTasks;
   const int64_t ntasks = pl.B * (split ? pl.NH : pl.NKV) * pl.R, tc = 2 * kw - 1, tsize = pl.nht * tc;
   const int64_t kv_elems = pl.B * pl.R * W * pl.NKV * D;  // of dk (and dv)

@@ -26,6 +26,7 @@
 #pragma once
 
 #include "neighborhood_attention.h"
+#include "neighborhood_cpu_forward.h"  // softmax_block
 #include "neighborhood_cpu_simd.h"
 #include "neighborhood_cpu_tiles.h"
 
@@ -105,10 +106,17 @@ struct Cells {
     i[1] = n / k[2] % k[1];
     i[0] = n / (k[2] * k[1]);
   }
+  // position of cell c's base on each axis
+  void base(int64_t c, int64_t p[3]) const {
+    p[2] = c % cnt[2];
+    p[1] = c / cnt[2] % cnt[1];
+    p[0] = c / (cnt[2] * cnt[1]);
+  }
   // flattened position of cell c's base
   int64_t cell_flat(int64_t c) const {
-    const int64_t c2 = c % cnt[2], c1 = c / cnt[2] % cnt[1], c0 = c / (cnt[2] * cnt[1]);
-    return (c0 * L[1] + c1) * L[2] + c2;
+    int64_t p[3];
+    base(c, p);
+    return (p[0] * L[1] + p[1]) * L[2] + p[2];
   }
 };
 
@@ -127,8 +135,9 @@ struct CellRows {
     }
   }
   const float* base(int64_t b, int64_t h, int64_t cell) const {
-    const int64_t c2 = cell % c->cnt[2], c1 = cell / c->cnt[2] % c->cnt[1], c0 = cell / (c->cnt[2] * c->cnt[1]);
-    return data + b * st[0] + c0 * st[1] + c1 * st[2] + c2 * st[3] + h * st[4];
+    int64_t p[3];
+    c->base(cell, p);
+    return data + b * st[0] + p[0] * st[1] + p[1] * st[2] + p[2] * st[3] + h * st[4];
   }
   void rows(int64_t b, int64_t h, int64_t cell, const float** r) const {
     const float* p = base(b, h, cell);
@@ -217,17 +226,16 @@ NA_TILE void cell_mix(const float* W, int64_t wt, int64_t wm, int64_t nm, const 
   }
 }
 
-// Calls f(dcv) with the channel block DC (a divisor of DV of at most kCellDC).
+// Calls f(dcv) with the channel block DC (the largest divisor of DV of at most kCellDC).
 template <class F>
 static inline void with_cell_dc(int64_t DV, F&& f) {
-  if (kCellDC >= 4 && DV % 4 == 0)
-    f(std::integral_constant<int, (kCellDC >= 4 ? 4 : 1)>{});
-  else if (kCellDC >= 3 && DV % 3 == 0)
-    f(std::integral_constant<int, (kCellDC >= 3 ? 3 : 1)>{});
-  else if (kCellDC >= 2 && DV % 2 == 0)
-    f(std::integral_constant<int, (kCellDC >= 2 ? 2 : 1)>{});
-  else
-    f(std::integral_constant<int, 1>{});
+  if constexpr (kCellDC >= 4)
+    if (DV % 4 == 0) return f(std::integral_constant<int, 4>{});
+  if constexpr (kCellDC >= 3)
+    if (DV % 3 == 0) return f(std::integral_constant<int, 3>{});
+  if constexpr (kCellDC >= 2)
+    if (DV % 2 == 0) return f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 1>{});
 }
 
 // For t < nt rows: acc[t][d] for the channel blocks at c0 = dc V, where acc sums nm weighted rows
@@ -259,19 +267,19 @@ static void cell_mix_rows(const float* W, int64_t wt, int64_t wm, int64_t nt, in
 
 // Thread-local buffers of one cell.
 struct CellBufs {
-  Buf<float> xt, dot, s, p, lv, dlv, inv, dkv;
+  Buf<float> xt, dot, s, p, inv, lv, dlv, dkv;  // (inv: forward; dot, lv, dlv, dkv: backward)
   std::vector<const float*> qr, kr, vr, dr;
   CellBufs(const Cells& c, bool backward) {
     xt.assign(c.D * c.Np, 0.0f);
     s.assign(c.N * c.Np, 0.0f);
     p.assign(c.N * c.Np, 0.0f);
-    lv.assign(c.Np, 0.0f);
     inv.assign(c.Np, 0.0f);
     qr.resize(c.N + VecOf<float>::N);
     kr.resize(c.N);
     vr.resize(c.N);
     if (backward) {
       dot.assign(c.D * c.Np, 0.0f);
+      lv.assign(c.Np, 0.0f);
       dlv.assign(c.Np, 0.0f);
       dkv.assign(2 * c.N * c.D, 0.0f);
       dr.resize(c.N + VecOf<float>::N);
@@ -311,18 +319,26 @@ static void forward_cells(const ForwardArgs& a, const Parallel& par) {
   float* out = static_cast<float*>(a.out);
   float* lse = static_cast<float*>(a.lse);
   const CellRows qrows(a.q, c), krows(a.k, c), vrows(a.v, c);
+  // task (batch, cell, head): the heads of a cell innermost (their tokens share cache lines)
   const int64_t ntask = c.B * c.NH * c.ncell;
+  auto decode = [&](int64_t t, int64_t& b, int64_t& cell, int64_t& h) {
+    h = t % c.NH;
+    cell = t / c.NH % c.ncell;
+    b = t / (c.ncell * c.NH);
+  };
   par.for_tasks(ntask, [&](auto next) {
     CellBufs w(c, false);
     int64_t task;
     while (next(task)) {
-      const int64_t h = task % c.NH, cell = task / c.NH % c.ncell, b = task / (c.ncell * c.NH);
+      int64_t b, cell, h;
+      decode(task, b, cell, h);
       const int64_t hk = h / c.G, p0 = c.cell_flat(cell);
       qrows.rows(b, h, cell, w.qr.data());
       krows.rows(b, hk, cell, w.kr.data());
       vrows.rows(b, hk, cell, w.vr.data());
       if (task + 1 < ntask) {  // the next task's tokens (most often the next one this thread takes)
-        const int64_t h1 = (task + 1) % c.NH, cell1 = (task + 1) / c.NH % c.ncell, b1 = (task + 1) / (c.ncell * c.NH);
+        int64_t b1, cell1, h1;
+        decode(task + 1, b1, cell1, h1);
         qrows.prefetch(b1, h1, cell1);
         if (h1 / c.G != hk || cell1 != cell) {
           krows.prefetch(b1, h1 / c.G, cell1);
@@ -336,14 +352,8 @@ static void forward_cells(const ForwardArgs& a, const Parallel& par) {
       // softmax over the keys j, lane-wise per query
       float* L = lse + (b * c.NH + h) * c.S + p0;
       for (int64_t v0 = 0; v0 < c.Np; v0 += V) {
-        Vec<float> m = loadu(S + v0);
-        for (int64_t j = 1; j < c.N; ++j) m = vmax<float>(m, loadu(S + j * c.Np + v0));
-        Vec<float> l = splat<float>(0.0f);
-        for (int64_t j = 0; j < c.N; ++j) {
-          const Vec<float> e = vexp(loadu(S + j * c.Np + v0) - m);
-          storeu(S + j * c.Np + v0, e);
-          l += e;
-        }
+        Vec<float> m, l;
+        softmax_block(S + v0, c.Np, c.N, m, l);
         storeu(w.inv.data() + v0, 1.0f / l);
         const Vec<float> ls = m + vlog(l);
         for (int lane = 0; lane < V && v0 + lane < c.N; ++lane) L[c.mflat[v0 + lane]] = ls[lane];
@@ -381,13 +391,20 @@ static void backward_cells(const BackwardArgs& a, const Parallel& par) {
   const int64_t cpt = std::max<int64_t>(1, (BK * c.ncell + 2047) / 2048);
   const int64_t runs = (c.ncell + cpt - 1) / cpt, ntask = BK * runs;
   const int64_t gb = a.bias_heads == 1 ? 1 : c.G;  // dbias tables per task
+  // task (batch, run, key/value head)
+  auto decode = [&](int64_t t, int64_t& b, int64_t& run, int64_t& hk) {
+    hk = t % c.NKV;
+    run = t / c.NKV % runs;
+    b = t / (runs * c.NKV);
+  };
   Buf<float> dbp(dbias ? ntask * gb * c.nbt : 0, 0.0f);
   const CellRows qrows(a.q, c), krows(a.k, c), vrows(a.v, c), drows(a.dout, c);
   par.for_tasks(ntask, [&](auto next) {
     CellBufs w(c, true);
     int64_t task;
     while (next(task)) {
-      const int64_t hk = task % c.NKV, run = task / c.NKV % runs, b = task / (runs * c.NKV);
+      int64_t b, run, hk;
+      decode(task, b, run, hk);
       float* dbt = dbias ? dbp.data() + task * gb * c.nbt : nullptr;
       for (int64_t cell = run * cpt; cell < std::min(c.ncell, (run + 1) * cpt); ++cell) {
         const int64_t p0 = c.cell_flat(cell);
@@ -405,10 +422,9 @@ static void backward_cells(const BackwardArgs& a, const Parallel& par) {
           } else {  // the next cell's: this task's next, or the next task's first
             int64_t b1 = b, hk1 = hk, cell1 = cell + 1;
             if (cell1 == std::min(c.ncell, (run + 1) * cpt)) {
-              const int64_t t1 = task + 1;
-              hk1 = t1 % c.NKV;
-              cell1 = t1 / c.NKV % runs * cpt;
-              b1 = t1 / (runs * c.NKV);
+              int64_t run1;
+              decode(task + 1, b1, run1, hk1);
+              cell1 = run1 * cpt;
             }
             if (b1 < c.B) {
               krows.prefetch(b1, hk1, cell1);

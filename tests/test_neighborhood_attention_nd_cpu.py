@@ -293,6 +293,19 @@ BAND_BWD = [
     ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
     ((1, 1, 170), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 6, 1, 1, 16, "contiguous"),
     ((1, 3, 90), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "head major"),
+    # "mask" / "zero": border queries read a run of kw keys from the row's end, the keys of the run
+    # outside their window masked, "zero" non-keys in the softmax and the bias gradient only; rows
+    # just wider than the window (no middle), odd and even kernels, with and without bias tables,
+    # grouped heads (a task per query head too), and a row narrower than the band (general route)
+    ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 2, 0, 16, "fused"),
+    ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 0, 16, "contiguous"),
+    ((1, 1, 66), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 2, 16, "head major"),
+    ((1, 1, 67), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 2, 1, 16, "fused"),
+    ((1, 1, 613), (1, 1, 40), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 1, 16, "fused"),
+    ((3, 2, 90), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 2, 2, 16, "contiguous"),
+    ((1, 1, 170), (1, 1, 18), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 16, 8, 16, 16, "fused"),
+    ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 2, 4, 16, "fused"),
+    ((1, 1, 25), (1, 1, 31), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 2, 16, "fused"),
 ]
 
 

@@ -97,17 +97,25 @@ void forward_dense(const ForwardArgs& a, const Parallel& par) {
 
 template <typename scalar_t, typename T>
 static void backward_typed(const BackwardArgs& a, const Parallel& par) {
-  // "zero"/"mask": every column interior, on key rows with zero margins (no border blocks)
-  Plan<T> pl(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads, true);
+  const T* table = static_cast<const T*>(a.bias);
+  auto general = [&](const Plan<T>& pl) {
+    backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
+                               static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
+                               static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
+                               static_cast<T>(a.scale), par);
+  };
   if constexpr (std::is_same<scalar_t, float>::value)
-    if (backward_band(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
-                      static_cast<T*>(a.dq), static_cast<T*>(a.dk), static_cast<T*>(a.dv), static_cast<T*>(a.dbias),
-                      pl, static_cast<T>(a.scale), par))
-      return;
-  backward_impl<scalar_t, T>(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
-                             static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk),
-                             static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
-                             static_cast<T>(a.scale), par);
+    if (band_backward_window(a.win)) {
+      // the band's plan: "zero"/"mask" border columns as border slots (as the forward's)
+      Plan<T> pl(a.q, a.k, a.win, table, a.bias_heads);
+      if (backward_band(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
+                        static_cast<T*>(a.dq), static_cast<T*>(a.dk), static_cast<T*>(a.dv), static_cast<T*>(a.dbias),
+                        pl, static_cast<T>(a.scale), par))
+        return;
+      if (a.win.border == kClamp) return general(pl);
+    }
+  // "zero"/"mask": every column interior, on key rows with zero margins (no border blocks)
+  general(Plan<T>(a.q, a.k, a.win, table, a.bias_heads, true));
 }
 
 void backward_dense(const BackwardArgs& a, const Parallel& par) {

@@ -26,10 +26,16 @@
 // Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides of q, k
 // and v (a dout without them, such as the expanded gradient of out.sum(), is copied per row), rows
 // whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
-// ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), every border window kw
-// consecutive keys (the "clamp" rule), or fewer followed by slots masked with -inf (causal
-// windows near the start: their logits are formed over kw columns and the mask zeroes P and dS);
-// with or without a bias table and its gradient. Tasks are (batch, key/value head, row); a task
+// ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), rows at least kw long, every
+// border window kw consecutive keys (the "clamp" rule), or fewer followed by slots masked with
+// -inf (causal windows near the start: their logits are formed over kw columns and the mask
+// zeroes P and dS), or, with "mask" / "zero", the keys of a centred window cut by an end of the
+// row: such a query reads the run of kw keys from its first key or ending at the row's end, with
+// -inf on the run's keys outside its window ("zero" non-keys, zero vectors, have logit = bias and
+// dP = 0: they count in the saved logsumexp and, as dS = -P rowsum, in the bias gradient only).
+// (Those had taken the general backward, on key rows with zero margins: 1-D forward+backward, B = 4,
+// L = 4096, 8 heads, d = 64, k = 65, "zero" 141 ms and "mask" 159 against 82 for "clamp".)
+// With or without a bias table and its gradient. Tasks are (batch, key/value head, row); a task
 // sums its key/value head's query heads in order (the first stores, the next add), so the result
 // does not depend on the thread count.
 #pragma once
@@ -74,6 +80,7 @@ static int band_backward_nv(int64_t kw) {
 struct BandBackward {
   int nv = 0;           // key vectors per band tile
   int64_t zl = 0, zr = 0;  // zones: keys [0, zl) and [zr, W) summed per query
+  std::vector<int64_t> ws;  // [Ws - n_int] the run of kw keys from ws[sl - n_int] holding border slot sl's window
 };
 
 static BandBackward band_backward_plan(const View6& dout, const View6& q, const View6& k, const View6& v,
@@ -83,20 +90,38 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   if (!float_fast_width(pl.D)) return bb;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return bb;  // (dout: copied when not)
   const int nv = band_backward_nv(pl.kw);
-  if (pl.nkr != 1 || pl.dw != 1 || nv == 0 || nv * N > pl.Wk) return bb;
-  // (a zero_rows plan's windows read key columns outside the row, which the band's own key rows,
-  // packed without margins, do not have; without it, "zero"/"mask" rows have border slots whose
-  // windows are not runs of keys, which the band does not take either)
+  if (pl.nkr != 1 || pl.dw != 1 || nv == 0 || nv * N > pl.Wk || pl.W < pl.kw) return bb;
+  // (a zero_rows plan's windows read key columns outside the row, which the band, reading the
+  // tokens in place, does not have: its "zero"/"mask" plan has border slots, as the forward's)
   if (pl.zero_rows) return bb;
   for (int64_t y = 0; y < pl.R; ++y)
     if (!pl.rowvalid[y] || pl.rowpos[y] != y) return bb;
   // keys whose seeing slots are all interior: [xlo + off[kw-1], xlo + n_int + off[0])
   int64_t zl = pl.xlo + pl.off[pl.kw - 1], zr = pl.xlo + pl.n_int + pl.off[0];
+  bb.ws.assign(pl.Ws - pl.n_int, 0);
   for (int64_t sl = pl.n_int; sl < pl.Ws; ++sl) {
     const int64_t x = pl.slotx[sl];
     if (x >= pl.W) continue;  // dummy slot
-    if (!pl.window_is_run(sl, true)) return bb;
-    const int64_t st = pl.kidx[sl];
+    int64_t st;
+    if (pl.border == kClamp) {
+      if (!pl.window_is_run(sl, true)) return bb;
+      st = pl.kidx[sl];
+    } else {
+      // "zero"/"mask" (centred, stride 1): the window's keys are a run cut by an end of the row;
+      // the run of kw keys from the first of them, or ending at the row's end, holds them (the
+      // other keys of that run leave the slot's softmax through a -inf bias, its "zero" non-keys
+      // only count in the gradient of the bias table: see border_row)
+      int64_t first = -1, n = 0;
+      for (int64_t j = 0; j < pl.kw; ++j) {
+        const int64_t key = pl.kidx[j * pl.Ws + sl];
+        if (key == pl.W) continue;
+        if (first < 0) first = key;
+        if (key != first + n++) return bb;
+      }
+      if (first < 0) return bb;
+      st = std::min(first, pl.W - pl.kw);
+    }
+    bb.ws[sl - pl.n_int] = st;
     if (x < pl.xlo)
       zl = std::max(zl, st + pl.kw);
     else
@@ -152,6 +177,9 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   // task (interior queries per neighbour first) into dB[task][table head][column], then over the
   // tasks in order.
   const bool has_bias = pl.any_bias;
+  // "zero"/"mask" border queries read their windows from a run of kw keys (bb.ws) with a bias row
+  // of their own (border_row) even without a table
+  const bool remap = pl.border != kClamp, border_bias = has_bias || remap;
   // Tasks: (batch, key/value head, row), each summing its query heads' dK/dV in turn (the first
   // stores, the next add). With grouped heads and fewer such tasks than kBackwardTasks (1-D maps
   // with few key/value heads: B = 4, 2 of them, 8 tasks), one task per query head instead, each
@@ -173,6 +201,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
     Buf<float> zK(std::max<int64_t>(1, nzone * D)), zV(std::max<int64_t>(1, nzone * D));
     // the interior queries' bias row and sum of dS, a border query's bias row (window column j at j)
     Buf<float> bint(cw, 0.0f), dsum(cw, 0.0f), bbord(cw, 0.0f);
+    std::vector<int32_t> bcol(kw);  // a border query's table column per window column (-1: none)
     const float* rows[16];
     for (int64_t t; next(t);) {
       const int64_t y = t % pl.R;
@@ -216,6 +245,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         const float* const brow = pl.bias_row(ht, y, 0);  // [kw][Ws]
         float* const dBt = dbias ? dB.data() + t * tsize + ht * tc : nullptr;
         if (has_bias && pl.n_int > 0) pl.window_bias(brow, 0, bint.data());
+        const float* const Bint = has_bias ? bint.data() : nullptr;
         if (dBt) std::fill(dsum.begin(), dsum.end(), 0.0f);
         std::fill(zK.begin(), zK.end(), 0.0f);
         std::fill(zV.begin(), zV.end(), 0.0f);
@@ -227,18 +257,19 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           NA_UNROLL
           for (int d = 0; d < n; ++d) storeu(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m);
         };
-        // P and dS of the query at column x from its logits S (plus the bias row Bj, when there is
-        // a table) and dP (window column j at j): P = exp(S - lse), dS = P (dP - rowsum(P dP) + dlse);
-        // lanes past kw are zero. An interior query's dS is added to dsum for the table's gradient.
+        // P and dS of the query at column x from its logits S (plus the bias row Bj, unless null)
+        // and dP (window column j at j): P = exp(S - lse), dS = P (dP - coef), coef =
+        // rowsum(P dP) - dlse (returned); lanes past kw are zero. An interior query's dS is added
+        // to dsum for the table's gradient.
         auto form_rows = [&](int64_t x, const float* S, const float* dP, float* P_out, float* dS_out,
-                             const float* Bj, bool interior) {
+                             const float* Bj, bool interior) -> float {
           const Vec<float> lv = splat<float>(Lr[x]);
           Vec<float> p[kBwdBandMaxNV], dp[kBwdBandMaxNV];
           Vec<float> acc = splat<float>(0.0f);
           const int64_t nc = cw / N;
           for (int64_t e = 0; e < nc; ++e) {
             Vec<float> sv = loadu(S + e * N);
-            if (has_bias) sv += loadu(Bj + e * N);
+            if (Bj) sv += loadu(Bj + e * N);
             p[e] = vexp(sv - lv);
             dp[e] = loadu(dP + e * N);
             if (e * N + N > kw) {
@@ -254,6 +285,25 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
             storeu(P_out + e * N, p[e]);
             storeu(dS_out + e * N, ds);
             if (dBt && interior) storeu(dsum.data() + e * N, loadu(dsum.data() + e * N) + ds);
+          }
+          return coef;
+        };
+        // Border slot sl's bias row over the run of kw keys from ws (key ws + c at column c; -inf
+        // where that key is not in the window) into bbord, its table columns (-1: none) into bcol.
+        // "clamp": the window is that run (a causal one's tail already -inf).
+        auto border_row = [&](int64_t sl, int64_t ws) {
+          if (!remap) {
+            pl.window_bias(brow, sl, bbord.data());
+            for (int64_t j = 0; j < kw; ++j) bcol[j] = pl.bx[j * pl.Ws + sl];
+            return;
+          }
+          std::fill(bbord.begin(), bbord.begin() + kw, -std::numeric_limits<float>::infinity());
+          std::fill(bcol.begin(), bcol.end(), -1);
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t key = pl.kidx[j * pl.Ws + sl];
+            if (key == W) continue;
+            bbord[key - ws] = brow[j * pl.Ws + sl];
+            bcol[key - ws] = pl.bx[j * pl.Ws + sl];
           }
         };
         // the zones' dK/dV of the T queries at columns x.. whose window starts at ws (query t's P and
@@ -374,14 +424,14 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
                    std::integral_constant<int, 1>{});
             for (int i = 0; i < MQ; ++i) {
               form_rows(pl.xlo + sl + i, CSb.data() + 32 + i * CS, CDb.data() + 32 + i * CS,
-                        ring_row(ringP.data(), sl + i), ring_row(ringS.data(), sl + i), bint.data(), true);
+                        ring_row(ringP.data(), sl + i), ring_row(ringS.data(), sl + i), Bint, true);
               mirror(sl + i);
             }
           }
           for (; sl < sb; ++sl) {
             shared_logits(std::integral_constant<int, 1>{}, pl.xlo + sl, pl.xlo + sl + off0);
             form_rows(pl.xlo + sl, CSb.data() + 32, CDb.data() + 32, ring_row(ringP.data(), sl),
-                      ring_row(ringS.data(), sl), bint.data(), true);
+                      ring_row(ringS.data(), sl), Bint, true);
             mirror(sl);
           }
           for (sl = sa; sl < sb; ++sl)
@@ -411,21 +461,29 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
             ++sl;
             continue;
           }
-          const int64_t ws = pl.kidx[sl];
+          const int64_t ws = bb.ws[sl - pl.n_int];
           int64_t ng = 1;
-          while (ng < MQ && sl + ng < pl.Ws && x + ng < W && pl.slotx[sl + ng] == x + ng && pl.kidx[sl + ng] == ws)
+          while (ng < MQ && sl + ng < pl.Ws && x + ng < W && pl.slotx[sl + ng] == x + ng &&
+                 bb.ws[sl + ng - pl.n_int] == ws)
             ++ng;
           dispatch_nc(ng, [&](auto tv) {
             constexpr int T = decltype(tv)::value;
             if constexpr (T <= MQ) {
               shared_logits(tv, x, ws);
               for (int t = 0; t < T; ++t) {
-                if (has_bias) pl.window_bias(brow, sl + t, bbord.data());
+                if (border_bias || dBt) border_row(sl + t, ws);
                 float* const St = bS.data() + t * cw;
-                form_rows(x + t, CSb.data() + 32 + t * CS, CDb.data() + 32 + t * CS, bP.data() + t * cw, St,
-                          bbord.data(), false);
-                if (dBt)
-                  for (int64_t j = 0; j < kw; ++j) dBt[pl.bx[j * pl.Ws + sl + t]] += St[j];
+                const float coef = form_rows(x + t, CSb.data() + 32 + t * CS, CDb.data() + 32 + t * CS,
+                                             bP.data() + t * cw, St, border_bias ? bbord.data() : nullptr, false);
+                if (dBt) {
+                  for (int64_t j = 0; j < kw; ++j)
+                    if (bcol[j] >= 0) dBt[bcol[j]] += St[j];
+                  // a "zero" non-key: logit = its bias, dP = 0 (a zero value), so dS = -P coef
+                  if (pl.border == kZero)
+                    for (int64_t j = 0; j < kw; ++j)
+                      if (pl.kidx[j * pl.Ws + sl + t] == W)
+                        dBt[pl.bx[j * pl.Ws + sl + t]] -= std::exp(brow[j * pl.Ws + sl + t] - Lr[x + t]) * coef;
+                }
               }
               const Vec<float> sv = splat<float>(scale);
               for (int c0 = 0; c0 < DV; c0 += DG) {
@@ -482,6 +540,18 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
     }
 }
 #endif
+
+// Whether the band backward may take a window (the checks that need no plan; the others are in
+// band_backward_plan): one key row per query row, dilation 1 (dilated ones as sub-grids), a width
+// it takes.
+static bool band_backward_window(const Window& w) {
+#if NA_X86V3
+  return w.kernel[0] == 1 && w.kernel[1] == 1 && w.dilation[2] == 1 && band_backward_nv(w.kernel[2]) > 0;
+#else
+  (void)w;
+  return false;
+#endif
+}
 
 // The float32 band backward where it applies (see above); false: not taken.
 static bool backward_band(const View6& dout, const View6& q, const View6& k, const View6& v, const float* L,

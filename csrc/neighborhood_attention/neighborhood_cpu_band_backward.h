@@ -25,8 +25,9 @@
 // query and every key a zone key).
 // Taken for float32, AVX-512 or AVX2, head widths of float_fast_width, unit channel strides of q, k
 // and v (a dout without them, such as the expanded gradient of out.sum(), is copied per row), rows
-// whose only key row is their own, dilation 1, kw > 16 (up to 93: a band of at most 6 zmm or 12
-// ymm vectors; the AVX2 P.V tiles take 2 channel vectors at a time), rows at least kw long, every
+// whose only key row is their own, dilation 1, kw > 16 (up to 238 with AVX-512, 248 with AVX2: a
+// band of at most 256 columns; the AVX2 P.V tiles take 2 channel vectors at a time), rows at least
+// kw long, every
 // border window kw consecutive keys (the "clamp" rule), or fewer followed by slots masked with
 // -inf (causal windows near the start: their logits are formed over kw columns and the mask
 // zeroes P and dS), or, with "mask" / "zero", the keys of a centred window cut by an end of the
@@ -47,15 +48,20 @@ namespace neighborhood {
 namespace {
 
 #if NA_X86V3
-// Queries per band tile and the widest band (vectors) of the band backward: 4 queries x 6 zmm on
-// AVX-512 (kBandQ, kBandMaxNV, as the forward); on AVX2 2 queries x 12 ymm, in two passes of at
-// most 6 vectors (12 accumulators of the 16 ymm registers). One query a tile, the whole band in
+// Queries per band tile and the widest band (vectors) of the band backward: 4 queries (kBandQ, as
+// the forward) on AVX-512, in passes of at most 6 zmm (kBandMaxNV); on AVX2 2 queries, in passes
+// of at most 6 ymm (12 accumulators of the 16 ymm registers). One query a tile, the whole band in
 // one pass, loads a key vector per FMA: the 1-D forward+backward (B = 4, L = 4096, 8 heads,
 // d = 64, k = 65) took 0.78 of its time with the general backward, against 0.70 with two (same-
 // process A/Bs against the general backward's build on Zen 4). (Packing the key and value rows
 // a few blocks ahead of the band, rather than whole before it, was no faster.)
+// Bands of up to 256 columns (16 zmm, 32 ymm) are formed in passes of at most kBandMaxNV vectors
+// (band_logits_passes): windows of up to 238 (AVX-512) or 248 (AVX2) keys. (Windows wider than 93
+// keys had taken the general backward: 1-D forward+backward, B = 4, L = 4096, 8 heads, d = 64,
+// k = 127, 272 -> 152 ms, k = 201 404 -> 200 ms; AVX2 314 -> 189 and 443 -> 283 ms; same-process
+// A/B on Zen 4.)
 constexpr int kBwdBandQ = NA_AVX2 ? 2 : kBandQ;
-constexpr int kBwdBandMaxNV = NA_AVX2 ? 2 * kBandMaxNV : kBandMaxNV;
+constexpr int kBwdBandMaxNV = 256 / VecOf<float>::N;
 
 // x with the lanes from n on (0 < n <= V) set to +0 (by their bits: NaN and inf lanes too)
 static inline Vec<float> first_lanes(Vec<float> x, int64_t n) {
@@ -151,7 +157,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   constexpr int DG = NA_AVX2 ? (DV % 4 == 0 ? 4 : 2) : DC;
   constexpr int DZ = DV % 2 == 0 ? 2 : 1;
   constexpr int64_t SEG = 8 * TQ;  // slots whose rows are formed before their tiles run
-  constexpr int64_t CS = 32 + 16 * kBandMaxNV + 16;  // band scratch row stride (as the forward's)
+  constexpr int64_t CS = 32 + N * kBwdBandMaxNV + 16;  // band scratch row stride
   const int64_t D = pl.D, W = pl.W, kw = pl.kw, Wk = pl.Wk, nv = bb.nv, zl = bb.zl, zr = bb.zr;
   const int64_t cw = (kw + N - 1) / N * N;  // ring row width
   // Ring of P and dS rows by interior slot: a key tile reads TQ + kw - 1 consecutive rows, so the

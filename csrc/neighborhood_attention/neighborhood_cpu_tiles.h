@@ -605,15 +605,15 @@ static inline void band_logits(const float* q, int64_t qxs, int64_t D, const flo
       for (int64_t c = 0; c < D; c += 16) __builtin_prefetch(q + i * qxs + c, 0, 3);
 }
 
-// band_logits over a band of nv key vectors, nv up to 2 * kBandMaxNV (AVX2's bands of up to 12
-// ymm vectors): in two passes of at most kBandMaxNV vectors where it is wider (the prefetch with
-// the first).
+// band_logits over a band of nv key vectors (AVX2's bands of more than 6 ymm vectors, the band
+// backward's of windows wider than 6 zmm): in passes of at most kBandMaxNV vectors, as even as
+// they can be, where it is wider (the prefetch with the first).
 template <int MQ, int STEP>
 static inline void band_logits_passes(int64_t nv, const float* q, int64_t qxs, int64_t D, const float* kt,
                                       int64_t cstride, float scale, int64_t wo, float* C, int64_t cs,
                                       bool prefetch_next) {
   constexpr int N = VecOf<float>::N;
-  const int64_t p1 = nv <= kBandMaxNV ? nv : (nv + 1) / 2;
+  const int64_t passes = (nv + kBandMaxNV - 1) / kBandMaxNV, p1 = (nv + passes - 1) / passes;
   for (int64_t n0 = 0; n0 < nv; n0 += p1)
     dispatch_nc(std::min(p1, nv - n0), [&](auto nvv) {
       constexpr int NV = decltype(nvv)::value;

@@ -554,7 +554,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               });
               if ((sl - sg) % N == 0) pf_step(pf_quota);
             }
-            if (any_bias && iend > sg) {
+            if (pl.int_bias && iend > sg) {  // ("mask" without a table: its -inf only at the borders)
               pl.window_bias(brow, 0, bint.data());
               for (int64_t sl = sg; sl < iend; ++sl) add_bias_row(crow(sl), bint.data());
             }
@@ -713,7 +713,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             }
             pf_step(pf_quota);
           }
-          if (any_bias)
+          // (the all-interior blocks only when a table puts values there: "mask"'s -inf columns
+          // lie in the border slots)
+          const int64_t bias_lo = pl.int_bias ? gend : std::max(gend, pl.n_full * N);
+          if (any_bias && bias_lo < se)
             for (int64_t r = 0; r < ng; ++r)
               for (int64_t i = 0; i < pl.nkr; ++i) {
                 const int64_t y = yg + r;
@@ -721,7 +724,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 const float* brow = pl.bias_row(ht, y, i);
                 float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
                 for (int64_t j = 0; j < pl.kw; ++j)
-                  for (int64_t e = gend; e < se; e += N)  // (the band's slots [sg, gend) add theirs)
+                  for (int64_t e = bias_lo; e < se; e += N)  // (the band's slots [sg, gend) add theirs)
                     storeu(Si + j * SS + e, loadu(Si + j * SS + e) + loadu(brow + j * pl.Ws + e));
               }
           for (int64_t r = 0; r < ng; ++r) {

@@ -73,6 +73,7 @@ struct Plan {
   int64_t nht;                   // bias tables (heads or 1)
   Buf<T> biascol;                // [nht][nbr][kw][Ws]: table value (+ -inf column mask)
   bool any_bias;                 // whether biascol has an entry other than 0
+  bool int_bias;                 // whether an interior slot's has (a table's value, or a zero_rows -inf)
   std::vector<int64_t> row_t, row_y;  // [R] the (t, y) of each row
 
   // zero_rows_if ("zero" and "mask" borders): every column is an interior slot, reading its window's
@@ -221,7 +222,7 @@ struct Plan {
     const int64_t tc = 2 * kw - 1;
     biascol.resize(nht * nbr * kw * Ws);
     const T ninf = -std::numeric_limits<T>::infinity();
-    any_bias = false;
+    any_bias = int_bias = false;
     for (int64_t h = 0; h < nht; ++h)
       for (int64_t a = 0; a < nbr; ++a)
         for (int64_t j = 0; j < kw; ++j) {
@@ -230,13 +231,14 @@ struct Plan {
           // interior slots: keys, all at bias column bx[j][0]
           const T vint = tab && n_int > 0 ? tab[bx[j * Ws]] : T(0);
           std::fill(dst, dst + n_int, vint);
-          any_bias |= n_int > 0 && vint != T(0);
+          int_bias |= n_int > 0 && vint != T(0);
           if (zero_rows && border == kMask)  // ("mask": the columns outside the map leave the softmax)
             for (int64_t sl = 0; sl < n_int; ++sl)
               if (!colvalid[j * Ws + sl]) {
                 dst[sl] = ninf;
-                any_bias = true;
+                int_bias = true;
               }
+          any_bias |= int_bias;
           for (int64_t sl = n_int; sl < Ws; ++sl) {
             T val = T(0);
             if (slotx[sl] < W) {

@@ -397,6 +397,22 @@ def test_wide_heads_bfloat16(case):
     check_case(case, torch.bfloat16, D=128)
 
 
+# Heads of other widths between 16 and 128 (24, 40, 72, 80, 112) run padded with zero channels to a
+# fast width (the forward always, the backward where the band or the whole-window cells take it):
+# the 1-D band (a bias table; "mask" on several rows; "zero" with a task per query head), 2-D
+# interior tiles and clamped windows, 3-D, whole-window cells, a channel-strided layout, bfloat16;
+# and a width padded by more than a third (20), which stays on the general routes.
+PADDED = [BAND_BWD[i] for i in (11, 30, 32)] + [CASES[i] for i in (7, 9, 15)] + [WHOLE[1]]
+
+
+@pytest.mark.parametrize("case", PADDED, ids=case_id)
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 24), (torch.float32, 40), (torch.float32, 72),
+                                     (torch.float32, 80), (torch.float32, 112), (torch.bfloat16, 80),
+                                     (torch.float32, 20)], ids=str)
+def test_padded_head_widths(case, dtype, D):
+    check_case(case, dtype, D=D)
+
+
 # bfloat16 backward of windows along W alone wider than 16 keys at the fast widths (D % 16 == 0 up
 # to 64, and 96 and 128): the binding widens the inputs, so the gradients are the float32
 # backward's (the band backward, the dilation sub-grids) rounded to bfloat16, bit for bit;

@@ -271,6 +271,25 @@ Tensor float_copy(const Tensor& t) {
 
 Tensor float_copy_if(bool widen, const Tensor& t) { return widen ? float_copy(t) : t; }
 
+Tensor float_copy_padded(const Tensor& t, int64_t width) {
+  std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+  const int64_t last = int64_t(sizes.size()) - 1, D = sizes[last];
+  if (width == D) return float_copy(t);
+  sizes[last] = width;
+  Tensor f = new_output(sizes, ScalarType::Float);
+  Tensor head = torch::stable::narrow(f, last, 0, D), tail = torch::stable::narrow(f, last, D, width - D);
+  torch::stable::copy_(head, t);
+  torch::stable::zero_(tail);
+  return f;
+}
+
+void copy_narrowed(Tensor& dst, const Tensor& src) {
+  Tensor s = src;
+  const int64_t last = s.dim() - 1;
+  Tensor head = torch::stable::narrow(s, last, 0, dst.size(last));
+  torch::stable::copy_(dst, head);
+}
+
 Tensor float_output_if(bool widen, const Tensor& out) {
   if (!widen) return out;
   std::vector<int64_t> sizes(out.sizes().begin(), out.sizes().end());

@@ -42,6 +42,11 @@ ScalarType scalar_type_of(DType t);
 Tensor new_output(const std::vector<int64_t>& sizes, ScalarType dtype);
 // A contiguous float32 copy of `t` from the pool (how 16-bit inputs reach float32 kernels).
 Tensor float_copy(const Tensor& t);
+// A contiguous float32 copy of `t` (last dimension D <= width) with `width` channels, D.. zero
+// (how heads of other widths reach the float32 kernels' fast widths).
+Tensor float_copy_padded(const Tensor& t, int64_t width);
+// dst = the first dst.size(-1) channels of src (dtype conversion included).
+void copy_narrowed(Tensor& dst, const Tensor& src);
 // With widen, float_copy(t); otherwise t itself.
 Tensor float_copy_if(bool widen, const Tensor& t);
 // With widen, a new float32 output of out's sizes (the kernel writes it; copy_into then rounds it

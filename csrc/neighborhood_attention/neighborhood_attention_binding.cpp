@@ -122,9 +122,9 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& k, const T
   if (dt != DType::Float64 && width > 0 && (dt == DType::BFloat16 || width != D)) {
     // The float32 forward on float32 copies (bfloat16: the same float32 arithmetic as the bfloat16
     // path, 2x faster), heads of other widths padded with zero channels to a fast width
-    // (padded_fast_width: 1-D, B = 4, L = 4096, k = 65, 6 heads of 80, 63-73 -> 24-25 ms; 2-D
-    // 56 x 56, k = 7, 2 heads of 80, 13 -> 8.6 ms; 3-D 8 x 32 x 32, k = (3, 7, 7), 2 heads of 72,
-    // 27 -> 21 ms; Zen 4, the copies included).
+    // (padded_fast_width: 1-D, B = 4, L = 4096, k = 65, 6 heads of 80, 59 -> 35 ms, of which the
+    // copies take about 12; 2-D 56 x 56, k = 7, 2 heads of 80, 11.7 -> 8.9 ms; 3-D 8 x 32 x 32,
+    // k = (3, 7, 7), 2 heads of 72, 21.4 -> 14.8 ms; Zen 4, padded-head-widths-ab.json).
     const Tensor qf = binding::float_copy_padded(q, width), kf = binding::float_copy_padded(k, width),
                  vf = binding::float_copy_padded(v, width);
     std::vector<int64_t> osz = sizes_of(out);
@@ -193,8 +193,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
   // Likewise maps of whole-window cells (whole_window_cells), which only float32 runs as dense
   // attention per cell. float32 and bfloat16 heads of other widths take these routes padded with
   // zero channels to a fast width (padded_fast_width: 1-D, B = 4, L = 4096, k = 65, 6 heads of 80,
-  // backward 133 -> 71 ms on Zen 4); elsewhere the padding's FLOPs cost more than the general
-  // backward loses (2-D 56 x 56, k = 7, 2 heads of 80: 31 -> 38 ms).
+  // forward+backward 175 -> 117 ms on Zen 4); elsewhere the padding's FLOPs cost more than the
+  // general backward loses (2-D 56 x 56, k = 7, 2 heads of 80, backward 31 ms; of 96, 38 ms).
   const View6 qv = view6(q);
   const int64_t D = q.size(q.dim() - 1), width = float_fast_width(D) ? D : padded_fast_width(D);
   const bool widen = dt != DType::Float64 && width > 0 && (dt == DType::BFloat16 || width != D) &&

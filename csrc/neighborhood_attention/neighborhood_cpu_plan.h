@@ -73,7 +73,7 @@ struct Plan {
   int64_t nht;                   // bias tables (heads or 1)
   Buf<T> biascol;                // [nht][nbr][kw][Ws]: table value (+ -inf column mask)
   bool any_bias;                 // whether biascol has an entry other than 0
-  bool int_bias;                 // whether an interior slot's has (a table's value, or a zero_rows -inf)
+  bool int_bias;                 // whether an interior slot's column has one (a table's value, a zero_rows -inf)
   std::vector<int64_t> row_t, row_y;  // [R] the (t, y) of each row
 
   // zero_rows_if ("zero" and "mask" borders): every column is an interior slot, reading its window's

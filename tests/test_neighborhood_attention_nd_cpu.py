@@ -306,13 +306,6 @@ BAND_BWD = [
     ((1, 1, 170), (1, 1, 18), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 16, 8, 16, 16, "fused"),
     ((1, 1, 150), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 2, 4, 16, "fused"),
     ((1, 1, 25), (1, 1, 31), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 1, 2, 16, "fused"),
-    # windows wider than 6 vectors (their band's logits in passes): up to the widest band
-    # (238 keys on AVX-512, 248 with AVX2; the last case takes the general route on AVX-512)
-    ((1, 1, 300), (1, 1, 127), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
-    ((1, 1, 260), (1, 1, 238), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 1, 16, "contiguous"),
-    ((1, 1, 200), (1, 1, 101), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 4, 2, 4, 16, "fused"),
-    ((1, 1, 180), (1, 1, 120), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 2, 16, "head major"),
-    ((1, 1, 250), (1, 1, 248), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 2, 0, 16, "fused"),
 ]
 
 
@@ -320,6 +313,22 @@ BAND_BWD = [
 @pytest.mark.parametrize("D", [16, 48, 64], ids=str)
 def test_band_backward_float32(case, D):
     check_case(case, torch.float32, D=D)
+
+
+# Windows wider than 6 vectors (the band's logits in passes), each at one head width: up to the
+# widest band (238 keys on AVX-512, 248 with AVX2; the last case takes the general route on AVX-512)
+BAND_WIDE = [
+    ((1, 1, 300), (1, 1, 127), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 48, "fused"),
+    ((1, 1, 260), (1, 1, 238), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 1, 16, "contiguous"),
+    ((1, 1, 200), (1, 1, 101), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 4, 2, 4, 64, "fused"),
+    ((1, 1, 180), (1, 1, 120), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 2, 48, "head major"),
+    ((1, 1, 250), (1, 1, 248), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 2, 2, 0, 16, "fused"),
+]
+
+
+@pytest.mark.parametrize("case", BAND_WIDE, ids=case_id)
+def test_band_backward_wide_windows(case):
+    check_case(case, torch.float32)
 
 
 # Dilated maps run as one op of dilation 1 per dilation sub-grid (strided views in, outputs copied
@@ -386,8 +395,11 @@ WIDE_HEADS = ([WIDE_1D[i] for i in (0, 2, 3, 8, 12, 13, 16)] + [BAND_BWD[i] for 
               + [LONG_ROWS[i] for i in (0, 1, 2)] + [TALL[i] for i in (0, 3, 4, 5)] + [CASES[i] for i in (2, 9, 12)])
 
 
-@pytest.mark.parametrize("case", WIDE_HEADS, ids=case_id)
-@pytest.mark.parametrize("D", [96, 128], ids=str)
+# (each case at one of the two widths, in turn: both widths share their code paths)
+WIDE_HEAD_RUNS = [(c, (96, 128)[i % 2]) for i, c in enumerate(WIDE_HEADS)]
+
+
+@pytest.mark.parametrize("case,D", WIDE_HEAD_RUNS, ids=[f"{D}-{case_id(c)}" for c, D in WIDE_HEAD_RUNS])
 def test_wide_heads(case, D):
     check_case(case, torch.float32, D=D)
 
@@ -402,13 +414,15 @@ def test_wide_heads_bfloat16(case):
 # the 1-D band (a bias table; "mask" on several rows; "zero" with a task per query head), 2-D
 # interior tiles and clamped windows, 3-D, whole-window cells, a channel-strided layout, bfloat16;
 # and a width padded by more than a third (20), which stays on the general routes.
+# Each case at three of the widths, in turn.
 PADDED = [BAND_BWD[i] for i in (11, 30, 32)] + [CASES[i] for i in (7, 9, 15)] + [WHOLE[1]]
+PADDED_WIDTHS = [(torch.float32, 24), (torch.float32, 80), (torch.float32, 40), (torch.float32, 112),
+                 (torch.float32, 72), (torch.bfloat16, 80), (torch.float32, 20)]
+PADDED_RUNS = [(c, *PADDED_WIDTHS[(i + j) % len(PADDED_WIDTHS)]) for i, c in enumerate(PADDED) for j in range(3)]
 
 
-@pytest.mark.parametrize("case", PADDED, ids=case_id)
-@pytest.mark.parametrize("dtype,D", [(torch.float32, 24), (torch.float32, 40), (torch.float32, 72),
-                                     (torch.float32, 80), (torch.float32, 112), (torch.bfloat16, 80),
-                                     (torch.float32, 20)], ids=str)
+@pytest.mark.parametrize("case,dtype,D", PADDED_RUNS,
+                         ids=[f"{case_id(c)}-{str(dt)[6:]}-{D}" for c, dt, D in PADDED_RUNS])
 def test_padded_head_widths(case, dtype, D):
     check_case(case, dtype, D=D)
 

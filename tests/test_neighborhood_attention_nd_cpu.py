@@ -82,6 +82,19 @@ CASES = [
 ]
 
 
+# The band routes (the 1-D forward's interior band and border slots' band, the band backward) are
+# AVX2/AVX-512 code; the generic build takes its general routes for these cases, and the other
+# tests here run those at every width. So at the generic level (the per-level rerun of this file in
+# test_isa_levels.py) the band tests run each case at one of their widths, in turn.
+GENERIC_LEVEL = _ext.cpu_isa() == "generic"
+
+
+def band_runs(cases, widths):
+    if GENERIC_LEVEL:
+        return [(c, widths[i % len(widths)]) for i, c in enumerate(cases)]
+    return [(c, D) for D in widths for c in cases]
+
+
 def case_id(c):
     sp, ks, dil, st, ca, border, heads, hkv, nb, D, layout = c
     dims = "x".join(str(s) for s in sp)
@@ -186,8 +199,10 @@ WIDE_1D = [
 ]
 
 
-@pytest.mark.parametrize("case", WIDE_1D, ids=case_id)
-@pytest.mark.parametrize("D", [16, 32, 64], ids=str)
+WIDE_1D_RUNS = band_runs(WIDE_1D, (16, 32, 64))
+
+
+@pytest.mark.parametrize("case,D", WIDE_1D_RUNS, ids=[f"{D}-{case_id(c)}" for c, D in WIDE_1D_RUNS])
 def test_wide_window_1d_float32(case, D):
     check_case(case, torch.float32, D=D)
 
@@ -309,8 +324,10 @@ BAND_BWD = [
 ]
 
 
-@pytest.mark.parametrize("case", BAND_BWD, ids=case_id)
-@pytest.mark.parametrize("D", [16, 48, 64], ids=str)
+BAND_BWD_RUNS = band_runs(BAND_BWD, (16, 48, 64))
+
+
+@pytest.mark.parametrize("case,D", BAND_BWD_RUNS, ids=[f"{D}-{case_id(c)}" for c, D in BAND_BWD_RUNS])
 def test_band_backward_float32(case, D):
     check_case(case, torch.float32, D=D)
 
@@ -432,9 +449,12 @@ def test_padded_head_widths(case, dtype, D):
 # backward's (the band backward, the dilation sub-grids) rounded to bfloat16, bit for bit;
 # elsewhere (D = 20 here) the bfloat16 kernels run. Both against the float64 brute force. The
 # forward widens at the fast widths.
+# (At the generic level, whose float32 backward takes the general route here, one width per case.)
 BF16_BWD = [BAND_BWD[i] for i in (0, 3, 7, 9, 11, 17, 20)] + [WIDE_1D[10], DILATED[0]]
-@pytest.mark.parametrize("case", BF16_BWD, ids=case_id)
-@pytest.mark.parametrize("D", [16, 64, 128, 20], ids=str)
+BF16_BWD_RUNS = band_runs(BF16_BWD, (16, 64, 128, 20))
+
+
+@pytest.mark.parametrize("case,D", BF16_BWD_RUNS, ids=[f"{D}-{case_id(c)}" for c, D in BF16_BWD_RUNS])
 def test_backward_bfloat16(case, D):
     check_case(case, torch.bfloat16, D=D)
     sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case

@@ -543,7 +543,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
             for (int64_t sl = sg; sl < iend; sl += kBandQ) {
               // the band's first column, moved left where the band would run past the packed row
               const int64_t want = pl.xlo + sl + pl.off[0];
-              const int64_t start = std::min(want, pl.Wk - band_nv * N), wo = want - start;
+              int64_t start = std::min(want, pl.Wk - band_nv * N);
+              // The band from the 64-byte boundary at or before that (within the packed columns)
+              // where band_nv vectors from there still hold the tile's windows (for k = 65, every
+              // tile whose first window starts 0, 4, 8 or 12 floats past one): each key load then
+              // lies within one cache line, where an unaligned one reads two.
+              const int64_t al = want - (int64_t)((reinterpret_cast<uintptr_t>(kt + want) & 63) / sizeof(float));
+              if (al >= packed_lo && al <= start && want - al + pl.kw + kBandQ - 1 <= band_nv * N) start = al;
+              const int64_t wo = want - start;
               const float* qt = qr + (pl.xlo + sl) * qs[3];
               // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
               dispatch_nc(band_nv, [&](auto nvv) {

@@ -306,7 +306,7 @@ static inline int64_t even_chunk(int64_t left, int64_t most) {
 // of the rows in use; rows = R keeps every key row of the map).
 template <typename T>
 struct KeyPack {
-  std::vector<T> t, g;
+  Buf<T> t, g;  // (64-byte aligned: the packed rows start at cache lines)
   int64_t rows = 1;
   // (gathered: whether the border blocks' copies are packed)
   void alloc(const Plan<T>& pl, int64_t ring = 0, bool gathered = true) {

@@ -344,6 +344,52 @@ static void dot_block_shifted_any(int R, const float* const* A, int64_t Ws, int6
 }
 #endif
 
+// dot_block_multi<nr, nj> through dot_block_shifted where it applies: AVX-512, packed rows (a
+// channel stride of whole cache lines) and nj consecutive key columns, nr rows by nj neighbours
+// of those instantiated (1-3 rows by 4-8 neighbours, 4 by 4-6, 5 by 4: the chunks that
+// dot_row_multi_n, dot_rows_shared and dot_blocks_shared form); false: not taken. (Aligned loads
+// shifted, where unaligned ones would split cache lines: 2 threads on a Xeon with AVX-512,
+// same-process A/B: 2-D forward, B = 4, 56 x 56, 4 heads, d = 32, k = 7, 3.45 -> 3.16 ms; 3-D,
+// 8 x 32 x 32, k = (3, 7, 7), 6.14 -> 5.48 ms; with the packed rows 64-byte aligned.)
+static inline bool dot_block_shifted_n(int nr, int64_t nj, const float* const* A, int64_t Ws, int64_t D,
+                                       const float* base, int64_t cstride, const int64_t* joff, float* const* S,
+                                       int64_t sstride) {
+#if defined(__AVX512F__)
+  if (nj < 4 || nj > 8 || cstride % 16 != 0 || (nr == 4 && nj > 6) || (nr == 5 && nj > 4) || nr > 5) return false;
+  for (int64_t j = 1; j < nj; ++j)
+    if (joff[j] != joff[0] + j) return false;
+  const float* first = base + joff[0];
+  const int R = (int)((reinterpret_cast<uintptr_t>(first) & 63) / sizeof(float));
+  const float* a = first - R;
+#define NA_SHJ(NRV)                                                                       \
+  switch (nj) {                                                                           \
+    case 8: dot_block_shifted_any<NRV, 8>(R, A, Ws, D, a, cstride, S, sstride); break; \
+    case 7: dot_block_shifted_any<NRV, 7>(R, A, Ws, D, a, cstride, S, sstride); break; \
+    case 6: dot_block_shifted_any<NRV, 6>(R, A, Ws, D, a, cstride, S, sstride); break; \
+    case 5: dot_block_shifted_any<NRV, 5>(R, A, Ws, D, a, cstride, S, sstride); break; \
+    default: dot_block_shifted_any<NRV, 4>(R, A, Ws, D, a, cstride, S, sstride); break; \
+  }
+  switch (nr) {
+    case 5: dot_block_shifted_any<5, 4>(R, A, Ws, D, a, cstride, S, sstride); break;
+    case 4:
+      switch (nj) {
+        case 6: dot_block_shifted_any<4, 6>(R, A, Ws, D, a, cstride, S, sstride); break;
+        case 5: dot_block_shifted_any<4, 5>(R, A, Ws, D, a, cstride, S, sstride); break;
+        default: dot_block_shifted_any<4, 4>(R, A, Ws, D, a, cstride, S, sstride); break;
+      }
+      break;
+    case 3: NA_SHJ(3) break;
+    case 2: NA_SHJ(2) break;
+    default: NA_SHJ(1) break;
+  }
+#undef NA_SHJ
+  return true;
+#else
+  (void)nr, (void)nj, (void)A, (void)Ws, (void)D, (void)base, (void)cstride, (void)joff, (void)S, (void)sstride;
+  return false;
+#endif
+}
+
 template <int NR>
 static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const KeyView<float>& kv, int64_t kw,
                             float* const* S, int64_t sstride) {
@@ -358,28 +404,7 @@ static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const 
     const int64_t* jo = kv.joff + j0;
     float* s[NR];
     for (int a = 0; a < NR; ++a) s[a] = S[a] + j0 * sstride;
-#if defined(__AVX512F__)
-    // chunks of 4 to 8 consecutive key columns (dilation 1 along the row) of packed rows: from
-    // aligned loads, shifted (2 threads on a Xeon with AVX-512, same-process A/B: 2-D forward,
-    // B = 4, 56 x 56, 4 heads, d = 32, k = 7, 3.45 -> 3.16 ms; 3-D, 8 x 32 x 32, k = (3, 7, 7),
-    // 6.14 -> 5.48 ms; with the packed rows 64-byte aligned)
-    if (nj >= 4 && kv.cstride % 16 == 0) {
-      bool run = true;
-      for (int64_t j = 1; j < nj; ++j) run &= jo[j] == jo[0] + j;
-      if (run) {
-        const float* first = kv.base + jo[0];
-        const int R = (int)((reinterpret_cast<uintptr_t>(first) & 63) / sizeof(float));
-        switch (nj) {
-          case 8: dot_block_shifted_any<NR, 8>(R, A, Ws, D, first - R, kv.cstride, s, sstride); break;
-          case 7: dot_block_shifted_any<NR, 7>(R, A, Ws, D, first - R, kv.cstride, s, sstride); break;
-          case 6: dot_block_shifted_any<NR, 6>(R, A, Ws, D, first - R, kv.cstride, s, sstride); break;
-          case 5: dot_block_shifted_any<NR, 5>(R, A, Ws, D, first - R, kv.cstride, s, sstride); break;
-          default: dot_block_shifted_any<NR, 4>(R, A, Ws, D, first - R, kv.cstride, s, sstride); break;
-        }
-        continue;
-      }
-    }
-#endif
+    if (dot_block_shifted_n(NR, nj, A, Ws, D, kv.base, kv.cstride, jo, s, sstride)) continue;
 #define NA_DM(NJV) dot_block_multi<NR, NJV>(A, Ws, D, kv.base, kv.cstride, jo, s, sstride)
     switch (nj) {
       case 8: NA_DM(8); break;
@@ -405,6 +430,7 @@ constexpr int64_t kSharedAcc = 24;
 #endif
 static void dot_block_multi_n(int nr, int64_t nj, const float* const* A, int64_t Ws, int64_t D, const float* base,
                               int64_t cstride, const int64_t* joff, float* const* S, int64_t sstride) {
+  if (dot_block_shifted_n(nr, nj, A, Ws, D, base, cstride, joff, S, sstride)) return;
 #define NA_DM(NRV, NJV) dot_block_multi<NRV, NJV>(A, Ws, D, base, cstride, joff, S, sstride)
 #define NA_DM_J(NRV)        \
   switch (nj) {             \

@@ -89,10 +89,17 @@ CASES = [
 GENERIC_LEVEL = _ext.cpu_isa() == "generic"
 
 
+def in_turn(cases, widths):
+    """Each case at one of the widths, in turn."""
+    return [(c, widths[i % len(widths)]) for i, c in enumerate(cases)]
+
+
 def band_runs(cases, widths):
-    if GENERIC_LEVEL:
-        return [(c, widths[i % len(widths)]) for i, c in enumerate(cases)]
-    return [(c, D) for D in widths for c in cases]
+    return in_turn(cases, widths) if GENERIC_LEVEL else [(c, D) for D in widths for c in cases]
+
+
+def width_ids(runs):
+    return [f"{D}-{case_id(c)}" for c, D in runs]
 
 
 def case_id(c):
@@ -202,7 +209,7 @@ WIDE_1D = [
 WIDE_1D_RUNS = band_runs(WIDE_1D, (16, 32, 64))
 
 
-@pytest.mark.parametrize("case,D", WIDE_1D_RUNS, ids=[f"{D}-{case_id(c)}" for c, D in WIDE_1D_RUNS])
+@pytest.mark.parametrize("case,D", WIDE_1D_RUNS, ids=width_ids(WIDE_1D_RUNS))
 def test_wide_window_1d_float32(case, D):
     check_case(case, torch.float32, D=D)
 
@@ -327,7 +334,7 @@ BAND_BWD = [
 BAND_BWD_RUNS = band_runs(BAND_BWD, (16, 48, 64))
 
 
-@pytest.mark.parametrize("case,D", BAND_BWD_RUNS, ids=[f"{D}-{case_id(c)}" for c, D in BAND_BWD_RUNS])
+@pytest.mark.parametrize("case,D", BAND_BWD_RUNS, ids=width_ids(BAND_BWD_RUNS))
 def test_band_backward_float32(case, D):
     check_case(case, torch.float32, D=D)
 
@@ -413,10 +420,10 @@ WIDE_HEADS = ([WIDE_1D[i] for i in (0, 2, 3, 8, 12, 13, 16)] + [BAND_BWD[i] for 
 
 
 # (each case at one of the two widths, in turn: both widths share their code paths)
-WIDE_HEAD_RUNS = [(c, (96, 128)[i % 2]) for i, c in enumerate(WIDE_HEADS)]
+WIDE_HEAD_RUNS = in_turn(WIDE_HEADS, (96, 128))
 
 
-@pytest.mark.parametrize("case,D", WIDE_HEAD_RUNS, ids=[f"{D}-{case_id(c)}" for c, D in WIDE_HEAD_RUNS])
+@pytest.mark.parametrize("case,D", WIDE_HEAD_RUNS, ids=width_ids(WIDE_HEAD_RUNS))
 def test_wide_heads(case, D):
     check_case(case, torch.float32, D=D)
 
@@ -454,7 +461,7 @@ BF16_BWD = [BAND_BWD[i] for i in (0, 3, 7, 9, 11, 17, 20)] + [WIDE_1D[10], DILAT
 BF16_BWD_RUNS = band_runs(BF16_BWD, (16, 64, 128, 20))
 
 
-@pytest.mark.parametrize("case,D", BF16_BWD_RUNS, ids=[f"{D}-{case_id(c)}" for c, D in BF16_BWD_RUNS])
+@pytest.mark.parametrize("case,D", BF16_BWD_RUNS, ids=width_ids(BF16_BWD_RUNS))
 def test_backward_bfloat16(case, D):
     check_case(case, torch.bfloat16, D=D)
     sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case

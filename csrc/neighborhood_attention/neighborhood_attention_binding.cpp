@@ -96,6 +96,14 @@ std::vector<int64_t> lse_sizes(const Tensor& q) {
   return s;
 }
 
+// The channel width at which a head of D channels in dtype dt runs through the float32 kernels on
+// float32 copies: bfloat16 heads of a fast width, float32 and bfloat16 heads padded with zero
+// channels to one (padded_fast_width). 0: dt's kernels run on the inputs themselves.
+int64_t float32_copy_width(DType dt, int64_t D) {
+  const int64_t width = float_fast_width(D) ? D : padded_fast_width(D);
+  return dt != DType::Float64 && width > 0 && (dt == DType::BFloat16 || width != D) ? width : 0;
+}
+
 std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Window& win,
                                        const std::optional<Tensor>& bias, double scale, const char* op) {
   const DType dt = check_inputs(q, k, v, win, bias, op);
@@ -118,8 +126,8 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& k, const T
   a.scale = scale;
   const Kernels& kern = *binding::cpu_kernels().neighborhood;
 
-  const int64_t D = q.size(q.dim() - 1), width = float_fast_width(D) ? D : padded_fast_width(D);
-  if (dt != DType::Float64 && width > 0 && (dt == DType::BFloat16 || width != D)) {
+  const int64_t width = float32_copy_width(dt, q.size(q.dim() - 1));
+  if (width > 0) {
     // The float32 forward on float32 copies (bfloat16: the same float32 arithmetic as the bfloat16
     // path, 2x faster), heads of other widths padded with zero channels to a fast width
     // (padded_fast_width: 1-D, B = 4, L = 4096, k = 65, 6 heads of 80, 59 -> 35 ms, of which the
@@ -196,10 +204,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
   // forward+backward 175 -> 117 ms on Zen 4); elsewhere the padding's FLOPs cost more than the
   // general backward loses (2-D 56 x 56, k = 7, 2 heads of 80, backward 31 ms; of 96, 38 ms).
   const View6 qv = view6(q);
-  const int64_t D = q.size(q.dim() - 1), width = float_fast_width(D) ? D : padded_fast_width(D);
-  const bool widen = dt != DType::Float64 && width > 0 && (dt == DType::BFloat16 || width != D) &&
-                     ((win.kernel[0] == 1 && win.kernel[1] == 1 && win.kernel[2] > 16) ||
-                      whole_window_cells(qv.size + 1, win));
+  const int64_t width = float32_copy_width(dt, q.size(q.dim() - 1));
+  const bool widen = width > 0 && ((win.kernel[0] == 1 && win.kernel[1] == 1 && win.kernel[2] > 16) ||
+                                    whole_window_cells(qv.size + 1, win));
   Tensor doutf = dout, qf = q, kf = k, vf = v, dqf = dq, dkf = dk, dvf = dv;
   if (widen) {
     doutf = binding::float_copy_padded(dout, width);

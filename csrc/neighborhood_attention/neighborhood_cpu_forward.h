@@ -341,6 +341,41 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // the cache to the inputs (2-D forward, B = 4, 56 x 56, 4 heads, 6.4 MB of output: 6% faster on
   // Zen 3 at AVX2, 7% on Zen 4 at AVX-512).
   const bool stream_out = stream_output(O, pl.B * pl.R * pl.W * pl.NH * D * (int64_t)sizeof(float));
+  // Border blocks whose lanes' key columns (every neighbour's) lie within 32 columns from a
+  // 64-byte boundary of the packed row, gperm[g] >= 0 (that boundary's column), take their logits
+  // through dot_row_perm, from the packed rows that whole-row packing (group_pack) leaves in
+  // place, and have no gathered copies: gidx[g][j][lane] (column - boundary), gmask[g][j] (the
+  // lanes that hold a key). (3-D forward, 8 x 32 x 32, k = (3, 7, 7): half the blocks of the
+  // rows are border blocks.)
+  std::vector<int64_t> gperm(pl.NG, -1);
+  std::vector<int32_t> gidx;
+  std::vector<uint16_t> gmask;
+#if defined(__AVX512F__)
+  if (group_pack && !band_all && pl.Wk >= 32) {
+    gidx.assign(pl.NG * pl.kw * N, 0);
+    gmask.assign(pl.NG * pl.kw, 0);
+    for (int64_t g = 0; g < pl.NG; ++g) {
+      const int64_t s0 = (pl.n_full + g) * N;
+      int64_t lo = pl.W, hi = -1;
+      for (int64_t j = 0; j < pl.kw; ++j)
+        for (int l = 0; l < N; ++l) {
+          const int64_t col = pl.kidx[j * pl.Ws + s0 + l];
+          if (col < pl.W) lo = std::min(lo, col), hi = std::max(hi, col);
+        }
+      if (hi < 0) continue;
+      const int64_t a = std::min(lo / N * N, pl.Wk - 2 * N);
+      if (lo < a || hi >= a + 2 * N) continue;
+      gperm[g] = a;
+      for (int64_t j = 0; j < pl.kw; ++j)
+        for (int l = 0; l < N; ++l) {
+          const int64_t col = pl.kidx[j * pl.Ws + s0 + l];
+          if (col >= pl.W) continue;
+          gidx[(g * pl.kw + j) * N + l] = (int32_t)(col - a);
+          gmask[g * pl.kw + j] |= (uint16_t)(1u << l);
+        }
+    }
+  }
+#endif
   par.for_tasks(pl.B * pl.NH * nchunks * ncol, [&](auto next) {
     // the task's key/value head: its packed key rows, (vpack) its value rows copied beside them
     // (W tokens of D channels in Kp's ring slots), the last packed row and the packed columns
@@ -407,6 +442,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
       // the border blocks' copies of key row y (kr) in Kp (only for the chunk that holds them)
       auto pack_border_blocks = [&](const float* kr, int64_t y) {
         for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
+          if (gperm[g] >= 0) continue;
           const int64_t s0 = (pl.n_full + g) * N;
           float* gb = Kp.grow(pl, y, g);
           for (int64_t j = 0; j < pl.kw; ++j) {
@@ -708,14 +744,22 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
                 pf_step(pf_quota * nsh);
                 continue;
               }
-              const KeyView<float> kv = key_view(pl, Kp, ky, ci);
               const float* Ab[RG];
               float* Sb[RG];
               for (int a = 0; a < nr; ++a) {
                 Ab[a] = A[a] + (ci - cb) * N;
                 Sb[a] = So[a] + (ci - cb) * N;
               }
-              dot_row_multi(nr, Ab, SW, D, kv, pl.kw, Sb, SS);
+#if defined(__AVX512F__)
+              if (ci >= pl.n_full && gperm[ci - pl.n_full] >= 0) {
+                const int64_t g = ci - pl.n_full;
+                dot_row_perm(nr, Ab, SW, D, Kp.trow(pl, ky) + gperm[g], pl.Wk, pl.kw, gidx.data() + g * pl.kw * N,
+                             gmask.data() + g * pl.kw, Sb, SS);
+                pf_step(pf_quota);
+                continue;
+              }
+#endif
+              dot_row_multi(nr, Ab, SW, D, key_view(pl, Kp, ky, ci), pl.kw, Sb, SS);
               pf_step(pf_quota);
             }
             pf_step(pf_quota);

@@ -390,6 +390,76 @@ static inline bool dot_block_shifted_n(int nr, int64_t nj, const float* const* A
 #endif
 }
 
+#if defined(__AVX512F__)
+// A border block's logits read from the packed key row itself (AVX-512), where every lane's key
+// columns lie within 32 columns from a 64-byte boundary `a` (the clamped windows of rows of up to
+// 32 columns, such as the 3-D ops' 32 x 32 planes): per channel, the two aligned vectors of those
+// columns are loaded once and neighbour j's key vector is formed with one vpermt2ps (lane l from
+// column a + idx[j][l]; lanes outside mask[j], the non-keys, zero). The gathered copies that these
+// blocks read otherwise hold kw key vectors per channel and key row (all lanes' columns of every
+// neighbour), transposed from the tokens once per key row: with 27 key rows per row group of the
+// 3-D forward they do not stay in L1, and their logits waited on L2.
+template <int NR, int NJ>
+static void dot_block_perm(const float* const* A, int64_t Ws, int64_t D, const float* a, int64_t cstride,
+                           const int32_t* idx, const uint16_t* mask, float* const* S, int64_t sstride) {
+  Vec<float> acc[NR][NJ];
+  NA_UNROLL
+  for (int jj = 0; jj < NJ; ++jj)
+    NA_UNROLL
+    for (int r = 0; r < NR; ++r) acc[r][jj] = splat<float>(0.0f);
+  for (int64_t c = 0; c < D; ++c) {
+    Vec<float> q[NR];
+    NA_UNROLL
+    for (int r = 0; r < NR; ++r) q[r] = loadu(A[r] + c * Ws);
+    const float* ac = a + c * cstride;
+    const __m512 v0 = _mm512_load_ps(ac), v1 = _mm512_load_ps(ac + 16);
+    NA_UNROLL
+    for (int jj = 0; jj < NJ; ++jj) {
+      const __m512i ix = _mm512_loadu_si512(idx + jj * 16);
+      const Vec<float> kk = (Vec<float>)_mm512_maskz_permutex2var_ps((__mmask16)mask[jj], v0, ix, v1);
+      NA_UNROLL
+      for (int r = 0; r < NR; ++r) acc[r][jj] += q[r] * kk;
+    }
+  }
+  NA_UNROLL
+  for (int r = 0; r < NR; ++r)
+    NA_UNROLL
+    for (int jj = 0; jj < NJ; ++jj) storeu(S[r] + jj * sstride, acc[r][jj]);
+}
+
+// dot_row_multi for a border block through dot_block_perm: nr (1..3) query rows by kw
+// neighbours, idx/mask per neighbour (16 lanes, one mask each), in chunks of up to 8 neighbours.
+static void dot_row_perm(int nr, const float* const* A, int64_t Ws, int64_t D, const float* a, int64_t cstride,
+                         int64_t kw, const int32_t* idx, const uint16_t* mask, float* const* S, int64_t sstride) {
+  for (int64_t j0 = 0, nj; j0 < kw; j0 += nj) {
+    nj = even_chunk(kw - j0, 8);
+    float* s[3];
+    for (int r = 0; r < nr; ++r) s[r] = S[r] + j0 * sstride;
+    const int32_t* ij = idx + j0 * 16;
+    const uint16_t* mj = mask + j0;
+#define NA_DP(NRV, NJV) dot_block_perm<NRV, NJV>(A, Ws, D, a, cstride, ij, mj, s, sstride)
+#define NA_DP_J(NRV)                \
+  switch (nj) {                     \
+    case 8: NA_DP(NRV, 8); break;   \
+    case 7: NA_DP(NRV, 7); break;   \
+    case 6: NA_DP(NRV, 6); break;   \
+    case 5: NA_DP(NRV, 5); break;   \
+    case 4: NA_DP(NRV, 4); break;   \
+    case 3: NA_DP(NRV, 3); break;   \
+    case 2: NA_DP(NRV, 2); break;   \
+    default: NA_DP(NRV, 1); break;  \
+  }
+    switch (nr) {
+      case 3: NA_DP_J(3) break;
+      case 2: NA_DP_J(2) break;
+      default: NA_DP_J(1) break;
+    }
+#undef NA_DP_J
+#undef NA_DP
+  }
+}
+#endif
+
 template <int NR>
 static void dot_row_multi_n(const float* const* A, int64_t Ws, int64_t D, const KeyView<float>& kv, int64_t kw,
                             float* const* S, int64_t sstride) {

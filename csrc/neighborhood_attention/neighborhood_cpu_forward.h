@@ -341,19 +341,22 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
   // the cache to the inputs (2-D forward, B = 4, 56 x 56, 4 heads, 6.4 MB of output: 6% faster on
   // Zen 3 at AVX2, 7% on Zen 4 at AVX-512).
   const bool stream_out = stream_output(O, pl.B * pl.R * pl.W * pl.NH * D * (int64_t)sizeof(float));
-  // Border blocks whose lanes' key columns (every neighbour's) lie within 32 columns from a
-  // 64-byte boundary of the packed row, gperm[g] >= 0 (that boundary's column), take their logits
-  // through dot_row_perm, from the packed rows that whole-row packing (group_pack) leaves in
-  // place, and have no gathered copies: gidx[g][j][lane] (column - boundary), gmask[g][j] (the
-  // lanes that hold a key). (3-D forward, 8 x 32 x 32, k = (3, 7, 7): half the blocks of the
-  // rows are border blocks.)
+  // Border blocks whose lanes' key columns (every neighbour's) lie within 32 or 64 columns from
+  // a 64-byte boundary of the packed row, gperm[g] >= 0 (that boundary's column), take their
+  // logits through dot_row_perm, from the packed rows that whole-row packing (group_pack) leaves
+  // in place, and have no gathered copies: gidx[g][j][lane] (column - boundary), gmask[g][j] (the
+  // lanes that hold a key in the first 32 columns), gmask2[g][j] (in the next 32; gtwo[g]: any
+  // span past 32). (3-D forward, 8 x 32 x 32, k = (3, 7, 7): half the blocks of the rows are
+  // border blocks; 2-D, 56 x 56, k = 7: a quarter.)
   std::vector<int64_t> gperm(pl.NG, -1);
+  std::vector<uint8_t> gtwo(pl.NG, 0);
   std::vector<int32_t> gidx;
-  std::vector<uint16_t> gmask;
+  std::vector<uint16_t> gmask, gmask2;
 #if defined(__AVX512F__)
-  if (group_pack && !band_all && pl.Wk >= 32) {
+  if (group_pack && !band_all && pl.Wk >= 2 * N) {
     gidx.assign(pl.NG * pl.kw * N, 0);
     gmask.assign(pl.NG * pl.kw, 0);
+    gmask2.assign(pl.NG * pl.kw, 0);
     for (int64_t g = 0; g < pl.NG; ++g) {
       const int64_t s0 = (pl.n_full + g) * N;
       int64_t lo = pl.W, hi = -1;
@@ -363,15 +366,19 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           if (col < pl.W) lo = std::min(lo, col), hi = std::max(hi, col);
         }
       if (hi < 0) continue;
-      const int64_t a = std::min(lo / N * N, pl.Wk - 2 * N);
-      if (lo < a || hi >= a + 2 * N) continue;
+      int64_t a = std::min(lo / N * N, pl.Wk - 2 * N);
+      if (hi >= a + 2 * N) a = std::min(lo / N * N, pl.Wk - 4 * N), gtwo[g] = 1;
+      if (a < 0 || lo < a || hi >= a + (gtwo[g] ? 4 : 2) * N) {
+        gtwo[g] = 0;
+        continue;
+      }
       gperm[g] = a;
       for (int64_t j = 0; j < pl.kw; ++j)
         for (int l = 0; l < N; ++l) {
           const int64_t col = pl.kidx[j * pl.Ws + s0 + l];
           if (col >= pl.W) continue;
-          gidx[(g * pl.kw + j) * N + l] = (int32_t)(col - a);
-          gmask[g * pl.kw + j] |= (uint16_t)(1u << l);
+          gidx[(g * pl.kw + j) * N + l] = (int32_t)((col - a) % (2 * N));
+          (col - a < 2 * N ? gmask : gmask2)[g * pl.kw + j] |= (uint16_t)(1u << l);
         }
     }
   }
@@ -754,7 +761,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               if (ci >= pl.n_full && gperm[ci - pl.n_full] >= 0) {
                 const int64_t g = ci - pl.n_full;
                 dot_row_perm(nr, Ab, SW, D, Kp.trow(pl, ky) + gperm[g], pl.Wk, pl.kw, gidx.data() + g * pl.kw * N,
-                             gmask.data() + g * pl.kw, Sb, SS);
+                             gmask.data() + g * pl.kw, gtwo[g] ? gmask2.data() + g * pl.kw : nullptr, Sb, SS);
                 pf_step(pf_quota);
                 continue;
               }

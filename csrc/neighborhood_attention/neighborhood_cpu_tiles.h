@@ -392,16 +392,19 @@ static inline bool dot_block_shifted_n(int nr, int64_t nj, const float* const* A
 
 #if defined(__AVX512F__)
 // A border block's logits read from the packed key row itself (AVX-512), where every lane's key
-// columns lie within 32 columns from a 64-byte boundary `a` (the clamped windows of rows of up to
-// 32 columns, such as the 3-D ops' 32 x 32 planes): per channel, the two aligned vectors of those
-// columns are loaded once and neighbour j's key vector is formed with one vpermt2ps (lane l from
-// column a + idx[j][l]; lanes outside mask[j], the non-keys, zero). The gathered copies that these
-// blocks read otherwise hold kw key vectors per channel and key row (all lanes' columns of every
-// neighbour), transposed from the tokens once per key row: with 27 key rows per row group of the
-// 3-D forward they do not stay in L1, and their logits waited on L2.
-template <int NR, int NJ>
+// columns lie within 32 (TWO: 64) columns from a 64-byte boundary `a` (the clamped windows of rows
+// of up to 32 or 64 columns, such as the 3-D ops' 32 x 32 planes and the 2-D ops' 56 x 56 maps):
+// per channel, the two (four) aligned vectors of those columns are loaded once and neighbour j's
+// key vector is formed with one vpermt2ps (TWO: one per pair of vectors, lanes from the first
+// pair in mask[j], from the second in mask2[j], the two ORed); lane l from column
+// a + idx[j][l] (modulo 32 for TWO), lanes outside the masks (the non-keys) zero. The gathered
+// copies that these blocks read otherwise hold kw key vectors per channel and key row (all lanes'
+// columns of every neighbour), transposed from the tokens once per key row: with 27 key rows per
+// row group of the 3-D forward they do not stay in L1, and their logits waited on L2.
+template <int NR, int NJ, bool TWO>
 static void dot_block_perm(const float* const* A, int64_t Ws, int64_t D, const float* a, int64_t cstride,
-                           const int32_t* idx, const uint16_t* mask, float* const* S, int64_t sstride) {
+                           const int32_t* idx, const uint16_t* mask, const uint16_t* mask2, float* const* S,
+                           int64_t sstride) {
   Vec<float> acc[NR][NJ];
   NA_UNROLL
   for (int jj = 0; jj < NJ; ++jj)
@@ -413,10 +416,14 @@ static void dot_block_perm(const float* const* A, int64_t Ws, int64_t D, const f
     for (int r = 0; r < NR; ++r) q[r] = loadu(A[r] + c * Ws);
     const float* ac = a + c * cstride;
     const __m512 v0 = _mm512_load_ps(ac), v1 = _mm512_load_ps(ac + 16);
+    __m512 v2 = v0, v3 = v1;
+    if constexpr (TWO) v2 = _mm512_load_ps(ac + 32), v3 = _mm512_load_ps(ac + 48);
     NA_UNROLL
     for (int jj = 0; jj < NJ; ++jj) {
       const __m512i ix = _mm512_loadu_si512(idx + jj * 16);
-      const Vec<float> kk = (Vec<float>)_mm512_maskz_permutex2var_ps((__mmask16)mask[jj], v0, ix, v1);
+      __m512 k = _mm512_maskz_permutex2var_ps((__mmask16)mask[jj], v0, ix, v1);
+      if constexpr (TWO) k = _mm512_or_ps(k, _mm512_maskz_permutex2var_ps((__mmask16)mask2[jj], v2, ix, v3));
+      const Vec<float> kk = (Vec<float>)k;
       NA_UNROLL
       for (int r = 0; r < NR; ++r) acc[r][jj] += q[r] * kk;
     }
@@ -428,19 +435,27 @@ static void dot_block_perm(const float* const* A, int64_t Ws, int64_t D, const f
 }
 
 // dot_row_multi for a border block through dot_block_perm: nr (1..3) query rows by kw
-// neighbours, idx/mask per neighbour (16 lanes, one mask each), in chunks of up to 8 neighbours.
+// neighbours, idx/mask/mask2 per neighbour (16 lanes, one mask each; mask2 null: one pair of
+// vectors), in chunks of up to 8 neighbours (7 with two pairs: 3 x 7 accumulators, 3 query
+// vectors and 4 key vectors leave two registers of 32).
 static void dot_row_perm(int nr, const float* const* A, int64_t Ws, int64_t D, const float* a, int64_t cstride,
-                         int64_t kw, const int32_t* idx, const uint16_t* mask, float* const* S, int64_t sstride) {
+                         int64_t kw, const int32_t* idx, const uint16_t* mask, const uint16_t* mask2,
+                         float* const* S, int64_t sstride) {
   for (int64_t j0 = 0, nj; j0 < kw; j0 += nj) {
-    nj = even_chunk(kw - j0, 8);
+    nj = even_chunk(kw - j0, mask2 ? 7 : 8);
     float* s[3];
     for (int r = 0; r < nr; ++r) s[r] = S[r] + j0 * sstride;
     const int32_t* ij = idx + j0 * 16;
-    const uint16_t* mj = mask + j0;
-#define NA_DP(NRV, NJV) dot_block_perm<NRV, NJV>(A, Ws, D, a, cstride, ij, mj, s, sstride)
+    const uint16_t *mj = mask + j0, *m2j = mask2 ? mask2 + j0 : nullptr;
+#define NA_DP2(NRV, NJV, TW) dot_block_perm<NRV, NJV, TW>(A, Ws, D, a, cstride, ij, mj, m2j, s, sstride)
+#define NA_DP(NRV, NJV)      \
+  if (m2j)                   \
+    NA_DP2(NRV, NJV, true);  \
+  else                       \
+    NA_DP2(NRV, NJV, false);
 #define NA_DP_J(NRV)                \
   switch (nj) {                     \
-    case 8: NA_DP(NRV, 8); break;   \
+    case 8: NA_DP2(NRV, 8, false); break; \
     case 7: NA_DP(NRV, 7); break;   \
     case 6: NA_DP(NRV, 6); break;   \
     case 5: NA_DP(NRV, 5); break;   \
@@ -456,6 +471,7 @@ static void dot_row_perm(int nr, const float* const* A, int64_t Ws, int64_t D, c
     }
 #undef NA_DP_J
 #undef NA_DP
+#undef NA_DP2
   }
 }
 #endif

@@ -306,10 +306,12 @@ NA_TILE void shifted_fmas(std::integer_sequence<int, J...>, Vec<float> (&acc)[NR
   (shifted_fma<NR, NJ, R, J>(acc, q, v0, v1, v2), ...);
 }
 
-template <int NR, int NJ, int R>
-static void dot_block_shifted(const float* const* A, int64_t Ws, int64_t D, const float* a, int64_t cstride,
-                              float* const* S, int64_t sstride) {
-  constexpr bool three = R + NJ - 1 > 16;  // (the last shift reaches into a third vector)
+// The frame of the AVX-512 logits blocks below: NR x NJ accumulators, zeroed; per channel c the
+// NR query vectors (A[r] + c * Ws) and fmas(c, q, acc), which adds channel c's terms; the sums
+// stored at S[r] + j * sstride.
+template <int NR, int NJ, typename Fmas>
+NA_TILE void dot_block_frame(const float* const* A, int64_t Ws, int64_t D, float* const* S, int64_t sstride,
+                             Fmas&& fmas) {
   Vec<float> acc[NR][NJ];
   NA_UNROLL
   for (int jj = 0; jj < NJ; ++jj)
@@ -319,15 +321,25 @@ static void dot_block_shifted(const float* const* A, int64_t Ws, int64_t D, cons
     Vec<float> q[NR];
     NA_UNROLL
     for (int r = 0; r < NR; ++r) q[r] = loadu(A[r] + c * Ws);
-    const float* ac = a + c * cstride;
-    const __m512i v0 = _mm512_load_si512(ac), v1 = _mm512_load_si512(ac + 16);
-    const __m512i v2 = three ? _mm512_load_si512(ac + 32) : v1;
-    shifted_fmas<NR, NJ, R>(std::make_integer_sequence<int, NJ>{}, acc, q, v0, v1, v2);
+    fmas(c, q, acc);
   }
   NA_UNROLL
   for (int r = 0; r < NR; ++r)
     NA_UNROLL
     for (int jj = 0; jj < NJ; ++jj) storeu(S[r] + jj * sstride, acc[r][jj]);
+}
+
+template <int NR, int NJ, int R>
+static void dot_block_shifted(const float* const* A, int64_t Ws, int64_t D, const float* a, int64_t cstride,
+                              float* const* S, int64_t sstride) {
+  constexpr bool three = R + NJ - 1 > 16;  // (the last shift reaches into a third vector)
+  dot_block_frame<NR, NJ>(A, Ws, D, S, sstride, [&](int64_t c, const Vec<float>(&q)[NR], Vec<float>(&acc)[NR][NJ])
+                                                    __attribute__((always_inline)) {
+    const float* ac = a + c * cstride;
+    const __m512i v0 = _mm512_load_si512(ac), v1 = _mm512_load_si512(ac + 16);
+    const __m512i v2 = three ? _mm512_load_si512(ac + 32) : v1;
+    shifted_fmas<NR, NJ, R>(std::make_integer_sequence<int, NJ>{}, acc, q, v0, v1, v2);
+  });
 }
 
 // dot_block_shifted for the first key's offset R = 0..15 from its 64-byte boundary
@@ -405,15 +417,8 @@ template <int NR, int NJ, bool TWO>
 static void dot_block_perm(const float* const* A, int64_t Ws, int64_t D, const float* a, int64_t cstride,
                            const int32_t* idx, const uint16_t* mask, const uint16_t* mask2, float* const* S,
                            int64_t sstride) {
-  Vec<float> acc[NR][NJ];
-  NA_UNROLL
-  for (int jj = 0; jj < NJ; ++jj)
-    NA_UNROLL
-    for (int r = 0; r < NR; ++r) acc[r][jj] = splat<float>(0.0f);
-  for (int64_t c = 0; c < D; ++c) {
-    Vec<float> q[NR];
-    NA_UNROLL
-    for (int r = 0; r < NR; ++r) q[r] = loadu(A[r] + c * Ws);
+  dot_block_frame<NR, NJ>(A, Ws, D, S, sstride, [&](int64_t c, const Vec<float>(&q)[NR], Vec<float>(&acc)[NR][NJ])
+                                                    __attribute__((always_inline)) {
     const float* ac = a + c * cstride;
     const __m512 v0 = _mm512_load_ps(ac), v1 = _mm512_load_ps(ac + 16);
     __m512 v2 = v0, v3 = v1;
@@ -427,11 +432,7 @@ static void dot_block_perm(const float* const* A, int64_t Ws, int64_t D, const f
       NA_UNROLL
       for (int r = 0; r < NR; ++r) acc[r][jj] += q[r] * kk;
     }
-  }
-  NA_UNROLL
-  for (int r = 0; r < NR; ++r)
-    NA_UNROLL
-    for (int jj = 0; jj < NJ; ++jj) storeu(S[r] + jj * sstride, acc[r][jj]);
+  });
 }
 
 // dot_row_multi for a border block through dot_block_perm: nr (1..3) query rows by kw

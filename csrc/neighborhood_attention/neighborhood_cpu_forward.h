@@ -383,11 +383,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
     }
   }
 #endif
+  // (the gathered copies only where some border block still reads them: Kp's storage for them is
+  // allocated and zeroed per task)
+  const bool gathered = !band_all && std::any_of(gperm.begin(), gperm.end(), [](int64_t a) { return a < 0; });
   par.for_tasks(pl.B * pl.NH * nchunks * ncol, [&](auto next) {
     // the task's key/value head: its packed key rows, (vpack) its value rows copied beside them
     // (W tokens of D channels in Kp's ring slots), the last packed row and the packed columns
     KeyPack<float> Kp;
-    Kp.alloc(pl, ring, !band_all);
+    Kp.alloc(pl, ring, gathered);
     std::vector<float> Vp(vpack ? Kp.rows * pl.W * D : 0);
     int64_t packed_hi = 0, packed_cols = 0;
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);

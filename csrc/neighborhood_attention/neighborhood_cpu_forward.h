@@ -366,13 +366,13 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
           if (col < pl.W) lo = std::min(lo, col), hi = std::max(hi, col);
         }
       if (hi < 0) continue;
-      int64_t a = std::min(lo / N * N, pl.Wk - 2 * N);
-      if (hi >= a + 2 * N) a = std::min(lo / N * N, pl.Wk - 4 * N), gtwo[g] = 1;
-      if (a < 0 || lo < a || hi >= a + (gtwo[g] ? 4 : 2) * N) {
-        gtwo[g] = 0;
-        continue;
-      }
+      // (the pair, or two pairs, of vectors from the boundary before lo, moved left where they
+      // would run past the packed row)
+      const bool two = hi >= std::min(lo / N * N, pl.Wk - 2 * N) + 2 * N;
+      const int64_t span = (two ? 4 : 2) * N, a = std::min(lo / N * N, pl.Wk - span);
+      if (a < 0 || lo < a || hi >= a + span) continue;
       gperm[g] = a;
+      gtwo[g] = two;
       for (int64_t j = 0; j < pl.kw; ++j)
         for (int l = 0; l < N; ++l) {
           const int64_t col = pl.kidx[j * pl.Ws + s0 + l];
@@ -594,7 +594,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, float* O
               // where band_nv vectors from there still hold the tile's windows (for k = 65, every
               // tile whose first window starts 0, 4, 8 or 12 floats past one): each key load then
               // lies within one cache line, where an unaligned one reads two.
-              const int64_t al = want - (int64_t)((reinterpret_cast<uintptr_t>(kt + want) & 63) / sizeof(float));
+              const int64_t al = want - floats_past_line(kt + want);
               if (al >= packed_lo && al <= start && want - al + pl.kw + kBandQ - 1 <= band_nv * N) start = al;
               const int64_t wo = want - start;
               const float* qt = qr + (pl.xlo + sl) * qs[3];

@@ -85,6 +85,11 @@ struct CacheAligned {
 template <typename T>
 using Buf = std::vector<T, CacheAligned<T>>;
 
+// How many floats p lies past the 64-byte boundary at or before it (0..15).
+static inline int floats_past_line(const float* p) {
+  return (int)((reinterpret_cast<uintptr_t>(p) & 63) / sizeof(float));
+}
+
 // 64-byte aligned storage left uninitialised (for buffers that their users fill: the first
 // write then comes from the thread that uses the memory).
 template <typename T>

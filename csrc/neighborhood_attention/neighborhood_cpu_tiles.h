@@ -371,7 +371,7 @@ static inline bool dot_block_shifted_n(int nr, int64_t nj, const float* const* A
   for (int64_t j = 1; j < nj; ++j)
     if (joff[j] != joff[0] + j) return false;
   const float* first = base + joff[0];
-  const int R = (int)((reinterpret_cast<uintptr_t>(first) & 63) / sizeof(float));
+  const int R = floats_past_line(first);
   const float* a = first - R;
 #define NA_SHJ(NRV)                                                                       \
   switch (nj) {                                                                           \

@@ -490,6 +490,43 @@ def test_backward_bfloat16(case, D):
         assert torch.equal(got[3], want[3])
 
 
+# The bfloat16 forward at the fast widths reads and writes bfloat16 in place (tokens widened as the
+# float32 forward packs, copies or stages them; the output narrowed as it is stored): bit for bit the
+# float32 op on the widened inputs, rounded to bfloat16, with the same logsumexp, over every route:
+# 1-D/2-D/3-D, the 1-D band over rows of several column chunks (their clamped border windows read
+# columns that the chunk did not pack), strided and causal windows, dilation sub-grids, rows longer
+# than a segment on 2-D/3-D maps, whole-window cells (which keep their float32 copies), layouts
+# with heads major and with a channel stride (copies too). Each case at two widths in turn, with
+# the float64 brute force as well.
+BF16_FWD = (CASES + [WIDE_1D[i] for i in (0, 3, 4, 8, 10, 11, 13, 14, 16)] + LONG_ROWS[:3] + [LONG_ROWS[6]]
+            + DILATED[:2] + [WHOLE[1]])
+BF16_FWD_WIDTHS = (16, 32, 64, 128, 48)
+BF16_FWD_RUNS = [(c, BF16_FWD_WIDTHS[(i + j) % len(BF16_FWD_WIDTHS)]) for i, c in enumerate(BF16_FWD)
+                 for j in ((0,) if GENERIC_LEVEL else (0, 2))]
+
+
+@pytest.mark.parametrize("case,D", BF16_FWD_RUNS, ids=width_ids(BF16_FWD_RUNS))
+def test_forward_bfloat16_in_place(case, D):
+    sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case
+    q, k, v = make_inputs(sp, heads, hkv, D, torch.bfloat16, layout, 5)
+    g = torch.Generator().manual_seed(6)
+    bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1, generator=g) if nb else None
+    window = (list(ks), list(dil), list(st), [int(x) for x in causal], border, bias, D ** -0.5)
+    fwd = torch.ops.alterops.neighborhood_attention_nd_fwd
+    before = [t.clone() for t in (q, k, v)]
+    out, lse = fwd(q, k, v, *window)
+    out32, lse32 = fwd(*[t.float() for t in (q, k, v)], *window)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    assert torch.equal(out, out32.to(torch.bfloat16))
+    assert torch.equal(lse, lse32)
+    for a, b in zip((q, k, v), before):
+        assert torch.equal(a, b)
+    want, want_lse = brute_force(*[t.double() for t in (q, k, v)], ks, dil, st, causal, border,
+                                 None if bias is None else bias.double(), D ** -0.5)
+    torch.testing.assert_close(out.double(), want, atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
+    torch.testing.assert_close(lse.double(), want_lse, atol=1e-3, rtol=1e-3)
+
+
 # The band backward with a dout whose channels are not contiguous (copied a row at a time): the
 # expanded gradients of out.sum() and of a per-token loss, and a strided view. The general backward
 # reads every stride in place; one of its cases too.

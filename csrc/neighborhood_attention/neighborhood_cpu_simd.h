@@ -12,6 +12,7 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "../common/exp_approx.h"
+#include "../common/scalar.h"
 #include "../common/log_approx.h"
 
 #include <algorithm>
@@ -116,6 +117,43 @@ static inline Vec<T> loadu(const T* p) {
 template <typename T>
 static inline void storeu(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
+}
+// N elements of the float32 forward's input and output types as floats: float itself, or
+// bfloat16 storage (widened exactly; narrowed to nearest even with NaN kept quiet, as torch and
+// BFloat16 convert), so that bfloat16 tensors take the float32 arithmetic without float32 copies.
+template <typename E>
+static inline Vec<float> load_e(const E* p) {
+  if constexpr (std::is_same<E, float>::value) {
+    return loadu(p);
+  } else {
+    static_assert(std::is_same<E, BFloat16>::value, "float or bfloat16");
+    constexpr int N = VecOf<float>::N;
+    typedef uint16_t H __attribute__((vector_size(N * 2)));
+    typedef uint32_t U __attribute__((vector_size(N * 4)));
+    H h;
+    std::memcpy(&h, p, sizeof(h));
+    const U u = __builtin_convertvector(h, U) << 16;
+    Vec<float> f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  }
+}
+template <typename E>
+static inline void store_e(E* p, Vec<float> v) {
+  if constexpr (std::is_same<E, float>::value) {
+    storeu(p, v);
+  } else {
+    static_assert(std::is_same<E, BFloat16>::value, "float or bfloat16");
+    constexpr int N = VecOf<float>::N;
+    typedef uint16_t H __attribute__((vector_size(N * 2)));
+    typedef uint32_t U __attribute__((vector_size(N * 4)));
+    U u;
+    std::memcpy(&u, &v, sizeof(u));
+    const U nan = (U)((u & 0x7fffffffu) > 0x7f800000u);
+    const U r = (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7fc0u);
+    const H h = __builtin_convertvector(r, H);
+    std::memcpy(p, &h, sizeof(h));
+  }
 }
 // A store that goes around the caches (p aligned to the vector): for output that the kernel
 // does not read again. stream_fence() orders a thread's streaming stores before its later stores
@@ -326,6 +364,25 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
   }
 #endif
   transpose16(rows, D, mul, dst, ds);
+}
+
+// NA_TRANSPOSE_BLK of rows of the float32 forward's element type E (D % N == 0): bfloat16 rows are
+// widened into tmp (N rows of D floats) first.
+template <typename E>
+static inline void transpose_blk(const E* const* rows, int64_t D, float mul, float* dst, int64_t ds, float* tmp) {
+  if constexpr (std::is_same<E, float>::value) {
+    (void)tmp;
+    NA_TRANSPOSE_BLK(rows, D, mul, dst, ds);
+  } else {
+    constexpr int N = VecOf<float>::N;
+    const float* fr[N];
+    for (int l = 0; l < N; ++l) {
+      fr[l] = rows[l] ? tmp + l * D : nullptr;
+      if (rows[l])
+        for (int64_t c = 0; c < D; c += N) storeu(tmp + l * D + c, load_e(rows[l] + c));
+    }
+    NA_TRANSPOSE_BLK(fr, D, mul, dst, ds);
+  }
 }
 
 }  // namespace

@@ -452,10 +452,11 @@ def test_padded_head_widths(case, dtype, D):
 
 
 # bfloat16 backward of windows along W alone wider than 16 keys at the fast widths (D % 16 == 0 up
-# to 64, and 96 and 128): the binding widens the inputs, so the gradients are the float32
-# backward's (the band backward, the dilation sub-grids) rounded to bfloat16, bit for bit;
+# to 64, and 96 and 128): the band backward (and the dilation sub-grids) runs the float32
+# arithmetic on the bfloat16 tensors, so the gradients are the float32 backward's rounded to
+# bfloat16, bit for bit;
 # elsewhere (D = 20 here) the bfloat16 kernels run. Both against the float64 brute force. The
-# forward widens at the fast widths.
+# forward reads bfloat16 in place at the fast widths (test_forward_bfloat16_in_place).
 # (At the generic level, whose float32 backward takes the general route here, one width per case.)
 BF16_BWD = [BAND_BWD[i] for i in (0, 3, 7, 9, 11, 17, 20)] + [WIDE_1D[10], DILATED[0]]
 BF16_BWD_RUNS = band_runs(BF16_BWD, (16, 64, 128, 20))
@@ -534,6 +535,36 @@ def test_forward_bfloat16_in_place(case, D):
 @pytest.mark.parametrize("dout_layout", ["all expanded", "channels expanded", "channel stride 3"])
 def test_backward_dout_channel_strides(case, dout_layout):
     check_case(case, torch.float32, D=32, dout_layout=dout_layout)
+
+
+# The same in bfloat16 (the band backward widens a dout of any channel stride itself): bit for bit
+# the float32 band backward on the widened tensors, rounded, and against the float64 brute force.
+@pytest.mark.parametrize("case", [BAND_BWD[i] for i in (0, 3, 11)], ids=case_id)
+@pytest.mark.parametrize("dout_layout", ["all expanded", "channels expanded", "channel stride 3"])
+def test_backward_bfloat16_dout_channel_strides(case, dout_layout):
+    check_case(case, torch.bfloat16, D=32, dout_layout=dout_layout)
+    sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case
+    q, k, v = make_inputs(sp, heads, hkv, 32, torch.bfloat16, layout, 2)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(q.shape, generator=g).to(torch.bfloat16)
+    if dout_layout == "channels expanded":
+        dout = dout[..., :1].expand(q.shape)
+    elif dout_layout == "all expanded":
+        dout = torch.ones((1,) * q.dim(), dtype=torch.bfloat16).expand(q.shape)
+    else:
+        wide = torch.zeros(*q.shape[:-1], 96, dtype=torch.bfloat16)
+        wide[..., ::3] = dout
+        dout = wide[..., ::3]
+    assert dout.stride(-1) != 1
+    dlse = torch.randn(q.shape[0], heads, *sp, generator=g)
+    window = (list(ks), list(dil), list(st), [int(x) for x in causal], border, None, 32 ** -0.5)
+    fwd = torch.ops.alterops.neighborhood_attention_nd_fwd
+    bwd = torch.ops.alterops.neighborhood_attention_nd_bwd
+    out, lse = fwd(q, k, v, *window)
+    got = bwd(dout, q, k, v, out, lse, dlse, *window, False)
+    want = bwd(dout.float(), *[t.float() for t in (q, k, v)], out.float(), lse, dlse, *window, False)
+    for name, a, b in zip(["dq", "dk", "dv"], got[:3], want[:3]):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name
 
 
 # The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped

@@ -197,14 +197,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
     return {dq, dk, dv, dbias};
   }
 
-  // bfloat16 windows along W alone wider than 16 keys (the 1-D ops' long windows), at the fast
-  // widths: the float32 backward on float32 copies from the output pool, its gradients rounded
-  // back. The bfloat16 kernels compute in float32 too, but only float32 has the band backward (and
-  // the dilation sub-grids that lead to it): 1-D forward+backward (B = 4, L = 4096, 8 heads, d = 64,
-  // k = 65) 173-177 -> 87-98 ms on Zen 4, float32 70-85 (bf16-backward-widen-ab.json under
-  // bench/results/cpu-amd-epyc-avx512-2core/neighborhood). Elsewhere the seven copies cost more than
-  // the float32 routes gain (widening every bfloat16 backward: 2-D 56x56, d = 32, k = 7,
-  // 19.8 -> 23.1 ms; 3-D level).
+  // bfloat16 windows along W alone wider than 16 keys (the 1-D ops' long windows) at the fast
+  // widths take the band backward (and the dilation sub-grids that lead to it), which reads and
+  // writes bfloat16 itself (bf16_direct below). It had run on float32 copies from the output pool,
+  // its gradients rounded back (1-D forward+backward, B = 4, L = 4096, 8 heads, d = 64, k = 65:
+  // 173-177 -> 87-98 ms on Zen 4 against the bfloat16 general backward, bf16-backward-widen-ab.json
+  // under bench/results/cpu-amd-epyc-avx512-2core/neighborhood); in place, 88.4 -> 70.9 ms on the
+  // Xeon (float32 66-67; bf16-band-backward-in-place-ab.json). Elsewhere the bfloat16 kernels run
+  // (widening every bfloat16 backward: 2-D 56x56, d = 32, k = 7, 19.8 -> 23.1 ms; 3-D level).
   // Likewise maps of whole-window cells (whole_window_cells), which only float32 runs as dense
   // attention per cell. float32 and bfloat16 heads of other widths take these routes padded with
   // zero channels to a fast width (padded_fast_width: 1-D, B = 4, L = 4096, k = 65, 6 heads of 80,
@@ -212,8 +212,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
   // general backward loses (2-D 56 x 56, k = 7, 2 heads of 80, backward 31 ms; of 96, 38 ms).
   const View6 qv = view6(q);
   const int64_t width = float32_copy_width(dt, q.size(q.dim() - 1));
-  const bool widen = width > 0 && ((win.kernel[0] == 1 && win.kernel[1] == 1 && win.kernel[2] > 16) ||
-                                    whole_window_cells(qv.size + 1, win));
+  // bfloat16 heads of a fast width with unit channel strides (dout: any) take the band backward on
+  // the tensors themselves, as the forward (rows widened and narrowed by its tasks).
+  const bool bf16_direct = dt == DType::BFloat16 && width == q.size(q.dim() - 1) && qv.stride[5] == 1 &&
+                           k.stride(k.dim() - 1) == 1 && v.stride(v.dim() - 1) == 1 &&
+                           !whole_window_cells(qv.size + 1, win);
+  const bool widen = width > 0 && !bf16_direct &&
+                     ((win.kernel[0] == 1 && win.kernel[1] == 1 && win.kernel[2] > 16) ||
+                      whole_window_cells(qv.size + 1, win));
   Tensor doutf = dout, qf = q, kf = k, vf = v, dqf = dq, dkf = dk, dvf = dv;
   if (widen) {
     doutf = binding::float_copy_padded(dout, width);

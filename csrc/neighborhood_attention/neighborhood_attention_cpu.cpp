@@ -105,13 +105,13 @@ static void backward_typed(const BackwardArgs& a, const Parallel& par) {
                                static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
                                static_cast<T>(a.scale), par);
   };
-  if constexpr (std::is_same<scalar_t, float>::value)
+  if constexpr (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, BFloat16>::value)
     if (band_backward_window(a.win)) {
       // the band's plan: "zero"/"mask" border columns as border slots (as the forward's)
       Plan<T> pl(a.q, a.k, a.win, table, a.bias_heads);
       if (backward_band(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
-                        static_cast<T*>(a.dq), static_cast<T*>(a.dk), static_cast<T*>(a.dv), static_cast<T*>(a.dbias),
-                        pl, static_cast<T>(a.scale), par))
+                        static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk), static_cast<scalar_t*>(a.dv),
+                        static_cast<T*>(a.dbias), pl, static_cast<T>(a.scale), par))
         return;
       if (a.win.border == kClamp) return general(pl);
     }
@@ -166,7 +166,7 @@ static bool subgrids_forward(const View6& q, const Window& w) {
 
 static bool subgrids_backward(const View6& q, const Window& w, DType dtype) {
 #if NA_X86V3
-  return dtype == DType::Float32 && w.kernel[0] == 1 && w.kernel[1] == 1 && split_axis(w, 2) &&
+  return (dtype == DType::Float32 || dtype == DType::BFloat16) && w.kernel[0] == 1 && w.kernel[1] == 1 && split_axis(w, 2) &&
          band_backward_nv(w.kernel[2]) > 0 && q.size[3] / w.dilation[2] >= 2 * w.kernel[2];
 #else
   (void)q, (void)w, (void)dtype;

@@ -497,13 +497,12 @@ def test_backward_bfloat16(case, D):
 # 1-D/2-D/3-D, the 1-D band over rows of several column chunks (their clamped border windows read
 # columns that the chunk did not pack), strided and causal windows, dilation sub-grids, rows longer
 # than a segment on 2-D/3-D maps, whole-window cells (which keep their float32 copies), layouts
-# with heads major and with a channel stride (copies too). Each case at two widths in turn, with
-# the float64 brute force as well.
+# with heads major and with a channel stride (copies too). Each case at one of the widths, in
+# turn, with the float64 brute force as well.
 BF16_FWD = (CASES + [WIDE_1D[i] for i in (0, 3, 4, 8, 10, 11, 13, 14, 16)] + LONG_ROWS[:3] + [LONG_ROWS[6]]
             + DILATED[:2] + [WHOLE[1]])
 BF16_FWD_WIDTHS = (16, 32, 64, 128, 48)
-BF16_FWD_RUNS = [(c, BF16_FWD_WIDTHS[(i + j) % len(BF16_FWD_WIDTHS)]) for i, c in enumerate(BF16_FWD)
-                 for j in ((0,) if GENERIC_LEVEL else (0, 2))]
+BF16_FWD_RUNS = in_turn(BF16_FWD, BF16_FWD_WIDTHS)
 
 
 @pytest.mark.parametrize("case,D", BF16_FWD_RUNS, ids=width_ids(BF16_FWD_RUNS))

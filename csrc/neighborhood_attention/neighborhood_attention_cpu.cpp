@@ -57,9 +57,8 @@
 // heads of a key/value head, then the row chunks; a task that is the only one of its key/value
 // head writes its dK/dV rows out itself); its split depends on the shapes only, never on the
 // thread count, so its results are the same bits whatever the number of threads. bfloat16 is
-// computed in float: at the fast widths the float32 forward reads and writes bfloat16 itself
-// (forward_f32<DV, BFloat16>), and the binding hands the float32 backward float32 copies where
-// they pay (long windows along W); float64 in double.
+// computed in float: at the fast widths the float32 forward and the band backward read and write
+// bfloat16 themselves (their pointers carry the element size); float64 in double.
 // Dilated maps: the forward (and the float32 backward of long 1-D windows) runs once per dilation
 // sub-grid, on strided views, as an op of dilation 1 (see "dilation as sub-grids" below).
 // Maps whose every window is a whole cell (each dilated axis one window long per sub-grid, or kernel
@@ -83,7 +82,9 @@ static void forward_typed(const ForwardArgs& a, const Parallel& par) {
   scalar_t* out = static_cast<scalar_t*>(a.out);
   T* lse = static_cast<T*>(a.lse);
   if constexpr (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, BFloat16>::value)
-    if (forward_fast(a.q, a.k, a.v, out, lse, pl, static_cast<T>(a.scale), par)) return;
+    if (forward_fast(a.q, a.k, a.v, OutPtr{reinterpret_cast<char*>(out), sizeof(scalar_t)}, lse, pl,
+                     static_cast<T>(a.scale), par))
+      return;
   forward_impl<scalar_t, T>(a.q, a.k, a.v, out, lse, pl, static_cast<T>(a.scale), par);
 }
 
@@ -110,8 +111,10 @@ static void backward_typed(const BackwardArgs& a, const Parallel& par) {
       // the band's plan: "zero"/"mask" border columns as border slots (as the forward's)
       Plan<T> pl(a.q, a.k, a.win, table, a.bias_heads);
       if (backward_band(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
-                        static_cast<scalar_t*>(a.dq), static_cast<scalar_t*>(a.dk), static_cast<scalar_t*>(a.dv),
-                        static_cast<T*>(a.dbias), pl, static_cast<T>(a.scale), par))
+                        OutPtr{static_cast<char*>(a.dq), sizeof(scalar_t)},
+                        OutPtr{static_cast<char*>(a.dk), sizeof(scalar_t)},
+                        OutPtr{static_cast<char*>(a.dv), sizeof(scalar_t)}, static_cast<T*>(a.dbias), pl,
+                        static_cast<T>(a.scale), par))
         return;
       if (a.win.border == kClamp) return general(pl);
     }

@@ -140,15 +140,16 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   return bb;
 }
 
-// E: the element type of dout, q, k, v and the gradients, float or bfloat16 (the same float32
-// arithmetic: a task widens its key and value rows, and each query head's q and dout rows, into
-// buffers, and forms dq, dk and dv rows in float32 buffers that it narrows when they are whole).
-template <int DV, typename E = float>
+// dout, q, k, v and the gradients are float32 or bfloat16 tensors (DQ.es bytes per element: the
+// same float32 arithmetic; with bfloat16 a task widens its key and value rows, and each query
+// head's q and dout rows, into buffers, and forms dq, dk and dv rows in float32 buffers that it
+// narrows when they are whole).
+template <int DV>
 static void backward_band_f32(const View6& dout, const View6& q, const View6& k, const View6& v, const float* L,
-                              const float* dlse, E* DQ, E* DK, E* DVo, float* dbias,
+                              const float* dlse, OutPtr DQ, OutPtr DK, OutPtr DVo, float* dbias,
                               const Plan<float>& pl, const BandBackward& bb, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  constexpr bool kBF = !std::is_same<E, float>::value;
+  const bool kBF = DQ.es != 4;
   constexpr int MQ = kBwdBandQ;
   // P.V tiles: TQ queries (keys) by DC channel vectors (TQ * DC accumulators), DV / DC passes
   // (AVX-512: all DV vectors up to 4, then halves, for heads of 96 and 128 channels, which took the
@@ -173,10 +174,8 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   const int64_t n4 = pl.n_full * N;  // interior slots in whole blocks: band tiles of MQ
   const int64_t nzone = zl + (W - zr);
   const int64_t off0 = pl.off[0], offe = pl.off[kw - 1];
-  const E* const qb = static_cast<const E*>(q.data);
-  const E* const gb = static_cast<const E*>(dout.data);
-  const E* const kb = static_cast<const E*>(k.data);
-  const E* const vb = static_cast<const E*>(v.data);
+  const InPtr qb{static_cast<const char*>(q.data), DQ.es}, gb{static_cast<const char*>(dout.data), DQ.es};
+  const InPtr kb{static_cast<const char*>(k.data), DQ.es}, vb{static_cast<const char*>(v.data), DQ.es};
   // dout whose channels are not contiguous (the expanded gradient of out.sum() or out.mean()) is
   // copied a row at a time into a buffer of the task (bfloat16: every row widened)
   const bool g_copy = dout.stride[5] != 1 || kBF;
@@ -212,18 +211,18 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
     RawBuf<float> Qw(kBF ? W * D : 1), Kw(kBF ? W * D : 1), Vw(kBF ? W * D : 1), DQw(kBF ? W * D : 1),
         DKw(kBF && !split ? W * D : 1), DVw(kBF && !split ? W * D : 1);
     // W tokens of src (token stride xs, channel stride cs) as float32 rows of D channels at dst
-    auto widen_row = [&](float* dst, const E* src, int64_t xs, int64_t cs) {
-      for (int64_t x = 0; x < W; ++x)
-        if (cs == 1)
-          for (int64_t c = 0; c < D; c += N) storeu(dst + x * D + c, load_e(src + x * xs + c));
-        else
-          for (int64_t c = 0; c < D; ++c) dst[x * D + c] = static_cast<float>(src[x * xs + c * cs]);
+    auto widen_row = [&](float* dst, InPtr src, int64_t xs, int64_t cs) {
+      if (cs == 1)
+        src.widen_tokens(dst, xs, 0, W, D);
+      else
+        for (int64_t x = 0; x < W; ++x)
+          for (int64_t c = 0; c < D; ++c) dst[x * D + c] = (src + (x * xs + c * cs)).get();
       return static_cast<const float*>(dst);
     };
     // the float32 rows of D channels at src narrowed into W tokens at dst (token stride xs)
-    auto narrow_row = [&](E* dst, const float* src, int64_t xs) {
+    auto narrow_row = [&](OutPtr dst, const float* src, int64_t xs) {
       for (int64_t x = 0; x < W; ++x)
-        for (int64_t c = 0; c < D; c += N) store_e(dst + x * xs + c, loadu(src + x * D + c));
+        for (int64_t c = 0; c < D; c += N) (dst + (x * xs + c)).store(loadu(src + x * D + c));
     };
     Buf<float> ringP((ring + HIST) * cw, 0.0f), ringS((ring + HIST) * cw, 0.0f);
     Buf<float> CSb((MQ + 1) * CS, 0.0f), CDb((MQ + 1) * CS, 0.0f);
@@ -246,15 +245,9 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         b = t / pl.R / pl.NKV;
         hk = t / pl.R % pl.NKV;
       }
-      const float* kr;
-      const float* vr;
-      if constexpr (kBF) {
-        kr = widen_row(Kw.data(), kb + pl.row_off(k.stride, b, y, hk), k.stride[3], 1);
-        vr = widen_row(Vw.data(), vb + pl.row_off(v.stride, b, y, hk), v.stride[3], 1);
-      } else {
-        kr = kb + pl.row_off(k.stride, b, y, hk);
-        vr = vb + pl.row_off(v.stride, b, y, hk);
-      }
+      const InPtr kin = kb + pl.row_off(k.stride, b, y, hk), vin = vb + pl.row_off(v.stride, b, y, hk);
+      const float* const kr = kBF ? widen_row(Kw.data(), kin, k.stride[3], 1) : kin.f32();
+      const float* const vr = kBF ? widen_row(Vw.data(), vin, v.stride[3], 1) : vin.f32();
       // the key and value rows transposed (channel-major, columns W.. zero) for the band logits
       for (int64_t x0 = 0; x0 < Wk; x0 += N) {
         for (int l = 0; l < N; ++l) rows[l] = x0 + l < W ? kr + (x0 + l) * kxs : nullptr;
@@ -266,35 +259,19 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
       float* dk_row = split ? DKs.data() + g0 * kv_elems + kv_row : nullptr;
       float* dv_row = split ? DVs.data() + g0 * kv_elems + kv_row : nullptr;
       if (!split) {
-        if constexpr (kBF) {
-          dk_row = DKw.data();
-          dv_row = DVw.data();
-        } else {
-          dk_row = DK + kv_row;
-          dv_row = DVo + kv_row;
-        }
+        dk_row = kBF ? DKw.data() : (DK + kv_row).f32();
+        dv_row = kBF ? DVw.data() : (DVo + kv_row).f32();
       }
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t h = hk * pl.G + g, bh = b * pl.NH + h;
         const bool first = g == g0;
-        const float* qr;
-        const float* gr = nullptr;
-        if constexpr (kBF)
-          qr = widen_row(Qw.data(), qb + pl.row_off(q.stride, b, y, h), q.stride[3], 1);
-        else
-          qr = qb + pl.row_off(q.stride, b, y, h);
-        if (g_copy)
-          gr = widen_row(Gt.data(), gb + pl.row_off(dout.stride, b, y, h), dout.stride[3], dout.stride[5]);
-        else if constexpr (!kBF)
-          gr = gb + pl.row_off(dout.stride, b, y, h);
+        const InPtr qin = qb + pl.row_off(q.stride, b, y, h), gin = gb + pl.row_off(dout.stride, b, y, h);
+        const float* const qr = kBF ? widen_row(Qw.data(), qin, q.stride[3], 1) : qin.f32();
+        const float* const gr = g_copy ? widen_row(Gt.data(), gin, dout.stride[3], dout.stride[5]) : gin.f32();
         const float* const Lr = L + (bh * pl.R + y) * W;
         const float* const dlr = dlse ? dlse + (bh * pl.R + y) * W : nullptr;
-        E* const dq_out = DQ + ((b * pl.R + y) * W * pl.NH + h) * D;
-        float* dq_row;
-        if constexpr (kBF)
-          dq_row = DQw.data();
-        else
-          dq_row = dq_out;
+        const OutPtr dq_out = DQ + ((b * pl.R + y) * W * pl.NH + h) * D;
+        float* const dq_row = kBF ? DQw.data() : dq_out.f32();
         const int64_t ht = pl.nht == 1 ? 0 : h;
         const float* const brow = pl.bias_row(ht, y, 0);  // [kw][Ws]
         float* const dBt = dbias ? dB.data() + t * tsize + ht * tc : nullptr;
@@ -571,13 +548,12 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           for (int d = 0; d < DV; ++d) a[d] = loadu(zV.data() + zone_at(x) + d * N);
           put(dv_row + x * kts, a, 1.0f);
         }
-        if constexpr (kBF) narrow_row(dq_out, dq_row, pl.NH * D);
+        if (kBF) narrow_row(dq_out, dq_row, pl.NH * D);
       }
-      if constexpr (kBF)
-        if (!split) {
-          narrow_row(DK + kv_row, dk_row, pl.NKV * D);
-          narrow_row(DVo + kv_row, dv_row, pl.NKV * D);
-        }
+      if (kBF && !split) {
+        narrow_row(DK + kv_row, dk_row, pl.NKV * D);
+        narrow_row(DVo + kv_row, dv_row, pl.NKV * D);
+      }
     }
   });
   if (split)  // dK = slice 0 + slice 1 + ... (each element's sum in slice order)
@@ -588,8 +564,8 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           a += loadu(DKs.data() + g * kv_elems + e);
           c += loadu(DVs.data() + g * kv_elems + e);
         }
-        store_e(DK + e, a);
-        store_e(DVo + e, c);
+        (DK + e).store(a);
+        (DVo + e).store(c);
       }
     });
   if (dbias)
@@ -614,9 +590,8 @@ static bool band_backward_window(const Window& w) {
 }
 
 // The float32 band backward (float32 or bfloat16 tensors) where it applies (see above); false: not taken.
-template <typename E>
 static bool backward_band(const View6& dout, const View6& q, const View6& k, const View6& v, const float* L,
-                          const float* dlse, E* DQ, E* DK, E* DV, float* dbias, const Plan<float>& pl,
+                          const float* dlse, OutPtr DQ, OutPtr DK, OutPtr DV, float* dbias, const Plan<float>& pl,
                           float scale, const Parallel& par) {
 #if NA_X86V3
   const BandBackward bb = band_backward_plan(dout, q, k, v, pl);
@@ -624,12 +599,12 @@ static bool backward_band(const View6& dout, const View6& q, const View6& k, con
   // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
   constexpr int M = NA_AVX2 ? 2 : 1;
   switch (pl.D / 16) {
-    case 1: backward_band_f32<M, E>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    case 2: backward_band_f32<2 * M, E>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    case 3: backward_band_f32<3 * M, E>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    case 4: backward_band_f32<4 * M, E>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    case 6: backward_band_f32<6 * M, E>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    default: backward_band_f32<8 * M, E>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 1: backward_band_f32<M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 2: backward_band_f32<2 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 3: backward_band_f32<3 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 4: backward_band_f32<4 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    case 6: backward_band_f32<6 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
+    default: backward_band_f32<8 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
   }
   return true;
 #else

@@ -209,14 +209,14 @@ class PrefetchQueue {
   size_t head_ = 0;
 };
 
-// E: the element type of q, k, v and the output, float or bfloat16 (the same float32 arithmetic:
-// bfloat16 tokens are widened where they are packed, copied or staged, the output narrowed where
-// it is stored).
-template <int DV, typename E = float>
-static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, float* L,
+// q, k, v and the output O are float32 or bfloat16 tensors (O.es bytes per element: the same
+// float32 arithmetic; bfloat16 tokens are widened where they are packed, copied or staged, the
+// output narrowed where it is stored).
+template <int DV>
+static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O, float* L,
                         const Plan<float>& pl, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  constexpr bool kBF = !std::is_same<E, float>::value;
+  const bool kBF = O.es != 4;
   // The interior band's P.V tiles take DB channel vectors at a time (all DV up to 4, then halves:
   // heads of 96 and 128 channels in two passes) and TQ queries: TQ * DB accumulators in registers
   // (the interior band is AVX-512 only). Heads of 96 and 128 took the general forward before (Zen 4, 2 threads,
@@ -271,9 +271,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
   const int64_t nchunks = row_chunks(pl.B * pl.NH, pl.R, par);
   const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
   const int64_t K2 = pl.nkr * pl.kw;
-  const E* qb = static_cast<const E*>(q.data);
-  const E* kb = static_cast<const E*>(k.data);
-  const E* vb = static_cast<const E*>(v.data);
+  const InPtr qb{static_cast<const char*>(q.data), O.es};
+  const InPtr kb{static_cast<const char*>(k.data), O.es};
+  const InPtr vb{static_cast<const char*>(v.data), O.es};
   const int64_t *qs = q.stride, *ks = k.stride, *vs = v.stride;
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
   const bool any_bias = pl.any_bias;
@@ -347,7 +347,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
   // the cache to the inputs (2-D forward, B = 4, 56 x 56, 4 heads, 6.4 MB of output: 6% faster on
   // Zen 3 at AVX2, 7% on Zen 4 at AVX-512).
   // (float outputs only)
-  const bool stream_out = !kBF && stream_output(O, pl.B * pl.R * pl.W * pl.NH * D * (int64_t)sizeof(float));
+  const bool stream_out = !kBF && stream_output(O.p, pl.B * pl.R * pl.W * pl.NH * D * (int64_t)sizeof(float));
   // Border blocks whose lanes' key columns (every neighbour's) lie within 32 or 64 columns from
   // a 64-byte boundary of the packed row, gperm[g] >= 0 (that boundary's column), take their
   // logits through dot_row_perm, from the packed rows that whole-row packing (group_pack) leaves
@@ -412,7 +412,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
     auto add_bias_row = [&](float* C, const float* B) {
       for (int64_t e = 0; e < pl.kw; e += N) storeu(C + e, loadu(C + e) + loadu(B + e));
     };
-    const E* rows[16];
+    InPtr rows[16];
     // Rows longer than a segment have the next segment's q, k and v columns prefetched into L2
     // a few tokens at a time while this segment is worked on (a burst of a whole segment's
     // prefetches would stall its loads). Shorter rows are left to the hardware prefetcher:
@@ -420,7 +420,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
     // forward 10% slower.
     PrefetchQueue pfq;
     int64_t pf_quota = 0;
-    const int64_t tok_bytes = D * (int64_t)sizeof(E);
+    const int64_t tok_bytes = D * O.es;
     auto pf_step = [&](int64_t ntok) {
       if (seg_pf) pfq.step(ntok, tok_bytes);
     };
@@ -454,36 +454,28 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
       auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
       auto vcopy = [&](int64_t y) { return Vp.data() + Kp.slot(y) * pl.W * D; };
       auto vsrc = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
-      auto vrow = [&](int64_t y) -> const float* {
-        if constexpr (kBF)
-          return vcopy(y);
-        else
-          return vpack ? vcopy(y) : vsrc(y);
-      };
+      auto vrow = [&](int64_t y) -> const float* { return vpack ? vcopy(y) : vsrc(y).f32(); };
       // (bfloat16 rows longer than a segment) value tokens x of row y widened into its copy
       auto widen_v = [&](int64_t y, int64_t x0, int64_t x1) {
-        const E* vr = vsrc(y);
-        float* vd = vcopy(y);
-        for (int64_t x = x0; x < x1; ++x)
-          for (int64_t c = 0; c < D; c += N) storeu(vd + x * D + c, load_e(vr + x * vs[3] + c));
+        vsrc(y).widen_tokens(vcopy(y), vs[3], x0, x1, D);
       };
       // columns [x0, x0 + N) of key row y (kr) transposed into Kp (columns past W: zeros)
-      auto pack_key_block = [&](const E* kr, int64_t y, int64_t x0) {
-        for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : nullptr;
+      const InPtr none{nullptr, O.es};
+      auto pack_key_block = [&](InPtr kr, int64_t y, int64_t x0) {
+        for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : none;
         transpose_blk(rows, D, 1.0f, Kp.trow(pl, y) + x0, pl.Wk, Tw.data());
       };
       // the border blocks' copies of key row y (kr) in Kp (only for the chunk that holds them)
-      auto pack_border_blocks = [&](const E* kr, int64_t y) {
+      auto pack_border_blocks = [&](InPtr kr, int64_t y) {
         for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
           if (gperm[g] >= 0) continue;
           const int64_t s0 = (pl.n_full + g) * N;
           float* gb = Kp.grow(pl, y, g);
           for (int64_t j = 0; j < pl.kw; ++j) {
             const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-            for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : nullptr;
+            for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : none;
             transpose_blk(rows, D, 1.0f, gb + j * D * N, N, Tw.data());
-            if constexpr (kBF)
-              if (seg_pf)
+            if (kBF && seg_pf)
                 for (int l = 0; l < N; ++l)
                   if (ki[l] < pl.W) widen_v(y, ki[l], ki[l] + 1);
           }
@@ -498,18 +490,17 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
         const int64_t from = std::max(packed_hi + 1, upto - Kp.rows + 1);
         for (int64_t y = from; y <= upto; ++y) {
           const int64_t yq = yg + (y - from);  // the query row whose lines are prefetched with it
-          const E* kr = krow(y);
-          const E* vr = vsrc(y);
+          const InPtr kr = krow(y);
+          const InPtr vr = vsrc(y);
           float* vdst = vpack ? vcopy(y) : nullptr;
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
-            prefetch_tokens(kr + (x0 + kPackAhead) * ks[3], ks[3], N, D);
-            prefetch_tokens(vr + (x0 + kPackAhead) * vs[3], vs[3], N, D);
+            prefetch_tokens((kr + (x0 + kPackAhead) * ks[3]).p, ks[3] * O.es, N, D * O.es);
+            prefetch_tokens((vr + (x0 + kPackAhead) * vs[3]).p, vs[3] * O.es, N, D * O.es);
             if (yq < yg + ng && x0 < pl.W)
-              prefetch_tokens(qb + pl.row_off(qs, b, yq, h) + x0 * qs[3], qs[3], std::min<int64_t>(N, pl.W - x0), D);
+              prefetch_tokens((qb + (pl.row_off(qs, b, yq, h) + x0 * qs[3])).p, qs[3] * O.es,
+                              std::min<int64_t>(N, pl.W - x0), D * O.es);
             pack_key_block(kr, y, x0);
-            if (vpack)
-              for (int64_t x = x0; x < std::min(pl.W, x0 + N); ++x)
-                for (int64_t c = 0; c < D; c += N) storeu(vdst + x * D + c, load_e(vr + x * vs[3] + c));
+            if (vpack) vr.widen_tokens(vdst, vs[3], x0, std::min(pl.W, x0 + N), D);
           }
           pack_border_blocks(kr, y);
         }
@@ -523,8 +514,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
       // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
       auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
         for (int64_t x0 = c0; x0 < c1; x0 += N) pack_key_block(krow(y), y, x0);
-        if constexpr (kBF)
-          if (seg_pf) widen_v(y, c0, std::min(c1, pl.W));
+        if (kBF && seg_pf) widen_v(y, c0, std::min(c1, pl.W));
       };
       // columns up to upto_col (exclusive) of the packed rows
       auto extend_cols = [&](int64_t upto_col) {
@@ -536,7 +526,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
       auto pack_key_rows = [&](int64_t upto) {
         // (rows that the ring would drop before any group reads them are skipped)
         for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
-          const E* kr = krow(y);
+          const InPtr kr = krow(y);
           pack_cols(y, packed_lo, packed_cols);
           // border slots of the chunk through the band: the columns of their bands that lie below
           // the chunk's packed columns
@@ -593,10 +583,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
             const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
             const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
             for (int64_t r = 0; r < ng; ++r)
-              pfq.add(qb + pl.row_off(qs, b, yg + r, h) + qa * qs[3], qs[3], qe - qa);
+              pfq.add((qb + (pl.row_off(qs, b, yg + r, h) + qa * qs[3])).p, qs[3] * O.es, qe - qa);
             for (int64_t ky = kmin; ky <= kmax; ++ky) {
-              pfq.add(krow(ky) + ka * ks[3], ks[3], ke - ka);
-              pfq.add(vsrc(ky) + ka * vs[3], vs[3], ke - ka);
+              pfq.add((krow(ky) + ka * ks[3]).p, ks[3] * O.es, ke - ka);
+              pfq.add((vsrc(ky) + ka * vs[3]).p, vs[3] * O.es, ke - ka);
             }
             const int64_t tokens = pfq.pending();
             // steps: one per key row and slot block, per query row and P.V tile
@@ -606,24 +596,20 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
           for (int64_t r = 0; r < ng && gend > sg; ++r) {
             const int64_t y = yg + r;
             const int64_t ky = pl.rowpos[y];
-            const E* qr = qb + pl.row_off(qs, b, y, h);
+            const InPtr qr = qb + pl.row_off(qs, b, y, h);
             // the band's query of slot sl (column slotx[sl]) and the stride between adjacent ones:
             // in place, or (bfloat16) widened into Qs first
-            if constexpr (kBF)
+            if (kBF)
               for (int64_t sl = sg; sl < gend; ++sl)
                 if (pl.slotx[sl] < pl.W)
-                  for (int64_t c = 0; c < D; c += N)
-                    storeu(Qs.data() + (sl - sg) * D + c, load_e(qr + pl.slotx[sl] * qs[3] + c));
+                  (qr + pl.slotx[sl] * qs[3]).widen_tokens(Qs.data() + (sl - sg) * D, 0, 0, 1, D);
             auto qband = [&](int64_t sl) -> const float* {
-              if constexpr (kBF)
-                return Qs.data() + (sl - sg) * D;
-              else
-                return qr + pl.slotx[sl] * qs[3];
+              return kBF ? Qs.data() + (sl - sg) * D : (qr + pl.slotx[sl] * qs[3]).f32();
             };
             const int64_t qbs = kBF ? D : qs[3];
             const float* kt = Kp.trow(pl, ky);
             float* Lrow = L + (bh * pl.R + y) * pl.W;
-            E* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+            const OutPtr Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
             const int64_t ostr = pl.NH * D;
             auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
             const float* brow = any_bias ? pl.bias_row(ht, y, 0) : nullptr;
@@ -673,9 +659,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
                 NA_UNROLL
                 for (int t = 0; t < T; ++t) {
                   const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  E* o = Orow + (pl.xlo + sl + t) * ostr + dc * N;
+                  const OutPtr o = Orow + ((pl.xlo + sl + t) * ostr + dc * N);
                   NA_UNROLL
-                  for (int d = 0; d < DB; ++d) store_e(o + d * N, acc[t][d] * inv);
+                  for (int d = 0; d < DB; ++d) (o + d * N).store(acc[t][d] * inv);
                 }
               }
             };
@@ -737,7 +723,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
                     for (int t = 0; t < T; ++t) {
                       const Vec<float> iv = splat<float>(inv[t]);
                       NA_UNROLL
-                      for (int d = 0; d < DBG; ++d) store_e(Orow + (x + t) * ostr + (dc + d) * N, acc[t][d] * iv);
+                      for (int d = 0; d < DBG; ++d) (Orow + ((x + t) * ostr + (dc + d) * N)).store(acc[t][d] * iv);
                     }
                   }
                 }
@@ -748,10 +734,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
 #endif
           for (int64_t r = 0; r < ng; ++r) {
             const int64_t y = yg + r;
-            const E* qr = qb + pl.row_off(qs, b, y, h);
+            const InPtr qr = qb + pl.row_off(qs, b, y, h);
             for (int64_t ci = cg; ci < ce; ++ci) {
               const int32_t* sx = pl.slotx.data() + ci * N;
-              for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : nullptr;
+              for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : none;
               transpose_blk(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW, Tw.data());
             }
             for (int64_t i = 0; i < pl.nkr; ++i) {
@@ -850,7 +836,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
             pf_step(pf_quota);
             // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
             // the remaining queries one at a time.
-            E* Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+            const OutPtr Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
             const int64_t ostr = pl.NH * D;
             const int64_t tile_end = std::min(pl.n_int, se);
             for (int64_t i = 0; i < pl.nkr; ++i)
@@ -896,9 +882,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
                   NA_UNROLL
                   for (int t = 0; t < NS; ++t) {
                     const Vec<float> inv = splat<float>(Linv[sl + t]);
-                    E* o = Orow + pl.slotx[sl + t] * ostr + dc * N;
+                    const OutPtr o = Orow + (pl.slotx[sl + t] * ostr + dc * N);
                     NA_UNROLL
-                    for (int d = 0; d < DSH; ++d) store_e(o + d * N, acc[t][d] * inv);
+                    for (int d = 0; d < DSH; ++d) (o + d * N).store(acc[t][d] * inv);
                   }
                 }
               }
@@ -924,15 +910,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
                 NA_UNROLL
                 for (int t = 0; t < TQ2; ++t) {
                   const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  E* o = Orow + (x0 + t) * ostr + dc * N;
-                  if constexpr (!kBF)
-                    if (stream_out) {
-                      NA_UNROLL
-                      for (int d = 0; d < DC; ++d) stream_store(o + d * N, acc[t][d] * inv);
-                      continue;
-                    }
-                  NA_UNROLL
-                  for (int d = 0; d < DC; ++d) store_e(o + d * N, acc[t][d] * inv);
+                  const OutPtr o = Orow + ((x0 + t) * ostr + dc * N);
+                  if (stream_out) {  // (float32 outputs only)
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) stream_store(o.f32() + d * N, acc[t][d] * inv);
+                  } else {
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) (o + d * N).store(acc[t][d] * inv);
+                  }
                 }
               }
               sl += TQ2;
@@ -978,29 +963,28 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, E* O, fl
 
 // The float32 forward (float32 or bfloat16 inputs, head widths of float_fast_width, unit channel stride);
 // false: not taken.
-template <typename E>
-static bool forward_fast(const View6& q, const View6& k, const View6& v, E* out, float* lse,
+static bool forward_fast(const View6& q, const View6& k, const View6& v, OutPtr out, float* lse,
                          const Plan<float>& pl, float scale, const Parallel& par) {
   if (!float_fast_width(pl.D)) return false;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return false;
   // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
 #if NA_AVX2
   switch (pl.D / 16) {
-    case 1: forward_f32<2, E>(q, k, v, out, lse, pl, scale, par); break;
-    case 2: forward_f32<4, E>(q, k, v, out, lse, pl, scale, par); break;
-    case 3: forward_f32<6, E>(q, k, v, out, lse, pl, scale, par); break;
-    case 4: forward_f32<8, E>(q, k, v, out, lse, pl, scale, par); break;
-    case 6: forward_f32<12, E>(q, k, v, out, lse, pl, scale, par); break;
-    default: forward_f32<16, E>(q, k, v, out, lse, pl, scale, par); break;
+    case 1: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
+    case 2: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
+    case 3: forward_f32<6>(q, k, v, out, lse, pl, scale, par); break;
+    case 4: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
+    case 6: forward_f32<12>(q, k, v, out, lse, pl, scale, par); break;
+    default: forward_f32<16>(q, k, v, out, lse, pl, scale, par); break;
   }
 #else
   switch (pl.D / 16) {
-    case 1: forward_f32<1, E>(q, k, v, out, lse, pl, scale, par); break;
-    case 2: forward_f32<2, E>(q, k, v, out, lse, pl, scale, par); break;
-    case 3: forward_f32<3, E>(q, k, v, out, lse, pl, scale, par); break;
-    case 4: forward_f32<4, E>(q, k, v, out, lse, pl, scale, par); break;
-    case 6: forward_f32<6, E>(q, k, v, out, lse, pl, scale, par); break;
-    default: forward_f32<8, E>(q, k, v, out, lse, pl, scale, par); break;
+    case 1: forward_f32<1>(q, k, v, out, lse, pl, scale, par); break;
+    case 2: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
+    case 3: forward_f32<3>(q, k, v, out, lse, pl, scale, par); break;
+    case 4: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
+    case 6: forward_f32<6>(q, k, v, out, lse, pl, scale, par); break;
+    default: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
   }
 #endif
   return true;

@@ -155,6 +155,48 @@ static inline void store_e(E* p, Vec<float> v) {
     std::memcpy(p, &h, sizeof(h));
   }
 }
+// Pointers into a float32 or a bfloat16 tensor, the element size (4 or 2 bytes) decided at run
+// time: the float32 kernels take 16-bit tensors without a second instance of their code (which
+// had doubled their build). Arithmetic is in elements; load and store convert (load_e, store_e).
+struct InPtr {
+  const char* p;
+  int64_t es;
+  InPtr operator+(int64_t n) const { return {p + n * es, es}; }
+  explicit operator bool() const { return p != nullptr; }
+  Vec<float> load() const {
+    return es == 4 ? loadu(reinterpret_cast<const float*>(p)) : load_e(reinterpret_cast<const BFloat16*>(p));
+  }
+  const float* f32() const { return reinterpret_cast<const float*>(p); }  // (float32 tensors)
+  // tokens [x0, x1) of D channels, xs elements apart, as float32 rows of D at dst (x0 at dst + x0 * D)
+  void widen_tokens(float* dst, int64_t xs, int64_t x0, int64_t x1, int64_t D) const {
+    constexpr int N = VecOf<float>::N;
+    if (es == 4) {
+      const float* s = f32();
+      for (int64_t x = x0; x < x1; ++x)
+        for (int64_t c = 0; c < D; c += N) storeu(dst + x * D + c, loadu(s + x * xs + c));
+    } else {
+      const BFloat16* s = reinterpret_cast<const BFloat16*>(p);
+      for (int64_t x = x0; x < x1; ++x)
+        for (int64_t c = 0; c < D; c += N) storeu(dst + x * D + c, load_e(s + x * xs + c));
+    }
+  }
+  float get() const {  // one element
+    return es == 4 ? *reinterpret_cast<const float*>(p) : static_cast<float>(*reinterpret_cast<const BFloat16*>(p));
+  }
+};
+struct OutPtr {
+  char* p;
+  int64_t es;
+  OutPtr operator+(int64_t n) const { return {p + n * es, es}; }
+  void store(Vec<float> v) const {
+    if (es == 4)
+      storeu(reinterpret_cast<float*>(p), v);
+    else
+      store_e(reinterpret_cast<BFloat16*>(p), v);
+  }
+  float* f32() const { return reinterpret_cast<float*>(p); }  // (float32 tensors)
+};
+
 // A store that goes around the caches (p aligned to the vector): for output that the kernel
 // does not read again. stream_fence() orders a thread's streaming stores before its later stores
 // (each task calls it before it returns).
@@ -366,23 +408,19 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
   transpose16(rows, D, mul, dst, ds);
 }
 
-// NA_TRANSPOSE_BLK of rows of the float32 forward's element type E (D % N == 0): bfloat16 rows are
-// widened into tmp (N rows of D floats) first.
-template <typename E>
-static inline void transpose_blk(const E* const* rows, int64_t D, float mul, float* dst, int64_t ds, float* tmp) {
-  if constexpr (std::is_same<E, float>::value) {
-    (void)tmp;
-    NA_TRANSPOSE_BLK(rows, D, mul, dst, ds);
-  } else {
-    constexpr int N = VecOf<float>::N;
-    const float* fr[N];
-    for (int l = 0; l < N; ++l) {
-      fr[l] = rows[l] ? tmp + l * D : nullptr;
-      if (rows[l])
-        for (int64_t c = 0; c < D; c += N) storeu(tmp + l * D + c, load_e(rows[l] + c));
+// NA_TRANSPOSE_BLK of rows of a float32 or bfloat16 tensor (D % N == 0; a null row reads zeros):
+// bfloat16 rows are widened into tmp (N rows of D floats) first.
+static inline void transpose_blk(const InPtr* rows, int64_t D, float mul, float* dst, int64_t ds, float* tmp) {
+  constexpr int N = VecOf<float>::N;
+  const float* fr[N];
+  for (int l = 0; l < N; ++l) {
+    fr[l] = rows[l] ? (rows[l].es == 4 ? rows[l].f32() : tmp + l * D) : nullptr;
+    if (rows[l] && rows[l].es != 4) {
+      const BFloat16* r = reinterpret_cast<const BFloat16*>(rows[l].p);
+      for (int64_t c = 0; c < D; c += N) storeu(tmp + l * D + c, load_e(r + c));
     }
-    NA_TRANSPOSE_BLK(fr, D, mul, dst, ds);
   }
+  NA_TRANSPOSE_BLK(fr, D, mul, dst, ds);
 }
 
 }  // namespace

@@ -118,43 +118,28 @@ template <typename T>
 static inline void storeu(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-// N elements of the float32 forward's input and output types as floats: float itself, or
-// bfloat16 storage (widened exactly; narrowed to nearest even with NaN kept quiet, as torch and
-// BFloat16 convert), so that bfloat16 tensors take the float32 arithmetic without float32 copies.
-template <typename E>
-static inline Vec<float> load_e(const E* p) {
-  if constexpr (std::is_same<E, float>::value) {
-    return loadu(p);
-  } else {
-    static_assert(std::is_same<E, BFloat16>::value, "float or bfloat16");
-    constexpr int N = VecOf<float>::N;
-    typedef uint16_t H __attribute__((vector_size(N * 2)));
-    typedef uint32_t U __attribute__((vector_size(N * 4)));
-    H h;
-    std::memcpy(&h, p, sizeof(h));
-    const U u = __builtin_convertvector(h, U) << 16;
-    Vec<float> f;
-    std::memcpy(&f, &u, sizeof(f));
-    return f;
-  }
+// N elements of bfloat16 storage as floats (InPtr / OutPtr below): widened exactly, narrowed to
+// nearest even with NaN kept quiet (as torch and BFloat16 convert), so that bfloat16 tensors take
+// the float32 arithmetic without float32 copies.
+typedef uint16_t Bf16Vec __attribute__((vector_size(VecOf<float>::N * 2)));
+typedef uint32_t U32Vec __attribute__((vector_size(VecOf<float>::N * 4)));
+static inline Vec<float> load_e(const BFloat16* p) {
+  Bf16Vec h;
+  std::memcpy(&h, p, sizeof(h));
+  const U32Vec u = __builtin_convertvector(h, U32Vec) << 16;
+  Vec<float> f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
 }
-template <typename E>
-static inline void store_e(E* p, Vec<float> v) {
-  if constexpr (std::is_same<E, float>::value) {
-    storeu(p, v);
-  } else {
-    static_assert(std::is_same<E, BFloat16>::value, "float or bfloat16");
-    constexpr int N = VecOf<float>::N;
-    typedef uint16_t H __attribute__((vector_size(N * 2)));
-    typedef uint32_t U __attribute__((vector_size(N * 4)));
-    U u;
-    std::memcpy(&u, &v, sizeof(u));
-    const U nan = (U)((u & 0x7fffffffu) > 0x7f800000u);
-    const U r = (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7fc0u);
-    const H h = __builtin_convertvector(r, H);
-    std::memcpy(p, &h, sizeof(h));
-  }
+static inline void store_e(BFloat16* p, Vec<float> v) {
+  U32Vec u;
+  std::memcpy(&u, &v, sizeof(u));
+  const U32Vec nan = (U32Vec)((u & 0x7fffffffu) > 0x7f800000u);
+  const U32Vec r = (((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) & ~nan) | (nan & 0x7fc0u);
+  const Bf16Vec h = __builtin_convertvector(r, Bf16Vec);
+  std::memcpy(p, &h, sizeof(h));
 }
+
 // Pointers into a float32 or a bfloat16 tensor, the element size (4 or 2 bytes) decided at run
 // time: the float32 kernels take 16-bit tensors without a second instance of their code (which
 // had doubled their build). Arithmetic is in elements; load and store convert (load_e, store_e).

@@ -256,12 +256,8 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         NA_TRANSPOSE_BLK(rows, D, 1.0f, Vt.data() + x0, Wk);
       }
       const int64_t kv_row = ((b * pl.R + y) * W * pl.NKV + hk) * D;
-      float* dk_row = split ? DKs.data() + g0 * kv_elems + kv_row : nullptr;
-      float* dv_row = split ? DVs.data() + g0 * kv_elems + kv_row : nullptr;
-      if (!split) {
-        dk_row = kBF ? DKw.data() : (DK + kv_row).f32();
-        dv_row = kBF ? DVw.data() : (DVo + kv_row).f32();
-      }
+      float* const dk_row = split ? DKs.data() + g0 * kv_elems + kv_row : kBF ? DKw.data() : (DK + kv_row).f32();
+      float* const dv_row = split ? DVs.data() + g0 * kv_elems + kv_row : kBF ? DVw.data() : (DVo + kv_row).f32();
       for (int64_t g = g0; g < g1; ++g) {
         const int64_t h = hk * pl.G + g, bh = b * pl.NH + h;
         const bool first = g == g0;

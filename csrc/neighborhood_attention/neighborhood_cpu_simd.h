@@ -142,15 +142,13 @@ static inline void store_e(BFloat16* p, Vec<float> v) {
 
 // Pointers into a float32 or a bfloat16 tensor, the element size (4 or 2 bytes) decided at run
 // time: the float32 kernels take 16-bit tensors without a second instance of their code (which
-// had doubled their build). Arithmetic is in elements; load and store convert (load_e, store_e).
+// had doubled their build). Arithmetic is in elements; widen_tokens, get and store convert
+// (load_e, store_e).
 struct InPtr {
   const char* p;
   int64_t es;
   InPtr operator+(int64_t n) const { return {p + n * es, es}; }
   explicit operator bool() const { return p != nullptr; }
-  Vec<float> load() const {
-    return es == 4 ? loadu(reinterpret_cast<const float*>(p)) : load_e(reinterpret_cast<const BFloat16*>(p));
-  }
   const float* f32() const { return reinterpret_cast<const float*>(p); }  // (float32 tensors)
   // tokens [x0, x1) of D channels, xs elements apart, as float32 rows of D at dst (x0 at dst + x0 * D)
   void widen_tokens(float* dst, int64_t xs, int64_t x0, int64_t x1, int64_t D) const {
@@ -400,10 +398,7 @@ static inline void transpose_blk(const InPtr* rows, int64_t D, float mul, float*
   const float* fr[N];
   for (int l = 0; l < N; ++l) {
     fr[l] = rows[l] ? (rows[l].es == 4 ? rows[l].f32() : tmp + l * D) : nullptr;
-    if (rows[l] && rows[l].es != 4) {
-      const BFloat16* r = reinterpret_cast<const BFloat16*>(rows[l].p);
-      for (int64_t c = 0; c < D; c += N) storeu(tmp + l * D + c, load_e(r + c));
-    }
+    if (rows[l] && rows[l].es != 4) rows[l].widen_tokens(tmp + l * D, 0, 0, 1, D);
   }
   NA_TRANSPOSE_BLK(fr, D, mul, dst, ds);
 }

@@ -40,7 +40,7 @@ axis). It receives a deterministic gradient on every backend.
 
 Backends: ``reference`` (plain PyTorch, differentiable by autograd, every dtype; memory
 ``O(N * prod(kernel_size))``, never ``N x N``), ``cpu`` (fused C++ kernels, float32 / float64 /
-bfloat16), ``triton`` (flash-style, float32 / float16 / bfloat16, head_dim <= 256) and ``cuda``
+bfloat16 / float16; 16-bit inputs in float32 arithmetic, the results rounded to their dtype), ``triton`` (flash-style, float32 / float16 / bfloat16, head_dim <= 256) and ``cuda``
 (flash-style CUDA C++ kernels, float32 / float16 / bfloat16, head_dim <= 256, float32
 accumulation; float16 / bfloat16 on the tensor cores, float32 in exact SIMT arithmetic).
 Automatic order: CUDA ``triton, cuda, reference`` (Triton first until GPU timings show the CUDA
@@ -252,7 +252,7 @@ _TABLES = {n: register(OpBackends(
     op=f"neighborhood_attention{n}d",
     backends={
         "reference": Backend(),
-        "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16),
+        "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
                        ops=("neighborhood_attention_nd_fwd", "neighborhood_attention_nd_bwd")),
         "triton": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16)),
         # the same ops as "cpu": they dispatch on the device (csrc/neighborhood_attention/*_cuda*)

@@ -109,7 +109,7 @@ def case_id(c):
             f"-c{''.join(map(str, ca))}-{border}-kv{hkv}-b{nb}-{layout.replace(' ', '')}")
 
 
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
 def check_case(case, dtype, D=None, seed=0, dout_layout="dense"):
@@ -166,11 +166,12 @@ def test_float64(case):
 
 
 # float32 at a width of the dedicated forward (16), a width outside it (20) and one with two
-# vectors per head on AVX-512 (32); bfloat16 at a fast width and another.
+# vectors per head on AVX-512 (32); bfloat16 and float16 at a fast width and another.
 @pytest.mark.parametrize("case", [CASES[i] for i in (0, 3, 4, 7, 10, 11, 12)], ids=case_id)
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 16), (torch.float32, 20), (torch.float32, 32),
-                                     (torch.bfloat16, 16), (torch.bfloat16, 12)], ids=str)
-def test_float32_bfloat16(case, dtype, D):
+                                     (torch.bfloat16, 16), (torch.bfloat16, 12), (torch.float16, 32),
+                                     (torch.float16, 12)], ids=str)
+def test_float32_16bit(case, dtype, D):
     check_case(case, dtype, D=D)
 
 
@@ -380,7 +381,7 @@ DILATED = [
 
 @pytest.mark.parametrize("case", DILATED, ids=case_id)
 @pytest.mark.parametrize("dtype,D", [(torch.float64, None), (torch.float32, 16), (torch.float32, 32),
-                                     (torch.float32, 20), (torch.bfloat16, 16)], ids=str)
+                                     (torch.float32, 20), (torch.bfloat16, 16), (torch.float16, 32)], ids=str)
 def test_dilated_subgrids(case, dtype, D):
     check_case(case, dtype, D=D)
 
@@ -406,7 +407,7 @@ WHOLE = [
 
 @pytest.mark.parametrize("case", WHOLE, ids=case_id)
 @pytest.mark.parametrize("dtype,D", [(torch.float32, 16), (torch.float32, 48), (torch.float32, 64),
-                                     (torch.bfloat16, 32)], ids=str)
+                                     (torch.bfloat16, 32), (torch.float16, 16)], ids=str)
 def test_whole_window_cells(case, dtype, D):
     check_case(case, dtype, D=D)
 
@@ -441,7 +442,7 @@ def test_wide_heads_bfloat16(case):
 # Each case at three of the widths, in turn.
 PADDED = [BAND_BWD[i] for i in (11, 30, 32)] + [CASES[i] for i in (7, 9, 15)] + [WHOLE[1]]
 PADDED_WIDTHS = [(torch.float32, 24), (torch.float32, 80), (torch.float32, 40), (torch.float32, 112),
-                 (torch.float32, 72), (torch.bfloat16, 80), (torch.float32, 20)]
+                 (torch.float32, 72), (torch.bfloat16, 80), (torch.float32, 20), (torch.float16, 40)]
 PADDED_RUNS = [(c, *PADDED_WIDTHS[(i + j) % len(PADDED_WIDTHS)]) for i, c in enumerate(PADDED) for j in range(3)]
 
 
@@ -451,25 +452,31 @@ def test_padded_head_widths(case, dtype, D):
     check_case(case, dtype, D=D)
 
 
-# bfloat16 backward of windows along W alone wider than 16 keys at the fast widths (D % 16 == 0 up
+# 16-bit backward of windows along W alone wider than 16 keys at the fast widths (D % 16 == 0 up
 # to 64, and 96 and 128): the band backward (and the dilation sub-grids) runs the float32
-# arithmetic on the bfloat16 tensors, so the gradients are the float32 backward's rounded to
-# bfloat16, bit for bit;
-# elsewhere (D = 20 here) the bfloat16 kernels run. Both against the float64 brute force. The
-# forward reads bfloat16 in place at the fast widths (test_forward_bfloat16_in_place).
-# (At the generic level, whose float32 backward takes the general route here, one width per case.)
+# arithmetic on the bfloat16 / float16 tensors, so the gradients are the float32 backward's rounded
+# to the input dtype, bit for bit;
+# elsewhere (D = 20 here) the 16-bit kernels run. Both against the float64 brute force. The
+# forward reads 16-bit inputs in place at the fast widths (test_forward_16bit_in_place).
+# (At the generic level, whose float32 backward takes the general route here, one width per case;
+# float16 takes one width per case everywhere: its conversions are all that differs.)
 BF16_BWD = [BAND_BWD[i] for i in (0, 3, 7, 9, 11, 17, 20)] + [WIDE_1D[10], DILATED[0]]
-BF16_BWD_RUNS = band_runs(BF16_BWD, (16, 64, 128, 20))
+HALF_BWD_RUNS = ([(c, torch.bfloat16, D) for c, D in band_runs(BF16_BWD, (16, 64, 128, 20))]
+                 + [(c, torch.float16, D) for c, D in in_turn(BF16_BWD, (64, 128, 20, 16))])
 
 
-@pytest.mark.parametrize("case,D", BF16_BWD_RUNS, ids=width_ids(BF16_BWD_RUNS))
-def test_backward_bfloat16(case, D):
-    check_case(case, torch.bfloat16, D=D)
+def dtype_width_ids(runs):
+    return [f"{str(dt)[6:]}-{D}-{case_id(c)}" for c, dt, D in runs]
+
+
+@pytest.mark.parametrize("case,dtype,D", HALF_BWD_RUNS, ids=dtype_width_ids(HALF_BWD_RUNS))
+def test_backward_16bit(case, dtype, D):
+    check_case(case, dtype, D=D)
     sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case
-    q, k, v = make_inputs(sp, heads, hkv, D, torch.bfloat16, layout, 3)
+    q, k, v = make_inputs(sp, heads, hkv, D, dtype, layout, 3)
     g = torch.Generator().manual_seed(4)
     bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1, generator=g) if nb else None
-    dout = torch.randn(q.shape, generator=g).to(torch.bfloat16)
+    dout = torch.randn(q.shape, generator=g).to(dtype)
     dlse = torch.randn(q.shape[0], heads, *sp, generator=g)
     f32 = [t.float() for t in (q, k, v)]
     fwd = torch.ops.alterops.neighborhood_attention_nd_fwd
@@ -478,37 +485,38 @@ def test_backward_bfloat16(case, D):
     out, lse = fwd(q, k, v, *window)
     if D % 16 == 0:
         out32, lse32 = fwd(*f32, *window)
-        assert torch.equal(out, out32.to(torch.bfloat16)) and torch.equal(lse, lse32)
+        assert torch.equal(out, out32.to(dtype)) and torch.equal(lse, lse32)
     # the backward of the same out and lse in both dtypes
     got = bwd(dout, q, k, v, out, lse, dlse, *window, bias is not None)
     want = bwd(dout.float(), *f32, out.float(), lse, dlse, *window, bias is not None)
     widened = D % 16 == 0 and (D <= 64 or D in (96, 128)) and ks[0] == ks[1] == 1 and ks[2] > 16
     for name, a, b in zip(["dq", "dk", "dv"], got[:3], want[:3]):
-        assert a.dtype == torch.bfloat16
+        assert a.dtype == dtype
         if widened:
-            assert torch.equal(a, b.to(torch.bfloat16)), name
+            assert torch.equal(a, b.to(dtype)), name
     if widened:
         assert torch.equal(got[3], want[3])
 
 
-# The bfloat16 forward at the fast widths reads and writes bfloat16 in place (tokens widened as the
-# float32 forward packs, copies or stages them; the output narrowed as it is stored): bit for bit the
-# float32 op on the widened inputs, rounded to bfloat16, with the same logsumexp, over every route:
-# 1-D/2-D/3-D, the 1-D band over rows of several column chunks (their clamped border windows read
-# columns that the chunk did not pack), strided and causal windows, dilation sub-grids, rows longer
-# than a segment on 2-D/3-D maps, whole-window cells (which keep their float32 copies), layouts
-# with heads major and with a channel stride (copies too). Each case at one of the widths, in
-# turn, with the float64 brute force as well.
+# The 16-bit forward at the fast widths reads and writes bfloat16 / float16 in place (tokens widened
+# as the float32 forward packs, copies or stages them; the output narrowed as it is stored): bit for
+# bit the float32 op on the widened inputs, rounded to the input dtype, with the same logsumexp,
+# over every route: 1-D/2-D/3-D, the 1-D band over rows of several column chunks (their clamped
+# border windows read columns that the chunk did not pack), strided and causal windows, dilation
+# sub-grids, rows longer than a segment on 2-D/3-D maps, whole-window cells (which keep their
+# float32 copies), layouts with heads major and with a channel stride (copies too). Each case at
+# one of the widths, in turn (float16 shifted by one), with the float64 brute force as well.
 BF16_FWD = (CASES + [WIDE_1D[i] for i in (0, 3, 4, 8, 10, 11, 13, 14, 16)] + LONG_ROWS[:3] + [LONG_ROWS[6]]
             + DILATED[:2] + [WHOLE[1]])
 BF16_FWD_WIDTHS = (16, 32, 64, 128, 48)
-BF16_FWD_RUNS = in_turn(BF16_FWD, BF16_FWD_WIDTHS)
+HALF_FWD_RUNS = ([(c, torch.bfloat16, D) for c, D in in_turn(BF16_FWD, BF16_FWD_WIDTHS)]
+                 + [(c, torch.float16, D) for c, D in in_turn(BF16_FWD, BF16_FWD_WIDTHS[1:] + BF16_FWD_WIDTHS[:1])])
 
 
-@pytest.mark.parametrize("case,D", BF16_FWD_RUNS, ids=width_ids(BF16_FWD_RUNS))
-def test_forward_bfloat16_in_place(case, D):
+@pytest.mark.parametrize("case,dtype,D", HALF_FWD_RUNS, ids=dtype_width_ids(HALF_FWD_RUNS))
+def test_forward_16bit_in_place(case, dtype, D):
     sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case
-    q, k, v = make_inputs(sp, heads, hkv, D, torch.bfloat16, layout, 5)
+    q, k, v = make_inputs(sp, heads, hkv, D, dtype, layout, 5)
     g = torch.Generator().manual_seed(6)
     bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1, generator=g) if nb else None
     window = (list(ks), list(dil), list(st), [int(x) for x in causal], border, bias, D ** -0.5)
@@ -516,14 +524,14 @@ def test_forward_bfloat16_in_place(case, D):
     before = [t.clone() for t in (q, k, v)]
     out, lse = fwd(q, k, v, *window)
     out32, lse32 = fwd(*[t.float() for t in (q, k, v)], *window)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    assert torch.equal(out, out32.to(torch.bfloat16))
+    assert out.dtype == dtype and out.shape == q.shape
+    assert torch.equal(out, out32.to(dtype))
     assert torch.equal(lse, lse32)
     for a, b in zip((q, k, v), before):
         assert torch.equal(a, b)
     want, want_lse = brute_force(*[t.double() for t in (q, k, v)], ks, dil, st, causal, border,
                                  None if bias is None else bias.double(), D ** -0.5)
-    torch.testing.assert_close(out.double(), want, atol=TOL[torch.bfloat16], rtol=TOL[torch.bfloat16])
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
     torch.testing.assert_close(lse.double(), want_lse, atol=1e-3, rtol=1e-3)
 
 
@@ -536,22 +544,24 @@ def test_backward_dout_channel_strides(case, dout_layout):
     check_case(case, torch.float32, D=32, dout_layout=dout_layout)
 
 
-# The same in bfloat16 (the band backward widens a dout of any channel stride itself): bit for bit
-# the float32 band backward on the widened tensors, rounded, and against the float64 brute force.
+# The same in bfloat16 and float16 (the band backward widens a dout of any channel stride itself):
+# bit for bit the float32 band backward on the widened tensors, rounded, and against the float64
+# brute force.
 @pytest.mark.parametrize("case", [BAND_BWD[i] for i in (0, 3, 11)], ids=case_id)
 @pytest.mark.parametrize("dout_layout", ["all expanded", "channels expanded", "channel stride 3"])
-def test_backward_bfloat16_dout_channel_strides(case, dout_layout):
-    check_case(case, torch.bfloat16, D=32, dout_layout=dout_layout)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_backward_16bit_dout_channel_strides(case, dout_layout, dtype):
+    check_case(case, dtype, D=32, dout_layout=dout_layout)
     sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case
-    q, k, v = make_inputs(sp, heads, hkv, 32, torch.bfloat16, layout, 2)
+    q, k, v = make_inputs(sp, heads, hkv, 32, dtype, layout, 2)
     g = torch.Generator().manual_seed(3)
-    dout = torch.randn(q.shape, generator=g).to(torch.bfloat16)
+    dout = torch.randn(q.shape, generator=g).to(dtype)
     if dout_layout == "channels expanded":
         dout = dout[..., :1].expand(q.shape)
     elif dout_layout == "all expanded":
-        dout = torch.ones((1,) * q.dim(), dtype=torch.bfloat16).expand(q.shape)
+        dout = torch.ones((1,) * q.dim(), dtype=dtype).expand(q.shape)
     else:
-        wide = torch.zeros(*q.shape[:-1], 96, dtype=torch.bfloat16)
+        wide = torch.zeros(*q.shape[:-1], 96, dtype=dtype)
         wide[..., ::3] = dout
         dout = wide[..., ::3]
     assert dout.stride(-1) != 1
@@ -563,7 +573,7 @@ def test_backward_bfloat16_dout_channel_strides(case, dout_layout):
     got = bwd(dout, q, k, v, out, lse, dlse, *window, False)
     want = bwd(dout.float(), *[t.float() for t in (q, k, v)], out.float(), lse, dlse, *window, False)
     for name, a, b in zip(["dq", "dk", "dv"], got[:3], want[:3]):
-        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16)), name
+        assert a.dtype == dtype and torch.equal(a, b.to(dtype)), name
 
 
 # The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped
@@ -619,3 +629,12 @@ def test_heads_not_a_multiple():
     with pytest.raises(RuntimeError, match="multiple"):
         torch.ops.alterops.neighborhood_attention_nd_fwd(q, k, v, [1, 3, 3], [1, 1, 1], [1, 1, 1], [0, 0, 0],
                                                          "clamp", None, 1.0)
+
+
+# Every floating dtype of a CPU tensor takes the fused kernels when nothing is asked for (float16
+# had gone to `reference`).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_auto_selection_takes_cpu(dtype):
+    from alterops import neighborhood_attention_nd as na
+    for n in (1, 2, 3):
+        assert na._TABLES[n].select(None, torch.device("cpu"), dtype) == "cpu"

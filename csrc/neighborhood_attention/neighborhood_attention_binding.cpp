@@ -53,8 +53,9 @@ DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const Wind
   STD_TORCH_CHECK(q.dim() == ns + 3, op, ": q must be (B, T, H, W, heads, head_dim), got shape ", shape_str(q));
   STD_TORCH_CHECK(q.is_cpu(), op, " (cpu): q must be on the CPU");
   const ScalarType t = q.scalar_type();
-  STD_TORCH_CHECK(t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::BFloat16, op,
-                  " (cpu): q must be float32, float64 or bfloat16, got ", dtype_name(t));
+  STD_TORCH_CHECK(t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::BFloat16 ||
+                      t == ScalarType::Half,
+                  op, " (cpu): q must be float32, float64, bfloat16 or float16, got ", dtype_name(t));
   const DType dt = binding::dtype_of(t, op);
   check_like_q(k, q, "k", true, op);
   check_like_q(v, q, "v", true, op);
@@ -97,11 +98,12 @@ std::vector<int64_t> lse_sizes(const Tensor& q) {
 }
 
 // The channel width at which a head of D channels in dtype dt runs through the float32 kernels on
-// float32 copies: bfloat16 heads of a fast width, float32 and bfloat16 heads padded with zero
-// channels to one (padded_fast_width). 0: dt's kernels run on the inputs themselves.
+// float32 copies: 16-bit heads of a fast width (where they do not take the kernels on themselves:
+// half_direct below), float32 and 16-bit heads padded with zero channels to one
+// (padded_fast_width). 0: dt's kernels run on the inputs themselves.
 int64_t float32_copy_width(DType dt, int64_t D) {
   const int64_t width = float_fast_width(D) ? D : padded_fast_width(D);
-  return dt != DType::Float64 && width > 0 && (dt == DType::BFloat16 || width != D) ? width : 0;
+  return dt != DType::Float64 && width > 0 && (dt != DType::Float32 || width != D) ? width : 0;
 }
 
 std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Window& win,
@@ -127,16 +129,16 @@ std::tuple<Tensor, Tensor> run_forward(const Tensor& q, const Tensor& k, const T
   const Kernels& kern = *binding::cpu_kernels().neighborhood;
 
   const int64_t width = float32_copy_width(dt, q.size(q.dim() - 1));
-  // bfloat16 heads of a fast width with unit channel strides take the float32 forward on the
+  // bfloat16 and float16 heads of a fast width with unit channel strides take the float32 forward on the
   // tensors themselves (tokens widened as it packs them, the output narrowed as it is stored),
   // except maps of whole-window cells, whose dense route is float32's alone. Against the copies:
   // 1-D (B = 4, L = 4096, 8 heads, d = 64, k = 65) 26.5 -> 17.0 ms, 2-D (56 x 56, k = 7) 4.59 ->
   // 3.14, 3-D 5.55 -> 4.33 (Xeon, AVX-512, bf16-forward-in-place-ab.json): as fast as float32.
-  const bool bf16_direct = dt == DType::BFloat16 && width == q.size(q.dim() - 1) && a.q.stride[5] == 1 &&
+  const bool half_direct = dt != DType::Float32 && width == q.size(q.dim() - 1) && a.q.stride[5] == 1 &&
                            a.k.stride[5] == 1 && a.v.stride[5] == 1 && !whole_window_cells(a.q.size + 1, win);
-  if (width > 0 && !bf16_direct) {
-    // The float32 forward on float32 copies (bfloat16: the same float32 arithmetic as the bfloat16
-    // path, 2x faster), heads of other widths padded with zero channels to a fast width
+  if (width > 0 && !half_direct) {
+    // The float32 forward on float32 copies (16-bit: the same float32 arithmetic as the 16-bit
+    // kernels, 2x faster), heads of other widths padded with zero channels to a fast width
     // (padded_fast_width: 1-D, B = 4, L = 4096, k = 65, 6 heads of 80, 59 -> 35 ms, of which the
     // copies take about 12; 2-D 56 x 56, k = 7, 2 heads of 80, 11.7 -> 8.9 ms; 3-D 8 x 32 x 32,
     // k = (3, 7, 7), 2 heads of 72, 21.4 -> 14.8 ms; Zen 4, padded-head-widths-ab.json).
@@ -199,7 +201,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
 
   // bfloat16 windows along W alone wider than 16 keys (the 1-D ops' long windows) at the fast
   // widths take the band backward (and the dilation sub-grids that lead to it), which reads and
-  // writes bfloat16 itself (bf16_direct below). It had run on float32 copies from the output pool,
+  // writes bfloat16 (and float16) itself (half_direct below). It had run on float32 copies from the output pool,
   // its gradients rounded back (1-D forward+backward, B = 4, L = 4096, 8 heads, d = 64, k = 65:
   // 173-177 -> 87-98 ms on Zen 4 against the bfloat16 general backward, bf16-backward-widen-ab.json
   // under bench/results/cpu-amd-epyc-avx512-2core/neighborhood); in place, 88.4 -> 70.9 ms on the
@@ -212,12 +214,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> run_backward(const Tensor& dout_in, c
   // general backward loses (2-D 56 x 56, k = 7, 2 heads of 80, backward 31 ms; of 96, 38 ms).
   const View6 qv = view6(q);
   const int64_t width = float32_copy_width(dt, q.size(q.dim() - 1));
-  // bfloat16 heads of a fast width with unit channel strides (dout: any) take the band backward on
-  // the tensors themselves, as the forward (rows widened and narrowed by its tasks).
-  const bool bf16_direct = dt == DType::BFloat16 && width == q.size(q.dim() - 1) && qv.stride[5] == 1 &&
+  // bfloat16 and float16 heads of a fast width with unit channel strides (dout: any) take the band
+  // backward on the tensors themselves, as the forward (rows widened and narrowed by its tasks).
+  const bool half_direct = dt != DType::Float32 && width == q.size(q.dim() - 1) && qv.stride[5] == 1 &&
                            k.stride(k.dim() - 1) == 1 && v.stride(v.dim() - 1) == 1 &&
                            !whole_window_cells(qv.size + 1, win);
-  const bool widen = width > 0 && !bf16_direct &&
+  const bool widen = width > 0 && !half_direct &&
                      ((win.kernel[0] == 1 && win.kernel[1] == 1 && win.kernel[2] > 16) ||
                       whole_window_cells(qv.size + 1, win));
   Tensor doutf = dout, qf = q, kf = k, vf = v, dqf = dq, dkf = dk, dvf = dv;

@@ -56,9 +56,9 @@
 // tasks have private dK/dV/dbias accumulators reduced afterwards in a fixed order (the query
 // heads of a key/value head, then the row chunks; a task that is the only one of its key/value
 // head writes its dK/dV rows out itself); its split depends on the shapes only, never on the
-// thread count, so its results are the same bits whatever the number of threads. bfloat16 is
-// computed in float: at the fast widths the float32 forward and the band backward read and write
-// bfloat16 themselves (their pointers carry the element size); float64 in double.
+// thread count, so its results are the same bits whatever the number of threads. bfloat16 and
+// float16 are computed in float: at the fast widths the float32 forward and the band backward read
+// and write them themselves (their pointers carry the element type); float64 in double.
 // Dilated maps: the forward (and the float32 backward of long 1-D windows) runs once per dilation
 // sub-grid, on strided views, as an op of dilation 1 (see "dilation as sub-grids" below).
 // Maps whose every window is a whole cell (each dilated axis one window long per sub-grid, or kernel
@@ -76,13 +76,24 @@ namespace {
 
 // ---- entry points ------------------------------------------------------------------------
 
+// The storage type of a float32 kernel's tensors of scalar_t (float, BFloat16 or Half).
+template <typename scalar_t>
+static constexpr Elem elem_of() {
+  return std::is_same<scalar_t, float>::value      ? Elem::F32
+         : std::is_same<scalar_t, BFloat16>::value ? Elem::BF16
+                                                   : Elem::F16;
+}
+template <typename scalar_t>
+static constexpr bool f32_kernels = std::is_same<scalar_t, float>::value || std::is_same<scalar_t, BFloat16>::value ||
+                                    std::is_same<scalar_t, Half>::value;
+
 template <typename scalar_t, typename T>
 static void forward_typed(const ForwardArgs& a, const Parallel& par) {
   Plan<T> pl(a.q, a.k, a.win, static_cast<const T*>(a.bias), a.bias_heads);
   scalar_t* out = static_cast<scalar_t*>(a.out);
   T* lse = static_cast<T*>(a.lse);
-  if constexpr (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, BFloat16>::value)
-    if (forward_fast(a.q, a.k, a.v, OutPtr{reinterpret_cast<char*>(out), sizeof(scalar_t)}, lse, pl,
+  if constexpr (f32_kernels<scalar_t>)
+    if (forward_fast(a.q, a.k, a.v, OutPtr{reinterpret_cast<char*>(out), elem_of<scalar_t>()}, lse, pl,
                      static_cast<T>(a.scale), par))
       return;
   forward_impl<scalar_t, T>(a.q, a.k, a.v, out, lse, pl, static_cast<T>(a.scale), par);
@@ -93,6 +104,7 @@ void forward_dense(const ForwardArgs& a, const Parallel& par) {
     case DType::Float32: forward_typed<float, float>(a, par); break;
     case DType::Float64: forward_typed<double, double>(a, par); break;
     case DType::BFloat16: forward_typed<BFloat16, float>(a, par); break;
+    case DType::Float16: forward_typed<Half, float>(a, par); break;
     default: break;  // the binding lets no other dtype through
   }
 }
@@ -106,14 +118,14 @@ static void backward_typed(const BackwardArgs& a, const Parallel& par) {
                                static_cast<scalar_t*>(a.dv), static_cast<T*>(a.dbias), pl,
                                static_cast<T>(a.scale), par);
   };
-  if constexpr (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, BFloat16>::value)
+  if constexpr (f32_kernels<scalar_t>)
     if (band_backward_window(a.win)) {
       // the band's plan: "zero"/"mask" border columns as border slots (as the forward's)
       Plan<T> pl(a.q, a.k, a.win, table, a.bias_heads);
       if (backward_band(a.dout, a.q, a.k, a.v, static_cast<const T*>(a.lse), static_cast<const T*>(a.dlse),
-                        OutPtr{static_cast<char*>(a.dq), sizeof(scalar_t)},
-                        OutPtr{static_cast<char*>(a.dk), sizeof(scalar_t)},
-                        OutPtr{static_cast<char*>(a.dv), sizeof(scalar_t)}, static_cast<T*>(a.dbias), pl,
+                        OutPtr{static_cast<char*>(a.dq), elem_of<scalar_t>()},
+                        OutPtr{static_cast<char*>(a.dk), elem_of<scalar_t>()},
+                        OutPtr{static_cast<char*>(a.dv), elem_of<scalar_t>()}, static_cast<T*>(a.dbias), pl,
                         static_cast<T>(a.scale), par))
         return;
       if (a.win.border == kClamp) return general(pl);
@@ -127,6 +139,7 @@ void backward_dense(const BackwardArgs& a, const Parallel& par) {
     case DType::Float32: backward_typed<float, float>(a, par); break;
     case DType::Float64: backward_typed<double, double>(a, par); break;
     case DType::BFloat16: backward_typed<BFloat16, float>(a, par); break;
+    case DType::Float16: backward_typed<Half, float>(a, par); break;
     default: break;
   }
 }
@@ -169,7 +182,7 @@ static bool subgrids_forward(const View6& q, const Window& w) {
 
 static bool subgrids_backward(const View6& q, const Window& w, DType dtype) {
 #if NA_X86V3
-  return (dtype == DType::Float32 || dtype == DType::BFloat16) && w.kernel[0] == 1 && w.kernel[1] == 1 && split_axis(w, 2) &&
+  return dtype != DType::Float64 && w.kernel[0] == 1 && w.kernel[1] == 1 && split_axis(w, 2) &&
          band_backward_nv(w.kernel[2]) > 0 && q.size[3] / w.dilation[2] >= 2 * w.kernel[2];
 #else
   (void)q, (void)w, (void)dtype;
@@ -177,7 +190,7 @@ static bool subgrids_backward(const View6& q, const Window& w, DType dtype) {
 #endif
 }
 
-static int64_t elem_size(DType t) { return t == DType::Float64 ? 8 : t == DType::BFloat16 ? 2 : 4; }
+static int64_t elem_size(DType t) { return t == DType::Float64 ? 8 : t == DType::Float32 ? 4 : 2; }
 static int64_t acc_size(DType t) { return t == DType::Float64 ? 8 : 4; }
 
 struct SubGrids {

@@ -140,8 +140,8 @@ static BandBackward band_backward_plan(const View6& dout, const View6& q, const 
   return bb;
 }
 
-// dout, q, k, v and the gradients are float32 or bfloat16 tensors (DQ.es bytes per element: the
-// same float32 arithmetic; with bfloat16 a task widens its key and value rows, and each query
+// dout, q, k, v and the gradients are float32, bfloat16 or float16 tensors (of DQ's element type:
+// the same float32 arithmetic; with 16-bit ones a task widens its key and value rows, and each query
 // head's q and dout rows, into buffers, and forms dq, dk and dv rows in float32 buffers that it
 // narrows when they are whole).
 template <int DV>
@@ -149,7 +149,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
                               const float* dlse, OutPtr DQ, OutPtr DK, OutPtr DVo, float* dbias,
                               const Plan<float>& pl, const BandBackward& bb, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  const bool kBF = DQ.es != 4;
+  const bool kBF = DQ.e != Elem::F32;  // 16-bit storage
   constexpr int MQ = kBwdBandQ;
   // P.V tiles: TQ queries (keys) by DC channel vectors (TQ * DC accumulators), DV / DC passes
   // (AVX-512: all DV vectors up to 4, then halves, for heads of 96 and 128 channels, which took the
@@ -174,10 +174,10 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   const int64_t n4 = pl.n_full * N;  // interior slots in whole blocks: band tiles of MQ
   const int64_t nzone = zl + (W - zr);
   const int64_t off0 = pl.off[0], offe = pl.off[kw - 1];
-  const InPtr qb{static_cast<const char*>(q.data), DQ.es}, gb{static_cast<const char*>(dout.data), DQ.es};
-  const InPtr kb{static_cast<const char*>(k.data), DQ.es}, vb{static_cast<const char*>(v.data), DQ.es};
+  const InPtr qb{static_cast<const char*>(q.data), DQ.e}, gb{static_cast<const char*>(dout.data), DQ.e};
+  const InPtr kb{static_cast<const char*>(k.data), DQ.e}, vb{static_cast<const char*>(v.data), DQ.e};
   // dout whose channels are not contiguous (the expanded gradient of out.sum() or out.mean()) is
-  // copied a row at a time into a buffer of the task (bfloat16: every row widened)
+  // copied a row at a time into a buffer of the task (16-bit: every row widened)
   const bool g_copy = dout.stride[5] != 1 || kBF;
   const int64_t qxs = kBF ? D : q.stride[3], gxs = g_copy ? D : dout.stride[3], kxs = kBF ? D : k.stride[3],
                 vxs = kBF ? D : v.stride[3];
@@ -198,7 +198,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   // heads, d = 64, k = 65, forward+backward 150 ms against 86 ms for 8 key/value heads.) The split
   // depends on the shapes only.
   const bool split = pl.G > 1 && pl.B * pl.NKV * pl.R < kBackwardTasks;
-  // token strides of the dq rows and the dK/dV rows written (bfloat16: the task's float32 rows,
+  // token strides of the dq rows and the dK/dV rows written (16-bit: the task's float32 rows,
   // or the float32 slices of split)
   const int64_t qts = kBF ? D : pl.NH * D, kts = kBF && !split ? D : pl.NKV * D;
   const int64_t ntasks = pl.B * (split ? pl.NH : pl.NKV) * pl.R, tc = 2 * kw - 1, tsize = pl.nht * tc;
@@ -207,7 +207,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   Buf<float> dB(dbias ? ntasks * tsize : 0, 0.0f);
   par.for_tasks(ntasks, [&](auto next) {
     RawBuf<float> Kt(D * Wk), Vt(D * Wk), Gt(g_copy ? W * D : 1);  // (only tokens 0..W-1 are read)
-    // (bfloat16) the widened q, k and v rows, the dq row and (without split) the dK/dV rows
+    // (16-bit) the widened q, k and v rows, the dq row and (without split) the dK/dV rows
     RawBuf<float> Qw(kBF ? W * D : 1), Kw(kBF ? W * D : 1), Vw(kBF ? W * D : 1), DQw(kBF ? W * D : 1),
         DKw(kBF && !split ? W * D : 1), DVw(kBF && !split ? W * D : 1);
     // W tokens of src (token stride xs, channel stride cs) as float32 rows of D channels at dst
@@ -585,7 +585,7 @@ static bool band_backward_window(const Window& w) {
 #endif
 }
 
-// The float32 band backward (float32 or bfloat16 tensors) where it applies (see above); false: not taken.
+// The float32 band backward (float32, bfloat16 or float16 tensors) where it applies (see above); false: not taken.
 static bool backward_band(const View6& dout, const View6& q, const View6& k, const View6& v, const float* L,
                           const float* dlse, OutPtr DQ, OutPtr DK, OutPtr DV, float* dbias, const Plan<float>& pl,
                           float scale, const Parallel& par) {

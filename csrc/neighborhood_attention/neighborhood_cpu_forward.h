@@ -209,14 +209,15 @@ class PrefetchQueue {
   size_t head_ = 0;
 };
 
-// q, k, v and the output O are float32 or bfloat16 tensors (O.es bytes per element: the same
-// float32 arithmetic; bfloat16 tokens are widened where they are packed, copied or staged, the
+// q, k, v and the output O are float32, bfloat16 or float16 tensors (of O's element type: the same
+// float32 arithmetic; 16-bit tokens are widened where they are packed, copied or staged, the
 // output narrowed where it is stored).
 template <int DV>
 static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O, float* L,
                         const Plan<float>& pl, float scale, const Parallel& par) {
   constexpr int N = VecOf<float>::N;
-  const bool kBF = O.es != 4;
+  const bool kBF = O.e != Elem::F32;  // 16-bit storage
+  const int64_t es = elem_bytes(O.e);
   // The interior band's P.V tiles take DB channel vectors at a time (all DV up to 4, then halves:
   // heads of 96 and 128 channels in two passes) and TQ queries: TQ * DB accumulators in registers
   // (the interior band is AVX-512 only). Heads of 96 and 128 took the general forward before (Zen 4, 2 threads,
@@ -271,9 +272,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   const int64_t nchunks = row_chunks(pl.B * pl.NH, pl.R, par);
   const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
   const int64_t K2 = pl.nkr * pl.kw;
-  const InPtr qb{static_cast<const char*>(q.data), O.es};
-  const InPtr kb{static_cast<const char*>(k.data), O.es};
-  const InPtr vb{static_cast<const char*>(v.data), O.es};
+  const InPtr qb{static_cast<const char*>(q.data), O.e};
+  const InPtr kb{static_cast<const char*>(k.data), O.e};
+  const InPtr vb{static_cast<const char*>(v.data), O.e};
   const int64_t *qs = q.stride, *ks = k.stride, *vs = v.stride;
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
   const bool any_bias = pl.any_bias;
@@ -337,7 +338,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   // (several heads per token): P.V reads its tiles from the copies (2-D forward, B = 4, 56 x 56,
   // 4 heads, k = 7: 5.4 -> 4.6 ms; 3-D, 8 x 32 x 32, k = (3, 7, 7): 10.4 -> 8.9 ms on Zen 3, in
   // alternating runs against P.V reading the tokens in place).
-  // bfloat16 value rows are always copied (widened): whole rows by pack_group, and for longer rows
+  // 16-bit value rows are always copied (widened): whole rows by pack_group, and for longer rows
   // the columns that the task packs keys for (pack_cols) and its border blocks' columns.
   const bool group_pack = !seg_pf;
   const bool vpack = (group_pack && vs[3] != D) || kBF;
@@ -402,7 +403,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
     int64_t packed_hi = 0, packed_cols = 0;
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SS), Linv(pl.Ws);
-    // (bfloat16) a slot block of widened rows for the transposes, and the band's queries of one
+    // (16-bit) a slot block of widened rows for the transposes, and the band's queries of one
     // row of a segment widened, slot sl at (sl - sg) * D
     std::vector<float> Tw(kBF ? N * D : 0), Qs(kBF && band_nv ? SW * D : 0);
     // the band's bias rows (window column j at j, zero past kw): interior slots', a border slot's
@@ -420,7 +421,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
     // forward 10% slower.
     PrefetchQueue pfq;
     int64_t pf_quota = 0;
-    const int64_t tok_bytes = D * O.es;
+    const int64_t tok_bytes = D * es;
     auto pf_step = [&](int64_t ntok) {
       if (seg_pf) pfq.step(ntok, tok_bytes);
     };
@@ -455,12 +456,12 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
       auto vcopy = [&](int64_t y) { return Vp.data() + Kp.slot(y) * pl.W * D; };
       auto vsrc = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
       auto vrow = [&](int64_t y) -> const float* { return vpack ? vcopy(y) : vsrc(y).f32(); };
-      // (bfloat16 rows longer than a segment) value tokens x of row y widened into its copy
+      // (16-bit rows longer than a segment) value tokens x of row y widened into its copy
       auto widen_v = [&](int64_t y, int64_t x0, int64_t x1) {
         vsrc(y).widen_tokens(vcopy(y), vs[3], x0, x1, D);
       };
       // columns [x0, x0 + N) of key row y (kr) transposed into Kp (columns past W: zeros)
-      const InPtr none{nullptr, O.es};
+      const InPtr none{nullptr, O.e};
       auto pack_key_block = [&](InPtr kr, int64_t y, int64_t x0) {
         for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : none;
         transpose_blk(rows, D, 1.0f, Kp.trow(pl, y) + x0, pl.Wk, Tw.data());
@@ -494,11 +495,11 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
           const InPtr vr = vsrc(y);
           float* vdst = vpack ? vcopy(y) : nullptr;
           for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
-            prefetch_tokens((kr + (x0 + kPackAhead) * ks[3]).p, ks[3] * O.es, N, D * O.es);
-            prefetch_tokens((vr + (x0 + kPackAhead) * vs[3]).p, vs[3] * O.es, N, D * O.es);
+            prefetch_tokens((kr + (x0 + kPackAhead) * ks[3]).p, ks[3] * es, N, D * es);
+            prefetch_tokens((vr + (x0 + kPackAhead) * vs[3]).p, vs[3] * es, N, D * es);
             if (yq < yg + ng && x0 < pl.W)
-              prefetch_tokens((qb + (pl.row_off(qs, b, yq, h) + x0 * qs[3])).p, qs[3] * O.es,
-                              std::min<int64_t>(N, pl.W - x0), D * O.es);
+              prefetch_tokens((qb + (pl.row_off(qs, b, yq, h) + x0 * qs[3])).p, qs[3] * es,
+                              std::min<int64_t>(N, pl.W - x0), D * es);
             pack_key_block(kr, y, x0);
             if (vpack) vr.widen_tokens(vdst, vs[3], x0, std::min(pl.W, x0 + N), D);
           }
@@ -583,10 +584,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
             const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
             const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
             for (int64_t r = 0; r < ng; ++r)
-              pfq.add((qb + (pl.row_off(qs, b, yg + r, h) + qa * qs[3])).p, qs[3] * O.es, qe - qa);
+              pfq.add((qb + (pl.row_off(qs, b, yg + r, h) + qa * qs[3])).p, qs[3] * es, qe - qa);
             for (int64_t ky = kmin; ky <= kmax; ++ky) {
-              pfq.add((krow(ky) + ka * ks[3]).p, ks[3] * O.es, ke - ka);
-              pfq.add((vsrc(ky) + ka * vs[3]).p, vs[3] * O.es, ke - ka);
+              pfq.add((krow(ky) + ka * ks[3]).p, ks[3] * es, ke - ka);
+              pfq.add((vsrc(ky) + ka * vs[3]).p, vs[3] * es, ke - ka);
             }
             const int64_t tokens = pfq.pending();
             // steps: one per key row and slot block, per query row and P.V tile
@@ -598,7 +599,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
             const int64_t ky = pl.rowpos[y];
             const InPtr qr = qb + pl.row_off(qs, b, y, h);
             // the band's query of slot sl (column slotx[sl]) and the stride between adjacent ones:
-            // in place, or (bfloat16) widened into Qs first
+            // in place, or (16-bit) widened into Qs first
             if (kBF)
               for (int64_t sl = sg; sl < gend; ++sl)
                 if (pl.slotx[sl] < pl.W)
@@ -961,7 +962,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   });
 }
 
-// The float32 forward (float32 or bfloat16 inputs, head widths of float_fast_width, unit channel stride);
+// The float32 forward (float32, bfloat16 or float16 inputs, head widths of float_fast_width, unit channel stride);
 // false: not taken.
 static bool forward_fast(const View6& q, const View6& k, const View6& v, OutPtr out, float* lse,
                          const Plan<float>& pl, float scale, const Parallel& par) {

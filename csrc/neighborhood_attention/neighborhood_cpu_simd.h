@@ -118,9 +118,10 @@ template <typename T>
 static inline void storeu(T* p, Vec<T> v) {
   std::memcpy(p, &v, sizeof(v));
 }
-// N elements of bfloat16 storage as floats (InPtr / OutPtr below): widened exactly, narrowed to
-// nearest even with NaN kept quiet (as torch and BFloat16 convert), so that bfloat16 tensors take
-// the float32 arithmetic without float32 copies.
+// N elements of 16-bit storage as floats (InPtr / OutPtr below), widened exactly and narrowed to
+// nearest even with NaN kept quiet, as torch converts, so that bfloat16 and float16 tensors take
+// the float32 arithmetic without float32 copies. float16 converts with F16C at the AVX2 and
+// AVX-512 levels (x86-64-v3 includes it) and with Half's conversions at the generic one.
 typedef uint16_t Bf16Vec __attribute__((vector_size(VecOf<float>::N * 2)));
 typedef uint32_t U32Vec __attribute__((vector_size(VecOf<float>::N * 4)));
 static inline Vec<float> load_e(const BFloat16* p) {
@@ -139,43 +140,83 @@ static inline void store_e(BFloat16* p, Vec<float> v) {
   const Bf16Vec h = __builtin_convertvector(r, Bf16Vec);
   std::memcpy(p, &h, sizeof(h));
 }
+static inline Vec<float> load_e(const Half* p) {
+#if defined(__AVX512F__)
+  return (Vec<float>)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif NA_AVX2
+  return (Vec<float>)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+  Vec<float> f;
+  for (int l = 0; l < VecOf<float>::N; ++l) f[l] = Half::to_float(p[l].bits);
+  return f;
+#endif
+}
+static inline void store_e(Half* p, Vec<float> v) {
+#if defined(__AVX512F__)
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif NA_AVX2
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int l = 0; l < VecOf<float>::N; ++l) p[l].bits = Half::from_float(v[l]);
+#endif
+}
 
-// Pointers into a float32 or a bfloat16 tensor, the element size (4 or 2 bytes) decided at run
-// time: the float32 kernels take 16-bit tensors without a second instance of their code (which
-// had doubled their build). Arithmetic is in elements; widen_tokens, get and store convert
-// (load_e, store_e).
+// The storage type of a float32 kernel's tensors (its value is the element size in bytes, which
+// pointer arithmetic uses): float32, or bfloat16 / float16 widened as loaded and narrowed as stored.
+enum class Elem : int64_t { F32 = 4, BF16 = 2, F16 = 3 };
+inline int64_t elem_bytes(Elem e) { return e == Elem::F32 ? 4 : 2; }
+
+// Pointers into a float32, bfloat16 or float16 tensor, the element type decided at run time: the
+// float32 kernels take 16-bit tensors without a second instance of their code (which had doubled
+// their build). Arithmetic is in elements; widen_tokens, get and store convert (load_e, store_e).
 struct InPtr {
   const char* p;
-  int64_t es;
-  InPtr operator+(int64_t n) const { return {p + n * es, es}; }
+  Elem e;
+  InPtr operator+(int64_t n) const { return {p + n * elem_bytes(e), e}; }
   explicit operator bool() const { return p != nullptr; }
   const float* f32() const { return reinterpret_cast<const float*>(p); }  // (float32 tensors)
   // tokens [x0, x1) of D channels, xs elements apart, as float32 rows of D at dst (x0 at dst + x0 * D)
   void widen_tokens(float* dst, int64_t xs, int64_t x0, int64_t x1, int64_t D) const {
-    constexpr int N = VecOf<float>::N;
-    if (es == 4) {
-      const float* s = f32();
-      for (int64_t x = x0; x < x1; ++x)
-        for (int64_t c = 0; c < D; c += N) storeu(dst + x * D + c, loadu(s + x * xs + c));
-    } else {
-      const BFloat16* s = reinterpret_cast<const BFloat16*>(p);
-      for (int64_t x = x0; x < x1; ++x)
-        for (int64_t c = 0; c < D; c += N) storeu(dst + x * D + c, load_e(s + x * xs + c));
-    }
+    if (e == Elem::F32)
+      widen<float>(dst, xs, x0, x1, D);
+    else if (e == Elem::BF16)
+      widen<BFloat16>(dst, xs, x0, x1, D);
+    else
+      widen<Half>(dst, xs, x0, x1, D);
   }
   float get() const {  // one element
-    return es == 4 ? *reinterpret_cast<const float*>(p) : static_cast<float>(*reinterpret_cast<const BFloat16*>(p));
+    return e == Elem::F32    ? *reinterpret_cast<const float*>(p)
+           : e == Elem::BF16 ? static_cast<float>(*reinterpret_cast<const BFloat16*>(p))
+                             : static_cast<float>(*reinterpret_cast<const Half*>(p));
+  }
+
+ private:
+  template <typename S>
+  void widen(float* dst, int64_t xs, int64_t x0, int64_t x1, int64_t D) const {
+    constexpr int N = VecOf<float>::N;
+    const S* s = reinterpret_cast<const S*>(p);
+    for (int64_t x = x0; x < x1; ++x)
+      for (int64_t c = 0; c < D; c += N) {
+        if constexpr (std::is_same<S, float>::value)
+          storeu(dst + x * D + c, loadu(s + x * xs + c));
+        else
+          storeu(dst + x * D + c, load_e(s + x * xs + c));
+      }
   }
 };
 struct OutPtr {
   char* p;
-  int64_t es;
-  OutPtr operator+(int64_t n) const { return {p + n * es, es}; }
+  Elem e;
+  OutPtr operator+(int64_t n) const { return {p + n * elem_bytes(e), e}; }
   void store(Vec<float> v) const {
-    if (es == 4)
+    if (e == Elem::F32)
       storeu(reinterpret_cast<float*>(p), v);
-    else
+    else if (e == Elem::BF16)
       store_e(reinterpret_cast<BFloat16*>(p), v);
+    else
+      store_e(reinterpret_cast<Half*>(p), v);
   }
   float* f32() const { return reinterpret_cast<float*>(p); }  // (float32 tensors)
 };
@@ -392,13 +433,13 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
 }
 
 // NA_TRANSPOSE_BLK of rows of a float32 or bfloat16 tensor (D % N == 0; a null row reads zeros):
-// bfloat16 rows are widened into tmp (N rows of D floats) first.
+// 16-bit rows are widened into tmp (N rows of D floats) first.
 static inline void transpose_blk(const InPtr* rows, int64_t D, float mul, float* dst, int64_t ds, float* tmp) {
   constexpr int N = VecOf<float>::N;
   const float* fr[N];
   for (int l = 0; l < N; ++l) {
-    fr[l] = rows[l] ? (rows[l].es == 4 ? rows[l].f32() : tmp + l * D) : nullptr;
-    if (rows[l] && rows[l].es != 4) rows[l].widen_tokens(tmp + l * D, 0, 0, 1, D);
+    fr[l] = rows[l] ? (rows[l].e == Elem::F32 ? rows[l].f32() : tmp + l * D) : nullptr;
+    if (rows[l] && rows[l].e != Elem::F32) rows[l].widen_tokens(tmp + l * D, 0, 0, 1, D);
   }
   NA_TRANSPOSE_BLK(fr, D, mul, dst, ds);
 }

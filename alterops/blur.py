@@ -26,7 +26,7 @@ Decisions where the contract is open:
   copy (``x`` is never written) and return a contiguous NCHW output; ``reference`` follows
   PyTorch's layout propagation.
 * Half inputs are accumulated in float32, float64 in float64; the output has the input dtype.
-  ``tanh`` in the kernels: on ``cpu`` (float32/bfloat16) and ``cuda`` a rational minimax
+  ``tanh`` in the kernels: on ``cpu`` (float32/bfloat16/float16) and ``cuda`` a rational minimax
   approximation with absolute error ``<= 4e-7`` (float64 on ``cpu`` uses ``std::tanh``); on
   ``triton`` ``1 - 2 / (exp(2y) + 1)`` in float32.
 * The fused backends save ``x`` for ``tanh_blur2d``'s backward (``tanh`` is recomputed) and
@@ -36,7 +36,7 @@ Decisions where the contract is open:
 * The ReLU's derivative at 0 is 0 (as ``torch.relu``).
 
 Backends: ``reference`` (``F.pad`` + ``F.avg_pool2d``, any float dtype, autograd), ``cpu`` (C++,
-float32/float64/bfloat16), ``cuda`` (CUDA C++, float32/float16/bfloat16), ``triton``
+float32/float64/bfloat16/float16), ``cuda`` (CUDA C++, float32/float16/bfloat16), ``triton``
 (float32/float16/bfloat16).
 """
 from __future__ import annotations
@@ -273,7 +273,7 @@ def _table(name: str) -> OpBackends:
         op=name,
         backends={
             "reference": Backend(),
-            "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16),
+            "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
                            ops=("blur2d_forward", "blur2d_backward")),
             "triton": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16)),
             "cuda": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16),

@@ -31,7 +31,8 @@ window (Swin instead shrinks the window; its module wrappers do that before call
 windows up to ``max(map size, 32)`` per axis; ``scale`` must be finite.
 
 Backends: ``reference`` (plain PyTorch, autograd), ``cpu`` (C++,
-``csrc/window_attention/``: float32, float64, bfloat16), ``triton`` (CUDA, or the
+``csrc/window_attention/``: float32, float64, bfloat16, float16; 16-bit inputs on float32
+copies), ``triton`` (CUDA, or the
 interpreter: float32, float16, bfloat16; windows up to 256 tokens, head_dim up to 256; larger
 windows fall back to ``reference`` under automatic selection), ``cuda`` (CUDA C++,
 ``csrc/window_attention/window_attention_cuda.cu``: float32, float16, bfloat16; tensor cores
@@ -261,7 +262,7 @@ _TABLE = register(OpBackends(
     op="window_attention2d",
     backends={
         "reference": Backend(),
-        "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16),
+        "cpu": Backend(dtypes=(torch.float32, torch.float64, torch.bfloat16, torch.float16),
                        ops=("window_attention2d_fwd", "window_attention2d_bwd")),
         "triton": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16)),
         "cuda": Backend(dtypes=(torch.float32, torch.float16, torch.bfloat16),

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 
 import alterops as ao
-from alterops import BackendUnavailableError
+from alterops import BackendUnavailableError, _ext
 from alterops.blur import _pads
 from helpers import assert_close, assert_fused, skip_unless
 
 DTYPES = {
     "reference": (torch.float32, torch.float64, torch.bfloat16),
-    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cpu": (torch.float32, torch.float64, torch.bfloat16, torch.float16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16),
 }
@@ -150,7 +150,7 @@ def test_zeros_equals_avg_pool2d(kernel_size, stride, padding):
 
 def test_defaults_are_the_papers_blur():
     x = torch.randn(2, 4, 6, 7)
-    y = ao.box_blur2d(x)
+    y = ao.box_blur2d(x.requires_grad_())
     assert y.shape == (2, 4, 7, 8)
     torch.testing.assert_close(y, F.avg_pool2d(x, 2, 1, 1), rtol=1e-6, atol=1e-6)
     t = ao.tanh_blur2d(x)
@@ -296,10 +296,13 @@ def test_bad_tau_and_relu():
 
 def test_unavailable_backend_says_why():
     x = torch.randn(1, 2, 4, 4, dtype=torch.float16)
-    with pytest.raises(BackendUnavailableError, match=r"'cpu' backend of box_blur2d supports float32"):
-        ao.box_blur2d(x, backend="cpu")
+    with pytest.raises(BackendUnavailableError, match=r"'cpu' backend of box_blur2d supports float32.*"
+                                                      r"not float8_e4m3fn"):
+        ao.box_blur2d(x.to(torch.float8_e4m3fn), backend="cpu")
     with pytest.raises(BackendUnavailableError, match=r"'cuda' cannot run here"):
         ao.tanh_blur2d(x.float(), backend="cuda")
-    # automatic selection falls back to the reference for dtypes the kernels lack
-    y = ao.box_blur2d(x.float().half())
+    # automatic selection takes the kernels for every floating dtype they have (float16 too)
+    y = ao.box_blur2d(x.requires_grad_())
     assert y.dtype == torch.float16
+    if _ext.has_op("blur2d_forward"):
+        assert_fused(y, "cpu")

@@ -380,6 +380,9 @@ def test_bad_inputs():
         na(q, q, q, 3, backend="gpu")
     with pytest.raises(ao.BackendUnavailableError, match="'cuda' backend needs CUDA tensors"):
         na(q, q, q, 3, backend="cuda")
+    with pytest.raises(ao.BackendUnavailableError, match="supports.*not float8_e4m3fn"):
+        qf8 = q.to(torch.float8_e4m3fn)
+        na(qf8, qf8, qf8, 3, backend="cpu")
 
 
 def test_natten_clamp_matches():

@@ -172,7 +172,7 @@ def _check_backend(backend, dtype, cfg, fused=False, seed=0):
         assert_close(a, r, n, name=name)
 
 
-CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+CPU_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -204,7 +204,7 @@ def test_cpu_float32_head_dims(cfg):
     _check_backend("cpu", torch.float32, cfg)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_cpu_fused_qkv_view(dtype):
     _check_backend("cpu", dtype, (2, 7, 9, 2, 8, 3, 1, 2), fused=True)
 
@@ -541,8 +541,9 @@ def test_bad_inputs():
         ao.window_attention2d(qi, qi, qi, 4)
     with pytest.raises(ValueError, match="backend must be one of"):
         ao.window_attention2d(q, q, q, 4, backend="nope")
-    with pytest.raises(ao.BackendUnavailableError, match="supports"):
-        ao.window_attention2d(q.half(), q.half(), q.half(), 4, backend="cpu")
+    with pytest.raises(ao.BackendUnavailableError, match="supports.*not float8_e4m3fn"):
+        qf8 = q.to(torch.float8_e4m3fn)
+        ao.window_attention2d(qf8, qf8, qf8, 4, backend="cpu")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton", "cuda"])
@@ -563,4 +564,5 @@ def test_empty_batch(backend):
 def test_auto_backend_on_cpu_is_cpu_kernel():
     skip_unless(OP, "cpu", torch.float32)
     assert wa._TABLE.select(None, torch.device("cpu"), torch.float32) == "cpu"
-    assert wa._TABLE.select(None, torch.device("cpu"), torch.float16) == "reference"
+    assert wa._TABLE.select(None, torch.device("cpu"), torch.float16) == "cpu"
+    assert wa._TABLE.select(None, torch.device("cpu"), torch.float8_e4m3fn) == "reference"

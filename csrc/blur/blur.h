@@ -26,7 +26,7 @@ struct Geometry {
 };
 
 // out (planes, Ho, Wo) = blur(act(x (planes, H, W))); x and out of element type dtype
-// (float32, float64 or bfloat16).
+// (float32 or float64; the binding widens bfloat16 and float16 to float32 copies).
 struct ForwardArgs {
   const void* x;
   void* out;

@@ -16,8 +16,9 @@
 //    row with a ring of K rows of horizontal sums;
 //  * float32 with AVX-512, zero padding, K x K stride 1: registers only, masked loads supply the
 //    zero padding and valignd the shifted windows (forward and backward).
-// Padded rows are never materialised: a padded index is mapped to its source index. bfloat16
-// is accumulated in float, float64 in double. Tensors are contiguous NCHW.
+// Padded rows are never materialised: a padded index is mapped to its source index. float64 is
+// accumulated in double; bfloat16 and float16 arrive as float32 copies (blur_binding.cpp).
+// Tensors are contiguous NCHW.
 #include "blur.h"
 
 #include <algorithm>
@@ -564,14 +565,13 @@ static void backward_typed(const BackwardArgs& a, const Parallel& par) {
   });
 }
 
-// bfloat16, float32 and float64 (the binding rejects float16).
+// float32 and float64 (the binding runs bfloat16 and float16 on float32 copies).
 template <typename F>
 static void dispatch_blur_dtype(DType dt, F&& f) {
   switch (dt) {
     case DType::Float32: f(float{}); break;
     case DType::Float64: f(double{}); break;
-    case DType::BFloat16: f(BFloat16{}); break;
-    case DType::Float16: break;
+    default: break;
   }
 }
 

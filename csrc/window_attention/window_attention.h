@@ -7,7 +7,7 @@
 // is contiguous (table_heads, 2*window_h-1, 2*window_w-1) in the accumulation type (float64 for
 // float64, float32 otherwise), as is its gradient.
 //
-// Element types: Float32 and Float64. bfloat16 reaches the kernels as float32 copies made by the
+// Element types: Float32 and Float64. bfloat16 and float16 reach the kernels as float32 copies made by the
 // binding (the same float32 arithmetic; the float32 kernels are the fast ones).
 //
 // The binding checks every argument first; kernels assume valid arguments.

@@ -1,5 +1,5 @@
 // window_attention2d on the CPU: the stable-ABI ops alterops::window_attention2d_fwd / _bwd.
-// Checks the arguments, makes the outputs (from the CPU output pool), widens bfloat16 to float32
+// Checks the arguments, makes the outputs (from the CPU output pool), widens bfloat16 and float16 to float32
 // copies (the kernels run float32 arithmetic for it either way, and the float32 kernels are the
 // fast ones), and calls the loaded level's kernels (window_attention.h).
 #include "../common/binding.h"
@@ -41,8 +41,10 @@ DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std:
   check_cpu(v, "v");
   check_qkv(q, k, v);
   const ScalarType st = q.scalar_type();
-  STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::Double || st == ScalarType::BFloat16,
-                  "window_attention2d: q must be float32, float64 or bfloat16 on the CPU, got ", dtype_name(st));
+  STD_TORCH_CHECK(st == ScalarType::Float || st == ScalarType::Double || st == ScalarType::BFloat16 ||
+                      st == ScalarType::Half,
+                  "window_attention2d: q must be float32, float64, bfloat16 or float16 on the CPU, got ",
+                  dtype_name(st));
   check_window_shift(window, shift);
   if (bias.has_value()) {
     const Tensor& t = *bias;
@@ -52,7 +54,7 @@ DType check_inputs(const Tensor& q, const Tensor& k, const Tensor& v, const std:
                     "window_attention2d: rel_pos_bias must be float32 (float64 for float64 q), got ",
                     dtype_name(t.scalar_type()));
   }
-  return st == ScalarType::Double ? DType::Float64 : DType::Float32;  // bfloat16 runs as float32
+  return st == ScalarType::Double ? DType::Float64 : DType::Float32;  // 16-bit runs as float32
 }
 
 Problem problem(const Tensor& q, const std::vector<int64_t>& window, const std::vector<int64_t>& shift, double scale,
@@ -86,9 +88,9 @@ std::tuple<Tensor, Tensor> fwd(Tensor q, Tensor k, Tensor v, std::optional<Tenso
   if (q.numel() == 0) return {out, lse};
   std::optional<Tensor> table;
   if (rel_pos_bias.has_value()) table = binding::contiguous(*rel_pos_bias);
-  // bfloat16: the kernels run on float32 copies (the same float32 arithmetic as reading and
-  // widening bfloat16 element by element, 2-3x faster through the float32 fast paths).
-  const bool widen = st == ScalarType::BFloat16;
+  // bfloat16 and float16: the kernels run on float32 copies (the same float32 arithmetic as reading
+  // and widening them element by element, 2-3x faster through the float32 fast paths).
+  const bool widen = st == ScalarType::BFloat16 || st == ScalarType::Half;
   const Tensor qf = widen ? binding::float_copy(q) : q;
   const Tensor kf = widen ? binding::float_copy(k) : k;
   const Tensor vf = widen ? binding::float_copy(v) : v;
@@ -136,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bwd(Tensor grad_out, Tensor q, Tensor
   if (q.numel() == 0) return {dq, dk, dv, db};
   std::optional<Tensor> table;
   if (rel_pos_bias.has_value()) table = binding::contiguous(*rel_pos_bias);
-  const bool widen = st == ScalarType::BFloat16;  // as in the forward
+  const bool widen = st == ScalarType::BFloat16 || st == ScalarType::Half;  // as in the forward
   const Tensor gf = binding::float_copy_if(widen, grad_out), qf = binding::float_copy_if(widen, q),
                kf = binding::float_copy_if(widen, k), vf = binding::float_copy_if(widen, v),
                of = binding::float_copy_if(widen, out);

@@ -6,6 +6,12 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#if defined(__F16C__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#define ALTEROPS_F16C 1  // float16 conversions in one instruction (the AVX2 and AVX-512 levels)
+#else
+#define ALTEROPS_F16C 0
+#endif
 
 namespace alterops {
 
@@ -41,6 +47,9 @@ struct Half {
   operator float() const { return to_float(bits); }
 
   static float to_float(uint16_t h) {
+#if ALTEROPS_F16C
+    return _cvtsh_ss(h);
+#else
     const uint32_t w = uint32_t(h) << 16;
     const uint32_t sign = w & 0x80000000u;
     const uint32_t two_w = w + w;
@@ -50,8 +59,12 @@ struct Half {
     const uint32_t result =
         sign | (two_w < (1u << 27) ? f32_bits(denormalized) : f32_bits(normalized));
     return f32_from_bits(result);
+#endif
   }
   static uint16_t from_float(float f) {
+#if ALTEROPS_F16C
+    return _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
     const float scale_to_inf = f32_from_bits(0x77800000u);
     const float scale_to_zero = f32_from_bits(0x08800000u);
     const float abs_f = f32_from_bits(f32_bits(f) & 0x7fffffffu);
@@ -67,6 +80,7 @@ struct Half {
     const uint32_t mantissa_bits = bits & 0x00000FFFu;
     const uint32_t nonsign = exp_bits + mantissa_bits;
     return uint16_t((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+#endif
   }
 };
 

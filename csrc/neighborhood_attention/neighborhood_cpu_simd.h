@@ -163,9 +163,9 @@ static inline void store_e(Half* p, Vec<float> v) {
 #endif
 }
 
-// The storage type of a float32 kernel's tensors (its value is the element size in bytes, which
-// pointer arithmetic uses): float32, or bfloat16 / float16 widened as loaded and narrowed as stored.
-enum class Elem : int64_t { F32 = 4, BF16 = 2, F16 = 3 };
+// The storage type of a float32 kernel's tensors: float32, or bfloat16 / float16 widened as loaded
+// and narrowed as stored; elem_bytes is its size.
+enum class Elem : int64_t { F32, BF16, F16 };
 inline int64_t elem_bytes(Elem e) { return e == Elem::F32 ? 4 : 2; }
 
 // Pointers into a float32, bfloat16 or float16 tensor, the element type decided at run time: the
@@ -432,7 +432,7 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
   transpose16(rows, D, mul, dst, ds);
 }
 
-// NA_TRANSPOSE_BLK of rows of a float32 or bfloat16 tensor (D % N == 0; a null row reads zeros):
+// NA_TRANSPOSE_BLK of rows of a float32 or 16-bit tensor (D % N == 0; a null row reads zeros):
 // 16-bit rows are widened into tmp (N rows of D floats) first.
 static inline void transpose_blk(const InPtr* rows, int64_t D, float mul, float* dst, int64_t ds, float* tmp) {
   constexpr int N = VecOf<float>::N;

@@ -592,16 +592,9 @@ static bool backward_band(const View6& dout, const View6& q, const View6& k, con
 #if NA_X86V3
   const BandBackward bb = band_backward_plan(dout, q, k, v, pl);
   if (bb.nv == 0) return false;
-  // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
-  constexpr int M = NA_AVX2 ? 2 : 1;
-  switch (pl.D / 16) {
-    case 1: backward_band_f32<M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    case 2: backward_band_f32<2 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    case 3: backward_band_f32<3 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    case 4: backward_band_f32<4 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    case 6: backward_band_f32<6 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-    default: backward_band_f32<8 * M>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par); break;
-  }
+  dispatch_fast_width(pl.D, [&](auto dv) {
+    backward_band_f32<decltype(dv)::value>(dout, q, k, v, L, dlse, DQ, DK, DV, dbias, pl, bb, scale, par);
+  });
   return true;
 #else
   (void)dout, (void)q, (void)k, (void)v, (void)L, (void)dlse, (void)DQ, (void)DK, (void)DV, (void)dbias, (void)pl,

@@ -477,8 +477,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
             for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : none;
             transpose_blk(rows, D, 1.0f, gb + j * D * N, N, Tw.data());
             if (kBF && seg_pf)
-                for (int l = 0; l < N; ++l)
-                  if (ki[l] < pl.W) widen_v(y, ki[l], ki[l] + 1);
+              for (int l = 0; l < N; ++l)
+                if (ki[l] < pl.W) widen_v(y, ki[l], ki[l] + 1);
           }
         }
       };
@@ -968,26 +968,7 @@ static bool forward_fast(const View6& q, const View6& k, const View6& v, OutPtr 
                          const Plan<float>& pl, float scale, const Parallel& par) {
   if (!float_fast_width(pl.D)) return false;
   if (q.stride[5] != 1 || k.stride[5] != 1 || v.stride[5] != 1) return false;
-  // DV = vectors per head (16 channels each on AVX-512, 8 on AVX2)
-#if NA_AVX2
-  switch (pl.D / 16) {
-    case 1: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
-    case 2: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
-    case 3: forward_f32<6>(q, k, v, out, lse, pl, scale, par); break;
-    case 4: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
-    case 6: forward_f32<12>(q, k, v, out, lse, pl, scale, par); break;
-    default: forward_f32<16>(q, k, v, out, lse, pl, scale, par); break;
-  }
-#else
-  switch (pl.D / 16) {
-    case 1: forward_f32<1>(q, k, v, out, lse, pl, scale, par); break;
-    case 2: forward_f32<2>(q, k, v, out, lse, pl, scale, par); break;
-    case 3: forward_f32<3>(q, k, v, out, lse, pl, scale, par); break;
-    case 4: forward_f32<4>(q, k, v, out, lse, pl, scale, par); break;
-    case 6: forward_f32<6>(q, k, v, out, lse, pl, scale, par); break;
-    default: forward_f32<8>(q, k, v, out, lse, pl, scale, par); break;
-  }
-#endif
+  dispatch_fast_width(pl.D, [&](auto dv) { forward_f32<decltype(dv)::value>(q, k, v, out, lse, pl, scale, par); });
   return true;
 }
 

@@ -163,6 +163,22 @@ static inline void store_e(Half* p, Vec<float> v) {
 #endif
 }
 
+// f(std::integral_constant<int, DV>{}) for a head of D channels of a fast width (float_fast_width:
+// 16-64, 96, 128), DV its vectors of VecOf<float>::N channels (16 channels are one AVX-512 vector,
+// two AVX2 ones): the one place the float32 kernels' instances are chosen.
+template <class F>
+static inline void dispatch_fast_width(int64_t D, F&& f) {
+  constexpr int M = 16 / VecOf<float>::N;
+  switch (D / 16) {
+    case 1: f(std::integral_constant<int, M>{}); break;
+    case 2: f(std::integral_constant<int, 2 * M>{}); break;
+    case 3: f(std::integral_constant<int, 3 * M>{}); break;
+    case 4: f(std::integral_constant<int, 4 * M>{}); break;
+    case 6: f(std::integral_constant<int, 6 * M>{}); break;
+    default: f(std::integral_constant<int, 8 * M>{}); break;
+  }
+}
+
 // The storage type of a float32 kernel's tensors: float32, or bfloat16 / float16 widened as loaded
 // and narrowed as stored; elem_bytes is its size.
 enum class Elem : int64_t { F32, BF16, F16 };

@@ -260,6 +260,9 @@ def test_tall_maps_float32(case, D):
 # Outputs of 4 MiB and more, which the AVX2 float32 forward writes with streaming stores: value
 # rows of tokens that hold several heads ("fused", "contiguous"), which the forward copies into its
 # ring of packed rows, and value rows whose tokens are contiguous ("head major"), read in place.
+# The last two are rows of the interior band (1-D, one key row per query row, windows wider than a
+# vector), whose P.V tiles stream their output at AVX-512 too: rows longer than a column chunk,
+# value tokens of several heads read in place, grouped heads and a bias table.
 # The AVX2 backward streams dq of 4 MiB and more (all of these), and dk and dv of 4 MiB and more
 # (the last two: written by the tasks themselves with 16 (batch, head) pairs, after the reduction
 # of the row chunks' partials with 8).
@@ -269,6 +272,8 @@ LARGE = [
     ((1, 44, 46), (1, 7, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 8, 1, 1, 64, "contiguous"),
     ((1, 36, 37), (1, 5, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 8, 8, 0, 64, "contiguous"),
     ((1, 40, 53), (1, 3, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 4, 4, 64, "fused"),
+    ((1, 1, 4099), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 8, 8, 0, 32, "fused"),
+    ((1, 2, 2053), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 64, "head major"),
 ]
 
 

@@ -849,14 +849,32 @@ static inline float lane_max(Vec<float> x) {
 }
 
 // Softmax of one query's kw logits at C (in place, left unnormalised): returns the max m and the
-// sum l of exp(s - m). Reads up to the next multiple of V past kw (the band row's padding).
-static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out) {
+// sum l of exp(s - m). Reads up to the next multiple of V past kw (the band row's padding). The
+// lanes of the last partial vector past kw are masked in registers (they had been zeroed one at a
+// time through the stack, a store-forwarding stall per query: 65-key windows have one key in
+// their fifth vector). Inlined into the callers' loops, which keep the exp's constants.
+static inline __attribute__((always_inline)) void band_softmax(float* C, int64_t kw, float& m_out, float& l_out) {
   constexpr int N = VecOf<float>::N;
   const int64_t kf = kw / N * N;
-  Vec<float> mv = loadu(C);
+#if defined(__AVX512F__)
+  const __mmask16 tail = (__mmask16)((1u << (kw - kf)) - 1u);
+  auto keep = [&](Vec<float> x) { return (Vec<float>)_mm512_maskz_mov_ps(tail, (__m512)x); };
+#else
+  const __m256 tail = _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(kw - kf)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  auto keep = [&](Vec<float> x) { return (Vec<float>)_mm256_and_ps((__m256)x, tail); };
+#endif
+  Vec<float> mv = kf > 0 ? loadu(C) : splat<float>(-std::numeric_limits<float>::infinity());
   for (int64_t e = N; e < kf; e += N) mv = vmax<float>(mv, loadu(C + e));
-  float m = lane_max(mv);
-  for (int64_t e = kf; e < kw; ++e) m = std::max(m, C[e]);
+  if (kf < kw) {  // (the masked lanes as -inf: no effect on the max)
+    const Vec<float> x = loadu(C + kf), ninf = splat<float>(-std::numeric_limits<float>::infinity());
+#if defined(__AVX512F__)
+    mv = vmax<float>(mv, (Vec<float>)_mm512_mask_mov_ps((__m512)ninf, tail, (__m512)x));
+#else
+    mv = vmax<float>(mv, (Vec<float>)_mm256_blendv_ps((__m256)ninf, (__m256)x, tail));
+#endif
+  }
+  const float m = lane_max(mv);
   const Vec<float> ms = splat<float>(m);
   Vec<float> lv = splat<float>(0.0f);
   for (int64_t e = 0; e < kf; e += N) {
@@ -865,9 +883,7 @@ static inline void band_softmax(float* C, int64_t kw, float& m_out, float& l_out
     lv += p;
   }
   if (kf < kw) {
-    Vec<float> p = vexp(loadu(C + kf) - ms);
-    for (int l = 0; l < N; ++l)
-      if (kf + l >= kw) p[l] = 0.0f;
+    const Vec<float> p = keep(vexp(loadu(C + kf) - ms));
     storeu(C + kf, p);
     lv += p;
   }

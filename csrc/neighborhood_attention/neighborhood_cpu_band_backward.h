@@ -204,6 +204,13 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
   const int64_t ntasks = pl.B * (split ? pl.NH : pl.NKV) * pl.R, tc = 2 * kw - 1, tsize = pl.nht * tc;
   const int64_t kv_elems = pl.B * pl.R * W * pl.NKV * D;  // of dk (and dv)
   RawBuf<float> DKs(split ? pl.G * kv_elems : 1), DVs(split ? pl.G * kv_elems : 1);
+  // float32 dq of 4 MiB and more, and dK and dV of 4 MiB and more where each task writes its own
+  // once (one query head per key/value head), are written with streaming stores, as the general
+  // backward's: they skip the read of each line before its write (1-D, B = 4, L = 4096, 8 heads,
+  // d = 64, k = 65: three outputs of 34 MB).
+  const bool stream_dq = !kBF && stream_output(DQ.p, pl.B * pl.R * W * pl.NH * D * (int64_t)sizeof(float));
+  const bool stream_kv = !kBF && !split && pl.G == 1 && stream_output(DK.p, kv_elems * (int64_t)sizeof(float)) &&
+                         stream_output(DVo.p, kv_elems * (int64_t)sizeof(float));
   Buf<float> dB(dbias ? ntasks * tsize : 0, 0.0f);
   par.for_tasks(ntasks, [&](auto next) {
     RawBuf<float> Kt(D * Wk), Vt(D * Wk), Gt(g_copy ? W * D : 1);  // (only tokens 0..W-1 are read)
@@ -282,7 +289,12 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
           constexpr int n = (int)(sizeof(acc) / sizeof(acc[0]));
           const Vec<float> m = splat<float>(mul);
           NA_UNROLL
-          for (int d = 0; d < n; ++d) storeu(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m);
+          for (int d = 0; d < n; ++d) {
+            if (stream_kv)  // (one query head: first)
+              stream_store(o + d * N, acc[d] * m);
+            else
+              storeu(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m);
+          }
         };
         // P and dS of the query at column x from its logits S (plus the bias row Bj, unless null)
         // and dP (window column j at j): P = exp(S - lse), dS = P (dP - coef), coef =
@@ -416,7 +428,13 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
             NA_UNROLL
             for (int i = 0; i < T; ++i)
               NA_UNROLL
-              for (int d = 0; d < DC; ++d) storeu(dq_row + (pl.xlo + sl + i) * qts + (c0 + d) * N, acc[i][d] * sv);
+              for (int d = 0; d < DC; ++d) {
+                float* const o = dq_row + (pl.xlo + sl + i) * qts + (c0 + d) * N;
+                if (stream_dq)
+                  stream_store(o, acc[i][d] * sv);
+                else
+                  storeu(o, acc[i][d] * sv);
+              }
           }
         };
         // dK, dV of T keys from x0 (all in [zl, zr)): the rows of slots u0.., read at column
@@ -551,6 +569,7 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         narrow_row(DVo + kv_row, dv_row, pl.NKV * D);
       }
     }
+    if (stream_dq || stream_kv) stream_fence();
   });
   if (split)  // dK = slice 0 + slice 1 + ... (each element's sum in slice order)
     par.for_each(0, kv_elems / N, 1024, [&](int64_t lo, int64_t hi) {

@@ -205,6 +205,20 @@ static inline void store_scaled_row(float* dst, const __m512* a, __m512 s, __mma
   _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c)
     _mm512_mask_storeu_ps(dst + 16 * c, c == DV - 1 ? tail : (__mmask16)0xFFFF, _mm512_mul_ps(a[c], s));
 }
+// The same with non-temporal stores for the whole vectors where dst is 64-byte aligned (the
+// forward's output rows, each written once and read only by the next op: fetching their lines
+// first would only add reads); the tail, or a row off alignment, through the caches. Needs
+// _mm_sfence() before the writes are published.
+template <int DV>
+static inline void stream_scaled_row(float* dst, const __m512* a, __m512 s, __mmask16 tail) {
+  if ((reinterpret_cast<uintptr_t>(dst) & 63) != 0) return store_scaled_row<DV>(dst, a, s, tail);
+  _Pragma("GCC unroll 32") for (int c = 0; c < DV; ++c) {
+    if (c == DV - 1 && tail != (__mmask16)0xFFFF)
+      _mm512_mask_storeu_ps(dst + 16 * c, tail, _mm512_mul_ps(a[c], s));
+    else
+      _mm512_stream_ps(dst + 16 * c, _mm512_mul_ps(a[c], s));
+  }
+}
 template <int DV> constexpr int tn_rows() { return DV == 1 ? 8 : DV == 2 ? 7 : DV <= 4 ? 3 : 1; }
 
 template <int DV, class Epi>
@@ -480,7 +494,7 @@ void forward_small(const Geometry& g, const Plan& pl, const Strided& q, const St
       for (int64_t m = 0; m < M; ++m) lse[(b * HW + pos[m]) * nh + h] = lsev[m];
       auto epi_o = [&](int64_t m, __m512* a) {
         if (m >= M) return;
-        store_scaled_row<DV>(out + ((b * HW + pos[m]) * nh + h) * d, a, _mm512_set1_ps(inv[m]), tail);
+        stream_scaled_row<DV>(out + ((b * HW + pos[m]) * nh + h) * d, a, _mm512_set1_ps(inv[m]), tail);
       };
       constexpr int R = pv_rows<DV>();
       for (int64_t m0 = 0; m0 < M; m0 += R) {
@@ -489,6 +503,7 @@ void forward_small(const Geometry& g, const Plan& pl, const Strided& q, const St
       }
       pf.finish();
     }
+    _mm_sfence();
   });
 }
 
@@ -565,7 +580,7 @@ void forward(const Geometry& g, const Strided& q, const Strided& k, const Stride
         constexpr int DVc = decltype(dvc)::value;
         auto epi_o = [&](int64_t m, __m512* a) {
           if (m >= M) return;
-          store_scaled_row<DVc>(out + ((b * HW + pos[m]) * nh + h) * d, a, _mm512_set1_ps(inv[m]), tail);
+          stream_scaled_row<DVc>(out + ((b * HW + pos[m]) * nh + h) * d, a, _mm512_set1_ps(inv[m]), tail);
         };
         constexpr int R = pv_rows<DVc>();
         for (int64_t m0 = 0; m0 < M; m0 += R) {
@@ -575,6 +590,7 @@ void forward(const Geometry& g, const Strided& q, const Strided& k, const Stride
       });
       pf.finish();
     }
+    _mm_sfence();
   });
 }
 

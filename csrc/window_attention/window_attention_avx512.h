@@ -688,23 +688,21 @@ void backward(const Geometry& g, const Strided& gout, const Strided& q, const St
           const __m512 sc = _mm512_set1_ps(scale);
           auto epi_dq = [&](int64_t m, __m512* a) {
             if (m >= M) return;
-            store_scaled_row<DVc>(dq + ((b * HW + pos[m]) * nh + h) * d, a, sc, tail);
+            stream_scaled_row<DVc>(dq + ((b * HW + pos[m]) * nh + h) * d, a, sc, tail);
           };
           pv_all<DVc>(dSp, Np, M, kr.p.data(), M, tail, epi_dq);
           auto epi_kv = [&](int64_t n, __m512* a1, __m512* a2) {
             if (n >= M) return;
             const int64_t o = ((b * HW + pos[n]) * nh + h) * d;
-            _Pragma("GCC unroll 32") for (int cc = 0; cc < DVc; ++cc) {
-              const __mmask16 km = cc == DVc - 1 ? tail : (__mmask16)0xFFFF;
-              _mm512_mask_storeu_ps(dv + o + 16 * cc, km, a1[cc]);
-              _mm512_mask_storeu_ps(dk + o + 16 * cc, km, _mm512_mul_ps(a2[cc], sc));
-            }
+            stream_scaled_row<DVc>(dv + o, a1, _mm512_set1_ps(1.0f), tail);
+            stream_scaled_row<DVc>(dk + o, a2, sc, tail);
           };
           tn_all<DVc>(Pp, dSp, Np, gr.p.data(), qr.p.data(), M, tail, epi_kv);
         });
       }
       if (dtable) scatter_tiles(g, pl, acc_tiles.data(), touched.data(), partial.data() + c * table_heads * tsize);
     }
+    _mm_sfence();
   });
   if (dtable != nullptr) reduce_partials(partial, nchunks, table_heads * tsize, dtable);
 }

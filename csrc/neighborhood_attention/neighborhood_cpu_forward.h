@@ -662,13 +662,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
                 for (int t = 0; t < T; ++t) {
                   const Vec<float> inv = splat<float>(Linv[sl + t]);
                   const OutPtr o = Orow + ((pl.xlo + sl + t) * ostr + dc * N);
-                  if (stream_out) {
-                    NA_UNROLL
-                    for (int d = 0; d < DB; ++d) stream_store(o.f32() + d * N, acc[t][d] * inv);
-                  } else {
-                    NA_UNROLL
-                    for (int d = 0; d < DB; ++d) (o + d * N).store(acc[t][d] * inv);
-                  }
+                  NA_UNROLL
+                  for (int d = 0; d < DB; ++d) store_out(o + d * N, acc[t][d] * inv, stream_out);
                 }
               }
             };
@@ -918,13 +913,8 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
                 for (int t = 0; t < TQ2; ++t) {
                   const Vec<float> inv = splat<float>(Linv[sl + t]);
                   const OutPtr o = Orow + ((x0 + t) * ostr + dc * N);
-                  if (stream_out) {  // (float32 outputs only)
-                    NA_UNROLL
-                    for (int d = 0; d < DC; ++d) stream_store(o.f32() + d * N, acc[t][d] * inv);
-                  } else {
-                    NA_UNROLL
-                    for (int d = 0; d < DC; ++d) (o + d * N).store(acc[t][d] * inv);
-                  }
+                  NA_UNROLL
+                  for (int d = 0; d < DC; ++d) store_out(o + d * N, acc[t][d] * inv, stream_out);
                 }
               }
               sl += TQ2;

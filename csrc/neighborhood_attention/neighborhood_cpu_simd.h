@@ -249,6 +249,14 @@ static inline void stream_store(float* p, Vec<float> v) {
   storeu(p, v);
 #endif
 }
+// o = v, with a streaming store where `stream` (float32 outputs only, o aligned to the vector:
+// stream_output's conditions), through the caches otherwise.
+static inline void store_out(OutPtr o, Vec<float> v, bool stream) {
+  if (stream)
+    stream_store(o.f32(), v);
+  else
+    o.store(v);
+}
 static inline void stream_fence() {
 #if NA_X86V3
   _mm_sfence();

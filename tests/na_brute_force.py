@@ -4,6 +4,7 @@ list turned into index tables, and the attention formed from those lists. Indepe
 library's own window helpers and reference."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -38,14 +39,21 @@ def axis_neighbours(i, length, kernel, dilation, stride, causal, border):
 
 def neighbour_table(spatial, kernel, dilation, stride, causal, border):
     """Per query (row-major): flat key index (N for a zero key), validity, bias index tuple."""
+    args = tuple(tuple(int(x) for x in a) for a in (spatial, kernel, dilation, stride, causal)) + (border,)
+    return tuple(t.clone() for t in _neighbour_table(*args))
+
+
+@functools.lru_cache(maxsize=32)
+def _neighbour_table(spatial, kernel, dilation, stride, causal, border):
+    # (built once per window rule and map: the test cases run each at several widths and dtypes)
     n = len(spatial)
     N = math.prod(spatial)
+    per_axis = [[axis_neighbours(i, spatial[a], kernel[a], dilation[a], stride[a], causal[a], border)
+                 for i in range(spatial[a])] for a in range(n)]
     rows = []
     for p in itertools.product(*[range(s) for s in spatial]):
-        per_axis = [axis_neighbours(p[a], spatial[a], kernel[a], dilation[a], stride[a], causal[a], border)
-                    for a in range(n)]
         entries = []
-        for combo in itertools.product(*per_axis):
+        for combo in itertools.product(*[per_axis[a][p[a]] for a in range(n)]):
             if any(pos is None for pos, _ in combo):
                 flat = N
             else:
@@ -55,13 +63,11 @@ def neighbour_table(spatial, kernel, dilation, stride, causal, border):
             entries.append((flat, tuple(b for _, b in combo)))
         rows.append(entries)
     width = max(len(r) for r in rows)
-    idx = torch.full((N, width), N, dtype=torch.long)
-    valid = torch.zeros(N, width, dtype=torch.bool)
-    bidx = torch.zeros(N, width, n, dtype=torch.long)
-    for qi, entries in enumerate(rows):
-        for c, (flat, b) in enumerate(entries):
-            idx[qi, c], valid[qi, c], bidx[qi, c] = flat, True, torch.tensor(b)
-    return idx, valid, bidx
+    pad = (N, (0,) * n)
+    idx = torch.tensor([[f for f, _ in r] + [N] * (width - len(r)) for r in rows], dtype=torch.long)
+    valid = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows], dtype=torch.bool)
+    bidx = torch.tensor([[b for _, b in r] + [pad[1]] * (width - len(r)) for r in rows], dtype=torch.long)
+    return idx.reshape(N, width), valid.reshape(N, width), bidx.reshape(N, width, n)
 
 
 def brute_force(q, k, v, kernel, dilation, stride, causal, border, table=None, scale=None):

@@ -179,8 +179,11 @@ class Builder:
 
 
 def build(out_dir: str, *, build_dir: str | None = None, cpu_arch: str = "portable", cuda: bool | None = None,
-          cuda_arch_list: str = "8.0;9.0", jobs: int | None = None, debug: bool = False, verbose: bool = False) -> list[str]:
-    """Builds the shared objects into ``out_dir``; returns their paths."""
+          cuda_arch_list: str = "8.0;9.0", jobs: int | None = None, debug: bool = False, verbose: bool = False,
+          kernels: bool = True) -> list[str]:
+    """Builds the shared objects into ``out_dir``; returns their paths. ``kernels=False`` leaves
+    out the CPU kernel levels (the binding library and the CUDA library only: enough to load the
+    ops and check their registration, not to run them on the CPU)."""
     cxx = _cxx()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX)")
@@ -194,7 +197,7 @@ def build(out_dir: str, *, build_dir: str | None = None, cpu_arch: str = "portab
     products = []
 
     levels = ["native"] if cpu_arch == "native" else list(LEVELS)
-    for level in levels:
+    for level in levels if kernels else []:
         objs = []
         march = " ".join(level_flags(level))
         for src in kernel_sources():

@@ -282,6 +282,20 @@ def test_large_outputs_float32(case):
     check_case(case, torch.float32)
 
 
+# 16-bit outputs of 4 MiB and more whose rows are whole 64-byte lines: the AVX-512 forward's
+# interior tiles write them with streaming stores too, bfloat16 through the 1-D band (grouped heads,
+# a bias table), float16 through the 2-D tiles.
+LARGE_16BIT = [
+    (((1, 1, 2053), (1, 1, 33), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 8, 4, 8, 64, "fused"), torch.bfloat16),
+    (((1, 48, 44), (1, 5, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 8, 8, 0, 64, "head major"), torch.float16),
+]
+
+
+@pytest.mark.parametrize("case,dtype", LARGE_16BIT, ids=[f"{str(dt)[6:]}-{case_id(c)}" for c, dt in LARGE_16BIT])
+def test_large_outputs_16bit(case, dtype):
+    check_case(case, dtype)
+
+
 # The float32 band backward of AVX-512 and AVX2 (one key row per query row, its own; dilation 1; kw > 16;
 # "clamp", causal windows too; no bias table): rows whose middle keys (seen by interior
 # queries only) are summed as P.V tiles over a ring of P and dS rows, the others ("zones") per

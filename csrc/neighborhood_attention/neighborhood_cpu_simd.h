@@ -249,13 +249,38 @@ static inline void stream_store(float* p, Vec<float> v) {
   storeu(p, v);
 #endif
 }
-// o = v, with a streaming store where `stream` (float32 outputs only, o aligned to the vector:
+// The same for 16-bit storage: v narrowed (store_e's rounding), its half-vector of bytes written
+// with one streaming store (p aligned to it). A thread's consecutive half-vector stores into one
+// line fill it in the write-combining buffer before it goes out, so the callers write whole lines.
+template <typename E>  // BFloat16 or Half
+static inline void stream_store(E* p, Vec<float> v) {
+#if NA_X86V3
+  Bf16Vec h;  // (any N 16-bit elements)
+  store_e(reinterpret_cast<E*>(&h), v);
+#if defined(__AVX512F__)
+  __m256i x;
+  std::memcpy(&x, &h, sizeof(x));
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), x);
+#else
+  __m128i x;
+  std::memcpy(&x, &h, sizeof(x));
+  _mm_stream_si128(reinterpret_cast<__m128i*>(p), x);
+#endif
+#else
+  store_e(p, v);
+#endif
+}
+// o = v, with a streaming store where `stream` (o aligned to its vector of elements:
 // stream_output's conditions), through the caches otherwise.
 static inline void store_out(OutPtr o, Vec<float> v, bool stream) {
-  if (stream)
-    stream_store(o.f32(), v);
-  else
+  if (!stream)
     o.store(v);
+  else if (o.e == Elem::F32)
+    stream_store(o.f32(), v);
+  else if (o.e == Elem::BF16)
+    stream_store(reinterpret_cast<BFloat16*>(o.p), v);
+  else
+    stream_store(reinterpret_cast<Half*>(o.p), v);
 }
 static inline void stream_fence() {
 #if NA_X86V3

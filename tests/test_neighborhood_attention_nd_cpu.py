@@ -600,6 +600,49 @@ def test_backward_16bit_dout_channel_strides(case, dout_layout, dtype):
         assert a.dtype == dtype and torch.equal(a, b.to(dtype)), name
 
 
+# The plans of calls without a bias table are kept and reused by later calls of the same shapes and
+# window: calls that differ from the one before in a single field of that key (batch, map, heads,
+# key/value heads, head width, kernel, dilation, stride, causal, border; a bias table) must not get
+# its plan. Each call in turn, against the brute force, twice round.
+PLAN_KEY_CASES = [
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 5, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 22), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 4, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 32, "fused"),
+    ((1, 4, 21), (1, 3, 7), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 2, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 2), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 2), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 2, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 1, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 4, 2, 0, 16, "fused"),
+    ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
+    ((2, 4, 21), (2, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
+    ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 2, 2, 0, 16, "fused"),
+    ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 0, 16, "fused"),
+]
+
+
+def test_plans_are_not_reused_across_shapes_or_windows():
+    for _ in range(2):
+        for case in PLAN_KEY_CASES:
+            check_case(case, torch.float32)
+    # and the batch: make_inputs builds B = 2; B = 1 and 3 of the same map and window in turn
+    case = PLAN_KEY_CASES[0]
+    sp, ks, dil, st, causal, border, heads, hkv, _, D, _ = case
+    for B in (1, 3, 1):
+        q, k, v = (torch.randn(B, *sp, h, D, dtype=torch.float64) for h in (heads, hkv, hkv))
+        out, lse = torch.ops.alterops.neighborhood_attention_nd_fwd(
+            q.float(), k.float(), v.float(), list(ks), list(dil), list(st), list(causal), border, None, D ** -0.5)
+        r_out, _ = brute_force(q, k, v, ks, dil, st, causal, border, None, D ** -0.5)
+        assert (out.double() - r_out).abs().max().item() < 1e-5, B
+
+
 # The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped
 # heads, bias table), the band route (1-D, grouped heads summed in turn, bias table; and with few
 # key/value heads, a task per query head with its dK/dV slices summed afterwards), the

@@ -600,10 +600,10 @@ def test_backward_16bit_dout_channel_strides(case, dout_layout, dtype):
         assert a.dtype == dtype and torch.equal(a, b.to(dtype)), name
 
 
-# The plans of calls without a bias table are kept and reused by later calls of the same shapes and
-# window: calls that differ from the one before in a single field of that key (batch, map, heads,
-# key/value heads, head width, kernel, dilation, stride, causal, border; a bias table) must not get
-# its plan. Each call in turn, against the brute force, twice round.
+# Plans are kept and reused by later calls of the same shapes, window and bias table values: calls
+# that differ from the one before in a single field of that key (batch, map, heads, key/value heads,
+# head width, kernel, dilation, stride, causal, border; a bias table, its values) must not get its
+# plan. Each call in turn, against the brute force, twice round.
 PLAN_KEY_CASES = [
     ((1, 4, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
     ((1, 5, 21), (1, 3, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 0, 16, "fused"),
@@ -625,6 +625,7 @@ PLAN_KEY_CASES = [
     ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 0, 16, "fused"),
     ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 1), "clamp", 2, 2, 0, 16, "fused"),
     ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 2, 2, 0, 16, "fused"),
+    ((1, 1, 300), (1, 1, 65), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 2, 2, 1, 16, "fused"),
 ]
 
 
@@ -632,6 +633,10 @@ def test_plans_are_not_reused_across_shapes_or_windows():
     for _ in range(2):
         for case in PLAN_KEY_CASES:
             check_case(case, torch.float32)
+    # the same shapes with other bias tables (other seeds), then the first one's again
+    for case in (PLAN_KEY_CASES[15], PLAN_KEY_CASES[-1]):
+        for seed in (0, 1, 0, 2):
+            check_case(case, torch.float32, seed=seed)
     # and the batch: make_inputs builds B = 2; B = 1 and 3 of the same map and window in turn
     case = PLAN_KEY_CASES[0]
     sp, ks, dil, st, causal, border, heads, hkv, _, D, _ = case

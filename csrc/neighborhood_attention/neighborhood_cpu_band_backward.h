@@ -288,13 +288,10 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
         auto put = [&](float* o, const auto& acc, float mul) {
           constexpr int n = (int)(sizeof(acc) / sizeof(acc[0]));
           const Vec<float> m = splat<float>(mul);
+          // (stream_kv: one query head, always the first)
           NA_UNROLL
-          for (int d = 0; d < n; ++d) {
-            if (stream_kv)  // (one query head: first)
-              stream_store(o + d * N, acc[d] * m);
-            else
-              storeu(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m);
-          }
+          for (int d = 0; d < n; ++d)
+            store_out(o + d * N, first ? acc[d] * m : loadu(o + d * N) + acc[d] * m, stream_kv);
         };
         // P and dS of the query at column x from its logits S (plus the bias row Bj, unless null)
         // and dP (window column j at j): P = exp(S - lse), dS = P (dP - coef), coef =
@@ -428,13 +425,8 @@ static void backward_band_f32(const View6& dout, const View6& q, const View6& k,
             NA_UNROLL
             for (int i = 0; i < T; ++i)
               NA_UNROLL
-              for (int d = 0; d < DC; ++d) {
-                float* const o = dq_row + (pl.xlo + sl + i) * qts + (c0 + d) * N;
-                if (stream_dq)
-                  stream_store(o, acc[i][d] * sv);
-                else
-                  storeu(o, acc[i][d] * sv);
-              }
+              for (int d = 0; d < DC; ++d)
+                store_out(dq_row + (pl.xlo + sl + i) * qts + (c0 + d) * N, acc[i][d] * sv, stream_dq);
           }
         };
         // dK, dV of T keys from x0 (all in [zl, zr)): the rows of slots u0.., read at column

@@ -270,6 +270,14 @@ static inline void stream_store(E* p, Vec<float> v) {
   store_e(p, v);
 #endif
 }
+// *p = v for float32 rows: with a streaming store where `stream` (p aligned to the vector),
+// through the caches otherwise.
+static inline void store_out(float* p, Vec<float> v, bool stream) {
+  if (stream)
+    stream_store(p, v);
+  else
+    storeu(p, v);
+}
 // o = v, with a streaming store where `stream` (o aligned to its vector of elements:
 // stream_output's conditions), through the caches otherwise.
 static inline void store_out(OutPtr o, Vec<float> v, bool stream) {

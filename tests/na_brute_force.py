@@ -63,10 +63,10 @@ def _neighbour_table(spatial, kernel, dilation, stride, causal, border):
             entries.append((flat, tuple(b for _, b in combo)))
         rows.append(entries)
     width = max(len(r) for r in rows)
-    pad = (N, (0,) * n)
+    no_bias = (0,) * n  # (the bias index of padding entries)
     idx = torch.tensor([[f for f, _ in r] + [N] * (width - len(r)) for r in rows], dtype=torch.long)
     valid = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows], dtype=torch.bool)
-    bidx = torch.tensor([[b for _, b in r] + [pad[1]] * (width - len(r)) for r in rows], dtype=torch.long)
+    bidx = torch.tensor([[b for _, b in r] + [no_bias] * (width - len(r)) for r in rows], dtype=torch.long)
     return idx.reshape(N, width), valid.reshape(N, width), bidx.reshape(N, width, n)
 
 

@@ -435,6 +435,9 @@ static inline void transpose8_to(bool stream, const float* const* rows, int64_t 
 #endif
 
 // dst[c * ds + l] = mul * rows[l][c] for l < 16, c < D (D % 16 == 0); a null row reads zeros.
+// Stream (AVX-512): with streaming stores, each a whole 64-byte line (dst and ds aligned to 16
+// floats).
+template <bool Stream = false>
 static inline void transpose16(const float* const* rows, int64_t D, float mul, float* dst, int64_t ds) {
 #if defined(__AVX512F__)
   const __m512 m = _mm512_set1_ps(mul);
@@ -462,7 +465,12 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
     }
     if (mul != 1.0f)  // (only the queries carry a scale: keys, values and gradients skip this)
       for (int l = 0; l < 16; ++l) r[l] = _mm512_mul_ps(r[l], m);
-    for (int l = 0; l < 16; ++l) _mm512_storeu_ps(dst + (c0 + l) * ds, r[l]);
+    for (int l = 0; l < 16; ++l) {
+      if (Stream)
+        _mm512_stream_ps(dst + (c0 + l) * ds, r[l]);
+      else
+        _mm512_storeu_ps(dst + (c0 + l) * ds, r[l]);
+    }
   }
 #else
   for (int l = 0; l < 16; ++l)

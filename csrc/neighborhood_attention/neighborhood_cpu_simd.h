@@ -499,6 +499,14 @@ static inline void transpose16(const float* const* rows, int64_t D, float mul, f
     for (int64_t c = 0; c < D; ++c) dst[c * ds + l] = rows[l] ? rows[l][c] * mul : 0.0f;
 #endif
 }
+// transpose16 with streaming stores or plain ones, chosen at run time.
+static inline void transpose16_to(bool stream, const float* const* rows, int64_t D, float mul, float* dst,
+                                  int64_t ds) {
+  if (stream)
+    transpose16<true>(rows, D, mul, dst, ds);
+  else
+    transpose16(rows, D, mul, dst, ds);
+}
 
 // one slot block of queries/keys (VecOf<float>::N columns)
 #if NA_AVX2

@@ -648,6 +648,39 @@ def test_plans_are_not_reused_across_shapes_or_windows():
         assert (out.double() - r_out).abs().max().item() < 1e-5, B
 
 
+# Several heads per task: the float32 forward takes every head of a batch element in one task
+# where whole batch elements give two tasks per thread and the heads' packed key rows fit in half
+# of L2 (the value rows then read in place). At one thread B = 2 takes that route and B = 1 does
+# not: the B = 2 results against the brute force (check_case) and, bit for bit, against each batch
+# element alone. Grouped and shared key/value heads, bias tables per head and shared, each layout,
+# the 2-D and 3-D routes and the 1-D band (a window wider than a vector).
+HEAD_GROUP_CASES = [CASES[i] for i in (7, 8, 10, 13, 15, 16)] + [
+    ((1, 1, 60), (1, 1, 21), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
+    ((1, 1, 50), (1, 1, 19), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 1, 1, 16, "head major"),
+    ((1, 9, 23), (1, 5, 5), (1, 1, 1), (1, 1, 1), (0, 0, 0), "mask", 6, 3, 6, 16, "contiguous"),
+]
+
+
+@pytest.mark.parametrize("case", HEAD_GROUP_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 32), (torch.float32, 16), (torch.bfloat16, 32)], ids=str)
+def test_forward_head_groups(case, dtype, D):
+    sp, ks, dil, st, causal, border, heads, hkv, nb, _, layout = case
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_case(case, dtype, D=D)
+        q, k, v = make_inputs(sp, heads, hkv, D, dtype, layout, seed=3)
+        bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1) if nb else None
+        args = (list(ks), list(dil), list(st), [int(c) for c in causal], border, bias, D ** -0.5)
+        fwd = torch.ops.alterops.neighborhood_attention_nd_fwd
+        out, lse = fwd(q, k, v, *args)
+        for b in range(q.shape[0]):
+            o1, l1 = fwd(q[b:b + 1], k[b:b + 1], v[b:b + 1], *args)
+            assert torch.equal(out[b:b + 1], o1) and torch.equal(lse[b:b + 1], l1), b
+    finally:
+        torch.set_num_threads(before)
+
+
 # The backward's bits do not depend on the thread count: the general route (3-D, causal, grouped
 # heads, bias table), the band route (1-D, grouped heads summed in turn, bias table; and with few
 # key/value heads, a task per query head with its dK/dV slices summed afterwards), the

@@ -5,9 +5,21 @@
 
 #include "neighborhood_cpu_tiles.h"
 
+#include <unistd.h>
+
 namespace alterops {
 namespace neighborhood {
 namespace {
+
+// The L2 cache of the CPU, in bytes (0 where the system does not say).
+static int64_t l2_cache_bytes() {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  static const int64_t bytes = std::max<long>(0, sysconf(_SC_LEVEL2_CACHE_SIZE));
+  return bytes;
+#else
+  return 0;
+#endif
+}
 
 // The forward's split: BH (batch, head) pairs in row chunks only when there are fewer of them
 // than twice the threads. Every query row is computed the same way whichever task holds it, so
@@ -261,13 +273,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   // and spills of the general-purpose registers.
   const int64_t SS = SW <= 32 ? 32 : SW <= 64 ? 64 : 128;
   const int64_t D = pl.D;
-  // Tasks are (batch, head, row chunk). Tasks of several heads each, heads innermost (each row
-  // group done for every head of the task in turn, so that the lines of a token's other heads,
-  // brought into cache by one head's pass, were used while still there), were faster at AVX-512
-  // on a Xeon with 2 MB of L2 before pack_group prefetched the lines it packs. Since then one
-  // head per task is faster: 2-D forward (B = 4, 56 x 56, 4 heads, k = 7) 8% on Zen 3 at AVX2
-  // (one head's rings, about 140 KB of keys and values, against 550 KB for 4 heads and 512 KB
-  // of L2), 7-10% on Zen 4 at AVX-512 (1 MB of L2), neutral for the generic build.
   const bool seg_pf = pl.Ws > SW;
   const int64_t nchunks = row_chunks(pl.B * pl.NH, pl.R, par);
   const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
@@ -333,16 +338,14 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   const int64_t ncol = pl.R == 1 && nchunks == 1 && pl.Ws > SW ? (pl.Ws + kColumnSlots - 1) / kColumnSlots : 1;
   const int64_t colslots = ncol == 1 ? pl.Ws : kColumnSlots;
   // Rows no longer than a segment have their key and value rows packed a row group at a time
-  // (pack_group below), and the value rows are
-  // then copied into a ring beside the keys' when one head's value tokens are not contiguous
-  // (several heads per token): P.V reads its tiles from the copies (2-D forward, B = 4, 56 x 56,
-  // 4 heads, k = 7: 5.4 -> 4.6 ms; 3-D, 8 x 32 x 32, k = (3, 7, 7): 10.4 -> 8.9 ms on Zen 3, in
-  // alternating runs against P.V reading the tokens in place).
+  // (pack_group below), and with a head per task (vpack, below the choice of NHG) the value
+  // rows are then copied into a ring beside the keys' when one head's value tokens are not
+  // contiguous (several heads per token): P.V reads its tiles from the copies (2-D forward, B = 4,
+  // 56 x 56, 4 heads, k = 7: 5.4 -> 4.6 ms; 3-D, 8 x 32 x 32, k = (3, 7, 7): 10.4 -> 8.9 ms on
+  // Zen 3, in alternating runs against P.V reading the tokens in place).
   // 16-bit value rows are always copied (widened): whole rows by pack_group, and for longer rows
   // the columns that the task packs keys for (pack_cols) and its border blocks' columns.
   const bool group_pack = !seg_pf;
-  const bool vpack = (group_pack && vs[3] != D) || kBF;
-  const int64_t vxs = vpack ? D : vs[3];
   // The interior P.V tiles write the output with streaming stores (AVX2, AVX-512) when it is
   // larger than kStreamOutBytes: they skip the read of each output line before its write and leave
   // the cache to the inputs (2-D forward, B = 4, 56 x 56, 4 heads, 6.4 MB of output: 6% faster on
@@ -402,13 +405,44 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   // (the gathered copies only where some border block still reads them: Kp's storage for them is
   // allocated and zeroed per task)
   const bool gathered = !band_all && std::any_of(gperm.begin(), gperm.end(), [](int64_t a) { return a < 0; });
-  par.for_tasks(pl.B * pl.NH * nchunks * ncol, [&](auto next) {
-    // the task's key/value head: its packed key rows, (vpack) its value rows copied beside them
-    // (W tokens of D channels in Kp's ring slots), the last packed row and the packed columns
-    KeyPack<float> Kp;
-    Kp.alloc(pl, ring, gathered);
-    std::vector<float> Vp(vpack ? Kp.rows * pl.W * D : 0);
-    int64_t packed_hi = 0, packed_cols = 0;
+  // Tasks are (batch, head group, row chunk), NHG heads per task (1 or all NH), each row group
+  // done for every head of the task in turn. A task per head reads 128 of each token's 512 bytes
+  // (4 heads of 32 channels), and the lines of the other heads that the prefetchers fetch with
+  // them are gone by the time those heads' tasks run. A task of all the heads of a batch
+  // element uses every line fetched. Taken where their packed key rows (with the AVX2 build's
+  // gathered border copies) fit in half of L2 and whole batch elements give two tasks per thread
+  // (row chunks would pack their halo rows twice); P.V then reads the value rows in place. 2-D
+  // forward, B = 4, 56 x 56, 4 heads, d = 32, k = 7, on a Xeon with 2 MB of L2, same-process A/B:
+  // 3.05 -> 2.68 ms at AVX-512 (300 KB of key rows; 2.87 with the value rows still copied, and
+  // 2 heads per task no faster than one), 4.06 -> 3.86 at AVX2 (810 KB). Before the value rows
+  // were read in place, 4 heads per task (550 KB with their copies) had been 7-10% slower than a
+  // head per task on Zen 4 (1 MB of L2) at AVX-512 and 8% on Zen 3 (512 KB) at AVX2; Zen 3 keeps
+  // a head per task at that size, Zen 4 now takes the 4 heads (not measured there).
+  int64_t NHG = 1;
+  if (!seg_pf && nchunks == 1 && pl.NH > 1 && pl.B >= 2 * par.num_threads) {
+    const int64_t rows = std::min(ring, pl.R);
+    const int64_t kv_bytes =
+        rows * (pl.kml + D * pl.Wk + (kBF ? pl.W * D : 0) + (gathered ? pl.NG * pl.kw * D * N : 0)) * 4;
+    if (pl.NKV * kv_bytes <= l2_cache_bytes() / 2) NHG = pl.NH;
+  }
+  const int64_t ngr = pl.NH / NHG;                    // head groups
+  const int64_t NKG = NHG == 1 ? 1 : pl.NKV;          // their key/value heads
+  const bool vpack = (group_pack && vs[3] != D && NHG == 1) || kBF;
+  const int64_t vxs = vpack ? D : vs[3];
+  par.for_tasks(pl.B * ngr * nchunks * ncol, [&](auto next) {
+    // per key/value head of the task (one, or every one with NHG = NH): its packed key rows,
+    // (vpack) its value rows copied beside them (W tokens of D channels in Kp's ring slots), the
+    // last packed row and the packed columns
+    struct HeadKeys {
+      KeyPack<float> Kp;
+      std::vector<float> Vp;
+      int64_t packed_hi = 0, packed_cols = 0;
+    };
+    std::vector<HeadKeys> hks(NKG);
+    for (HeadKeys& e : hks) {
+      e.Kp.alloc(pl, ring, gathered);
+      e.Vp.assign(vpack ? e.Kp.rows * pl.W * D : 0, 0.0f);
+    }
     std::vector<float> Cb(band_nv ? (SW + 1) * kBandCS : 0), Mb(band_nv ? pl.Ws : 0);
     std::vector<float> Qp(RG * D * SW), S(RG * K2 * SS), Linv(pl.Ws);
     // (16-bit) a slot block of widened rows for the transposes, and the band's queries of one
@@ -441,7 +475,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
       const int64_t t = ncol == 1 ? tc : (tc / (ncol * pl.NH)) * pl.NH + tc % pl.NH;
       const int64_t col = ncol == 1 ? 0 : (tc / pl.NH) % ncol;
       const int64_t s_lo = col * colslots, s_hi = std::min(pl.Ws, s_lo + colslots);
-      const int64_t bh = t / nchunks, chunk = t % nchunks, b = bh / pl.NH, h = bh % pl.NH, hk = h / pl.G;
+      const int64_t bg = t / nchunks, chunk = t % nchunks, b = bg / ngr, hg = bg % ngr;
       const int64_t y0 = chunk * rows_per, y1 = std::min(pl.R, y0 + rows_per);
       if (y0 >= y1) continue;
       int64_t klo, khi;
@@ -457,505 +491,515 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
           hi = std::max(hi, bstart[sl - nfN] + band_nv * N);
         return std::min(hi, pl.Wk);
       };
-      packed_hi = klo - 1;
-      packed_cols = seg_pf ? packed_lo : pl.Wk;
-      const int64_t ht = pl.nht == 1 ? 0 : h;
-      auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
-      auto vcopy = [&](int64_t y) { return Vp.data() + Kp.slot(y) * pl.W * D; };
-      auto vsrc = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
-      auto vrow = [&](int64_t y) -> const float* { return vpack ? vcopy(y) : vsrc(y).f32(); };
-      // (16-bit rows longer than a segment) value tokens x of row y widened into its copy
-      auto widen_v = [&](int64_t y, int64_t x0, int64_t x1) {
-        vsrc(y).widen_tokens(vcopy(y), vs[3], x0, x1, D);
-      };
-      // columns [x0, x0 + N) of key row y (kr) transposed into Kp (columns past W: zeros)
-      const InPtr none{nullptr, O.e};
-      auto pack_key_block = [&](InPtr kr, int64_t y, int64_t x0) {
-        for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : none;
-        transpose_blk(rows, D, 1.0f, Kp.trow(pl, y) + x0, pl.Wk, Tw.data());
-      };
-      // the border blocks' copies of key row y (kr) in Kp (only for the chunk that holds them)
-      auto pack_border_blocks = [&](InPtr kr, int64_t y) {
-        for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
-          if (gperm[g] >= 0) continue;
-          const int64_t s0 = (pl.n_full + g) * N;
-          float* gb = Kp.grow(pl, y, g);
-          for (int64_t j = 0; j < pl.kw; ++j) {
-            const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
-            for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : none;
-            transpose_blk(rows, D, 1.0f, gb + j * D * N, N, Tw.data());
-            if (kBF && seg_pf)
-              for (int l = 0; l < N; ++l)
-                if (ki[l] < pl.W) widen_v(y, ki[l], ki[l] + 1);
-          }
-        }
-      };
-      // group_pack: the key rows up to upto (transposed, and the border blocks' copies) and the
-      // value rows (copied when vpack) of the task's key/value head, a slot block of tokens at a
-      // time, with the lines of the tokens kPackAhead further on prefetched (running on into the
-      // next row), and the query lines of rows [yg, yg + ng) prefetched for the query transposes
-      // that follow.
-      auto pack_group = [&](int64_t upto, int64_t yg, int64_t ng) {
-        const int64_t from = std::max(packed_hi + 1, upto - Kp.rows + 1);
-        for (int64_t y = from; y <= upto; ++y) {
-          const int64_t yq = yg + (y - from);  // the query row whose lines are prefetched with it
-          const InPtr kr = krow(y);
-          const InPtr vr = vsrc(y);
-          float* vdst = vpack ? vcopy(y) : nullptr;
-          for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
-            prefetch_tokens((kr + (x0 + kPackAhead) * ks[3]).p, ks[3] * es, N, D * es);
-            prefetch_tokens((vr + (x0 + kPackAhead) * vs[3]).p, vs[3] * es, N, D * es);
-            if (yq < yg + ng && x0 < pl.W)
-              prefetch_tokens((qb + (pl.row_off(qs, b, yq, h) + x0 * qs[3])).p, qs[3] * es,
-                              std::min<int64_t>(N, pl.W - x0), D * es);
-            pack_key_block(kr, y, x0);
-            if (vpack) vr.widen_tokens(vdst, vs[3], x0, std::min(pl.W, x0 + N), D);
-          }
-          pack_border_blocks(kr, y);
-        }
-        packed_hi = std::max(packed_hi, upto);
-      };
-      // transposed key rows (sink and padding columns zero) and the border blocks' copies,
-      // packed just before the first row group that reads them (so they are still in cache)
-      // Rows longer than a segment have their columns packed as the segments reach them (the
-      // next segment's are prefetched; a whole row packed up front came from memory
-      // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
-      // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
-      auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
-        for (int64_t x0 = c0; x0 < c1; x0 += N) pack_key_block(krow(y), y, x0);
-        if (kBF && seg_pf) widen_v(y, c0, std::min(c1, pl.W));
-      };
-      // columns up to upto_col (exclusive) of the packed rows
-      auto extend_cols = [&](int64_t upto_col) {
-        const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
-        if (c1 <= packed_cols) return;
-        for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
-        packed_cols = c1;
-      };
-      auto pack_key_rows = [&](int64_t upto) {
-        // (rows that the ring would drop before any group reads them are skipped)
-        for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
-          const InPtr kr = krow(y);
-          pack_cols(y, packed_lo, packed_cols);
-          // border slots of the chunk through the band: the columns of their bands that lie below
-          // the chunk's packed columns
-          if (band_all && s_hi > nfN) {
-            int64_t c0 = packed_lo, c1 = 0;
-            for (int64_t sl = std::max(s_lo, nfN); sl < s_hi; ++sl) {
-              const int64_t st = bstart[sl - nfN];
-              if (st >= 0 && st < packed_lo) {
-                c0 = std::min(c0, st / N * N);
-                c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
-              }
-            }
-            if (c0 < c1) pack_cols(y, c0, c1);
-          }
-          pack_border_blocks(kr, y);
-        }
-        packed_hi = std::max(packed_hi, upto);
-      };
+      for (HeadKeys& e : hks) {
+        e.packed_hi = klo - 1;
+        e.packed_cols = seg_pf ? packed_lo : pl.Wk;
+      }
       for (int64_t yg = y0; yg < y1; yg += RG) {
-        const int64_t ng = std::min<int64_t>(RG, y1 - yg);
-        int64_t kmin, kmax;
-        key_rows(pl, yg, yg + ng, kmin, kmax);
-        if (group_pack && kmax > packed_hi) pack_group(kmax, yg, ng);
-        if (kmax > packed_hi) pack_key_rows(kmax);
-        // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
-        // queries and logits stay in cache from the logits to the output
-        for (int64_t sg = s_lo; sg < s_hi; sg += SW) {
-          const int64_t se = std::min(s_hi, sg + SW), cb = sg / N, ce = se / N;
-          // the key columns that this segment's interior blocks read (blocks [cb, ce) read
-          // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
-          // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
-          // (and with band_all its border slots too: [iend, gend) one query at a time)
-          int64_t gend = sg;
-          [[maybe_unused]] int64_t iend = sg;  // (read by the AVX-512 band only)
-          if (band_nv > 0) {
-            bool rows_ok = true;
-            for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
-            if (rows_ok) iend = gend = std::max(sg, std::min(se, pl.n_full * N));
-            if (band_all) gend = se;
-          }
-          const int64_t cg = gend / N;
-          if (seg_pf)
-            extend_cols(
-                se > nfN && !band_all
-                    ? pl.Wk
-                    : std::max(std::min(pl.Wk, pl.xlo + std::min(se, pl.n_int) + std::max(pl.off[pl.kw - 1],
-                                                                                          pl.off[0] + band_nv * N)),
-                               band_hi(sg, se)));
-          if (seg_pf && se < s_hi) {
-            // the next segment's query columns and the key/value columns it adds (interior
-            // slots: column xlo + slot), spread over this segment's key rows and query rows
-            auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
-            const int64_t ne = std::min(s_hi, se + SW);
-            const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
-            const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
-            for (int64_t r = 0; r < ng; ++r)
-              pfq.add((qb + (pl.row_off(qs, b, yg + r, h) + qa * qs[3])).p, qs[3] * es, qe - qa);
-            for (int64_t ky = kmin; ky <= kmax; ++ky) {
-              pfq.add((krow(ky) + ka * ks[3]).p, ks[3] * es, ke - ka);
-              pfq.add((vsrc(ky) + ka * vs[3]).p, vs[3] * es, ke - ka);
+        for (int64_t hh = 0; hh < NHG; ++hh) {
+          const int64_t h = hg * NHG + hh, bh = b * pl.NH + h, hk = h / pl.G;
+          HeadKeys& hkeys = hks[NHG == 1 ? 0 : hk];
+          KeyPack<float>& Kp = hkeys.Kp;
+          std::vector<float>& Vp = hkeys.Vp;
+          int64_t& packed_hi = hkeys.packed_hi;
+          int64_t& packed_cols = hkeys.packed_cols;
+          const int64_t ht = pl.nht == 1 ? 0 : h;
+          auto krow = [&](int64_t y) { return kb + pl.row_off(ks, b, y, hk); };
+          auto vcopy = [&](int64_t y) { return Vp.data() + Kp.slot(y) * pl.W * D; };
+          auto vsrc = [&](int64_t y) { return vb + pl.row_off(vs, b, y, hk); };
+          auto vrow = [&](int64_t y) -> const float* { return vpack ? vcopy(y) : vsrc(y).f32(); };
+          // (16-bit rows longer than a segment) value tokens x of row y widened into its copy
+          auto widen_v = [&](int64_t y, int64_t x0, int64_t x1) {
+            vsrc(y).widen_tokens(vcopy(y), vs[3], x0, x1, D);
+          };
+          // columns [x0, x0 + N) of key row y (kr) transposed into Kp (columns past W: zeros)
+          const InPtr none{nullptr, O.e};
+          auto pack_key_block = [&](InPtr kr, int64_t y, int64_t x0) {
+            for (int l = 0; l < N; ++l) rows[l] = x0 + l < pl.W ? kr + (x0 + l) * ks[3] : none;
+            transpose_blk(rows, D, 1.0f, Kp.trow(pl, y) + x0, pl.Wk, Tw.data());
+          };
+          // the border blocks' copies of key row y (kr) in Kp (only for the chunk that holds them)
+          auto pack_border_blocks = [&](InPtr kr, int64_t y) {
+            for (int64_t g = 0; g < pl.NG && s_hi > pl.n_full * N && !band_all; ++g) {
+              if (gperm[g] >= 0) continue;
+              const int64_t s0 = (pl.n_full + g) * N;
+              float* gb = Kp.grow(pl, y, g);
+              for (int64_t j = 0; j < pl.kw; ++j) {
+                const int32_t* ki = pl.kidx.data() + j * pl.Ws + s0;
+                for (int l = 0; l < N; ++l) rows[l] = ki[l] < pl.W ? kr + ki[l] * ks[3] : none;
+                transpose_blk(rows, D, 1.0f, gb + j * D * N, N, Tw.data());
+                if (kBF && seg_pf)
+                  for (int l = 0; l < N; ++l)
+                    if (ki[l] < pl.W) widen_v(y, ki[l], ki[l] + 1);
+              }
             }
-            const int64_t tokens = pfq.pending();
-            // steps: one per key row and slot block, per query row and P.V tile
-            pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
-          }
-#if NA_X86V3
-          for (int64_t r = 0; r < ng && gend > sg; ++r) {
-            const int64_t y = yg + r;
-            const int64_t ky = pl.rowpos[y];
-            const InPtr qr = qb + pl.row_off(qs, b, y, h);
-            // the band's query of slot sl (column slotx[sl]) and the stride between adjacent ones:
-            // in place, or (16-bit) widened into Qs first
-            if (kBF)
-              for (int64_t sl = sg; sl < gend; ++sl)
-                if (pl.slotx[sl] < pl.W)
-                  (qr + pl.slotx[sl] * qs[3]).widen_tokens(Qs.data() + (sl - sg) * D, 0, 0, 1, D);
-            auto qband = [&](int64_t sl) -> const float* {
-              return kBF ? Qs.data() + (sl - sg) * D : (qr + pl.slotx[sl] * qs[3]).f32();
-            };
-            const int64_t qbs = kBF ? D : qs[3];
-            const float* kt = Kp.trow(pl, ky);
-            float* Lrow = L + (bh * pl.R + y) * pl.W;
-            const OutPtr Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
-            const int64_t ostr = pl.NH * D;
-            auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
-            const float* brow = any_bias ? pl.bias_row(ht, y, 0) : nullptr;
-#if defined(__AVX512F__)  // (the interior slots: AVX-512 only)
-            const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
-            for (int64_t sl = sg; sl < iend; sl += kBandQ) {
-              // the band's first column, moved left where the band would run past the packed row
-              const int64_t want = pl.xlo + sl + pl.off[0];
-              int64_t start = std::min(want, pl.Wk - band_nv * N);
-              // The band from the 64-byte boundary at or before that (within the packed columns)
-              // where band_nv vectors from there still hold the tile's windows (for k = 65, every
-              // tile whose first window starts 0, 4, 8 or 12 floats past one): each key load then
-              // lies within one cache line, where an unaligned one reads two.
-              const int64_t al = want - floats_past_line(kt + want);
-              if (al >= packed_lo && al <= start && want - al + pl.kw + kBandQ - 1 <= band_nv * N) start = al;
-              const int64_t wo = want - start;
-              const float* qt = qband(sl);
-              // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
-              dispatch_nc(band_nv, [&](auto nvv) {
-                constexpr int NV = decltype(nvv)::value;
-                if constexpr (NV >= 2 && NV <= kBandMaxNV)
-                  band_logits<NV>(qt, qbs, D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS,
-                                  sl + 2 * kBandQ < iend);
-              });
-              if ((sl - sg) % N == 0) pf_step(pf_quota);
+          };
+          // group_pack: the key rows up to upto (transposed, and the border blocks' copies) and the
+          // value rows (copied when vpack) of the task's key/value head, a slot block of tokens at a
+          // time, with the lines of the tokens kPackAhead further on prefetched (running on into the
+          // next row), and the query lines of rows [yg, yg + ng) prefetched for the query transposes
+          // that follow.
+          auto pack_group = [&](int64_t upto, int64_t yg, int64_t ng) {
+            const int64_t from = std::max(packed_hi + 1, upto - Kp.rows + 1);
+            for (int64_t y = from; y <= upto; ++y) {
+              const int64_t yq = yg + (y - from);  // the query row whose lines are prefetched with it
+              const InPtr kr = krow(y);
+              const InPtr vr = vsrc(y);
+              float* vdst = vpack ? vcopy(y) : nullptr;
+              for (int64_t x0 = 0; x0 < pl.Wk; x0 += N) {
+                prefetch_tokens((kr + (x0 + kPackAhead) * ks[3]).p, ks[3] * es, N, D * es);
+                prefetch_tokens((vr + (x0 + kPackAhead) * vs[3]).p, vs[3] * es, N, D * es);
+                if (yq < yg + ng && x0 < pl.W)
+                  prefetch_tokens((qb + (pl.row_off(qs, b, yq, h) + x0 * qs[3])).p, qs[3] * es,
+                                  std::min<int64_t>(N, pl.W - x0), D * es);
+                pack_key_block(kr, y, x0);
+                if (vpack) vr.widen_tokens(vdst, vs[3], x0, std::min(pl.W, x0 + N), D);
+              }
+              pack_border_blocks(kr, y);
             }
-            if (pl.int_bias && iend > sg) {  // ("mask" without a table: its -inf only at the borders)
-              pl.window_bias(brow, 0, bint.data());
-              for (int64_t sl = sg; sl < iend; ++sl) add_bias_row(crow(sl), bint.data());
-            }
-            // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
-            for (int64_t sl = sg; sl < iend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
-            for (int64_t sl = sg; sl < iend; sl += N) {  // (iend - sg is a multiple of N)
-              const Vec<float> l = loadu(Linv.data() + sl);
-              storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
-              storeu(Linv.data() + sl, 1.0f / l);
-            }
-            auto pv = [&](auto tv, int64_t sl) {
-              constexpr int T = decltype(tv)::value;
-              for (int dc = 0; dc < DV; dc += DB) {
-                Vec<float> acc[T][DB];
-                NA_UNROLL
-                for (int t = 0; t < T; ++t)
-                  NA_UNROLL
-                  for (int d = 0; d < DB; ++d) acc[t][d] = splat<float>(0.0f);
-                pv_tile_diag_any<T, DB>(crow(sl), 1, vr0 + sl * vxs + dc * N, vxs, pl.kw, acc, kBandCS);
-                NA_UNROLL
-                for (int t = 0; t < T; ++t) {
-                  const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  const OutPtr o = Orow + ((pl.xlo + sl + t) * ostr + dc * N);
-                  NA_UNROLL
-                  for (int d = 0; d < DB; ++d) store_out(o + d * N, acc[t][d] * inv, stream_out);
+            packed_hi = std::max(packed_hi, upto);
+          };
+          // transposed key rows (sink and padding columns zero) and the border blocks' copies,
+          // packed just before the first row group that reads them (so they are still in cache)
+          // Rows longer than a segment have their columns packed as the segments reach them (the
+          // next segment's are prefetched; a whole row packed up front came from memory
+          // unprefetched): columns [packed_lo, packed_cols) of every packed row, packed_lo the first
+          // one that the task's column chunk reads (the band of its first slot, 0 for the first chunk).
+          auto pack_cols = [&](int64_t y, int64_t c0, int64_t c1) {
+            for (int64_t x0 = c0; x0 < c1; x0 += N) pack_key_block(krow(y), y, x0);
+            if (kBF && seg_pf) widen_v(y, c0, std::min(c1, pl.W));
+          };
+          // columns up to upto_col (exclusive) of the packed rows
+          auto extend_cols = [&](int64_t upto_col) {
+            const int64_t c1 = std::min(pl.Wk, (upto_col + N - 1) / N * N);
+            if (c1 <= packed_cols) return;
+            for (int64_t y = std::max(klo, packed_hi - Kp.rows + 1); y <= packed_hi; ++y) pack_cols(y, packed_cols, c1);
+            packed_cols = c1;
+          };
+          auto pack_key_rows = [&](int64_t upto) {
+            // (rows that the ring would drop before any group reads them are skipped)
+            for (int64_t y = std::max(packed_hi + 1, upto - Kp.rows + 1); y <= upto; ++y) {
+              const InPtr kr = krow(y);
+              pack_cols(y, packed_lo, packed_cols);
+              // border slots of the chunk through the band: the columns of their bands that lie below
+              // the chunk's packed columns
+              if (band_all && s_hi > nfN) {
+                int64_t c0 = packed_lo, c1 = 0;
+                for (int64_t sl = std::max(s_lo, nfN); sl < s_hi; ++sl) {
+                  const int64_t st = bstart[sl - nfN];
+                  if (st >= 0 && st < packed_lo) {
+                    c0 = std::min(c0, st / N * N);
+                    c1 = std::max(c1, std::min(packed_lo, st + band_nv * N));
+                  }
                 }
+                if (c0 < c1) pack_cols(y, c0, c1);
               }
-            };
-            int64_t sl = sg;
-            for (; sl + TQ <= iend; sl += TQ) {
-              pv(std::integral_constant<int, TQ>{}, sl);
-              pf_step(pf_quota);
+              pack_border_blocks(kr, y);
             }
-            if (sl < iend)  // the rest, fewer than TQ queries, in one narrower tile
-              dispatch_nc(iend - sl, [&](auto tv) {
-                if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
-              });
-#endif
-            // the border slots: logits of the band at their window, softmax, P.V over the
-            // window's kw value tokens, one query at a time or, for up to kGroupQ adjacent
-            // columns with one window (a stride group), together (the key and value vectors
-            // loaded once for the group). (With this and each chunk packing only its own border
-            // slots' bands, the 1-D forward, L = 4096, k = 65, stride 2 / 4, ran 1.8 / 2.3x as
-            // fast as with whole rows packed per chunk and one query at a time.)
-            const float* vr = vrow(ky);
-            for (int64_t sl = iend; sl < gend;) {
-              const int64_t x = pl.slotx[sl], st0 = bstart[sl - pl.n_full * N];
-              if (x >= pl.W) {  // dummy slot
-                ++sl;
-                continue;
+            packed_hi = std::max(packed_hi, upto);
+          };
+          const int64_t ng = std::min<int64_t>(RG, y1 - yg);
+          int64_t kmin, kmax;
+          key_rows(pl, yg, yg + ng, kmin, kmax);
+          if (group_pack && kmax > packed_hi) pack_group(kmax, yg, ng);
+          if (kmax > packed_hi) pack_key_rows(kmax);
+          // the group's slots in segments [sg, se) of at most SW (blocks [cb, ce)): a segment's
+          // queries and logits stay in cache from the logits to the output
+          for (int64_t sg = s_lo; sg < s_hi; sg += SW) {
+            const int64_t se = std::min(s_hi, sg + SW), cb = sg / N, ce = se / N;
+            // the key columns that this segment's interior blocks read (blocks [cb, ce) read
+            // columns xlo + slot + off[j], slot < se), all of them once it reaches the border blocks
+            // the segment's all-interior blocks through band_logits (rows with a key row): slots [sg, gend)
+            // (and with band_all its border slots too: [iend, gend) one query at a time)
+            int64_t gend = sg;
+            [[maybe_unused]] int64_t iend = sg;  // (read by the AVX-512 band only)
+            if (band_nv > 0) {
+              bool rows_ok = true;
+              for (int64_t r = 0; r < ng; ++r) rows_ok &= pl.rowvalid[yg + r] != 0;
+              if (rows_ok) iend = gend = std::max(sg, std::min(se, pl.n_full * N));
+              if (band_all) gend = se;
+            }
+            const int64_t cg = gend / N;
+            if (seg_pf)
+              extend_cols(
+                  se > nfN && !band_all
+                      ? pl.Wk
+                      : std::max(std::min(pl.Wk, pl.xlo + std::min(se, pl.n_int) + std::max(pl.off[pl.kw - 1],
+                                                                                            pl.off[0] + band_nv * N)),
+                                 band_hi(sg, se)));
+            if (seg_pf && se < s_hi) {
+              // the next segment's query columns and the key/value columns it adds (interior
+              // slots: column xlo + slot), spread over this segment's key rows and query rows
+              auto col = [&](int64_t x) { return std::min<int64_t>(std::max<int64_t>(x, 0), pl.W); };
+              const int64_t ne = std::min(s_hi, se + SW);
+              const int64_t qa = col(pl.xlo + se), qe = col(pl.xlo + ne);
+              const int64_t ka = col(pl.xlo + se + pl.off[pl.kw - 1]), ke = col(pl.xlo + ne + pl.off[pl.kw - 1]);
+              for (int64_t r = 0; r < ng; ++r)
+                pfq.add((qb + (pl.row_off(qs, b, yg + r, h) + qa * qs[3])).p, qs[3] * es, qe - qa);
+              for (int64_t ky = kmin; ky <= kmax; ++ky) {
+                pfq.add((krow(ky) + ka * ks[3]).p, ks[3] * es, ke - ka);
+                pfq.add((vsrc(ky) + ka * vs[3]).p, vs[3] * es, ke - ka);
               }
-              const int64_t ws = pl.kidx[sl];
-              int64_t ng = 1;
-              while (ng < kGroupQ && sl + ng < gend && x + ng < pl.W && pl.slotx[sl + ng] == x + ng &&
-                     pl.kidx[sl + ng] == ws)
-                ++ng;
-              float* C = crow(sl);
-              dispatch_nc(ng, [&](auto tv) {
+              const int64_t tokens = pfq.pending();
+              // steps: one per key row and slot block, per query row and P.V tile
+              pf_quota = tokens / ((kmax - kmin + 1) * (ce - cb) + ng * (se - sg) / 6) + 1;
+            }
+  #if NA_X86V3
+            for (int64_t r = 0; r < ng && gend > sg; ++r) {
+              const int64_t y = yg + r;
+              const int64_t ky = pl.rowpos[y];
+              const InPtr qr = qb + pl.row_off(qs, b, y, h);
+              // the band's query of slot sl (column slotx[sl]) and the stride between adjacent ones:
+              // in place, or (16-bit) widened into Qs first
+              if (kBF)
+                for (int64_t sl = sg; sl < gend; ++sl)
+                  if (pl.slotx[sl] < pl.W)
+                    (qr + pl.slotx[sl] * qs[3]).widen_tokens(Qs.data() + (sl - sg) * D, 0, 0, 1, D);
+              auto qband = [&](int64_t sl) -> const float* {
+                return kBF ? Qs.data() + (sl - sg) * D : (qr + pl.slotx[sl] * qs[3]).f32();
+              };
+              const int64_t qbs = kBF ? D : qs[3];
+              const float* kt = Kp.trow(pl, ky);
+              float* Lrow = L + (bh * pl.R + y) * pl.W;
+              const OutPtr Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+              const int64_t ostr = pl.NH * D;
+              auto crow = [&](int64_t sl) { return Cb.data() + (sl - sg) * kBandCS + 32; };
+              const float* brow = any_bias ? pl.bias_row(ht, y, 0) : nullptr;
+  #if defined(__AVX512F__)  // (the interior slots: AVX-512 only)
+              const float* vr0 = vrow(ky) + (pl.xlo + pl.off[0]) * vxs;  // slot 0's first key
+              for (int64_t sl = sg; sl < iend; sl += kBandQ) {
+                // the band's first column, moved left where the band would run past the packed row
+                const int64_t want = pl.xlo + sl + pl.off[0];
+                int64_t start = std::min(want, pl.Wk - band_nv * N);
+                // The band from the 64-byte boundary at or before that (within the packed columns)
+                // where band_nv vectors from there still hold the tile's windows (for k = 65, every
+                // tile whose first window starts 0, 4, 8 or 12 floats past one): each key load then
+                // lies within one cache line, where an unaligned one reads two.
+                const int64_t al = want - floats_past_line(kt + want);
+                if (al >= packed_lo && al <= start && want - al + pl.kw + kBandQ - 1 <= band_nv * N) start = al;
+                const int64_t wo = want - start;
+                const float* qt = qband(sl);
+                // (band_nv is 2..kBandMaxNV; dispatch_nc's other instances are never called)
+                dispatch_nc(band_nv, [&](auto nvv) {
+                  constexpr int NV = decltype(nvv)::value;
+                  if constexpr (NV >= 2 && NV <= kBandMaxNV)
+                    band_logits<NV>(qt, qbs, D, kt + start, pl.Wk, scale, wo, crow(sl), kBandCS,
+                                    sl + 2 * kBandQ < iend);
+                });
+                if ((sl - sg) % N == 0) pf_step(pf_quota);
+              }
+              if (pl.int_bias && iend > sg) {  // ("mask" without a table: its -inf only at the borders)
+                pl.window_bias(brow, 0, bint.data());
+                for (int64_t sl = sg; sl < iend; ++sl) add_bias_row(crow(sl), bint.data());
+              }
+              // (the maxima in Mb, the sums in Linv until their logs are taken N at a time)
+              for (int64_t sl = sg; sl < iend; ++sl) band_softmax(crow(sl), pl.kw, Mb[sl], Linv[sl]);
+              for (int64_t sl = sg; sl < iend; sl += N) {  // (iend - sg is a multiple of N)
+                const Vec<float> l = loadu(Linv.data() + sl);
+                storeu(Lrow + pl.xlo + sl, loadu(Mb.data() + sl) + vlog(l));
+                storeu(Linv.data() + sl, 1.0f / l);
+              }
+              auto pv = [&](auto tv, int64_t sl) {
                 constexpr int T = decltype(tv)::value;
-                if constexpr (T <= kGroupQ) {
-                  // (AVX2: bands of more than kBandMaxNV vectors in two passes)
-                  band_logits_passes<T, 0>(band_nv, qband(sl), qbs, D, kt + st0, pl.Wk, scale, ws - st0, C,
-                                           kBandCS, false);
-                  float inv[T];
+                for (int dc = 0; dc < DV; dc += DB) {
+                  Vec<float> acc[T][DB];
+                  NA_UNROLL
+                  for (int t = 0; t < T; ++t)
+                    NA_UNROLL
+                    for (int d = 0; d < DB; ++d) acc[t][d] = splat<float>(0.0f);
+                  pv_tile_diag_any<T, DB>(crow(sl), 1, vr0 + sl * vxs + dc * N, vxs, pl.kw, acc, kBandCS);
+                  NA_UNROLL
                   for (int t = 0; t < T; ++t) {
-                    float* Ct = C + t * kBandCS;
-                    if (any_bias) {
-                      pl.window_bias(brow, sl + t, bbord.data());
-                      add_bias_row(Ct, bbord.data());
-                    }
-                    float m, l;
-                    band_softmax(Ct, pl.kw, m, l);
-                    Lrow[x + t] = m + std::log(l);
-                    inv[t] = 1.0f / l;
-                  }
-                  for (int dc = 0; dc < DV; dc += DBG) {
-                    Vec<float> acc[T][DBG];
+                    const Vec<float> inv = splat<float>(Linv[sl + t]);
+                    const OutPtr o = Orow + ((pl.xlo + sl + t) * ostr + dc * N);
                     NA_UNROLL
-                    for (int t = 0; t < T; ++t)
-                      NA_UNROLL
-                      for (int d = 0; d < DBG; ++d) acc[t][d] = splat<float>(0.0f);
-                    pv_tile_shared<T, DBG>(C, 1, vr + ws * vxs + dc * N, vxs, pl.kw, acc, kBandCS);
-                    NA_UNROLL
-                    for (int t = 0; t < T; ++t) {
-                      const Vec<float> iv = splat<float>(inv[t]);
-                      NA_UNROLL
-                      for (int d = 0; d < DBG; ++d) (Orow + ((x + t) * ostr + (dc + d) * N)).store(acc[t][d] * iv);
-                    }
+                    for (int d = 0; d < DB; ++d) store_out(o + d * N, acc[t][d] * inv, stream_out);
                   }
                 }
-              });
-              sl += ng;
-            }
-          }
-#endif
-          for (int64_t r = 0; r < ng; ++r) {
-            const int64_t y = yg + r;
-            const InPtr qr = qb + pl.row_off(qs, b, y, h);
-            for (int64_t ci = cg; ci < ce; ++ci) {
-              const int32_t* sx = pl.slotx.data() + ci * N;
-              for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : none;
-              transpose_blk(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW, Tw.data());
-            }
-            for (int64_t i = 0; i < pl.nkr; ++i) {
-              if (pl.rowvalid[y * pl.nkr + i]) continue;
-              const float* brow = pl.bias_row(ht, y, i);
-              float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
-              for (int64_t j = 0; j < pl.kw; ++j)
-                for (int64_t sl = sg; sl < se; ++sl)
-                  Si[j * SS + sl] =
-                      pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
-            }
-          }
-          // the window row of each row of the group that reads key row ky: kwin[(ky - kmin) * RG
-          // + r] (-1: none), found in one pass over the group's window rows (a search of every
-          // window row per key row, 27 x 3 x 21 unpredictable branches per 3-D row group, took 9%
-          // of the 3-D forward's tile time). A query row reads each key row at most once: the
-          // plan's valid window rows of a row are distinct (t, y) positions.
-          kwin.assign((kmax - kmin + 1) * RG, -1);
-          for (int64_t r = 0; r < ng; ++r)
-            for (int64_t i = 0; i < pl.nkr; ++i) {
-              const int64_t n = (yg + r) * pl.nkr + i;
-              if (pl.rowvalid[n]) kwin[(pl.rowpos[n] - kmin) * RG + r] = (int32_t)i;
-            }
-          // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
-          // rows that read it (the key vectors are loaded once for up to RG query rows)
-          for (int64_t ky = kmin; ky <= kmax; ++ky) {
-            int nr = 0;
-            const float* A[RG];
-            float* So[RG];
-            for (int64_t r = 0; r < ng; ++r) {
-              const int32_t i = kwin[(ky - kmin) * RG + r];
-              if (i < 0) continue;
-              A[nr] = Qp.data() + r * D * SW;
-              So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SS;
-            }
-            if (nr == 0) continue;
-            for (int64_t ci = cg; ci < ce; ++ci) {
-              const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
-              if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
-                dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
-                                  pl.Wk, pl.kw, So[0] + (ci - cb) * N, SS, shift.data());
-                ci += nsh - 1;
-                pf_step(pf_quota * nsh);
-                continue;
-              }
-              const float* Ab[RG];
-              float* Sb[RG];
-              for (int a = 0; a < nr; ++a) {
-                Ab[a] = A[a] + (ci - cb) * N;
-                Sb[a] = So[a] + (ci - cb) * N;
-              }
-#if defined(__AVX512F__)
-              if (ci >= pl.n_full && gperm[ci - pl.n_full] >= 0) {
-                const int64_t g = ci - pl.n_full;
-                dot_row_perm(nr, Ab, SW, D, Kp.trow(pl, ky) + gperm[g], pl.Wk, pl.kw, gidx.data() + g * pl.kw * N,
-                             gmask.data() + g * pl.kw, gtwo[g] ? gmask2.data() + g * pl.kw : nullptr, Sb, SS);
+              };
+              int64_t sl = sg;
+              for (; sl + TQ <= iend; sl += TQ) {
+                pv(std::integral_constant<int, TQ>{}, sl);
                 pf_step(pf_quota);
-                continue;
               }
-#endif
-              dot_row_multi(nr, Ab, SW, D, key_view(pl, Kp, ky, ci), pl.kw, Sb, SS);
-              pf_step(pf_quota);
+              if (sl < iend)  // the rest, fewer than TQ queries, in one narrower tile
+                dispatch_nc(iend - sl, [&](auto tv) {
+                  if constexpr (decltype(tv)::value < TQ) pv(tv, sl);
+                });
+  #endif
+              // the border slots: logits of the band at their window, softmax, P.V over the
+              // window's kw value tokens, one query at a time or, for up to kGroupQ adjacent
+              // columns with one window (a stride group), together (the key and value vectors
+              // loaded once for the group). (With this and each chunk packing only its own border
+              // slots' bands, the 1-D forward, L = 4096, k = 65, stride 2 / 4, ran 1.8 / 2.3x as
+              // fast as with whole rows packed per chunk and one query at a time.)
+              const float* vr = vrow(ky);
+              for (int64_t sl = iend; sl < gend;) {
+                const int64_t x = pl.slotx[sl], st0 = bstart[sl - pl.n_full * N];
+                if (x >= pl.W) {  // dummy slot
+                  ++sl;
+                  continue;
+                }
+                const int64_t ws = pl.kidx[sl];
+                int64_t ng = 1;
+                while (ng < kGroupQ && sl + ng < gend && x + ng < pl.W && pl.slotx[sl + ng] == x + ng &&
+                       pl.kidx[sl + ng] == ws)
+                  ++ng;
+                float* C = crow(sl);
+                dispatch_nc(ng, [&](auto tv) {
+                  constexpr int T = decltype(tv)::value;
+                  if constexpr (T <= kGroupQ) {
+                    // (AVX2: bands of more than kBandMaxNV vectors in two passes)
+                    band_logits_passes<T, 0>(band_nv, qband(sl), qbs, D, kt + st0, pl.Wk, scale, ws - st0, C,
+                                             kBandCS, false);
+                    float inv[T];
+                    for (int t = 0; t < T; ++t) {
+                      float* Ct = C + t * kBandCS;
+                      if (any_bias) {
+                        pl.window_bias(brow, sl + t, bbord.data());
+                        add_bias_row(Ct, bbord.data());
+                      }
+                      float m, l;
+                      band_softmax(Ct, pl.kw, m, l);
+                      Lrow[x + t] = m + std::log(l);
+                      inv[t] = 1.0f / l;
+                    }
+                    for (int dc = 0; dc < DV; dc += DBG) {
+                      Vec<float> acc[T][DBG];
+                      NA_UNROLL
+                      for (int t = 0; t < T; ++t)
+                        NA_UNROLL
+                        for (int d = 0; d < DBG; ++d) acc[t][d] = splat<float>(0.0f);
+                      pv_tile_shared<T, DBG>(C, 1, vr + ws * vxs + dc * N, vxs, pl.kw, acc, kBandCS);
+                      NA_UNROLL
+                      for (int t = 0; t < T; ++t) {
+                        const Vec<float> iv = splat<float>(inv[t]);
+                        NA_UNROLL
+                        for (int d = 0; d < DBG; ++d) (Orow + ((x + t) * ostr + (dc + d) * N)).store(acc[t][d] * iv);
+                      }
+                    }
+                  }
+                });
+                sl += ng;
+              }
             }
-            pf_step(pf_quota);
-          }
-          // (the all-interior blocks only when a table puts values there: "mask"'s -inf columns
-          // lie in the border slots)
-          const int64_t bias_lo = pl.int_bias ? gend : std::max(gend, pl.n_full * N);
-          if (any_bias && bias_lo < se)
-            for (int64_t r = 0; r < ng; ++r)
+  #endif
+            for (int64_t r = 0; r < ng; ++r) {
+              const int64_t y = yg + r;
+              const InPtr qr = qb + pl.row_off(qs, b, y, h);
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int32_t* sx = pl.slotx.data() + ci * N;
+                for (int l = 0; l < N; ++l) rows[l] = sx[l] < pl.W ? qr + sx[l] * qs[3] : none;
+                transpose_blk(rows, D, scale, Qp.data() + r * D * SW + (ci - cb) * N, SW, Tw.data());
+              }
               for (int64_t i = 0; i < pl.nkr; ++i) {
-                const int64_t y = yg + r;
-                if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                if (pl.rowvalid[y * pl.nkr + i]) continue;
                 const float* brow = pl.bias_row(ht, y, i);
                 float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
                 for (int64_t j = 0; j < pl.kw; ++j)
-                  for (int64_t e = bias_lo; e < se; e += N)  // (the band's slots [sg, gend) add theirs)
-                    storeu(Si + j * SS + e, loadu(Si + j * SS + e) + loadu(brow + j * pl.Ws + e));
-              }
-          for (int64_t r = 0; r < ng; ++r) {
-            const int64_t y = yg + r;
-            float* Sy = S.data() + r * K2 * SS - sg;  // Sy[n * SS + slot]
-            float* Lrow = L + (bh * pl.R + y) * pl.W;
-            // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
-            for (int64_t ci = cg; ci < ce; ++ci) {
-              const int64_t s0 = ci * N;
-              Vec<float> m, l;
-              softmax_block(Sy + s0, SS, K2, m, l);
-              storeu(Linv.data() + s0, 1.0f / l);
-              const Vec<float> lse = m + vlog(l);
-              for (int lane = 0; lane < N; ++lane) {
-                int64_t x = pl.slotx[s0 + lane];
-                if (x < pl.W) Lrow[x] = lse[lane];
+                  for (int64_t sl = sg; sl < se; ++sl)
+                    Si[j * SS + sl] =
+                        pl.dead_rows_masked() ? -std::numeric_limits<float>::infinity() : brow[j * pl.Ws + sl];
               }
             }
-            pf_step(pf_quota);
-            // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
-            // the remaining queries one at a time.
-            const OutPtr Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
-            const int64_t ostr = pl.NH * D;
-            const int64_t tile_end = std::min(pl.n_int, se);
-            for (int64_t i = 0; i < pl.nkr; ++i)
-              vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
-            int64_t sl = gend;
-            // whether slots a and b read the same key column for every neighbour
-            auto same_window = [&](int64_t a, int64_t b) {
-              for (int64_t j = 0; j < pl.kw; ++j)
-                if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
-              return true;
-            };
-            // P.V of the NS queries from slot sl, whose windows hold the same key columns (NS is
-            // at most kShared; dispatch_nc's wider instances are never called)
-            auto pv_shared = [&](auto nsv) {
-              constexpr int NS = decltype(nsv)::value;
-              if constexpr (NS <= kShared) {
-                for (int dc = 0; dc < DV; dc += DSH) {
-                  Vec<float> acc[NS][DSH];
-                  NA_UNROLL
-                  for (int t = 0; t < NS; ++t)
+            // the window row of each row of the group that reads key row ky: kwin[(ky - kmin) * RG
+            // + r] (-1: none), found in one pass over the group's window rows (a search of every
+            // window row per key row, 27 x 3 x 21 unpredictable branches per 3-D row group, took 9%
+            // of the 3-D forward's tile time). A query row reads each key row at most once: the
+            // plan's valid window rows of a row are distinct (t, y) positions.
+            kwin.assign((kmax - kmin + 1) * RG, -1);
+            for (int64_t r = 0; r < ng; ++r)
+              for (int64_t i = 0; i < pl.nkr; ++i) {
+                const int64_t n = (yg + r) * pl.nkr + i;
+                if (pl.rowvalid[n]) kwin[(pl.rowpos[n] - kmin) * RG + r] = (int32_t)i;
+              }
+            // logits S[r][n][slot - sg], n = i * kw + j: each key row once for all the group's
+            // rows that read it (the key vectors are loaded once for up to RG query rows)
+            for (int64_t ky = kmin; ky <= kmax; ++ky) {
+              int nr = 0;
+              const float* A[RG];
+              float* So[RG];
+              for (int64_t r = 0; r < ng; ++r) {
+                const int32_t i = kwin[(ky - kmin) * RG + r];
+                if (i < 0) continue;
+                A[nr] = Qp.data() + r * D * SW;
+                So[nr++] = S.data() + (r * pl.nkr + i) * pl.kw * SS;
+              }
+              if (nr == 0) continue;
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int64_t nsh = std::min<int64_t>(ce, pl.n_full) - ci;
+                if (nr == 1 && pl.dw == 1 && pl.kw > N && nsh >= 2) {
+                  dot_blocks_shared(nsh, A[0] + (ci - cb) * N, SW, D, Kp.trow(pl, ky) + pl.xlo + ci * N + pl.off[0],
+                                    pl.Wk, pl.kw, So[0] + (ci - cb) * N, SS, shift.data());
+                  ci += nsh - 1;
+                  pf_step(pf_quota * nsh);
+                  continue;
+                }
+                const float* Ab[RG];
+                float* Sb[RG];
+                for (int a = 0; a < nr; ++a) {
+                  Ab[a] = A[a] + (ci - cb) * N;
+                  Sb[a] = So[a] + (ci - cb) * N;
+                }
+  #if defined(__AVX512F__)
+                if (ci >= pl.n_full && gperm[ci - pl.n_full] >= 0) {
+                  const int64_t g = ci - pl.n_full;
+                  dot_row_perm(nr, Ab, SW, D, Kp.trow(pl, ky) + gperm[g], pl.Wk, pl.kw, gidx.data() + g * pl.kw * N,
+                               gmask.data() + g * pl.kw, gtwo[g] ? gmask2.data() + g * pl.kw : nullptr, Sb, SS);
+                  pf_step(pf_quota);
+                  continue;
+                }
+  #endif
+                dot_row_multi(nr, Ab, SW, D, key_view(pl, Kp, ky, ci), pl.kw, Sb, SS);
+                pf_step(pf_quota);
+              }
+              pf_step(pf_quota);
+            }
+            // (the all-interior blocks only when a table puts values there: "mask"'s -inf columns
+            // lie in the border slots)
+            const int64_t bias_lo = pl.int_bias ? gend : std::max(gend, pl.n_full * N);
+            if (any_bias && bias_lo < se)
+              for (int64_t r = 0; r < ng; ++r)
+                for (int64_t i = 0; i < pl.nkr; ++i) {
+                  const int64_t y = yg + r;
+                  if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                  const float* brow = pl.bias_row(ht, y, i);
+                  float* Si = S.data() + (r * pl.nkr + i) * pl.kw * SS - sg;
+                  for (int64_t j = 0; j < pl.kw; ++j)
+                    for (int64_t e = bias_lo; e < se; e += N)  // (the band's slots [sg, gend) add theirs)
+                      storeu(Si + j * SS + e, loadu(Si + j * SS + e) + loadu(brow + j * pl.Ws + e));
+                }
+            for (int64_t r = 0; r < ng; ++r) {
+              const int64_t y = yg + r;
+              float* Sy = S.data() + r * K2 * SS - sg;  // Sy[n * SS + slot]
+              float* Lrow = L + (bh * pl.R + y) * pl.W;
+              // softmax per block of N queries (P left unnormalised; 1/l applied to the output)
+              for (int64_t ci = cg; ci < ce; ++ci) {
+                const int64_t s0 = ci * N;
+                Vec<float> m, l;
+                softmax_block(Sy + s0, SS, K2, m, l);
+                storeu(Linv.data() + s0, 1.0f / l);
+                const Vec<float> lse = m + vlog(l);
+                for (int lane = 0; lane < N; ++lane) {
+                  int64_t x = pl.slotx[s0 + lane];
+                  if (x < pl.W) Lrow[x] = lse[lane];
+                }
+              }
+              pf_step(pf_quota);
+              // P.V: tiles of TQ interior queries (slots [0, n_int) are columns xlo + slot), then
+              // the remaining queries one at a time.
+              const OutPtr Orow = O + ((b * pl.R + y) * pl.W * pl.NH + h) * D;
+              const int64_t ostr = pl.NH * D;
+              const int64_t tile_end = std::min(pl.n_int, se);
+              for (int64_t i = 0; i < pl.nkr; ++i)
+                vrows[i] = pl.rowvalid[y * pl.nkr + i] ? vrow(pl.rowpos[y * pl.nkr + i]) : nullptr;
+              int64_t sl = gend;
+              // whether slots a and b read the same key column for every neighbour
+              auto same_window = [&](int64_t a, int64_t b) {
+                for (int64_t j = 0; j < pl.kw; ++j)
+                  if (pl.kidx[j * pl.Ws + a] != pl.kidx[j * pl.Ws + b]) return false;
+                return true;
+              };
+              // P.V of the NS queries from slot sl, whose windows hold the same key columns (NS is
+              // at most kShared; dispatch_nc's wider instances are never called)
+              auto pv_shared = [&](auto nsv) {
+                constexpr int NS = decltype(nsv)::value;
+                if constexpr (NS <= kShared) {
+                  for (int dc = 0; dc < DV; dc += DSH) {
+                    Vec<float> acc[NS][DSH];
                     NA_UNROLL
-                    for (int d = 0; d < DSH; ++d) acc[t][d] = splat<float>(0.0f);
-                  for (int64_t i = 0; i < pl.nkr; ++i) {
-                    if (!pl.rowvalid[y * pl.nkr + i]) continue;
-                    const float* P = Sy + i * pl.kw * SS + sl;
-                    for (int64_t j = 0; j < pl.kw; ++j) {
-                      const int32_t col = pl.kidx[j * pl.Ws + sl];
-                      if (col >= pl.W) continue;  // not a key (zero value or masked)
-                      Vec<float> vv[DSH];
+                    for (int t = 0; t < NS; ++t)
                       NA_UNROLL
-                      for (int d = 0; d < DSH; ++d) {
-                        vv[d] = loadu(vrows[i] + col * vxs + (dc + d) * N);
-                        pin_register(vv[d]);
-                      }
-                      NA_UNROLL
-                      for (int t = 0; t < NS; ++t) {
-                        const Vec<float> p = splat<float>(P[j * SS + t]);
+                      for (int d = 0; d < DSH; ++d) acc[t][d] = splat<float>(0.0f);
+                    for (int64_t i = 0; i < pl.nkr; ++i) {
+                      if (!pl.rowvalid[y * pl.nkr + i]) continue;
+                      const float* P = Sy + i * pl.kw * SS + sl;
+                      for (int64_t j = 0; j < pl.kw; ++j) {
+                        const int32_t col = pl.kidx[j * pl.Ws + sl];
+                        if (col >= pl.W) continue;  // not a key (zero value or masked)
+                        Vec<float> vv[DSH];
                         NA_UNROLL
-                        for (int d = 0; d < DSH; ++d) acc[t][d] += p * vv[d];
+                        for (int d = 0; d < DSH; ++d) {
+                          vv[d] = loadu(vrows[i] + col * vxs + (dc + d) * N);
+                          pin_register(vv[d]);
+                        }
+                        NA_UNROLL
+                        for (int t = 0; t < NS; ++t) {
+                          const Vec<float> p = splat<float>(P[j * SS + t]);
+                          NA_UNROLL
+                          for (int d = 0; d < DSH; ++d) acc[t][d] += p * vv[d];
+                        }
                       }
                     }
-                  }
-                  NA_UNROLL
-                  for (int t = 0; t < NS; ++t) {
-                    const Vec<float> inv = splat<float>(Linv[sl + t]);
-                    const OutPtr o = Orow + (pl.slotx[sl + t] * ostr + dc * N);
                     NA_UNROLL
-                    for (int d = 0; d < DSH; ++d) (o + d * N).store(acc[t][d] * inv);
+                    for (int t = 0; t < NS; ++t) {
+                      const Vec<float> inv = splat<float>(Linv[sl + t]);
+                      const OutPtr o = Orow + (pl.slotx[sl + t] * ostr + dc * N);
+                      NA_UNROLL
+                      for (int d = 0; d < DSH; ++d) (o + d * N).store(acc[t][d] * inv);
+                    }
                   }
                 }
-              }
-            };
-            // tiles of TQI queries by DC vectors of channels (TQI * DC accumulators, DC value
-            // vectors and a weight within the registers), then tiles of 2 for the rest; one tile
-            // kernel per loop (see with_pv_kernel)
-            auto pv_tile_run = [&](auto tqv, auto kern) {
-              constexpr int TQ2 = decltype(tqv)::value;
-              const int64_t x0 = pl.xlo + sl;
-              const int64_t kw = pl.kw, nkr = pl.nkr;
-              const uint8_t* const valid = pl.rowvalid.data() + y * nkr;
-              const float* const* const vr = vrows.data();
-              const int64_t vofs = (x0 + pl.off[0]) * vxs;
-              for (int dc = 0; dc < DV; dc += DC) {
-                Vec<float> acc[TQ2][DC];
-                NA_UNROLL
-                for (int t = 0; t < TQ2; ++t)
-                  NA_UNROLL
-                  for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
-                for (int64_t i = 0; i < nkr; ++i)
-                  if (valid[i]) kern(tqv, Sy + i * kw * SS + sl, vr[i] + vofs + dc * N, acc);
-                NA_UNROLL
-                for (int t = 0; t < TQ2; ++t) {
-                  const Vec<float> inv = splat<float>(Linv[sl + t]);
-                  const OutPtr o = Orow + ((x0 + t) * ostr + dc * N);
-                  NA_UNROLL
-                  for (int d = 0; d < DC; ++d) store_out(o + d * N, acc[t][d] * inv, stream_out);
-                }
-              }
-              sl += TQ2;
-              pf_step(pf_quota);
-            };
-            auto pv_tiles = [&](auto tqv) {
-              constexpr int TQ2 = decltype(tqv)::value;
-              auto run = [&](auto ssv) {
-                constexpr int PS = decltype(ssv)::value;
-                with_pv_kernel<DC, PS>(pl, PS, vxs, TQ2, [&](auto kern) {
-                  while (sl + TQ2 <= tile_end) pv_tile_run(tqv, kern);
-                });
               };
-              if (SS == 32)
-                run(std::integral_constant<int, 32>{});
-              else if (SS == 64)
-                run(std::integral_constant<int, 64>{});
-              else
-                run(std::integral_constant<int, 128>{});
-            };
-            pv_tiles(std::integral_constant<int, TQI>{});
-            pv_tiles(std::integral_constant<int, 2>{});
-            // the other queries: runs of up to kShared slots whose windows hold the same key
-            // columns (the clamped windows at both ends of a row) in one tile that loads each
-            // value vector once for the run, single queries in a tile of one
-            while (sl < se) {
-              if (pl.slotx[sl] >= pl.W) {
-                ++sl;
-                continue;
+              // tiles of TQI queries by DC vectors of channels (TQI * DC accumulators, DC value
+              // vectors and a weight within the registers), then tiles of 2 for the rest; one tile
+              // kernel per loop (see with_pv_kernel)
+              auto pv_tile_run = [&](auto tqv, auto kern) {
+                constexpr int TQ2 = decltype(tqv)::value;
+                const int64_t x0 = pl.xlo + sl;
+                const int64_t kw = pl.kw, nkr = pl.nkr;
+                const uint8_t* const valid = pl.rowvalid.data() + y * nkr;
+                const float* const* const vr = vrows.data();
+                const int64_t vofs = (x0 + pl.off[0]) * vxs;
+                for (int dc = 0; dc < DV; dc += DC) {
+                  Vec<float> acc[TQ2][DC];
+                  NA_UNROLL
+                  for (int t = 0; t < TQ2; ++t)
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) acc[t][d] = splat<float>(0.0f);
+                  for (int64_t i = 0; i < nkr; ++i)
+                    if (valid[i]) kern(tqv, Sy + i * kw * SS + sl, vr[i] + vofs + dc * N, acc);
+                  NA_UNROLL
+                  for (int t = 0; t < TQ2; ++t) {
+                    const Vec<float> inv = splat<float>(Linv[sl + t]);
+                    const OutPtr o = Orow + ((x0 + t) * ostr + dc * N);
+                    NA_UNROLL
+                    for (int d = 0; d < DC; ++d) store_out(o + d * N, acc[t][d] * inv, stream_out);
+                  }
+                }
+                sl += TQ2;
+                pf_step(pf_quota);
+              };
+              auto pv_tiles = [&](auto tqv) {
+                constexpr int TQ2 = decltype(tqv)::value;
+                auto run = [&](auto ssv) {
+                  constexpr int PS = decltype(ssv)::value;
+                  with_pv_kernel<DC, PS>(pl, PS, vxs, TQ2, [&](auto kern) {
+                    while (sl + TQ2 <= tile_end) pv_tile_run(tqv, kern);
+                  });
+                };
+                if (SS == 32)
+                  run(std::integral_constant<int, 32>{});
+                else if (SS == 64)
+                  run(std::integral_constant<int, 64>{});
+                else
+                  run(std::integral_constant<int, 128>{});
+              };
+              pv_tiles(std::integral_constant<int, TQI>{});
+              pv_tiles(std::integral_constant<int, 2>{});
+              // the other queries: runs of up to kShared slots whose windows hold the same key
+              // columns (the clamped windows at both ends of a row) in one tile that loads each
+              // value vector once for the run, single queries in a tile of one
+              while (sl < se) {
+                if (pl.slotx[sl] >= pl.W) {
+                  ++sl;
+                  continue;
+                }
+                int64_t n = 1;
+                while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
+                dispatch_nc(n, pv_shared);
+                sl += n;
               }
-              int64_t n = 1;
-              while (n < kShared && sl + n < se && pl.slotx[sl + n] < pl.W && same_window(sl, sl + n)) ++n;
-              dispatch_nc(n, pv_shared);
-              sl += n;
             }
           }
         }

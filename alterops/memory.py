@@ -8,6 +8,9 @@ that frees and recomputes same-shaped outputs (every training step) reuses warm 
 
 The pool keeps at most ``ALTEROPS_CPU_POOL_MB`` MiB of unused blocks (default 1024; ``0`` turns
 it off); memory in use by live tensors is never limited. Other backends allocate as PyTorch does.
+
+The CPU neighbourhood attention kernels also keep the window plans of their last 4 distinct calls
+(up to 16 MiB each; ``cpu_plan_cache_bytes`` says how much). ``empty_cache`` drops those too.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import torch
 
 from . import _ext
 
-__all__ = ["empty_cache", "cpu_pool_stats", "set_cpu_pool_limit"]
+__all__ = ["empty_cache", "cpu_pool_stats", "cpu_plan_cache_bytes", "set_cpu_pool_limit"]
 
 _STAT_KEYS = ("cached_bytes", "in_use_bytes", "hits", "misses", "limit_bytes")
 
@@ -25,9 +28,20 @@ def _available() -> bool:
 
 
 def empty_cache() -> None:
-    """Return the pool's unused blocks to the operating system (live tensors are untouched)."""
+    """Return the pool's unused blocks to the operating system and drop the kept neighbourhood
+    attention plans (live tensors are untouched; a later call rebuilds its plan)."""
     if _available():
         torch.ops.alterops.cpu_pool_empty()
+    if _ext.has_op("cpu_plan_cache_clear"):
+        torch.ops.alterops.cpu_plan_cache_clear()
+
+
+def cpu_plan_cache_bytes() -> int:
+    """Bytes held by the neighbourhood attention plans kept for repeated calls (the window index
+    tables, bias columns and a copy of each bias table), 0 without the compiled extension."""
+    if not _ext.has_op("cpu_plan_cache_bytes"):
+        return 0
+    return int(torch.ops.alterops.cpu_plan_cache_bytes())
 
 
 def cpu_pool_stats() -> dict:

@@ -216,3 +216,28 @@ def test_forked_children_use_the_pool_while_another_thread_allocates():
     finally:
         stop.set()
         t.join()
+
+
+def test_empty_cache_drops_the_neighbourhood_plans():
+    # The window plans kept for repeated calls (float32 and float64 kernels): held after a call,
+    # dropped by empty_cache, rebuilt by the next call of the same shapes with the same bits.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 4, 16, generator=g) for _ in range(3))
+    bias = torch.randn(4, 129, generator=g)
+
+    def run(dtype):
+        return alterops.neighborhood_attention1d(q.to(dtype), k.to(dtype), v.to(dtype), 65,
+                                                 rel_pos_bias=bias.to(dtype), backend="cpu")
+
+    memory.empty_cache()
+    assert memory.cpu_plan_cache_bytes() == 0
+    first = run(torch.float32)
+    held = memory.cpu_plan_cache_bytes()
+    assert held > 300 * 65 * 4  # at least the window index table
+    first64 = run(torch.float64)
+    assert memory.cpu_plan_cache_bytes() > held  # a float64 plan beside it
+    assert memory.cpu_plan_cache_bytes() == memory.cpu_plan_cache_bytes()
+    memory.empty_cache()
+    assert memory.cpu_plan_cache_bytes() == 0
+    assert torch.equal(run(torch.float32), first) and torch.equal(run(torch.float64), first64)
+    assert memory.cpu_plan_cache_bytes() > held

@@ -18,7 +18,7 @@
 namespace alterops {
 
 // Bumped whenever an args struct or a Kernels struct changes layout.
-constexpr uint32_t kKernelAbiVersion = 4;
+constexpr uint32_t kKernelAbiVersion = 5;
 
 struct KernelTable {
   uint32_t abi_version;

@@ -64,6 +64,16 @@ std::vector<std::string> cpu_loaded_kernels() {
   return {std::string(t->isa), std::string(t->march)};
 }
 
+// The neighbourhood attention plans the loaded level keeps (0 / nothing when none is loaded).
+int64_t cpu_plan_cache_bytes() {
+  const KernelTable* t = g_cpu_kernels.load(std::memory_order_acquire);
+  return t == nullptr ? 0 : t->neighborhood->plan_cache_bytes();
+}
+void cpu_plan_cache_clear() {
+  const KernelTable* t = g_cpu_kernels.load(std::memory_order_acquire);
+  if (t != nullptr) t->neighborhood->plan_cache_clear();
+}
+
 }  // namespace
 }  // namespace binding
 }  // namespace alterops
@@ -75,6 +85,8 @@ STABLE_TORCH_LIBRARY(alterops, m) {
   m.def("cpu_pool_stats() -> int[]");
   m.def("cpu_pool_empty() -> ()");
   m.def("cpu_pool_set_limit(int limit_bytes) -> ()");
+  m.def("cpu_plan_cache_bytes() -> int");
+  m.def("cpu_plan_cache_clear() -> ()");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(alterops, CompositeExplicitAutograd, m) {
@@ -84,4 +96,6 @@ STABLE_TORCH_LIBRARY_IMPL(alterops, CompositeExplicitAutograd, m) {
   m.impl("cpu_pool_stats", TORCH_BOX(&alterops::binding::pool_stats));
   m.impl("cpu_pool_empty", TORCH_BOX(&alterops::binding::pool_empty));
   m.impl("cpu_pool_set_limit", TORCH_BOX(&alterops::binding::pool_set_limit));
+  m.impl("cpu_plan_cache_bytes", TORCH_BOX(&alterops::binding::cpu_plan_cache_bytes));
+  m.impl("cpu_plan_cache_clear", TORCH_BOX(&alterops::binding::cpu_plan_cache_clear));
 }

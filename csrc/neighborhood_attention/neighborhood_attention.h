@@ -148,6 +148,10 @@ struct Kernels {
   void (*unfused_dot)(const UnfusedDotArgs&, const Parallel&);
   void (*unfused_sum)(const UnfusedSumArgs&, const Parallel&);
   void (*unfused_scatter)(const UnfusedScatterArgs&, const Parallel&);
+  // The window plans kept for repeated calls (see make_plan): their bytes, and dropping them
+  // (plans in use by a running call stay alive until it returns).
+  int64_t (*plan_cache_bytes)();
+  void (*plan_cache_clear)();
 };
 
 // The entry points of this build's level (defined in neighborhood_attention_cpu.cpp).

@@ -98,7 +98,8 @@ static constexpr bool f32_kernels = std::is_same<scalar_t, float>::value || std:
 // the last kPlanCacheSize plans (of at most kPlanCacheBytes each) are kept, with a copy of their
 // table (compared bit for bit), and shared read-only by the calls that use them. Building the plan
 // of a 1-D row of 4096 tokens with k = 65 was 0.6 ms of work on one thread per call, 5% of the
-// forward of B = 4, 8 heads of 64 on a 2-core Xeon.
+// forward of B = 4, 8 heads of 64 on a 2-core Xeon. alterops.empty_cache() drops them
+// (plan_cache_clear).
 constexpr size_t kPlanCacheSize = 4;
 constexpr int64_t kPlanCacheBytes = int64_t(16) << 20;
 template <typename T>
@@ -107,11 +108,44 @@ static int64_t plan_bytes(const Plan<T>& p) {
                    (p.off.size() + p.goff.size() + p.rowpos.size() + p.row_t.size() + p.row_y.size()) * sizeof(int64_t) +
                    p.rowvalid.size() + p.biascol.size() * sizeof(T));
 }
+using PlanKey = std::array<int64_t, 23>;
+template <typename T>
+struct PlanCache {
+  struct Entry {
+    PlanKey key;
+    std::vector<T> table;
+    std::shared_ptr<const Plan<T>> plan;
+  };
+  std::mutex mu;
+  std::deque<Entry> entries;  // most recent first
+  static PlanCache& get() {
+    static PlanCache* c = new PlanCache();  // (never destroyed: no destructor order at exit)
+    return *c;
+  }
+  int64_t bytes() {
+    std::lock_guard<std::mutex> lock(mu);
+    int64_t n = 0;
+    for (const Entry& e : entries) n += plan_bytes(*e.plan) + (int64_t)(e.table.size() * sizeof(T));
+    return n;
+  }
+  void clear() {
+    std::deque<Entry> gone;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      gone.swap(entries);
+    }
+  }
+};
+static int64_t plan_cache_bytes() { return PlanCache<float>::get().bytes() + PlanCache<double>::get().bytes(); }
+static void plan_cache_clear() {
+  PlanCache<float>::get().clear();
+  PlanCache<double>::get().clear();
+}
+
 template <typename T>
 static std::shared_ptr<const Plan<T>> make_plan(const View6& q, const View6& k, const Window& win, const T* table,
                                                 int64_t bias_heads, bool zero_rows_if = false) {
-  using Key = std::array<int64_t, 23>;
-  const Key key{q.size[0], q.size[1], q.size[2], q.size[3], q.size[4], q.size[5], k.size[4],
+  const PlanKey key{q.size[0], q.size[1], q.size[2], q.size[3], q.size[4], q.size[5], k.size[4],
                 win.kernel[0], win.kernel[1], win.kernel[2], win.dilation[0], win.dilation[1], win.dilation[2],
                 win.stride[0], win.stride[1], win.stride[2], win.causal[0], win.causal[1], win.causal[2],
                 win.border, zero_rows_if, table != nullptr, table != nullptr ? bias_heads : 0};
@@ -119,28 +153,22 @@ static std::shared_ptr<const Plan<T>> make_plan(const View6& q, const View6& k, 
   const int64_t tn = table == nullptr ? 0
                                       : bias_heads * (2 * win.kernel[0] - 1) * (2 * win.kernel[1] - 1) *
                                             (2 * win.kernel[2] - 1);
-  struct Entry {
-    Key key;
-    std::vector<T> table;
-    std::shared_ptr<const Plan<T>> plan;
-  };
-  static std::mutex mu;
-  static std::deque<Entry> cache;  // most recent first
+  PlanCache<T>& pc = PlanCache<T>::get();
   {
-    std::lock_guard<std::mutex> lock(mu);
-    for (auto it = cache.begin(); it != cache.end(); ++it)
+    std::lock_guard<std::mutex> lock(pc.mu);
+    for (auto it = pc.entries.begin(); it != pc.entries.end(); ++it)
       if (it->key == key && (tn == 0 || std::memcmp(table, it->table.data(), tn * sizeof(T)) == 0)) {
-        Entry e = std::move(*it);
-        cache.erase(it);
-        cache.push_front(std::move(e));
-        return cache.front().plan;
+        typename PlanCache<T>::Entry e = std::move(*it);
+        pc.entries.erase(it);
+        pc.entries.push_front(std::move(e));
+        return pc.entries.front().plan;
       }
   }
   std::shared_ptr<const Plan<T>> p = std::make_shared<Plan<T>>(q, k, win, table, bias_heads, zero_rows_if);
   if (plan_bytes(*p) + tn * (int64_t)sizeof(T) <= kPlanCacheBytes) {
-    std::lock_guard<std::mutex> lock(mu);
-    cache.push_front(Entry{key, std::vector<T>(table, table + tn), p});
-    if (cache.size() > kPlanCacheSize) cache.pop_back();
+    std::lock_guard<std::mutex> lock(pc.mu);
+    pc.entries.push_front({key, std::vector<T>(table, table + tn), p});
+    if (pc.entries.size() > kPlanCacheSize) pc.entries.pop_back();
   }
   return p;
 }
@@ -406,7 +434,8 @@ void backward(const BackwardArgs& a, const Parallel& par) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{&forward, &backward, &unfused_dot, &unfused_sum, &unfused_scatter};
+  static const Kernels k{&forward,         &backward, &unfused_dot, &unfused_sum, &unfused_scatter,
+                         &plan_cache_bytes, &plan_cache_clear};
   return k;
 }
 

@@ -434,8 +434,8 @@ void backward(const BackwardArgs& a, const Parallel& par) {
 }  // namespace
 
 const Kernels& kernels() {
-  static const Kernels k{&forward,         &backward, &unfused_dot, &unfused_sum, &unfused_scatter,
-                         &plan_cache_bytes, &plan_cache_clear};
+  static const Kernels k{&forward, &backward, &unfused_dot, &unfused_sum, &unfused_scatter, &plan_cache_bytes,
+                         &plan_cache_clear};
   return k;
 }
 

@@ -142,26 +142,13 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
         // AVX2, and the tokens left over: 8 tokens by 16 channels, each line's halves written
         // one after the other, transpose16x8_to)
         int64_t x0 = 0;
-        const float* rows[16];
 #if defined(__AVX512F__)
         if (pl.D % 16 == 0)
           for (; x0 + 16 <= pl.W; x0 += 16)
-            for (int64_t c0 = 0; c0 < pl.D; c0 += 16) {
-              for (int l = 0; l < 16; ++l) rows[l] = src + (c0 + l) * pl.Wk + x0;
-              transpose16_to(stream_dkv, rows, 16, 1.0f, orow + x0 * ts + c0, ts);
-            }
+            store_token_block<16>(stream_dkv, src + x0, pl.Wk, pl.D, 1.0f, orow + x0 * ts, ts);
 #endif
-        for (; x0 + 8 <= pl.W; x0 += 8) {
-          int64_t c0 = 0;
-          for (; c0 + 16 <= pl.D; c0 += 16) {  // 8 tokens by 16 channels: whole lines
-            for (int l = 0; l < 16; ++l) rows[l] = src + (c0 + l) * pl.Wk + x0;
-            transpose16x8_to(stream_dkv, rows, 1.0f, orow + x0 * ts + c0, ts);
-          }
-          for (; c0 < pl.D; c0 += 8) {
-            for (int l = 0; l < 8; ++l) rows[l] = src + (c0 + l) * pl.Wk + x0;
-            transpose8_to(stream_dkv, rows, 8, 1.0f, orow + x0 * ts + c0, ts);
-          }
-        }
+        for (; x0 + 8 <= pl.W; x0 += 8)
+          store_token_block<8>(stream_dkv, src + x0, pl.Wk, pl.D, 1.0f, orow + x0 * ts, ts);
         for (; x0 < pl.W; ++x0)
           for (int64_t c = 0; c < pl.D; ++c) orow[x0 * ts + c] = src[c * pl.Wk + x0];
         return;
@@ -543,7 +530,7 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
 #if NA_X86V3
           if (vec_rows) {  // the dq rows, transposed in registers (8 or 16 tokens by 8 or 16 channels)
             if constexpr (std::is_same<scalar_t, float>::value && std::is_same<T, float>::value) {
-              const float* rows[16];
+              const float* rows[8];
               float* const dq_row = DQ + ((b * pl.R + y) * pl.W * pl.NH + h) * pl.D;
               for (int64_t s0 = 0; s0 < pl.Ws; s0 += 8) {
 #if defined(__AVX512F__)
@@ -551,26 +538,15 @@ static void backward_impl(const View6& dout, const View6& q, const View6& k, con
                 // write_key_row's)
                 if (pl.D % 16 == 0 && s0 % 16 == 0 && s0 + 16 <= pl.Ws && run8[s0 / 8] && run8[s0 / 8 + 1] &&
                     pl.slotx[s0 + 8] == pl.slotx[s0] + 8) {
-                  float* const o = dq_row + pl.slotx[s0] * pl.NH * pl.D;
-                  for (int64_t c0 = 0; c0 < pl.D; c0 += 16) {
-                    for (int l = 0; l < 16; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
-                    transpose16_to(stream_dq, rows, 16, scale, o + c0, pl.NH * pl.D);
-                  }
+                  store_token_block<16>(stream_dq, dQb + s0, pl.Ws, pl.D, scale,
+                                        dq_row + pl.slotx[s0] * pl.NH * pl.D, pl.NH * pl.D);
                   s0 += 8;
                   continue;
                 }
 #endif
                 if (run8[s0 / 8]) {  // 8 consecutive tokens: straight into dq
-                  float* const o = dq_row + pl.slotx[s0] * pl.NH * pl.D;
-                  int64_t c0 = 0;
-                  for (; c0 + 16 <= pl.D; c0 += 16) {  // 16 channels at a time: whole lines
-                    for (int l = 0; l < 16; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
-                    transpose16x8_to(stream_dq, rows, scale, o + c0, pl.NH * pl.D);
-                  }
-                  for (; c0 < pl.D; c0 += 8) {
-                    for (int l = 0; l < 8; ++l) rows[l] = dQb + (c0 + l) * pl.Ws + s0;
-                    transpose8_to(stream_dq, rows, 8, scale, o + c0, pl.NH * pl.D);
-                  }
+                  store_token_block<8>(stream_dq, dQb + s0, pl.Ws, pl.D, scale,
+                                       dq_row + pl.slotx[s0] * pl.NH * pl.D, pl.NH * pl.D);
                   continue;
                 }
                 for (int64_t c0 = 0; c0 < pl.D; c0 += 8) {

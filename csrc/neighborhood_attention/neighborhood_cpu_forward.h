@@ -420,9 +420,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   // a head per task at that size, Zen 4 now takes the 4 heads (not measured there).
   int64_t NHG = 1;
   if (!seg_pf && nchunks == 1 && pl.NH > 1 && pl.B >= 2 * par.num_threads) {
-    const int64_t rows = std::min(ring, pl.R);
-    const int64_t kv_bytes =
-        rows * (pl.kml + D * pl.Wk + (kBF ? pl.W * D : 0) + (gathered ? pl.NG * pl.kw * D * N : 0)) * 4;
+    using KP = KeyPack<float>;  // (its rows, the 16-bit value copies beside them)
+    const int64_t kv_bytes = KP::ring_rows(pl, ring) *
+                             (KP::row_elems(pl) + (gathered ? KP::gathered_elems(pl) : 0) + (kBF ? pl.W * D : 0)) *
+                             (int64_t)sizeof(float);
     if (pl.NKV * kv_bytes <= l2_cache_bytes() / 2) NHG = pl.NH;
   }
   const int64_t ngr = pl.NH / NHG;                    // head groups

@@ -310,10 +310,15 @@ struct KeyPack {
   int64_t rows = 1;
   // (gathered: whether the border blocks' copies are packed)
   void alloc(const Plan<T>& pl, int64_t ring = 0, bool gathered = true) {
-    rows = ring > 0 ? std::min(ring, pl.R) : pl.R;
-    t.resize(rows * (pl.kml + pl.D * pl.Wk));  // (the kml columns before each row are never written)
-    g.resize(gathered ? std::max<int64_t>(1, rows * pl.NG * pl.kw * pl.D * VecOf<T>::N) : 0);
+    rows = ring_rows(pl, ring);
+    t.resize(rows * row_elems(pl));  // (the kml columns before each row are never written)
+    g.resize(gathered ? std::max<int64_t>(1, rows * gathered_elems(pl)) : 0);
   }
+  // the rows alloc keeps for a ring of `ring` rows (0: all), and the elements per row of the
+  // packed rows and of the gathered copies
+  static int64_t ring_rows(const Plan<T>& pl, int64_t ring) { return ring > 0 ? std::min(ring, pl.R) : pl.R; }
+  static int64_t row_elems(const Plan<T>& pl) { return pl.kml + pl.D * pl.Wk; }
+  static int64_t gathered_elems(const Plan<T>& pl) { return pl.NG * pl.kw * pl.D * VecOf<T>::N; }
   int64_t slot(int64_t y) const { return y < rows ? y : y % rows; }
   T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * (pl.kml + pl.D * pl.Wk) + pl.kml; }
   T* grow(const Plan<T>& pl, int64_t y, int64_t g_) {

@@ -508,6 +508,32 @@ static inline void transpose16_to(bool stream, const float* const* rows, int64_t
     transpose16(rows, D, mul, dst, ds);
 }
 
+#if NA_X86V3
+// dst[t * ds + c] = mul * src[c * cs + t] for NT tokens t (8, or 16 at AVX-512 with D % 16 == 0)
+// and c < D (D % 8 == 0), every store a whole 64-byte line of a token where 16 channels allow it
+// (transpose16_to for 16 tokens, transpose16x8_to for 8; the last 8 channels of an odd count
+// through transpose8_to), streamed where `stream`. The backward's dk, dv and dq rows.
+template <int NT>
+static inline void store_token_block(bool stream, const float* src, int64_t cs, int64_t D, float mul, float* dst,
+                                     int64_t ds) {
+  const float* rows[16];
+  int64_t c0 = 0;
+  for (; c0 + 16 <= D; c0 += 16) {
+    for (int l = 0; l < 16; ++l) rows[l] = src + (c0 + l) * cs;
+    if constexpr (NT == 16)
+      transpose16_to(stream, rows, 16, mul, dst + c0, ds);
+    else
+      transpose16x8_to(stream, rows, mul, dst + c0, ds);
+  }
+  static_assert(NT == 8 || NT == 16, "8 or 16 tokens");
+  if constexpr (NT == 8)
+    for (; c0 < D; c0 += 8) {
+      for (int l = 0; l < 8; ++l) rows[l] = src + (c0 + l) * cs;
+      transpose8_to(stream, rows, 8, mul, dst + c0, ds);
+    }
+}
+#endif
+
 // one slot block of queries/keys (VecOf<float>::N columns)
 #if NA_AVX2
 #define NA_TRANSPOSE_BLK transpose8

@@ -9,6 +9,13 @@ else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("ALTEROPS_POISON_OUTPUTS", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# Waiting threads of torch's OpenMP pool sleep instead of spinning. Under pytest-xdist the
+# workers' pools together hold more threads than the machine has CPUs (each keeps two, below), and
+# a spinning waiter takes the core its own team's straggler, or another worker, needs: on two
+# CPUs, with another process busy, a multi-threaded kernel test ran 2.5x slower (31 s against
+# 12.6 s for test_band_backward_float32); alone, sleeping waits cost nothing measurable. OpenMP
+# reads this when torch loads it, hence before the import (and inherited by subprocesses).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, os.path.dirname(__file__))
 

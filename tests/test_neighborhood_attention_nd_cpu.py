@@ -648,12 +648,14 @@ def test_plans_are_not_reused_across_shapes_or_windows():
         assert (out.double() - r_out).abs().max().item() < 1e-5, B
 
 
-# Several heads per task: the float32 forward takes every head of a batch element in one task
-# where whole batch elements give two tasks per thread and the heads' packed key rows fit in half
-# of L2 (the value rows then read in place). At one thread B = 2 takes that route and B = 1 does
-# not: the B = 2 results against the brute force (check_case) and, bit for bit, against each batch
-# element alone. Grouped and shared key/value heads, bias tables per head and shared, each layout,
-# the 2-D and 3-D routes and the 1-D band (a window wider than a vector).
+# Several heads per task: the float32 forward takes every head of a batch element's rows in one
+# task where the batch elements (in row chunks where there are fewer than twice the threads) give
+# two tasks per thread and the heads' packed key rows fit in half of L2 (the value rows then read
+# in place). A call with one head never does. At one and two threads, B = 2 and B = 1 (the maps
+# of more than one row in row chunks; 1-D rows, B = 2 at one thread only): the B = 2 results
+# against the brute force (check_case), and every result bit for bit against each head computed
+# alone. Grouped and shared key/value heads, bias tables per head and shared, each layout, the
+# 2-D and 3-D routes and the 1-D band (a window wider than a vector).
 HEAD_GROUP_CASES = [CASES[i] for i in (7, 8, 10, 13, 15, 16)] + [
     ((1, 1, 60), (1, 1, 21), (1, 1, 1), (1, 1, 1), (0, 0, 0), "clamp", 4, 2, 4, 16, "fused"),
     ((1, 1, 50), (1, 1, 19), (1, 1, 1), (1, 1, 1), (0, 0, 0), "zero", 4, 1, 1, 16, "head major"),
@@ -671,12 +673,23 @@ def test_forward_head_groups(case, dtype, D):
         check_case(case, dtype, D=D)
         q, k, v = make_inputs(sp, heads, hkv, D, dtype, layout, seed=3)
         bias = torch.randn(nb, 2 * ks[0] - 1, 2 * ks[1] - 1, 2 * ks[2] - 1) if nb else None
-        args = (list(ks), list(dil), list(st), [int(c) for c in causal], border, bias, D ** -0.5)
+        args = (list(ks), list(dil), list(st), [int(c) for c in causal], border)
         fwd = torch.ops.alterops.neighborhood_attention_nd_fwd
-        out, lse = fwd(q, k, v, *args)
-        for b in range(q.shape[0]):
-            o1, l1 = fwd(q[b:b + 1], k[b:b + 1], v[b:b + 1], *args)
-            assert torch.equal(out[b:b + 1], o1) and torch.equal(lse[b:b + 1], l1), b
+        scale = D ** -0.5
+        # each head alone (one head: never grouped), at one thread
+        alone = []
+        for h in range(heads):
+            hk = h // (heads // hkv)
+            tab = None if bias is None else bias[h:h + 1] if nb == heads else bias
+            alone.append(fwd(q[..., h:h + 1, :], k[..., hk:hk + 1, :], v[..., hk:hk + 1, :], *args, tab, scale))
+        want_out = torch.cat([o for o, _ in alone], -2)
+        want_lse = torch.cat([l for _, l in alone], 1)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for b0, b1 in ((0, 2), (0, 1), (1, 2)):
+                out, lse = fwd(q[b0:b1], k[b0:b1], v[b0:b1], *args, bias, scale)
+                assert torch.equal(out, want_out[b0:b1]), (threads, b0, b1)
+                assert torch.equal(lse, want_lse[b0:b1]), (threads, b0, b1)
     finally:
         torch.set_num_threads(before)
 

@@ -274,8 +274,9 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   const int64_t SS = SW <= 32 ? 32 : SW <= 64 ? 64 : 128;
   const int64_t D = pl.D;
   const bool seg_pf = pl.Ws > SW;
-  const int64_t nchunks = row_chunks(pl.B * pl.NH, pl.R, par);
-  const int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
+  // (the head groups below, where taken, set their own row chunks and key ring)
+  int64_t nchunks = row_chunks(pl.B * pl.NH, pl.R, par);
+  int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
   const int64_t K2 = pl.nkr * pl.kw;
   const InPtr qb{static_cast<const char*>(q.data), O.e};
   const InPtr kb{static_cast<const char*>(k.data), O.e};
@@ -283,7 +284,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   const int64_t *qs = q.stride, *ks = k.stride, *vs = v.stride;
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
   const bool any_bias = pl.any_bias;
-  const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
+  int64_t ring = key_ring(pl, nchunks, rows_per, RG);
   // Rows with one key row (kernel 1 on the outer axes: the 1-D ops), dilation 1 and windows wider
   // than a vector take their all-interior blocks through band_logits (AVX-512 only: 4 * band_nv
   // accumulators need its 32 registers): band_nv key vectors per tile (0: not taken). Their
@@ -409,22 +410,34 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   // done for every head of the task in turn. A task per head reads 128 of each token's 512 bytes
   // (4 heads of 32 channels), and the lines of the other heads that the prefetchers fetch with
   // them are gone by the time those heads' tasks run. A task of all the heads of a batch
-  // element uses every line fetched. Taken where their packed key rows (with the AVX2 build's
-  // gathered border copies) fit in half of L2 and whole batch elements give two tasks per thread
-  // (row chunks would pack their halo rows twice); P.V then reads the value rows in place. 2-D
-  // forward, B = 4, 56 x 56, 4 heads, d = 32, k = 7, on a Xeon with 2 MB of L2, same-process A/B:
-  // 3.05 -> 2.68 ms at AVX-512 (300 KB of key rows; 2.87 with the value rows still copied, and
-  // 2 heads per task no faster than one), 4.06 -> 3.86 at AVX2 (810 KB). Before the value rows
-  // were read in place, 4 heads per task (550 KB with their copies) had been 7-10% slower than a
-  // head per task on Zen 4 (1 MB of L2) at AVX-512 and 8% on Zen 3 (512 KB) at AVX2; Zen 3 keeps
-  // a head per task at that size, Zen 4 now takes the 4 heads (not measured there).
+  // element's rows uses every line fetched. Taken where their packed key rows (with the AVX2
+  // build's gathered border copies) fit in half of L2 and the batch elements, in row chunks of
+  // their own where there are fewer than twice the threads, give two tasks per thread; P.V then
+  // reads the value rows in place. 2-D forward, 56 x 56, 4 heads, d = 32, k = 7, on a Xeon with
+  // 2 MB of L2, same-process A/B: B = 4, 3.05 -> 2.68 ms at AVX-512 (300 KB of key rows; 2.87 with
+  // the value rows still copied, and 2 heads per task no faster than one), 4.06 -> 3.86 at AVX2
+  // (810 KB); in row chunks (each packing its halo rows too), B = 2, 1.84 -> 1.65 ms at AVX-512,
+  // 2.19 -> 2.08 at AVX2, B = 1, 1.02 -> 0.97 and 1.19 -> 1.13 (the 3-D forward, B = 1, the
+  // same; bench/results/cpu-intel-xeon-avx512-2core/neighborhood/
+  // forward-head-groups-row-chunks-ab.json). Before the value rows were read in place, 4 heads
+  // per task (550 KB with their copies) had been 7-10% slower than a head per task on Zen 4 (1 MB
+  // of L2) at AVX-512 and 8% on Zen 3 (512 KB) at AVX2; Zen 3 keeps a head per task at that size,
+  // Zen 4 now takes the 4 heads (not measured there).
   int64_t NHG = 1;
-  if (!seg_pf && nchunks == 1 && pl.NH > 1 && pl.B >= 2 * par.num_threads) {
+  const int64_t hg_chunks = row_chunks(pl.B, pl.R, par);
+  if (!seg_pf && pl.NH > 1 && pl.B * hg_chunks >= 2 * par.num_threads) {
+    const int64_t hg_rows = (pl.R + hg_chunks - 1) / hg_chunks;
+    const int64_t hg_ring = key_ring(pl, hg_chunks, hg_rows, RG);
     using KP = KeyPack<float>;  // (its rows, the 16-bit value copies beside them)
-    const int64_t kv_bytes = KP::ring_rows(pl, ring) *
+    const int64_t kv_bytes = KP::ring_rows(pl, hg_ring) *
                              (KP::row_elems(pl) + (gathered ? KP::gathered_elems(pl) : 0) + (kBF ? pl.W * D : 0)) *
                              (int64_t)sizeof(float);
-    if (pl.NKV * kv_bytes <= l2_cache_bytes() / 2) NHG = pl.NH;
+    if (pl.NKV * kv_bytes <= l2_cache_bytes() / 2) {
+      NHG = pl.NH;
+      nchunks = hg_chunks;
+      rows_per = hg_rows;
+      ring = hg_ring;
+    }
   }
   const int64_t ngr = pl.NH / NHG;                    // head groups
   const int64_t NKG = NHG == 1 ? 1 : pl.NKV;          // their key/value heads

@@ -274,7 +274,7 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   const int64_t SS = SW <= 32 ? 32 : SW <= 64 ? 64 : 128;
   const int64_t D = pl.D;
   const bool seg_pf = pl.Ws > SW;
-  // (the head groups below, where taken, set their own row chunks and key ring)
+  // (the head groups below, where taken, set their own row chunks)
   int64_t nchunks = row_chunks(pl.B * pl.NH, pl.R, par);
   int64_t rows_per = (pl.R + nchunks - 1) / nchunks;
   const int64_t K2 = pl.nkr * pl.kw;
@@ -284,7 +284,6 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
   const int64_t *qs = q.stride, *ks = k.stride, *vs = v.stride;
   // Bias columns are all zero without a table, except the -inf column mask of "mask".
   const bool any_bias = pl.any_bias;
-  int64_t ring = key_ring(pl, nchunks, rows_per, RG);
   // Rows with one key row (kernel 1 on the outer axes: the 1-D ops), dilation 1 and windows wider
   // than a vector take their all-interior blocks through band_logits (AVX-512 only: 4 * band_nv
   // accumulators need its 32 registers): band_nv key vectors per tile (0: not taken). Their
@@ -436,9 +435,10 @@ static void forward_f32(const View6& q, const View6& k, const View6& v, OutPtr O
       NHG = pl.NH;
       nchunks = hg_chunks;
       rows_per = hg_rows;
-      ring = hg_ring;
     }
   }
+  // the key rows each task keeps, for the row chunks in force
+  const int64_t ring = key_ring(pl, nchunks, rows_per, RG);
   const int64_t ngr = pl.NH / NHG;                    // head groups
   const int64_t NKG = NHG == 1 ? 1 : pl.NKV;          // their key/value heads
   const bool vpack = (group_pack && vs[3] != D && NHG == 1) || kBF;

@@ -320,7 +320,7 @@ struct KeyPack {
   static int64_t row_elems(const Plan<T>& pl) { return pl.kml + pl.D * pl.Wk; }
   static int64_t gathered_elems(const Plan<T>& pl) { return pl.NG * pl.kw * pl.D * VecOf<T>::N; }
   int64_t slot(int64_t y) const { return y < rows ? y : y % rows; }
-  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * (pl.kml + pl.D * pl.Wk) + pl.kml; }
+  T* trow(const Plan<T>& pl, int64_t y) { return t.data() + slot(y) * row_elems(pl) + pl.kml; }
   T* grow(const Plan<T>& pl, int64_t y, int64_t g_) {
     return g.data() + ((slot(y) * pl.NG + g_) * pl.kw) * pl.D * VecOf<T>::N;
   }
